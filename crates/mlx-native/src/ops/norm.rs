@@ -1,0 +1,300 @@
+//! Row normalizations: `rms_norm`, `rms_norm_residual` (fused residual add), `layer_norm`.
+//! Activations are f32; weights and biases f32, f16 or bf16.
+
+use crate::buffer::MlxBuffer;
+use crate::check;
+use crate::dtype::DType;
+use crate::encoder::Pass;
+use crate::error::Result;
+use crate::kernels::{Kernel, Spec};
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct NormParams {
+    rows: u32,
+    n: u32,
+    eps: f32,
+    _pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<NormParams>() == 16);
+
+const WEIGHT_DTYPES: &[DType] = &[DType::F32, DType::F16, DType::BF16];
+
+struct Rows {
+    rows: u32,
+    n: usize,
+}
+
+fn rows_and_weight(op: &str, x: &MlxBuffer, w: Option<&MlxBuffer>) -> Result<Rows> {
+    check::dtype(x, &[DType::F32], op, "x")?;
+    let (rows, n) = check::rows(x, op, "x")?;
+    if let Some(w) = w {
+        check::dtype(w, WEIGHT_DTYPES, op, "weight")?;
+        check::len(w, n, op, "weight")?;
+    }
+    Ok(Rows {
+        rows: check::fits_u32(rows, op, "rows")?,
+        n,
+    })
+}
+
+fn spec(pass: &Pass, entry: &'static str, wdtype: DType, n: usize) -> Spec {
+    let (wg, sg) = super::row_wg(pass.caps(), n);
+    Spec::new(entry, wdtype, wg).with_subgroups(sg)
+}
+
+/// `x * rsqrt(mean(x^2) + eps) * w` over the last dimension.
+pub fn rms_norm(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer, eps: f32) -> Result<MlxBuffer> {
+    let r = rows_and_weight("rms_norm", x, Some(w))?;
+    let y = pass.alloc_like(x)?;
+    let params = NormParams {
+        rows: r.rows,
+        n: r.n as u32,
+        eps,
+        _pad: 0,
+    };
+    let spec = spec(pass, "rms_norm", w.dtype(), r.n);
+    pass.dispatch(Kernel::Norm, spec, &params, &[x, w, &y], r.rows)?;
+    Ok(y)
+}
+
+/// Fused residual add and norm: returns `(h, y)` with `h = x + residual` (the new residual
+/// stream) and `y = rms_norm(h, w, eps)`.
+pub fn rms_norm_residual(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    residual: &MlxBuffer,
+    w: &MlxBuffer,
+    eps: f32,
+) -> Result<(MlxBuffer, MlxBuffer)> {
+    let op = "rms_norm_residual";
+    let r = rows_and_weight(op, x, Some(w))?;
+    check::dtype(residual, &[DType::F32], op, "residual")?;
+    check::same_shape(x, residual, op, "x", "residual")?;
+    let h = pass.alloc_like(x)?;
+    let y = pass.alloc_like(x)?;
+    let params = NormParams {
+        rows: r.rows,
+        n: r.n as u32,
+        eps,
+        _pad: 0,
+    };
+    let spec = spec(pass, op, w.dtype(), r.n);
+    pass.dispatch(
+        Kernel::Norm,
+        spec,
+        &params,
+        &[x, w, &y, residual, &h],
+        r.rows,
+    )?;
+    Ok((h, y))
+}
+
+/// `(x - mean) * rsqrt(var + eps) * w + b` over the last dimension; `w` and `b` optional.
+pub fn layer_norm(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: Option<&MlxBuffer>,
+    b: Option<&MlxBuffer>,
+    eps: f32,
+) -> Result<MlxBuffer> {
+    let op = "layer_norm";
+    let r = rows_and_weight(op, x, w)?;
+    if let Some(b) = b {
+        check::dtype(b, WEIGHT_DTYPES, op, "bias")?;
+        check::len(b, r.n, op, "bias")?;
+        if let Some(w) = w {
+            check::ensure(w.dtype() == b.dtype(), op, || {
+                format!("weight is {} but bias is {}", w.dtype(), b.dtype())
+            })?;
+        }
+    }
+    let wdtype = w.or(b).map_or(DType::F32, MlxBuffer::dtype);
+    let affine = u32::from(w.is_some()) | (u32::from(b.is_some()) << 1);
+    let y = pass.alloc_like(x)?;
+    let params = NormParams {
+        rows: r.rows,
+        n: r.n as u32,
+        eps,
+        _pad: 0,
+    };
+    let spec = spec(pass, op, wdtype, r.n).with_const("AFFINE", affine)?;
+    // Absent weight/bias slots are filled with x: the kernel never reads them.
+    let wb = w.unwrap_or(x);
+    let bb = b.unwrap_or(x);
+    pass.dispatch(Kernel::Norm, spec, &params, &[x, wb, &y, x, x, bb], r.rows)?;
+    Ok(y)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{assert_close, devices, Rng};
+    use half::{bf16, f16};
+
+    fn ref_rms(x: &[f32], w: &[f64], n: usize, eps: f64) -> Vec<f64> {
+        x.chunks(n)
+            .flat_map(|row| {
+                let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n as f64;
+                let inv = 1.0 / (ms + eps).sqrt();
+                row.iter().zip(w).map(move |(&v, &wi)| v as f64 * inv * wi)
+            })
+            .collect()
+    }
+
+    fn upload_weight(g: &crate::MlxDevice, w: &[f32], dt: DType) -> Result<(MlxBuffer, Vec<f64>)> {
+        Ok(match dt {
+            DType::F32 => (
+                MlxBuffer::from_slice(g, w, &[w.len()])?,
+                w.iter().map(|&v| v as f64).collect(),
+            ),
+            DType::F16 => {
+                let h: Vec<f16> = w.iter().map(|&v| f16::from_f32(v)).collect();
+                let r = h.iter().map(|v| v.to_f64()).collect();
+                (MlxBuffer::from_slice(g, &h, &[w.len()])?, r)
+            }
+            _ => {
+                let h: Vec<bf16> = w.iter().map(|&v| bf16::from_f32(v)).collect();
+                let r = h.iter().map(|v| v.to_f64()).collect();
+                (MlxBuffer::from_slice(g, &h, &[w.len()])?, r)
+            }
+        })
+    }
+
+    // Tolerance: f32 sum of n squares (relative error ~ n * 2^-24 worst case, far less in
+    // practice with tree/subgroup order) plus rsqrt (a few ulp): 2e-5 relative is generous
+    // yet catches any wrong element, row or weight index.
+    const RTOL: f64 = 2e-5;
+
+    #[test]
+    fn rms_norm_matches_f64_on_both_reduction_paths() -> Result<()> {
+        let mut rng = Rng::new(10);
+        for g in devices() {
+            for &(rows, n, dt) in &[
+                (1usize, 1usize, DType::F32),
+                (3, 7, DType::F16),
+                (5, 4096, DType::BF16),
+                (2, 1001, DType::F32),
+                (9000, 64, DType::BF16),
+            ] {
+                let x = rng.normals(rows * n, 2.0);
+                let w = rng.normals(n, 1.0);
+                let gx = MlxBuffer::from_slice(g, &x, &[rows, n])?;
+                let (gw, w64) = upload_weight(g, &w, dt)?;
+                let mut pass = g.begin();
+                let y = rms_norm(&mut pass, &gx, &gw, 1e-5)?;
+                pass.commit_and_wait()?;
+                let want = ref_rms(&x, &w64, n, 1e-5);
+                assert_close(
+                    &y.to_vec(g)?,
+                    &want,
+                    1e-6,
+                    RTOL,
+                    &format!("rms_norm {rows}x{n} {dt}"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn rms_norm_residual_writes_sum_and_norm() -> Result<()> {
+        let mut rng = Rng::new(11);
+        for g in devices() {
+            let (rows, n) = (4, 333);
+            let x = rng.normals(rows * n, 1.0);
+            let r = rng.normals(rows * n, 1.0);
+            let w = rng.normals(n, 1.0);
+            let gx = MlxBuffer::from_slice(g, &x, &[rows, n])?;
+            let gr = MlxBuffer::from_slice(g, &r, &[rows, n])?;
+            let (gw, w64) = upload_weight(g, &w, DType::F16)?;
+            let mut pass = g.begin();
+            let (h, y) = rms_norm_residual(&mut pass, &gx, &gr, &gw, 1e-6)?;
+            pass.commit_and_wait()?;
+            let hsum: Vec<f32> = x.iter().zip(&r).map(|(a, b)| a + b).collect();
+            let want_h: Vec<f64> = hsum.iter().map(|&v| v as f64).collect();
+            assert_close(&h.to_vec(g)?, &want_h, 0.0, 0.0, "residual sum");
+            assert_close(
+                &y.to_vec(g)?,
+                &ref_rms(&hsum, &w64, n, 1e-6),
+                1e-6,
+                RTOL,
+                "norm of sum",
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn layer_norm_with_and_without_affine() -> Result<()> {
+        let mut rng = Rng::new(12);
+        for g in devices() {
+            let (rows, n) = (3, 515);
+            // A large mean: the two-pass variance must still be accurate.
+            let x: Vec<f32> = rng
+                .normals(rows * n, 1.0)
+                .iter()
+                .map(|v| v + 50.0)
+                .collect();
+            let w = rng.normals(n, 1.0);
+            let b = rng.normals(n, 1.0);
+            let gx = MlxBuffer::from_slice(g, &x, &[rows, n])?;
+            let (gw, w64) = upload_weight(g, &w, DType::BF16)?;
+            let (gb, b64) = upload_weight(g, &b, DType::BF16)?;
+            for (use_w, use_b) in [(true, true), (false, false), (true, false), (false, true)] {
+                let mut pass = g.begin();
+                let y = layer_norm(
+                    &mut pass,
+                    &gx,
+                    use_w.then_some(&gw),
+                    use_b.then_some(&gb),
+                    1e-5,
+                )?;
+                pass.commit_and_wait()?;
+                let want: Vec<f64> = x
+                    .chunks(n)
+                    .flat_map(|row| {
+                        let mean = row.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+                        let var =
+                            row.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+                        let inv = 1.0 / (var + 1e-5).sqrt();
+                        let (w64, b64) = (&w64, &b64);
+                        row.iter().enumerate().map(move |(i, &v)| {
+                            let mut o = (v as f64 - mean) * inv;
+                            if use_w {
+                                o *= w64[i];
+                            }
+                            if use_b {
+                                o += b64[i];
+                            }
+                            o
+                        })
+                    })
+                    .collect();
+                // x ~ 50 in f32 carries 2^-24 * 50 absolute error into (x - mean): 1e-4 abs.
+                assert_close(
+                    &y.to_vec(g)?,
+                    &want,
+                    1e-4,
+                    1e-4,
+                    &format!("layer_norm w={use_w} b={use_b}"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_arguments_are_named() -> Result<()> {
+        let g = devices()[0];
+        let x = MlxBuffer::from_slice(g, &[1.0f32; 8], &[2, 4])?;
+        let w = MlxBuffer::from_slice(g, &[1.0f32; 3], &[3])?;
+        let mut pass = g.begin();
+        let e = rms_norm(&mut pass, &x, &w, 1e-6).unwrap_err().to_string();
+        assert_eq!(e, "rms_norm: weight has 3 elements, expected 4");
+        let wi = MlxBuffer::from_slice(g, &[1i32; 4], &[4])?;
+        let e = rms_norm(&mut pass, &x, &wi, 1e-6).unwrap_err().to_string();
+        assert_eq!(e, "rms_norm: weight is i32, expected f32 or f16 or bf16");
+        Ok(())
+    }
+}

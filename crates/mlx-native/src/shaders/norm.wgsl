@@ -1,0 +1,150 @@
+// Row normalizations of f32 activations with an f32/f16/bf16 weight (and bias):
+//   rms_norm:          y = x * rsqrt(mean(x^2) + eps) * w
+//   rms_norm_residual: h = x + r; y = rms_norm(h)      (h is written too: the new residual)
+//   layer_norm:        y = (x - mean) * rsqrt(var + eps) * w + b   (w, b optional: AFFINE bits)
+// One workgroup per row.
+// Bindings rms_norm: 0 x, 1 w, 2 y.  rms_norm_residual: 0 x, 1 w, 2 y, 3 r, 4 h.
+// layer_norm: 0 x, 1 w, 2 y, 5 b.
+struct Params {
+    rows: u32,
+    n: u32,
+    eps: f32,
+    _pad: u32,
+}
+// Bit 0: apply weight, bit 1: apply bias (layer_norm).
+override AFFINE: u32 = 1u;
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(2) var<storage, read_write> y: array<f32>;
+@group(0) @binding(3) var<storage, read> r: array<f32>;
+@group(0) @binding(4) var<storage, read_write> h: array<f32>;
+@group(1) @binding(0) var<uniform> p: Params;
+
+#if DT_F32
+@group(0) @binding(1) var<storage, read> w: array<f32>;
+@group(0) @binding(5) var<storage, read> b: array<f32>;
+fn load_w(i: u32) -> f32 {
+    return w[view(1u) + i];
+}
+fn load_b(i: u32) -> f32 {
+    return b[view(5u) + i];
+}
+#else
+@group(0) @binding(1) var<storage, read> w: array<u32>;
+@group(0) @binding(5) var<storage, read> b: array<u32>;
+fn load_w(i: u32) -> f32 {
+    let j = view(1u) + i;
+    return half_at(w[j >> 1u], j);
+}
+fn load_b(i: u32) -> f32 {
+    let j = view(5u) + i;
+    return half_at(b[j >> 1u], j);
+}
+#endif
+
+fn reduce_init(sl: u32, si: u32, sc: u32) {
+    sg_lane = sl;
+    sg_index = si;
+    sg_count = sc;
+}
+
+@compute @workgroup_size(WG)
+fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+            , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_id) si: u32,
+            @builtin(num_subgroups) sc: u32
+#endif
+) {
+#if SUBGROUPS
+    reduce_init(sl, si, sc);
+#endif
+    let row = flat_wg(wid, nwg);
+    if row >= p.rows {
+        return;
+    }
+    let xo = view(0u) + row * p.n;
+    var ss = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        let v = x[xo + i];
+        ss += v * v;
+    }
+    let inv = inverseSqrt(wg_sum(ss, lid) / f32(p.n) + p.eps);
+    let yo = view(2u) + row * p.n;
+    for (var i = lid; i < p.n; i += WG) {
+        y[yo + i] = x[xo + i] * inv * load_w(i);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn rms_norm_residual(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                     @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+                     , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_id) si: u32,
+                     @builtin(num_subgroups) sc: u32
+#endif
+) {
+#if SUBGROUPS
+    reduce_init(sl, si, sc);
+#endif
+    let row = flat_wg(wid, nwg);
+    if row >= p.rows {
+        return;
+    }
+    let xo = view(0u) + row * p.n;
+    let ro = view(3u) + row * p.n;
+    let ho = view(4u) + row * p.n;
+    var ss = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        let v = x[xo + i] + r[ro + i];
+        h[ho + i] = v;
+        ss += v * v;
+    }
+    let inv = inverseSqrt(wg_sum(ss, lid) / f32(p.n) + p.eps);
+    let yo = view(2u) + row * p.n;
+    // Each invocation reads back only the h elements it wrote itself: no barrier needed.
+    for (var i = lid; i < p.n; i += WG) {
+        y[yo + i] = h[ho + i] * inv * load_w(i);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn layer_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+              , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_id) si: u32,
+              @builtin(num_subgroups) sc: u32
+#endif
+) {
+#if SUBGROUPS
+    reduce_init(sl, si, sc);
+#endif
+    let row = flat_wg(wid, nwg);
+    if row >= p.rows {
+        return;
+    }
+    let xo = view(0u) + row * p.n;
+    var s = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        s += x[xo + i];
+    }
+    let mean = wg_sum(s, lid) / f32(p.n);
+    // Two-pass variance: exact for rows with a large mean, unlike E[x^2] - mean^2.
+    var ss = 0.0;
+    for (var i = lid; i < p.n; i += WG) {
+        let d = x[xo + i] - mean;
+        ss += d * d;
+    }
+    let inv = inverseSqrt(wg_sum(ss, lid) / f32(p.n) + p.eps);
+    let yo = view(2u) + row * p.n;
+    for (var i = lid; i < p.n; i += WG) {
+        var v = (x[xo + i] - mean) * inv;
+        if (AFFINE & 1u) != 0u {
+            v *= load_w(i);
+        }
+        if (AFFINE & 2u) != 0u {
+            v += load_b(i);
+        }
+        y[yo + i] = v;
+    }
+}
