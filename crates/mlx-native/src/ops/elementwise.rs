@@ -19,6 +19,14 @@ struct ElementwiseParams {
 const _: () = assert!(std::mem::size_of::<ElementwiseParams>() == 16);
 
 const WG: u32 = 256;
+const ENTRIES: [&str; 4] = ["add", "mul", "add_scaled", "scale"];
+
+pub(crate) fn specs() -> Vec<(Kernel, Spec)> {
+    ENTRIES
+        .iter()
+        .map(|e| (Kernel::Elementwise, Spec::new(e, DType::F32, WG)))
+        .collect()
+}
 
 fn binary(
     pass: &mut Pass,

@@ -38,6 +38,10 @@ pub(crate) fn fill_u32_words(pass: &mut Pass, buf: &MlxBuffer, value: u32) -> Re
     )
 }
 
+pub(crate) fn specs() -> Vec<(Kernel, Spec)> {
+    vec![(Kernel::Fill, Spec::new("fill_u32", DType::U32, WG))]
+}
+
 /// Set every element of an f32 buffer to `value`.
 pub fn fill(pass: &mut Pass, buf: &MlxBuffer, value: f32) -> Result<()> {
     crate::check::dtype(buf, &[DType::F32], "fill", "buffer")?;

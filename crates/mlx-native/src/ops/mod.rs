@@ -32,7 +32,19 @@ pub(crate) fn row_wg(caps: &Caps, n: usize) -> (u32, bool) {
     )
 }
 
-/// Workgroups for `n` elements at `per_wg` elements each.
-pub(crate) fn groups_for(n: usize, per_wg: u32, op: &str) -> crate::Result<u32> {
-    crate::check::fits_u32(n.div_ceil(per_wg as usize), op, "workgroups")
+/// Workgroup sizes `row_wg` can choose.
+pub(crate) const ROW_WGS: [u32; 3] = [64, 128, 256];
+
+/// The float dtypes weights come in.
+pub(crate) const FLOAT_DTYPES: [crate::DType; 3] =
+    [crate::DType::F32, crate::DType::F16, crate::DType::BF16];
+
+/// Every (kernel, spec) any op can dispatch: the shader validation test compiles each one.
+/// Each op module lists its own, built by the same functions its dispatches use.
+pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
+    let mut v = Vec::new();
+    v.extend(fill::specs());
+    v.extend(elementwise::specs());
+    v.extend(norm::specs()?);
+    Ok(v)
 }

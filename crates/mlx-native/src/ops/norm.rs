@@ -43,6 +43,24 @@ fn spec(pass: &Pass, entry: &'static str, wdtype: DType, n: usize) -> Spec {
     Spec::new(entry, wdtype, wg).with_subgroups(sg)
 }
 
+pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
+    let mut v = Vec::new();
+    for dt in super::FLOAT_DTYPES {
+        for wg in super::ROW_WGS {
+            for sg in [false, true] {
+                for entry in ["rms_norm", "rms_norm_residual"] {
+                    v.push((Kernel::Norm, Spec::new(entry, dt, wg).with_subgroups(sg)));
+                }
+                for affine in 0..4 {
+                    let s = Spec::new("layer_norm", dt, wg).with_subgroups(sg);
+                    v.push((Kernel::Norm, s.with_const("AFFINE", affine)?));
+                }
+            }
+        }
+    }
+    Ok(v)
+}
+
 /// `x * rsqrt(mean(x^2) + eps) * w` over the last dimension.
 pub fn rms_norm(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer, eps: f32) -> Result<MlxBuffer> {
     let r = rows_and_weight("rms_norm", x, Some(w))?;
