@@ -1,2 +1,4 @@
-//! mlx-native-lm: the model engine built on mlx-native.
+//! mlx-native-lm: the model engine built on mlx-native, and the bench harness.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+pub mod bench;

@@ -17,8 +17,8 @@ const _: () = assert!(std::mem::size_of::<FillParams>() == 8);
 const WG: u32 = 256;
 
 /// Write a 32-bit pattern into every word of `buf`'s view (its byte length must be a
-/// multiple of 4 and start on a word).
-pub(crate) fn fill_u32_words(pass: &mut Pass, buf: &MlxBuffer, value: u32) -> Result<()> {
+/// multiple of 4 and start on a word). Any dtype: the view is seen as words.
+pub fn fill_u32_words(pass: &mut Pass, buf: &MlxBuffer, value: u32) -> Result<()> {
     let bytes = buf.byte_len();
     let start = buf.elem_offset() as u64 * buf.dtype().size() as u64;
     if bytes % 4 != 0 || start % 4 != 0 {

@@ -1,6 +1,7 @@
 //! Ops: one module per family, each with its WGSL in `shaders/<family>.wgsl`.
 
 pub mod activation;
+pub mod bandwidth;
 pub mod elementwise;
 pub mod embedding;
 pub mod fill;
@@ -43,6 +44,7 @@ pub(crate) const FLOAT_DTYPES: [crate::DType; 3] =
 /// Each op module lists its own, built by the same functions its dispatches use.
 pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     let mut v = Vec::new();
+    v.extend(bandwidth::specs());
     v.extend(fill::specs());
     v.extend(elementwise::specs());
     v.extend(norm::specs()?);

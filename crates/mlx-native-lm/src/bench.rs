@@ -1,0 +1,201 @@
+//! The bench harness: GPU time from timestamp queries, medians over repeats, and every
+//! figure as a fraction of the device's measured read bandwidth (the roofline).
+
+use mlx_native::ops;
+use mlx_native::{DType, MlxBuffer, MlxDevice, MlxError, Pass, Result};
+use serde::Serialize;
+
+/// How a kernel's time is measured.
+pub struct Timer<'a> {
+    gpu: &'a MlxDevice,
+    pub warmup: usize,
+    pub reps: usize,
+}
+
+impl<'a> Timer<'a> {
+    pub fn new(gpu: &'a MlxDevice) -> Result<Self> {
+        if !gpu.caps().timestamps {
+            return Err(MlxError::unsupported(format!(
+                "bench: {} has no timestamp queries; GPU times cannot be measured",
+                gpu.caps().adapter_name
+            )));
+        }
+        Ok(Timer {
+            gpu,
+            warmup: 3,
+            reps: 15,
+        })
+    }
+
+    /// Median GPU nanoseconds of the dispatches `record` adds to a pass (summed per rep).
+    pub fn median_ns(&self, mut record: impl FnMut(&mut Pass) -> Result<()>) -> Result<f64> {
+        let mut samples = Vec::with_capacity(self.reps);
+        for i in 0..self.warmup + self.reps {
+            let mut pass = self.gpu.begin().with_profiling(true);
+            record(&mut pass)?;
+            let t = pass.commit_and_wait()?;
+            if i >= self.warmup {
+                samples.push(t.iter().map(|k| k.nanos).sum::<f64>());
+            }
+        }
+        samples.sort_by(f64::total_cmp);
+        samples
+            .get(samples.len() / 2)
+            .copied()
+            .ok_or_else(|| MlxError::invalid("bench: no samples"))
+    }
+}
+
+/// The measured read bandwidth.
+#[derive(Clone, Debug, Serialize)]
+pub struct Bandwidth {
+    pub bytes: u64,
+    pub gpu_us: f64,
+    pub gb_s: f64,
+}
+
+/// Read `total_mib` MiB (split into bindings the device allows) with the read probe.
+pub fn read_bandwidth(gpu: &MlxDevice, total_mib: u64) -> Result<Bandwidth> {
+    let caps = gpu.caps();
+    let chunk = caps.max_storage_binding.min(256 << 20) / 16 * 16;
+    let total = total_mib << 20;
+    let n_chunks = total.div_ceil(chunk).max(1);
+    let words = (chunk / 4) as usize;
+    let mut chunks = Vec::new();
+    let mut pass = gpu.begin();
+    for i in 0..n_chunks {
+        let b = MlxBuffer::new(gpu, DType::U32, &[words])?;
+        // Nonzero, varying content: never benchmark on zeros.
+        ops::fill::fill_u32_words(&mut pass, &b, 0x9E37_79B9 ^ (i as u32).wrapping_mul(0x85EB_CA6B))?;
+        chunks.push(b);
+    }
+    pass.commit_and_wait()?;
+    // ~16 vec4 loads per invocation keeps enough loads in flight without tail effects.
+    let wgs = ((words / 4) / (256 * 16)).max(1) as u32;
+    let sink = MlxBuffer::new(gpu, DType::U32, &[wgs as usize])?;
+    let ns = Timer::new(gpu)?.median_ns(|pass| {
+        for c in &chunks {
+            ops::bandwidth::read_probe(pass, c, &sink, wgs)?;
+        }
+        Ok(())
+    })?;
+    let bytes = n_chunks * chunk;
+    Ok(Bandwidth {
+        bytes,
+        gpu_us: ns / 1e3,
+        gb_s: bytes as f64 / ns,
+    })
+}
+
+/// One kernel measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelRow {
+    pub kernel: String,
+    pub shape: String,
+    pub bytes: u64,
+    pub gpu_us: f64,
+    pub gb_s: f64,
+    /// Achieved GB/s over the measured read bandwidth.
+    pub roofline_fraction: f64,
+}
+
+/// The `bench kernels` report.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelsReport {
+    pub adapter: String,
+    pub backend: String,
+    pub driver: String,
+    pub bandwidth: Bandwidth,
+    pub kernels: Vec<KernelRow>,
+}
+
+fn random_f32(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+        })
+        .collect()
+}
+
+fn f32_tensor(gpu: &MlxDevice, shape: &[usize], seed: u64) -> Result<MlxBuffer> {
+    let n = shape.iter().product();
+    MlxBuffer::from_slice(gpu, &random_f32(n, seed), shape)
+}
+
+fn bf16_tensor(gpu: &MlxDevice, shape: &[usize], seed: u64) -> Result<MlxBuffer> {
+    let n = shape.iter().product();
+    let v: Vec<half::bf16> = random_f32(n, seed).into_iter().map(half::bf16::from_f32).collect();
+    MlxBuffer::from_slice(gpu, &v, shape)
+}
+
+/// Time the hot elementwise and row kernels at model sizes.
+pub fn bench_kernels(gpu: &MlxDevice, probe_mib: u64) -> Result<KernelsReport> {
+    let bw = read_bandwidth(gpu, probe_mib)?;
+    let timer = Timer::new(gpu)?;
+    let mut rows = Vec::new();
+    let mut push = |kernel: &str, shape: &[usize], bytes: u64, ns: f64| {
+        let gb_s = bytes as f64 / ns;
+        rows.push(KernelRow {
+            kernel: kernel.into(),
+            shape: format!("{shape:?}"),
+            bytes,
+            gpu_us: ns / 1e3,
+            gb_s,
+            roofline_fraction: gb_s / bw.gb_s,
+        });
+    };
+    // Decode (1 row) and prefill (512 rows) at Llama-3.1-8B's hidden size; 4096 rows for a
+    // size that fills the GPU.
+    for &r in &[1usize, 512, 4096] {
+        let shape = [r, 4096];
+        let x = f32_tensor(gpu, &shape, 1)?;
+        let w = bf16_tensor(gpu, &[4096], 2)?;
+        let ns = timer.median_ns(|p| ops::rms_norm(p, &x, &w, 1e-5).map(|_| ()))?;
+        push("rms_norm (bf16 w)", &shape, (2 * r * 4096 * 4 + 4096 * 2) as u64, ns);
+        let y = f32_tensor(gpu, &shape, 3)?;
+        let ns = timer.median_ns(|p| ops::add(p, &x, &y).map(|_| ()))?;
+        push("add", &shape, (3 * r * 4096 * 4) as u64, ns);
+    }
+    Ok(KernelsReport {
+        adapter: gpu.caps().adapter_name.clone(),
+        backend: gpu.caps().backend.clone(),
+        driver: gpu.caps().driver.clone(),
+        bandwidth: bw,
+        kernels: rows,
+    })
+}
+
+impl KernelsReport {
+    /// The table printed on stdout.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "device: {} ({}, {})\nread bandwidth: {:.1} GB/s ({} MiB in {:.1} us)\n\n",
+            self.adapter,
+            self.backend,
+            self.driver,
+            self.bandwidth.gb_s,
+            self.bandwidth.bytes >> 20,
+            self.bandwidth.gpu_us
+        );
+        s.push_str(&format!(
+            "{:<22} {:<14} {:>12} {:>10} {:>10} {:>9}\n",
+            "kernel", "shape", "bytes", "gpu us", "GB/s", "roofline"
+        ));
+        for r in &self.kernels {
+            s.push_str(&format!(
+                "{:<22} {:<14} {:>12} {:>10.2} {:>10.1} {:>8.1}%\n",
+                r.kernel,
+                r.shape,
+                r.bytes,
+                r.gpu_us,
+                r.gb_s,
+                100.0 * r.roofline_fraction
+            ));
+        }
+        s
+    }
+}
