@@ -16,10 +16,15 @@
 //! `rint` rounds half to even.
 //!
 //! **MXFP4** (`w ≈ 2^(e-127) * fp4`): one e8m0 exponent byte per 32 values and E2M1 codes.
-//! MLX computes it with array ops in the weight's dtype, so every intermediate is rounded to
-//! that dtype here too: `s = amax/6`, `e = rint(log2 s)` (0 when `s == 0`), values divided by
-//! `2^e`, and the code is the first LUT entry with the smallest `|x - lut|`. Ties therefore go
-//! to the smaller magnitude, and small negative values get code 0 (+0), not 8 (-0).
+//! MLX's CPU backend computes it in the weight's dtype, so intermediates are rounded to that
+//! dtype here too: `s = amax/6`; `e` is the smallest exponent with `2^e >= s` (0 when
+//! `s == 0`; rounding up keeps the largest values inside the FP4 range); values are divided
+//! by `2^e` and the code is the *first* LUT entry with the smallest `|x - lut|`. Ties
+//! therefore go to the smaller magnitude (1.75 -> 1.5, 3.5 -> 3) and small negative values
+//! get code 0 (+0), not 8 (-0). MLX's Metal kernel (`fp4_e2m1` in
+//! `backend/metal/kernels/fp4.h`) breaks those ties to the even code and keeps the sign of
+//! zero instead, so Metal-made MXFP4 weights may differ from these codes on exact ties; both
+//! dequantize the same way.
 //!
 //! **Dequantize** reproduces MLX's arithmetic in the output dtype: affine `(q * scale) + bias`
 //! with a rounding after the product and after the sum (no fused multiply-add); MXFP4
@@ -131,7 +136,9 @@ pub fn packed_words_per_row(cols: usize, bits: u32) -> Result<usize> {
     let total_bits = usize::try_from(bits)
         .ok()
         .and_then(|b| cols.checked_mul(b))
-        .ok_or_else(|| MlxError::invalid(format!("quant: {cols} columns of {bits} bits overflow")))?;
+        .ok_or_else(|| {
+            MlxError::invalid(format!("quant: {cols} columns of {bits} bits overflow"))
+        })?;
     if bits == 0 || total_bits % 32 != 0 {
         return Err(MlxError::invalid(format!(
             "quant: a row of {cols} values at {bits} bits is {total_bits} bits, not a whole number of 32-bit words"
@@ -432,16 +439,12 @@ fn affine_group(values: &[f32], bits: u32, codes: &mut [u32]) -> (f32, f32) {
     (scale, bias)
 }
 
-/// One MXFP4 group with MLX's array-op arithmetic in `prec`; returns the e8m0 byte.
+/// One MXFP4 group with MLX's CPU arithmetic in `prec`; returns the e8m0 byte.
 fn mxfp4_group(values: &[f32], prec: Precision, codes: &mut [u32]) -> u8 {
     let amax = values.iter().fold(0.0f32, |m, v| m.max(v.abs()));
     let scale = prec.round(amax / MXFP4_MAX);
-    let exponent = if scale == 0.0 {
-        0.0
-    } else {
-        prec.round(scale.log2()).round_ties_even()
-    };
-    let pow2 = prec.round(exponent.exp2());
+    let exponent = if scale == 0.0 { 0 } else { ceil_log2(scale) };
+    let pow2 = prec.round((exponent as f32).exp2());
     for (c, &v) in codes.iter_mut().zip(values) {
         let x = prec.round(v / pow2);
         let mut best = 0u32;
@@ -455,9 +458,17 @@ fn mxfp4_group(values: &[f32], prec: Precision, codes: &mut [u32]) -> u8 {
         }
         *c = best;
     }
-    // MLX casts `exponent + 127` to uint8 unchecked; below 2^-127 (only reachable with
-    // subnormal-range groups) its result is unspecified and this clamps instead.
-    (exponent + 127.0).clamp(0.0, 254.0) as u8
+    // e8m0 covers 2^-127 ..= 2^127; finite f32/f16/bf16 groups stay inside it.
+    (exponent + 127).clamp(0, 254) as u8
+}
+
+/// The smallest `e` with `2^e >= x`, exactly, for a positive finite `x`.
+fn ceil_log2(x: f32) -> i32 {
+    // Every f32 is a normal f64, so the exponent and mantissa fields are exact.
+    let bits = f64::from(x).to_bits();
+    let exponent = ((bits >> 52) & 0x7ff) as i32 - 1023;
+    let fraction = bits & ((1u64 << 52) - 1);
+    exponent + i32::from(fraction != 0)
 }
 
 /// Writes the codes of group `g` (flat index over all groups) into the row bit stream.
