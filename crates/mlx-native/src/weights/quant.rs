@@ -139,7 +139,7 @@ pub fn packed_words_per_row(cols: usize, bits: u32) -> Result<usize> {
         .ok_or_else(|| {
             MlxError::invalid(format!("quant: {cols} columns of {bits} bits overflow"))
         })?;
-    if bits == 0 || total_bits % 32 != 0 {
+    if bits == 0 || !total_bits.is_multiple_of(32) {
         return Err(MlxError::invalid(format!(
             "quant: a row of {cols} values at {bits} bits is {total_bits} bits, not a whole number of 32-bit words"
         )));
@@ -150,7 +150,7 @@ pub fn packed_words_per_row(cols: usize, bits: u32) -> Result<usize> {
 /// Groups (scales) per row. Errors unless `group_size` divides `cols`.
 pub fn groups_per_row(cols: usize, group_size: u32) -> Result<usize> {
     let gs = usize::try_from(group_size).unwrap_or(0);
-    if gs == 0 || cols % gs != 0 {
+    if gs == 0 || !cols.is_multiple_of(gs) {
         return Err(MlxError::invalid(format!(
             "quant: {cols} columns are not divisible by group_size {group_size}"
         )));
@@ -625,4 +625,436 @@ pub fn dequantize_as(
         }
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+
+    /// splitmix64 + Box-Muller: deterministic normal samples without a dependency.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        }
+        fn uniform(&mut self) -> f64 {
+            (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        }
+        fn normal(&mut self) -> f64 {
+            let u1 = self.uniform().max(1e-300);
+            let u2 = self.uniform();
+            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+        }
+    }
+
+    /// `rows x cols` values: normal, per-row scale 1e-3..10, every third row shifted off zero.
+    fn weight(rng: &mut Rng, rows: usize, cols: usize, dtype: DType) -> Vec<f32> {
+        let prec = Precision::of(dtype, "test").unwrap();
+        let mut w = Vec::with_capacity(rows * cols);
+        for r in 0..rows {
+            let scale = 10f64.powf(rng.uniform() * 4.0 - 3.0);
+            let shift = [0.0, 3.0, -2.5][r % 3];
+            for _ in 0..cols {
+                w.push(prec.round(((rng.normal() + shift) * scale) as f32));
+            }
+        }
+        w
+    }
+
+    /// Code `j` of a row, read one bit at a time (independent of `read_code`).
+    fn code_by_bits(words: &[u32], bits: u32, j: usize) -> u32 {
+        (0..bits)
+            .map(|b| {
+                let bit = j * bits as usize + b as usize;
+                ((words[bit / 32] >> (bit % 32)) & 1) << b
+            })
+            .sum()
+    }
+
+    fn unit_roundoff(dtype: DType) -> f64 {
+        match dtype {
+            DType::F32 => 2f64.powi(-24),
+            DType::F16 => 2f64.powi(-11),
+            _ => 2f64.powi(-8),
+        }
+    }
+
+    #[test]
+    fn validate_accepts_exactly_what_mlx_supports() {
+        for bits in 0..=16 {
+            for gs in [0, 16, 32, 48, 64, 128, 256] {
+                let ok = QuantParams::affine(bits, gs).validate().is_ok();
+                assert_eq!(
+                    ok,
+                    AFFINE_BITS.contains(&bits) && AFFINE_GROUP_SIZES.contains(&gs),
+                    "b{bits} g{gs}"
+                );
+                let mx = QuantParams {
+                    bits,
+                    group_size: gs,
+                    mode: QuantMode::Mxfp4,
+                };
+                assert_eq!(
+                    mx.validate().is_ok(),
+                    bits == 4 && gs == 32,
+                    "mxfp4 b{bits} g{gs}"
+                );
+            }
+        }
+        let err = QuantParams::affine(7, 64).validate().unwrap_err();
+        assert!(matches!(err, MlxError::Unsupported(_)));
+        assert_eq!(
+            err.to_string(),
+            "unsupported: affine quantization with bits=7; supported bits are 2, 3, 4, 5, 6, 8"
+        );
+        let err = QuantParams::affine(4, 256)
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("group_size=256") && err.contains("32, 64, 128"),
+            "{err}"
+        );
+        let err = QuantParams {
+            bits: 4,
+            group_size: 64,
+            mode: QuantMode::Mxfp4,
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("group_size=64") && err.contains("bits=4, group_size=32"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn layout_helpers() {
+        assert_eq!(packed_words_per_row(256, 4).unwrap(), 32);
+        assert_eq!(packed_words_per_row(32, 3).unwrap(), 3);
+        assert_eq!(packed_words_per_row(384, 5).unwrap(), 60);
+        assert_eq!(packed_words_per_row(32, 6).unwrap(), 6);
+        assert!(packed_words_per_row(10, 3).is_err());
+        assert!(packed_words_per_row(usize::MAX, 8).is_err());
+        assert_eq!(groups_per_row(384, 128).unwrap(), 3);
+        assert!(groups_per_row(384, 256).is_err());
+        assert!(groups_per_row(100, 0).is_err());
+        let l = QuantLayout::new(5, 384, QuantParams::affine(6, 64)).unwrap();
+        assert_eq!((l.words(), l.groups(), l.elements()), (5 * 72, 30, 1920));
+        assert!(QuantLayout::new(0, 64, QuantParams::affine(4, 64)).is_err());
+        assert!(QuantLayout::new(usize::MAX / 2, 64, QuantParams::affine(4, 64)).is_err());
+    }
+
+    #[test]
+    fn codes_are_a_little_endian_bit_stream_that_straddles_words() {
+        let mut rng = Rng(7);
+        for bits in AFFINE_BITS {
+            let cols = 128;
+            let words_per_row = packed_words_per_row(cols, bits).unwrap();
+            let codes: Vec<u32> = (0..2 * cols)
+                .map(|_| (rng.next_u64() as u32) & ((1 << bits) - 1))
+                .collect();
+            let layout = QuantLayout::new(2, cols, QuantParams::affine(bits, 32)).unwrap();
+            let mut packed = vec![0u32; layout.words()];
+            for g in 0..layout.groups() {
+                write_codes(
+                    &mut packed,
+                    &layout,
+                    bits,
+                    g,
+                    32,
+                    &codes[g * 32..(g + 1) * 32],
+                )
+                .unwrap();
+            }
+            for r in 0..2 {
+                let row = &packed[r * words_per_row..(r + 1) * words_per_row];
+                for j in 0..cols {
+                    assert_eq!(
+                        code_by_bits(row, bits, j),
+                        codes[r * cols + j],
+                        "b{bits} row {r} code {j}"
+                    );
+                }
+            }
+            let unpacked = unpack_codes(&packed, 2, cols, bits).unwrap();
+            assert!(
+                unpacked
+                    .iter()
+                    .zip(&codes)
+                    .all(|(&a, &b)| u32::from(a) == b),
+                "b{bits}"
+            );
+        }
+        // 3 bits: code 10 occupies bits 30..33, the top two bits of word 0 and bit 0 of word 1.
+        let mut words = [0u32; 3];
+        words[0] = 0b10 << 30;
+        words[1] = 0b1;
+        assert_eq!(read_code(&words, 3, 10), 0b110);
+        assert_eq!(read_code(&words, 3, 9), 0);
+        assert_eq!(read_code(&words, 3, 11), 0);
+    }
+
+    #[test]
+    fn affine_round_trip_is_within_one_step_of_the_f64_reference() {
+        let mut rng = Rng(1);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let u = unit_roundoff(dtype);
+            for bits in AFFINE_BITS {
+                for gs in AFFINE_GROUP_SIZES {
+                    let (rows, cols) = (7, 384);
+                    let w = weight(&mut rng, rows, cols, dtype);
+                    let params = QuantParams::affine(bits, gs);
+                    let q = quantize_as(&w, rows, cols, params, dtype).unwrap();
+                    let deq = q.dequantize().unwrap();
+                    let Scales::Float(scales) = &q.scales else {
+                        panic!("affine scales")
+                    };
+                    let biases = q.biases.as_ref().unwrap();
+                    let wpr = packed_words_per_row(cols, bits).unwrap();
+                    let n = f64::from((1u32 << bits) - 1);
+                    for r in 0..rows {
+                        for j in 0..cols {
+                            let g = r * (cols / gs as usize) + j / gs as usize;
+                            let (s, b) = (f64::from(scales[g]), f64::from(biases[g]));
+                            let code = code_by_bits(&q.packed[r * wpr..(r + 1) * wpr], bits, j);
+                            let reference = f64::from(code) * s + b;
+                            let got = f64::from(deq[r * cols + j]);
+                            // dequantize rounds the product and the sum to dtype
+                            let slack = 2.0 * u * (f64::from(code) * s.abs() + b.abs());
+                            assert!(
+                                (got - reference).abs() <= slack,
+                                "{dtype} b{bits} g{gs} [{r},{j}]: {got} vs {reference}"
+                            );
+                            // The error to the input is at most one step (half a step when the
+                            // code is not clamped), plus the rounding of scale and bias to dtype.
+                            let x = f64::from(w[r * cols + j]);
+                            let stored = u * (n * s.abs() + b.abs()) * 2.0 + slack;
+                            let step = if code == 0 || f64::from(code) == n {
+                                1.0
+                            } else {
+                                0.5
+                            };
+                            let err = (x - reference).abs();
+                            assert!(err <= step * s.abs() + stored, "{dtype} b{bits} g{gs} [{r},{j}]: |{x} - {reference}| > {step} * {s}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn affine_edge_value_is_exact_and_zero_groups_stay_zero() {
+        // The larger-magnitude end of each group dequantizes exactly (f32 arithmetic).
+        let mut rng = Rng(3);
+        let w = weight(&mut rng, 4, 256, DType::F32);
+        for bits in AFFINE_BITS {
+            let q = quantize(&w, 4, 256, QuantParams::affine(bits, 64)).unwrap();
+            let deq = q.dequantize().unwrap();
+            for (g, (vals, back)) in w.chunks(64).zip(deq.chunks(64)).enumerate() {
+                let edge = vals
+                    .iter()
+                    .copied()
+                    .fold(0.0f32, |m, v| if v.abs() > m.abs() { v } else { m });
+                let i = vals.iter().position(|&v| v == edge).unwrap();
+                let rel = ((back[i] - edge) / edge).abs();
+                assert!(
+                    rel <= 2.0 * f32::EPSILON,
+                    "b{bits} group {g}: edge {edge} -> {}",
+                    back[i]
+                );
+            }
+        }
+        let zeros = vec![0.0; 2 * 128];
+        for bits in AFFINE_BITS {
+            let q = quantize(&zeros, 2, 128, QuantParams::affine(bits, 32)).unwrap();
+            assert!(q.dequantize().unwrap().iter().all(|&v| v == 0.0), "b{bits}");
+        }
+    }
+
+    #[test]
+    fn affine_rounds_half_to_even_like_mlx() {
+        // Group [0, 3, 1.5, 0.5, 2.5, 0...] at 2 bits: scale -1, bias 3, q = rint(3 - w):
+        // 1.5 -> 2, 0.5 -> 2 (not 3), 2.5 -> 0 (not 1). MLX 0.32.4 gives word 0xFFFFFCA3.
+        let mut w = vec![0.0f32; 32];
+        w[..5].copy_from_slice(&[0.0, 3.0, 1.5, 0.5, 2.5]);
+        let q = quantize(&w, 1, 32, QuantParams::affine(2, 32)).unwrap();
+        assert_eq!(q.packed, [0xFFFF_FCA3, 0xFFFF_FFFF]);
+        assert_eq!(q.scales, Scales::Float(vec![-1.0]));
+        assert_eq!(q.biases, Some(vec![3.0]));
+    }
+
+    #[test]
+    fn mxfp4_ties_scales_and_zero_groups_match_mlx() {
+        // Checked against MLX 0.32.4 (CPU): ties go to the smaller magnitude, tiny negatives to +0.
+        let mut w = vec![0.0f32; 64];
+        w[..14].copy_from_slice(&[
+            6.0, 3.5, 2.5, 1.25, 0.25, 5.0, 1.75, 0.75, -3.5, -2.5, -0.25, -0.1, -5.0, -0.75,
+        ]);
+        let q = quantize(&w, 1, 64, QuantParams::mxfp4()).unwrap();
+        let codes = unpack_codes(&q.packed, 1, 64, 4).unwrap();
+        assert_eq!(codes[..14], [7, 5, 4, 2, 0, 6, 3, 1, 13, 12, 0, 0, 14, 9]);
+        assert!(codes[14..].iter().all(|&c| c == 0));
+        // Second group is all zeros: scale byte 127 (2^0).
+        assert_eq!(q.scales, Scales::E8m0(vec![127, 127]));
+        // amax/6 just above a power of two rounds the scale up: 6.0000005 / 6 > 1 -> 2^1.
+        let mut w = vec![1.0f32; 32];
+        w[0] = f32::from_bits(6.0f32.to_bits() + 1);
+        let q = quantize(&w, 1, 32, QuantParams::mxfp4()).unwrap();
+        assert_eq!(q.scales, Scales::E8m0(vec![128]));
+        let deq = q.dequantize().unwrap();
+        assert_eq!((deq[0], deq[1]), (6.0, 1.0));
+        // Extremes (MLX: 1e-30 -> byte 25, code 7; 3e38 -> byte 253, code 6).
+        let mut w = vec![0.0f32; 64];
+        w[0] = 1e-30;
+        w[32] = 3e38;
+        let q = quantize(&w, 1, 64, QuantParams::mxfp4()).unwrap();
+        assert_eq!(q.scales, Scales::E8m0(vec![25, 253]));
+        assert_eq!(q.packed[0] & 0xf, 7);
+        assert_eq!(q.packed[4] & 0xf, 6);
+    }
+
+    #[test]
+    fn mxfp4_round_trip_error_is_within_half_the_widest_fp4_gap() {
+        let mut rng = Rng(11);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let w = weight(&mut rng, 6, 256, dtype);
+            let q = quantize_as(&w, 6, 256, QuantParams::mxfp4(), dtype).unwrap();
+            let deq = q.dequantize().unwrap();
+            let Scales::E8m0(bytes) = &q.scales else {
+                panic!("mxfp4 scales")
+            };
+            for (i, (&x, &y)) in w.iter().zip(&deq).enumerate() {
+                let s = f64::from(e8m0_to_f32(bytes[i / 32]));
+                let (x, y) = (f64::from(x), f64::from(y));
+                // The FP4 grid's widest gap is 2 (between 4 and 6); values never exceed 6*s.
+                assert!(
+                    (x - y).abs() <= s * 1.0 * (1.0 + 1e-6),
+                    "{dtype} [{i}]: {x} -> {y} (scale {s})"
+                );
+                assert!(x.abs() <= 6.0 * s, "{dtype} [{i}]: {x} beyond 6 * {s}");
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_arguments_are_reported_with_got_and_expected() {
+        let w = vec![0.5f32; 2 * 64];
+        let msg = |e: MlxError| e.to_string();
+        assert_eq!(
+            msg(quantize(&w[..100], 2, 64, QuantParams::affine(4, 32)).unwrap_err()),
+            "quantize: w has 100 elements, expected 128 (2 x 64)"
+        );
+        assert!(
+            msg(quantize(&w, 2, 64, QuantParams::affine(4, 128)).unwrap_err())
+                .contains("not divisible by group_size 128")
+        );
+        let mut bad = w.clone();
+        bad[5] = f32::NAN;
+        assert!(
+            msg(quantize(&bad, 2, 64, QuantParams::affine(4, 32)).unwrap_err())
+                .contains("w[5] is NaN")
+        );
+        let mut bad = w.clone();
+        bad[3] = 1.0 + f32::EPSILON;
+        assert!(msg(
+            quantize_as(&bad, 2, 64, QuantParams::affine(4, 32), DType::BF16).unwrap_err()
+        )
+        .contains("not representable in bf16"));
+        assert!(matches!(
+            quantize_as(&w, 2, 64, QuantParams::affine(4, 32), DType::U32),
+            Err(MlxError::Unsupported(_))
+        ));
+        assert!(matches!(
+            quantize(&w, 2, 64, QuantParams::affine(7, 32)),
+            Err(MlxError::Unsupported(_))
+        ));
+
+        let q = quantize(&w, 2, 64, QuantParams::affine(4, 32)).unwrap();
+        let Scales::Float(s) = &q.scales else {
+            panic!("affine scales")
+        };
+        let b = q.biases.as_deref().unwrap();
+        let p = QuantParams::affine(4, 32);
+        assert_eq!(
+            msg(dequantize(&q.packed, ScalesRef::Float(&s[..3]), Some(b), 2, 64, p).unwrap_err()),
+            "dequantize: scales has 3 elements, expected 4"
+        );
+        assert_eq!(
+            msg(dequantize(&q.packed[..15], ScalesRef::Float(s), Some(b), 2, 64, p).unwrap_err()),
+            "dequantize: packed has 15 elements, expected 16"
+        );
+        assert_eq!(
+            msg(dequantize(&q.packed, ScalesRef::Float(s), Some(&b[..1]), 2, 64, p).unwrap_err()),
+            "dequantize: biases has 1 elements, expected 4"
+        );
+        assert!(
+            msg(dequantize(&q.packed, ScalesRef::Float(s), None, 2, 64, p).unwrap_err())
+                .contains("need biases")
+        );
+        assert!(msg(
+            dequantize(&q.packed, ScalesRef::E8m0(&[127; 4]), Some(b), 2, 64, p).unwrap_err()
+        )
+        .contains("float scales"));
+        let mx = QuantParams::mxfp4();
+        assert!(
+            msg(dequantize(&q.packed, ScalesRef::Float(s), None, 2, 64, mx).unwrap_err())
+                .contains("e8m0")
+        );
+        assert!(msg(
+            dequantize(&q.packed, ScalesRef::E8m0(&[127; 4]), Some(b), 2, 64, mx).unwrap_err()
+        )
+        .contains("no biases"));
+        assert!(dequantize(&q.packed, ScalesRef::E8m0(&[127; 4]), None, 2, 64, mx).is_ok());
+        assert!(
+            msg(dequantize(&q.packed, ScalesRef::Float(s), Some(b), 2, 60, p).unwrap_err())
+                .contains("not a whole number")
+        );
+        assert!(matches!(
+            dequantize_as(
+                &q.packed,
+                ScalesRef::Float(s),
+                Some(b),
+                2,
+                64,
+                p,
+                DType::I32
+            ),
+            Err(MlxError::Unsupported(_))
+        ));
+        assert!(unpack_codes(&q.packed, 3, 64, 4).is_err());
+        assert!(unpack_codes(&q.packed, 2, 64, 9).is_err());
+    }
+
+    #[test]
+    fn rounding_helpers() {
+        assert_eq!(
+            round_to_dtype(1.0 + f32::EPSILON, DType::BF16).unwrap(),
+            1.0
+        );
+        assert_eq!(
+            round_to_dtype(0.1, DType::F16).unwrap(),
+            f16::from_f32(0.1).to_f32()
+        );
+        assert_eq!(round_to_dtype(0.1, DType::F32).unwrap(), 0.1);
+        assert!(round_to_dtype(0.1, DType::U8).is_err());
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
+        assert_eq!(e8m0_to_f32(254), 2f32.powi(127));
+        assert!(e8m0_to_f32(255).is_infinite());
+        assert_eq!(ceil_log2(1.0), 0);
+        assert_eq!(ceil_log2(1.0000001), 1);
+        assert_eq!(ceil_log2(0.75), 0);
+        assert_eq!(ceil_log2(0.5), -1);
+        assert_eq!(ceil_log2(f32::from_bits(1)), -149);
+    }
 }
