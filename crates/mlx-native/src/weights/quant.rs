@@ -26,6 +26,13 @@
 //! zero instead, so Metal-made MXFP4 weights may differ from these codes on exact ties; both
 //! dequantize the same way.
 //!
+//! **Which MLX backend.** Everything here is MLX's CPU backend (what `pip install mlx[cpu]`
+//! runs, and what the fixtures prove). MLX's Metal `affine_quantize` kernel (read in the
+//! 0.32.4 headers, not run here) differs: it starts the group maximum at 0 rather than
+//! `-inf` (so an all-negative group gets `max = 0` and a different scale), and uses
+//! `round` (half away from zero) for `q0` and the codes. Weights converted on Apple GPUs
+//! can therefore differ from [`quantize`]'s output; [`dequantize`] reads either exactly.
+//!
 //! **Dequantize** reproduces MLX's arithmetic in the output dtype: affine `(q * scale) + bias`
 //! with a rounding after the product and after the sum (no fused multiply-add); MXFP4
 //! `lut[code] * 2^(e-127)`.
