@@ -35,3 +35,8 @@ pub use kernels::{Kernel, KernelRegistry, Spec};
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+/// The README's code blocks compile as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
