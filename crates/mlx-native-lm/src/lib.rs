@@ -2,3 +2,8 @@
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 pub mod bench;
+pub mod chat;
+pub mod error;
+pub mod tokenizer;
+
+pub use error::{LmError, Result};
