@@ -430,24 +430,31 @@ impl GgufFile {
         }
     }
 
+    /// [`GgufFile::get`] as `u32`.
     pub fn get_u32(&self, key: &str) -> Result<u32> {
         self.get(key)
     }
+    /// [`GgufFile::get`] as `u64`.
     pub fn get_u64(&self, key: &str) -> Result<u64> {
         self.get(key)
     }
+    /// [`GgufFile::get`] as `i64`.
     pub fn get_i64(&self, key: &str) -> Result<i64> {
         self.get(key)
     }
+    /// [`GgufFile::get`] as `f32`.
     pub fn get_f32(&self, key: &str) -> Result<f32> {
         self.get(key)
     }
+    /// [`GgufFile::get`] as `bool`.
     pub fn get_bool(&self, key: &str) -> Result<bool> {
         self.get(key)
     }
+    /// [`GgufFile::get`] as `&str`.
     pub fn get_str(&self, key: &str) -> Result<&str> {
         self.get(key)
     }
+    /// [`GgufFile::get`] as `&GgufArray`.
     pub fn get_array(&self, key: &str) -> Result<&GgufArray> {
         self.get(key)
     }

@@ -672,3 +672,26 @@ fn fixture_dequant_matches_the_gguf_package_bit_exactly() {
         );
     }
 }
+
+/// The fuzz seeds (written by the `gguf` package, `fuzz/make_seeds.py`) are valid files.
+#[test]
+fn fuzz_seeds_parse_and_dequantize() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds/gguf_parse");
+    let Ok(entries) = std::fs::read_dir(&dir) else {
+        return;
+    };
+    for e in entries {
+        let path = e.unwrap().path();
+        let f = GgufFile::open(&path).unwrap();
+        for t in f.tensors() {
+            assert_eq!(f.dequantize_tensor(&t.name).unwrap().len(), t.n_elems());
+        }
+        if path.ends_with("aligned.gguf") {
+            assert_eq!(f.alignment(), 64);
+            assert_eq!(f.tensor("b").unwrap().offset, 64);
+        }
+        if path.ends_with("blocks.gguf") {
+            assert_eq!(f.tensors().len(), GgmlType::ALL.len());
+        }
+    }
+}
