@@ -15,6 +15,14 @@ const MIN_KV_BYTES: u64 = 8 + 4 + 1;
 /// Fewest bytes a tensor info can take: name length u64, n_dims u32, type u32, offset u64.
 const MIN_TENSOR_INFO_BYTES: u64 = 8 + 4 + 4 + 8;
 
+/// Capacity to reserve for `n` entries whose count came from the file. `n` is already
+/// bounded by the bytes that remain, but each entry costs more memory than its minimum size
+/// in the file, so a large claimed count only reserves a modest amount up front and the
+/// rest grows as entries actually parse.
+fn initial_capacity(n: usize) -> usize {
+    n.min(1 << 16)
+}
+
 /// What the parser found; `GgufFile` adds storage and indexes.
 pub(super) struct Parsed {
     pub version: u32,
@@ -250,21 +258,21 @@ impl<'a> Parser<'a> {
             VType::F64 => fixed!(F64, f64),
             VType::Bool => {
                 let raw = self.take(n as u64, what)?;
-                let mut v = Vec::with_capacity(n);
+                let mut v = Vec::with_capacity(initial_capacity(n));
                 for (i, &b) in raw.iter().enumerate() {
                     v.push(self.bool(b, &elem(i))?);
                 }
                 GgufArray::Bool(v)
             }
             VType::String => {
-                let mut v = Vec::with_capacity(n);
+                let mut v = Vec::with_capacity(initial_capacity(n));
                 for i in 0..n {
                     v.push(self.string(&elem(i))?);
                 }
                 GgufArray::String(v)
             }
             VType::Array => {
-                let mut v = Vec::with_capacity(n);
+                let mut v = Vec::with_capacity(initial_capacity(n));
                 for i in 0..n {
                     v.push(self.array_value(&elem(i), depth + 1)?);
                 }
@@ -312,8 +320,8 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<Parsed> {
     // Both counts are now bounded by the file size.
     let (n_tensors, n_kv) = (n_tensors as usize, n_kv as usize);
 
-    let mut metadata = Vec::with_capacity(n_kv);
-    let mut keys = HashSet::with_capacity(n_kv);
+    let mut metadata = Vec::with_capacity(initial_capacity(n_kv));
+    let mut keys = HashSet::with_capacity(initial_capacity(n_kv));
     for i in 0..n_kv {
         let key = p.string(&|| format!("metadata key #{i}"))?;
         let what = || format!("metadata key '{key}'");
@@ -333,8 +341,8 @@ pub(super) fn parse(file: &str, bytes: &[u8]) -> Result<Parsed> {
         kind: GgmlType,
         offset: u64,
     }
-    let mut infos = Vec::with_capacity(n_tensors);
-    let mut names = HashSet::with_capacity(n_tensors);
+    let mut infos = Vec::with_capacity(initial_capacity(n_tensors));
+    let mut names = HashSet::with_capacity(initial_capacity(n_tensors));
     for i in 0..n_tensors {
         let name = p.string(&|| format!("tensor #{i} name"))?;
         let what = || format!("tensor '{name}'");
