@@ -11,9 +11,11 @@ pub mod rope;
 pub mod select;
 pub mod softmax;
 
+pub use activation::{gelu, glu, glu_split, silu, softcap, Act, GeluApprox};
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use fill::fill;
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
+pub use softmax::softmax;
 
 use crate::device::Caps;
 
@@ -48,5 +50,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(fill::specs());
     v.extend(elementwise::specs());
     v.extend(norm::specs()?);
+    v.extend(softmax::specs()?);
+    v.extend(activation::specs()?);
     Ok(v)
 }
