@@ -11,8 +11,10 @@ pub mod select;
 pub mod softmax;
 
 pub use elementwise::{add, add_scaled, mul, scale};
+pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
+pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 
 use crate::device::Caps;
 
@@ -46,5 +48,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(fill::specs());
     v.extend(elementwise::specs());
     v.extend(norm::specs()?);
+    v.extend(rope::specs()?);
+    v.extend(embedding::specs());
     Ok(v)
 }
