@@ -13,9 +13,11 @@ pub mod softmax;
 
 pub use activation::{gelu, glu, glu_split, silu, softcap, Act, GeluApprox};
 pub use elementwise::{add, add_scaled, mul, scale};
+pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use softmax::softmax;
+pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 
 use crate::device::Caps;
 
@@ -52,5 +54,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(norm::specs()?);
     v.extend(softmax::specs()?);
     v.extend(activation::specs()?);
+    v.extend(rope::specs()?);
+    v.extend(embedding::specs());
     Ok(v)
 }

@@ -1,6 +1,87 @@
-// (in progress)
-@group(0) @binding(0) var<storage, read_write> out: array<u32>;
+// Rotary position embedding of f32 activations x [tokens, heads, head_dim] (row-major; the
+// same memory as [tokens, heads * head_dim]) with an explicit position per token.
+// One invocation per pair of a head: pairs j < rot_half rotate, the rest copy elements 2j and
+// 2j + 1 unchanged (partial rotary: elements rot_half * 2 .. head_dim pass through).
+//   NEOX = 0 (traditional): pair j is elements (2j, 2j + 1).
+//   NEOX = 1 (neox / rotate_half): pair j is elements (j, j + rot_half).
+// Rotated outputs are multiplied by `mscale` (YaRN attention factor; 1 otherwise).
+// Bindings: 0 x (f32), 1 positions (u32 or i32 by the variant: DT_U32 / DT_I32), 2 the
+// frequency table (4 f32 per pair, see turns()), 3 y (f32, same shape as x).
+struct Params {
+    total: u32,
+    heads: u32,
+    head_dim: u32,
+    half: u32,
+    rot_half: u32,
+    mscale: f32,
+    _pad0: u32,
+    _pad1: u32,
+}
+override NEOX: u32 = 0u;
+
+@group(0) @binding(0) var<storage, read> x: array<f32>;
+@group(0) @binding(1) var<storage, read> pos: array<u32>;
+@group(0) @binding(2) var<storage, read> freq: array<f32>;
+@group(0) @binding(3) var<storage, read_write> y: array<f32>;
+@group(1) @binding(0) var<uniform> p: Params;
+
+// The angle of pair j at position `pw`, in turns, in [-0.5, 0.5).
+// The table holds f = inv_freq / (2 pi) as f32 pieces: f ~ fh + fl + f2 where fh and fl carry
+// at most 12 significant bits each (fh + fl is f rounded to f32) and f2 is the remainder.
+// The position splits into ph (a multiple of 4096) and pl (< 4096), both with at most 12
+// significant bits when |position| < 2^24, so ph*fh, ph*fl, pl*fh and pl*fl are exact in
+// f32 and their fractional parts are exact too. Only p*f2 (below 1 turn) and the final sum
+// of five terms in [0, 1) round: the angle is good to about 1e-6 turns at any position,
+// where a plain f32 `p * inv_freq` errs by about p * 2^-24 radians.
+fn turns(pw: u32, j: u32) -> f32 {
+#if DT_I32
+    let pi = bitcast<i32>(pw);
+    let ph = f32(pi & -4096);
+    let pf = f32(pi);
+#else
+    let ph = f32(pw & 0xfffff000u);
+    let pf = f32(pw);
+#endif
+    let pl = f32(pw & 0xfffu);
+    let fo = view(2u) + 4u * j;
+    let fh = freq[fo];
+    let fl = freq[fo + 1u];
+    let f2 = freq[fo + 2u];
+    let t = fract(fract(ph * fh) + fract(ph * fl) + fract(pl * fh) + fract(pl * fl)
+        + fract(pf * f2));
+    return select(t, t - 1.0, t >= 0.5);
+}
+
 @compute @workgroup_size(WG)
-fn placeholder(@builtin(local_invocation_index) lid: u32) {
-    out[lid] = lid;
+fn rope(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let g = flat_wg(wid, nwg) * WG + lid;
+    if g >= p.total {
+        return;
+    }
+    let row = g / p.half;
+    let j = g - row * p.half;
+    let xo = view(0u) + row * p.head_dim;
+    let yo = view(3u) + row * p.head_dim;
+    if j >= p.rot_half {
+        // Pass-through pair: elements rot_half * 2 + 2 * (j - rot_half) = 2j and 2j + 1.
+        let k = 2u * j;
+        y[yo + k] = x[xo + k];
+        y[yo + k + 1u] = x[xo + k + 1u];
+        return;
+    }
+    var i0 = 2u * j;
+    var i1 = i0 + 1u;
+    if NEOX == 1u {
+        i0 = j;
+        i1 = j + p.rot_half;
+    }
+    let token = row / p.heads;
+    let a = 6.283185307179586 * turns(pos[view(1u) + token], j);
+    let c = cos(a) * p.mscale;
+    let s = sin(a) * p.mscale;
+    let x0 = x[xo + i0];
+    let x1 = x[xo + i1];
+    y[yo + i0] = x0 * c - x1 * s;
+    y[yo + i1] = x0 * s + x1 * c;
 }
