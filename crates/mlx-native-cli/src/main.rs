@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use mlx_native::{DeviceOptions, MlxDevice};
 
 #[derive(Parser)]
-#[command(name = "mlx-native", version, about = "MLX-compatible LLM inference on any GPU (wgpu)")]
+#[command(
+    name = "mlx-native",
+    version,
+    about = "MLX-compatible LLM inference on any GPU (wgpu)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,7 +50,8 @@ fn run(cli: Cli) -> Result<(), String> {
         }
         Command::Bench { what } => match what {
             BenchWhat::Kernels { probe_mib, json } => {
-                let report = mlx_native_lm::bench::bench_kernels(&gpu, probe_mib).map_err(|e| e.to_string())?;
+                let report = mlx_native_lm::bench::bench_kernels(&gpu, probe_mib)
+                    .map_err(|e| e.to_string())?;
                 print!("{}", report.table());
                 if let Some(path) = json {
                     let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;

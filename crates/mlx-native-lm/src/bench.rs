@@ -66,7 +66,11 @@ pub fn read_bandwidth(gpu: &MlxDevice, total_mib: u64) -> Result<Bandwidth> {
     for i in 0..n_chunks {
         let b = MlxBuffer::new(gpu, DType::U32, &[words])?;
         // Nonzero, varying content: never benchmark on zeros.
-        ops::fill::fill_u32_words(&mut pass, &b, 0x9E37_79B9 ^ (i as u32).wrapping_mul(0x85EB_CA6B))?;
+        ops::fill::fill_u32_words(
+            &mut pass,
+            &b,
+            0x9E37_79B9 ^ (i as u32).wrapping_mul(0x85EB_CA6B),
+        )?;
         chunks.push(b);
     }
     pass.commit_and_wait()?;
@@ -128,7 +132,10 @@ fn f32_tensor(gpu: &MlxDevice, shape: &[usize], seed: u64) -> Result<MlxBuffer> 
 
 fn bf16_tensor(gpu: &MlxDevice, shape: &[usize], seed: u64) -> Result<MlxBuffer> {
     let n = shape.iter().product();
-    let v: Vec<half::bf16> = random_f32(n, seed).into_iter().map(half::bf16::from_f32).collect();
+    let v: Vec<half::bf16> = random_f32(n, seed)
+        .into_iter()
+        .map(half::bf16::from_f32)
+        .collect();
     MlxBuffer::from_slice(gpu, &v, shape)
 }
 
@@ -155,7 +162,12 @@ pub fn bench_kernels(gpu: &MlxDevice, probe_mib: u64) -> Result<KernelsReport> {
         let x = f32_tensor(gpu, &shape, 1)?;
         let w = bf16_tensor(gpu, &[4096], 2)?;
         let ns = timer.median_ns(|p| ops::rms_norm(p, &x, &w, 1e-5).map(|_| ()))?;
-        push("rms_norm (bf16 w)", &shape, (2 * r * 4096 * 4 + 4096 * 2) as u64, ns);
+        push(
+            "rms_norm (bf16 w)",
+            &shape,
+            (2 * r * 4096 * 4 + 4096 * 2) as u64,
+            ns,
+        );
         let y = f32_tensor(gpu, &shape, 3)?;
         let ns = timer.median_ns(|p| ops::add(p, &x, &y).map(|_| ()))?;
         push("add", &shape, (3 * r * 4096 * 4) as u64, ns);

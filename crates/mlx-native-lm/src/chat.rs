@@ -40,9 +40,15 @@ impl ChatTemplate {
     pub fn new(source: &str, bos: &str, eos: &str) -> Result<Self> {
         let mut env = Environment::new();
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |msg: String| -> std::result::Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, msg))
-        });
+        env.add_function(
+            "raise_exception",
+            |msg: String| -> std::result::Result<String, minijinja::Error> {
+                Err(minijinja::Error::new(
+                    minijinja::ErrorKind::InvalidOperation,
+                    msg,
+                ))
+            },
+        );
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| LmError::Template(e.to_string()))?;
         Ok(ChatTemplate {
@@ -78,7 +84,13 @@ mod tests {
     fn gemma_template_renders_turns() {
         let t = ChatTemplate::new(GEMMA_TEMPLATE, "<bos>", "<eos>").unwrap();
         let s = t
-            .render(&[Message::new("user", " Hi! "), Message::new("assistant", "Hello.")], true)
+            .render(
+                &[
+                    Message::new("user", " Hi! "),
+                    Message::new("assistant", "Hello."),
+                ],
+                true,
+            )
             .unwrap();
         assert_eq!(
             s,
@@ -90,8 +102,14 @@ mod tests {
     fn python_string_methods_and_raise_exception_work() {
         let src = "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0].content.strip().upper() }}";
         let t = ChatTemplate::new(src, "", "").unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  ab ")], false).unwrap(), "AB");
-        let e = t.render(&[Message::new("system", "x")], false).unwrap_err().to_string();
+        assert_eq!(
+            t.render(&[Message::new("user", "  ab ")], false).unwrap(),
+            "AB"
+        );
+        let e = t
+            .render(&[Message::new("system", "x")], false)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("first must be user"), "{e}");
     }
 }

@@ -1,5 +1,6 @@
 //! mlx-native-lm: the model engine built on mlx-native, and the bench harness.
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod bench;
 pub mod chat;

@@ -15,7 +15,9 @@ use tokenizers::normalizers::{Prepend, Replace};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
-use tokenizers::{AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior};
+use tokenizers::{
+    AddedToken, DecoderWrapper, NormalizerWrapper, PreTokenizerWrapper, SplitDelimiterBehavior,
+};
 
 use crate::error::{LmError, Result};
 
@@ -56,11 +58,23 @@ const LLAMA3_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L
 const QWEN2_REGEX: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// Pre-tokenizer types this build knows.
-pub const SUPPORTED_PRE: &[&str] = &["default", "gpt2", "smollm", "starcoder", "llama-bpe", "llama3", "qwen2"];
+pub const SUPPORTED_PRE: &[&str] = &[
+    "default",
+    "gpt2",
+    "smollm",
+    "starcoder",
+    "llama-bpe",
+    "llama3",
+    "qwen2",
+];
 
 fn split(regex: &str) -> Result<PreTokenizerWrapper> {
-    let s = Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
-        .map_err(|e| LmError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
+    let s = Split::new(
+        SplitPattern::Regex(regex.into()),
+        SplitDelimiterBehavior::Isolated,
+        false,
+    )
+    .map_err(|e| LmError::Tokenizer(format!("pre-tokenizer regex: {e}")))?;
     Ok(PreTokenizerWrapper::Split(s))
 }
 
@@ -87,7 +101,11 @@ fn gpt2_pre_tokenizer(pre: &str) -> Result<PreTokenizerWrapper> {
 /// vocabulary is a merge, ranked by the merged piece's score (higher first), as llama.cpp's
 /// SPM tokenizer ranks its candidate pairs.
 fn spm_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<(String, String)> {
-    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut merges: Vec<(f32, usize, String, String)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         if types.get(id).copied().unwrap_or(token_type::NORMAL) != token_type::NORMAL {
@@ -142,9 +160,9 @@ impl Tokenizer {
             "gpt2" => {
                 let mut merges = Vec::with_capacity(v.merges.len());
                 for (i, m) in v.merges.iter().enumerate() {
-                    let (l, r) = m
-                        .split_once(' ')
-                        .ok_or_else(|| LmError::Tokenizer(format!("merge {i} {m:?} has no space")))?;
+                    let (l, r) = m.split_once(' ').ok_or_else(|| {
+                        LmError::Tokenizer(format!("merge {i} {m:?} has no space"))
+                    })?;
                     merges.push((l.to_string(), r.to_string()));
                 }
                 let bpe = BPE::builder()
@@ -170,7 +188,9 @@ impl Tokenizer {
                 if v.add_space_prefix {
                     norms.push(NormalizerWrapper::Prepend(Prepend::new("▁".into())));
                 }
-                norms.push(NormalizerWrapper::Replace(Replace::new(" ", "▁").map_err(tk_err)?));
+                norms.push(NormalizerWrapper::Replace(
+                    Replace::new(" ", "▁").map_err(tk_err)?,
+                ));
                 t.with_normalizer(Some(NormalizerWrapper::Sequence(
                     tokenizers::normalizers::Sequence::new(norms),
                 )));
@@ -294,5 +314,85 @@ impl StreamDecoder {
 impl Default for StreamDecoder {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl VocabSpec {
+    /// Read `tokenizer.ggml.*` from a GGUF file.
+    pub fn from_gguf(f: &mlx_native::weights::gguf::GgufFile) -> Result<Self> {
+        let strings = |key: &str| -> Result<Vec<String>> {
+            match f.value(key) {
+                None => Ok(Vec::new()),
+                Some(_) => f
+                    .get_array(key)?
+                    .as_strings()
+                    .map(<[String]>::to_vec)
+                    .ok_or_else(|| {
+                        LmError::Config(format!("{}: {key} is not a string array", f.name()))
+                    }),
+            }
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        if tokens.is_empty() {
+            return Err(LmError::Config(format!(
+                "{}: no tokenizer.ggml.tokens",
+                f.name()
+            )));
+        }
+        let token_types = match f.value("tokenizer.ggml.token_type") {
+            None => Vec::new(),
+            Some(_) => f
+                .get_array("tokenizer.ggml.token_type")?
+                .to_i64s()
+                .ok_or_else(|| {
+                    LmError::Config(format!("{}: token_type is not an integer array", f.name()))
+                })?
+                .into_iter()
+                .map(|t| t as i32)
+                .collect(),
+        };
+        let scores = match f.value("tokenizer.ggml.scores") {
+            None => Vec::new(),
+            Some(_) => f
+                .get_array("tokenizer.ggml.scores")?
+                .as_f32s()
+                .map(<[f32]>::to_vec)
+                .ok_or_else(|| {
+                    LmError::Config(format!("{}: scores is not an f32 array", f.name()))
+                })?,
+        };
+        let model: String = f.get_str("tokenizer.ggml.model")?.to_string();
+        let id = |key: &str| -> Result<Option<u32>> { Ok(f.get_opt::<u32>(key)?) };
+        let mut eog = Vec::new();
+        for key in ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"] {
+            if let Some(e) = id(key)? {
+                eog.push(e);
+            }
+        }
+        // Models whose end-of-turn token is not in metadata: llama.cpp also stops on these.
+        for name in ["<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"] {
+            if let Some(i) = tokens.iter().position(|t| t == name) {
+                if !eog.contains(&(i as u32)) {
+                    eog.push(i as u32);
+                }
+            }
+        }
+        Ok(VocabSpec {
+            add_bos: f
+                .get_opt::<bool>("tokenizer.ggml.add_bos_token")?
+                .unwrap_or(model == "llama"),
+            add_space_prefix: f
+                .get_opt::<bool>("tokenizer.ggml.add_space_prefix")?
+                .unwrap_or(model == "llama"),
+            pre: f.get_opt::<&str>("tokenizer.ggml.pre")?.map(str::to_string),
+            bos: id("tokenizer.ggml.bos_token_id")?,
+            eos: id("tokenizer.ggml.eos_token_id")?,
+            merges: strings("tokenizer.ggml.merges")?,
+            model,
+            tokens,
+            token_types,
+            scores,
+            eog,
+        })
     }
 }

@@ -116,13 +116,13 @@ impl MlxBuffer {
     pub fn write_bytes(&self, gpu: &MlxDevice, byte_offset: u64, bytes: &[u8]) -> Result<()> {
         let start = self.offset + byte_offset;
         let end = start + bytes.len() as u64;
-        if end > self.raw.size || start % 4 != 0 {
+        if end > self.raw.size || !start.is_multiple_of(4) {
             return Err(MlxError::invalid(format!(
                 "write_bytes: bytes {start}..{end} do not fit a buffer of {} bytes at 4-byte alignment",
                 self.raw.size
             )));
         }
-        if bytes.len() % 4 == 0 {
+        if bytes.len().is_multiple_of(4) {
             gpu.inner.queue.write_buffer(&self.raw.buffer, start, bytes);
         } else {
             let mut padded = bytes.to_vec();
@@ -302,7 +302,9 @@ impl MlxBuffer {
     /// The same bytes seen as another dtype (element count rescaled; must divide evenly).
     pub fn bitcast(&self, dtype: DType, shape: &[usize]) -> Result<Self> {
         let n = shape_len(shape, "bitcast")?;
-        if (n * dtype.size()) as u64 != self.byte_len() || self.offset % dtype.size() as u64 != 0 {
+        if (n * dtype.size()) as u64 != self.byte_len()
+            || !self.offset.is_multiple_of(dtype.size() as u64)
+        {
             return Err(MlxError::invalid(format!(
                 "bitcast: {} bytes of {} cannot be seen as {shape:?} of {dtype}",
                 self.byte_len(),

@@ -37,9 +37,12 @@ pub fn fold_grid(n: u32, max: u32) -> [u32; 3] {
 }
 
 /// Bind groups by pipeline and (buffer, offset, size) per binding; bounded.
+/// (pipeline id, per binding (buffer id, offset, size)).
+type BindGroupKey = (u64, Vec<(u64, u64, u64)>);
+
 #[derive(Default)]
 pub(crate) struct BindGroupCache {
-    map: HashMap<(u64, Vec<(u64, u64, u64)>), wgpu::BindGroup>,
+    map: HashMap<BindGroupKey, wgpu::BindGroup>,
     pub created: u64,
 }
 

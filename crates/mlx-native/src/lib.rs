@@ -14,6 +14,7 @@
 //! # Ok(()) }
 //! ```
 #![deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod buffer;
 pub mod buffer_pool;

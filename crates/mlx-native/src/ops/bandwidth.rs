@@ -23,15 +23,25 @@ pub(crate) fn specs() -> Vec<(Kernel, Spec)> {
 
 /// Read every byte of `src` (u32, length a multiple of 4) once, with `workgroups` workgroups
 /// striding over it. `sink` receives at most one word per workgroup.
-pub fn read_probe(pass: &mut Pass, src: &MlxBuffer, sink: &MlxBuffer, workgroups: u32) -> Result<()> {
+pub fn read_probe(
+    pass: &mut Pass,
+    src: &MlxBuffer,
+    sink: &MlxBuffer,
+    workgroups: u32,
+) -> Result<()> {
     let op = "read_probe";
     check::dtype(src, &[DType::U32], op, "src")?;
-    check::ensure(src.len() % 4 == 0 && src.elem_offset() % 4 == 0, op, || {
-        "src must be whole, aligned vec4<u32>s".into()
-    })?;
+    check::ensure(
+        src.len().is_multiple_of(4) && src.elem_offset().is_multiple_of(4),
+        op,
+        || "src must be whole, aligned vec4<u32>s".into(),
+    )?;
     check::dtype(sink, &[DType::U32], op, "sink")?;
     check::ensure(sink.len() >= workgroups as usize, op, || {
-        format!("sink has {} elements, expected at least {workgroups}", sink.len())
+        format!(
+            "sink has {} elements, expected at least {workgroups}",
+            sink.len()
+        )
     })?;
     let params = ProbeParams {
         vec4s: check::fits_u32(src.len() / 4, op, "vec4s")?,

@@ -21,7 +21,7 @@ const WG: u32 = 256;
 pub fn fill_u32_words(pass: &mut Pass, buf: &MlxBuffer, value: u32) -> Result<()> {
     let bytes = buf.byte_len();
     let start = buf.elem_offset() as u64 * buf.dtype().size() as u64;
-    if bytes % 4 != 0 || start % 4 != 0 {
+    if !bytes.is_multiple_of(4) || !start.is_multiple_of(4) {
         return Err(MlxError::invalid(format!(
             "fill: a view of {bytes} bytes at byte {start} is not whole 32-bit words"
         )));

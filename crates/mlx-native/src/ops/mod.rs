@@ -16,8 +16,8 @@ pub use elementwise::{add, add_scaled, mul, scale};
 pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
-pub use softmax::softmax;
 pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
+pub use softmax::softmax;
 
 use crate::device::Caps;
 
