@@ -12,7 +12,9 @@ pub mod softmax;
 
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use fill::fill;
+pub use layout::{concat_last, copy, transpose, transpose_last2};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
+pub use select::{argmax, argsort, top_k};
 
 use crate::device::Caps;
 
@@ -46,5 +48,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(fill::specs());
     v.extend(elementwise::specs());
     v.extend(norm::specs()?);
+    v.extend(select::specs()?);
+    v.extend(layout::specs());
     Ok(v)
 }

@@ -129,7 +129,12 @@ fn params(r: &Rows) -> SelectParams {
 }
 
 /// Max value and its index per row: (values f32 [rows], indices u32 [rows]).
-fn argmax_rows(pass: &mut Pass, op: &str, x: &MlxBuffer, r: &Rows) -> Result<(MlxBuffer, MlxBuffer)> {
+fn argmax_rows(
+    pass: &mut Pass,
+    op: &str,
+    x: &MlxBuffer,
+    r: &Rows,
+) -> Result<(MlxBuffer, MlxBuffer)> {
     let rows = r.rows as usize;
     let val = pass.alloc(DType::F32, &[rows])?;
     let idx = pass.alloc(DType::U32, &[rows])?;
@@ -227,7 +232,13 @@ pub fn top_k(pass: &mut Pass, x: &MlxBuffer, k: usize) -> Result<(MlxBuffer, Mlx
         match &cand {
             None => {
                 let spec = sort_spec("topk_x_cand", size)?;
-                pass.dispatch(Kernel::Select, spec, &p, &[x, x, x, &ck_out, &ci_out], groups)?;
+                pass.dispatch(
+                    Kernel::Select,
+                    spec,
+                    &p,
+                    &[x, x, x, &ck_out, &ci_out],
+                    groups,
+                )?;
             }
             Some((ck, ci)) => {
                 let spec = sort_spec("topk_cand_cand", size)?;
@@ -277,6 +288,7 @@ pub fn argsort(pass: &mut Pass, x: &MlxBuffer, descending: bool) -> Result<MlxBu
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use crate::testutil::{devices, gpu, Rng};
     use std::cmp::Ordering;
@@ -358,10 +370,22 @@ mod tests {
         for g in devices() {
             let nan = f32::NAN;
             let x = [
-                1.0, nan, 3.0, nan, // first NaN wins
-                -0.0, 0.0, -1.0, -2.0, // -0 == +0: lowest index
-                -3.0, f32::NEG_INFINITY, -3.0, -7.0, // ties on negatives
-                f32::INFINITY, 1e38, f32::INFINITY, 0.0,
+                1.0,
+                nan,
+                3.0,
+                nan, // first NaN wins
+                -0.0,
+                0.0,
+                -1.0,
+                -2.0, // -0 == +0: lowest index
+                -3.0,
+                f32::NEG_INFINITY,
+                -3.0,
+                -7.0, // ties on negatives
+                f32::INFINITY,
+                1e38,
+                f32::INFINITY,
+                0.0,
             ];
             let gx = MlxBuffer::from_slice(g, &x, &[4, 4])?;
             let mut pass = g.begin();
@@ -427,7 +451,11 @@ mod tests {
         pass.commit_and_wait()?;
         let gi = idx.to_vec::<u32>(g)?;
         for (r, row) in data[13..].chunks(n).enumerate() {
-            assert_eq!(&gi[r * k..(r + 1) * k], &ref_sorted(row, true)[..k], "row {r}");
+            assert_eq!(
+                &gi[r * k..(r + 1) * k],
+                &ref_sorted(row, true)[..k],
+                "row {r}"
+            );
         }
         assert_eq!(nv.shape(), &[4]);
         let want = ref_sorted(&nanrow, true);
@@ -497,10 +525,7 @@ mod tests {
         assert_eq!(e, "top_k: k = 5 is outside 1..=4 (the row length)");
         let big = MlxBuffer::from_slice(g, &vec![1.0f32; 4096], &[4096])?;
         let e = top_k(&mut pass, &big, 1025).unwrap_err().to_string();
-        assert_eq!(
-            e,
-            "top_k: k = 1025 exceeds the largest supported k, 1024"
-        );
+        assert_eq!(e, "top_k: k = 1025 exceeds the largest supported k, 1024");
         let e = argmax(&mut pass, &xi).unwrap_err().to_string();
         assert_eq!(e, "argmax: x is i32, expected f32");
         let e = argsort(&mut pass, &xi, true).unwrap_err().to_string();
