@@ -11,9 +11,12 @@
 //! - `top_k`: the row is cut into chunks of up to 2048; each workgroup bitonic-sorts a chunk in
 //!   workgroup memory (16 KiB) and keeps its first k; passes repeat over the candidates until
 //!   one chunk per row is left (262,144 with k = 64: 3 passes). `k = 1` uses `argmax`.
-//! - `argsort`: one workgroup per row bitonic-sorts the row in workgroup memory: rows up to the
-//!   largest power of two whose 8 bytes per element fit `Caps::max_workgroup_storage`
-//!   (4096 on lavapipe's 32 KiB) and 8192 at most.
+//! - `argsort`: one workgroup per row bitonic-sorts the row in workgroup memory when it fits:
+//!   rows up to the largest power of two whose 8 bytes per element fit
+//!   `Caps::max_workgroup_storage` (4096 on lavapipe's 32 KiB), 8192 at most. Longer rows run
+//!   the same bitonic network over global scratch: chunks sorted in workgroup memory, then
+//!   per block size one dispatch per long stride and one in-chunk merge (262,144 in chunks of
+//!   4096: 34 dispatches).
 
 use crate::buffer::MlxBuffer;
 use crate::check;
@@ -32,9 +35,11 @@ struct SelectParams {
     n: u32,
     desc: u32,
     chunk: u32,
-    _pad: u32,
+    size: u32,
+    stride: u32,
+    _pad: [u32; 3],
 }
-const _: () = assert!(std::mem::size_of::<SelectParams>() == 32);
+const _: () = assert!(std::mem::size_of::<SelectParams>() == 48);
 
 /// Largest `k` `top_k` accepts (half the chunk, so every merge pass at least halves the work).
 pub const TOP_K_MAX: usize = 1024;
@@ -54,6 +59,15 @@ const TOPK_ENTRIES: [&str; 4] = [
     "topk_x_final",
     "topk_cand_final",
 ];
+
+const ARGSORT_ENTRIES: [&str; 4] = [
+    "argsort_rows",
+    "argsort_chunks",
+    "argsort_merge",
+    "argsort_merge_final",
+];
+/// Workgroup size of `argsort_global_step` (one invocation per compared pair).
+const STEP_WG: u32 = 256;
 
 fn sort_spec(entry: &'static str, size: u32) -> Result<Spec> {
     Spec::new(entry, DType::F32, (size / 2).clamp(64, 256)).with_const("SORT_N", size)
@@ -80,13 +94,19 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
             Spec::new("argmax_partial", DType::F32, ARGMAX_WG).with_subgroups(sg),
         ));
     }
+    v.push((
+        Kernel::Select,
+        Spec::new("argsort_global_step", DType::F32, STEP_WG),
+    ));
     for size in SORT_SIZES {
         if size <= TOPK_CHUNK {
             for entry in TOPK_ENTRIES {
                 v.push((Kernel::Select, sort_spec(entry, size)?));
             }
         }
-        v.push((Kernel::Select, sort_spec("argsort_rows", size)?));
+        for entry in ARGSORT_ENTRIES {
+            v.push((Kernel::Select, sort_spec(entry, size)?));
+        }
     }
     Ok(v)
 }
@@ -124,7 +144,9 @@ fn params(r: &Rows) -> SelectParams {
         n: r.n as u32,
         desc: 0,
         chunk: 0,
-        _pad: 0,
+        size: 0,
+        stride: 0,
+        _pad: [0; 3],
     }
 }
 
@@ -258,31 +280,79 @@ pub fn top_k(pass: &mut Pass, x: &MlxBuffer, k: usize) -> Result<(MlxBuffer, Mlx
 
 /// Indices that sort each row of f32 `x` [.., n]: u32 of `x`'s shape. Stable (equal values keep
 /// their order) in both directions; NaN ranks above `+inf` (last ascending, first descending).
-/// Rows must fit one workgroup's memory (8 bytes an element, rounded up to a power of two);
-/// longer rows return `MlxError::Unsupported`.
+/// Rows that fit one workgroup's memory (8 bytes an element, rounded up to a power of two) sort
+/// in one dispatch; longer rows run a bitonic network over the row padded to a power of two,
+/// with scratch of 8 bytes an element, in `O(log^2 n)` dispatches.
 pub fn argsort(pass: &mut Pass, x: &MlxBuffer, descending: bool) -> Result<MlxBuffer> {
-    let op = "argsort";
-    let r = rows_of(op, x)?;
-    let size = sort_size(r.n);
     let max_storage = pass.caps().max_workgroup_storage;
     let largest = SORT_SIZES
         .iter()
         .copied()
         .filter(|&s| s * 8 <= max_storage)
         .max()
-        .unwrap_or(0);
-    if size > largest {
-        return Err(MlxError::unsupported(format!(
-            "argsort: rows of {} elements; this device sorts rows of at most {largest} in \
-             workgroup memory ({max_storage} bytes)",
-            r.n
-        )));
-    }
+        .ok_or_else(|| {
+            MlxError::unsupported(format!(
+                "argsort: {max_storage} bytes of workgroup memory cannot hold 64 keys"
+            ))
+        })?;
+    argsort_chunked(pass, x, descending, largest)
+}
+
+/// `argsort` with workgroup sorts of at most `chunk` (a power of two in `SORT_SIZES`).
+fn argsort_chunked(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    descending: bool,
+    chunk: u32,
+) -> Result<MlxBuffer> {
+    let op = "argsort";
+    let r = rows_of(op, x)?;
     let out = pass.alloc(DType::U32, x.shape())?;
     let mut p = params(&r);
     p.desc = u32::from(descending);
-    let spec = sort_spec("argsort_rows", size)?;
-    pass.dispatch(Kernel::Select, spec, &p, &[x, x, &out], r.rows)?;
+    let size = sort_size(r.n);
+    if size <= chunk {
+        let spec = sort_spec("argsort_rows", size)?;
+        pass.dispatch(Kernel::Select, spec, &p, &[x, x, &out], r.rows)?;
+        return Ok(out);
+    }
+    let rows = r.rows as usize;
+    let len = size as usize;
+    let nch = len / chunk as usize;
+    check::fits_u32(rows * len, op, "rows x padded row length")?;
+    p.len = size;
+    p.nch = nch as u32;
+    let groups = check::fits_u32(rows * nch, op, "rows x chunks")?;
+    let pairs = (rows * len / 2) as u32;
+    let keys = pass.alloc(DType::U32, &[rows, len])?;
+    let idx = pass.alloc(DType::U32, &[rows, len])?;
+    let spec = sort_spec("argsort_chunks", chunk)?;
+    pass.dispatch(Kernel::Select, spec, &p, &[x, x, x, &keys, &idx], groups)?;
+    let mut block = 2 * chunk;
+    while block <= size {
+        p.size = block;
+        let mut stride = block / 2;
+        while stride >= chunk {
+            p.stride = stride;
+            let spec = Spec::new("argsort_global_step", DType::F32, STEP_WG);
+            pass.dispatch(
+                Kernel::Select,
+                spec,
+                &p,
+                &[x, x, x, &keys, &idx],
+                pairs.div_ceil(STEP_WG),
+            )?;
+            stride /= 2;
+        }
+        if block == size {
+            let spec = sort_spec("argsort_merge_final", chunk)?;
+            pass.dispatch(Kernel::Select, spec, &p, &[x, x, &out, &keys, &idx], groups)?;
+        } else {
+            let spec = sort_spec("argsort_merge", chunk)?;
+            pass.dispatch(Kernel::Select, spec, &p, &[x, x, x, &keys, &idx], groups)?;
+        }
+        block *= 2;
+    }
     Ok(out)
 }
 
@@ -506,6 +576,45 @@ mod tests {
     }
 
     #[test]
+    fn argsort_beyond_workgroup_memory_is_multi_pass_and_stable() -> Result<()> {
+        let g = gpu();
+        let mut rng = Rng::new(34);
+        // (rows, n, chunk): small chunks make many global levels cheap on lavapipe; the
+        // public entry takes the device's largest chunk (n = 10,000 > 4096 on lavapipe).
+        for &(rows, n, chunk) in &[
+            (3usize, 1000usize, 64u32),
+            (2, 65, 64),
+            (700, 129, 64),
+            (1, 4097, 256),
+            (2, 10_000, 0),
+        ] {
+            let mut x = tied(&mut rng, rows * n, (n / 8).max(2));
+            x[3] = f32::NAN;
+            x[4] = -0.0;
+            x[5] = 0.0;
+            let gx = MlxBuffer::from_slice(g, &x, &[rows, n])?;
+            for desc in [false, true] {
+                let mut pass = g.begin();
+                let idx = if chunk == 0 {
+                    argsort(&mut pass, &gx, desc)?
+                } else {
+                    argsort_chunked(&mut pass, &gx, desc, chunk)?
+                };
+                pass.commit_and_wait()?;
+                let got = idx.to_vec::<u32>(g)?;
+                for (r, row) in x.chunks(n).enumerate() {
+                    assert_eq!(
+                        &got[r * n..(r + 1) * n],
+                        &ref_sorted(row, desc)[..],
+                        "argsort {rows}x{n} chunk {chunk} desc={desc} row {r}"
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
     fn reference_ascending_order_is_what_we_document() {
         // The test's own reference: NaN last ascending, -0 and +0 tied in index order.
         let x = [1.0, f32::NAN, -0.0, 0.0, -1.0, 1.0];
@@ -530,14 +639,6 @@ mod tests {
         assert_eq!(e, "argmax: x is i32, expected f32");
         let e = argsort(&mut pass, &xi, true).unwrap_err().to_string();
         assert_eq!(e, "argsort: x is i32, expected f32");
-        let long = MlxBuffer::from_slice(g, &vec![1.0f32; 100_000], &[100_000])?;
-        let e = argsort(&mut pass, &long, false).unwrap_err().to_string();
-        assert!(
-            e.starts_with(
-                "unsupported: argsort: rows of 100000 elements; this device sorts rows of at most "
-            ),
-            "{e}"
-        );
         Ok(())
     }
 }

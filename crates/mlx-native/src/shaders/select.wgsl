@@ -13,6 +13,10 @@
 //   memory, the first k written either as candidates for another pass (3, 4) or as the result
 //   (1 values, 2 indices). Sources: x (0) or candidates of an earlier pass (5, 6).
 // argsort_rows: one workgroup per row of n <= SORT_N.  0 x, 2 out_idx.
+// Longer rows: a bitonic network over the row padded to len = 2^m, keys and indices in
+// scratch [rows, len] (3, 4): argsort_chunks sorts chunks of SORT_N in workgroup memory, then
+// per block size: argsort_global_step for strides >= SORT_N (one invocation per pair), and
+// argsort_merge (argsort_merge_final writes 2 out_idx) for the strides inside a chunk.
 struct Params {
     rows: u32,
     // Elements per row of this pass's input (x: n; candidates: chunks * k of the last pass).
@@ -26,7 +30,12 @@ struct Params {
     desc: u32,
     // Elements per chunk (argmax_partial).
     chunk: u32,
-    _pad: u32,
+    // argsort_global_step / argsort_merge*: bitonic block size and compare distance.
+    size: u32,
+    stride: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 // Sort size: a power of two, the chunk length of topk_* and the row capacity of argsort.
 override SORT_N: u32 = 64;
@@ -205,27 +214,33 @@ fn argmax_merge(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 var<workgroup> sk: array<u32, SORT_N>;
 var<workgroup> sx: array<u32, SORT_N>;
 
-// Sort sk/sx into `better` order. Call from uniform control flow after filling all SORT_N.
-fn bitonic(lid: u32) {
+// One compare-exchange stage of the bitonic network over the workgroup's SORT_N elements,
+// which sit at global positions base.. of the sequence being sorted. Blocks with
+// (position & size) == 0 run in `better` order, the others reversed. Uniform control flow.
+fn bitonic_step(lid: u32, base: u32, size: u32, stride: u32) {
+    for (var t = lid; t < SORT_N / 2u; t += WG) {
+        let i = 2u * t - (t & (stride - 1u));
+        let j = i + stride;
+        let ki = sk[i];
+        let kj = sk[j];
+        let ii = sx[i];
+        let ij = sx[j];
+        if better(kj, ij, ki, ii) == (((base + i) & size) == 0u) {
+            sk[i] = kj;
+            sk[j] = ki;
+            sx[i] = ij;
+            sx[j] = ii;
+        }
+    }
+    workgroupBarrier();
+}
+
+// Sort sk/sx (the chunk at global position `base`) after filling all SORT_N entries.
+fn bitonic(lid: u32, base: u32) {
     workgroupBarrier();
     for (var size = 2u; size <= SORT_N; size <<= 1u) {
         for (var stride = size >> 1u; stride > 0u; stride >>= 1u) {
-            for (var t = lid; t < SORT_N / 2u; t += WG) {
-                let i = 2u * t - (t & (stride - 1u));
-                let j = i + stride;
-                let ki = sk[i];
-                let kj = sk[j];
-                let ii = sx[i];
-                let ij = sx[j];
-                // Blocks with (i & size) == 0 run in `better` order, the others reversed.
-                if better(kj, ij, ki, ii) == ((i & size) == 0u) {
-                    sk[i] = kj;
-                    sk[j] = ki;
-                    sx[i] = ij;
-                    sx[j] = ii;
-                }
-            }
-            workgroupBarrier();
+            bitonic_step(lid, base, size, stride);
         }
     }
 }
@@ -286,7 +301,7 @@ fn topk_x_cand(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
         return;
     }
     load_chunk_x(g / p.nch, g % p.nch, lid);
-    bitonic(lid);
+    bitonic(lid, 0u);
     store_cand(g / p.nch, g % p.nch, lid);
 }
 
@@ -298,7 +313,7 @@ fn topk_cand_cand(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups
         return;
     }
     load_chunk_cand(g / p.nch, g % p.nch, lid);
-    bitonic(lid);
+    bitonic(lid, 0u);
     store_cand(g / p.nch, g % p.nch, lid);
 }
 
@@ -310,7 +325,7 @@ fn topk_x_final(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         return;
     }
     load_chunk_x(row, 0u, lid);
-    bitonic(lid);
+    bitonic(lid, 0u);
     store_final(row, lid);
 }
 
@@ -322,7 +337,7 @@ fn topk_cand_final(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroup
         return;
     }
     load_chunk_cand(row, 0u, lid);
-    bitonic(lid);
+    bitonic(lid, 0u);
     store_final(row, lid);
 }
 
@@ -345,8 +360,115 @@ fn argsort_rows(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             sx[i] = NO_INDEX;
         }
     }
-    bitonic(lid);
+    bitonic(lid, 0u);
     for (var i = lid; i < p.n; i += WG) {
         out_idx[view(2u) + row * p.n + i] = sx[i];
+    }
+}
+
+// Load x's element e of a row as an argsort key (ascending: inverted), sentinel past n.
+fn sort_key(xo: u32, e: u32) -> vec2<u32> {
+    if e < p.n {
+        let k = key_of(x[xo + e]);
+        return vec2<u32>(select(~k, k, p.desc != 0u), e);
+    }
+    return vec2<u32>(0u, NO_INDEX);
+}
+
+@compute @workgroup_size(WG)
+fn argsort_chunks(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                  @builtin(local_invocation_index) lid: u32) {
+    let g = flat_wg(wid, nwg);
+    if g >= p.rows * p.nch {
+        return;
+    }
+    let row = g / p.nch;
+    let base = (g % p.nch) * SORT_N;
+    let xo = view(0u) + row * p.n;
+    for (var i = lid; i < SORT_N; i += WG) {
+        let v = sort_key(xo, base + i);
+        sk[i] = v.x;
+        sx[i] = v.y;
+    }
+    bitonic(lid, base);
+    let o = row * p.len + base;
+    for (var i = lid; i < SORT_N; i += WG) {
+        ck_out[view(3u) + o + i] = sk[i];
+        ci_out[view(4u) + o + i] = sx[i];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn argsort_global_step(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let t_all = flat_wg(wid, nwg) * WG + lid;
+    let half_len = p.len / 2u;
+    if t_all >= p.rows * half_len {
+        return;
+    }
+    let row = t_all / half_len;
+    let t = t_all % half_len;
+    let i = 2u * t - (t & (p.stride - 1u));
+    let j = i + p.stride;
+    let o = row * p.len;
+    let ki = ck_out[view(3u) + o + i];
+    let kj = ck_out[view(3u) + o + j];
+    let ii = ci_out[view(4u) + o + i];
+    let ij = ci_out[view(4u) + o + j];
+    if better(kj, ij, ki, ii) == ((i & p.size) == 0u) {
+        ck_out[view(3u) + o + i] = kj;
+        ck_out[view(3u) + o + j] = ki;
+        ci_out[view(4u) + o + i] = ij;
+        ci_out[view(4u) + o + j] = ii;
+    }
+}
+
+// The strides SORT_N/2 .. 1 of block size p.size for one chunk; returns the chunk's row.
+fn merge_chunk(g: u32, lid: u32) -> u32 {
+    let row = g / p.nch;
+    let base = (g % p.nch) * SORT_N;
+    let o = row * p.len + base;
+    for (var i = lid; i < SORT_N; i += WG) {
+        sk[i] = ck_out[view(3u) + o + i];
+        sx[i] = ci_out[view(4u) + o + i];
+    }
+    workgroupBarrier();
+    for (var stride = SORT_N / 2u; stride > 0u; stride >>= 1u) {
+        bitonic_step(lid, base, p.size, stride);
+    }
+    return row;
+}
+
+@compute @workgroup_size(WG)
+fn argsort_merge(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let g = flat_wg(wid, nwg);
+    if g >= p.rows * p.nch {
+        return;
+    }
+    let row = merge_chunk(g, lid);
+    let o = row * p.len + (g % p.nch) * SORT_N;
+    for (var i = lid; i < SORT_N; i += WG) {
+        ck_out[view(3u) + o + i] = sk[i];
+        ci_out[view(4u) + o + i] = sx[i];
+    }
+}
+
+// The last merge: the first n sorted entries of the row are the result (sentinels sort last).
+@compute @workgroup_size(WG)
+fn argsort_merge_final(@builtin(workgroup_id) wid: vec3<u32>,
+                       @builtin(num_workgroups) nwg: vec3<u32>,
+                       @builtin(local_invocation_index) lid: u32) {
+    let g = flat_wg(wid, nwg);
+    if g >= p.rows * p.nch {
+        return;
+    }
+    let row = merge_chunk(g, lid);
+    let base = (g % p.nch) * SORT_N;
+    for (var i = lid; i < SORT_N; i += WG) {
+        if base + i < p.n {
+            out_idx[view(2u) + row * p.n + base + i] = sx[i];
+        }
     }
 }
