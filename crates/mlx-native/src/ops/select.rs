@@ -16,7 +16,7 @@
 //!   `Caps::max_workgroup_storage` (4096 on lavapipe's 32 KiB), 8192 at most. Longer rows run
 //!   the same bitonic network over global scratch: chunks sorted in workgroup memory, then
 //!   per block size one dispatch per long stride and one in-chunk merge (262,144 in chunks of
-//!   4096: 34 dispatches).
+//!   4096: 28 dispatches).
 
 use crate::buffer::MlxBuffer;
 use crate::check;
