@@ -15,9 +15,11 @@ pub use activation::{gelu, glu, glu_split, silu, softcap, Act, GeluApprox};
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
+pub use layout::{concat_last, copy, transpose, transpose_last2};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use softmax::softmax;
+pub use select::{argmax, argsort, top_k};
 
 use crate::device::Caps;
 
@@ -56,5 +58,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(activation::specs()?);
     v.extend(rope::specs()?);
     v.extend(embedding::specs());
+    v.extend(select::specs()?);
+    v.extend(layout::specs());
     Ok(v)
 }
