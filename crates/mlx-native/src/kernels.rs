@@ -31,6 +31,8 @@ pub enum Kernel {
     Select,
     Layout,
     Bandwidth,
+    Kv,
+    Sdpa,
 }
 
 impl Kernel {
@@ -46,6 +48,8 @@ impl Kernel {
         Kernel::Select,
         Kernel::Layout,
         Kernel::Bandwidth,
+        Kernel::Kv,
+        Kernel::Sdpa,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -60,6 +64,8 @@ impl Kernel {
             Kernel::Select => "select",
             Kernel::Layout => "layout",
             Kernel::Bandwidth => "bandwidth",
+            Kernel::Kv => "kv",
+            Kernel::Sdpa => "sdpa",
         }
     }
 
@@ -76,6 +82,8 @@ impl Kernel {
             Kernel::Select => include_str!("shaders/select.wgsl"),
             Kernel::Layout => include_str!("shaders/layout.wgsl"),
             Kernel::Bandwidth => include_str!("shaders/bandwidth.wgsl"),
+            Kernel::Kv => include_str!("shaders/kv.wgsl"),
+            Kernel::Sdpa => include_str!("shaders/sdpa.wgsl"),
         }
     }
 }

@@ -5,15 +5,19 @@ pub mod bandwidth;
 pub mod elementwise;
 pub mod embedding;
 pub mod fill;
+pub mod kv;
 pub mod layout;
 pub mod norm;
 pub mod rope;
+pub mod sdpa;
 pub mod select;
 pub mod softmax;
 
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use fill::fill;
+pub use kv::kv_append;
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
+pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 
 use crate::device::Caps;
 
@@ -48,5 +52,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(fill::specs());
     v.extend(elementwise::specs());
     v.extend(norm::specs()?);
+    v.extend(kv::specs());
+    v.extend(sdpa::specs()?);
     Ok(v)
 }
