@@ -296,3 +296,150 @@ impl KvCache {
         Ok(l.slots)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{gpu, Rng};
+    use half::f16;
+
+    #[test]
+    fn append_writes_rounded_rows_at_their_slots() -> Result<()> {
+        let g = gpu();
+        let mut rng = Rng::new(31);
+        for dtype in [DType::F16, DType::F32] {
+            let (kvh, d, cap) = (3, 80, 20);
+            let mut cfg = KvCacheConfig::new(2, kvh, d, cap);
+            cfg.dtype = dtype;
+            let mut cache = KvCache::new(g, &cfg)?;
+            let k = rng.normals(13 * kvh * d, 3.0);
+            let v = rng.normals(13 * kvh * d, 3.0);
+            // Positions 0..6 then 6..13 on layer 1, through a view at an odd offset.
+            let kb = MlxBuffer::from_slice(g, &k, &[13, kvh, d])?;
+            let vb = MlxBuffer::from_slice(g, &v, &[13, kvh, d])?;
+            let mut pass = g.begin();
+            cache.append(&mut pass, 1, &kb.view(0, &[6, kvh, d])?, &vb.view(0, &[6, kvh, d])?, 0)?;
+            let n = 7 * kvh * d;
+            let (k2, v2) = (kb.view(6 * kvh * d, &[7, kvh, d])?, vb.view(6 * kvh * d, &[7, kvh, d])?);
+            cache.append(&mut pass, 1, &k2, &v2, 6)?;
+            pass.commit_and_wait()?;
+            assert_eq!((cache.len(0), cache.len(1)), (0, 13));
+            assert_eq!(n, k2.len());
+            let (gk, gv) = cache.buffers(1)?;
+            assert_eq!(gk.shape(), &[1, kvh, cap, d]);
+            let (gk, gv) = (gk.to_f32(g)?, gv.to_f32(g)?);
+            for (host, got, what) in [(&k, &gk, "K"), (&v, &gv, "V")] {
+                for p in 0..13 {
+                    for h in 0..kvh {
+                        for i in 0..d {
+                            let x = host[(p * kvh + h) * d + i];
+                            // f16: round to nearest even (what WGSL's pack2x16float does on
+                            // every driver we have seen); f32: exact.
+                            let want = match dtype {
+                                DType::F16 => f16::from_f32(x).to_f32(),
+                                _ => x,
+                            };
+                            let got = got[(h * cap + p) * d + i];
+                            assert_eq!(got, want, "{what} {dtype} position {p} head {h} dim {i}");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ring_layers_size_and_wrap() -> Result<()> {
+        let g = gpu();
+        let mut cfg = KvCacheConfig::new(3, 1, 64, 100);
+        cfg.windows = vec![None, Some(10), Some(1000)];
+        cfg.max_chunk = 4;
+        let mut cache = KvCache::new(g, &cfg)?;
+        assert_eq!(
+            (cache.slots(0), cache.slots(1), cache.slots(2)),
+            (100, 13, 100)
+        );
+        assert_eq!(cache.window(1), Some(10));
+        let mut rng = Rng::new(3);
+        let k = MlxBuffer::from_slice(g, &rng.normals(4 * 64, 1.0), &[4, 1, 64])?;
+        let mut pass = g.begin();
+        for p in (0..40).step_by(4) {
+            cache.append(&mut pass, 1, &k, &k, p)?;
+        }
+        // Rewinding one decode step is fine; to where the window's keys are gone is not.
+        let k1 = k.view(0, &[1, 1, 64])?;
+        cache.append(&mut pass, 1, &k1, &k1, 39)?;
+        let e = cache.append(&mut pass, 1, &k1, &k1, 20).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "capacity exceeded: KvCache::append: layer 1: cannot rewind to position 20: its \
+             window needs position 11 but the ring no longer holds positions below 27"
+        );
+        pass.commit_and_wait()?;
+        Ok(())
+    }
+
+    #[test]
+    fn bad_configs_and_appends_are_named() -> Result<()> {
+        let g = gpu();
+        let e = KvCache::new(g, &KvCacheConfig::new(1, 2, 72, 16)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "KvCache: head_dim 72 is not supported; supported head dims: 64, 80, 96, 128, 256"
+        );
+        let mut cfg = KvCacheConfig::new(2, 2, 64, 16);
+        cfg.windows = vec![None];
+        let e = KvCache::new(g, &cfg).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "KvCache: windows has 1 entries, expected one per layer (2)"
+        );
+        cfg.windows = vec![None, Some(0)];
+        let e = KvCache::new(g, &cfg).unwrap_err();
+        assert_eq!(e.to_string(), "KvCache: layer 1 has a window of 0 positions");
+        cfg.windows = vec![None, Some(4)];
+        cfg.max_chunk = 2;
+        cfg.dtype = DType::BF16;
+        let e = KvCache::new(g, &cfg).unwrap_err();
+        assert_eq!(e.to_string(), "KvCache: dtype bf16 is not supported (f16 or f32)");
+        cfg.dtype = DType::F16;
+        let mut cache = KvCache::new(g, &cfg)?;
+        let mut rng = Rng::new(4);
+        let k3 = MlxBuffer::from_slice(g, &rng.normals(3 * 2 * 64, 1.0), &[3, 2, 64])?;
+        let mut pass = g.begin();
+        cache.append(&mut pass, 0, &k3, &k3, 0)?;
+        let e = cache.append(&mut pass, 0, &k3, &k3, 14).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "capacity exceeded: KvCache::append: layer 0: positions 14..17 pass the cache \
+             capacity of 16"
+        );
+        let e = cache.append(&mut pass, 0, &k3, &k3, 5).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "KvCache::append: layer 0: start_pos 5 leaves a gap after the 3 positions the \
+             layer holds"
+        );
+        let e = cache.append(&mut pass, 1, &k3, &k3, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "capacity exceeded: KvCache::append: layer 1: a chunk of 3 tokens exceeds \
+             max_chunk 2 of this sliding-window ring (5 slots); it would overwrite keys its \
+             own queries still need"
+        );
+        let bad = MlxBuffer::from_slice(g, &rng.normals(3 * 64, 1.0), &[3, 1, 64])?;
+        let e = cache.append(&mut pass, 0, &bad, &bad, 3).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kv_append: k_new has shape [3, 1, 64], expected [tokens, 2, 64]"
+        );
+        let e = cache.append(&mut pass, 2, &k3, &k3, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "KvCache::append: layer 2 is out of range (the cache has 2 layers)"
+        );
+        pass.commit_and_wait()?;
+        Ok(())
+    }
+}
