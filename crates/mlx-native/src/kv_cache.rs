@@ -276,7 +276,13 @@ impl KvCache {
 
     /// Check that positions `lo..hi` of `layer` are all present: `hi <= len` and none was
     /// overwritten by the ring. Returns the slot count.
-    pub(crate) fn check_range(&self, op: &str, layer: usize, lo: usize, hi: usize) -> Result<usize> {
+    pub(crate) fn check_range(
+        &self,
+        op: &str,
+        layer: usize,
+        lo: usize,
+        hi: usize,
+    ) -> Result<usize> {
         let l = self.layer(layer, op)?;
         if hi > l.len {
             return Err(MlxError::invalid(format!(
@@ -299,6 +305,7 @@ impl KvCache {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
     use super::*;
     use crate::testutil::{gpu, Rng};
     use half::f16;
@@ -318,9 +325,18 @@ mod tests {
             let kb = MlxBuffer::from_slice(g, &k, &[13, kvh, d])?;
             let vb = MlxBuffer::from_slice(g, &v, &[13, kvh, d])?;
             let mut pass = g.begin();
-            cache.append(&mut pass, 1, &kb.view(0, &[6, kvh, d])?, &vb.view(0, &[6, kvh, d])?, 0)?;
+            cache.append(
+                &mut pass,
+                1,
+                &kb.view(0, &[6, kvh, d])?,
+                &vb.view(0, &[6, kvh, d])?,
+                0,
+            )?;
             let n = 7 * kvh * d;
-            let (k2, v2) = (kb.view(6 * kvh * d, &[7, kvh, d])?, vb.view(6 * kvh * d, &[7, kvh, d])?);
+            let (k2, v2) = (
+                kb.view(6 * kvh * d, &[7, kvh, d])?,
+                vb.view(6 * kvh * d, &[7, kvh, d])?,
+            );
             cache.append(&mut pass, 1, &k2, &v2, 6)?;
             pass.commit_and_wait()?;
             assert_eq!((cache.len(0), cache.len(1)), (0, 13));
@@ -397,12 +413,18 @@ mod tests {
         );
         cfg.windows = vec![None, Some(0)];
         let e = KvCache::new(g, &cfg).unwrap_err();
-        assert_eq!(e.to_string(), "KvCache: layer 1 has a window of 0 positions");
+        assert_eq!(
+            e.to_string(),
+            "KvCache: layer 1 has a window of 0 positions"
+        );
         cfg.windows = vec![None, Some(4)];
         cfg.max_chunk = 2;
         cfg.dtype = DType::BF16;
         let e = KvCache::new(g, &cfg).unwrap_err();
-        assert_eq!(e.to_string(), "KvCache: dtype bf16 is not supported (f16 or f32)");
+        assert_eq!(
+            e.to_string(),
+            "KvCache: dtype bf16 is not supported (f16 or f32)"
+        );
         cfg.dtype = DType::F16;
         let mut cache = KvCache::new(g, &cfg)?;
         let mut rng = Rng::new(4);
