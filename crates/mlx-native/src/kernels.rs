@@ -31,6 +31,9 @@ pub enum Kernel {
     Select,
     Layout,
     Bandwidth,
+    Kv,
+    Sdpa,
+    SdpaCoop,
 }
 
 impl Kernel {
@@ -46,6 +49,9 @@ impl Kernel {
         Kernel::Select,
         Kernel::Layout,
         Kernel::Bandwidth,
+        Kernel::Kv,
+        Kernel::Sdpa,
+        Kernel::SdpaCoop,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -60,6 +66,9 @@ impl Kernel {
             Kernel::Select => "select",
             Kernel::Layout => "layout",
             Kernel::Bandwidth => "bandwidth",
+            Kernel::Kv => "kv",
+            Kernel::Sdpa => "sdpa",
+            Kernel::SdpaCoop => "sdpa_coop",
         }
     }
 
@@ -76,6 +85,9 @@ impl Kernel {
             Kernel::Select => include_str!("shaders/select.wgsl"),
             Kernel::Layout => include_str!("shaders/layout.wgsl"),
             Kernel::Bandwidth => include_str!("shaders/bandwidth.wgsl"),
+            Kernel::Kv => include_str!("shaders/kv.wgsl"),
+            Kernel::Sdpa => include_str!("shaders/sdpa.wgsl"),
+            Kernel::SdpaCoop => include_str!("shaders/sdpa_coop.wgsl"),
         }
     }
 }
@@ -200,6 +212,7 @@ pub fn preprocess(kernel: Kernel, spec: &Spec, shader_f16: bool) -> Result<Strin
     // naga 30 accepts subgroup builtins when the device has SUBGROUP and rejects the
     // `enable subgroups;` directive as not yet implemented, so none is emitted.
     let mut out = String::new();
+    let mut enables = String::new();
     let err = |line: usize, what: &str| MlxError::Shader {
         kernel: spec.label(kernel),
         message: format!("preprocessor, line {line}: {what}"),
@@ -237,6 +250,11 @@ pub fn preprocess(kernel: Kernel, spec: &Spec, shader_f16: bool) -> Result<Strin
             active = parent;
         } else if t.starts_with('#') {
             return Err(err(i + 1, &format!("unknown directive `{t}`")));
+        } else if active && t.starts_with("enable ") {
+            // WGSL wants `enable` directives before any declaration, so ahead of the prelude.
+            enables.push_str(t);
+            enables.push('\n');
+            out.push('\n');
         } else if active {
             out.push_str(line);
             out.push('\n');
@@ -248,7 +266,8 @@ pub fn preprocess(kernel: Kernel, spec: &Spec, shader_f16: bool) -> Result<Strin
     if !stack.is_empty() {
         return Err(err(0, "unterminated #if"));
     }
-    Ok(out)
+    enables.push_str(&out);
+    Ok(enables)
 }
 
 /// A compiled variant: the pipeline and its two bind-group layouts.

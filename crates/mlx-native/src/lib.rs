@@ -24,6 +24,7 @@ pub mod dtype;
 pub mod encoder;
 pub mod error;
 pub mod kernels;
+pub mod kv_cache;
 pub mod ops;
 pub mod weights;
 
@@ -33,6 +34,7 @@ pub use dtype::{DType, Element};
 pub use encoder::{KernelTiming, Pass};
 pub use error::{MlxError, Result};
 pub use kernels::{Kernel, KernelRegistry, Spec};
+pub use kv_cache::{KvCache, KvCacheConfig};
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -5,9 +5,11 @@ pub mod bandwidth;
 pub mod elementwise;
 pub mod embedding;
 pub mod fill;
+pub mod kv;
 pub mod layout;
 pub mod norm;
 pub mod rope;
+pub mod sdpa;
 pub mod select;
 pub mod softmax;
 
@@ -20,6 +22,9 @@ pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use softmax::softmax;
 pub use select::{argmax, argsort, top_k};
+pub use kv::kv_append;
+pub use norm::{layer_norm, rms_norm, rms_norm_residual};
+pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 
 use crate::device::Caps;
 
@@ -60,5 +65,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(embedding::specs());
     v.extend(select::specs()?);
     v.extend(layout::specs());
+    v.extend(kv::specs());
+    v.extend(sdpa::specs()?);
     Ok(v)
 }

@@ -1,0 +1,1131 @@
+//! Scaled dot-product attention over a [`KvCache`] layer:
+//! - [`sdpa_decode`]: one query token per head, split-K flash decoding (partials per block of
+//!   positions, then a reduction dispatch);
+//! - [`sdpa_prefill`]: a chunk of T query tokens at an offset into the cache, tiled flash
+//!   attention with online softmax (cooperative-matrix path where the device has it).
+//!
+//! Both handle GQA/MQA by index mapping (a kv head serves `n_heads / kv_heads` query heads;
+//! K/V are never repeated), sliding windows (ring-buffer layers included), logit softcapping
+//! (Gemma 2), attention sinks (gpt-oss) and f16 or f32 K/V. See `shaders/sdpa.wgsl`.
+
+use crate::buffer::MlxBuffer;
+use crate::check;
+use crate::dtype::DType;
+use crate::encoder::Pass;
+use crate::error::{MlxError, Result};
+use crate::kernels::{Kernel, Spec};
+use crate::kv_cache::{supported_head_dims, KvCache, SUPPORTED_HEAD_DIMS};
+
+/// Options shared by both attention ops.
+#[derive(Clone, Copy, Debug)]
+pub struct SdpaOptions<'a> {
+    /// Multiplies q.k; usually `1 / sqrt(head_dim)`.
+    pub scale: f32,
+    /// Prefill: query `i` sees keys up to its own position. Decode is always causal.
+    pub causal: bool,
+    /// Sliding window: the query at position `p` sees keys `k` with `p - window < k <= p`.
+    pub window: Option<usize>,
+    /// Gemma 2 logit softcapping: `s = cap * tanh(s / cap)` (after scaling, before the mask).
+    pub softcap: Option<f32>,
+    /// gpt-oss attention sinks: f32 `[n_heads]`, a logit per head that joins the softmax
+    /// denominator and contributes no value.
+    pub sinks: Option<&'a MlxBuffer>,
+    /// Prefill: additive f32 mask `[T, kv_len]` with `kv_len = q_start_pos + T`, indexed by
+    /// absolute key position (applied on top of `causal` and `window`).
+    pub mask: Option<&'a MlxBuffer>,
+}
+
+impl SdpaOptions<'_> {
+    /// Causal attention scaled by `1 / sqrt(head_dim)`, no window, softcap, sinks or mask.
+    pub fn new(head_dim: usize) -> Self {
+        SdpaOptions {
+            scale: 1.0 / (head_dim as f32).sqrt(),
+            causal: true,
+            window: None,
+            softcap: None,
+            sinks: None,
+            mask: None,
+        }
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Default)]
+struct SdpaParams {
+    n_heads: u32,
+    kv_heads: u32,
+    group: u32,
+    slots: u32,
+    kv_lo: u32,
+    kv_hi: u32,
+    split_len: u32,
+    n_splits: u32,
+    g_tiles: u32,
+    tokens: u32,
+    q0: u32,
+    window: u32,
+    causal: u32,
+    has_mask: u32,
+    mask_stride: u32,
+    has_sinks: u32,
+    scale: f32,
+    softcap: f32,
+    row_tiles: u32,
+    _pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<SdpaParams>() == 80);
+
+/// Keys per decode tile (the decode workgroup size).
+const KT: usize = 128;
+/// Decode aims for about this many workgroups in flight.
+const DECODE_TARGET_WGS: usize = 512;
+const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
+
+/// Query heads per decode workgroup for a GQA group size.
+fn decode_gt(group: usize) -> u32 {
+    match group {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    }
+}
+
+fn decode_spec(dtype: DType, head_dim: usize, gt: u32, subgroups: bool) -> Result<Spec> {
+    Spec::new("sdpa_decode", dtype, KT as u32)
+        .with_subgroups(subgroups)
+        .with_const("HEAD_DIM", head_dim as u32)?
+        .with_const("GT", gt)
+}
+
+fn reduce_spec(head_dim: usize) -> Result<Spec> {
+    Spec::new("sdpa_decode_reduce", DType::F32, KT as u32).with_const("HEAD_DIM", head_dim as u32)
+}
+
+/// Scalar prefill tile (rows, keys) per head dim: Q, one K/V tile and the scores fit 30 KiB
+/// of workgroup memory (lavapipe allows 32 KiB), with 128 invocations.
+fn prefill_tile(head_dim: usize) -> (u32, u32) {
+    match head_dim {
+        256 => (16, 8),
+        128 => (32, 16),
+        _ => (32, 32),
+    }
+}
+
+fn prefill_spec(dtype: DType, head_dim: usize) -> Result<Spec> {
+    let (bm, bn) = prefill_tile(head_dim);
+    Spec::new("sdpa_prefill", dtype, 128)
+        .with_const("HEAD_DIM", head_dim as u32)?
+        .with_const("BM", bm)?
+        .with_const("BN", bn)
+}
+
+/// Workgroup memory the cooperative-matrix prefill declares (sdpa_coop.wgsl), bytes.
+const COOP_SMEM: u32 = 4096 * 2 + 8192 * 2 + 1024 * 4 + 1024 * 2 + 4096 * 4 + 16 * 4 + 64 * 4;
+/// The cooperative-matrix prefill runs one subgroup of this size per workgroup.
+const COOP_WG: u32 = 32;
+
+/// Keys per tile of the cooperative-matrix prefill.
+fn coop_bn(head_dim: usize) -> u32 {
+    if head_dim > 128 {
+        32
+    } else {
+        64
+    }
+}
+
+/// True when `sdpa_prefill` takes the cooperative-matrix path on this device: 16x16 f16
+/// tiles, f16 shaders, a fixed subgroup size of 32 (one subgroup per workgroup) and room
+/// for the kernel's workgroup memory.
+pub fn prefill_uses_coop(caps: &crate::Caps) -> bool {
+    caps.coop_tile(16).is_some()
+        && caps.shader_f16
+        && caps.subgroups
+        && caps.subgroup_min_size == COOP_WG
+        && caps.subgroup_max_size == COOP_WG
+        && caps.max_workgroup_storage >= COOP_SMEM
+}
+
+fn coop_spec(dtype: DType, head_dim: usize) -> Result<Spec> {
+    Spec::new("sdpa_prefill_coop", dtype, COOP_WG)
+        .with_const("HEAD_DIM", head_dim as u32)?
+        .with_const("BN", coop_bn(head_dim))
+}
+
+pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
+    let mut v = Vec::new();
+    for &d in &SUPPORTED_HEAD_DIMS {
+        for dt in crate::ops::kv::KV_DTYPES {
+            for gt in DECODE_GTS {
+                for sg in [false, true] {
+                    v.push((Kernel::Sdpa, decode_spec(dt, d, gt, sg)?));
+                }
+            }
+            v.push((Kernel::Sdpa, prefill_spec(dt, d)?));
+            v.push((Kernel::SdpaCoop, coop_spec(dt, d)?));
+        }
+        v.push((Kernel::Sdpa, reduce_spec(d)?));
+    }
+    Ok(v)
+}
+
+/// Validated shapes shared by both ops.
+struct Heads {
+    n_heads: usize,
+    kv_heads: usize,
+    group: usize,
+    head_dim: usize,
+}
+
+fn check_common(
+    op: &str,
+    q: &MlxBuffer,
+    n_heads: usize,
+    cache: &KvCache,
+    opts: &SdpaOptions<'_>,
+) -> Result<Heads> {
+    check::dtype(q, &[DType::F32], op, "q")?;
+    let head_dim = *q.shape().last().unwrap_or(&0);
+    if !SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return Err(MlxError::unsupported(format!(
+            "{op}: head_dim {head_dim} is not supported; supported head dims: {}",
+            supported_head_dims()
+        )));
+    }
+    check::ensure(head_dim == cache.head_dim(), op, || {
+        format!(
+            "q has head_dim {head_dim} but the cache has {}",
+            cache.head_dim()
+        )
+    })?;
+    let kv_heads = cache.kv_heads();
+    check::ensure(n_heads.is_multiple_of(kv_heads), op, || {
+        format!("{n_heads} query heads are not a multiple of {kv_heads} kv heads")
+    })?;
+    check::ensure(opts.scale.is_finite(), op, || {
+        format!("scale {} is not finite", opts.scale)
+    })?;
+    if let Some(c) = opts.softcap {
+        check::ensure(c.is_finite() && c > 0.0, op, || {
+            format!("softcap {c} must be positive and finite")
+        })?;
+    }
+    if let Some(w) = opts.window {
+        check::ensure(w > 0, op, || "window must be at least 1 position".into())?;
+    }
+    if let Some(s) = opts.sinks {
+        check::dtype(s, &[DType::F32], op, "sinks")?;
+        check::len(s, n_heads, op, "sinks")?;
+    }
+    Ok(Heads {
+        n_heads,
+        kv_heads,
+        group: n_heads / kv_heads,
+        head_dim,
+    })
+}
+
+fn window_u32(opts: &SdpaOptions<'_>) -> u32 {
+    opts.window.map_or(0, |w| w.min(u32::MAX as usize) as u32)
+}
+
+/// Attention of one query token per head over positions `0..seq_len` of `layer`
+/// (`seq_len` counts the current token, already appended). `q`: f32 `[n_heads, head_dim]`
+/// (or `[1, n_heads, head_dim]`); returns f32 `[n_heads, head_dim]`.
+pub fn sdpa_decode(
+    pass: &mut Pass,
+    q: &MlxBuffer,
+    cache: &KvCache,
+    layer: usize,
+    seq_len: usize,
+    opts: &SdpaOptions<'_>,
+) -> Result<MlxBuffer> {
+    let op = "sdpa_decode";
+    let n_heads = match *q.shape() {
+        [h, _] | [1, h, _] => h,
+        _ => {
+            return Err(MlxError::invalid(format!(
+                "{op}: q has shape {:?}, expected [n_heads, head_dim]",
+                q.shape()
+            )))
+        }
+    };
+    let hd = check_common(op, q, n_heads, cache, opts)?;
+    check::ensure(opts.mask.is_none(), op, || {
+        "an explicit mask is only supported by sdpa_prefill".into()
+    })?;
+    check::ensure(seq_len > 0, op, || "seq_len must be at least 1".into())?;
+    let lo = opts.window.map_or(0, |w| seq_len.saturating_sub(w));
+    let slots = cache.check_range(op, layer, lo, seq_len)?;
+    let (k, v) = cache.buffers(layer)?;
+
+    let gt = decode_gt(hd.group);
+    let g_tiles = hd.group.div_ceil(gt as usize);
+    let kv_len = seq_len - lo;
+    let tiles = kv_len.div_ceil(KT);
+    let want = DECODE_TARGET_WGS
+        .div_ceil(hd.kv_heads * g_tiles)
+        .clamp(1, tiles);
+    let split_len = tiles.div_ceil(want) * KT;
+    let n_splits = kv_len.div_ceil(split_len);
+
+    let part_o = pass.alloc(DType::F32, &[hd.n_heads, n_splits, hd.head_dim])?;
+    let part_ml = pass.alloc(DType::F32, &[hd.n_heads, n_splits, 2])?;
+    let out = pass.alloc(DType::F32, &[hd.n_heads, hd.head_dim])?;
+    let params = SdpaParams {
+        n_heads: hd.n_heads as u32,
+        kv_heads: hd.kv_heads as u32,
+        group: hd.group as u32,
+        slots: slots as u32,
+        kv_lo: lo as u32,
+        kv_hi: seq_len as u32,
+        split_len: split_len as u32,
+        n_splits: n_splits as u32,
+        g_tiles: g_tiles as u32,
+        window: window_u32(opts),
+        has_sinks: u32::from(opts.sinks.is_some()),
+        scale: opts.scale,
+        softcap: opts.softcap.unwrap_or(0.0),
+        ..SdpaParams::default()
+    };
+    let wgs = check::fits_u32(hd.kv_heads * g_tiles * n_splits, op, "workgroups")?;
+    let spec = decode_spec(cache.dtype(), hd.head_dim, gt, pass.caps().subgroups)?;
+    pass.dispatch(
+        Kernel::Sdpa,
+        spec,
+        &params,
+        &[q, k, v, &part_o, &part_ml],
+        wgs,
+    )?;
+    let sinks = opts.sinks.unwrap_or(q);
+    pass.dispatch(
+        Kernel::Sdpa,
+        reduce_spec(hd.head_dim)?,
+        &params,
+        &[q, q, q, &part_o, &part_ml, sinks, &out],
+        hd.n_heads as u32,
+    )?;
+    Ok(out)
+}
+
+/// Attention of T query tokens at positions `q_start_pos..q_start_pos + T` over `layer`,
+/// whose K/V for those positions were already appended: each query sees the cache before
+/// the chunk and, causally (`opts.causal`), the chunk itself. `q`: f32
+/// `[T, n_heads, head_dim]`; returns f32 `[T, n_heads, head_dim]`.
+pub fn sdpa_prefill(
+    pass: &mut Pass,
+    q: &MlxBuffer,
+    cache: &KvCache,
+    layer: usize,
+    q_start_pos: usize,
+    opts: &SdpaOptions<'_>,
+) -> Result<MlxBuffer> {
+    let op = "sdpa_prefill";
+    let (tokens, n_heads) = match *q.shape() {
+        [t, h, _] => (t, h),
+        _ => {
+            return Err(MlxError::invalid(format!(
+                "{op}: q has shape {:?}, expected [tokens, n_heads, head_dim]",
+                q.shape()
+            )))
+        }
+    };
+    let hd = check_common(op, q, n_heads, cache, opts)?;
+    let kv_len = q_start_pos + tokens;
+    if let Some(mask) = opts.mask {
+        check::dtype(mask, &[DType::F32], op, "mask")?;
+        check::shape(mask, &[tokens, kv_len], op, "mask")?;
+    }
+    let lo = opts
+        .window
+        .map_or(0, |w| (q_start_pos + 1).saturating_sub(w));
+    let slots = cache.check_range(op, layer, lo, kv_len)?;
+    let (k, v) = cache.buffers(layer)?;
+
+    let out = pass.alloc(DType::F32, &[tokens, hd.n_heads, hd.head_dim])?;
+    let coop = prefill_uses_coop(pass.caps());
+    let bm = if coop {
+        16
+    } else {
+        prefill_tile(hd.head_dim).0
+    };
+    let rows = tokens * hd.group;
+    let row_tiles = rows.div_ceil(bm as usize);
+    let params = SdpaParams {
+        n_heads: hd.n_heads as u32,
+        kv_heads: hd.kv_heads as u32,
+        group: hd.group as u32,
+        slots: slots as u32,
+        tokens: check::fits_u32(tokens, op, "tokens")?,
+        q0: check::fits_u32(q_start_pos, op, "q_start_pos")?,
+        window: window_u32(opts),
+        causal: u32::from(opts.causal),
+        has_mask: u32::from(opts.mask.is_some()),
+        mask_stride: kv_len as u32,
+        has_sinks: u32::from(opts.sinks.is_some()),
+        scale: opts.scale,
+        softcap: opts.softcap.unwrap_or(0.0),
+        row_tiles: check::fits_u32(row_tiles, op, "row tiles")?,
+        ..SdpaParams::default()
+    };
+    let wgs = check::fits_u32(hd.kv_heads * row_tiles, op, "workgroups")?;
+    let sinks = opts.sinks.unwrap_or(q);
+    let mask = opts.mask.unwrap_or(q);
+    let (kernel, spec) = if coop {
+        (Kernel::SdpaCoop, coop_spec(cache.dtype(), hd.head_dim)?)
+    } else {
+        (Kernel::Sdpa, prefill_spec(cache.dtype(), hd.head_dim)?)
+    };
+    pass.dispatch(
+        kernel,
+        spec,
+        &params,
+        &[q, k, v, &out, q, sinks, q, mask],
+        wgs,
+    )?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use super::*;
+    use crate::kv_cache::KvCacheConfig;
+    use crate::testutil::{assert_close, devices, gpu, Rng};
+    use crate::MlxDevice;
+
+    // Tolerance. The reference runs in f64 on exactly the K/V the kernels read (the cache is
+    // read back, so f16 rounding is shared). What remains is f32 arithmetic: q.k over at most
+    // 256 products of O(1) terms (~1e-6 relative on logits of O(1)), exp, and sums of up to a
+    // few thousand weights: errors observed are ~1e-6; 5e-5 absolute + relative is tight
+    // enough to catch one wrong key, position, head or mask entry (each moves outputs by
+    // ~1e-2 or more at these lengths).
+    const ATOL: f64 = 5e-5;
+    const RTOL: f64 = 5e-5;
+    // The cooperative-matrix prefill (where the device has it) multiplies f16 Q and f16
+    // probabilities: the reference takes Q rounded to f16, and P's rounding (2^-11 relative
+    // per weight, the denominator kept in f32) bounds the error by 2^-11 * max|v| ~ 2e-3.
+    const COOP_TOL: f64 = 2e-3;
+
+    /// Q as the prefill kernel sees it and the tolerance of that path.
+    fn prefill_view(g: &MlxDevice, q: &[f32]) -> (Vec<f32>, f64) {
+        if prefill_uses_coop(g.caps()) {
+            let r = q.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect();
+            (r, COOP_TOL)
+        } else {
+            (q.to_vec(), ATOL)
+        }
+    }
+
+    /// What the reference needs besides Q, K and V.
+    #[derive(Clone, Copy, Default)]
+    struct RefOpts<'a> {
+        scale: f64,
+        causal: bool,
+        window: Option<usize>,
+        softcap: Option<f64>,
+        sinks: Option<&'a [f32]>,
+        mask: Option<&'a [f32]>,
+    }
+
+    /// Naive softmax attention in f64. `k`, `v`: [kv_heads][kv_len * d] by absolute
+    /// position (NaN where the cache no longer holds a position). Returns [t, nh, d].
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        q: &[f32],
+        t: usize,
+        nh: usize,
+        d: usize,
+        q0: usize,
+        k: &[Vec<f64>],
+        v: &[Vec<f64>],
+        o: &RefOpts<'_>,
+    ) -> Vec<f64> {
+        let kvh = k.len();
+        let group = nh / kvh;
+        let kv_len = q0 + t;
+        let mut out = vec![0.0; t * nh * d];
+        for ti in 0..t {
+            let qp = q0 + ti;
+            for h in 0..nh {
+                let kh = h / group;
+                let qr = &q[(ti * nh + h) * d..][..d];
+                let mut logits = Vec::new();
+                for kp in 0..kv_len {
+                    if o.causal && kp > qp {
+                        continue;
+                    }
+                    if let Some(w) = o.window {
+                        if kp + w <= qp {
+                            continue;
+                        }
+                    }
+                    let kr = &k[kh][kp * d..][..d];
+                    let mut s: f64 = qr.iter().zip(kr).map(|(&a, &b)| a as f64 * b).sum();
+                    s *= o.scale;
+                    if let Some(c) = o.softcap {
+                        s = c * (s / c).tanh();
+                    }
+                    if let Some(m) = o.mask {
+                        s += m[ti * kv_len + kp] as f64;
+                    }
+                    if s != f64::NEG_INFINITY {
+                        logits.push((kp, s));
+                    }
+                }
+                let sink = o.sinks.map(|s| s[h] as f64);
+                let mut mx = logits.iter().map(|x| x.1).fold(f64::NEG_INFINITY, f64::max);
+                if let Some(s) = sink {
+                    mx = mx.max(s);
+                }
+                let mut den = sink.map_or(0.0, |s| (s - mx).exp());
+                let orow = &mut out[(ti * nh + h) * d..][..d];
+                for &(kp, s) in &logits {
+                    let w = (s - mx).exp();
+                    den += w;
+                    for (oo, &vv) in orow.iter_mut().zip(&v[kh][kp * d..][..d]) {
+                        *oo += w * vv;
+                    }
+                }
+                for oo in orow.iter_mut() {
+                    *oo = if den > 0.0 { *oo / den } else { 0.0 };
+                }
+            }
+        }
+        out
+    }
+
+    /// A one-layer cache filled with `len` random tokens appended in chunks of `chunk`.
+    struct Filled {
+        cache: KvCache,
+        k_host: Vec<f32>,
+        v_host: Vec<f32>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn filled(
+        g: &MlxDevice,
+        rng: &mut Rng,
+        kvh: usize,
+        d: usize,
+        dtype: DType,
+        capacity: usize,
+        window: Option<usize>,
+        max_chunk: usize,
+        len: usize,
+    ) -> Result<Filled> {
+        let mut cfg = KvCacheConfig::new(1, kvh, d, capacity);
+        cfg.dtype = dtype;
+        cfg.windows = vec![window];
+        cfg.max_chunk = max_chunk;
+        let mut cache = KvCache::new(g, &cfg)?;
+        let k_host = rng.normals(len * kvh * d, 1.0);
+        let v_host = rng.normals(len * kvh * d, 1.0);
+        append_range(g, &mut cache, &k_host, &v_host, 0, len, max_chunk)?;
+        Ok(Filled {
+            cache,
+            k_host,
+            v_host,
+        })
+    }
+
+    fn append_range(
+        g: &MlxDevice,
+        cache: &mut KvCache,
+        k: &[f32],
+        v: &[f32],
+        from: usize,
+        to: usize,
+        chunk: usize,
+    ) -> Result<()> {
+        let (kvh, d) = (cache.kv_heads(), cache.head_dim());
+        let row = kvh * d;
+        let mut pos = from;
+        while pos < to {
+            let n = chunk.min(to - pos);
+            let kb = MlxBuffer::from_slice(g, &k[pos * row..(pos + n) * row], &[n, kvh, d])?;
+            let vb = MlxBuffer::from_slice(g, &v[pos * row..(pos + n) * row], &[n, kvh, d])?;
+            let mut pass = g.begin();
+            cache.append(&mut pass, 0, &kb, &vb, pos)?;
+            pass.commit_and_wait()?;
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// The cache's K and V as the kernels see them, by absolute position: [kv_heads][len * d],
+    /// NaN where the ring no longer holds a position.
+    /// K and V by position: [kv_heads][len * head_dim] each.
+    type ByPosition = (Vec<Vec<f64>>, Vec<Vec<f64>>);
+
+    fn cache_by_position(g: &MlxDevice, cache: &KvCache) -> Result<ByPosition> {
+        let (kvh, d, slots, len) = (
+            cache.kv_heads(),
+            cache.head_dim(),
+            cache.slots(0),
+            cache.len(0),
+        );
+        let (kb, vb) = cache.buffers(0)?;
+        let (kf, vf) = (kb.to_f32(g)?, vb.to_f32(g)?);
+        let oldest = len.saturating_sub(slots);
+        let by_pos = |f: &[f32]| -> Vec<Vec<f64>> {
+            (0..kvh)
+                .map(|h| {
+                    (0..len)
+                        .flat_map(|p| {
+                            let s = p % slots;
+                            (0..d).map(move |i| {
+                                if p < oldest {
+                                    f64::NAN
+                                } else {
+                                    f[(h * slots + s) * d + i] as f64
+                                }
+                            })
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        Ok((by_pos(&kf), by_pos(&vf)))
+    }
+
+    struct DecodeCase {
+        d: usize,
+        nh: usize,
+        kvh: usize,
+        len: usize,
+        window: Option<usize>,
+        softcap: Option<f32>,
+        sinks: bool,
+        dtype: DType,
+    }
+
+    fn run_decode(c: &DecodeCase, seed: u64) -> Result<()> {
+        for g in devices() {
+            let mut rng = Rng::new(seed);
+            let f = filled(
+                g,
+                &mut rng,
+                c.kvh,
+                c.d,
+                c.dtype,
+                c.len + 3,
+                None,
+                512,
+                c.len,
+            )?;
+            let q = rng.normals(c.nh * c.d, 1.0);
+            let sinks = rng.normals(c.nh, 2.0);
+            let gq = MlxBuffer::from_slice(g, &q, &[c.nh, c.d])?;
+            let gs = MlxBuffer::from_slice(g, &sinks, &[c.nh])?;
+            let mut opts = SdpaOptions::new(c.d);
+            opts.window = c.window;
+            opts.softcap = c.softcap;
+            opts.sinks = c.sinks.then_some(&gs);
+            let mut pass = g.begin();
+            let out = sdpa_decode(&mut pass, &gq, &f.cache, 0, c.len, &opts)?;
+            pass.commit_and_wait()?;
+            let (k, v) = cache_by_position(g, &f.cache)?;
+            let ro = RefOpts {
+                scale: opts.scale as f64,
+                causal: true,
+                window: c.window,
+                softcap: c.softcap.map(f64::from),
+                sinks: c.sinks.then_some(&sinks[..]),
+                mask: None,
+            };
+            let want = reference(&q, 1, c.nh, c.d, c.len - 1, &k, &v, &ro);
+            let what = format!(
+                "decode d={} heads {}/{} len {} window {:?} softcap {:?} sinks {} {} sg={}",
+                c.d,
+                c.nh,
+                c.kvh,
+                c.len,
+                c.window,
+                c.softcap,
+                c.sinks,
+                c.dtype,
+                g.caps().subgroups
+            );
+            assert_close(&out.to_vec(g)?, &want, ATOL, RTOL, &what);
+        }
+        Ok(())
+    }
+
+    fn dc(d: usize, nh: usize, kvh: usize, len: usize, dtype: DType) -> DecodeCase {
+        DecodeCase {
+            d,
+            nh,
+            kvh,
+            len,
+            window: None,
+            softcap: None,
+            sinks: false,
+            dtype,
+        }
+    }
+
+    #[test]
+    fn decode_matches_f64_over_head_dims_gqa_and_lengths() -> Result<()> {
+        let cases = [
+            dc(64, 4, 4, 1, DType::F16),
+            DecodeCase {
+                softcap: Some(30.0),
+                ..dc(80, 8, 2, 7, DType::F32)
+            },
+            DecodeCase {
+                window: Some(100),
+                sinks: true,
+                ..dc(96, 8, 1, 255, DType::F16)
+            },
+            DecodeCase {
+                sinks: true,
+                ..dc(128, 16, 2, 1024, DType::F16)
+            },
+            DecodeCase {
+                window: Some(64),
+                softcap: Some(5.0),
+                ..dc(256, 4, 1, 300, DType::F32)
+            },
+            // GQA 7 (a partial tile of 8 heads), window longer than the sequence.
+            DecodeCase {
+                window: Some(5000),
+                ..dc(128, 14, 2, 1024, DType::F16)
+            },
+            // GQA 3 (partial tile of 4), MQA with 32 heads (4 tiles of 8).
+            dc(64, 12, 4, 500, DType::F16),
+            DecodeCase {
+                sinks: true,
+                ..dc(64, 32, 1, 129, DType::F32)
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            run_decode(c, 100 + i as u64)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decode_and_prefill_long_sweep() -> Result<()> {
+        // 4099 positions for every head dim: minutes on lavapipe, seconds on a GPU.
+        if std::env::var("MLX_NATIVE_FULL_SWEEP").as_deref() != Ok("1") {
+            println!("skipped: set MLX_NATIVE_FULL_SWEEP=1 for the 4099-position sweep");
+            return Ok(());
+        }
+        for (i, &d) in SUPPORTED_HEAD_DIMS.iter().enumerate() {
+            run_decode(
+                &DecodeCase {
+                    sinks: i % 2 == 0,
+                    window: (i == 3).then_some(1000),
+                    ..dc(d, 8, 2, 4099, DType::F16)
+                },
+                200 + i as u64,
+            )?;
+            run_prefill(
+                &PrefillCase {
+                    q0: 4000,
+                    t: 99,
+                    ..pc(d, 8, 1, DType::F16)
+                },
+                300 + i as u64,
+            )?;
+        }
+        Ok(())
+    }
+
+    struct PrefillCase {
+        d: usize,
+        nh: usize,
+        kvh: usize,
+        q0: usize,
+        t: usize,
+        causal: bool,
+        window: Option<usize>,
+        softcap: Option<f32>,
+        sinks: bool,
+        mask: bool,
+        dtype: DType,
+    }
+
+    fn pc(d: usize, nh: usize, kvh: usize, dtype: DType) -> PrefillCase {
+        PrefillCase {
+            d,
+            nh,
+            kvh,
+            q0: 0,
+            t: 1,
+            causal: true,
+            window: None,
+            softcap: None,
+            sinks: false,
+            mask: false,
+            dtype,
+        }
+    }
+
+    fn run_prefill(c: &PrefillCase, seed: u64) -> Result<()> {
+        let g = gpu();
+        let mut rng = Rng::new(seed);
+        let kv_len = c.q0 + c.t;
+        // The cache before the chunk, then the chunk appended in one call.
+        let f = filled(
+            g,
+            &mut rng,
+            c.kvh,
+            c.d,
+            c.dtype,
+            kv_len + 5,
+            None,
+            kv_len,
+            kv_len,
+        )?;
+        let q = rng.normals(c.t * c.nh * c.d, 1.0);
+        let sinks = rng.normals(c.nh, 2.0);
+        // Mask: random biases with some -inf entries.
+        let mask: Vec<f32> = (0..c.t * kv_len)
+            .map(|_| {
+                if rng.below(9) == 0 {
+                    f32::NEG_INFINITY
+                } else {
+                    rng.uniform(-2.0, 1.0)
+                }
+            })
+            .collect();
+        let gq = MlxBuffer::from_slice(g, &q, &[c.t, c.nh, c.d])?;
+        let gs = MlxBuffer::from_slice(g, &sinks, &[c.nh])?;
+        let gm = MlxBuffer::from_slice(g, &mask, &[c.t, kv_len])?;
+        let mut opts = SdpaOptions::new(c.d);
+        opts.causal = c.causal;
+        opts.window = c.window;
+        opts.softcap = c.softcap;
+        opts.sinks = c.sinks.then_some(&gs);
+        opts.mask = c.mask.then_some(&gm);
+        let mut pass = g.begin();
+        let out = sdpa_prefill(&mut pass, &gq, &f.cache, 0, c.q0, &opts)?;
+        pass.commit_and_wait()?;
+        let (k, v) = cache_by_position(g, &f.cache)?;
+        let ro = RefOpts {
+            scale: opts.scale as f64,
+            causal: c.causal,
+            window: c.window,
+            softcap: c.softcap.map(f64::from),
+            sinks: c.sinks.then_some(&sinks[..]),
+            mask: c.mask.then_some(&mask[..]),
+        };
+        let (qr, tol) = prefill_view(g, &q);
+        let want = reference(&qr, c.t, c.nh, c.d, c.q0, &k, &v, &ro);
+        let what = format!(
+            "prefill d={} heads {}/{} q0 {} t {} causal {} window {:?} softcap {:?} sinks {} \
+             mask {} {}",
+            c.d, c.nh, c.kvh, c.q0, c.t, c.causal, c.window, c.softcap, c.sinks, c.mask, c.dtype
+        );
+        assert_close(&out.to_vec(g)?, &want, tol, tol.max(RTOL), &what);
+        drop(f.k_host);
+        drop(f.v_host);
+        Ok(())
+    }
+
+    #[test]
+    fn prefill_matches_f64_over_head_dims_gqa_and_masks() -> Result<()> {
+        let cases = [
+            PrefillCase {
+                t: 7,
+                ..pc(64, 4, 4, DType::F16)
+            },
+            PrefillCase {
+                q0: 5,
+                t: 33,
+                window: Some(10),
+                softcap: Some(20.0),
+                ..pc(80, 8, 2, DType::F32)
+            },
+            PrefillCase {
+                t: 255,
+                sinks: true,
+                ..pc(96, 8, 1, DType::F16)
+            },
+            PrefillCase {
+                q0: 100,
+                t: 64,
+                sinks: true,
+                mask: true,
+                ..pc(128, 16, 2, DType::F16)
+            },
+            // Bidirectional with a mask, window and softcap.
+            PrefillCase {
+                q0: 3,
+                t: 40,
+                causal: false,
+                mask: true,
+                window: Some(20),
+                softcap: Some(8.0),
+                ..pc(256, 4, 1, DType::F32)
+            },
+            PrefillCase {
+                t: 1024,
+                ..pc(64, 2, 1, DType::F16)
+            },
+            // Chunked prefill deep into the cache, GQA 7, window shorter than the cache.
+            PrefillCase {
+                q0: 1000,
+                t: 24,
+                window: Some(300),
+                ..pc(128, 14, 2, DType::F16)
+            },
+            // One query token through the prefill path, GQA 3.
+            PrefillCase {
+                q0: 9,
+                t: 1,
+                ..pc(80, 12, 4, DType::F32)
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            run_prefill(c, 400 + i as u64)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn ring_buffer_layer_wraps_with_correct_positions() -> Result<()> {
+        // Window 16, chunks of up to 8: a ring of 23 slots. 100 positions in chunks of 8,
+        // each chunk checked through prefill, then decode steps past another wrap.
+        let g = gpu();
+        let (kvh, d, nh, w, chunk) = (2, 64, 8, 16, 8);
+        let mut rng = Rng::new(77);
+        let total = 130;
+        let mut cfg = KvCacheConfig::new(1, kvh, d, 1000);
+        cfg.windows = vec![Some(w)];
+        cfg.max_chunk = chunk;
+        let mut cache = KvCache::new(g, &cfg)?;
+        assert_eq!(cache.slots(0), w + chunk - 1);
+        let k_host = rng.normals(total * kvh * d, 1.0);
+        let v_host = rng.normals(total * kvh * d, 1.0);
+        let mut opts = SdpaOptions::new(d);
+        opts.window = Some(w);
+        let mut pos = 0;
+        while pos < 100 {
+            let n = chunk.min(100 - pos);
+            append_range(g, &mut cache, &k_host, &v_host, pos, pos + n, chunk)?;
+            let q = rng.normals(n * nh * d, 1.0);
+            let gq = MlxBuffer::from_slice(g, &q, &[n, nh, d])?;
+            let mut pass = g.begin();
+            let out = sdpa_prefill(&mut pass, &gq, &cache, 0, pos, &opts)?;
+            pass.commit_and_wait()?;
+            let (k, v) = cache_by_position(g, &cache)?;
+            let ro = RefOpts {
+                scale: opts.scale as f64,
+                causal: true,
+                window: Some(w),
+                ..RefOpts::default()
+            };
+            let (qr, tol) = prefill_view(g, &q);
+            let want = reference(&qr, n, nh, d, pos, &k, &v, &ro);
+            let what = format!("ring chunk at {pos}");
+            assert_close(&out.to_vec(g)?, &want, tol, tol.max(RTOL), &what);
+            pos += n;
+        }
+        for pos in 100..total {
+            append_range(g, &mut cache, &k_host, &v_host, pos, pos + 1, 1)?;
+            let q = rng.normals(nh * d, 1.0);
+            let gq = MlxBuffer::from_slice(g, &q, &[nh, d])?;
+            let mut pass = g.begin();
+            let out = sdpa_decode(&mut pass, &gq, &cache, 0, pos + 1, &opts)?;
+            pass.commit_and_wait()?;
+            let (k, v) = cache_by_position(g, &cache)?;
+            // The ring holds the right positions: the last `w` equal the appended tokens.
+            for h in 0..kvh {
+                for p in pos + 1 - w..=pos {
+                    for i in 0..d {
+                        let want = half::f16::from_f32(k_host[(p * kvh + h) * d + i]).to_f64();
+                        assert_eq!(k[h][p * d + i], want, "K at position {p}");
+                    }
+                }
+            }
+            let ro = RefOpts {
+                scale: opts.scale as f64,
+                causal: true,
+                window: Some(w),
+                ..RefOpts::default()
+            };
+            let want = reference(&q, 1, nh, d, pos, &k, &v, &ro);
+            assert_close(
+                &out.to_vec(g)?,
+                &want,
+                ATOL,
+                RTOL,
+                &format!("ring decode at {pos}"),
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn prefill_coop_path_matches_the_scalar_path() -> Result<()> {
+        // Runs only where the device has 16x16 f16 cooperative matrices (not lavapipe); the
+        // other prefill tests then go through the cooperative path too.
+        let g = gpu();
+        if !prefill_uses_coop(g.caps()) {
+            println!(
+                "skipped: {} has no 16x16 f16 cooperative matrix with a fixed subgroup of 32",
+                g.caps().adapter_name
+            );
+            return Ok(());
+        }
+        let scalar = MlxDevice::with_options(crate::DeviceOptions {
+            disable_cooperative_matrix: true,
+            poison_allocations: true,
+            ..Default::default()
+        })?;
+        assert!(!prefill_uses_coop(scalar.caps()));
+        for (i, &d) in SUPPORTED_HEAD_DIMS.iter().enumerate() {
+            for dtype in crate::ops::kv::KV_DTYPES {
+                // Both paths see f16-representable Q, so they differ by P's rounding only.
+                let mut rng = Rng::new(600 + i as u64);
+                let (kvh, nh, q0, t) = (2, 8, 37, 77);
+                let mut outs = Vec::new();
+                let q: Vec<f32> = rng
+                    .normals(t * nh * d, 1.0)
+                    .iter()
+                    .map(|&x| half::f16::from_f32(x).to_f32())
+                    .collect();
+                for dev in [g, &scalar] {
+                    let mut r2 = Rng::new(700 + i as u64);
+                    let f = filled(dev, &mut r2, kvh, d, dtype, q0 + t, Some(50), 128, q0 + t)?;
+                    let gq = MlxBuffer::from_slice(dev, &q, &[t, nh, d])?;
+                    let mut opts = SdpaOptions::new(d);
+                    opts.window = Some(50);
+                    let mut pass = dev.begin();
+                    let o = sdpa_prefill(&mut pass, &gq, &f.cache, 0, q0, &opts)?;
+                    pass.commit_and_wait()?;
+                    outs.push(o.to_vec::<f32>(dev)?);
+                }
+                let want: Vec<f64> = outs[1].iter().map(|&x| x as f64).collect();
+                assert_close(
+                    &outs[0],
+                    &want,
+                    COOP_TOL,
+                    COOP_TOL,
+                    &format!("coop d={d} {dtype}"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn coop_kernels_translate_to_spirv() -> Result<()> {
+        // naga's SPIR-V backend is the path to NVIDIA's tensor cores; it has panicked on
+        // index expressions inside coopLoad before (see ARCHITECTURE.md). No GPU needed.
+        for (kernel, spec) in specs()? {
+            if kernel != Kernel::SdpaCoop {
+                continue;
+            }
+            let src = crate::kernels::preprocess(kernel, &spec, true)?;
+            let (module, info) = crate::kernels::parse_and_validate(kernel, &spec, &src)?;
+            let mut constants = naga::back::PipelineConstants::default();
+            for (name, value) in spec.constants() {
+                constants.insert(name.to_string(), value);
+            }
+            let stage = naga::ShaderStage::Compute;
+            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((stage, spec.entry)),
+                &constants,
+            )
+            .map_err(|e| MlxError::invalid(format!("{e:?}")))?;
+            let opts = naga::back::spv::Options {
+                lang_version: (1, 3),
+                ..Default::default()
+            };
+            let pipeline = naga::back::spv::PipelineOptions {
+                shader_stage: stage,
+                entry_point: spec.entry.to_string(),
+            };
+            let words = naga::back::spv::write_vec(&module, &info, &opts, Some(&pipeline))
+                .map_err(|e| MlxError::invalid(format!("{}: {e:?}", spec.label(kernel))))?;
+            assert!(words.len() > 100);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_arguments_are_named() -> Result<()> {
+        let g = gpu();
+        let mut rng = Rng::new(5);
+        let f = filled(g, &mut rng, 4, 64, DType::F16, 32, None, 16, 10)?;
+        let opts = SdpaOptions::new(64);
+        let mut pass = g.begin();
+        let q6 = MlxBuffer::from_slice(g, &rng.normals(6 * 64, 1.0), &[6, 64])?;
+        let e = sdpa_decode(&mut pass, &q6, &f.cache, 0, 10, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_decode: 6 query heads are not a multiple of 4 kv heads"
+        );
+        let q72 = MlxBuffer::from_slice(g, &rng.normals(8 * 72, 1.0), &[8, 72])?;
+        let e = sdpa_decode(&mut pass, &q72, &f.cache, 0, 10, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unsupported: sdpa_decode: head_dim 72 is not supported; supported head dims: \
+             64, 80, 96, 128, 256"
+        );
+        let q128 = MlxBuffer::from_slice(g, &rng.normals(8 * 128, 1.0), &[8, 128])?;
+        let e = sdpa_decode(&mut pass, &q128, &f.cache, 0, 10, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_decode: q has head_dim 128 but the cache has 64"
+        );
+        let q = MlxBuffer::from_slice(g, &rng.normals(8 * 64, 1.0), &[8, 64])?;
+        let e = sdpa_decode(&mut pass, &q, &f.cache, 0, 11, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_decode: attention needs positions up to 10 but layer 0 holds 10 positions"
+        );
+        let e = sdpa_decode(&mut pass, &q, &f.cache, 1, 10, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_decode: layer 1 is out of range (the cache has 1 layers)"
+        );
+        let qp = MlxBuffer::from_slice(g, &rng.normals(3 * 8 * 64, 1.0), &[3, 8, 64])?;
+        let e = sdpa_prefill(&mut pass, &qp, &f.cache, 0, 8, &opts).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_prefill: attention needs positions up to 10 but layer 0 holds 10 positions"
+        );
+        let m = MlxBuffer::from_slice(g, &[0.0f32; 3 * 9], &[3, 9])?;
+        let mut mo = opts;
+        mo.mask = Some(&m);
+        let e = sdpa_prefill(&mut pass, &qp, &f.cache, 0, 7, &mo).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_prefill: mask has shape [3, 9], expected [3, 10]"
+        );
+        let s = MlxBuffer::from_slice(g, &[0.0f32; 4], &[4])?;
+        let mut so = opts;
+        so.sinks = Some(&s);
+        let e = sdpa_decode(&mut pass, &q, &f.cache, 0, 10, &so).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_decode: sinks has 4 elements, expected 8"
+        );
+
+        // A ring layer asked for more than it keeps.
+        let mut cfg = KvCacheConfig::new(1, 4, 64, 100);
+        cfg.windows = vec![Some(8)];
+        cfg.max_chunk = 4;
+        let mut ring = KvCache::new(g, &cfg)?;
+        let k = MlxBuffer::from_slice(g, &rng.normals(4 * 4 * 64, 1.0), &[4, 4, 64])?;
+        for p in (0..40).step_by(4) {
+            ring.append(&mut pass, 0, &k, &k, p)?;
+        }
+        let mut wide = opts;
+        wide.window = Some(64);
+        let e = sdpa_decode(&mut pass, &q, &ring, 0, 40, &wide).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "capacity exceeded: sdpa_decode: attention needs position 0 but layer 0 keeps only \
+             the last 11 positions (a sliding-window ring; positions below 29 were overwritten)"
+        );
+        Ok(())
+    }
+}
