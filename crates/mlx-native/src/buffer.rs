@@ -58,6 +58,16 @@ impl MlxBuffer {
             .ok_or_else(|| MlxError::invalid(format!("{what}: {shape:?} x {dtype} overflows")))
     }
 
+    /// A view of a whole raw buffer from element 0 (callers check that it fits).
+    pub(crate) fn from_raw(raw: Arc<RawBuffer>, dtype: DType, shape: &[usize]) -> Self {
+        MlxBuffer {
+            raw,
+            offset: 0,
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
     /// A new dedicated buffer (not pooled), contents unspecified. For weights and caches.
     pub fn new(gpu: &MlxDevice, dtype: DType, shape: &[usize]) -> Result<Self> {
         let bytes = Self::byte_size(dtype, shape, "MlxBuffer::new")?;

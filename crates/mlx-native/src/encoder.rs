@@ -111,7 +111,11 @@ impl Pass {
     pub fn alloc(&mut self, dtype: DType, shape: &[usize]) -> Result<MlxBuffer> {
         let buf = MlxBuffer::pooled(&self.gpu, dtype, shape)?;
         if self.gpu.inner.poison {
-            crate::ops::fill::fill_u32_words(self, &buf, 0xFFFF_FFFF)?;
+            // Whole words covering the buffer (a pooled buffer starts at byte 0 and its
+            // storage is a multiple of 16 bytes, so odd 16-bit lengths are covered too).
+            let words = buf.byte_len().div_ceil(4) as usize;
+            let all = MlxBuffer::from_raw(buf.raw.clone(), DType::U32, &[words]);
+            crate::ops::fill::fill_u32_words(self, &all, 0xFFFF_FFFF)?;
         }
         Ok(buf)
     }

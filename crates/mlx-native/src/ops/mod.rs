@@ -23,7 +23,6 @@ pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use softmax::softmax;
 pub use select::{argmax, argsort, top_k};
 pub use kv::kv_append;
-pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 
 use crate::device::Caps;
