@@ -69,6 +69,10 @@ struct Step {
 pub struct Pass {
     gpu: MlxDevice,
     steps: Vec<Step>,
+    /// Every buffer a recorded step binds, held until the pass is submitted: a temporary
+    /// dropped by its op while the pass is still open must not go back to the pool, where
+    /// another pass (possibly on another thread) could take it and be submitted first.
+    keep: Vec<std::sync::Arc<crate::buffer_pool::RawBuffer>>,
     arena: Vec<u8>,
     profile: bool,
 }
@@ -78,6 +82,7 @@ impl Pass {
         Pass {
             gpu,
             steps: Vec::new(),
+            keep: Vec::new(),
             arena: Vec::new(),
             profile: false,
         }
@@ -178,6 +183,7 @@ impl Pass {
                 .map_err(|e| MlxError::invalid(format!("{}: buffer {i}: {e}", pipe.label)))?;
             key.push((b.raw.id, base, size));
             views[i] = rem;
+            self.keep.push(b.raw.clone());
         }
         let bind_group = {
             let mut cache = self
@@ -360,6 +366,8 @@ impl Pass {
             }
         }
         inner.queue.submit(Some(enc.finish()));
+        // Submitted: later users of these buffers are ordered after this work on the queue.
+        drop(self.keep);
         self.gpu.take_uncaptured()?;
         Ok(pending)
     }

@@ -34,6 +34,7 @@ pub enum Kernel {
     Kv,
     Sdpa,
     SdpaCoop,
+    Sample,
 }
 
 impl Kernel {
@@ -52,6 +53,7 @@ impl Kernel {
         Kernel::Kv,
         Kernel::Sdpa,
         Kernel::SdpaCoop,
+        Kernel::Sample,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -66,6 +68,7 @@ impl Kernel {
             Kernel::Select => "select",
             Kernel::Layout => "layout",
             Kernel::Bandwidth => "bandwidth",
+            Kernel::Sample => "sample",
             Kernel::Kv => "kv",
             Kernel::Sdpa => "sdpa",
             Kernel::SdpaCoop => "sdpa_coop",
@@ -85,6 +88,7 @@ impl Kernel {
             Kernel::Select => include_str!("shaders/select.wgsl"),
             Kernel::Layout => include_str!("shaders/layout.wgsl"),
             Kernel::Bandwidth => include_str!("shaders/bandwidth.wgsl"),
+            Kernel::Sample => include_str!("shaders/sample.wgsl"),
             Kernel::Kv => include_str!("shaders/kv.wgsl"),
             Kernel::Sdpa => include_str!("shaders/sdpa.wgsl"),
             Kernel::SdpaCoop => include_str!("shaders/sdpa_coop.wgsl"),

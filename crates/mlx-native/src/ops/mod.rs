@@ -9,6 +9,7 @@ pub mod kv;
 pub mod layout;
 pub mod norm;
 pub mod rope;
+pub mod sample;
 pub mod sdpa;
 pub mod select;
 pub mod softmax;
@@ -17,13 +18,13 @@ pub use activation::{gelu, glu, glu_split, silu, softcap, Act, GeluApprox};
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
+pub use kv::kv_append;
 pub use layout::{concat_last, copy, transpose, transpose_last2};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
-pub use softmax::softmax;
-pub use select::{argmax, argsort, top_k};
-pub use kv::kv_append;
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
+pub use select::{argmax, argsort, top_k};
+pub use softmax::softmax;
 
 use crate::device::Caps;
 
@@ -66,5 +67,6 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(layout::specs());
     v.extend(kv::specs());
     v.extend(sdpa::specs()?);
+    v.extend(sample::specs());
     Ok(v)
 }
