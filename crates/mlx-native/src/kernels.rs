@@ -31,6 +31,9 @@ pub enum Kernel {
     Select,
     Layout,
     Bandwidth,
+    GgmlDense,
+    GgmlLegacy,
+    GgmlK,
 }
 
 impl Kernel {
@@ -46,6 +49,9 @@ impl Kernel {
         Kernel::Select,
         Kernel::Layout,
         Kernel::Bandwidth,
+        Kernel::GgmlDense,
+        Kernel::GgmlLegacy,
+        Kernel::GgmlK,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -60,6 +66,9 @@ impl Kernel {
             Kernel::Select => "select",
             Kernel::Layout => "layout",
             Kernel::Bandwidth => "bandwidth",
+            Kernel::GgmlDense => "ggml_dense",
+            Kernel::GgmlLegacy => "ggml_legacy",
+            Kernel::GgmlK => "ggml_k",
         }
     }
 
@@ -76,18 +85,23 @@ impl Kernel {
             Kernel::Select => include_str!("shaders/select.wgsl"),
             Kernel::Layout => include_str!("shaders/layout.wgsl"),
             Kernel::Bandwidth => include_str!("shaders/bandwidth.wgsl"),
+            Kernel::GgmlDense => include_str!("shaders/ggml_dense.wgsl"),
+            Kernel::GgmlLegacy => include_str!("shaders/ggml_legacy.wgsl"),
+            Kernel::GgmlK => include_str!("shaders/ggml_k.wgsl"),
         }
     }
 }
 
 const PRELUDE: &str = include_str!("shaders/common/prelude.wgsl");
 const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
+const GGML_COMMON: &str = include_str!("shaders/ggml_common.wgsl");
 
 impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
     const fn includes(self) -> &'static [&'static str] {
         match self {
             Kernel::Norm | Kernel::Softmax | Kernel::Select => &[REDUCE],
+            Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
             _ => &[],
         }
     }

@@ -5,6 +5,7 @@ pub mod bandwidth;
 pub mod elementwise;
 pub mod embedding;
 pub mod fill;
+pub mod ggml_matmul;
 pub mod layout;
 pub mod norm;
 pub mod rope;
@@ -13,6 +14,7 @@ pub mod softmax;
 
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use fill::fill;
+pub use ggml_matmul::{ggml_embedding, ggml_linear, ggml_matmul, ggml_matvec};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 
 use crate::device::Caps;
@@ -48,5 +50,6 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(fill::specs());
     v.extend(elementwise::specs());
     v.extend(norm::specs()?);
+    v.extend(ggml_matmul::specs()?);
     Ok(v)
 }
