@@ -100,6 +100,7 @@ fn kernel_spec(entry: &'static str, kind: GgmlType, wg: u32) -> Result<(Kernel, 
 
 fn matvec_spec(kind: GgmlType, m: usize, subgroups: bool) -> Result<(Kernel, Spec)> {
     let (wg, nr) = matvec_config(m);
+    // matvec_with builds the same spec.
     let (kernel, spec) = kernel_spec("matvec", kind, wg)?;
     let spec = spec
         .with_subgroups(subgroups)
@@ -161,17 +162,31 @@ fn x_rows(op: &str, x: &MlxBuffer, w: &GgmlWeight) -> Result<(usize, Vec<usize>)
 
 /// `y = x · Wᵀ` for `x [.., K]` with at most [`MATVEC_MAX_M`] rows: `y [.., N]`.
 pub fn ggml_matvec(pass: &mut Pass, x: &MlxBuffer, w: &GgmlWeight) -> Result<MlxBuffer> {
+    let (m, _) = x_rows("ggml_matvec", x, w)?;
+    matvec_with(pass, x, w, matvec_config(m))
+}
+
+/// `ggml_matvec` with an explicit (workgroup size, rows per workgroup).
+fn matvec_with(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &GgmlWeight,
+    (wg, nr): (u32, u32),
+) -> Result<MlxBuffer> {
     let op = "ggml_matvec";
     let (m, shape) = x_rows(op, x, w)?;
     check::ensure(m <= MATVEC_MAX_M, op, || {
         format!("x has {m} rows, at most {MATVEC_MAX_M} supported (use ggml_matmul)")
     })?;
     let y = pass.alloc(DType::F32, &shape)?;
-    let (kernel, spec) = matvec_spec(w.kind(), m, pass.caps().subgroups)?;
-    let nr = matvec_config(m).1 as usize;
+    let (kernel, spec) = kernel_spec("matvec", w.kind(), wg)?;
+    let spec = spec
+        .with_subgroups(pass.caps().subgroups)
+        .with_const("M", m as u32)?
+        .with_const("NR", nr)?;
     for s in w.shards() {
         let p = params(w, m as u32, s.row0, s.rows, s.scale_off);
-        let groups = check::fits_u32(s.rows.div_ceil(nr), op, "workgroups")?;
+        let groups = check::fits_u32(s.rows.div_ceil(nr as usize), op, "workgroups")?;
         pass.dispatch(kernel, spec, &p, &[x, &s.buffer, &y], groups)?;
     }
     Ok(y)
@@ -501,5 +516,81 @@ mod tests {
         assert_eq!(e, "ggml_matmul: x is i32, expected f32");
         let e = ggml_embedding(&mut pass, &w, &xi).unwrap_err().to_string();
         assert_eq!(e, "ggml_embedding: ids is i32, expected u32");
+    }
+
+    /// Decode matvec bandwidth on the GPU machine:
+    /// `cargo test --release --lib ggml_matmul::tests::bench_matvec -- --ignored --nocapture`.
+    /// Weights rotate over copies totalling > 256 MB so L2 does not serve them.
+    #[test]
+    #[ignore]
+    fn bench_matvec() {
+        let g = MlxDevice::new().unwrap();
+        println!("{} ({})", g.caps().adapter_name, g.caps().backend);
+        let mut rng = Rng::new(60);
+        // roofline
+        let words = 64 << 20;
+        let src = MlxBuffer::new(&g, DType::U32, &[words]).unwrap();
+        let sink = MlxBuffer::new(&g, DType::U32, &[65536]).unwrap();
+        let mut pass = g.begin().with_profiling(true);
+        for _ in 0..20 {
+            crate::ops::bandwidth::read_probe(&mut pass, &src, &sink, 65535).unwrap();
+        }
+        let t = pass.commit_and_wait().unwrap();
+        let mut ns: Vec<f64> = t.iter().map(|t| t.nanos).collect();
+        ns.sort_by(f64::total_cmp);
+        let roof = (words * 4) as f64 / ns[ns.len() / 2];
+        println!("read_probe: {roof:.0} GB/s");
+        let configs: Vec<(u32, u32)> = std::env::var("GGML_BENCH_CONFIGS")
+            .ok()
+            .map(|s| {
+                s.split(',')
+                    .map(|c| {
+                        let (a, b) = c.split_once('x').unwrap();
+                        (a.parse().unwrap(), b.parse().unwrap())
+                    })
+                    .collect()
+            })
+            .unwrap_or_else(|| vec![matvec_config(1)]);
+        let ms: Vec<usize> = std::env::var("GGML_BENCH_M")
+            .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
+            .unwrap_or_else(|_| vec![1]);
+        for kind in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_K,
+            GgmlType::Q5_0,
+            GgmlType::Q6_K,
+            GgmlType::Q8_0,
+            GgmlType::F16,
+        ] {
+            for (n, k) in [(4096, 4096), (14336, 4096), (4096, 14336)] {
+                let b = random_tensor(&mut rng, kind, n, k);
+                let copies = (256_000_000 / b.len()).max(2);
+                let ws: Vec<GgmlWeight> = (0..copies)
+                    .map(|_| GgmlWeight::upload(&g, kind, &[n, k], &b).unwrap())
+                    .collect();
+                for &m in &ms {
+                    let x = MlxBuffer::from_slice(&g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
+                    for &cfg in &configs {
+                        let mut pass = g.begin().with_profiling(true);
+                        for i in 0..3 * copies.max(10) {
+                            let _ = matvec_with(&mut pass, &x, &ws[i % copies], cfg).unwrap();
+                        }
+                        let t = pass.commit_and_wait().unwrap();
+                        let mut ns: Vec<f64> = t
+                            .iter()
+                            .filter(|t| t.label.contains("matvec"))
+                            .map(|t| t.nanos)
+                            .collect();
+                        ns.sort_by(f64::total_cmp);
+                        let med = ns[ns.len() / 2];
+                        let gbs = b.len() as f64 / med;
+                        println!(
+                            "{kind:>5} N={n:>5} K={k:>5} M={m} wg{} nr{}: {:7.1} us {gbs:6.0} GB/s {:4.0}%",
+                            cfg.0, cfg.1, med / 1e3, 100.0 * gbs / roof
+                        );
+                    }
+                }
+            }
+        }
     }
 }
