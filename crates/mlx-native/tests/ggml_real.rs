@@ -22,7 +22,9 @@ fn model() -> Option<PathBuf> {
         .map(|d| root.join(d).join(FILE))
         .find(|p| p.exists());
     if found.is_none() {
-        eprintln!("skipping: {FILE} not in models/ or .cache/models/ (scripts/fetch-default-model)");
+        eprintln!(
+            "skipping: {FILE} not in models/ or .cache/models/ (scripts/fetch-default-model)"
+        );
     }
     found
 }
@@ -113,7 +115,10 @@ fn first_layer_and_embedding_match_cpu_dequantization() {
         let want = &wd[id as usize * k..(id as usize + 1) * k];
         let big = want.iter().fold(0f32, |a, v| a.max(v.abs()));
         for (a, b) in got.iter().zip(want) {
-            assert!((a - b).abs() <= big * 2f32.powi(-22), "token {id}: {a} vs {b}");
+            assert!(
+                (a - b).abs() <= big * 2f32.powi(-22),
+                "token {id}: {a} vs {b}"
+            );
         }
     }
 }

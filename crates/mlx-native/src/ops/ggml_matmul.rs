@@ -7,14 +7,18 @@
 //! `ggml_legacy.wgsl`, `ggml_k.wgsl`) share one primitive, `dq_unit(row, u)`: 32 consecutive
 //! elements of a weight row, dequantized in f32 in the same operation order as
 //! [`crate::weights::ggml`] (the CPU oracle). Choices:
-//! - **matvec**: a workgroup of `WG` invocations owns `NR` weight rows; invocation `t` takes
-//!   units `t, t + WG, ...` of each row, so neighbouring invocations read neighbouring
-//!   16–208-byte runs of the row (coalesced u32 loads; the repacked layouts keep every field
-//!   word-aligned) and the weight bytes are read once. The M (<= 8) rows of x are read from
-//!   global memory (cache-resident: at most 8 × K × 4 bytes) and the dequantized unit is
-//!   reused for all of them. `M * NR` partial sums go through `subgroupAdd` plus one
-//!   workgroup-memory pass, or a workgroup-memory tree without subgroups. `M` and `NR` are
-//!   override constants, so loops over them have constant bounds.
+//! - **matvec**: one weight row per workgroup of `WG` (64..256 by K) invocations; eight
+//!   invocations share each 32-element unit, one 4-element group each, and the workgroup
+//!   strides over the row's units. Neighbouring invocations thus read neighbouring x and
+//!   weight words (coalesced u32 loads; the repacked layouts keep every field word-aligned),
+//!   and each weight byte is read once. A unit's scales are decoded by `unit_hdr` (the eight
+//!   invocations of a unit read the same words: one broadcast), its group by `dq_group`;
+//!   the group is dotted with the M (<= 8, an override constant) rows of x, read from global
+//!   memory (cache-resident). Accumulators are two vec4s, never indexed private arrays
+//!   (which NVIDIA places in local memory). The M partial sums go through `subgroupAdd` plus
+//!   one workgroup-memory pass, or a workgroup-memory tree without subgroups. Measured on an
+//!   H200 (Vulkan) in development: one invocation per unit (lanes 128 B apart in x) ran at
+//!   2–6 % of the 4.1 TB/s read roofline; see the bench test for the current numbers.
 //! - **matmul**: 64 × 64 output tiles, 64 invocations computing 8 × 8 each, K in steps of 32:
 //!   each invocation dequantizes one unit of one weight row into workgroup memory per step
 //!   (17 KiB of workgroup memory in all, under lavapipe's 32 KiB). No cooperative-matrix path.
@@ -68,15 +72,18 @@ pub fn linear_path(m: usize, _caps: &Caps) -> GgmlPath {
     }
 }
 
-/// Matvec workgroup size and weight rows per workgroup for `m` rows of x.
-/// Invariants the kernel relies on: `m * nr <= 32` and `m * nr * wg <= 4096`.
-pub(crate) fn matvec_config(m: usize) -> (u32, u32) {
-    match m {
-        0..=2 => (64, 4),
-        3..=4 => (64, 2),
-        _ => (64, 1),
+/// Matvec workgroup size for rows of `k` elements (eight invocations per 32-element unit).
+/// The kernel needs `M * wg <= 2048`.
+pub(crate) fn matvec_wg(k: usize) -> u32 {
+    match k.div_ceil(32) {
+        0..=15 => 64,
+        16..=31 => 128,
+        _ => 256,
     }
 }
+
+/// Workgroup sizes `matvec_wg` can choose.
+const MATVEC_WGS: [u32; 3] = [64, 128, 256];
 
 const EMBED_WG: u32 = 64;
 const MATMUL_WG: u32 = 64;
@@ -98,14 +105,9 @@ fn kernel_spec(entry: &'static str, kind: GgmlType, wg: u32) -> Result<(Kernel, 
     })
 }
 
-fn matvec_spec(kind: GgmlType, m: usize, subgroups: bool) -> Result<(Kernel, Spec)> {
-    let (wg, nr) = matvec_config(m);
-    // matvec_with builds the same spec.
+fn matvec_spec(kind: GgmlType, m: usize, wg: u32, subgroups: bool) -> Result<(Kernel, Spec)> {
     let (kernel, spec) = kernel_spec("matvec", kind, wg)?;
-    let spec = spec
-        .with_subgroups(subgroups)
-        .with_const("M", m as u32)?
-        .with_const("NR", nr)?;
+    let spec = spec.with_subgroups(subgroups).with_const("M", m as u32)?;
     Ok((kernel, spec))
 }
 
@@ -113,8 +115,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     let mut v = Vec::new();
     for kind in GgmlType::ALL {
         for m in 1..=MATVEC_MAX_M {
-            for sg in [false, true] {
-                v.push(matvec_spec(kind, m, sg)?);
+            for wg in MATVEC_WGS {
+                for sg in [false, true] {
+                    v.push(matvec_spec(kind, m, wg, sg)?);
+                }
             }
         }
         v.push(kernel_spec("matmul", kind, MATMUL_WG)?);
@@ -162,31 +166,21 @@ fn x_rows(op: &str, x: &MlxBuffer, w: &GgmlWeight) -> Result<(usize, Vec<usize>)
 
 /// `y = x · Wᵀ` for `x [.., K]` with at most [`MATVEC_MAX_M`] rows: `y [.., N]`.
 pub fn ggml_matvec(pass: &mut Pass, x: &MlxBuffer, w: &GgmlWeight) -> Result<MlxBuffer> {
-    let (m, _) = x_rows("ggml_matvec", x, w)?;
-    matvec_with(pass, x, w, matvec_config(m))
+    matvec_with(pass, x, w, matvec_wg(w.cols()))
 }
 
-/// `ggml_matvec` with an explicit (workgroup size, rows per workgroup).
-fn matvec_with(
-    pass: &mut Pass,
-    x: &MlxBuffer,
-    w: &GgmlWeight,
-    (wg, nr): (u32, u32),
-) -> Result<MlxBuffer> {
+/// `ggml_matvec` with an explicit workgroup size.
+fn matvec_with(pass: &mut Pass, x: &MlxBuffer, w: &GgmlWeight, wg: u32) -> Result<MlxBuffer> {
     let op = "ggml_matvec";
     let (m, shape) = x_rows(op, x, w)?;
     check::ensure(m <= MATVEC_MAX_M, op, || {
         format!("x has {m} rows, at most {MATVEC_MAX_M} supported (use ggml_matmul)")
     })?;
     let y = pass.alloc(DType::F32, &shape)?;
-    let (kernel, spec) = kernel_spec("matvec", w.kind(), wg)?;
-    let spec = spec
-        .with_subgroups(pass.caps().subgroups)
-        .with_const("M", m as u32)?
-        .with_const("NR", nr)?;
+    let (kernel, spec) = matvec_spec(w.kind(), m, wg, pass.caps().subgroups)?;
     for s in w.shards() {
         let p = params(w, m as u32, s.row0, s.rows, s.scale_off);
-        let groups = check::fits_u32(s.rows.div_ceil(nr as usize), op, "workgroups")?;
+        let groups = check::fits_u32(s.rows, op, "workgroups")?;
         pass.dispatch(kernel, spec, &p, &[x, &s.buffer, &y], groups)?;
     }
     Ok(y)
@@ -406,9 +400,9 @@ mod tests {
         assert_eq!(linear_path(8, caps), GgmlPath::Matvec);
         assert_eq!(linear_path(9, caps), GgmlPath::Matmul);
         assert_eq!(linear_path(512, caps), GgmlPath::Matmul);
-        for m in 1..=MATVEC_MAX_M {
-            let (wg, nr) = matvec_config(m);
-            assert!(m as u32 * nr <= 32 && m as u32 * nr * wg <= 4096);
+        for k in [32, 4096, 8192, 14336, 1 << 20] {
+            let wg = matvec_wg(k);
+            assert!(MATVEC_WGS.contains(&wg) && MATVEC_MAX_M as u32 * wg <= 2048);
         }
     }
 
@@ -432,8 +426,8 @@ mod tests {
 
     #[test]
     fn many_rows_fold_the_grid() {
-        // 140,000 rows, 4 per workgroup for M = 1: 35,000 workgroups; the embedding of
-        // 70,000 ids: more than 65,535 workgroups.
+        // 140,000 rows, one workgroup each, and the embedding of 70,000 ids: more than
+        // 65,535 workgroups.
         let mut rng = Rng::new(54);
         let g = gpu();
         let (n, k) = (140_000, 32);
@@ -540,17 +534,9 @@ mod tests {
         ns.sort_by(f64::total_cmp);
         let roof = (words * 4) as f64 / ns[ns.len() / 2];
         println!("read_probe: {roof:.0} GB/s");
-        let configs: Vec<(u32, u32)> = std::env::var("GGML_BENCH_CONFIGS")
-            .ok()
-            .map(|s| {
-                s.split(',')
-                    .map(|c| {
-                        let (a, b) = c.split_once('x').unwrap();
-                        (a.parse().unwrap(), b.parse().unwrap())
-                    })
-                    .collect()
-            })
-            .unwrap_or_else(|| vec![matvec_config(1)]);
+        let configs: Vec<u32> = std::env::var("GGML_BENCH_WGS")
+            .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
+            .unwrap_or_else(|_| vec![0]);
         let ms: Vec<usize> = std::env::var("GGML_BENCH_M")
             .map(|s| s.split(',').map(|v| v.parse().unwrap()).collect())
             .unwrap_or_else(|_| vec![1]);
@@ -571,6 +557,7 @@ mod tests {
                 for &m in &ms {
                     let x = MlxBuffer::from_slice(&g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
                     for &cfg in &configs {
+                        let cfg = if cfg == 0 { matvec_wg(k) } else { cfg };
                         let mut pass = g.begin().with_profiling(true);
                         for i in 0..3 * copies.max(10) {
                             let _ = matvec_with(&mut pass, &x, &ws[i % copies], cfg).unwrap();
@@ -585,8 +572,8 @@ mod tests {
                         let med = ns[ns.len() / 2];
                         let gbs = b.len() as f64 / med;
                         println!(
-                            "{kind:>5} N={n:>5} K={k:>5} M={m} wg{} nr{}: {:7.1} us {gbs:6.0} GB/s {:4.0}%",
-                            cfg.0, cfg.1, med / 1e3, 100.0 * gbs / roof
+                            "{kind:>5} N={n:>5} K={k:>5} M={m} wg{cfg}: {:7.1} us {gbs:6.0} GB/s {:4.0}%",
+                            med / 1e3, 100.0 * gbs / roof
                         );
                     }
                 }

@@ -1,8 +1,11 @@
 // GGML weights on the GPU: matvec (decode), tiled matmul (prefill) and embedding gather.
 // Included into ggml_legacy.wgsl, ggml_k.wgsl and ggml_dense.wgsl, each of which defines
-//   fn dq_unit(row: u32, u: u32) -> array<vec4<f32>, 8>
-// returning elements [32u, 32u + 32) of weight row `row` of the bound shard, dequantized
-// (zeros past K for the dense types, whose K need not be a multiple of 32).
+//   fn unit_hdr(row: u32, u: u32) -> vec4<f32>
+//   fn dq_group(row: u32, u: u32, g: u32, h: vec4<f32>) -> vec4<f32>
+// for unit u (elements [32u, 32u + 32)) of weight row `row` of the bound shard: the unit's
+// scales (whatever the type needs, computed once per unit), and elements 32u + 4g .. + 4
+// dequantized (zeros past K for the dense types, whose K need not be a multiple of 32).
+// No private arrays: indexed ones would live in local memory.
 // Weight shards are u32 words in the repacked layout documented in weights/ggml_weight.rs.
 //
 // Bindings: 0 x f32 [M, K], 1 w u32 words (one shard), 2 y f32 [M, N] (matvec, matmul) or
@@ -37,9 +40,8 @@ struct Params {
 @group(0) @binding(3) var<storage, read> ids: array<u32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
-// matvec: rows of x (1..=8) and weight rows per workgroup; M * NR <= 32, M * NR * WG <= 4096.
+// matvec: rows of x (1..=8); M * WG <= 2048.
 override M: u32 = 1u;
-override NR: u32 = 1u;
 
 fn wword(i: u32) -> u32 {
     return wq[view(1u) + i];
@@ -89,10 +91,11 @@ fn x4(i: u32, k: u32) -> vec4<f32> {
     return v;
 }
 
-var<workgroup> red: array<f32, 4096>;
+var<workgroup> red: array<f32, 2048>;
 
-// y[m, n] = sum_k x[m, k] w[n, k] for M rows of x and NR weight rows per workgroup. Every
-// invocation walks 32-element units of the NR rows; partial sums are reduced per (row, m).
+// y[m, n] = sum_k x[m, k] w[n, k] for M (<= 8) rows of x, one weight row per workgroup.
+// Invocation t takes group t % 8 of units t / 8, t / 8 + WG / 8, ... of the row; partial sums
+// are reduced per m.
 @compute @workgroup_size(WG)
 fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32
@@ -101,64 +104,82 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(num_subgroups) sc: u32
 #endif
 ) {
-    let row_base = flat_wg(wid, nwg) * NR;
-    if row_base >= p.rows {
+    let row = flat_wg(wid, nwg);
+    if row >= p.rows {
         return;
     }
-    var acc: array<f32, 32>;
+    // acc_lo[m] for m < 4, acc_hi[m - 4] above
+    var acc_lo = vec4<f32>(0.0);
+    var acc_hi = vec4<f32>(0.0);
     let xo = view(0u);
-    for (var u = lid; u < p.units; u += WG) {
-        let k0 = u * 32u;
-        for (var r = 0u; r < NR; r++) {
-            // Rows past the shard repeat its last row; their sums are not stored.
-            let v = dq_unit(min(row_base + r, p.rows - 1u), u);
-            for (var m = 0u; m < M; m++) {
-                let xm = xo + m * p.k + k0;
-                var s = 0.0;
-                for (var g = 0u; g < 8u; g++) {
-                    s += dot(v[g], x4(xm + 4u * g, k0 + 4u * g));
-                }
-                acc[r * M + m] += s;
+    // Eight invocations share a unit, one 4-element group each: neighbouring invocations
+    // read neighbouring x and weight words.
+    let g = lid % 8u;
+    for (var u = lid / 8u; u < p.units; u += WG / 8u) {
+        let h = unit_hdr(row, u);
+        let w = dq_group(row, u, g, h);
+        let k = u * 32u + 4u * g;
+        {
+            acc_lo.x += dot(w, x4(xo + k, k));
+            if M > 1u {
+                acc_lo.y += dot(w, x4(xo + p.k + k, k));
+            }
+            if M > 2u {
+                acc_lo.z += dot(w, x4(xo + 2u * p.k + k, k));
+            }
+            if M > 3u {
+                acc_lo.w += dot(w, x4(xo + 3u * p.k + k, k));
+            }
+            if M > 4u {
+                acc_hi.x += dot(w, x4(xo + 4u * p.k + k, k));
+            }
+            if M > 5u {
+                acc_hi.y += dot(w, x4(xo + 5u * p.k + k, k));
+            }
+            if M > 6u {
+                acc_hi.z += dot(w, x4(xo + 6u * p.k + k, k));
+            }
+            if M > 7u {
+                acc_hi.w += dot(w, x4(xo + 7u * p.k + k, k));
             }
         }
     }
-    let nv = NR * M;
 #if SUBGROUPS
-    for (var i = 0u; i < nv; i++) {
-        let s = subgroupAdd(acc[i]);
-        if sl == 0u {
-            red[i * WG + si] = s;
+    let s_lo = subgroupAdd(acc_lo);
+    var s_hi = vec4<f32>(0.0);
+    if M > 4u {
+        s_hi = subgroupAdd(acc_hi);
+    }
+    if sl == 0u {
+        for (var m = 0u; m < M; m++) {
+            red[m * WG + si] = select(s_hi[m % 4u], s_lo[m % 4u], m < 4u);
         }
     }
     workgroupBarrier();
-    if lid < nv {
+    if lid < M {
         var t = 0.0;
         for (var j = 0u; j < sc; j++) {
             t += red[lid * WG + j];
         }
-        red[lid * WG] = t;
+        y[view(2u) + lid * p.n + p.row0 + row] = t;
     }
 #else
-    for (var i = 0u; i < nv; i++) {
-        red[i * WG + lid] = acc[i];
+    for (var m = 0u; m < M; m++) {
+        red[m * WG + lid] = select(acc_hi[m % 4u], acc_lo[m % 4u], m < 4u);
     }
     workgroupBarrier();
     for (var s = WG / 2u; s > 0u; s >>= 1u) {
         if lid < s {
-            for (var i = 0u; i < nv; i++) {
-                red[i * WG + lid] += red[i * WG + lid + s];
+            for (var m = 0u; m < M; m++) {
+                red[m * WG + lid] += red[m * WG + lid + s];
             }
         }
         workgroupBarrier();
     }
-#endif
-    if lid < nv {
-        let r = lid / M;
-        let m = lid % M;
-        if row_base + r < p.rows {
-            y[view(2u) + m * p.n + p.row0 + row_base + r] = red[lid * WG];
-        }
+    if lid < M {
+        y[view(2u) + lid * p.n + p.row0 + row] = red[lid * WG];
     }
+#endif
 }
 
 // Tiled matmul: 64x64 output tile per workgroup of 64 invocations (8x8 each), K in steps of
@@ -197,11 +218,14 @@ fn matmul(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
             }
             xs[r * TS + c] = v;
         }
-        let d = dq_unit(min(wrow, p.rows - 1u), u);
+        let wr = min(wrow, p.rows - 1u);
+        let h = unit_hdr(wr, u);
         for (var j = 0u; j < 8u; j++) {
-            for (var c = 0u; c < 4u; c++) {
-                ws[lid * TS + 4u * j + c] = d[j][c];
-            }
+            let d = dq_group(wr, u, j, h);
+            ws[lid * TS + 4u * j] = d.x;
+            ws[lid * TS + 4u * j + 1u] = d.y;
+            ws[lid * TS + 4u * j + 2u] = d.z;
+            ws[lid * TS + 4u * j + 3u] = d.w;
         }
         workgroupBarrier();
         for (var kk = 0u; kk < 32u; kk++) {
@@ -243,12 +267,13 @@ fn embedding(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg
     let o = view(2u) + i * p.k;
     if id >= p.row0 && id - p.row0 < p.rows {
         for (var u = lid; u < p.units; u += WG) {
-            let v = dq_unit(id - p.row0, u);
+            let h = unit_hdr(id - p.row0, u);
             for (var j = 0u; j < 8u; j++) {
+                let v = dq_group(id - p.row0, u, j, h);
                 for (var c = 0u; c < 4u; c++) {
                     let k = u * 32u + 4u * j + c;
                     if k < p.k {
-                        y[o + k] = v[j][c];
+                        y[o + k] = v[c];
                     }
                 }
             }

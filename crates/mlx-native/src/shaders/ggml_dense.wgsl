@@ -10,23 +10,20 @@ fn dense_at(i: u32) -> f32 {
 #endif
 }
 
-fn dq_unit(row: u32, u: u32) -> array<vec4<f32>, 8> {
-    let base = row * p.k;
-    let k0 = u * 32u;
-    var v: array<vec4<f32>, 8>;
-    if k0 + 32u <= p.k {
-        for (var g = 0u; g < 8u; g++) {
-            let i = base + k0 + 4u * g;
-            v[g] = vec4<f32>(dense_at(i), dense_at(i + 1u), dense_at(i + 2u), dense_at(i + 3u));
-        }
-    } else {
-        for (var g = 0u; g < 8u; g++) {
-            for (var c = 0u; c < 4u; c++) {
-                let k = k0 + 4u * g + c;
-                if k < p.k {
-                    v[g][c] = dense_at(base + k);
-                }
-            }
+fn unit_hdr(row: u32, u: u32) -> vec4<f32> {
+    return vec4<f32>(0.0);
+}
+
+fn dq_group(row: u32, u: u32, g: u32, h: vec4<f32>) -> vec4<f32> {
+    let k = u * 32u + 4u * g;
+    let i = row * p.k + k;
+    if k + 4u <= p.k {
+        return vec4<f32>(dense_at(i), dense_at(i + 1u), dense_at(i + 2u), dense_at(i + 3u));
+    }
+    var v = vec4<f32>(0.0);
+    for (var c = 0u; c < 4u; c++) {
+        if k + c < p.k {
+            v[c] = dense_at(i + c);
         }
     }
     return v;

@@ -29,10 +29,11 @@ fn q3_scale(o: u32, k: u32) -> f32 {
     return f32(i32(low | (high << 4u)) - 32);
 }
 
-fn dq_unit(row: u32, u: u32) -> array<vec4<f32>, 8> {
+// Unit header: the scale (x) and min (y) of the sub-block's first 16 elements, (z, w) of
+// its last 16 (equal for Q4_K and Q5_K, whose scales cover 32).
+fn unit_hdr(row: u32, u: u32) -> vec4<f32> {
     let b = row * p.bpr + u / 8u;
     let j = u % 8u;
-    var v: array<vec4<f32>, 8>;
     switch QTYPE {
         case 10u: {
             let o = b * 21u;
@@ -41,29 +42,13 @@ fn dq_unit(row: u32, u: u32) -> array<vec4<f32>, 8> {
             let dmin = hf(dd, 1u);
             let s0 = byte_at(o, 2u * j);
             let s1 = byte_at(o, 2u * j + 1u);
-            let dl0 = d * f32(s0 & 0xFu);
-            let ml0 = dmin * f32(s0 >> 4u);
-            let dl1 = d * f32(s1 & 0xFu);
-            let ml1 = dmin * f32(s1 >> 4u);
-            let qo = o + 4u + (j / 4u) * 8u;
-            let sh = 2u * (j % 4u);
-            for (var i = 0u; i < 4u; i++) {
-                v[i] = dl0 * crumb4(wword(qo + i), sh) - ml0;
-                v[i + 4u] = dl1 * crumb4(wword(qo + 4u + i), sh) - ml1;
-            }
+            return vec4<f32>(d * f32(s0 & 0xFu), dmin * f32(s0 >> 4u),
+                             d * f32(s1 & 0xFu), dmin * f32(s1 >> 4u));
         }
         case 11u: {
             let o = b * 27u;
             let d = split_scale(b);
-            let sc0 = d * q3_scale(o, 2u * j);
-            let sc1 = d * q3_scale(o, 2u * j + 1u);
-            let qo = o + 8u + (j / 4u) * 8u;
-            let sh = 2u * (j % 4u);
-            for (var i = 0u; i < 8u; i++) {
-                // high bit set: +0, clear: -4
-                let q = crumb4(wword(qo + i), sh) + 4.0 * bit4(wword(o + i), j) - 4.0;
-                v[i] = select(sc1, sc0, i < 4u) * q;
-            }
+            return vec4<f32>(d * q3_scale(o, 2u * j), 0.0, d * q3_scale(o, 2u * j + 1u), 0.0);
         }
         case 13u: {
             let o = b * 44u;
@@ -71,28 +56,14 @@ fn dq_unit(row: u32, u: u32) -> array<vec4<f32>, 8> {
             let sm = scale_min_k4(o, 4u, j);
             let dl = hf(dd, 0u) * sm.x;
             let ml = hf(dd, 1u) * sm.y;
-            let qo = o + 12u + (j / 2u) * 8u;
-            let sh = 4u * (j % 2u);
-            for (var i = 0u; i < 8u; i++) {
-                v[i] = dl * (nib4(wword(qo + i), sh) + 16.0 * bit4(wword(o + 4u + i), j)) - ml;
-            }
+            return vec4<f32>(dl, ml, dl, ml);
         }
         case 14u: {
             let o = b * 52u;
             let d = split_scale(b);
             let s0 = byte_at(o, 192u + 2u * j);
             let s1 = byte_at(o, 193u + 2u * j);
-            let ds0 = d * f32(i32(s0 << 24u) >> 24u);
-            let ds1 = d * f32(i32(s1 << 24u) >> 24u);
-            let c = j / 4u;
-            let lo = o + c * 16u + (j % 2u) * 8u;
-            let lsh = 4u * ((j % 4u) / 2u);
-            let ho = o + 32u + c * 8u;
-            let hsh = 2u * (j % 4u);
-            for (var i = 0u; i < 8u; i++) {
-                let q = nib4(wword(lo + i), lsh) + 16.0 * crumb4(wword(ho + i), hsh) - 32.0;
-                v[i] = select(ds1, ds0, i < 4u) * q;
-            }
+            return vec4<f32>(d * f32(i32(s0 << 24u) >> 24u), 0.0, d * f32(i32(s1 << 24u) >> 24u), 0.0);
         }
         default: {
             // Q4_K
@@ -101,12 +72,45 @@ fn dq_unit(row: u32, u: u32) -> array<vec4<f32>, 8> {
             let sm = scale_min_k4(o, 4u, j);
             let dl = hf(dd, 0u) * sm.x;
             let ml = hf(dd, 1u) * sm.y;
-            let qo = o + 4u + (j / 2u) * 8u;
-            let sh = 4u * (j % 2u);
-            for (var i = 0u; i < 8u; i++) {
-                v[i] = dl * nib4(wword(qo + i), sh) - ml;
-            }
+            return vec4<f32>(dl, ml, dl, ml);
         }
     }
-    return v;
+}
+
+// Elements 4g..4g+4 of the unit, given its header h.
+fn dq_group(row: u32, u: u32, g: u32, h: vec4<f32>) -> vec4<f32> {
+    let b = row * p.bpr + u / 8u;
+    let j = u % 8u;
+    let sm = select(h.zw, h.xy, g < 4u);
+    switch QTYPE {
+        case 10u: {
+            let o = b * 21u;
+            return sm.x * crumb4(wword(o + 4u + (j / 4u) * 8u + g), 2u * (j % 4u)) - sm.y;
+        }
+        case 11u: {
+            let o = b * 27u;
+            // high bit set: +0, clear: -4
+            let q = crumb4(wword(o + 8u + (j / 4u) * 8u + g), 2u * (j % 4u))
+                + 4.0 * bit4(wword(o + g), j) - 4.0;
+            return sm.x * q;
+        }
+        case 13u: {
+            let o = b * 44u;
+            let q = nib4(wword(o + 12u + (j / 2u) * 8u + g), 4u * (j % 2u))
+                + 16.0 * bit4(wword(o + 4u + g), j);
+            return sm.x * q - sm.y;
+        }
+        case 14u: {
+            let o = b * 52u;
+            let c = j / 4u;
+            let ql = nib4(wword(o + c * 16u + (j % 2u) * 8u + g), 4u * ((j % 4u) / 2u));
+            let qh = crumb4(wword(o + 32u + c * 8u + g), 2u * (j % 4u));
+            return sm.x * (ql + 16.0 * qh - 32.0);
+        }
+        default: {
+            // Q4_K
+            let o = b * 36u;
+            return sm.x * nib4(wword(o + 4u + (j / 2u) * 8u + g), 4u * (j % 2u)) - sm.y;
+        }
+    }
 }

@@ -8,60 +8,53 @@
 // qs: elements 0..16 are the low nibbles of bytes 0..16, elements 16..32 the high nibbles.
 override QTYPE: u32 = 2u;
 
-fn dq_unit(row: u32, u: u32) -> array<vec4<f32>, 8> {
+// Unit header: (d, m) of the block.
+fn unit_hdr(row: u32, u: u32) -> vec4<f32> {
     let b = row * p.bpr + u;
-    var v: array<vec4<f32>, 8>;
+    switch QTYPE {
+        case 3u: {
+            let dm = wword(b * 5u);
+            return vec4<f32>(hf(dm, 0u), hf(dm, 1u), 0.0, 0.0);
+        }
+        case 7u: {
+            let dm = wword(b * 6u);
+            return vec4<f32>(hf(dm, 0u), hf(dm, 1u), 0.0, 0.0);
+        }
+        default: {
+            return vec4<f32>(split_scale(b), 0.0, 0.0, 0.0);
+        }
+    }
+}
+
+// Elements 4g..4g+4 of the unit, given its header h.
+fn dq_group(row: u32, u: u32, g: u32, h: vec4<f32>) -> vec4<f32> {
+    let b = row * p.bpr + u;
+    let d = h.x;
+    // groups 0..4: low nibbles of qs word g; groups 4..8: high nibbles of word g - 4
+    let i = g % 4u;
+    let sh = 4u * (g / 4u);
     switch QTYPE {
         case 2u: {
-            let d = split_scale(b);
-            for (var i = 0u; i < 4u; i++) {
-                let w = wword(b * 4u + i);
-                v[i] = (nib4(w, 0u) - 8.0) * d;
-                v[i + 4u] = (nib4(w, 4u) - 8.0) * d;
-            }
+            return (nib4(wword(b * 4u + i), sh) - 8.0) * d;
         }
         case 3u: {
-            let o = b * 5u;
-            let dm = wword(o);
-            let d = hf(dm, 0u);
-            let m = hf(dm, 1u);
-            for (var i = 0u; i < 4u; i++) {
-                let w = wword(o + 1u + i);
-                v[i] = nib4(w, 0u) * d + m;
-                v[i + 4u] = nib4(w, 4u) * d + m;
-            }
+            return nib4(wword(b * 5u + 1u + i), sh) * d + h.y;
         }
         case 6u: {
             let o = b * 5u;
-            let d = split_scale(b);
-            let qh = wword(o);
-            for (var i = 0u; i < 4u; i++) {
-                let w = wword(o + 1u + i);
-                v[i] = (nib4(w, 0u) + 16.0 * spread4(qh >> (4u * i)) - 16.0) * d;
-                v[i + 4u] = (nib4(w, 4u) + 16.0 * spread4(qh >> (16u + 4u * i)) - 16.0) * d;
-            }
+            let q = nib4(wword(o + 1u + i), sh) + 16.0 * spread4(wword(o) >> (4u * g));
+            return (q - 16.0) * d;
         }
         case 7u: {
             let o = b * 6u;
-            let dm = wword(o);
-            let d = hf(dm, 0u);
-            let m = hf(dm, 1u);
-            let qh = wword(o + 1u);
-            for (var i = 0u; i < 4u; i++) {
-                let w = wword(o + 2u + i);
-                v[i] = (nib4(w, 0u) + 16.0 * spread4(qh >> (4u * i))) * d + m;
-                v[i + 4u] = (nib4(w, 4u) + 16.0 * spread4(qh >> (16u + 4u * i))) * d + m;
-            }
+            let q = nib4(wword(o + 2u + i), sh) + 16.0 * spread4(wword(o + 1u) >> (4u * g));
+            return q * d + h.y;
         }
         default: {
             // Q8_0
-            let d = split_scale(b);
-            for (var i = 0u; i < 8u; i++) {
-                v[i] = vec4<f32>(unpack4xI8(wword(b * 8u + i))) * d;
-            }
+            return vec4<f32>(unpack4xI8(wword(b * 8u + g))) * d;
         }
     }
-    return v;
 }
 
 // The low four bits of h, one per component.

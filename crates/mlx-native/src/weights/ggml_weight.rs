@@ -335,7 +335,7 @@ pub(crate) mod tests {
         let mut rng = Rng::new(41);
         let (n, k) = (33, 512);
         let b = random_tensor(&mut rng, GgmlType::Q6_K, n, k);
-        let row = GgmlType::Q6_K.row_bytes(k as u64)? as u64; // 420
+        let row = GgmlType::Q6_K.row_bytes(k as u64)?; // 420
         let w = GgmlWeight::upload_with_limit(g, GgmlType::Q6_K, &[n, k], &b, 4 * row + 4)?;
         let rows: Vec<(usize, usize)> = w.shards().iter().map(|s| (s.row0, s.rows)).collect();
         assert_eq!(rows.len(), 9);
