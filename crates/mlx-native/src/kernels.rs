@@ -35,6 +35,9 @@ pub enum Kernel {
     Sdpa,
     SdpaCoop,
     Sample,
+    GgmlDense,
+    GgmlLegacy,
+    GgmlK,
 }
 
 impl Kernel {
@@ -54,6 +57,9 @@ impl Kernel {
         Kernel::Sdpa,
         Kernel::SdpaCoop,
         Kernel::Sample,
+        Kernel::GgmlDense,
+        Kernel::GgmlLegacy,
+        Kernel::GgmlK,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -72,6 +78,9 @@ impl Kernel {
             Kernel::Kv => "kv",
             Kernel::Sdpa => "sdpa",
             Kernel::SdpaCoop => "sdpa_coop",
+            Kernel::GgmlDense => "ggml_dense",
+            Kernel::GgmlLegacy => "ggml_legacy",
+            Kernel::GgmlK => "ggml_k",
         }
     }
 
@@ -92,18 +101,23 @@ impl Kernel {
             Kernel::Kv => include_str!("shaders/kv.wgsl"),
             Kernel::Sdpa => include_str!("shaders/sdpa.wgsl"),
             Kernel::SdpaCoop => include_str!("shaders/sdpa_coop.wgsl"),
+            Kernel::GgmlDense => include_str!("shaders/ggml_dense.wgsl"),
+            Kernel::GgmlLegacy => include_str!("shaders/ggml_legacy.wgsl"),
+            Kernel::GgmlK => include_str!("shaders/ggml_k.wgsl"),
         }
     }
 }
 
 const PRELUDE: &str = include_str!("shaders/common/prelude.wgsl");
 const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
+const GGML_COMMON: &str = include_str!("shaders/ggml_common.wgsl");
 
 impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
     const fn includes(self) -> &'static [&'static str] {
         match self {
             Kernel::Norm | Kernel::Softmax | Kernel::Select => &[REDUCE],
+            Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
             _ => &[],
         }
     }

@@ -6,6 +6,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod fill;
 pub mod kv;
+pub mod ggml_matmul;
 pub mod layout;
 pub mod norm;
 pub mod rope;
@@ -20,6 +21,7 @@ pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
 pub use kv::kv_append;
 pub use layout::{concat_last, copy, transpose, transpose_last2};
+pub use ggml_matmul::{ggml_embedding, ggml_linear, ggml_matmul, ggml_matvec};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
@@ -68,5 +70,6 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(kv::specs());
     v.extend(sdpa::specs()?);
     v.extend(sample::specs());
+    v.extend(ggml_matmul::specs()?);
     Ok(v)
 }
