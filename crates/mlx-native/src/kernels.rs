@@ -31,6 +31,9 @@ pub enum Kernel {
     Select,
     Layout,
     Bandwidth,
+    Qmatmul,
+    Dense,
+    MatmulCoop,
 }
 
 impl Kernel {
@@ -46,6 +49,9 @@ impl Kernel {
         Kernel::Select,
         Kernel::Layout,
         Kernel::Bandwidth,
+        Kernel::Qmatmul,
+        Kernel::Dense,
+        Kernel::MatmulCoop,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -60,6 +66,9 @@ impl Kernel {
             Kernel::Select => "select",
             Kernel::Layout => "layout",
             Kernel::Bandwidth => "bandwidth",
+            Kernel::Qmatmul => "qmatmul",
+            Kernel::Dense => "dense",
+            Kernel::MatmulCoop => "matmul_coop",
         }
     }
 
@@ -76,18 +85,23 @@ impl Kernel {
             Kernel::Select => include_str!("shaders/select.wgsl"),
             Kernel::Layout => include_str!("shaders/layout.wgsl"),
             Kernel::Bandwidth => include_str!("shaders/bandwidth.wgsl"),
+            Kernel::Qmatmul => include_str!("shaders/qmatmul.wgsl"),
+            Kernel::Dense => include_str!("shaders/dense.wgsl"),
+            Kernel::MatmulCoop => include_str!("shaders/matmul_coop.wgsl"),
         }
     }
 }
 
 const PRELUDE: &str = include_str!("shaders/common/prelude.wgsl");
 const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
+const QUANT: &str = include_str!("shaders/common/quant.wgsl");
 
 impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
     const fn includes(self) -> &'static [&'static str] {
         match self {
             Kernel::Norm | Kernel::Softmax | Kernel::Select => &[REDUCE],
+            Kernel::Qmatmul | Kernel::MatmulCoop => &[QUANT],
             _ => &[],
         }
     }
@@ -172,6 +186,7 @@ impl Spec {
             DType::BF16 => "DT_BF16",
             DType::U32 => "DT_U32",
             DType::I32 => "DT_I32",
+            DType::U8 => "DT_U8",
             _ => "DT_F32",
         }];
         if self.subgroups {
@@ -248,7 +263,20 @@ pub fn preprocess(kernel: Kernel, spec: &Spec, shader_f16: bool) -> Result<Strin
     if !stack.is_empty() {
         return Err(err(0, "unterminated #if"));
     }
-    Ok(out)
+    // `enable` directives must precede every declaration, the prelude's included: hoist them.
+    let (enables, rest): (Vec<&str>, Vec<&str>) = out
+        .lines()
+        .partition(|l| l.trim_start().starts_with("enable "));
+    if enables.is_empty() {
+        return Ok(out);
+    }
+    let mut hoisted = enables.join("\n");
+    hoisted.push('\n');
+    for l in rest {
+        hoisted.push_str(l);
+        hoisted.push('\n');
+    }
+    Ok(hoisted)
 }
 
 /// A compiled variant: the pipeline and its two bind-group layouts.

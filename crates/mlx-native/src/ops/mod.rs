@@ -2,18 +2,22 @@
 
 pub mod activation;
 pub mod bandwidth;
+pub mod dense;
 pub mod elementwise;
 pub mod embedding;
 pub mod fill;
 pub mod layout;
 pub mod norm;
+pub mod qmatmul;
 pub mod rope;
 pub mod select;
 pub mod softmax;
 
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use fill::fill;
+pub use dense::matmul;
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
+pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
 
 use crate::device::Caps;
 
@@ -48,5 +52,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(fill::specs());
     v.extend(elementwise::specs());
     v.extend(norm::specs()?);
+    v.extend(qmatmul::specs()?);
+    v.extend(dense::specs()?);
     Ok(v)
 }

@@ -3,3 +3,4 @@
 pub mod ggml;
 pub mod gguf;
 pub mod quant;
+pub mod quant_weight;
