@@ -14,7 +14,9 @@ use crate::encoder::Pass;
 use crate::error::Result;
 use crate::kernels::{Kernel, Spec};
 
-use super::qmatmul::{coop_entry, plan, MatmulPlan, COOP_SG, TILED_BLOCK, TILED_WG, VEC_RPTS, VEC_WG};
+use super::qmatmul::{
+    coop_entry, plan, MatmulPlan, COOP_SG, TILED_BLOCK, TILED_WG, VEC_RPTS, VEC_WG,
+};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -122,11 +124,18 @@ pub fn matmul(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer) -> Result<MlxBuffer
 
 #[cfg(test)]
 pub(crate) mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
     use super::*;
     use crate::testutil::{devices, gpu, Rng};
     use half::{bf16, f16};
 
-    fn upload(g: &crate::MlxDevice, w: &[f32], shape: &[usize], dt: DType) -> (MlxBuffer, Vec<f64>) {
+    fn upload(
+        g: &crate::MlxDevice,
+        w: &[f32],
+        shape: &[usize],
+        dt: DType,
+    ) -> (MlxBuffer, Vec<f64>) {
         match dt {
             DType::F32 => (
                 MlxBuffer::from_slice(g, w, shape).unwrap(),
@@ -149,6 +158,7 @@ pub(crate) mod tests {
     /// typical error of a few sqrt(K) units of 2^-24 relative to Σ|x·w| (Higham §3.5; the
     /// order of the sum differs between kernels); 4·sqrt(K) leaves margin without hiding a
     /// wrong element. The cooperative path rounds x and W to f16: 2·2^-11 per term on top.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn check_product(
         got: &[f32],
         x: &[f32],

@@ -13,9 +13,9 @@ pub mod rope;
 pub mod select;
 pub mod softmax;
 
+pub use dense::matmul;
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use fill::fill;
-pub use dense::matmul;
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
 

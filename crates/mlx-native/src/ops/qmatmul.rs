@@ -202,7 +202,10 @@ fn check_x(op: &str, x: &MlxBuffer, k: usize, n: usize) -> Result<(usize, Vec<us
     check::dtype(x, &[DType::F32], op, "x")?;
     let (m, xk) = check::rows(x, op, "x")?;
     check::ensure(xk == k, op, || {
-        format!("x has {xk} columns (shape {:?}), expected K = {k}", x.shape())
+        format!(
+            "x has {xk} columns (shape {:?}), expected K = {k}",
+            x.shape()
+        )
     })?;
     let mut shape = x.shape().to_vec();
     if let Some(last) = shape.last_mut() {
@@ -215,7 +218,7 @@ fn check_x(op: &str, x: &MlxBuffer, k: usize, n: usize) -> Result<(usize, Vec<us
 /// read it as vec4), else an aligned copy.
 fn aligned_x(pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
     let align = pass.caps().storage_offset_alignment;
-    if x.elem_offset() % 4 == 0 && align % 16 == 0 {
+    if x.elem_offset().is_multiple_of(4) && align.is_multiple_of(16) {
         return Ok(x.clone());
     }
     let n = check::fits_u32(x.len(), "qmatmul", "x elements")?;
@@ -232,7 +235,13 @@ fn aligned_x(pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
     };
     let spec = Spec::new("copy_x", DType::F32, DEQUANT_WG);
     let bufs = [&out, &out, &out, &out, &out, &out, &out, x];
-    pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, n.div_ceil(DEQUANT_WG))?;
+    pass.dispatch(
+        Kernel::Qmatmul,
+        spec,
+        &params,
+        &bufs,
+        n.div_ceil(DEQUANT_WG),
+    )?;
     Ok(out)
 }
 

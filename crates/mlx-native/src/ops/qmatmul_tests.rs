@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 //! Tests of `ops::qmatmul` against an f64 product over the CPU dequantization of
 //! `weights::quant` (which is bit-exact with MLX).
 //!
@@ -47,7 +48,17 @@ fn is_coop(g: &MlxDevice, m: usize, n: usize, k: usize) -> bool {
 type Op = fn(&mut Pass, &MlxBuffer, &QuantWeight) -> Result<MlxBuffer>;
 
 #[allow(clippy::too_many_arguments)]
-fn run_case(g: &MlxDevice, rng: &mut Rng, op: Op, coop: bool, m: usize, n: usize, params: QuantParams, k: usize, dt: DType) {
+fn run_case(
+    g: &MlxDevice,
+    rng: &mut Rng,
+    op: Op,
+    coop: bool,
+    m: usize,
+    n: usize,
+    params: QuantParams,
+    k: usize,
+    dt: DType,
+) {
     let q = quant(rng, n, k, params, dt);
     let w = QuantWeight::upload(g, &q).unwrap();
     let x = rng.normals(m * k, 1.0);
@@ -63,7 +74,16 @@ fn run_case(g: &MlxDevice, rng: &mut Rng, op: Op, coop: bool, m: usize, n: usize
         params.group_size,
         g.caps().subgroups
     );
-    check_product(&y.to_vec(g).unwrap(), &x, &reference(&q), m, n, k, coop, &what);
+    check_product(
+        &y.to_vec(g).unwrap(),
+        &x,
+        &reference(&q),
+        m,
+        n,
+        k,
+        coop,
+        &what,
+    );
 }
 
 fn all_formats() -> Vec<(QuantParams, DType)> {
@@ -95,7 +115,11 @@ fn plan_depends_only_on_shapes_and_caps() {
     assert_eq!(plan(3, 1000, 64, &caps), v(2, true));
     assert_eq!(plan(1, 7, 96, &caps), v(1, true));
     assert_eq!(plan(9, 7, 96, &caps), MatmulPlan::Tiled);
-    caps.cooperative_matrix = vec![crate::device::CoopShape { m: 16, n: 16, k: 16 }];
+    caps.cooperative_matrix = vec![crate::device::CoopShape {
+        m: 16,
+        n: 16,
+        k: 16,
+    }];
     assert_eq!(plan(512, 4096, 4096, &caps), MatmulPlan::Coop { tile: 16 });
     assert_eq!(plan(8, 4096, 4096, &caps), v(4, true));
     caps.cooperative_matrix = vec![crate::device::CoopShape { m: 8, n: 8, k: 8 }];
@@ -113,6 +137,15 @@ fn plan_depends_only_on_shapes_and_caps() {
 fn qmv_every_format_on_both_reduction_paths() {
     let mut rng = Rng::new(50);
     for (i, g) in devices().into_iter().enumerate() {
+        let c = g.caps();
+        println!(
+            "{}: subgroups {} (sizes {}..={}): qmv plan {:?}",
+            c.adapter_name,
+            c.subgroups,
+            c.subgroup_min_size,
+            c.subgroup_max_size,
+            plan(1, 7, 96, c)
+        );
         for (j, (params, dt)) in all_formats().into_iter().enumerate() {
             // The fallback device gets a third of the formats (every bit width still).
             if i > 0 && j % 3 != 1 {
@@ -131,9 +164,39 @@ fn qmv_large_shapes_and_every_rows_per_thread() {
     let mut rng = Rng::new(51);
     let g = gpu();
     // N = 4097 runs RPT 4 with a partial last row-block; 600 runs RPT 2.
-    run_case(g, &mut rng, qmv, false, 1, 4097, QuantParams::affine(4, 64), 1024 + 64, DType::BF16);
-    run_case(g, &mut rng, qmv, false, 2, 600, QuantParams::affine(3, 32), 4096 + 32, DType::F16);
-    run_case(g, &mut rng, qmatmul, false, 8, 4100, QuantParams::mxfp4(), 256, DType::BF16);
+    run_case(
+        g,
+        &mut rng,
+        qmv,
+        false,
+        1,
+        4097,
+        QuantParams::affine(4, 64),
+        1024 + 64,
+        DType::BF16,
+    );
+    run_case(
+        g,
+        &mut rng,
+        qmv,
+        false,
+        2,
+        600,
+        QuantParams::affine(3, 32),
+        4096 + 32,
+        DType::F16,
+    );
+    run_case(
+        g,
+        &mut rng,
+        qmatmul,
+        false,
+        8,
+        4100,
+        QuantParams::mxfp4(),
+        256,
+        DType::BF16,
+    );
 }
 
 #[test]
@@ -151,9 +214,29 @@ fn qmm_tiled_and_cooperative_every_bit_width() {
         }
         // M = 512 through the dispatcher; and qmm with M <= 8 (tiled or cooperative).
         let coop = is_coop(g, 512, 40, 384);
-        run_case(g, &mut rng, qmatmul, coop, 512, 40, QuantParams::affine(4, 128), 384, DType::BF16);
+        run_case(
+            g,
+            &mut rng,
+            qmatmul,
+            coop,
+            512,
+            40,
+            QuantParams::affine(4, 128),
+            384,
+            DType::BF16,
+        );
         let coop = is_coop(g, 3, 65, 96);
-        run_case(g, &mut rng, qmm, coop, 3, 65, QuantParams::affine(6, 32), 96, DType::F32);
+        run_case(
+            g,
+            &mut rng,
+            qmm,
+            coop,
+            3,
+            65,
+            QuantParams::affine(6, 32),
+            96,
+            DType::F32,
+        );
     }
 }
 
@@ -169,10 +252,34 @@ fn cooperative_matrix_path_where_available() {
         return;
     }
     let mut rng = Rng::new(53);
-    for &(m, n, k, bits) in &[(64usize, 64usize, 64usize, 4u32), (100, 130, 320, 3), (17, 33, 96, 8)] {
-        run_case(g, &mut rng, qmm, true, m, n, QuantParams::affine(bits, 32), k, DType::F16);
+    for &(m, n, k, bits) in &[
+        (64usize, 64usize, 64usize, 4u32),
+        (100, 130, 320, 3),
+        (17, 33, 96, 8),
+    ] {
+        run_case(
+            g,
+            &mut rng,
+            qmm,
+            true,
+            m,
+            n,
+            QuantParams::affine(bits, 32),
+            k,
+            DType::F16,
+        );
     }
-    run_case(g, &mut rng, qmm, true, 40, 70, QuantParams::mxfp4(), 128, DType::BF16);
+    run_case(
+        g,
+        &mut rng,
+        qmm,
+        true,
+        40,
+        70,
+        QuantParams::mxfp4(),
+        128,
+        DType::BF16,
+    );
 }
 
 #[test]
@@ -196,12 +303,19 @@ fn dequantize_and_gather_match_cpu() {
         let full = full.to_vec::<f32>(g).unwrap();
         // One fma against two roundings: 1 ulp of |q*s| + |b|; |w| <= 2 covers it as 2^-22.
         for (i, (&a, &b)) in full.iter().zip(&want).enumerate() {
-            assert!((a as f64 - b).abs() <= 2f64.powi(-22) * (1.0 + b.abs()), "{params:?} {dt} [{i}]: {a} vs {b}");
+            assert!(
+                (a as f64 - b).abs() <= 2f64.powi(-22) * (1.0 + b.abs()),
+                "{params:?} {dt} [{i}]: {a} vs {b}"
+            );
         }
         let rows = rows.to_vec::<f32>(g).unwrap();
         for (r, &id) in ids_host.iter().enumerate() {
             let id = id as usize;
-            assert_eq!(rows[r * k..(r + 1) * k], full[id * k..(id + 1) * k], "gather row {r}");
+            assert_eq!(
+                rows[r * k..(r + 1) * k],
+                full[id * k..(id + 1) * k],
+                "gather row {r}"
+            );
         }
     }
 }
@@ -239,7 +353,16 @@ fn x_views_at_any_offset() {
                 pass.commit_and_wait().unwrap();
                 let coop = name == "qmm" && is_coop(g, m, n, k);
                 let what = format!("{name} view at {off}");
-                check_product(&y.to_vec(g).unwrap(), &base[off..], &reference(&q), m, n, k, coop, &what);
+                check_product(
+                    &y.to_vec(g).unwrap(),
+                    &base[off..],
+                    &reference(&q),
+                    m,
+                    n,
+                    k,
+                    coop,
+                    &what,
+                );
             }
         }
     }
@@ -251,28 +374,63 @@ fn bad_inputs_are_named() {
     let mut rng = Rng::new(57);
     let p4 = QuantParams::affine(4, 64);
     // K not divisible by the group size.
-    let e = QuantWeight::from_raw(g, &[0; 48], &[0; 12], Some(&[0; 12]), [4, 96], p4, DType::F32)
-        .unwrap_err()
-        .to_string();
-    assert_eq!(e, "QuantWeight: shape [4, 96]: K = 96 is not a positive multiple of group_size 64");
+    let e = QuantWeight::from_raw(
+        g,
+        &[0; 48],
+        &[0; 12],
+        Some(&[0; 12]),
+        [4, 96],
+        p4,
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "QuantWeight: shape [4, 96]: K = 96 is not a positive multiple of group_size 64"
+    );
     // Scales of the wrong length: [6, 128] at g64 has 12 groups.
     let words = vec![0u32; 6 * 16];
-    let e = QuantWeight::from_raw(g, &words, &[0; 20], Some(&[0; 24]), [6, 128], p4, DType::F16)
-        .unwrap_err()
-        .to_string();
+    let e = QuantWeight::from_raw(
+        g,
+        &words,
+        &[0; 20],
+        Some(&[0; 24]),
+        [6, 128],
+        p4,
+        DType::F16,
+    )
+    .unwrap_err()
+    .to_string();
     assert_eq!(e, "QuantWeight: scales has 10 elements, expected 12");
     let e = QuantWeight::from_raw(g, &words, &[0; 24], None, [6, 128], p4, DType::F16)
         .unwrap_err()
         .to_string();
     assert_eq!(e, "QuantWeight: affine weights need biases, got none");
-    let e = QuantWeight::from_raw(g, &words[1..], &[0; 24], Some(&[0; 24]), [6, 128], p4, DType::F16)
-        .unwrap_err()
-        .to_string();
+    let e = QuantWeight::from_raw(
+        g,
+        &words[1..],
+        &[0; 24],
+        Some(&[0; 24]),
+        [6, 128],
+        p4,
+        DType::F16,
+    )
+    .unwrap_err()
+    .to_string();
     assert_eq!(e, "QuantWeight: packed has 95 elements, expected 96");
     // Unsupported bits.
-    let e = QuantWeight::from_raw(g, &words, &[0; 24], Some(&[0; 24]), [6, 128], QuantParams::affine(7, 64), DType::F16)
-        .unwrap_err()
-        .to_string();
+    let e = QuantWeight::from_raw(
+        g,
+        &words,
+        &[0; 24],
+        Some(&[0; 24]),
+        [6, 128],
+        QuantParams::affine(7, 64),
+        DType::F16,
+    )
+    .unwrap_err()
+    .to_string();
     assert_eq!(
         e,
         "unsupported: QuantWeight: affine quantization with bits=7; supported bits are 2, 3, 4, 5, 6, 8"
@@ -283,7 +441,10 @@ fn bad_inputs_are_named() {
     let x = MlxBuffer::from_slice(g, &[1.0f32; 96], &[1, 96]).unwrap();
     let mut pass = g.begin();
     let e = qmatmul(&mut pass, &x, &w).unwrap_err().to_string();
-    assert_eq!(e, "qmatmul: x has 96 columns (shape [1, 96]), expected K = 64");
+    assert_eq!(
+        e,
+        "qmatmul: x has 96 columns (shape [1, 96]), expected K = 64"
+    );
     let x9 = MlxBuffer::from_slice(g, &[1.0f32; 9 * 64], &[9, 64]).unwrap();
     let e = qmv(&mut pass, &x9, &w).unwrap_err().to_string();
     assert_eq!(e, "qmv: x has 9 rows, at most 8 (use qmm or qmatmul)");
@@ -291,6 +452,8 @@ fn bad_inputs_are_named() {
     let e = qmm(&mut pass, &xh, &w).unwrap_err().to_string();
     assert_eq!(e, "qmm: x is f16, expected f32");
     let ids = MlxBuffer::from_slice(g, &[1.0f32], &[1]).unwrap();
-    let e = gather_rows_quantized(&mut pass, &w, &ids).unwrap_err().to_string();
+    let e = gather_rows_quantized(&mut pass, &w, &ids)
+        .unwrap_err()
+        .to_string();
     assert_eq!(e, "gather_rows_quantized: ids is f32, expected u32 or i32");
 }

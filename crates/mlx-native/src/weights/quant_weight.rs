@@ -70,13 +70,19 @@ impl QuantWeight {
     /// Upload a CPU-quantized weight; scales and biases are stored in `q.dtype`.
     pub fn upload(gpu: &MlxDevice, q: &Quantized) -> Result<Self> {
         let (scale_bytes, bias_bytes) = match (&q.scales, &q.biases) {
-            (Scales::Float(s), Some(b)) => (float_bytes(s, q.dtype)?, Some(float_bytes(b, q.dtype)?)),
+            (Scales::Float(s), Some(b)) => {
+                (float_bytes(s, q.dtype)?, Some(float_bytes(b, q.dtype)?))
+            }
             (Scales::E8m0(s), None) => (s.clone(), None),
             (Scales::Float(_), None) => {
-                return Err(MlxError::invalid(format!("{OP}: affine weights need biases, got none")))
+                return Err(MlxError::invalid(format!(
+                    "{OP}: affine weights need biases, got none"
+                )))
             }
             (Scales::E8m0(_), Some(_)) => {
-                return Err(MlxError::invalid(format!("{OP}: mxfp4 weights have no biases, got some")))
+                return Err(MlxError::invalid(format!(
+                    "{OP}: mxfp4 weights have no biases, got some"
+                )))
             }
         };
         Self::from_raw(
@@ -107,7 +113,7 @@ impl QuantWeight {
         expect_len("packed", packed.len(), layout.words())?;
         let sdt = Self::scale_dtype(params, dtype);
         let per = sdt.size();
-        if scales.len() % per != 0 {
+        if !scales.len().is_multiple_of(per) {
             return Err(MlxError::invalid(format!(
                 "{OP}: scales has {} bytes, not a whole number of {sdt} values",
                 scales.len()
@@ -117,7 +123,7 @@ impl QuantWeight {
         let gshape = [layout.rows, layout.groups_per_row];
         let biases = match (params.mode, biases) {
             (QuantMode::Affine, Some(b)) => {
-                if b.len() % per != 0 {
+                if !b.len().is_multiple_of(per) {
                     return Err(MlxError::invalid(format!(
                         "{OP}: biases has {} bytes, not a whole number of {sdt} values",
                         b.len()
@@ -127,10 +133,14 @@ impl QuantWeight {
                 Some(MlxBuffer::from_bytes(gpu, b, sdt, &gshape)?)
             }
             (QuantMode::Affine, None) => {
-                return Err(MlxError::invalid(format!("{OP}: affine weights need biases, got none")))
+                return Err(MlxError::invalid(format!(
+                    "{OP}: affine weights need biases, got none"
+                )))
             }
             (QuantMode::Mxfp4, Some(_)) => {
-                return Err(MlxError::invalid(format!("{OP}: mxfp4 weights have no biases, got some")))
+                return Err(MlxError::invalid(format!(
+                    "{OP}: mxfp4 weights have no biases, got some"
+                )))
             }
             (QuantMode::Mxfp4, None) => None,
         };
@@ -160,7 +170,7 @@ impl QuantWeight {
         let layout = Self::check(shape, params, dtype)?;
         expect_dtype("packed", packed.dtype(), DType::U32)?;
         expect_len("packed", packed.len(), layout.words())?;
-        if packed.elem_offset() % 4 != 0 {
+        if !packed.elem_offset().is_multiple_of(4) {
             return Err(MlxError::invalid(format!(
                 "{OP}: packed starts at word {}, expected a multiple of 4",
                 packed.elem_offset()
@@ -174,10 +184,14 @@ impl QuantWeight {
                 expect_len("biases", b.len(), layout.groups())?;
             }
             (QuantMode::Affine, None) => {
-                return Err(MlxError::invalid(format!("{OP}: affine weights need biases, got none")))
+                return Err(MlxError::invalid(format!(
+                    "{OP}: affine weights need biases, got none"
+                )))
             }
             (QuantMode::Mxfp4, Some(_)) => {
-                return Err(MlxError::invalid(format!("{OP}: mxfp4 weights have no biases, got some")))
+                return Err(MlxError::invalid(format!(
+                    "{OP}: mxfp4 weights have no biases, got some"
+                )))
             }
             (QuantMode::Mxfp4, None) => {}
         }
@@ -208,7 +222,7 @@ impl QuantWeight {
             .validate()
             .map_err(|e| MlxError::unsupported(format!("{OP}: {}", strip(&e))))?;
         let [n, k] = shape;
-        if k % params.group_size as usize != 0 || k == 0 || n == 0 {
+        if !k.is_multiple_of(params.group_size as usize) || k == 0 || n == 0 {
             return Err(MlxError::invalid(format!(
                 "{OP}: shape [{n}, {k}]: K = {k} is not a positive multiple of group_size {}",
                 params.group_size
