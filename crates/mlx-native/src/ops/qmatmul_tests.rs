@@ -457,3 +457,108 @@ fn bad_inputs_are_named() {
         .to_string();
     assert_eq!(e, "gather_rows_quantized: ids is f32, expected u32 or i32");
 }
+
+/// Timing probe for a real GPU (`--ignored --nocapture`): qmv at decode shapes against the
+/// measured read bandwidth, and qmm/matmul at a prefill shape.
+#[test]
+#[ignore]
+fn timing_probe() {
+    let g = gpu();
+    println!("{} ({})", g.caps().adapter_name, g.caps().backend);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let time = |f: &dyn Fn(&mut Pass)| {
+        let mut pass = g.begin().with_profiling(true);
+        for _ in 0..25 {
+            f(&mut pass);
+        }
+        let t = pass.commit_and_wait().unwrap();
+        median(t.iter().skip(5).map(|k| k.nanos).collect())
+    };
+    let words = 32usize << 20;
+    let src = MlxBuffer::new(g, DType::U32, &[words]).unwrap();
+    let sink = MlxBuffer::new(g, DType::U32, &[65536]).unwrap();
+    let ns = time(&|p| crate::ops::bandwidth::read_probe(p, &src, &sink, 65535).unwrap());
+    let roof = (words * 4) as f64 / ns;
+    println!("read_probe: {roof:.0} GB/s");
+    let mut rng = Rng::new(99);
+    for &(n, k, bits, gs) in &[
+        (4096usize, 4096usize, 4u32, 64u32),
+        (14336, 4096, 4, 64),
+        (4096, 14336, 4, 64),
+        (4096, 4096, 8, 64),
+        (4096, 4096, 3, 64),
+        (4096, 4096, 6, 64),
+    ] {
+        let params = QuantParams::affine(bits, gs);
+        let wpr = k * bits as usize / 32;
+        let packed: Vec<u32> = (0..n * wpr).map(|_| rng.next_u64() as u32).collect();
+        let groups = n * k / gs as usize;
+        let s: Vec<half::bf16> = (0..groups)
+            .map(|_| half::bf16::from_f32(rng.uniform(0.001, 0.01)))
+            .collect();
+        let b: Vec<half::bf16> = (0..groups)
+            .map(|_| half::bf16::from_f32(rng.uniform(-0.05, 0.05)))
+            .collect();
+        let w = QuantWeight::from_raw(
+            g,
+            &packed,
+            bytemuck::cast_slice(&s),
+            Some(bytemuck::cast_slice(&b)),
+            [n, k],
+            params,
+            DType::BF16,
+        )
+        .unwrap();
+        let bytes = (packed.len() * 4 + groups * 4) as f64;
+        for m in [1usize, 4, 8] {
+            let x = MlxBuffer::from_slice(g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
+            let ns = time(&|p| {
+                qmv(p, &x, &w).unwrap();
+            });
+            println!(
+                "qmv b{bits} g{gs} M={m} {n}x{k} {:?}: {:.2} us, {:.0} GB/s ({:.0}% of read_probe)",
+                plan(m, n, k, g.caps()),
+                ns / 1e3,
+                bytes / ns,
+                100.0 * bytes / ns / roof
+            );
+        }
+        if bits == 4 && n == 4096 && k == 4096 {
+            let m = 512;
+            let x = MlxBuffer::from_slice(g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
+            let ns = time(&|p| {
+                qmm(p, &x, &w).unwrap();
+            });
+            println!(
+                "qmm {m}x{n}x{k} {:?}: {:.1} us, {:.1} TFLOP/s",
+                matrix_plan(m, n, k, g.caps()),
+                ns / 1e3,
+                2.0 * (m * n * k) as f64 / ns / 1e3
+            );
+            let wd: Vec<half::bf16> = (0..n * k)
+                .map(|_| half::bf16::from_f32(rng.normal() * 0.02))
+                .collect();
+            let wd = MlxBuffer::from_slice(g, &wd, &[n, k]).unwrap();
+            let ns = time(&|p| {
+                crate::ops::matmul(p, &x, &wd).unwrap();
+            });
+            println!(
+                "matmul bf16 {m}x{n}x{k}: {:.1} us, {:.1} TFLOP/s",
+                ns / 1e3,
+                2.0 * (m * n * k) as f64 / ns / 1e3
+            );
+            let x1 = MlxBuffer::from_slice(g, &rng.normals(k, 1.0), &[1, k]).unwrap();
+            let ns = time(&|p| {
+                crate::ops::matmul(p, &x1, &wd).unwrap();
+            });
+            println!(
+                "matvec bf16 1x{n}x{k}: {:.2} us, {:.0} GB/s",
+                ns / 1e3,
+                (n * k * 2) as f64 / ns
+            );
+        }
+    }
+}

@@ -49,53 +49,32 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     let block = lid / TPR;
     let lane = lid % TPR;
     let row0 = (flat_wg(wid, nwg) * blocks + block) * RPT;
-    var acc: array<f32, 32>;
-    for (var i = 0u; i < MAX_M * MAX_RPT; i++) {
-        acc[i] = 0.0;
-    }
-    var wo: array<u32, 4>;
-    for (var r = 0u; r < RPT; r++) {
-        wo[r] = min(row0 + r, p.n - 1u) * p.k;
-    }
-    for (var k = lane; k < p.k; k += TPR) {
-        var wv: array<f32, 4>;
-        for (var r = 0u; r < RPT; r++) {
-            wv[r] = w_at(wo[r] + k);
-        }
-        for (var m = 0u; m < MAX_M; m++) {
-            if m < p.m {
-                let xk = x[view(0u) + m * p.k + k];
-                for (var r = 0u; r < RPT; r++) {
-                    acc[m * RPT + r] = fma(xk, wv[r], acc[m * RPT + r]);
-                }
-            }
-        }
-    }
-
     let mr = MAX_M * MAX_RPT;
 #if SUBGROUPS
     let slots = TPR / ss;
     let slot = lane / ss;
-    for (var m = 0u; m < MAX_M; m++) {
-        if m < p.m {
-            for (var r = 0u; r < RPT; r++) {
-                let s = subgroupAdd(acc[m * RPT + r]);
-                if sl == 0u {
-                    red[(block * mr + m * RPT + r) * TPR + slot] = s;
-                }
-            }
-        }
-    }
 #else
     let slots = TPR;
-    for (var m = 0u; m < MAX_M; m++) {
-        if m < p.m {
-            for (var r = 0u; r < RPT; r++) {
-                red[(block * mr + m * RPT + r) * TPR + lane] = acc[m * RPT + r];
+    let slot = lane;
+#endif
+    for (var r = 0u; r < RPT; r++) {
+        let wo = min(row0 + r, p.n - 1u) * p.k;
+        for (var m = 0u; m < p.m; m++) {
+            let xo = view(0u) + m * p.k;
+            var s = 0.0;
+            for (var k = lane; k < p.k; k += TPR) {
+                s = fma(x[xo + k], w_at(wo + k), s);
             }
+#if SUBGROUPS
+            s = subgroupAdd(s);
+            if sl == 0u {
+                red[(block * mr + m * RPT + r) * TPR + slot] = s;
+            }
+#else
+            red[(block * mr + m * RPT + r) * TPR + slot] = s;
+#endif
         }
     }
-#endif
     workgroupBarrier();
     let fb = lid / mr;
     let fj = lid % mr;

@@ -52,6 +52,49 @@ fn weight_at(row: u32, j: u32) -> f32 {
 // Partial sums: [row-block][m * RPT + r][slot], slot < TPR.
 var<workgroup> red: array<f32, 2048>;
 
+// Codes 4i..4i+3 of a chunk held in w (BITS words) as values. After inlining, i and BITS
+// are constants, so every index below is too and w stays in registers.
+fn codes4(w: array<u32, 8>, i: u32) -> vec4<f32> {
+    let bit = i * 4u * BITS;
+    let lo = bit >> 5u;
+    return code_values4(window(w[lo], w[min(lo + 1u, 7u)], bit & 31u));
+}
+
+// Σ x·code over one chunk, written out so no private array is indexed dynamically.
+fn chunk_dot(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
+    let a = dot(x[0], codes4(w, 0u)) + dot(x[1], codes4(w, 1u));
+    let b = dot(x[2], codes4(w, 2u)) + dot(x[3], codes4(w, 3u));
+    let c = dot(x[4], codes4(w, 4u)) + dot(x[5], codes4(w, 5u));
+    let d = dot(x[6], codes4(w, 6u)) + dot(x[7], codes4(w, 7u));
+    return (a + b) + (c + d);
+}
+
+// The BITS words of chunk c of packed row `row` (4- and 8-bit: vec4 loads).
+fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
+    var w: array<u32, 8>;
+    let base = row * p.wpr + c * BITS;
+    if BITS == 4u {
+        let v = packed4[base / 4u];
+        w = array<u32, 8>(v.x, v.y, v.z, v.w, 0u, 0u, 0u, 0u);
+    } else if BITS == 8u {
+        let v0 = packed4[base / 4u];
+        let v1 = packed4[base / 4u + 1u];
+        w = array<u32, 8>(v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w);
+    } else {
+        let o = view(1u) + base;
+        w = array<u32, 8>(packed[o], packed[o + 1u], packed[o + min(2u, BITS - 1u)],
+                          packed[o + min(3u, BITS - 1u)], packed[o + min(4u, BITS - 1u)],
+                          packed[o + min(5u, BITS - 1u)], packed[o + min(6u, BITS - 1u)],
+                          packed[o + min(7u, BITS - 1u)]);
+    }
+    return w;
+}
+
+fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
+    return array<vec4<f32>, 8>(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u],
+                               xv[o + 5u], xv[o + 6u], xv[o + 7u]);
+}
+
 @compute @workgroup_size(WG)
 fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
        @builtin(local_invocation_index) lid: u32
@@ -65,99 +108,44 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let row0 = (flat_wg(wid, nwg) * blocks + block) * RPT;
     let chunks = p.k / 32u;
     let xbase = view(0u) / 4u;
-    var acc: array<f32, 32>;
-    for (var i = 0u; i < MAX_M * MAX_RPT; i++) {
-        acc[i] = 0.0;
-    }
-    for (var c = lane; c < chunks; c += TPR) {
-        // The chunk's words of every row (up to 8 words each), its scale and bias.
-        var wq: array<u32, 32>;
-        var sc: array<f32, 4>;
-        var bi: array<f32, 4>;
-        for (var r = 0u; r < RPT; r++) {
-            // Rows past N read row N-1 (their sums are never stored).
-            let row = min(row0 + r, p.n - 1u);
-            let g = row * p.gpr + (c * 32u) / GROUP_SIZE;
-            sc[r] = scale_at(g);
-            bi[r] = bias_at(g);
-            let wbase = row * p.wpr + c * BITS;
-            if BITS == 4u {
-                let v = packed4[wbase / 4u];
-                wq[r * 8u] = v.x;
-                wq[r * 8u + 1u] = v.y;
-                wq[r * 8u + 2u] = v.z;
-                wq[r * 8u + 3u] = v.w;
-            } else if BITS == 8u {
-                let v0 = packed4[wbase / 4u];
-                let v1 = packed4[wbase / 4u + 1u];
-                wq[r * 8u] = v0.x;
-                wq[r * 8u + 1u] = v0.y;
-                wq[r * 8u + 2u] = v0.z;
-                wq[r * 8u + 3u] = v0.w;
-                wq[r * 8u + 4u] = v1.x;
-                wq[r * 8u + 5u] = v1.y;
-                wq[r * 8u + 6u] = v1.z;
-                wq[r * 8u + 7u] = v1.w;
-            } else {
-                for (var i = 0u; i < BITS; i++) {
-                    wq[r * 8u + i] = packed[wbase + i];
-                }
-            }
-        }
-        for (var m = 0u; m < MAX_M; m++) {
-            if m < p.m {
-                var xc: array<vec4<f32>, 8>;
-                var xs = vec4<f32>(0.0);
-                let xo = xbase + (m * p.k + c * 32u) / 4u;
-                for (var i = 0u; i < 8u; i++) {
-                    xc[i] = xv[xo + i];
-                    xs += xc[i];
-                }
-                let xsum = xs.x + xs.y + xs.z + xs.w;
-                for (var r = 0u; r < RPT; r++) {
-                    var d = 0.0;
-                    for (var i = 0u; i < 8u; i++) {
-                        let bit = i * 4u * BITS;
-                        let lo = r * 8u + (bit >> 5u);
-                        let hi = r * 8u + min((bit >> 5u) + 1u, 7u);
-                        d += dot(xc[i], code_values4(window(wq[lo], wq[hi], bit & 31u)));
-                    }
-#if DT_U8
-                    acc[m * RPT + r] += sc[r] * d;
-#else
-                    acc[m * RPT + r] += sc[r] * d + bi[r] * xsum;
-#endif
-                }
-            }
-        }
-    }
-
-    // Sum the row-block's TPR partials. Subgroups never span two row-blocks: the host uses
-    // this path only when the subgroup size divides TPR.
     let mr = MAX_M * MAX_RPT;
 #if SUBGROUPS
     let slots = TPR / ss;
     let slot = lane / ss;
-    for (var m = 0u; m < MAX_M; m++) {
-        if m < p.m {
-            for (var r = 0u; r < RPT; r++) {
-                let s = subgroupAdd(acc[m * RPT + r]);
-                if sl == 0u {
-                    red[(block * mr + m * RPT + r) * TPR + slot] = s;
-                }
-            }
-        }
-    }
 #else
     let slots = TPR;
-    for (var m = 0u; m < MAX_M; m++) {
-        if m < p.m {
-            for (var r = 0u; r < RPT; r++) {
-                red[(block * mr + m * RPT + r) * TPR + lane] = acc[m * RPT + r];
+    let slot = lane;
+#endif
+    // One (row, x row) pair at a time with a scalar accumulator: the row's words come from
+    // memory once and from the cache for the other x rows; x comes from the cache.
+    for (var r = 0u; r < RPT; r++) {
+        // Rows past N read row N-1 (their sums are never stored).
+        let row = min(row0 + r, p.n - 1u);
+        let g0 = row * p.gpr;
+        for (var m = 0u; m < p.m; m++) {
+            var s = 0.0;
+            let xo = xbase + m * p.k / 4u;
+            for (var c = lane; c < chunks; c += TPR) {
+                let g = g0 + (c * 32u) / GROUP_SIZE;
+                let x = x_chunk(xo + c * 8u);
+                let d = chunk_dot(chunk_words(row, c), x);
+#if DT_U8
+                s += scale_at(g) * d;
+#else
+                let xs4 = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+                s += scale_at(g) * d + bias_at(g) * ((xs4.x + xs4.y) + (xs4.z + xs4.w));
+#endif
             }
+#if SUBGROUPS
+            s = subgroupAdd(s);
+            if sl == 0u {
+                red[(block * mr + m * RPT + r) * TPR + slot] = s;
+            }
+#else
+            red[(block * mr + m * RPT + r) * TPR + slot] = s;
+#endif
         }
     }
-#endif
     workgroupBarrier();
     // One invocation per (row-block, m, r): WG = blocks * 32 >= blocks * MAX_M * RPT.
     let fb = lid / mr;
@@ -166,12 +154,12 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let fr = fj % RPT;
     let frow = (flat_wg(wid, nwg) * blocks + fb) * RPT + fr;
     if fm < p.m && fr < RPT && frow < p.n && fb < blocks {
-        var s = 0.0;
+        var t = 0.0;
         let o = (fb * mr + fm * RPT + fr) * TPR;
         for (var i = 0u; i < slots; i++) {
-            s += red[o + i];
+            t += red[o + i];
         }
-        y[view(4u) + fm * p.n + frow] = s;
+        y[view(4u) + fm * p.n + frow] = t;
     }
 }
 
