@@ -38,6 +38,9 @@ pub enum Kernel {
     GgmlDense,
     GgmlLegacy,
     GgmlK,
+    Qmatmul,
+    Dense,
+    MatmulCoop,
 }
 
 impl Kernel {
@@ -60,6 +63,9 @@ impl Kernel {
         Kernel::GgmlDense,
         Kernel::GgmlLegacy,
         Kernel::GgmlK,
+        Kernel::Qmatmul,
+        Kernel::Dense,
+        Kernel::MatmulCoop,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -81,6 +87,9 @@ impl Kernel {
             Kernel::GgmlDense => "ggml_dense",
             Kernel::GgmlLegacy => "ggml_legacy",
             Kernel::GgmlK => "ggml_k",
+            Kernel::Qmatmul => "qmatmul",
+            Kernel::Dense => "dense",
+            Kernel::MatmulCoop => "matmul_coop",
         }
     }
 
@@ -104,6 +113,9 @@ impl Kernel {
             Kernel::GgmlDense => include_str!("shaders/ggml_dense.wgsl"),
             Kernel::GgmlLegacy => include_str!("shaders/ggml_legacy.wgsl"),
             Kernel::GgmlK => include_str!("shaders/ggml_k.wgsl"),
+            Kernel::Qmatmul => include_str!("shaders/qmatmul.wgsl"),
+            Kernel::Dense => include_str!("shaders/dense.wgsl"),
+            Kernel::MatmulCoop => include_str!("shaders/matmul_coop.wgsl"),
         }
     }
 }
@@ -111,6 +123,7 @@ impl Kernel {
 const PRELUDE: &str = include_str!("shaders/common/prelude.wgsl");
 const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
 const GGML_COMMON: &str = include_str!("shaders/ggml_common.wgsl");
+const QUANT: &str = include_str!("shaders/common/quant.wgsl");
 
 impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
@@ -118,6 +131,7 @@ impl Kernel {
         match self {
             Kernel::Norm | Kernel::Softmax | Kernel::Select => &[REDUCE],
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
+            Kernel::Qmatmul | Kernel::MatmulCoop => &[QUANT],
             _ => &[],
         }
     }
@@ -202,6 +216,7 @@ impl Spec {
             DType::BF16 => "DT_BF16",
             DType::U32 => "DT_U32",
             DType::I32 => "DT_I32",
+            DType::U8 => "DT_U8",
             _ => "DT_F32",
         }];
         if self.subgroups {
@@ -286,6 +301,20 @@ pub fn preprocess(kernel: Kernel, spec: &Spec, shader_f16: bool) -> Result<Strin
     }
     enables.push_str(&out);
     Ok(enables)
+    // `enable` directives must precede every declaration, the prelude's included: hoist them.
+    let (enables, rest): (Vec<&str>, Vec<&str>) = out
+        .lines()
+        .partition(|l| l.trim_start().starts_with("enable "));
+    if enables.is_empty() {
+        return Ok(out);
+    }
+    let mut hoisted = enables.join("\n");
+    hoisted.push('\n');
+    for l in rest {
+        hoisted.push_str(l);
+        hoisted.push('\n');
+    }
+    Ok(hoisted)
 }
 
 /// A compiled variant: the pipeline and its two bind-group layouts.

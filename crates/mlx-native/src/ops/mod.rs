@@ -2,6 +2,7 @@
 
 pub mod activation;
 pub mod bandwidth;
+pub mod dense;
 pub mod elementwise;
 pub mod embedding;
 pub mod fill;
@@ -9,6 +10,7 @@ pub mod kv;
 pub mod ggml_matmul;
 pub mod layout;
 pub mod norm;
+pub mod qmatmul;
 pub mod rope;
 pub mod sample;
 pub mod sdpa;
@@ -16,6 +18,7 @@ pub mod select;
 pub mod softmax;
 
 pub use activation::{gelu, glu, glu_split, silu, softcap, Act, GeluApprox};
+pub use dense::matmul;
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
@@ -27,6 +30,7 @@ pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 pub use select::{argmax, argsort, top_k};
 pub use softmax::softmax;
+pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
 
 use crate::device::Caps;
 
@@ -71,5 +75,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(sdpa::specs()?);
     v.extend(sample::specs());
     v.extend(ggml_matmul::specs()?);
+    v.extend(qmatmul::specs()?);
+    v.extend(dense::specs()?);
     Ok(v)
 }

@@ -4,3 +4,4 @@ pub mod ggml;
 pub mod ggml_weight;
 pub mod gguf;
 pub mod quant;
+pub mod quant_weight;

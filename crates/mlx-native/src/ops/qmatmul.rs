@@ -1,0 +1,366 @@
+//! MLX quantized matmul on the GPU: `y = x · Wᵀ` for a [`QuantWeight`] `W [N, K]` (affine
+//! 2/3/4/5/6/8 bits x groups 32/64/128 with f32/f16/bf16 scales, and MXFP4), plus GPU
+//! dequantization and quantized row gathers (embedding lookups of a quantized table).
+//!
+//! Design (`shaders/qmatmul.wgsl`, `shaders/common/quant.wgsl`, `shaders/matmul_coop.wgsl`):
+//! - **Layout**: MLX's own, no repack. A *chunk* is 32 codes of a row = `bits` u32 words,
+//!   word-aligned and inside one group, so one scale (and bias) per chunk; codes that straddle
+//!   words (3/5/6 bits) are decoded from a 32-bit window over two words.
+//! - **qmv** (decode, M ≤ 8): a row-block of 32 invocations owns RPT (1, 2 or 4) weight rows;
+//!   its invocations stride over the chunks, so consecutive invocations read consecutive
+//!   16-byte chunks of a row (coalesced; 4- and 8-bit chunks are single vec4 loads). Each
+//!   invocation loads its chunk of x once per x row (8 vec4 loads, its sum for the bias term)
+//!   and reuses it for all RPT weight rows: `Σ x·w = scale·Σ x·q + bias·Σ x`. Partial sums
+//!   (f32, one per (m, r)) are reduced with `subgroupAdd` when the subgroup size divides 32
+//!   (then one workgroup-memory step over the 32 / size subgroups of a row-block), else
+//!   through workgroup memory. Two row-blocks (64 invocations) per workgroup, so N = 4096
+//!   at RPT 4 gives 512 workgroups. RPT grows with N: fewer, longer-lived invocations that
+//!   share x when there are enough rows to fill the GPU.
+//! - **qmm** (prefill, M > 8): 64 x 64 output tiles per workgroup of 256 (4 x 4 outputs per
+//!   invocation), K in steps of 32, x and dequantized W tiles in 16 KiB of workgroup memory
+//!   (lavapipe allows 32 KiB). Neighbouring workgroups share a W tile (M blocks vary fastest).
+//! - **Cooperative matrix** (when `Caps::coop_tile(16)` or `(8)`, f16 shaders, and a fixed
+//!   subgroup size of 32): 4 subgroups per workgroup, each 2 x 2 tiles; x and W go to f16 in
+//!   workgroup memory, accumulate in f32. Not runnable on lavapipe: its test runs where the
+//!   adapter has cooperative matrices and is skipped (with a note) elsewhere.
+//! - x must start at a multiple of 4 elements for the vec4 loads: other views are copied
+//!   first (one small dispatch).
+//!
+//! Accuracy: f32 products and sums over K terms (qmv, tiled qmm); the cooperative path
+//! rounds x and the dequantized W to f16 (relative 2^-11 per term) and accumulates in f32.
+
+use crate::buffer::MlxBuffer;
+use crate::check;
+use crate::device::Caps;
+use crate::dtype::DType;
+use crate::encoder::Pass;
+use crate::error::{MlxError, Result};
+use crate::kernels::{Kernel, Spec};
+use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
+use crate::weights::quant_weight::QuantWeight;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct QmatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    wpr: u32,
+    gpr: u32,
+    rows: u32,
+    use_ids: u32,
+    _pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<QmatmulParams>() == 32);
+
+/// Largest M the matrix-vector kernels take.
+pub const MAX_VEC_M: usize = 8;
+/// Workgroup size of the matrix-vector kernels: two row-blocks of 32.
+pub(crate) const VEC_WG: u32 = 64;
+pub(crate) const VEC_RPTS: [u32; 3] = [1, 2, 4];
+/// Workgroup size and output tile of the scalar tiled kernels.
+pub(crate) const TILED_WG: u32 = 256;
+pub(crate) const TILED_BLOCK: usize = 64;
+/// Subgroup size the cooperative kernels are built for (4 subgroups per workgroup).
+pub(crate) const COOP_SG: u32 = 32;
+const COOP_WORKGROUP_BYTES: u32 = 24 * 1024;
+const DEQUANT_WG: u32 = 256;
+
+/// Which kernel a matmul of a given shape runs, and how. A pure function of the shapes and
+/// [`Caps`] ([`plan`]), shared by the quantized and dense matmuls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MatmulPlan {
+    /// Matrix-vector kernel (M ≤ 8): `rpt` weight rows per row-block of 32 invocations,
+    /// reductions with subgroup operations or workgroup memory.
+    Vector { rpt: u32, subgroups: bool },
+    /// 64 x 64 tiles of f32 FMAs, tiles in workgroup memory.
+    Tiled,
+    /// Cooperative-matrix tiles of `tile` x `tile` (16: NVIDIA, 8: Apple).
+    Coop { tile: u32 },
+}
+
+/// The variant for `y[M, N] = x[M, K] · Wᵀ` on a device with `caps`.
+pub fn plan(m: usize, n: usize, _k: usize, caps: &Caps) -> MatmulPlan {
+    if m <= MAX_VEC_M {
+        let rpt = if n >= 4096 {
+            4
+        } else if n >= 512 {
+            2
+        } else {
+            1
+        };
+        // Subgroups must tile a row-block of 32 exactly.
+        let sg = caps.subgroups
+            && caps.subgroup_min_size >= 1
+            && caps.subgroup_max_size <= 32
+            && caps.subgroup_min_size.is_power_of_two()
+            && caps.subgroup_max_size.is_power_of_two();
+        return MatmulPlan::Vector { rpt, subgroups: sg };
+    }
+    let coop_ok = caps.shader_f16
+        && caps.subgroups
+        && caps.subgroup_min_size == COOP_SG
+        && caps.subgroup_max_size == COOP_SG
+        && caps.max_invocations_per_workgroup >= 4 * COOP_SG
+        && caps.max_workgroup_storage >= COOP_WORKGROUP_BYTES;
+    if coop_ok {
+        for tile in [16, 8] {
+            if caps.coop_tile(tile).is_some() {
+                return MatmulPlan::Coop { tile };
+            }
+        }
+    }
+    MatmulPlan::Tiled
+}
+
+/// The tiled plan when the cooperative one is not wanted (for `qmm` with M ≤ 8).
+fn matrix_plan(m: usize, n: usize, k: usize, caps: &Caps) -> MatmulPlan {
+    match plan(m.max(MAX_VEC_M + 1), n, k, caps) {
+        MatmulPlan::Vector { .. } => MatmulPlan::Tiled,
+        p => p,
+    }
+}
+
+/// The dtype that selects the scales' WGSL type: U8 for MXFP4's e8m0 bytes.
+fn scale_dtype(params: QuantParams, dtype: DType) -> DType {
+    match params.mode {
+        QuantMode::Affine => dtype,
+        QuantMode::Mxfp4 => DType::U8,
+    }
+}
+
+fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result<Spec> {
+    Spec::new(entry, dt, wg)
+        .with_const("BITS", params.bits)?
+        .with_const("GROUP_SIZE", params.group_size)
+}
+
+fn vec_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool) -> Result<Spec> {
+    Ok(qspec("qmv", params, dt, VEC_WG)?
+        .with_const("RPT", rpt)?
+        .with_subgroups(sg))
+}
+
+pub(crate) fn coop_entry(tile: u32, quant: bool) -> &'static str {
+    match (tile, quant) {
+        (16, true) => "qmm_coop16",
+        (16, false) => "matmul_coop16",
+        (_, true) => "qmm_coop8",
+        (_, false) => "matmul_coop8",
+    }
+}
+
+/// Every quantization format the kernels take, with the scale dtypes.
+fn formats() -> Vec<(QuantParams, DType)> {
+    let mut v = Vec::new();
+    for bits in AFFINE_BITS {
+        for gs in AFFINE_GROUP_SIZES {
+            for dt in super::FLOAT_DTYPES {
+                v.push((QuantParams::affine(bits, gs), dt));
+            }
+        }
+    }
+    v.push((QuantParams::mxfp4(), DType::U8));
+    v
+}
+
+pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
+    let mut v = vec![(Kernel::Qmatmul, Spec::new("copy_x", DType::F32, DEQUANT_WG))];
+    for (params, dt) in formats() {
+        for rpt in VEC_RPTS {
+            for sg in [false, true] {
+                v.push((Kernel::Qmatmul, vec_spec(params, dt, rpt, sg)?));
+            }
+        }
+        v.push((Kernel::Qmatmul, qspec("qmm", params, dt, TILED_WG)?));
+        v.push((Kernel::Qmatmul, qspec("dequant", params, dt, DEQUANT_WG)?));
+        for tile in [16, 8] {
+            let s = qspec(coop_entry(tile, true), params, dt, 4 * COOP_SG)?;
+            v.push((Kernel::MatmulCoop, s));
+        }
+    }
+    Ok(v)
+}
+
+fn params_for(w: &QuantWeight, m: usize) -> Result<QmatmulParams> {
+    let l = w.layout();
+    let [n, k] = w.shape();
+    Ok(QmatmulParams {
+        m: check::fits_u32(m, "qmatmul", "M")?,
+        n: check::fits_u32(n, "qmatmul", "N")?,
+        k: check::fits_u32(k, "qmatmul", "K")?,
+        wpr: check::fits_u32(l.words_per_row, "qmatmul", "words per row")?,
+        gpr: check::fits_u32(l.groups_per_row, "qmatmul", "groups per row")?,
+        rows: 0,
+        use_ids: 0,
+        _pad: 0,
+    })
+}
+
+/// Validates x against W: f32, last dimension K. Returns (M, output shape).
+fn check_x(op: &str, x: &MlxBuffer, k: usize, n: usize) -> Result<(usize, Vec<usize>)> {
+    check::dtype(x, &[DType::F32], op, "x")?;
+    let (m, xk) = check::rows(x, op, "x")?;
+    check::ensure(xk == k, op, || {
+        format!(
+            "x has {xk} columns (shape {:?}), expected K = {k}",
+            x.shape()
+        )
+    })?;
+    let mut shape = x.shape().to_vec();
+    if let Some(last) = shape.last_mut() {
+        *last = n;
+    }
+    Ok((m, shape))
+}
+
+/// `x` itself when its first element sits on a 16-byte boundary of the binding (the kernels
+/// read it as vec4), else an aligned copy.
+fn aligned_x(pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
+    let align = pass.caps().storage_offset_alignment;
+    if x.elem_offset().is_multiple_of(4) && align.is_multiple_of(16) {
+        return Ok(x.clone());
+    }
+    let n = check::fits_u32(x.len(), "qmatmul", "x elements")?;
+    let out = pass.alloc(DType::F32, x.shape())?;
+    let params = QmatmulParams {
+        m: 0,
+        n: 0,
+        k: 0,
+        wpr: 0,
+        gpr: 0,
+        rows: n,
+        use_ids: 0,
+        _pad: 0,
+    };
+    let spec = Spec::new("copy_x", DType::F32, DEQUANT_WG);
+    let bufs = [&out, &out, &out, &out, &out, &out, &out, x];
+    pass.dispatch(
+        Kernel::Qmatmul,
+        spec,
+        &params,
+        &bufs,
+        n.div_ceil(DEQUANT_WG),
+    )?;
+    Ok(out)
+}
+
+/// `y = x · Wᵀ`, choosing the kernel with [`plan`]: qmv for M ≤ 8, else qmm.
+/// `x` is f32 `[..., K]`; `y` is f32 `[..., N]`.
+pub fn qmatmul(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer> {
+    let [n, k] = w.shape();
+    let (m, _) = check_x("qmatmul", x, k, n)?;
+    let p = plan(m, n, k, pass.caps());
+    run(pass, "qmatmul", x, w, p)
+}
+
+/// Matrix-vector `y = x · Wᵀ` for M ≤ 8 rows of x (the decode path).
+pub fn qmv(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer> {
+    let [n, k] = w.shape();
+    let (m, _) = check_x("qmv", x, k, n)?;
+    check::ensure(m <= MAX_VEC_M, "qmv", || {
+        format!("x has {m} rows, at most {MAX_VEC_M} (use qmm or qmatmul)")
+    })?;
+    let p = plan(m, n, k, pass.caps());
+    run(pass, "qmv", x, w, p)
+}
+
+/// Matrix-matrix `y = x · Wᵀ` for any M (the prefill path): cooperative matrices when the
+/// device has them, else the tiled scalar kernel.
+pub fn qmm(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer> {
+    let [n, k] = w.shape();
+    let (m, _) = check_x("qmm", x, k, n)?;
+    let p = matrix_plan(m, n, k, pass.caps());
+    run(pass, "qmm", x, w, p)
+}
+
+fn run(
+    pass: &mut Pass,
+    op: &str,
+    x: &MlxBuffer,
+    w: &QuantWeight,
+    plan: MatmulPlan,
+) -> Result<MlxBuffer> {
+    let [n, k] = w.shape();
+    let (m, yshape) = check_x(op, x, k, n)?;
+    let params = params_for(w, m)?;
+    let dt = scale_dtype(w.params(), w.dtype());
+    let y = pass.alloc(DType::F32, &yshape)?;
+    let biases = w.biases().unwrap_or(w.scales());
+    match plan {
+        MatmulPlan::Vector { rpt, subgroups } => {
+            let xa = aligned_x(pass, x)?;
+            let spec = vec_spec(w.params(), dt, rpt, subgroups)?;
+            let rows_per_wg = (VEC_WG / 32) as usize * rpt as usize;
+            let groups = check::fits_u32(n.div_ceil(rows_per_wg), op, "workgroups")?;
+            let bufs = [&xa, w.packed(), w.scales(), biases, &y, w.packed()];
+            pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, groups)?;
+        }
+        MatmulPlan::Tiled => {
+            let xa = aligned_x(pass, x)?;
+            let spec = qspec("qmm", w.params(), dt, TILED_WG)?;
+            let tiles = m.div_ceil(TILED_BLOCK) * n.div_ceil(TILED_BLOCK);
+            let groups = check::fits_u32(tiles, op, "workgroups")?;
+            let bufs = [&xa, w.packed(), w.scales(), biases, &y];
+            pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, groups)?;
+        }
+        MatmulPlan::Coop { tile } => {
+            let spec = qspec(coop_entry(tile, true), w.params(), dt, 4 * COOP_SG)?;
+            let block = 4 * tile as usize;
+            let tiles = m.div_ceil(block) * n.div_ceil(block);
+            let groups = check::fits_u32(tiles, op, "workgroups")?;
+            let bufs = [x, w.packed(), w.scales(), biases, &y, w.packed()];
+            pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups)?;
+        }
+    }
+    Ok(y)
+}
+
+fn dequant_rows(
+    pass: &mut Pass,
+    w: &QuantWeight,
+    ids: Option<&MlxBuffer>,
+    rows: usize,
+    op: &str,
+) -> Result<MlxBuffer> {
+    let [_, k] = w.shape();
+    let mut params = params_for(w, 0)?;
+    params.rows = check::fits_u32(rows, op, "rows")?;
+    params.use_ids = u32::from(ids.is_some());
+    let invocations = rows
+        .checked_mul(k / 32)
+        .ok_or_else(|| MlxError::invalid(format!("{op}: output too large")))?;
+    let groups = check::fits_u32(invocations.div_ceil(DEQUANT_WG as usize), op, "workgroups")?;
+    let dt = scale_dtype(w.params(), w.dtype());
+    let y = pass.alloc(DType::F32, &[rows, k])?;
+    let spec = qspec("dequant", w.params(), dt, DEQUANT_WG)?;
+    let biases = w.biases().unwrap_or(w.scales());
+    let idb = ids.unwrap_or(w.packed());
+    let bufs = [&y, w.packed(), w.scales(), biases, &y, &y, idb];
+    pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, groups)?;
+    Ok(y)
+}
+
+/// The whole weight dequantized to f32 `[N, K]` (`scale * q + bias` in f32).
+pub fn dequantize(pass: &mut Pass, w: &QuantWeight) -> Result<MlxBuffer> {
+    let [n, _] = w.shape();
+    dequant_rows(pass, w, None, n, "dequantize")
+}
+
+/// Rows `ids` (u32 or i32, any shape) of the weight, dequantized: f32 `[ids.len(), K]`.
+/// The embedding lookup of a quantized `embed_tokens`; an id outside `0..N` gives a row of
+/// NaN.
+pub fn gather_rows_quantized(
+    pass: &mut Pass,
+    w: &QuantWeight,
+    ids: &MlxBuffer,
+) -> Result<MlxBuffer> {
+    let op = "gather_rows_quantized";
+    check::dtype(ids, &[DType::U32, DType::I32], op, "ids")?;
+    let ids32 = ids.bitcast(DType::U32, &[ids.len()])?;
+    dequant_rows(pass, w, Some(&ids32), ids.len(), op)
+}
+
+#[cfg(test)]
+#[path = "qmatmul_tests.rs"]
+mod tests;

@@ -1,0 +1,564 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Tests of `ops::qmatmul` against an f64 product over the CPU dequantization of
+//! `weights::quant` (which is bit-exact with MLX).
+//!
+//! Tolerances: the CPU reference dequantizes in f32 (`round(round(q*s) + b)`) and the GPU
+//! with one fma, so weights differ by at most 1 ulp of |q*s| + |b|; the GPU sums K products
+//! in f32 in its own order. Both are covered by `(4·sqrt(K) + 2)·2^-24·Σ|x·w|` (typical f32
+//! summation error grows like sqrt(K); Higham §3.5), the same for f32, f16 and bf16 scales
+//! since the scale values themselves are exact. The cooperative path rounds x and W to f16:
+//! `2·2^-11·Σ|x·w|` more.
+use super::*;
+use crate::ops::dense::tests::check_product;
+use crate::testutil::{devices, gpu, Rng};
+use crate::weights::quant::{dequantize as cpu_dequantize, quantize_as, round_to_dtype, Quantized};
+use crate::MlxDevice;
+
+fn weight(rng: &mut Rng, n: usize, k: usize, dt: DType) -> Vec<f32> {
+    rng.normals(n * k, 0.3)
+        .into_iter()
+        .map(|v| round_to_dtype(v, dt).unwrap())
+        .collect()
+}
+
+fn quant(rng: &mut Rng, n: usize, k: usize, params: QuantParams, dt: DType) -> Quantized {
+    quantize_as(&weight(rng, n, k, dt), n, k, params, dt).unwrap()
+}
+
+/// The reference weights: f32 dequantization of the stored codes, scales and biases.
+fn reference(q: &Quantized) -> Vec<f64> {
+    cpu_dequantize(
+        &q.packed,
+        q.scales.as_view(),
+        q.biases.as_deref(),
+        q.rows,
+        q.cols,
+        q.params,
+    )
+    .unwrap()
+    .into_iter()
+    .map(f64::from)
+    .collect()
+}
+
+fn is_coop(g: &MlxDevice, m: usize, n: usize, k: usize) -> bool {
+    matches!(matrix_plan(m, n, k, g.caps()), MatmulPlan::Coop { .. })
+}
+
+type Op = fn(&mut Pass, &MlxBuffer, &QuantWeight) -> Result<MlxBuffer>;
+
+#[allow(clippy::too_many_arguments)]
+fn run_case(
+    g: &MlxDevice,
+    rng: &mut Rng,
+    op: Op,
+    coop: bool,
+    m: usize,
+    n: usize,
+    params: QuantParams,
+    k: usize,
+    dt: DType,
+) {
+    let q = quant(rng, n, k, params, dt);
+    let w = QuantWeight::upload(g, &q).unwrap();
+    let x = rng.normals(m * k, 1.0);
+    let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+    let mut pass = g.begin();
+    let y = op(&mut pass, &gx, &w).unwrap();
+    pass.commit_and_wait().unwrap();
+    assert_eq!(y.shape(), &[m, n]);
+    let what = format!(
+        "{} b{} g{} {dt} {m}x{n}x{k} sg={}",
+        params.mode,
+        params.bits,
+        params.group_size,
+        g.caps().subgroups
+    );
+    check_product(
+        &y.to_vec(g).unwrap(),
+        &x,
+        &reference(&q),
+        m,
+        n,
+        k,
+        coop,
+        &what,
+    );
+}
+
+fn all_formats() -> Vec<(QuantParams, DType)> {
+    let mut v = Vec::new();
+    for bits in AFFINE_BITS {
+        for gs in AFFINE_GROUP_SIZES {
+            for dt in super::super::FLOAT_DTYPES {
+                v.push((QuantParams::affine(bits, gs), dt));
+            }
+        }
+    }
+    for dt in super::super::FLOAT_DTYPES {
+        v.push((QuantParams::mxfp4(), dt));
+    }
+    v
+}
+
+#[test]
+fn plan_depends_only_on_shapes_and_caps() {
+    let mut caps = gpu().caps().clone();
+    caps.subgroups = true;
+    caps.subgroup_min_size = 32;
+    caps.subgroup_max_size = 32;
+    caps.shader_f16 = true;
+    caps.cooperative_matrix = vec![];
+    let v = |rpt, subgroups| MatmulPlan::Vector { rpt, subgroups };
+    assert_eq!(plan(1, 4096, 4096, &caps), v(4, true));
+    assert_eq!(plan(8, 14336, 4096, &caps), v(4, true));
+    assert_eq!(plan(3, 1000, 64, &caps), v(2, true));
+    assert_eq!(plan(1, 7, 96, &caps), v(1, true));
+    assert_eq!(plan(9, 7, 96, &caps), MatmulPlan::Tiled);
+    caps.cooperative_matrix = vec![crate::device::CoopShape {
+        m: 16,
+        n: 16,
+        k: 16,
+    }];
+    assert_eq!(plan(512, 4096, 4096, &caps), MatmulPlan::Coop { tile: 16 });
+    assert_eq!(plan(8, 4096, 4096, &caps), v(4, true));
+    caps.cooperative_matrix = vec![crate::device::CoopShape { m: 8, n: 8, k: 8 }];
+    assert_eq!(plan(33, 64, 64, &caps), MatmulPlan::Coop { tile: 8 });
+    // A variable subgroup size: no cooperative kernels; wave64 reduces through memory.
+    caps.subgroup_max_size = 64;
+    assert_eq!(plan(33, 64, 64, &caps), MatmulPlan::Tiled);
+    assert_eq!(plan(1, 64, 64, &caps), v(1, false));
+    caps.subgroups = false;
+    caps.subgroup_max_size = 32;
+    assert_eq!(plan(1, 64, 64, &caps), v(1, false));
+}
+
+#[test]
+fn qmv_every_format_on_both_reduction_paths() {
+    let mut rng = Rng::new(50);
+    for (i, g) in devices().into_iter().enumerate() {
+        let c = g.caps();
+        println!(
+            "{}: subgroups {} (sizes {}..={}): qmv plan {:?}",
+            c.adapter_name,
+            c.subgroups,
+            c.subgroup_min_size,
+            c.subgroup_max_size,
+            plan(1, 7, 96, c)
+        );
+        for (j, (params, dt)) in all_formats().into_iter().enumerate() {
+            // The fallback device gets a third of the formats (every bit width still).
+            if i > 0 && j % 3 != 1 {
+                continue;
+            }
+            let gs = params.group_size as usize;
+            // K = 3 groups: not a multiple of 128 for gs 32 and 64 (96, 192), nor of 512.
+            let (m, n) = [(1, 7), (3, 33), (8, 1)][j % 3];
+            run_case(g, &mut rng, qmv, false, m, n, params, 3 * gs, dt);
+        }
+    }
+}
+
+#[test]
+fn qmv_large_shapes_and_every_rows_per_thread() {
+    let mut rng = Rng::new(51);
+    let g = gpu();
+    // N = 4097 runs RPT 4 with a partial last row-block; 600 runs RPT 2.
+    run_case(
+        g,
+        &mut rng,
+        qmv,
+        false,
+        1,
+        4097,
+        QuantParams::affine(4, 64),
+        1024 + 64,
+        DType::BF16,
+    );
+    run_case(
+        g,
+        &mut rng,
+        qmv,
+        false,
+        2,
+        600,
+        QuantParams::affine(3, 32),
+        4096 + 32,
+        DType::F16,
+    );
+    run_case(
+        g,
+        &mut rng,
+        qmatmul,
+        false,
+        8,
+        4100,
+        QuantParams::mxfp4(),
+        256,
+        DType::BF16,
+    );
+}
+
+#[test]
+fn qmm_tiled_and_cooperative_every_bit_width() {
+    let mut rng = Rng::new(52);
+    for g in devices() {
+        for (j, (params, dt)) in all_formats().into_iter().enumerate() {
+            if j % 4 != 0 && params.mode == QuantMode::Affine {
+                continue;
+            }
+            let gs = params.group_size as usize;
+            let (m, n, k) = [(33, 70, 3 * gs), (9, 1, 2 * gs), (65, 129, gs)][j % 3];
+            let coop = is_coop(g, m, n, k);
+            run_case(g, &mut rng, qmm, coop, m, n, params, k, dt);
+        }
+        // M = 512 through the dispatcher; and qmm with M <= 8 (tiled or cooperative).
+        let coop = is_coop(g, 512, 40, 384);
+        run_case(
+            g,
+            &mut rng,
+            qmatmul,
+            coop,
+            512,
+            40,
+            QuantParams::affine(4, 128),
+            384,
+            DType::BF16,
+        );
+        let coop = is_coop(g, 3, 65, 96);
+        run_case(
+            g,
+            &mut rng,
+            qmm,
+            coop,
+            3,
+            65,
+            QuantParams::affine(6, 32),
+            96,
+            DType::F32,
+        );
+    }
+}
+
+#[test]
+fn cooperative_matrix_path_where_available() {
+    let g = gpu();
+    if !is_coop(g, 64, 64, 64) {
+        println!(
+            "cooperative_matrix_path_where_available: skipped, {} has no usable cooperative \
+             matrix (the tiled path ran instead)",
+            g.caps().adapter_name
+        );
+        return;
+    }
+    let mut rng = Rng::new(53);
+    for &(m, n, k, bits) in &[
+        (64usize, 64usize, 64usize, 4u32),
+        (100, 130, 320, 3),
+        (17, 33, 96, 8),
+    ] {
+        run_case(
+            g,
+            &mut rng,
+            qmm,
+            true,
+            m,
+            n,
+            QuantParams::affine(bits, 32),
+            k,
+            DType::F16,
+        );
+    }
+    run_case(
+        g,
+        &mut rng,
+        qmm,
+        true,
+        40,
+        70,
+        QuantParams::mxfp4(),
+        128,
+        DType::BF16,
+    );
+}
+
+#[test]
+fn dequantize_and_gather_match_cpu() {
+    let mut rng = Rng::new(54);
+    let g = gpu();
+    for (j, (params, dt)) in all_formats().into_iter().enumerate() {
+        if j % 5 != 0 && params.mode == QuantMode::Affine {
+            continue;
+        }
+        let (n, k) = (5, 2 * params.group_size as usize);
+        let q = quant(&mut rng, n, k, params, dt);
+        let want = reference(&q);
+        let w = QuantWeight::upload(g, &q).unwrap();
+        let ids_host = [4u32, 0, 4, 2];
+        let ids = MlxBuffer::from_slice(g, &ids_host, &[2, 2]).unwrap();
+        let mut pass = g.begin();
+        let full = dequantize(&mut pass, &w).unwrap();
+        let rows = gather_rows_quantized(&mut pass, &w, &ids).unwrap();
+        pass.commit_and_wait().unwrap();
+        let full = full.to_vec::<f32>(g).unwrap();
+        // One fma against two roundings: 1 ulp of |q*s| + |b|; |w| <= 2 covers it as 2^-22.
+        for (i, (&a, &b)) in full.iter().zip(&want).enumerate() {
+            assert!(
+                (a as f64 - b).abs() <= 2f64.powi(-22) * (1.0 + b.abs()),
+                "{params:?} {dt} [{i}]: {a} vs {b}"
+            );
+        }
+        let rows = rows.to_vec::<f32>(g).unwrap();
+        for (r, &id) in ids_host.iter().enumerate() {
+            let id = id as usize;
+            assert_eq!(
+                rows[r * k..(r + 1) * k],
+                full[id * k..(id + 1) * k],
+                "gather row {r}"
+            );
+        }
+    }
+}
+
+#[test]
+fn gather_of_an_out_of_range_id_is_nan() {
+    let g = gpu();
+    let mut rng = Rng::new(55);
+    let q = quant(&mut rng, 3, 64, QuantParams::affine(4, 64), DType::F32);
+    let w = QuantWeight::upload(g, &q).unwrap();
+    let ids = MlxBuffer::from_slice(g, &[1i32, -1, 3], &[3]).unwrap();
+    let mut pass = g.begin();
+    let rows = gather_rows_quantized(&mut pass, &w, &ids).unwrap();
+    pass.commit_and_wait().unwrap();
+    let rows = rows.to_vec::<f32>(g).unwrap();
+    assert!(rows[..64].iter().all(|v| v.is_finite()));
+    assert!(rows[64..].iter().all(|v| v.is_nan()));
+}
+
+#[test]
+fn x_views_at_any_offset() {
+    let g = gpu();
+    let mut rng = Rng::new(56);
+    let (n, k) = (9, 64);
+    let q = quant(&mut rng, n, k, QuantParams::affine(5, 32), DType::BF16);
+    let w = QuantWeight::upload(g, &q).unwrap();
+    let base = rng.normals(7 + 3 * k, 1.0);
+    let gb = MlxBuffer::from_slice(g, &base, &[base.len()]).unwrap();
+    for off in [0usize, 3, 4, 7] {
+        for m in [1usize, 2] {
+            let x = gb.view(off, &[m, k]).unwrap();
+            for (op, name) in [(qmv as Op, "qmv"), (qmm as Op, "qmm")] {
+                let mut pass = g.begin();
+                let y = op(&mut pass, &x, &w).unwrap();
+                pass.commit_and_wait().unwrap();
+                let coop = name == "qmm" && is_coop(g, m, n, k);
+                let what = format!("{name} view at {off}");
+                check_product(
+                    &y.to_vec(g).unwrap(),
+                    &base[off..],
+                    &reference(&q),
+                    m,
+                    n,
+                    k,
+                    coop,
+                    &what,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn bad_inputs_are_named() {
+    let g = gpu();
+    let mut rng = Rng::new(57);
+    let p4 = QuantParams::affine(4, 64);
+    // K not divisible by the group size.
+    let e = QuantWeight::from_raw(
+        g,
+        &[0; 48],
+        &[0; 12],
+        Some(&[0; 12]),
+        [4, 96],
+        p4,
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "QuantWeight: shape [4, 96]: K = 96 is not a positive multiple of group_size 64"
+    );
+    // Scales of the wrong length: [6, 128] at g64 has 12 groups.
+    let words = vec![0u32; 6 * 16];
+    let e = QuantWeight::from_raw(
+        g,
+        &words,
+        &[0; 20],
+        Some(&[0; 24]),
+        [6, 128],
+        p4,
+        DType::F16,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(e, "QuantWeight: scales has 10 elements, expected 12");
+    let e = QuantWeight::from_raw(g, &words, &[0; 24], None, [6, 128], p4, DType::F16)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "QuantWeight: affine weights need biases, got none");
+    let e = QuantWeight::from_raw(
+        g,
+        &words[1..],
+        &[0; 24],
+        Some(&[0; 24]),
+        [6, 128],
+        p4,
+        DType::F16,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(e, "QuantWeight: packed has 95 elements, expected 96");
+    // Unsupported bits.
+    let e = QuantWeight::from_raw(
+        g,
+        &words,
+        &[0; 24],
+        Some(&[0; 24]),
+        [6, 128],
+        QuantParams::affine(7, 64),
+        DType::F16,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "unsupported: QuantWeight: affine quantization with bits=7; supported bits are 2, 3, 4, 5, 6, 8"
+    );
+    // x that does not fit.
+    let q = quant(&mut rng, 3, 64, p4, DType::F32);
+    let w = QuantWeight::upload(g, &q).unwrap();
+    let x = MlxBuffer::from_slice(g, &[1.0f32; 96], &[1, 96]).unwrap();
+    let mut pass = g.begin();
+    let e = qmatmul(&mut pass, &x, &w).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "qmatmul: x has 96 columns (shape [1, 96]), expected K = 64"
+    );
+    let x9 = MlxBuffer::from_slice(g, &[1.0f32; 9 * 64], &[9, 64]).unwrap();
+    let e = qmv(&mut pass, &x9, &w).unwrap_err().to_string();
+    assert_eq!(e, "qmv: x has 9 rows, at most 8 (use qmm or qmatmul)");
+    let xh = MlxBuffer::from_slice(g, &[half::f16::ONE; 64], &[1, 64]).unwrap();
+    let e = qmm(&mut pass, &xh, &w).unwrap_err().to_string();
+    assert_eq!(e, "qmm: x is f16, expected f32");
+    let ids = MlxBuffer::from_slice(g, &[1.0f32], &[1]).unwrap();
+    let e = gather_rows_quantized(&mut pass, &w, &ids)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "gather_rows_quantized: ids is f32, expected u32 or i32");
+}
+
+/// Timing probe for a real GPU (`--ignored --nocapture`): qmv at decode shapes against the
+/// measured read bandwidth, and qmm/matmul at a prefill shape.
+#[test]
+#[ignore]
+fn timing_probe() {
+    let g = gpu();
+    println!("{} ({})", g.caps().adapter_name, g.caps().backend);
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        v[v.len() / 2]
+    };
+    let time = |f: &dyn Fn(&mut Pass)| {
+        let mut pass = g.begin().with_profiling(true);
+        for _ in 0..25 {
+            f(&mut pass);
+        }
+        let t = pass.commit_and_wait().unwrap();
+        median(t.iter().skip(5).map(|k| k.nanos).collect())
+    };
+    let words = 32usize << 20;
+    let src = MlxBuffer::new(g, DType::U32, &[words]).unwrap();
+    let sink = MlxBuffer::new(g, DType::U32, &[65536]).unwrap();
+    let ns = time(&|p| crate::ops::bandwidth::read_probe(p, &src, &sink, 65535).unwrap());
+    let roof = (words * 4) as f64 / ns;
+    println!("read_probe: {roof:.0} GB/s");
+    let mut rng = Rng::new(99);
+    for &(n, k, bits, gs) in &[
+        (4096usize, 4096usize, 4u32, 64u32),
+        (14336, 4096, 4, 64),
+        (4096, 14336, 4, 64),
+        (4096, 4096, 8, 64),
+        (4096, 4096, 3, 64),
+        (4096, 4096, 6, 64),
+    ] {
+        let params = QuantParams::affine(bits, gs);
+        let wpr = k * bits as usize / 32;
+        let packed: Vec<u32> = (0..n * wpr).map(|_| rng.next_u64() as u32).collect();
+        let groups = n * k / gs as usize;
+        let s: Vec<half::bf16> = (0..groups)
+            .map(|_| half::bf16::from_f32(rng.uniform(0.001, 0.01)))
+            .collect();
+        let b: Vec<half::bf16> = (0..groups)
+            .map(|_| half::bf16::from_f32(rng.uniform(-0.05, 0.05)))
+            .collect();
+        let w = QuantWeight::from_raw(
+            g,
+            &packed,
+            bytemuck::cast_slice(&s),
+            Some(bytemuck::cast_slice(&b)),
+            [n, k],
+            params,
+            DType::BF16,
+        )
+        .unwrap();
+        let bytes = (packed.len() * 4 + groups * 4) as f64;
+        for m in [1usize, 4, 8] {
+            let x = MlxBuffer::from_slice(g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
+            let ns = time(&|p| {
+                qmv(p, &x, &w).unwrap();
+            });
+            println!(
+                "qmv b{bits} g{gs} M={m} {n}x{k} {:?}: {:.2} us, {:.0} GB/s ({:.0}% of read_probe)",
+                plan(m, n, k, g.caps()),
+                ns / 1e3,
+                bytes / ns,
+                100.0 * bytes / ns / roof
+            );
+        }
+        if bits == 4 && n == 4096 && k == 4096 {
+            let m = 512;
+            let x = MlxBuffer::from_slice(g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
+            let ns = time(&|p| {
+                qmm(p, &x, &w).unwrap();
+            });
+            println!(
+                "qmm {m}x{n}x{k} {:?}: {:.1} us, {:.1} TFLOP/s",
+                matrix_plan(m, n, k, g.caps()),
+                ns / 1e3,
+                2.0 * (m * n * k) as f64 / ns / 1e3
+            );
+            let wd: Vec<half::bf16> = (0..n * k)
+                .map(|_| half::bf16::from_f32(rng.normal() * 0.02))
+                .collect();
+            let wd = MlxBuffer::from_slice(g, &wd, &[n, k]).unwrap();
+            let ns = time(&|p| {
+                crate::ops::matmul(p, &x, &wd).unwrap();
+            });
+            println!(
+                "matmul bf16 {m}x{n}x{k}: {:.1} us, {:.1} TFLOP/s",
+                ns / 1e3,
+                2.0 * (m * n * k) as f64 / ns / 1e3
+            );
+            let x1 = MlxBuffer::from_slice(g, &rng.normals(k, 1.0), &[1, k]).unwrap();
+            let ns = time(&|p| {
+                crate::ops::matmul(p, &x1, &wd).unwrap();
+            });
+            println!(
+                "matvec bf16 1x{n}x{k}: {:.2} us, {:.0} GB/s",
+                ns / 1e3,
+                (n * k * 2) as f64 / ns
+            );
+        }
+    }
+}

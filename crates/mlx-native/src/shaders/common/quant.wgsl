@@ -1,0 +1,91 @@
+// MLX quantized weights (weights/quant.rs): bindings 1 packed words, 2 scales, 3 biases, and
+// decoding helpers. A row is one little-endian bit stream, code j at bits [j*BITS, (j+1)*BITS).
+//   affine (DT_F32/DT_F16/DT_BF16, the scales' dtype): w = scale * q + bias
+//   mxfp4  (DT_U8: e8m0 byte scales, no biases):        w = fp4_e2m1(q) * 2^(e - 127)
+override BITS: u32 = 4u;
+override GROUP_SIZE: u32 = 64u;
+
+@group(0) @binding(1) var<storage, read> packed: array<u32>;
+#if DT_F32
+@group(0) @binding(2) var<storage, read> scales: array<f32>;
+@group(0) @binding(3) var<storage, read> biases: array<f32>;
+fn scale_at(g: u32) -> f32 {
+    return scales[view(2u) + g];
+}
+fn bias_at(g: u32) -> f32 {
+    return biases[view(3u) + g];
+}
+#else
+@group(0) @binding(2) var<storage, read> scales: array<u32>;
+#if DT_U8
+// e8m0: 2^(e - 127), built from the bits (exp2 may flush the subnormal 2^-127).
+fn scale_at(g: u32) -> f32 {
+    let j = view(2u) + g;
+    let e = (scales[j >> 2u] >> ((j & 3u) * 8u)) & 0xffu;
+    return select(bitcast<f32>(e << 23u), bitcast<f32>(0x00400000u), e == 0u);
+}
+fn bias_at(g: u32) -> f32 {
+    return 0.0;
+}
+#else
+@group(0) @binding(3) var<storage, read> biases: array<u32>;
+fn scale_at(g: u32) -> f32 {
+    let j = view(2u) + g;
+    return half_at(scales[j >> 1u], j);
+}
+fn bias_at(g: u32) -> f32 {
+    let j = view(3u) + g;
+    return half_at(biases[j >> 1u], j);
+}
+#endif
+#endif
+
+// The value of a code before scaling: q itself (affine) or its E2M1 value (mxfp4).
+fn code_value(q: u32) -> f32 {
+#if DT_U8
+    let e = (q >> 1u) & 3u;
+    let m = q & 1u;
+    // e > 0: (1 + m/2) * 2^(e-1); e == 0: m / 2.
+    let normal = bitcast<f32>(((e + 126u) << 23u) | (m << 22u));
+    let mag = select(normal, f32(m) * 0.5, e == 0u);
+    return select(mag, -mag, (q & 8u) != 0u);
+#else
+    return f32(q);
+#endif
+}
+
+// Four consecutive codes from the low 4*BITS bits of `win`.
+fn code_values4(win: u32) -> vec4<f32> {
+    let mask = (1u << BITS) - 1u;
+    return vec4<f32>(code_value(win & mask), code_value((win >> BITS) & mask),
+                     code_value((win >> (2u * BITS)) & mask),
+                     code_value((win >> (3u * BITS)) & mask));
+}
+
+// The 32 bits starting at bit `sh` of the pair (w0, w1); only the low 4*BITS are used.
+fn window(w0: u32, w1: u32, sh: u32) -> u32 {
+    // sh + 4*BITS > 32 only when sh > 0, so the second shift is in range when it is used.
+    return select(w0 >> sh, (w0 >> sh) | (w1 << ((32u - sh) & 31u)), sh + 4u * BITS > 32u);
+}
+
+// Code j of packed row `row` (`wpr` words per row); may straddle two words.
+fn code_at(row: u32, j: u32, wpr: u32) -> u32 {
+    let bit = j * BITS;
+    let base = view(1u) + row * wpr + (bit >> 5u);
+    let sh = bit & 31u;
+    var v = packed[base] >> sh;
+    if sh + BITS > 32u {
+        v |= packed[base + 1u] << (32u - sh);
+    }
+    return v & ((1u << BITS) - 1u);
+}
+
+// Dequantized weight (row, j) in f32 arithmetic on the stored scale and bias.
+fn dequant_at(row: u32, j: u32, wpr: u32, gpr: u32) -> f32 {
+    let g = row * gpr + j / GROUP_SIZE;
+#if DT_U8
+    return code_value(code_at(row, j, wpr)) * scale_at(g);
+#else
+    return fma(f32(code_at(row, j, wpr)), scale_at(g), bias_at(g));
+#endif
+}

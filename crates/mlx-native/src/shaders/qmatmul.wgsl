@@ -1,0 +1,295 @@
+// MLX quantized matmul y[M, N] = x[M, K] · Wᵀ, W [N, K] quantized along K (common/quant.wgsl
+// has the layout and decoding). A "chunk" is 32 consecutive codes of a row = BITS u32 words:
+// always word-aligned (K is a multiple of the group size, itself a multiple of 32) and inside
+// one group, so a chunk has one scale (and bias).
+// Entries:
+//   qmv      M <= 8: row-blocks of 32 invocations, each owning RPT weight rows; the block's
+//            invocations stride over the chunks, WG / 32 row-blocks per workgroup.
+//   qmm      tiled: 64 x 64 outputs per workgroup of 256, K in steps of one chunk, x and
+//            dequantized W tiles in workgroup memory (16 KiB).
+//   dequant  y[i, :] = W[ids[i], :] (use_ids) or W[i, :]: one invocation per chunk.
+//   copy_x   y = xraw: realigns an x view whose offset is not a multiple of 4.
+// Bindings: 0 x (f32 seen as vec4: its offset is a multiple of 4), 1 packed words, 2 scales,
+// 3 biases (affine), 4 y (f32), 5 packed words again as vec4 (qmv, BITS 4 and 8),
+// 6 ids (u32; dequant), 7 xraw (f32; copy_x).
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    // u32 words per packed row.
+    wpr: u32,
+    // Groups (scales) per row.
+    gpr: u32,
+    // Rows of the output (dequant).
+    rows: u32,
+    // dequant: 1 to read row numbers from ids.
+    use_ids: u32,
+    _pad: u32,
+}
+
+// qmv: weight rows per row-block.
+override RPT: u32 = 4u;
+
+const MAX_M: u32 = 8u;
+const MAX_RPT: u32 = 4u;
+// Invocations per qmv row-block.
+const TPR: u32 = 32u;
+
+@group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read> packed4: array<vec4<u32>>;
+@group(0) @binding(6) var<storage, read> ids: array<u32>;
+@group(0) @binding(7) var<storage, read> xraw: array<f32>;
+@group(1) @binding(0) var<uniform> p: Params;
+
+fn weight_at(row: u32, j: u32) -> f32 {
+    return dequant_at(row, j, p.wpr, p.gpr);
+}
+
+// ---------------------------------------------------------------------------------------
+// qmv
+
+// Partial sums: [row-block][m * RPT + r][slot], slot < TPR.
+var<workgroup> red: array<f32, 2048>;
+
+// Codes 4i..4i+3 of a chunk held in w (BITS words) as values. After inlining, i and BITS
+// are constants, so every index below is too and w stays in registers.
+fn codes4(w: array<u32, 8>, i: u32) -> vec4<f32> {
+    let bit = i * 4u * BITS;
+    let lo = bit >> 5u;
+    return code_values4(window(w[lo], w[min(lo + 1u, 7u)], bit & 31u));
+}
+
+// Σ x·code over one chunk, written out so no private array is indexed dynamically.
+fn chunk_dot(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
+    let a = dot(x[0], codes4(w, 0u)) + dot(x[1], codes4(w, 1u));
+    let b = dot(x[2], codes4(w, 2u)) + dot(x[3], codes4(w, 3u));
+    let c = dot(x[4], codes4(w, 4u)) + dot(x[5], codes4(w, 5u));
+    let d = dot(x[6], codes4(w, 6u)) + dot(x[7], codes4(w, 7u));
+    return (a + b) + (c + d);
+}
+
+// The BITS words of chunk c of packed row `row` (4- and 8-bit: vec4 loads).
+fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
+    var w: array<u32, 8>;
+    let base = row * p.wpr + c * BITS;
+    if BITS == 4u {
+        let v = packed4[base / 4u];
+        w = array<u32, 8>(v.x, v.y, v.z, v.w, 0u, 0u, 0u, 0u);
+    } else if BITS == 8u {
+        let v0 = packed4[base / 4u];
+        let v1 = packed4[base / 4u + 1u];
+        w = array<u32, 8>(v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w);
+    } else {
+        let o = view(1u) + base;
+        w = array<u32, 8>(packed[o], packed[o + 1u], packed[o + min(2u, BITS - 1u)],
+                          packed[o + min(3u, BITS - 1u)], packed[o + min(4u, BITS - 1u)],
+                          packed[o + min(5u, BITS - 1u)], packed[o + min(6u, BITS - 1u)],
+                          packed[o + min(7u, BITS - 1u)]);
+    }
+    return w;
+}
+
+fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
+    return array<vec4<f32>, 8>(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u],
+                               xv[o + 5u], xv[o + 6u], xv[o + 7u]);
+}
+
+@compute @workgroup_size(WG)
+fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+       , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32
+#endif
+) {
+    let blocks = WG / TPR;
+    let block = lid / TPR;
+    let lane = lid % TPR;
+    let row0 = (flat_wg(wid, nwg) * blocks + block) * RPT;
+    let chunks = p.k / 32u;
+    let xbase = view(0u) / 4u;
+    let mr = MAX_M * MAX_RPT;
+#if SUBGROUPS
+    let slots = TPR / ss;
+    let slot = lane / ss;
+#else
+    let slots = TPR;
+    let slot = lane;
+#endif
+    // One (row, x row) pair at a time with a scalar accumulator: the row's words come from
+    // memory once and from the cache for the other x rows; x comes from the cache.
+    for (var r = 0u; r < RPT; r++) {
+        // Rows past N read row N-1 (their sums are never stored).
+        let row = min(row0 + r, p.n - 1u);
+        let g0 = row * p.gpr;
+        for (var m = 0u; m < p.m; m++) {
+            var s = 0.0;
+            let xo = xbase + m * p.k / 4u;
+            for (var c = lane; c < chunks; c += TPR) {
+                let g = g0 + (c * 32u) / GROUP_SIZE;
+                let x = x_chunk(xo + c * 8u);
+                let d = chunk_dot(chunk_words(row, c), x);
+#if DT_U8
+                s += scale_at(g) * d;
+#else
+                let xs4 = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+                s += scale_at(g) * d + bias_at(g) * ((xs4.x + xs4.y) + (xs4.z + xs4.w));
+#endif
+            }
+#if SUBGROUPS
+            s = subgroupAdd(s);
+            if sl == 0u {
+                red[(block * mr + m * RPT + r) * TPR + slot] = s;
+            }
+#else
+            red[(block * mr + m * RPT + r) * TPR + slot] = s;
+#endif
+        }
+    }
+    workgroupBarrier();
+    // One invocation per (row-block, m, r): WG = blocks * 32 >= blocks * MAX_M * RPT.
+    let fb = lid / mr;
+    let fj = lid % mr;
+    let fm = fj / RPT;
+    let fr = fj % RPT;
+    let frow = (flat_wg(wid, nwg) * blocks + fb) * RPT + fr;
+    if fm < p.m && fr < RPT && frow < p.n && fb < blocks {
+        var t = 0.0;
+        let o = (fb * mr + fm * RPT + fr) * TPR;
+        for (var i = 0u; i < slots; i++) {
+            t += red[o + i];
+        }
+        y[view(4u) + fm * p.n + frow] = t;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// qmm (tiled, scalar)
+
+const BM: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 32u;
+// x tile [BK][BM] and W tile [BK][BN], as vec4 along M and N.
+var<workgroup> xs: array<vec4<f32>, 512>;
+var<workgroup> ws: array<vec4<f32>, 512>;
+
+// Element (k, i) of a [BK][64] tile stored as vec4 along the 64.
+fn set_xs(k: u32, i: u32, v: f32) {
+    xs[k * 16u + i / 4u][i % 4u] = v;
+}
+fn set_ws(k: u32, i: u32, v: f32) {
+    ws[k * 16u + i / 4u][i % 4u] = v;
+}
+
+@compute @workgroup_size(256)
+fn qmm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+       @builtin(local_invocation_index) lid: u32) {
+    let nbm = (p.m + BM - 1u) / BM;
+    let nbn = (p.n + BN - 1u) / BN;
+    let t = flat_wg(wid, nwg);
+    // M blocks vary fastest: neighbouring workgroups share the W tile through the cache.
+    let bm = t % nbm;
+    let bn = t / nbm;
+    let valid = bn < nbn;
+    let m0 = bm * BM;
+    let n0 = bn * BN;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    var acc: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    // Loader roles: row lr of the tile, 8 consecutive k at lk.
+    let lr = lid / 4u;
+    let lk = (lid % 4u) * 8u;
+    let xrow = m0 + lr;
+    let wrow = n0 + lr;
+    let xbase = view(0u) / 4u;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        if valid && xrow < p.m {
+            let o = xbase + (xrow * p.k + k0 + lk) / 4u;
+            let a = xv[o];
+            let b = xv[o + 1u];
+            for (var i = 0u; i < 4u; i++) {
+                set_xs(lk + i, lr, a[i]);
+                set_xs(lk + 4u + i, lr, b[i]);
+            }
+        } else {
+            for (var i = 0u; i < 8u; i++) {
+                set_xs(lk + i, lr, 0.0);
+            }
+        }
+        if valid && wrow < p.n {
+            for (var i = 0u; i < 8u; i++) {
+                set_ws(lk + i, lr, weight_at(wrow, k0 + lk + i));
+            }
+        } else {
+            for (var i = 0u; i < 8u; i++) {
+                set_ws(lk + i, lr, 0.0);
+            }
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < BK; k++) {
+            let a = xs[k * 16u + ty];
+            let b = ws[k * 16u + tx];
+            acc[0] += a.x * b;
+            acc[1] += a.y * b;
+            acc[2] += a.z * b;
+            acc[3] += a.w * b;
+        }
+        workgroupBarrier();
+    }
+    if !valid {
+        return;
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let m = m0 + ty * 4u + i;
+        if m < p.m {
+            for (var j = 0u; j < 4u; j++) {
+                let n = n0 + tx * 4u + j;
+                if n < p.n {
+                    y[view(4u) + m * p.n + n] = acc[i][j];
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// dequant / gather
+
+@compute @workgroup_size(WG)
+fn dequant(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+           @builtin(local_invocation_index) lid: u32) {
+    let chunks = p.k / 32u;
+    let idx = flat_wg(wid, nwg) * WG + lid;
+    let i = idx / chunks;
+    let c = idx % chunks;
+    if i >= p.rows {
+        return;
+    }
+    var row = i;
+    if p.use_ids != 0u {
+        row = ids[view(6u) + i];
+    }
+    let o = view(4u) + i * p.k + c * 32u;
+    if row >= p.n {
+        // An out-of-range id gives a row of NaN rather than another row's values.
+        for (var j = 0u; j < 32u; j++) {
+            y[o + j] = bitcast<f32>(0x7fc00000u);
+        }
+        return;
+    }
+    for (var j = 0u; j < 32u; j++) {
+        y[o + j] = weight_at(row, c * 32u + j);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn copy_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+          @builtin(local_invocation_index) lid: u32) {
+    let i = flat_wg(wid, nwg) * WG + lid;
+    if i < p.rows {
+        y[view(4u) + i] = xraw[view(7u) + i];
+    }
+}
