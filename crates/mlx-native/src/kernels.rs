@@ -301,20 +301,6 @@ pub fn preprocess(kernel: Kernel, spec: &Spec, shader_f16: bool) -> Result<Strin
     }
     enables.push_str(&out);
     Ok(enables)
-    // `enable` directives must precede every declaration, the prelude's included: hoist them.
-    let (enables, rest): (Vec<&str>, Vec<&str>) = out
-        .lines()
-        .partition(|l| l.trim_start().starts_with("enable "));
-    if enables.is_empty() {
-        return Ok(out);
-    }
-    let mut hoisted = enables.join("\n");
-    hoisted.push('\n');
-    for l in rest {
-        hoisted.push_str(l);
-        hoisted.push('\n');
-    }
-    Ok(hoisted)
 }
 
 /// A compiled variant: the pipeline and its two bind-group layouts.
