@@ -4,7 +4,10 @@
 
 pub mod bench;
 pub mod chat;
+pub mod config;
 pub mod error;
+pub mod layers;
+pub mod models;
 pub mod tokenizer;
 
 pub use error::{LmError, Result};

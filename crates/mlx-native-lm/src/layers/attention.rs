@@ -1,0 +1,99 @@
+//! Attention with the KV cache: projections, optional biases (Qwen2) and per-head q/k RMS
+//! norm (Qwen3, Gemma 3), RoPE at explicit positions, cache append, then flash attention
+//! (decode for one token, prefill for a chunk).
+
+use mlx_native::kv_cache::KvCache;
+use mlx_native::ops::{self, RopeTable, SdpaOptions};
+use mlx_native::{MlxBuffer, Pass};
+
+use super::Linear;
+use crate::error::Result;
+
+#[derive(Clone, Debug)]
+pub struct Attention {
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub q_bias: Option<MlxBuffer>,
+    pub k_bias: Option<MlxBuffer>,
+    pub v_bias: Option<MlxBuffer>,
+    /// Per-head RMS norm weights `[head_dim]` applied to q and k before RoPE.
+    pub q_norm: Option<MlxBuffer>,
+    pub k_norm: Option<MlxBuffer>,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub norm_eps: f32,
+    pub scale: f32,
+    /// Sliding window of this layer, if any.
+    pub window: Option<usize>,
+}
+
+/// Where the tokens of this step sit.
+pub struct Step<'a> {
+    /// u32 `[T]`: absolute positions of the tokens.
+    pub positions: &'a MlxBuffer,
+    /// Position of the first token.
+    pub pos0: usize,
+    /// Tokens in this step.
+    pub tokens: usize,
+}
+
+impl Attention {
+    fn project(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        w: &Linear,
+        bias: &Option<MlxBuffer>,
+        heads: usize,
+        norm: &Option<MlxBuffer>,
+    ) -> Result<MlxBuffer> {
+        let mut y = w.forward(pass, x)?;
+        if let Some(b) = bias {
+            y = ops::add(pass, &y, b)?;
+        }
+        let t = y.len() / (heads * self.head_dim);
+        if let Some(n) = norm {
+            let rows = y.reshape(&[t * heads, self.head_dim])?;
+            y = ops::rms_norm(pass, &rows, n, self.norm_eps)?;
+        }
+        Ok(y.reshape(&[t, heads, self.head_dim])?)
+    }
+
+    /// `x [T, hidden] -> [T, hidden]`, appending this step's K/V to `cache` at `layer`.
+    pub fn forward(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        step: &Step<'_>,
+        rope: &RopeTable,
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<MlxBuffer> {
+        let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads, &self.q_norm)?;
+        let k = self.project(pass, x, &self.k, &self.k_bias, self.n_kv_heads, &self.k_norm)?;
+        let v = self.v.forward(pass, x)?;
+        let v = match &self.v_bias {
+            Some(b) => ops::add(pass, &v, b)?,
+            None => v,
+        };
+        let v = v.reshape(&[step.tokens, self.n_kv_heads, self.head_dim])?;
+        let q = ops::rope(pass, &q, step.positions, rope)?;
+        let k = ops::rope(pass, &k, step.positions, rope)?;
+        cache.append(pass, layer, &k, &v, step.pos0)?;
+        let opts = SdpaOptions {
+            scale: self.scale,
+            window: self.window,
+            ..SdpaOptions::new(self.head_dim)
+        };
+        let attn = if step.tokens == 1 {
+            ops::sdpa_decode(pass, &q, cache, layer, step.pos0 + 1, &opts)?
+        } else {
+            ops::sdpa_prefill(pass, &q, cache, layer, step.pos0, &opts)?
+        };
+        let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
+        self.o.forward(pass, &attn)
+    }
+}

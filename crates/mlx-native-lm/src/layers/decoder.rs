@@ -1,0 +1,52 @@
+//! One transformer block: pre-norm attention and MLP with residual adds; Gemma 3 adds a norm
+//! after each of them (four norms per layer).
+
+use mlx_native::kv_cache::KvCache;
+use mlx_native::ops::{self, RopeTable};
+use mlx_native::{MlxBuffer, Pass};
+
+use super::attention::Step;
+use super::{Attention, Mlp};
+use crate::error::Result;
+
+#[derive(Clone, Debug)]
+pub struct DecoderLayer {
+    pub attn_norm: MlxBuffer,
+    pub attn: Attention,
+    pub post_attn_norm: Option<MlxBuffer>,
+    pub ffn_norm: MlxBuffer,
+    pub mlp: Mlp,
+    pub post_ffn_norm: Option<MlxBuffer>,
+    pub eps: f32,
+    /// Index into the model's RoPE tables (global or local).
+    pub rope: usize,
+}
+
+impl DecoderLayer {
+    /// `x [T, hidden]` (the residual stream) -> the new residual stream.
+    pub fn forward(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        step: &Step<'_>,
+        ropes: &[RopeTable],
+        cache: &mut KvCache,
+        layer: usize,
+    ) -> Result<MlxBuffer> {
+        let rope = ropes
+            .get(self.rope)
+            .ok_or_else(|| crate::LmError::Config(format!("layer {layer}: no RoPE table {}", self.rope)))?;
+        let h = ops::rms_norm(pass, x, &self.attn_norm, self.eps)?;
+        let mut a = self.attn.forward(pass, &h, step, rope, cache, layer)?;
+        if let Some(n) = &self.post_attn_norm {
+            a = ops::rms_norm(pass, &a, n, self.eps)?;
+        }
+        // Residual add fused into the MLP's pre-norm.
+        let (x, h) = ops::rms_norm_residual(pass, x, &a, &self.ffn_norm, self.eps)?;
+        let mut m = self.mlp.forward(pass, &h)?;
+        if let Some(n) = &self.post_ffn_norm {
+            m = ops::rms_norm(pass, &m, n, self.eps)?;
+        }
+        Ok(ops::add(pass, &x, &m)?)
+    }
+}

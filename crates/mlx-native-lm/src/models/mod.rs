@@ -1,0 +1,92 @@
+//! Architectures. Every family here is a decoder-only transformer built from `layers/`; what
+//! differs is the tensor-name table, the norms around each block, the activation, RoPE style
+//! and embedding scale, all carried by `ModelConfig`.
+
+pub mod gguf;
+
+use mlx_native::kv_cache::{KvCache, KvCacheConfig};
+use mlx_native::ops::{self, RopeTable};
+use mlx_native::{DType, MlxBuffer, MlxDevice, Pass};
+
+use crate::config::ModelConfig;
+use crate::error::{LmError, Result};
+use crate::layers::attention::Step;
+use crate::layers::{DecoderLayer, Linear};
+
+/// Most tokens one prefill dispatch sequence takes (the KV cache's chunk size).
+pub const PREFILL_CHUNK: usize = 512;
+
+/// A loaded model on the GPU.
+pub struct Transformer {
+    pub cfg: ModelConfig,
+    pub gpu: MlxDevice,
+    pub embed: Linear,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: MlxBuffer,
+    /// `None` when tied to the embeddings.
+    pub head: Option<Linear>,
+    /// RoPE tables: `[global]` or `[global, local]`; layers index them.
+    pub ropes: Vec<RopeTable>,
+}
+
+impl Transformer {
+    /// A KV cache for `ctx` positions (sliding-window layers get rings).
+    pub fn new_cache(&self, ctx: usize) -> Result<KvCache> {
+        let mut cfg = KvCacheConfig::new(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, ctx);
+        cfg.dtype = DType::F16;
+        cfg.max_chunk = PREFILL_CHUNK.min(ctx);
+        cfg.windows = self.layers.iter().map(|l| l.attn.window).collect();
+        Ok(KvCache::new(&self.gpu, &cfg)?)
+    }
+
+    /// Record the forward pass of `tokens` at positions `pos0..`; returns the logits of the
+    /// last token, f32 `[1, vocab]`. `tokens.len()` must not exceed `PREFILL_CHUNK`.
+    pub fn forward(&self, pass: &mut Pass, tokens: &[u32], pos0: usize, cache: &mut KvCache) -> Result<MlxBuffer> {
+        let t = tokens.len();
+        if t == 0 || t > PREFILL_CHUNK {
+            return Err(LmError::Invalid(format!(
+                "forward: {t} tokens in one step, expected 1..={PREFILL_CHUNK}"
+            )));
+        }
+        let end = pos0 + t;
+        if end > cache.capacity() && cache.layers() > 0 && self.layers.iter().any(|l| l.attn.window.is_none()) {
+            return Err(LmError::Invalid(format!(
+                "context overflow: positions up to {end} do not fit the context size {}",
+                cache.capacity()
+            )));
+        }
+        let ids = MlxBuffer::from_slice(&self.gpu, tokens, &[t])?;
+        let positions: Vec<u32> = (pos0..end).map(|p| p as u32).collect();
+        let positions = MlxBuffer::from_slice(&self.gpu, &positions, &[t])?;
+        let mut x = self.embed.gather(pass, &ids)?;
+        if let Some(s) = self.cfg.embed_scale {
+            x = ops::scale(pass, &x, s)?;
+        }
+        let step = Step {
+            positions: &positions,
+            pos0,
+            tokens: t,
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(pass, &x, &step, &self.ropes, cache, i)?;
+        }
+        let last = x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?;
+        let h = ops::rms_norm(pass, &last, &self.norm, self.cfg.norm_eps)?;
+        self.head.as_ref().unwrap_or(&self.embed).forward(pass, &h)
+    }
+
+    /// Logits of the last token of `tokens`, run from position 0 in a fresh cache (tests,
+    /// scoring).
+    pub fn logits(&self, tokens: &[u32]) -> Result<Vec<f32>> {
+        let mut cache = self.new_cache(tokens.len().max(1))?;
+        let mut out = None;
+        for (c, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let mut pass = self.gpu.begin();
+            let l = self.forward(&mut pass, chunk, c * PREFILL_CHUNK, &mut cache)?;
+            pass.commit()?;
+            out = Some(l);
+        }
+        let l = out.ok_or_else(|| LmError::Invalid("logits: no tokens".into()))?;
+        Ok(l.to_vec::<f32>(&self.gpu)?)
+    }
+}
