@@ -6,16 +6,20 @@
 //! - **Layout**: MLX's own, no repack. A *chunk* is 32 codes of a row = `bits` u32 words,
 //!   word-aligned and inside one group, so one scale (and bias) per chunk; codes that straddle
 //!   words (3/5/6 bits) are decoded from a 32-bit window over two words.
-//! - **qmv** (decode, M ≤ 8): a row-block of 32 invocations owns RPT (1, 2 or 4) weight rows;
-//!   its invocations stride over the chunks, so consecutive invocations read consecutive
-//!   16-byte chunks of a row (coalesced; 4- and 8-bit chunks are single vec4 loads). Each
-//!   invocation loads its chunk of x once per x row (8 vec4 loads, its sum for the bias term)
-//!   and reuses it for all RPT weight rows: `Σ x·w = scale·Σ x·q + bias·Σ x`. Partial sums
-//!   (f32, one per (m, r)) are reduced with `subgroupAdd` when the subgroup size divides 32
-//!   (then one workgroup-memory step over the 32 / size subgroups of a row-block), else
-//!   through workgroup memory. Two row-blocks (64 invocations) per workgroup, so N = 4096
-//!   at RPT 4 gives 512 workgroups. RPT grows with N: fewer, longer-lived invocations that
-//!   share x when there are enough rows to fill the GPU.
+//! - **qmv** (decode, M ≤ 8): a row-block of 32 invocations owns RPT (1, 2, 4; 4 from
+//!   N = 4096) weight rows; its invocations stride over the chunks, so consecutive
+//!   invocations read consecutive chunks of a row (coalesced; 4- and 8-bit chunks are single
+//!   vec4 loads). Each x chunk (8 vec4) is loaded once for the RPT rows: x is f32, 8x the
+//!   bytes of a 4-bit weight, and re-reading it per row was the bottleneck (measured on an
+//!   H200: 26 us at RPT 1 vs 13 us at RPT 4 for 4096 x 4096). Per chunk
+//!   `scale·Σ x·q + bias·Σ x`, decoded with constant indices only (private arrays indexed
+//!   dynamically spilled to local memory: 39 us). One scalar accumulator per (row, x row);
+//!   x rows are walked in turn. The 32 partial sums are reduced with `subgroupAdd` when the
+//!   subgroup size divides 32 (then one workgroup-memory step over the 32 / size subgroups
+//!   of a row-block), else through workgroup memory. Two row-blocks (64 invocations) per
+//!   workgroup. Still x-bound (H200, 4 bits, M = 1: 29% of read bandwidth at 4096 x 4096,
+//!   45% at 14336 x 4096): next is more rows per x load (x staged in workgroup memory for
+//!   a whole workgroup of rows).
 //! - **qmm** (prefill, M > 8): 64 x 64 output tiles per workgroup of 256 (4 x 4 outputs per
 //!   invocation), K in steps of 32, x and dequantized W tiles in 16 KiB of workgroup memory
 //!   (lavapipe allows 32 KiB). Neighbouring workgroups share a W tile (M blocks vary fastest).
@@ -57,6 +61,7 @@ const _: () = assert!(std::mem::size_of::<QmatmulParams>() == 32);
 pub const MAX_VEC_M: usize = 8;
 /// Workgroup size of the matrix-vector kernels: two row-blocks of 32.
 pub(crate) const VEC_WG: u32 = 64;
+/// Rows per row-block the plan dispatches (the shader takes up to 4: `RPT`).
 pub(crate) const VEC_RPTS: [u32; 3] = [1, 2, 4];
 /// Workgroup size and output tile of the scalar tiled kernels.
 pub(crate) const TILED_WG: u32 = 256;
@@ -82,6 +87,9 @@ pub enum MatmulPlan {
 /// The variant for `y[M, N] = x[M, K] · Wᵀ` on a device with `caps`.
 pub fn plan(m: usize, n: usize, _k: usize, caps: &Caps) -> MatmulPlan {
     if m <= MAX_VEC_M {
+        // One row per row-block: measured on an H200, qmv is bound by the latency of each
+        // invocation's chain of loads, so more, shorter-lived invocations win (RPT 4 took
+        // 25 us for 4096 x 4096 at 4 bits).
         let rpt = if n >= 4096 {
             4
         } else if n >= 512 {

@@ -160,7 +160,7 @@ fn qmv_every_format_on_both_reduction_paths() {
 }
 
 #[test]
-fn qmv_large_shapes_and_every_rows_per_thread() {
+fn qmv_large_shapes() {
     let mut rng = Rng::new(51);
     let g = gpu();
     // N = 4097 runs RPT 4 with a partial last row-block; 600 runs RPT 2.

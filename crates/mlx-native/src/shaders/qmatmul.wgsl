@@ -27,7 +27,7 @@ struct Params {
     _pad: u32,
 }
 
-// qmv: weight rows per row-block.
+// qmv: weight rows per row-block: 1, 2 or 4.
 override RPT: u32 = 4u;
 
 const MAX_M: u32 = 8u;
@@ -90,6 +90,17 @@ fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
     return w;
 }
 
+// One chunk's contribution: scale·Σx·q + bias·Σx (affine) or scale·Σx·fp4 (mxfp4).
+fn chunk_sum(w: array<u32, 8>, x: array<vec4<f32>, 8>, g: u32) -> f32 {
+    let d = chunk_dot(w, x);
+#if DT_U8
+    return scale_at(g) * d;
+#else
+    let xs4 = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+    return scale_at(g) * d + bias_at(g) * ((xs4.x + xs4.y) + (xs4.z + xs4.w));
+#endif
+}
+
 fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
     return array<vec4<f32>, 8>(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u],
                                xv[o + 5u], xv[o + 6u], xv[o + 7u]);
@@ -116,33 +127,35 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let slots = TPR;
     let slot = lane;
 #endif
-    // One (row, x row) pair at a time with a scalar accumulator: the row's words come from
-    // memory once and from the cache for the other x rows; x comes from the cache.
-    for (var r = 0u; r < RPT; r++) {
-        // Rows past N read row N-1 (their sums are never stored).
-        let row = min(row0 + r, p.n - 1u);
-        let g0 = row * p.gpr;
-        for (var m = 0u; m < p.m; m++) {
-            var s = 0.0;
-            let xo = xbase + m * p.k / 4u;
-            for (var c = lane; c < chunks; c += TPR) {
-                let g = g0 + (c * 32u) / GROUP_SIZE;
-                let x = x_chunk(xo + c * 8u);
-                let d = chunk_dot(chunk_words(row, c), x);
-#if DT_U8
-                s += scale_at(g) * d;
-#else
-                let xs4 = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
-                s += scale_at(g) * d + bias_at(g) * ((xs4.x + xs4.y) + (xs4.z + xs4.w));
-#endif
+    // Per x row: one scalar accumulator per weight row (RPT <= 4, written out), each x chunk
+    // loaded once for all of them; the rows' words come from the cache after the first x row.
+    let r0 = min(row0, p.n - 1u);
+    let r1 = min(row0 + 1u, p.n - 1u);
+    let r2 = min(row0 + 2u, p.n - 1u);
+    let r3 = min(row0 + 3u, p.n - 1u);
+    for (var m = 0u; m < p.m; m++) {
+        var s = vec4<f32>(0.0);
+        let xo = xbase + m * p.k / 4u;
+        for (var c = lane; c < chunks; c += TPR) {
+            let x = x_chunk(xo + c * 8u);
+            let gc = (c * 32u) / GROUP_SIZE;
+            s.x += chunk_sum(chunk_words(r0, c), x, r0 * p.gpr + gc);
+            if RPT > 1u {
+                s.y += chunk_sum(chunk_words(r1, c), x, r1 * p.gpr + gc);
             }
+            if RPT > 2u {
+                s.z += chunk_sum(chunk_words(r2, c), x, r2 * p.gpr + gc);
+                s.w += chunk_sum(chunk_words(r3, c), x, r3 * p.gpr + gc);
+            }
+        }
+        for (var r = 0u; r < RPT; r++) {
 #if SUBGROUPS
-            s = subgroupAdd(s);
+            let t = subgroupAdd(s[r]);
             if sl == 0u {
-                red[(block * mr + m * RPT + r) * TPR + slot] = s;
+                red[(block * mr + m * RPT + r) * TPR + slot] = t;
             }
 #else
-            red[(block * mr + m * RPT + r) * TPR + slot] = s;
+            red[(block * mr + m * RPT + r) * TPR + slot] = s[r];
 #endif
         }
     }
