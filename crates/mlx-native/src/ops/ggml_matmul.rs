@@ -297,7 +297,7 @@ mod tests {
 
     fn big_k(kind: GgmlType) -> usize {
         if kind.block_elems() == 256 {
-            2048
+            1024
         } else {
             1056
         }
@@ -308,7 +308,14 @@ mod tests {
         let mut rng = Rng::new(50);
         for g in devices() {
             for kind in GgmlType::ALL {
-                let mut cases = vec![(1, 1, 256), (3, 7, 512), (8, 33, big_k(kind))];
+                // K = 256, 512, 1056/1024 and 4160/4096 take workgroups of 64, 128, 256 and
+                // 256 invocations; only the last has units for the four-unit main loop.
+                let mut cases = vec![
+                    (1, 1, 256),
+                    (3, 7, 512),
+                    (8, 33, big_k(kind)),
+                    (2, 3, 2 * big_k(kind) + 2048),
+                ];
                 if kind.block_elems() == 1 {
                     cases.push((2, 5, 77)); // dense: K not a multiple of 32
                 }
