@@ -93,33 +93,6 @@ fn x4(i: u32, k: u32) -> vec4<f32> {
 
 var<workgroup> red: array<f32, 2048>;
 
-// Add w · x[m, k..k+4] to accumulator m (lo: m < 4, hi: m >= 4) for the M rows of x.
-fn mv_acc(w: vec4<f32>, k: u32, xo: u32, lo: ptr<function, vec4<f32>>,
-          hi: ptr<function, vec4<f32>>) {
-    (*lo).x += dot(w, x4(xo + k, k));
-    if M > 1u {
-        (*lo).y += dot(w, x4(xo + p.k + k, k));
-    }
-    if M > 2u {
-        (*lo).z += dot(w, x4(xo + 2u * p.k + k, k));
-    }
-    if M > 3u {
-        (*lo).w += dot(w, x4(xo + 3u * p.k + k, k));
-    }
-    if M > 4u {
-        (*hi).x += dot(w, x4(xo + 4u * p.k + k, k));
-    }
-    if M > 5u {
-        (*hi).y += dot(w, x4(xo + 5u * p.k + k, k));
-    }
-    if M > 6u {
-        (*hi).z += dot(w, x4(xo + 6u * p.k + k, k));
-    }
-    if M > 7u {
-        (*hi).w += dot(w, x4(xo + 7u * p.k + k, k));
-    }
-}
-
 // y[m, n] = sum_k x[m, k] w[n, k] for M (<= 8) rows of x, one weight row per workgroup.
 // Invocation t takes group t % 8 of units t / 8, t / 8 + WG / 8, ... of the row; partial sums
 // are reduced per m.
@@ -140,28 +113,36 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
     var acc_hi = vec4<f32>(0.0);
     let xo = view(0u);
     // Eight invocations share a unit, one 4-element group each: neighbouring invocations
-    // read neighbouring x and weight words. Four units per iteration keep four weight loads
-    // in flight per invocation.
+    // read neighbouring x and weight words.
     let g = lid % 8u;
-    let st = WG / 8u;
-    var u = lid / 8u;
-    for (; u + 3u * st < p.units; u += 4u * st) {
-        let h0 = unit_hdr(row, u);
-        let h1 = unit_hdr(row, u + st);
-        let h2 = unit_hdr(row, u + 2u * st);
-        let h3 = unit_hdr(row, u + 3u * st);
-        let w0 = dq_group(row, u, g, h0);
-        let w1 = dq_group(row, u + st, g, h1);
-        let w2 = dq_group(row, u + 2u * st, g, h2);
-        let w3 = dq_group(row, u + 3u * st, g, h3);
-        mv_acc(w0, u * 32u + 4u * g, xo, &acc_lo, &acc_hi);
-        mv_acc(w1, (u + st) * 32u + 4u * g, xo, &acc_lo, &acc_hi);
-        mv_acc(w2, (u + 2u * st) * 32u + 4u * g, xo, &acc_lo, &acc_hi);
-        mv_acc(w3, (u + 3u * st) * 32u + 4u * g, xo, &acc_lo, &acc_hi);
-    }
-    for (; u < p.units; u += st) {
-        let w = dq_group(row, u, g, unit_hdr(row, u));
-        mv_acc(w, u * 32u + 4u * g, xo, &acc_lo, &acc_hi);
+    for (var u = lid / 8u; u < p.units; u += WG / 8u) {
+        let h = unit_hdr(row, u);
+        let w = dq_group(row, u, g, h);
+        let k = u * 32u + 4u * g;
+        {
+            acc_lo.x += dot(w, x4(xo + k, k));
+            if M > 1u {
+                acc_lo.y += dot(w, x4(xo + p.k + k, k));
+            }
+            if M > 2u {
+                acc_lo.z += dot(w, x4(xo + 2u * p.k + k, k));
+            }
+            if M > 3u {
+                acc_lo.w += dot(w, x4(xo + 3u * p.k + k, k));
+            }
+            if M > 4u {
+                acc_hi.x += dot(w, x4(xo + 4u * p.k + k, k));
+            }
+            if M > 5u {
+                acc_hi.y += dot(w, x4(xo + 5u * p.k + k, k));
+            }
+            if M > 6u {
+                acc_hi.z += dot(w, x4(xo + 6u * p.k + k, k));
+            }
+            if M > 7u {
+                acc_hi.w += dot(w, x4(xo + 7u * p.k + k, k));
+            }
+        }
     }
 #if SUBGROUPS
     let s_lo = subgroupAdd(acc_lo);
