@@ -17,8 +17,12 @@
 //!   memory (cache-resident). Accumulators are two vec4s, never indexed private arrays
 //!   (which NVIDIA places in local memory). The M partial sums go through `subgroupAdd` plus
 //!   one workgroup-memory pass, or a workgroup-memory tree without subgroups. Measured on an
-//!   H200 (Vulkan) in development: one invocation per unit (lanes 128 B apart in x) ran at
-//!   2–6 % of the 4.1 TB/s read roofline; see the bench test for the current numbers.
+//!   H200 (Vulkan, M = 1, 4096 x 4096): one invocation per unit (lanes 128 B apart in x)
+//!   reached 2–5 % of the 4.1 TB/s read roofline; eight per unit 5–11 % (Q4_0 24 us,
+//!   Q4_K 32 us, Q8_0 76 us). Still far from the roofline: the next steps are fewer x
+//!   loads per weight word (x in workgroup memory or registers), 16-byte weight loads, and
+//!   several rows per workgroup. Unrolling four units per iteration was tried and was
+//!   slower for most types. `bench_matvec` (ignored test) measures it.
 //! - **matmul**: 64 × 64 output tiles, 64 invocations computing 8 × 8 each, K in steps of 32:
 //!   each invocation dequantizes one unit of one weight row into workgroup memory per step
 //!   (17 KiB of workgroup memory in all, under lavapipe's 32 KiB). No cooperative-matrix path.
@@ -297,7 +301,7 @@ mod tests {
 
     fn big_k(kind: GgmlType) -> usize {
         if kind.block_elems() == 256 {
-            2048
+            1024
         } else {
             1056
         }
@@ -308,7 +312,14 @@ mod tests {
         let mut rng = Rng::new(50);
         for g in devices() {
             for kind in GgmlType::ALL {
-                let mut cases = vec![(1, 1, 256), (3, 7, 512), (8, 33, big_k(kind))];
+                // K = 256, 512, 1056/1024 and 4160/4096 take workgroups of 64, 128, 256 and
+                // 256 invocations; the last walks several units per invocation.
+                let mut cases = vec![
+                    (1, 1, 256),
+                    (3, 7, 512),
+                    (8, 33, big_k(kind)),
+                    (2, 3, 2 * big_k(kind) + 2048),
+                ];
                 if kind.block_elems() == 1 {
                     cases.push((2, 5, 77)); // dense: K not a multiple of 32
                 }
