@@ -1,10 +1,19 @@
-//! `mlx-native`: the command line.
+//! `mlx-native`: generate, chat, info and bench on the command line.
 
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use mlx_native::ops::sample::Sampling;
 use mlx_native::{DeviceOptions, MlxDevice};
+use mlx_native_lm::chat::Message;
+use mlx_native_lm::generate::{load_gguf, Engine, GenerateOptions, Generation, StopReason};
+
+/// Where `scripts/fetch-default-model` puts the default model.
+const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Parser)]
 #[command(
@@ -17,8 +26,70 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Model file (GGUF). Default: the model scripts/fetch-default-model fetches.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// 0 picks the most likely token (greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Keep the K most likely tokens (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Keep the most likely tokens up to this probability mass (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Drop tokens less likely than this fraction of the most likely one (0 = off).
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalize recently generated tokens (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Sampling seed (default: from the clock).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Context size in tokens (default: the model's, at most 4096).
+    #[arg(long)]
+    ctx_size: Option<usize>,
+    /// Stop when the output contains this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Generate text from a prompt.
+    Generate {
+        #[command(flatten)]
+        s: SamplingArgs,
+        /// The prompt.
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Print only one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Interactive chat with the model's template (empty line or /exit quits).
+    Chat {
+        #[command(flatten)]
+        s: SamplingArgs,
+        /// A system message.
+        #[arg(long)]
+        system: Option<String>,
+    },
+    /// Describe a model file: format, architecture, hyper-parameters, tensors.
+    Info {
+        path: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the GPU adapter that would be used and what it can do.
     Devices,
     /// Benchmarks, on the GPU: figures as fractions of the measured read bandwidth.
@@ -41,23 +112,205 @@ enum BenchWhat {
     },
 }
 
-fn run(cli: Cli) -> Result<(), String> {
-    let gpu = MlxDevice::with_options(DeviceOptions::default()).map_err(|e| e.to_string())?;
+/// Errors the user sees: one line, no backtrace.
+type CliResult<T> = Result<T, String>;
+
+fn err(e: impl std::fmt::Display) -> String {
+    e.to_string()
+}
+
+fn open_gpu() -> CliResult<MlxDevice> {
+    MlxDevice::with_options(DeviceOptions::default()).map_err(err)
+}
+
+fn load(s: &SamplingArgs, gpu: &MlxDevice, quiet: bool) -> CliResult<Engine> {
+    let path = match &s.model {
+        Some(p) => p.clone(),
+        None => {
+            let p = PathBuf::from(DEFAULT_MODEL);
+            if !p.exists() {
+                return Err(format!(
+                    "no --model given and the default model {DEFAULT_MODEL} is missing; fetch it with \
+                     scripts/fetch-default-model"
+                ));
+            }
+            p
+        }
+    };
+    load_gguf(gpu, &path, quiet).map_err(err)
+}
+
+fn options(s: &SamplingArgs) -> GenerateOptions {
+    let seed = s.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    GenerateOptions {
+        max_tokens: s.max_tokens,
+        sampling: Sampling {
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            min_p: s.min_p,
+        },
+        repetition_penalty: s.repeat_penalty,
+        repeat_last_n: 64,
+        seed,
+        stop: s.stop.clone(),
+    }
+}
+
+fn summary(g: &Generation, engine: &Engine) -> String {
+    let gpu_mib = engine.model.gpu.memory_peak_bytes() as f64 / (1 << 20) as f64;
+    format!(
+        "\n[{} prompt tokens, {:.1} tok/s prefill | {} generated, {:.1} tok/s decode | peak GPU memory {gpu_mib:.0} MiB | {} | stop: {:?}]",
+        g.prompt_ids.len(),
+        g.prefill_tok_s,
+        g.generated_ids.len(),
+        g.decode_tok_s,
+        engine.model.gpu.caps().adapter_name,
+        g.stop_reason
+    )
+}
+
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    // If a handler cannot be installed, Ctrl-C simply ends the process as usual.
+    let _ = ctrlc::set_handler(move || f.store(true, Ordering::Relaxed));
+    flag
+}
+
+fn generate(s: SamplingArgs, prompt: String, chat: bool, json: bool) -> CliResult<bool> {
+    let gpu = open_gpu()?;
+    let engine = load(&s, &gpu, json)?;
+    let ids = engine.prompt_ids(&prompt, chat).map_err(err)?;
+    let ctx = s.ctx_size.unwrap_or_else(|| engine.default_ctx());
+    let stop = interrupt_flag();
+    let mut out = std::io::stdout();
+    let mut on_text = |t: &str| {
+        if !json {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        }
+    };
+    let g = engine
+        .generate(&ids, ctx, &options(&s), &mut on_text, &stop)
+        .map_err(err)?;
+    if json {
+        let v = serde_json::json!({
+            "prompt_ids": g.prompt_ids,
+            "generated_ids": g.generated_ids,
+            "text": g.text,
+            "prefill_tok_s": g.prefill_tok_s,
+            "decode_tok_s": g.decode_tok_s,
+        });
+        println!("{v}");
+    } else {
+        println!();
+    }
+    eprintln!("{}", summary(&g, &engine));
+    Ok(g.stop_reason != StopReason::Interrupted)
+}
+
+fn chat(s: SamplingArgs, system: Option<String>) -> CliResult<bool> {
+    let gpu = open_gpu()?;
+    let engine = load(&s, &gpu, false)?;
+    let ctx = s.ctx_size.unwrap_or_else(|| engine.default_ctx());
+    let opts = options(&s);
+    let stop = interrupt_flag();
+    let mut history: Vec<Message> = system.iter().map(|t| Message::new("system", t)).collect();
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line).map_err(err)? == 0 {
+            return Ok(true);
+        }
+        let line = line.trim_end_matches(['\n', '\r']);
+        if line.is_empty() || line == "/exit" {
+            return Ok(true);
+        }
+        history.push(Message::new("user", line));
+        let text = engine.chat_text(&history).map_err(err)?;
+        let ids = engine.tokenizer.encode(&text, false).map_err(err)?;
+        stop.store(false, Ordering::Relaxed);
+        let mut out = std::io::stdout();
+        let mut on_text = |t: &str| {
+            let _ = out.write_all(t.as_bytes());
+            let _ = out.flush();
+        };
+        let g = engine
+            .generate(&ids, ctx, &opts, &mut on_text, &stop)
+            .map_err(err)?;
+        println!();
+        eprintln!("{}", summary(&g, &engine));
+        history.push(Message::new("assistant", &g.text));
+    }
+}
+
+fn info(path: PathBuf, json: bool) -> CliResult<bool> {
+    let f = mlx_native::weights::gguf::GgufFile::open(&path).map_err(err)?;
+    let cfg = mlx_native_lm::config::ModelConfig::from_gguf(&f).map_err(err);
+    let mut kinds: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
+    for t in f.tensors() {
+        let e = kinds.entry(t.kind.name().to_string()).or_default();
+        e.0 += 1;
+        e.1 += t.n_bytes() as u64;
+    }
+    let tokenizer = f
+        .get_opt::<&str>("tokenizer.ggml.model")
+        .ok()
+        .flatten()
+        .unwrap_or("none");
+    let v = serde_json::json!({
+        "format": format!("gguf v{}", f.version()),
+        "architecture": f.get_opt::<&str>("general.architecture").ok().flatten(),
+        "name": f.get_opt::<&str>("general.name").ok().flatten(),
+        "config": cfg.as_ref().map(|c| serde_json::json!({
+            "layers": c.n_layers, "hidden": c.hidden, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
+            "head_dim": c.head_dim, "ffn": c.ffn, "vocab": c.vocab, "context": c.max_context,
+            "rope_base": c.rope.base, "sliding_window": c.sliding_window,
+            "tied_embeddings": c.tied_embeddings,
+        })).unwrap_or_else(|e| serde_json::json!({ "error": e })),
+        "tensors": f.tensors().len(),
+        "quant_types": kinds.iter().map(|(k, (n, b))| serde_json::json!({"type": k, "tensors": n, "bytes": b})).collect::<Vec<_>>(),
+        "tokenizer": tokenizer,
+        "chat_template": f.value("tokenizer.chat_template").is_some(),
+    });
+    if json {
+        println!("{v}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&v).map_err(err)?);
+    }
+    Ok(true)
+}
+
+fn run(cli: Cli) -> CliResult<bool> {
     match cli.command {
+        Command::Generate {
+            s,
+            prompt,
+            chat,
+            json,
+        } => generate(s, prompt, chat, json),
+        Command::Chat { s, system } => chat(s, system),
+        Command::Info { path, json } => info(path, json),
         Command::Devices => {
-            println!("{:#?}", gpu.caps());
-            Ok(())
+            println!("{:#?}", open_gpu()?.caps());
+            Ok(true)
         }
         Command::Bench { what } => match what {
             BenchWhat::Kernels { probe_mib, json } => {
-                let report = mlx_native_lm::bench::bench_kernels(&gpu, probe_mib)
-                    .map_err(|e| e.to_string())?;
+                let gpu = open_gpu()?;
+                let report = mlx_native_lm::bench::bench_kernels(&gpu, probe_mib).map_err(err)?;
                 print!("{}", report.table());
                 if let Some(path) = json {
-                    let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+                    let text = serde_json::to_string_pretty(&report).map_err(err)?;
                     std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
                 }
-                Ok(())
+                Ok(true)
             }
         },
     }
@@ -65,7 +318,9 @@ fn run(cli: Cli) -> Result<(), String> {
 
 fn main() -> ExitCode {
     match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(true) => ExitCode::SUCCESS,
+        // Interrupted: the summary was printed; 130 as shells report SIGINT.
+        Ok(false) => ExitCode::from(130),
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE

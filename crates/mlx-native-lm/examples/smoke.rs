@@ -4,7 +4,9 @@ use mlx_native_lm::models::gguf::load;
 use mlx_native_lm::tokenizer::{Tokenizer, VocabSpec};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).unwrap_or("models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or("models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
     let gpu = MlxDevice::new()?;
     let f = GgufFile::open(&path)?;
     let tok = Tokenizer::from_vocab(&VocabSpec::from_gguf(&f)?)?;

@@ -21,7 +21,14 @@ pub enum Family {
 }
 
 /// GGUF `general.architecture` values (and mlx-lm `model_type`s) this build loads.
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &["llama", "mistral", "qwen2", "qwen3", "gemma3", "gemma3_text"];
+pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma3",
+    "gemma3_text",
+];
 
 impl Family {
     pub fn from_name(name: &str) -> Result<Self> {
@@ -78,11 +85,16 @@ impl ModelConfig {
         let family = Family::from_name(&arch)?;
         let key = |k: &str| format!("{arch}.{k}");
         let u = |k: &str| -> Result<usize> { Ok(f.get::<u64>(&key(k))? as usize) };
-        let u_opt = |k: &str| -> Result<Option<usize>> { Ok(f.get_opt::<u64>(&key(k))?.map(|v| v as usize)) };
+        let u_opt = |k: &str| -> Result<Option<usize>> {
+            Ok(f.get_opt::<u64>(&key(k))?.map(|v| v as usize))
+        };
         let hidden = u("embedding_length")?;
         let n_heads = u("attention.head_count")?;
         if n_heads == 0 || hidden == 0 {
-            return Err(LmError::Config(format!("{}: head_count or embedding_length is 0", f.name())));
+            return Err(LmError::Config(format!(
+                "{}: head_count or embedding_length is 0",
+                f.name()
+            )));
         }
         let n_kv_heads = u_opt("attention.head_count_kv")?.unwrap_or(n_heads);
         let head_dim = u_opt("attention.key_length")?.unwrap_or(hidden / n_heads);
@@ -92,9 +104,16 @@ impl ModelConfig {
             None => f
                 .get_array("tokenizer.ggml.tokens")
                 .map(|a| a.len())
-                .map_err(|_| LmError::Config(format!("{}: no vocab_size and no tokenizer.ggml.tokens", f.name())))?,
+                .map_err(|_| {
+                    LmError::Config(format!(
+                        "{}: no vocab_size and no tokenizer.ggml.tokens",
+                        f.name()
+                    ))
+                })?,
         };
-        let base = f.get_opt::<f32>(&key("rope.freq_base"))?.unwrap_or(10_000.0);
+        let base = f
+            .get_opt::<f32>(&key("rope.freq_base"))?
+            .unwrap_or(10_000.0);
         let rotary_dims = u_opt("rope.dimension_count")?.unwrap_or(head_dim);
         // llama.cpp rotates adjacent pairs for llama (its GGUF q/k rows are permuted for
         // that) and halves (NEOX) for the others.
@@ -133,7 +152,12 @@ impl ModelConfig {
             Family::Gemma3 => {
                 // The GGUF has no layer pattern: llama.cpp takes every 6th layer as global.
                 let pattern = (0..n_layers).map(|i| (i + 1) % 6 != 0).collect();
-                (pattern, Some(10_000.0), Some((hidden as f32).sqrt()), Act::GeluTanh)
+                (
+                    pattern,
+                    Some(10_000.0),
+                    Some((hidden as f32).sqrt()),
+                    Act::GeluTanh,
+                )
             }
             _ => (vec![false; n_layers], None, None, Act::Silu),
         };
@@ -147,11 +171,17 @@ impl ModelConfig {
             head_dim,
             ffn,
             vocab,
-            norm_eps: f.get_opt::<f32>(&key("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            norm_eps: f
+                .get_opt::<f32>(&key("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
             rope,
             rope_local_base,
             max_context: u_opt("context_length")?.unwrap_or(4096),
-            sliding_window: if family == Family::Gemma3 { sliding_window } else { None },
+            sliding_window: if family == Family::Gemma3 {
+                sliding_window
+            } else {
+                None
+            },
             sliding_layers,
             qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
             act,
@@ -164,14 +194,16 @@ impl ModelConfig {
 
     /// Check that the shape numbers fit together.
     pub fn validate(&self) -> Result<()> {
-        if self.n_kv_heads == 0 || self.n_heads % self.n_kv_heads != 0 {
+        if self.n_kv_heads == 0 || !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(LmError::Config(format!(
                 "{} attention heads do not divide into {} kv heads",
                 self.n_heads, self.n_kv_heads
             )));
         }
         if self.n_layers == 0 || self.vocab == 0 || self.head_dim == 0 {
-            return Err(LmError::Config("n_layers, vocab and head_dim must be nonzero".into()));
+            return Err(LmError::Config(
+                "n_layers, vocab and head_dim must be nonzero".into(),
+            ));
         }
         self.rope.validate()?;
         Ok(())

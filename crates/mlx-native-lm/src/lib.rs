@@ -6,6 +6,7 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod layers;
 pub mod models;
 pub mod tokenizer;

@@ -24,7 +24,9 @@ fn root() -> PathBuf {
 }
 
 fn fixture(name: &str) -> Value {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
@@ -41,7 +43,11 @@ fn model(rel: &str) -> Option<PathBuf> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 fn tokenizer_matches(rel: &str, fixture_name: &str) {
@@ -55,25 +61,40 @@ fn tokenizer_matches(rel: &str, fixture_name: &str) {
         let want = ids(&row["ids"]);
         let got = tok.encode(text, false).unwrap();
         if got != want {
-            bad.push(format!("{text:?}\n  ours:      {got:?}\n  llama.cpp: {want:?}"));
+            bad.push(format!(
+                "{text:?}\n  ours:      {got:?}\n  llama.cpp: {want:?}"
+            ));
         }
     }
-    assert!(bad.is_empty(), "{rel}: {} strings tokenize differently:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{rel}: {} strings tokenize differently:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
 
 #[test]
 fn smollm2_tokenizer_matches_llama_cpp() {
-    tokenizer_matches("models/SmolLM2-135M-Instruct.Q4_1.gguf", "llama_cpp_tokenizer_smollm2.json");
+    tokenizer_matches(
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "llama_cpp_tokenizer_smollm2.json",
+    );
 }
 
 #[test]
 fn gemma3_tokenizer_matches_llama_cpp() {
-    tokenizer_matches(".cache/models/gemma-3-270m-q4_k_m.gguf", "llama_cpp_tokenizer_gemma3.json");
+    tokenizer_matches(
+        ".cache/models/gemma-3-270m-q4_k_m.gguf",
+        "llama_cpp_tokenizer_gemma3.json",
+    );
 }
 
 #[test]
 fn smollm2_greedy_matches_llama_cpp_under_the_near_tie_rule() {
-    let Some(path) = model("models/SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(path) = model("models/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let gpu = MlxDevice::new().unwrap();
     let f = GgufFile::open(&path).unwrap();
     let tok = Tokenizer::from_vocab(&VocabSpec::from_gguf(&f).unwrap()).unwrap();
@@ -81,7 +102,12 @@ fn smollm2_greedy_matches_llama_cpp_under_the_near_tie_rule() {
     let fx = fixture("llama_cpp_greedy_smollm2.json");
     let f64r = fixture("f64_reference_smollm2.json");
     let mut report = Vec::new();
-    for (case, reference) in fx["cases"].as_array().unwrap().iter().zip(f64r["cases"].as_array().unwrap()) {
+    for (case, reference) in fx["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(f64r["cases"].as_array().unwrap())
+    {
         let prompt = case["prompt"].as_str().unwrap();
         let want_prompt = ids(&case["prompt_ids"]);
         let got_prompt = match case["kind"].as_str().unwrap() {

@@ -73,6 +73,7 @@ impl MlxBuffer {
         let bytes = Self::byte_size(dtype, shape, "MlxBuffer::new")?;
         let raw = create_raw(
             &gpu.inner.device,
+            &gpu.inner.mem,
             bytes,
             gpu.caps().max_buffer_size,
             "mlx-native tensor",

@@ -18,18 +18,48 @@ pub(crate) const STORAGE_USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
 
+/// GPU memory held by the library's buffers: now and at most.
+#[derive(Debug, Default)]
+pub struct MemStats {
+    live: AtomicU64,
+    peak: AtomicU64,
+}
+
+impl MemStats {
+    fn add(&self, bytes: u64) {
+        let now = self.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.peak.fetch_max(now, Ordering::Relaxed);
+    }
+
+    fn sub(&self, bytes: u64) {
+        self.live.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes allocated now (free pool buffers included: they are still held).
+    pub fn live(&self) -> u64 {
+        self.live.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes held at once.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
+    }
+}
+
 /// A wgpu buffer with a stable id (bind-group cache keys) that returns to its pool on drop.
 pub(crate) struct RawBuffer {
     pub buffer: wgpu::Buffer,
     pub id: u64,
     pub size: u64,
     pool: Option<Weak<BufferPool>>,
+    mem: Arc<MemStats>,
 }
 
 impl Drop for RawBuffer {
     fn drop(&mut self) {
-        if let Some(pool) = self.pool.as_ref().and_then(Weak::upgrade) {
-            pool.release(self.buffer.clone(), self.id, self.size);
+        match self.pool.as_ref().and_then(Weak::upgrade) {
+            Some(pool) => pool.release(self.buffer.clone(), self.id, self.size),
+            None => self.mem.sub(self.size),
         }
     }
 }
@@ -37,15 +67,17 @@ impl Drop for RawBuffer {
 /// Free scratch buffers by bucket size.
 pub struct BufferPool {
     device: wgpu::Device,
+    mem: Arc<MemStats>,
     free: Mutex<HashMap<u64, Vec<(wgpu::Buffer, u64)>>>,
     created: AtomicU64,
     created_bytes: AtomicU64,
 }
 
 impl BufferPool {
-    pub(crate) fn new(device: wgpu::Device) -> Self {
+    pub(crate) fn new(device: wgpu::Device, mem: Arc<MemStats>) -> Self {
         BufferPool {
             device,
+            mem,
             free: Mutex::new(HashMap::new()),
             created: AtomicU64::new(0),
             created_bytes: AtomicU64::new(0),
@@ -73,7 +105,9 @@ impl BufferPool {
     /// Drop every free buffer.
     pub fn trim(&self) {
         if let Ok(mut f) = self.free.lock() {
-            f.clear();
+            for (size, list) in f.drain() {
+                self.mem.sub(size * list.len() as u64);
+            }
         }
     }
 
@@ -98,9 +132,10 @@ impl BufferPool {
                 id,
                 size,
                 pool: Some(Arc::downgrade(self)),
+                mem: self.mem.clone(),
             });
         }
-        let mut raw = create_raw(&self.device, size, max, "mlx-native scratch")?;
+        let mut raw = create_raw(&self.device, &self.mem, size, max, "mlx-native scratch")?;
         raw.pool = Some(Arc::downgrade(self));
         self.created.fetch_add(1, Ordering::Relaxed);
         self.created_bytes.fetch_add(size, Ordering::Relaxed);
@@ -111,6 +146,7 @@ impl BufferPool {
 /// A dedicated (unpooled) storage buffer of `bytes`, rounded up to 16.
 pub(crate) fn create_raw(
     device: &wgpu::Device,
+    mem: &Arc<MemStats>,
     bytes: u64,
     max: u64,
     label: &str,
@@ -133,11 +169,13 @@ pub(crate) fn create_raw(
             "{label}: allocating {size} bytes: {e}"
         )));
     }
+    mem.add(size);
     Ok(RawBuffer {
         buffer,
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         size,
         pool: None,
+        mem: mem.clone(),
     })
 }
 

@@ -80,6 +80,7 @@ pub(crate) struct DeviceInner {
     pub caps: Caps,
     pub registry: KernelRegistry,
     pub pool: Arc<BufferPool>,
+    pub mem: Arc<crate::buffer_pool::MemStats>,
     pub poison: bool,
     /// Errors wgpu reported outside any error scope, surfaced at the next wait.
     pub uncaptured: Arc<Mutex<Vec<String>>>,
@@ -242,9 +243,11 @@ impl MlxDevice {
             max_invocations_per_workgroup: limits.max_compute_invocations_per_workgroup,
             max_workgroups_per_dimension: limits.max_compute_workgroups_per_dimension,
         };
+        let mem = Arc::new(crate::buffer_pool::MemStats::default());
         Ok(MlxDevice {
             inner: Arc::new(DeviceInner {
-                pool: Arc::new(BufferPool::new(device.clone())),
+                pool: Arc::new(BufferPool::new(device.clone(), mem.clone())),
+                mem,
                 device,
                 queue,
                 caps,
@@ -274,6 +277,16 @@ impl MlxDevice {
     /// The pipeline cache.
     pub fn registry(&self) -> &KernelRegistry {
         &self.inner.registry
+    }
+
+    /// GPU memory the library holds now, in bytes.
+    pub fn memory_live_bytes(&self) -> u64 {
+        self.inner.mem.live()
+    }
+
+    /// The most GPU memory the library has held at once, in bytes.
+    pub fn memory_peak_bytes(&self) -> u64 {
+        self.inner.mem.peak()
     }
 
     /// The scratch-buffer pool.

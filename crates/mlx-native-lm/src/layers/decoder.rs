@@ -33,9 +33,9 @@ impl DecoderLayer {
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<MlxBuffer> {
-        let rope = ropes
-            .get(self.rope)
-            .ok_or_else(|| crate::LmError::Config(format!("layer {layer}: no RoPE table {}", self.rope)))?;
+        let rope = ropes.get(self.rope).ok_or_else(|| {
+            crate::LmError::Config(format!("layer {layer}: no RoPE table {}", self.rope))
+        })?;
         let h = ops::rms_norm(pass, x, &self.attn_norm, self.eps)?;
         let mut a = self.attn.forward(pass, &h, step, rope, cache, layer)?;
         if let Some(n) = &self.post_attn_norm {

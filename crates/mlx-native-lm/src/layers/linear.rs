@@ -48,7 +48,10 @@ impl Linear {
             Linear::Quant(w) => w.shape(),
             Linear::Dense(w) => {
                 let s = w.shape();
-                [s.first().copied().unwrap_or(0), s.get(1).copied().unwrap_or(0)]
+                [
+                    s.first().copied().unwrap_or(0),
+                    s.get(1).copied().unwrap_or(0),
+                ]
             }
         }
     }
@@ -66,7 +69,12 @@ impl Linear {
 }
 
 /// A 1-D f32 vector (norm weights, biases) from a GGUF tensor of any float type.
-pub fn vector_from_gguf(gpu: &MlxDevice, f: &GgufFile, name: &str, len: usize) -> Result<MlxBuffer> {
+pub fn vector_from_gguf(
+    gpu: &MlxDevice,
+    f: &GgufFile,
+    name: &str,
+    len: usize,
+) -> Result<MlxBuffer> {
     let v = f.dequantize_tensor(name)?;
     if v.len() != len {
         return Err(LmError::Config(format!(

@@ -18,7 +18,8 @@ fn progress(total: u64, quiet: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes} {msg}") {
+    if let Ok(style) = ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes} {msg}")
+    {
         pb.set_style(style);
     }
     pb

@@ -32,7 +32,12 @@ pub struct Transformer {
 impl Transformer {
     /// A KV cache for `ctx` positions (sliding-window layers get rings).
     pub fn new_cache(&self, ctx: usize) -> Result<KvCache> {
-        let mut cfg = KvCacheConfig::new(self.cfg.n_layers, self.cfg.n_kv_heads, self.cfg.head_dim, ctx);
+        let mut cfg = KvCacheConfig::new(
+            self.cfg.n_layers,
+            self.cfg.n_kv_heads,
+            self.cfg.head_dim,
+            ctx,
+        );
         cfg.dtype = DType::F16;
         cfg.max_chunk = PREFILL_CHUNK.min(ctx);
         cfg.windows = self.layers.iter().map(|l| l.attn.window).collect();
@@ -41,7 +46,13 @@ impl Transformer {
 
     /// Record the forward pass of `tokens` at positions `pos0..`; returns the logits of the
     /// last token, f32 `[1, vocab]`. `tokens.len()` must not exceed `PREFILL_CHUNK`.
-    pub fn forward(&self, pass: &mut Pass, tokens: &[u32], pos0: usize, cache: &mut KvCache) -> Result<MlxBuffer> {
+    pub fn forward(
+        &self,
+        pass: &mut Pass,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvCache,
+    ) -> Result<MlxBuffer> {
         let t = tokens.len();
         if t == 0 || t > PREFILL_CHUNK {
             return Err(LmError::Invalid(format!(
@@ -49,7 +60,10 @@ impl Transformer {
             )));
         }
         let end = pos0 + t;
-        if end > cache.capacity() && cache.layers() > 0 && self.layers.iter().any(|l| l.attn.window.is_none()) {
+        if end > cache.capacity()
+            && cache.layers() > 0
+            && self.layers.iter().any(|l| l.attn.window.is_none())
+        {
             return Err(LmError::Invalid(format!(
                 "context overflow: positions up to {end} do not fit the context size {}",
                 cache.capacity()

@@ -1,0 +1,295 @@
+//! Text generation: chunked prefill, then token-by-token decode with sampling on the GPU
+//! (only the chosen id comes back), stopping on end-of-generation tokens, stop strings, the
+//! token budget, the context size or an interrupt.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use mlx_native::ops::sample::{repetition_penalty, sample, Sampling};
+use mlx_native::MlxBuffer;
+
+use crate::chat::{ChatTemplate, Message, GEMMA_TEMPLATE};
+use crate::config::Family;
+use crate::error::{LmError, Result};
+use crate::models::{Transformer, PREFILL_CHUNK};
+use crate::tokenizer::{StreamDecoder, Tokenizer};
+
+/// How to generate.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: Sampling,
+    /// 1.0 = off (llama.cpp's `--repeat-penalty`).
+    pub repetition_penalty: f32,
+    /// How many recent tokens the penalty looks at.
+    pub repeat_last_n: usize,
+    pub seed: u64,
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            sampling: Sampling::default(),
+            repetition_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    EndOfGeneration,
+    StopString,
+    MaxTokens,
+    ContextFull,
+    Interrupted,
+}
+
+/// What a generation produced, with its timings.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Generation {
+    pub prompt_ids: Vec<u32>,
+    /// Includes the final end-of-generation token when one was produced.
+    pub generated_ids: Vec<u32>,
+    pub text: String,
+    pub stop_reason: StopReason,
+    pub prefill_secs: f64,
+    pub decode_secs: f64,
+    pub prefill_tok_s: f64,
+    pub decode_tok_s: f64,
+}
+
+/// A model with its tokenizer and chat template, ready to generate.
+pub struct Engine {
+    pub model: Transformer,
+    pub tokenizer: Tokenizer,
+    pub template: Option<ChatTemplate>,
+}
+
+/// xorshift64*: the sampler's uniform numbers, reproducible per seed.
+struct Rng(u64);
+
+impl Rng {
+    fn uniform(&mut self) -> f32 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        ((x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 40) as f32) / (1u64 << 24) as f32
+    }
+}
+
+impl Engine {
+    /// The chat template of the model: its own, or Gemma's standard one for Gemma GGUFs,
+    /// which carry none.
+    pub fn with_template(
+        model: Transformer,
+        tokenizer: Tokenizer,
+        source: Option<&str>,
+    ) -> Result<Self> {
+        let src = match source {
+            Some(s) => Some(s.to_string()),
+            None if model.cfg.family == Family::Gemma3 => Some(GEMMA_TEMPLATE.to_string()),
+            None => None,
+        };
+        let tok_str = |id: Option<u32>| {
+            id.and_then(|i| tokenizer.id_to_token(i))
+                .unwrap_or_default()
+        };
+        let template = match src {
+            Some(s) => Some(ChatTemplate::new(
+                &s,
+                &tok_str(tokenizer.bos),
+                &tok_str(tokenizer.eos),
+            )?),
+            None => None,
+        };
+        Ok(Engine {
+            model,
+            tokenizer,
+            template,
+        })
+    }
+
+    /// Prompt ids: the raw text with the model's BOS rule, or the chat template around one
+    /// user message (the template writes its own BOS).
+    pub fn prompt_ids(&self, prompt: &str, chat: bool) -> Result<Vec<u32>> {
+        if prompt.is_empty() {
+            return Err(LmError::Invalid("the prompt is empty".into()));
+        }
+        if chat {
+            let text = self.chat_text(&[Message::new("user", prompt)])?;
+            self.tokenizer.encode(&text, false)
+        } else {
+            self.tokenizer.encode(prompt, true)
+        }
+    }
+
+    /// The templated conversation, ending with the assistant's turn opener.
+    pub fn chat_text(&self, messages: &[Message]) -> Result<String> {
+        let t = self.template.as_ref().ok_or_else(|| {
+            LmError::Template("the model has no chat template (use a raw prompt)".into())
+        })?;
+        t.render(messages, true)
+    }
+
+    /// Default context size: the model's, capped at 4096.
+    pub fn default_ctx(&self) -> usize {
+        self.model.cfg.max_context.clamp(1, 4096)
+    }
+
+    /// Generate after `prompt_ids` in a fresh context of `ctx` positions. `on_text` receives
+    /// text as it completes; `interrupt` stops generation cleanly when set.
+    pub fn generate(
+        &self,
+        prompt_ids: &[u32],
+        ctx: usize,
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str),
+        interrupt: &AtomicBool,
+    ) -> Result<Generation> {
+        if prompt_ids.is_empty() {
+            return Err(LmError::Invalid("the prompt has no tokens".into()));
+        }
+        if prompt_ids.len() >= ctx {
+            return Err(LmError::Invalid(format!(
+                "the prompt has {} tokens, which does not fit the context size {ctx} (--ctx-size)",
+                prompt_ids.len()
+            )));
+        }
+        let vocab = self.model.cfg.vocab as u32;
+        if let Some(bad) = prompt_ids.iter().find(|&&t| t >= vocab) {
+            return Err(LmError::Invalid(format!(
+                "token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let gpu = &self.model.gpu;
+        let mut cache = self.model.new_cache(ctx)?;
+        let mut rng = Rng(opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+        let mut history: Vec<u32> = prompt_ids.to_vec();
+        let mut generated = Vec::new();
+        let mut decoder = StreamDecoder::new();
+        let mut text = String::new();
+        let t0 = Instant::now();
+        let mut prefill_secs = 0.0;
+        let mut pos = 0;
+        let mut feed: Vec<u32> = prompt_ids.to_vec();
+        let mut stop_reason = StopReason::MaxTokens;
+        while generated.len() < opts.max_tokens {
+            if interrupt.load(Ordering::Relaxed) {
+                stop_reason = StopReason::Interrupted;
+                break;
+            }
+            if pos + feed.len() > ctx {
+                stop_reason = StopReason::ContextFull;
+                break;
+            }
+            // Prefill in chunks; all but the last chunk only fill the cache.
+            let mut logits: Option<MlxBuffer> = None;
+            let mut pass = gpu.begin();
+            for (i, chunk) in feed.chunks(PREFILL_CHUNK).enumerate() {
+                if i > 0 {
+                    pass.commit()?;
+                    pass = gpu.begin();
+                }
+                logits = Some(self.model.forward(&mut pass, chunk, pos, &mut cache)?);
+                pos += chunk.len();
+            }
+            let logits = logits.ok_or_else(|| LmError::Invalid("nothing to evaluate".into()))?;
+            if opts.repetition_penalty != 1.0 {
+                let mut recent: Vec<u32> = history
+                    .iter()
+                    .rev()
+                    .take(opts.repeat_last_n)
+                    .copied()
+                    .collect();
+                recent.sort_unstable();
+                recent.dedup();
+                let ids = MlxBuffer::from_slice(gpu, &recent, &[recent.len()])?;
+                repetition_penalty(&mut pass, &logits, &ids, opts.repetition_penalty)?;
+            }
+            let next = sample(
+                &mut pass,
+                &logits,
+                &opts.sampling,
+                rng.uniform().min(0.999_999),
+            )?;
+            pass.commit()?;
+            let id = next
+                .to_vec::<u32>(gpu)?
+                .first()
+                .copied()
+                .ok_or_else(|| LmError::Invalid("sampler returned nothing".into()))?;
+            if generated.is_empty() {
+                prefill_secs = t0.elapsed().as_secs_f64();
+            }
+            generated.push(id);
+            history.push(id);
+            if self.tokenizer.is_eog(id) {
+                stop_reason = StopReason::EndOfGeneration;
+                break;
+            }
+            let piece = decoder.push(&self.tokenizer, id)?;
+            text.push_str(&piece);
+            if let Some(cut) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+                // Emit only what precedes the stop string.
+                let already = text.len() - piece.len();
+                if cut > already {
+                    on_text(&text[already..cut]);
+                }
+                text.truncate(cut);
+                stop_reason = StopReason::StopString;
+                break;
+            }
+            on_text(&piece);
+            feed = vec![id];
+        }
+        let total = t0.elapsed().as_secs_f64();
+        let decode_secs = (total - prefill_secs).max(0.0);
+        let decoded = generated.len().saturating_sub(1);
+        Ok(Generation {
+            prompt_ids: prompt_ids.to_vec(),
+            text,
+            stop_reason,
+            prefill_tok_s: if prefill_secs > 0.0 {
+                prompt_ids.len() as f64 / prefill_secs
+            } else {
+                0.0
+            },
+            decode_tok_s: if decode_secs > 0.0 {
+                decoded as f64 / decode_secs
+            } else {
+                0.0
+            },
+            prefill_secs,
+            decode_secs,
+            generated_ids: generated,
+        })
+    }
+}
+
+/// Load a model file (GGUF) with its tokenizer and chat template.
+pub fn load_gguf(
+    gpu: &mlx_native::MlxDevice,
+    path: &std::path::Path,
+    quiet: bool,
+) -> Result<Engine> {
+    let shown = path.display().to_string();
+    if !path.exists() {
+        return Err(LmError::Config(format!("{shown}: no such file or folder")));
+    }
+    let f = mlx_native::weights::gguf::GgufFile::open(path)?;
+    let tokenizer = Tokenizer::from_vocab(&crate::tokenizer::VocabSpec::from_gguf(&f)?)?;
+    let template = f
+        .get_opt::<&str>("tokenizer.chat_template")?
+        .map(str::to_string);
+    let model = crate::models::gguf::load(gpu, &f, quiet)?;
+    Engine::with_template(model, tokenizer, template.as_deref())
+}
