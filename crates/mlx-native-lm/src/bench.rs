@@ -172,6 +172,32 @@ pub fn bench_kernels(gpu: &MlxDevice, probe_mib: u64) -> Result<KernelsReport> {
         let ns = timer.median_ns(|p| ops::add(p, &x, &y).map(|_| ()))?;
         push("add", &shape, (3 * r * 4096 * 4) as u64, ns);
     }
+    // Attention-score softmax at prefill 512 for 32 heads, and decode (one query row per
+    // head) over a 4096-token context.
+    for &(rows, n) in &[(32 * 512usize, 512usize), (32, 4096)] {
+        let shape = [rows, n];
+        let x = f32_tensor(gpu, &shape, 4)?;
+        let ns = timer.median_ns(|p| ops::softmax(p, &x, 0.088, None).map(|_| ()))?;
+        push("softmax", &shape, (2 * rows * n * 4) as u64, ns);
+    }
+    // RoPE on Llama-3.1-8B queries: 32 heads x 128, decode (1 token) and prefill (512).
+    let table = ops::RopeTable::new(
+        gpu,
+        &ops::RopeConfig::new(128, 500_000.0, ops::RopeStyle::Neox),
+    )?;
+    for &t in &[1usize, 512] {
+        let shape = [t, 32, 128];
+        let x = f32_tensor(gpu, &shape, 5)?;
+        let pos: Vec<u32> = (0..t as u32).collect();
+        let pos = MlxBuffer::from_slice(gpu, &pos, &[t])?;
+        let ns = timer.median_ns(|p| ops::rope(p, &x, &pos, &table).map(|_| ()))?;
+        push(
+            "rope (neox)",
+            &shape,
+            (2 * t * 32 * 128 * 4 + t * 4) as u64,
+            ns,
+        );
+    }
     Ok(KernelsReport {
         adapter: gpu.caps().adapter_name.clone(),
         backend: gpu.caps().backend.clone(),
