@@ -110,6 +110,17 @@ enum BenchWhat {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Flash attention: decode over a long KV cache, causal prefill (Llama-3.1-8B heads).
+    Attention {
+        #[arg(long, default_value_t = 1024)]
+        probe_mib: u64,
+        #[arg(long, value_delimiter = ',', default_value = "1024,8192,32768")]
+        decode_ctx: Vec<usize>,
+        #[arg(long, value_delimiter = ',', default_value = "512,4096")]
+        prefill: Vec<usize>,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 /// Errors the user sees: one line, no backtrace.
@@ -306,14 +317,29 @@ fn run(cli: Cli) -> CliResult<bool> {
                 let gpu = open_gpu()?;
                 let report = mlx_native_lm::bench::bench_kernels(&gpu, probe_mib).map_err(err)?;
                 print!("{}", report.table());
-                if let Some(path) = json {
-                    let text = serde_json::to_string_pretty(&report).map_err(err)?;
-                    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
-                }
-                Ok(true)
+                write_json(json, &report)
+            }
+            BenchWhat::Attention {
+                probe_mib,
+                decode_ctx,
+                prefill,
+                json,
+            } => {
+                let gpu = open_gpu()?;
+                let r = mlx_native_lm::bench::bench_attention(&gpu, probe_mib, &decode_ctx, &prefill).map_err(err)?;
+                print!("{}", r.table());
+                write_json(json, &r)
             }
         },
     }
+}
+
+fn write_json(path: Option<PathBuf>, report: &impl serde::Serialize) -> CliResult<bool> {
+    if let Some(path) = path {
+        let text = serde_json::to_string_pretty(report).map_err(err)?;
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(true)
 }
 
 fn main() -> ExitCode {

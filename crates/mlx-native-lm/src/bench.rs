@@ -237,3 +237,112 @@ impl KernelsReport {
         s
     }
 }
+
+/// One attention measurement.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttentionRow {
+    pub case: String,
+    pub context: usize,
+    pub gpu_us: f64,
+    /// Decode: K/V bytes read; prefill: 0.
+    pub bytes: u64,
+    pub gb_s: f64,
+    /// Decode: GB/s over the read bandwidth. Prefill: none.
+    pub roofline_fraction: Option<f64>,
+    /// Prefill: causal attention FLOPs (2 matmuls, half the square) per second.
+    pub tflop_s: Option<f64>,
+}
+
+/// The `bench attention` report.
+#[derive(Clone, Debug, Serialize)]
+pub struct AttentionReport {
+    pub adapter: String,
+    pub bandwidth: Bandwidth,
+    pub cooperative_matrix_prefill: bool,
+    pub rows: Vec<AttentionRow>,
+}
+
+/// Llama-3.1-8B attention (32 query heads, 8 kv heads, head dim 128, f16 KV): decode at
+/// several contexts, causal prefill at several lengths.
+pub fn bench_attention(gpu: &MlxDevice, probe_mib: u64, decode_ctx: &[usize], prefill: &[usize]) -> Result<AttentionReport> {
+    use mlx_native::kv_cache::{KvCache, KvCacheConfig};
+    let (nh, nkv, hd) = (32usize, 8usize, 128usize);
+    let bw = read_bandwidth(gpu, probe_mib)?;
+    let timer = Timer::new(gpu)?;
+    let mut rows = Vec::new();
+    let fill = |ctx: usize| -> Result<KvCache> {
+        let mut cache = KvCache::new(gpu, &KvCacheConfig::new(1, nkv, hd, ctx))?;
+        let mut pos = 0;
+        while pos < ctx {
+            let t = (ctx - pos).min(cache.max_chunk());
+            let k = f32_tensor(gpu, &[t, nkv, hd], 10 + pos as u64)?;
+            let v = f32_tensor(gpu, &[t, nkv, hd], 11 + pos as u64)?;
+            let mut pass = gpu.begin();
+            cache.append(&mut pass, 0, &k, &v, pos)?;
+            pass.commit_and_wait()?;
+            pos += t;
+        }
+        Ok(cache)
+    };
+    for &ctx in decode_ctx {
+        let cache = fill(ctx)?;
+        let q = f32_tensor(gpu, &[nh, hd], 12)?;
+        let opts = ops::SdpaOptions::new(hd);
+        let ns = timer.median_ns(|p| ops::sdpa_decode(p, &q, &cache, 0, ctx, &opts).map(|_| ()))?;
+        let bytes = (2 * nkv * ctx * hd * 2) as u64;
+        let gb_s = bytes as f64 / ns;
+        rows.push(AttentionRow {
+            case: "decode".into(),
+            context: ctx,
+            gpu_us: ns / 1e3,
+            bytes,
+            gb_s,
+            roofline_fraction: Some(gb_s / bw.gb_s),
+            tflop_s: None,
+        });
+    }
+    for &t in prefill {
+        let cache = fill(t)?;
+        let q = f32_tensor(gpu, &[t, nh, hd], 13)?;
+        let opts = ops::SdpaOptions::new(hd);
+        let ns = timer.median_ns(|p| ops::sdpa_prefill(p, &q, &cache, 0, 0, &opts).map(|_| ()))?;
+        // QK^T and PV, 2 flops per multiply-add, over the causal half.
+        let flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * (hd * nh) as f64;
+        rows.push(AttentionRow {
+            case: "prefill (causal)".into(),
+            context: t,
+            gpu_us: ns / 1e3,
+            bytes: 0,
+            gb_s: 0.0,
+            roofline_fraction: None,
+            tflop_s: Some(flops / ns / 1e3),
+        });
+    }
+    Ok(AttentionReport {
+        adapter: gpu.caps().adapter_name.clone(),
+        cooperative_matrix_prefill: ops::sdpa::prefill_uses_coop(gpu.caps()),
+        bandwidth: bw,
+        rows,
+    })
+}
+
+impl AttentionReport {
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "device: {}\nread bandwidth: {:.1} GB/s; cooperative-matrix prefill: {}\n\n{:<18} {:>8} {:>10} {:>10} {:>9} {:>9}\n",
+            self.adapter, self.bandwidth.gb_s, self.cooperative_matrix_prefill, "case", "context", "gpu us", "GB/s", "roofline", "TFLOP/s"
+        );
+        for r in &self.rows {
+            s.push_str(&format!(
+                "{:<18} {:>8} {:>10.1} {:>10.1} {:>9} {:>9}\n",
+                r.case,
+                r.context,
+                r.gpu_us,
+                r.gb_s,
+                r.roofline_fraction.map_or("-".into(), |f| format!("{:.1}%", 100.0 * f)),
+                r.tflop_s.map_or("-".into(), |f| format!("{f:.2}")),
+            ));
+        }
+        s
+    }
+}
