@@ -326,7 +326,9 @@ fn run(cli: Cli) -> CliResult<bool> {
                 json,
             } => {
                 let gpu = open_gpu()?;
-                let r = mlx_native_lm::bench::bench_attention(&gpu, probe_mib, &decode_ctx, &prefill).map_err(err)?;
+                let r =
+                    mlx_native_lm::bench::bench_attention(&gpu, probe_mib, &decode_ctx, &prefill)
+                        .map_err(err)?;
                 print!("{}", r.table());
                 write_json(json, &r)
             }

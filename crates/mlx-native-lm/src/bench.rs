@@ -264,7 +264,12 @@ pub struct AttentionReport {
 
 /// Llama-3.1-8B attention (32 query heads, 8 kv heads, head dim 128, f16 KV): decode at
 /// several contexts, causal prefill at several lengths.
-pub fn bench_attention(gpu: &MlxDevice, probe_mib: u64, decode_ctx: &[usize], prefill: &[usize]) -> Result<AttentionReport> {
+pub fn bench_attention(
+    gpu: &MlxDevice,
+    probe_mib: u64,
+    decode_ctx: &[usize],
+    prefill: &[usize],
+) -> Result<AttentionReport> {
     use mlx_native::kv_cache::{KvCache, KvCacheConfig};
     let (nh, nkv, hd) = (32usize, 8usize, 128usize);
     let bw = read_bandwidth(gpu, probe_mib)?;
@@ -339,7 +344,8 @@ impl AttentionReport {
                 r.context,
                 r.gpu_us,
                 r.gb_s,
-                r.roofline_fraction.map_or("-".into(), |f| format!("{:.1}%", 100.0 * f)),
+                r.roofline_fraction
+                    .map_or("-".into(), |f| format!("{:.1}%", 100.0 * f)),
                 r.tflop_s.map_or("-".into(), |f| format!("{f:.2}")),
             ));
         }

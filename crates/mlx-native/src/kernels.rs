@@ -129,7 +129,7 @@ impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
     const fn includes(self) -> &'static [&'static str] {
         match self {
-            Kernel::Norm | Kernel::Softmax | Kernel::Select => &[REDUCE],
+            Kernel::Norm | Kernel::Softmax | Kernel::Select | Kernel::Rope => &[REDUCE],
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
             Kernel::Qmatmul | Kernel::MatmulCoop => &[QUANT],
             _ => &[],

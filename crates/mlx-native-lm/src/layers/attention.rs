@@ -41,6 +41,7 @@ pub struct Step<'a> {
 }
 
 impl Attention {
+    /// Project and add the bias: `[T, heads, head_dim]`.
     fn project(
         &self,
         pass: &mut Pass,
@@ -48,18 +49,28 @@ impl Attention {
         w: &Linear,
         bias: &Option<MlxBuffer>,
         heads: usize,
-        norm: &Option<MlxBuffer>,
     ) -> Result<MlxBuffer> {
         let mut y = w.forward(pass, x)?;
         if let Some(b) = bias {
             y = ops::add(pass, &y, b)?;
         }
         let t = y.len() / (heads * self.head_dim);
-        if let Some(n) = norm {
-            let rows = y.reshape(&[t * heads, self.head_dim])?;
-            y = ops::rms_norm(pass, &rows, n, self.norm_eps)?;
-        }
         Ok(y.reshape(&[t, heads, self.head_dim])?)
+    }
+
+    /// RoPE, with the per-head RMS norm fused in where the model has one.
+    fn rotate(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        norm: &Option<MlxBuffer>,
+        positions: &MlxBuffer,
+        rope: &RopeTable,
+    ) -> Result<MlxBuffer> {
+        Ok(match norm {
+            Some(w) => ops::norm_rope(pass, x, w, self.norm_eps, positions, rope)?,
+            None => ops::rope(pass, x, positions, rope)?,
+        })
     }
 
     /// `x [T, hidden] -> [T, hidden]`, appending this step's K/V to `cache` at `layer`.
@@ -87,8 +98,8 @@ impl Attention {
             None => v,
         };
         let v = v.reshape(&[step.tokens, self.n_kv_heads, self.head_dim])?;
-        let q = ops::rope(pass, &q, step.positions, rope)?;
-        let k = ops::rope(pass, &k, step.positions, rope)?;
+        let q = self.rotate(pass, &q, &self.q_norm, step.positions, rope)?;
+        let k = self.rotate(pass, &k, &self.k_norm, step.positions, rope)?;
         cache.append(pass, layer, &k, &v, step.pos0)?;
         let opts = SdpaOptions {
             scale: self.scale,

@@ -27,7 +27,7 @@ pub use kv::kv_append;
 pub use layout::{concat_last, copy, transpose, transpose_last2};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
-pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
+pub use rope::{norm_rope, rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 pub use select::{argmax, argsort, top_k};
 pub use softmax::softmax;

@@ -319,6 +319,11 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     for dt in POSITION_DTYPES {
         for style in [RopeStyle::Traditional, RopeStyle::Neox] {
             v.push((Kernel::Rope, spec(dt, style)?));
+            for wg in super::ROW_WGS {
+                for sg in [false, true] {
+                    v.push((Kernel::Rope, norm_spec(dt, style, wg, sg)?));
+                }
+            }
         }
     }
     Ok(v)
@@ -333,22 +338,77 @@ pub fn rope(
     positions: &MlxBuffer,
     table: &RopeTable,
 ) -> Result<MlxBuffer> {
+    let (params, y) = prepare(pass, OP, x, positions, table)?;
+    let total = params.total;
+    pass.dispatch(
+        Kernel::Rope,
+        spec(positions.dtype(), table.cfg.style)?,
+        &params,
+        &[x, positions, &table.freqs, &y],
+        total.div_ceil(WG),
+    )?;
+    Ok(y)
+}
+
+/// Per-head RMS norm (f32 `weight [head_dim]`, `eps`) then RoPE, in one dispatch: the q/k
+/// norm of Qwen3 and Gemma 3. Same layouts as [`rope`].
+pub fn norm_rope(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    weight: &MlxBuffer,
+    eps: f32,
+    positions: &MlxBuffer,
+    table: &RopeTable,
+) -> Result<MlxBuffer> {
+    let op = "norm_rope";
+    check::dtype(weight, &[DType::F32], op, "weight")?;
+    check::len(weight, table.cfg.head_dim, op, "weight")?;
+    let (mut params, y) = prepare(pass, op, x, positions, table)?;
+    let rows = check::fits_u32(x.len() / table.cfg.head_dim, op, "rows")?;
+    params.total = rows;
+    params._pad0 = eps.to_bits();
+    let (wg, sg) = super::row_wg(pass.caps(), table.cfg.head_dim / 2);
+    let spec = norm_spec(positions.dtype(), table.cfg.style, wg, sg)?;
+    pass.dispatch(
+        Kernel::Rope,
+        spec,
+        &params,
+        &[x, positions, &table.freqs, &y, weight],
+        rows,
+    )?;
+    Ok(y)
+}
+
+fn norm_spec(pos_dtype: DType, style: RopeStyle, wg: u32, sg: bool) -> Result<Spec> {
+    Spec::new("norm_rope", pos_dtype, wg)
+        .with_subgroups(sg)
+        .with_const("NEOX", u32::from(style == RopeStyle::Neox))
+}
+
+/// Shared argument checks; the output buffer and the params of a per-pair dispatch.
+fn prepare(
+    pass: &mut Pass,
+    op: &str,
+    x: &MlxBuffer,
+    positions: &MlxBuffer,
+    table: &RopeTable,
+) -> Result<(RopeParams, MlxBuffer)> {
     let cfg = &table.cfg;
     let hd = cfg.head_dim;
-    check::dtype(x, &[DType::F32], OP, "x")?;
-    check::dtype(positions, &POSITION_DTYPES, OP, "positions")?;
+    check::dtype(x, &[DType::F32], op, "x")?;
+    check::dtype(positions, &POSITION_DTYPES, op, "positions")?;
     let s = x.shape();
     let shape_ok = match s {
         [_, _, d] => *d == hd,
         [_, n] => n.is_multiple_of(hd),
         _ => false,
     };
-    check::ensure(shape_ok, OP, || {
+    check::ensure(shape_ok, op, || {
         format!("x has shape {s:?}, expected [tokens, heads, {hd}] or [tokens, heads * {hd}]")
     })?;
     let tokens = s[0];
-    check::len(positions, tokens, OP, "positions")?;
-    let total = check::fits_u32(x.len() / 2, OP, "pairs")?;
+    check::len(positions, tokens, op, "positions")?;
+    let total = check::fits_u32(x.len() / 2, op, "pairs")?;
     let y = pass.alloc_like(x)?;
     let params = RopeParams {
         total,
@@ -360,14 +420,7 @@ pub fn rope(
         _pad0: 0,
         _pad1: 0,
     };
-    pass.dispatch(
-        Kernel::Rope,
-        spec(positions.dtype(), cfg.style)?,
-        &params,
-        &[x, positions, &table.freqs, &y],
-        total.div_ceil(WG),
-    )?;
-    Ok(y)
+    Ok((params, y))
 }
 
 #[cfg(test)]
@@ -638,6 +691,58 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn norm_rope_equals_rms_norm_then_rope_in_f64() -> Result<()> {
+        let mut rng = Rng::new(41);
+        for g in devices() {
+            for &(hd, rd, style) in &[
+                (64usize, 64usize, RopeStyle::Neox),
+                (128, 128, RopeStyle::Neox),
+                (256, 256, RopeStyle::Neox),
+                (128, 64, RopeStyle::Traditional),
+            ] {
+                let (tokens, heads) = (5, 3);
+                let cfg = RopeConfig {
+                    rotary_dims: rd,
+                    ..RopeConfig::new(hd, 1_000_000.0, style)
+                };
+                let x = rng.normals(tokens * heads * hd, 2.0);
+                let w = rng.normals(hd, 1.0);
+                let pos: Vec<i64> = (0..tokens).map(|_| rng.below(50_000) as i64).collect();
+                // Reference: RMS norm per head row in f64, then the independent rope reference.
+                let normed: Vec<f32> = x
+                    .chunks(hd)
+                    .flat_map(|row| {
+                        let ms = row.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / hd as f64;
+                        let inv = 1.0 / (ms + 1e-6).sqrt();
+                        row.iter()
+                            .zip(&w)
+                            .map(move |(&v, &wi)| (v as f64 * inv * wi as f64) as f32)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                let want = ref_rope(&normed, &pos, &cfg);
+                let gx = MlxBuffer::from_slice(g, &x, &[tokens, heads, hd])?;
+                let gw = MlxBuffer::from_slice(g, &w, &[hd])?;
+                let p: Vec<u32> = pos.iter().map(|&p| p as u32).collect();
+                let gp = MlxBuffer::from_slice(g, &p, &[tokens])?;
+                let table = RopeTable::new(g, &cfg)?;
+                let mut pass = g.begin();
+                let y = norm_rope(&mut pass, &gx, &gw, 1e-6, &gp, &table)?;
+                pass.commit_and_wait()?;
+                // Rope's angle error plus the norm's f32 reduction (values ~ |w| * 3).
+                assert_close(
+                    &y.to_vec(g)?,
+                    &want,
+                    2e-4,
+                    2e-5,
+                    &format!("norm_rope hd {hd} rd {rd}"),
+                );
             }
         }
         Ok(())
