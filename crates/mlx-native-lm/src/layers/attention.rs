@@ -83,15 +83,8 @@ impl Attention {
         cache: &mut KvCache,
         layer: usize,
     ) -> Result<MlxBuffer> {
-        let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads, &self.q_norm)?;
-        let k = self.project(
-            pass,
-            x,
-            &self.k,
-            &self.k_bias,
-            self.n_kv_heads,
-            &self.k_norm,
-        )?;
+        let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads)?;
+        let k = self.project(pass, x, &self.k, &self.k_bias, self.n_kv_heads)?;
         let v = self.v.forward(pass, x)?;
         let v = match &self.v_bias {
             Some(b) => ops::add(pass, &v, b)?,
