@@ -159,3 +159,23 @@ fn smollm2_greedy_matches_llama_cpp_under_the_near_tie_rule() {
     }
     println!("{}", report.join("\n"));
 }
+
+#[test]
+fn streaming_decode_never_emits_half_characters() {
+    use mlx_native_lm::tokenizer::StreamDecoder;
+    for rel in ["models/SmolLM2-135M-Instruct.Q4_1.gguf", ".cache/models/gemma-3-270m-q4_k_m.gguf"] {
+        let Some(path) = model(rel) else { return };
+        let f = GgufFile::open(&path).unwrap();
+        let tok = Tokenizer::from_vocab(&VocabSpec::from_gguf(&f).unwrap()).unwrap();
+        let text = "emoji 🤖🚀 and 👩‍👩‍👧‍👦, 日本語, naïve";
+        let ids = tok.encode(text, false).unwrap();
+        let mut dec = StreamDecoder::new();
+        let mut out = String::new();
+        for &id in &ids {
+            let piece = dec.push(&tok, id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "{rel}: piece {piece:?} holds a replacement character");
+            out.push_str(&piece);
+        }
+        assert_eq!(out, text, "{rel}: streamed text");
+    }
+}
