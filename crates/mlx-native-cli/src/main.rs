@@ -110,6 +110,15 @@ enum BenchWhat {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Load time of a synthetic GGUF (Q4_0) from the page cache to the GPU.
+    Load {
+        #[arg(long, default_value_t = 4096)]
+        mib: u64,
+        #[arg(long, default_value = "/tmp/mlx-native-bench.gguf")]
+        path: PathBuf,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Flash attention: decode over a long KV cache, causal prefill (Llama-3.1-8B heads).
     Attention {
         #[arg(long, default_value_t = 1024)]
@@ -318,6 +327,19 @@ fn run(cli: Cli) -> CliResult<bool> {
                 let report = mlx_native_lm::bench::bench_kernels(&gpu, probe_mib).map_err(err)?;
                 print!("{}", report.table());
                 write_json(json, &report)
+            }
+            BenchWhat::Load { mib, path, json } => {
+                let gpu = open_gpu()?;
+                let r = mlx_native_lm::bench::bench_load(&gpu, &path, mib).map_err(err)?;
+                println!(
+                    "{}: {} tensors, {:.2} GB in {:.2} s: {:.2} GB/s (page cache -> GPU)",
+                    r.adapter,
+                    r.tensors,
+                    r.file_bytes as f64 / 1e9,
+                    r.secs,
+                    r.gb_s
+                );
+                write_json(json, &r)
             }
             BenchWhat::Attention {
                 probe_mib,

@@ -352,3 +352,85 @@ impl AttentionReport {
         s
     }
 }
+
+/// The `bench load` report: how fast a GGUF file goes from the page cache to the GPU.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadReport {
+    pub adapter: String,
+    pub file_bytes: u64,
+    pub tensors: usize,
+    /// Parsing the header (mmap) and uploading every tensor (repack included).
+    pub secs: f64,
+    pub gb_s: f64,
+}
+
+/// Write a synthetic GGUF of about `mib` MiB (Q4_0 matrices of 4096 x 4096, random blocks
+/// with finite scales) to `path`, read it once to warm the page cache, then time
+/// parse + upload of every tensor.
+pub fn bench_load(gpu: &MlxDevice, path: &std::path::Path, mib: u64) -> Result<LoadReport> {
+    use mlx_native::weights::ggml::GgmlType;
+    use mlx_native::weights::ggml_weight::GgmlWeight;
+    use mlx_native::weights::gguf::GgufFile;
+    use std::io::Write;
+    let (rows, cols) = (4096usize, 4096usize);
+    let kind = GgmlType::Q4_0;
+    let tensor_bytes = rows * (cols / kind.block_elems()) * kind.block_bytes();
+    let n = ((mib << 20) as usize).div_ceil(tensor_bytes).max(1);
+    let io = |e: std::io::Error| MlxError::io(path.display().to_string(), e);
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(path).map_err(io)?);
+        let mut w = |b: &[u8]| f.write_all(b).map_err(io);
+        let s =
+            |x: &str| -> Vec<u8> { [&(x.len() as u64).to_le_bytes()[..], x.as_bytes()].concat() };
+        w(b"GGUF")?;
+        w(&3u32.to_le_bytes())?;
+        w(&(n as u64).to_le_bytes())?;
+        w(&1u64.to_le_bytes())?;
+        w(&s("general.architecture"))?;
+        w(&8u32.to_le_bytes())?; // string
+        w(&s("bench"))?;
+        let mut header = 4 + 4 + 8 + 8 + (8 + 20) + 4 + (8 + 5);
+        for i in 0..n {
+            let name = s(&format!("t{i}.weight"));
+            header += name.len() + 4 + 16 + 4 + 8;
+            w(&name)?;
+            w(&2u32.to_le_bytes())?;
+            w(&(cols as u64).to_le_bytes())?;
+            w(&(rows as u64).to_le_bytes())?;
+            w(&kind.id().to_le_bytes())?;
+            w(&((i * tensor_bytes) as u64).to_le_bytes())?;
+        }
+        w(&vec![0u8; header.div_ceil(32) * 32 - header])?;
+        // One random tensor's bytes, with every block's f16 scale set to a finite value,
+        // written n times (the bench measures bytes moved, not their variety).
+        let mut block = random_f32(tensor_bytes / 4, 7)
+            .into_iter()
+            .flat_map(f32::to_le_bytes)
+            .collect::<Vec<u8>>();
+        for b in block.chunks_exact_mut(kind.block_bytes()) {
+            b[..2].copy_from_slice(&half::f16::from_f32(0.01).to_le_bytes());
+        }
+        for _ in 0..n {
+            w(&block)?;
+        }
+    }
+    // Warm the page cache.
+    let _ = std::fs::read(path).map_err(io)?;
+    let t0 = std::time::Instant::now();
+    let f = GgufFile::open(path)?;
+    let mut weights = Vec::with_capacity(n);
+    for t in f.tensors() {
+        weights.push(GgmlWeight::from_gguf(gpu, &f, &t.name)?);
+    }
+    gpu.wait_idle()?;
+    let secs = t0.elapsed().as_secs_f64();
+    let file_bytes = std::fs::metadata(path).map_err(io)?.len();
+    let _ = std::fs::remove_file(path);
+    Ok(LoadReport {
+        adapter: gpu.caps().adapter_name.clone(),
+        file_bytes,
+        tensors: n,
+        secs,
+        gb_s: file_bytes as f64 / secs / 1e9,
+    })
+}

@@ -163,7 +163,10 @@ fn smollm2_greedy_matches_llama_cpp_under_the_near_tie_rule() {
 #[test]
 fn streaming_decode_never_emits_half_characters() {
     use mlx_native_lm::tokenizer::StreamDecoder;
-    for rel in ["models/SmolLM2-135M-Instruct.Q4_1.gguf", ".cache/models/gemma-3-270m-q4_k_m.gguf"] {
+    for rel in [
+        "models/SmolLM2-135M-Instruct.Q4_1.gguf",
+        ".cache/models/gemma-3-270m-q4_k_m.gguf",
+    ] {
         let Some(path) = model(rel) else { return };
         let f = GgufFile::open(&path).unwrap();
         let tok = Tokenizer::from_vocab(&VocabSpec::from_gguf(&f).unwrap()).unwrap();
@@ -173,7 +176,10 @@ fn streaming_decode_never_emits_half_characters() {
         let mut out = String::new();
         for &id in &ids {
             let piece = dec.push(&tok, id).unwrap();
-            assert!(!piece.contains('\u{FFFD}'), "{rel}: piece {piece:?} holds a replacement character");
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "{rel}: piece {piece:?} holds a replacement character"
+            );
             out.push_str(&piece);
         }
         assert_eq!(out, text, "{rel}: streamed text");
