@@ -517,8 +517,7 @@ impl CompressedKvCache {
     /// Bytes of the prefill scratch (one f16 layer; 0 until the first `sdpa_prefill`).
     pub fn scratch_bytes(&self) -> u64 {
         self.scratch.as_ref().map_or(0, |s| {
-            s.buffers(0)
-                .map_or(0, |(k, v)| k.byte_len() + v.byte_len())
+            s.buffers(0).map_or(0, |(k, v)| k.byte_len() + v.byte_len())
         })
     }
 
@@ -605,7 +604,9 @@ impl KvStore {
                 };
                 Ok(KvStore::Plain(KvCache::new(gpu, &c)?))
             }
-            _ => Ok(KvStore::Compressed(CompressedKvCache::new(gpu, cfg, format)?)),
+            _ => Ok(KvStore::Compressed(CompressedKvCache::new(
+                gpu, cfg, format,
+            )?)),
         }
     }
 
