@@ -723,11 +723,18 @@ mod tests {
         let k = rng.normals(len * kvh * d, 1.5);
         let v = rng.normals(len * kvh * d, 1.0);
         let row = kvh * d;
+        // Uploaded once behind 3 junk elements: every chunk is a view at an odd offset.
+        let up = |x: &[f32]| {
+            let mut h = vec![7.0f32; 3];
+            h.extend_from_slice(x);
+            MlxBuffer::from_slice(g, &h, &[h.len()])
+        };
+        let (ka, va) = (up(&k)?, up(&v)?);
         let mut pos = 0;
         while pos < len {
             let n = chunk.min(len - pos);
-            let kb = MlxBuffer::from_slice(g, &k[pos * row..(pos + n) * row], &[n, kvh, d])?;
-            let vb = MlxBuffer::from_slice(g, &v[pos * row..(pos + n) * row], &[n, kvh, d])?;
+            let kb = ka.view(3 + pos * row, &[n, kvh, d])?;
+            let vb = va.view(3 + pos * row, &[n, kvh, d])?;
             let mut pass = g.begin();
             cache.append(&mut pass, 0, &kb, &vb, pos)?;
             pass.commit_and_wait()?;
