@@ -41,6 +41,8 @@ pub enum Kernel {
     Qmatmul,
     Dense,
     MatmulCoop,
+    KvQuant,
+    SdpaQuant,
 }
 
 impl Kernel {
@@ -66,6 +68,8 @@ impl Kernel {
         Kernel::Qmatmul,
         Kernel::Dense,
         Kernel::MatmulCoop,
+        Kernel::KvQuant,
+        Kernel::SdpaQuant,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -90,6 +94,8 @@ impl Kernel {
             Kernel::Qmatmul => "qmatmul",
             Kernel::Dense => "dense",
             Kernel::MatmulCoop => "matmul_coop",
+            Kernel::KvQuant => "kv_quant",
+            Kernel::SdpaQuant => "sdpa_quant",
         }
     }
 
@@ -116,6 +122,8 @@ impl Kernel {
             Kernel::Qmatmul => include_str!("shaders/qmatmul.wgsl"),
             Kernel::Dense => include_str!("shaders/dense.wgsl"),
             Kernel::MatmulCoop => include_str!("shaders/matmul_coop.wgsl"),
+            Kernel::KvQuant => include_str!("shaders/kv_quant.wgsl"),
+            Kernel::SdpaQuant => include_str!("shaders/sdpa_quant.wgsl"),
         }
     }
 }
@@ -124,6 +132,7 @@ const PRELUDE: &str = include_str!("shaders/common/prelude.wgsl");
 const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
 const GGML_COMMON: &str = include_str!("shaders/ggml_common.wgsl");
 const QUANT: &str = include_str!("shaders/common/quant.wgsl");
+const KV_QUANT_COMMON: &str = include_str!("shaders/kv_quant_common.wgsl");
 
 impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
@@ -132,6 +141,7 @@ impl Kernel {
             Kernel::Norm | Kernel::Softmax | Kernel::Select | Kernel::Rope => &[REDUCE],
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
             Kernel::Qmatmul | Kernel::MatmulCoop => &[QUANT],
+            Kernel::KvQuant | Kernel::SdpaQuant => &[KV_QUANT_COMMON],
             _ => &[],
         }
     }

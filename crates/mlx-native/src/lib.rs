@@ -25,6 +25,7 @@ pub mod encoder;
 pub mod error;
 pub mod kernels;
 pub mod kv_cache;
+pub mod kv_quant;
 pub mod ops;
 pub mod weights;
 
@@ -35,6 +36,7 @@ pub use encoder::{KernelTiming, Pass};
 pub use error::{MlxError, Result};
 pub use kernels::{Kernel, KernelRegistry, Spec};
 pub use kv_cache::{KvCache, KvCacheConfig};
+pub use kv_quant::{CompressedKvCache, KvFormat, KvStore};
 
 #[cfg(test)]
 pub(crate) mod testutil;

@@ -1,0 +1,1210 @@
+//! Kernels of the compressed KV caches ([`crate::kv_quant`]):
+//! - [`kv_quant_append`]: quantize new f32 K/V rows into a layer (ring slots as `kv_append`);
+//! - [`kv_quant_dequant`]: read positions back as f32 rows (inverse rotation included);
+//! - [`sdpa_decode_quant`]: flash decode directly over the packed cache (Q rotated once per
+//!   workgroup, K/V dequantized in registers, split-K, the output rotated back);
+//! - [`sdpa_prefill_quant`]: dequantizes the positions a chunk needs into an f16 scratch
+//!   layer and runs `sdpa_prefill` on it (see docs/KV_QUANT.md for why).
+//!
+//! See `shaders/kv_quant.wgsl`, `shaders/sdpa_quant.wgsl`, `shaders/kv_quant_common.wgsl`.
+
+use crate::buffer::MlxBuffer;
+use crate::check;
+use crate::dtype::DType;
+use crate::encoder::Pass;
+use crate::error::{MlxError, Result};
+use crate::kernels::{Kernel, Spec};
+use crate::kv_quant::{check_head_dim, CompressedKvCache, KvFormat, QuantTables, QUANT_HEAD_DIMS};
+use crate::ops::sdpa::SdpaOptions;
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct KvQuantParams {
+    tokens: u32,
+    kv_heads: u32,
+    slots: u32,
+    start: u32,
+    row_words: u32,
+    rows: u32,
+    inv_sqrt_d: f32,
+    _pad: u32,
+    tables: QuantTables,
+}
+const _: () = assert!(std::mem::size_of::<KvQuantParams>() == 176);
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct SdpaQuantParams {
+    n_heads: u32,
+    kv_heads: u32,
+    group: u32,
+    slots: u32,
+    kv_lo: u32,
+    kv_hi: u32,
+    split_len: u32,
+    n_splits: u32,
+    g_tiles: u32,
+    tokens: u32,
+    q0: u32,
+    window: u32,
+    causal: u32,
+    has_mask: u32,
+    mask_stride: u32,
+    has_sinks: u32,
+    scale: f32,
+    softcap: f32,
+    row_tiles: u32,
+    _pad: u32,
+    row_words: u32,
+    inv_sqrt_d: f32,
+    _pad1: [u32; 2],
+    tables: QuantTables,
+}
+const _: () = assert!(std::mem::size_of::<SdpaQuantParams>() == 240);
+
+const WG: u32 = 128;
+/// Keys per decode tile (the decode workgroup size).
+const KT: usize = 128;
+const DECODE_TARGET_WGS: usize = 512;
+
+fn mode(format: KvFormat, op: &str) -> Result<u32> {
+    format.mode().ok_or_else(|| {
+        MlxError::invalid(format!(
+            "{op}: format {format} is not a compressed KV format"
+        ))
+    })
+}
+
+fn quant_spec(entry: &'static str, head_dim: usize, mode: u32) -> Result<Spec> {
+    Spec::new(entry, DType::U32, WG)
+        .with_const("HEAD_DIM", head_dim as u32)?
+        .with_const("MODE", mode)
+}
+
+/// Query heads per decode workgroup: as sdpa_decode, at most 4 for head dim 512 (the
+/// workgroup holds GT * head_dim query values and output accumulators).
+fn decode_gt(group: usize, head_dim: usize) -> u32 {
+    let gt = match group {
+        1 => 1,
+        2 => 2,
+        3 | 4 => 4,
+        _ => 8,
+    };
+    if head_dim > 256 {
+        gt.min(4)
+    } else {
+        gt
+    }
+}
+
+fn decode_gts(head_dim: usize) -> &'static [u32] {
+    if head_dim > 256 {
+        &[1, 2, 4]
+    } else {
+        &[1, 2, 4, 8]
+    }
+}
+
+fn decode_spec(head_dim: usize, mode: u32, gt: u32, subgroups: bool) -> Result<Spec> {
+    Spec::new("sdpa_quant_decode", DType::U32, KT as u32)
+        .with_subgroups(subgroups)
+        .with_const("HEAD_DIM", head_dim as u32)?
+        .with_const("MODE", mode)?
+        .with_const("GT", gt)
+}
+
+fn reduce_spec(head_dim: usize, mode: u32) -> Result<Spec> {
+    Spec::new("sdpa_quant_reduce", DType::U32, KT as u32)
+        .with_const("HEAD_DIM", head_dim as u32)?
+        .with_const("MODE", mode)
+}
+
+pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
+    let mut v = Vec::new();
+    for &d in &QUANT_HEAD_DIMS {
+        for f in KvFormat::COMPRESSED {
+            let m = mode(f, "specs")?;
+            v.push((Kernel::KvQuant, quant_spec("kv_quant_append", d, m)?));
+            v.push((Kernel::KvQuant, quant_spec("kv_quant_dequant", d, m)?));
+            for &gt in decode_gts(d) {
+                for sg in [false, true] {
+                    v.push((Kernel::SdpaQuant, decode_spec(d, m, gt, sg)?));
+                }
+            }
+            v.push((Kernel::SdpaQuant, reduce_spec(d, m)?));
+        }
+    }
+    Ok(v)
+}
+
+/// `[kv_heads, slots, row_words]` of a packed cache buffer pair, checked against `format`.
+fn cache_dims(
+    op: &str,
+    format: KvFormat,
+    k_cache: &MlxBuffer,
+    v_cache: &MlxBuffer,
+) -> Result<(usize, usize, usize)> {
+    check::dtype(k_cache, &[DType::U32], op, "k_cache")?;
+    check::dtype(v_cache, &[DType::U32], op, "v_cache")?;
+    check::same_shape(k_cache, v_cache, op, "k_cache", "v_cache")?;
+    match *k_cache.shape() {
+        [h, s, w] if h > 0 && s > 0 => Ok((h, s, w)),
+        _ => Err(MlxError::invalid(format!(
+            "{op}: k_cache has shape {:?}, expected [kv_heads, slots, row_words] ({format})",
+            k_cache.shape()
+        ))),
+    }
+}
+
+fn head_dim_of_row(op: &str, format: KvFormat, row_words: usize, head_dim: usize) -> Result<()> {
+    check::ensure(format.row_words(head_dim) == row_words, op, || {
+        format!(
+            "the cache has {row_words} words per row but {format} at head_dim {head_dim} \
+             needs {}",
+            format.row_words(head_dim)
+        )
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tables_params(
+    format: KvFormat,
+    tokens: usize,
+    kv_heads: usize,
+    slots: usize,
+    start: usize,
+    row_words: usize,
+    head_dim: usize,
+    op: &str,
+) -> Result<KvQuantParams> {
+    Ok(KvQuantParams {
+        tokens: check::fits_u32(tokens, op, "tokens")?,
+        kv_heads: kv_heads as u32,
+        slots: check::fits_u32(slots, op, "slots")?,
+        start: check::fits_u32(start, op, "start")?,
+        row_words: row_words as u32,
+        rows: check::fits_u32(tokens * kv_heads * 2, op, "rows")?,
+        inv_sqrt_d: 1.0 / (head_dim as f32).sqrt(),
+        _pad: 0,
+        tables: QuantTables::new(format),
+    })
+}
+
+/// Quantize `k_new`, `v_new` (f32 `[T, kv_heads, head_dim]`) into a compressed layer
+/// (`k_cache`, `v_cache`: u32 `[kv_heads, slots, row_words]` in `format`) at positions
+/// `start..start + T`, slot `position % slots`. `CompressedKvCache::append` is the usual
+/// entry point (it also checks capacity and rings).
+pub fn kv_quant_append(
+    pass: &mut Pass,
+    format: KvFormat,
+    k_new: &MlxBuffer,
+    v_new: &MlxBuffer,
+    k_cache: &MlxBuffer,
+    v_cache: &MlxBuffer,
+    start: usize,
+) -> Result<()> {
+    let op = "kv_quant_append";
+    let m = mode(format, op)?;
+    check::dtype(k_new, &[DType::F32], op, "k_new")?;
+    check::dtype(v_new, &[DType::F32], op, "v_new")?;
+    let (kv_heads, slots, row_words) = cache_dims(op, format, k_cache, v_cache)?;
+    let (tokens, head_dim) = match *k_new.shape() {
+        [t, h, d] if h == kv_heads => (t, d),
+        _ => {
+            return Err(MlxError::invalid(format!(
+                "{op}: k_new has shape {:?}, expected [tokens, {kv_heads}, head_dim]",
+                k_new.shape()
+            )))
+        }
+    };
+    check::same_shape(k_new, v_new, op, "k_new", "v_new")?;
+    check_head_dim(op, format, head_dim)?;
+    head_dim_of_row(op, format, row_words, head_dim)?;
+    check::ensure(tokens <= slots, op, || {
+        format!("{tokens} tokens do not fit {slots} slots without overwriting each other")
+    })?;
+    if tokens == 0 {
+        return Ok(());
+    }
+    let params = tables_params(
+        format, tokens, kv_heads, slots, start, row_words, head_dim, op,
+    )?;
+    pass.dispatch(
+        Kernel::KvQuant,
+        quant_spec("kv_quant_append", head_dim, m)?,
+        &params,
+        &[k_new, v_new, k_cache, v_cache],
+        params.rows,
+    )
+}
+
+/// Positions `start..start + tokens` of a compressed layer (slot `position % slots`) as f32
+/// `[tokens, kv_heads, head_dim]` K and V, rotated back to the model's basis.
+#[allow(clippy::too_many_arguments)]
+pub fn kv_quant_dequant(
+    pass: &mut Pass,
+    format: KvFormat,
+    k_cache: &MlxBuffer,
+    v_cache: &MlxBuffer,
+    head_dim: usize,
+    start: usize,
+    tokens: usize,
+) -> Result<(MlxBuffer, MlxBuffer)> {
+    let op = "kv_quant_dequant";
+    let m = mode(format, op)?;
+    let (kv_heads, slots, row_words) = cache_dims(op, format, k_cache, v_cache)?;
+    check_head_dim(op, format, head_dim)?;
+    head_dim_of_row(op, format, row_words, head_dim)?;
+    check::ensure(tokens > 0, op, || "tokens must be at least 1".into())?;
+    let k = pass.alloc(DType::F32, &[tokens, kv_heads, head_dim])?;
+    let v = pass.alloc(DType::F32, &[tokens, kv_heads, head_dim])?;
+    let params = tables_params(
+        format, tokens, kv_heads, slots, start, row_words, head_dim, op,
+    )?;
+    pass.dispatch(
+        Kernel::KvQuant,
+        quant_spec("kv_quant_dequant", head_dim, m)?,
+        &params,
+        &[k_cache, k_cache, k_cache, k_cache, k_cache, v_cache, &k, &v],
+        params.rows,
+    )?;
+    Ok((k, v))
+}
+
+fn check_opts(op: &str, n_heads: usize, kv_heads: usize, opts: &SdpaOptions<'_>) -> Result<()> {
+    check::ensure(n_heads > 0 && n_heads.is_multiple_of(kv_heads), op, || {
+        format!("{n_heads} query heads are not a multiple of {kv_heads} kv heads")
+    })?;
+    check::ensure(opts.scale.is_finite(), op, || {
+        format!("scale {} is not finite", opts.scale)
+    })?;
+    if let Some(c) = opts.softcap {
+        check::ensure(c.is_finite() && c > 0.0, op, || {
+            format!("softcap {c} must be positive and finite")
+        })?;
+    }
+    if let Some(w) = opts.window {
+        check::ensure(w > 0, op, || "window must be at least 1 position".into())?;
+    }
+    if let Some(s) = opts.sinks {
+        check::dtype(s, &[DType::F32], op, "sinks")?;
+        check::len(s, n_heads, op, "sinks")?;
+    }
+    Ok(())
+}
+
+/// Attention of one query token per head over positions `0..seq_len` of a compressed
+/// `layer` (as [`crate::ops::sdpa_decode`]): `q` f32 `[n_heads, head_dim]` (or
+/// `[1, n_heads, head_dim]`); returns f32 `[n_heads, head_dim]`.
+pub fn sdpa_decode_quant(
+    pass: &mut Pass,
+    q: &MlxBuffer,
+    cache: &CompressedKvCache,
+    layer: usize,
+    seq_len: usize,
+    opts: &SdpaOptions<'_>,
+) -> Result<MlxBuffer> {
+    let op = "sdpa_decode";
+    let format = cache.format();
+    let m = mode(format, op)?;
+    check::dtype(q, &[DType::F32], op, "q")?;
+    let (n_heads, head_dim) = match *q.shape() {
+        [h, d] | [1, h, d] => (h, d),
+        _ => {
+            return Err(MlxError::invalid(format!(
+                "{op}: q has shape {:?}, expected [n_heads, head_dim]",
+                q.shape()
+            )))
+        }
+    };
+    check::ensure(head_dim == cache.head_dim(), op, || {
+        format!(
+            "q has head_dim {head_dim} but the cache has {}",
+            cache.head_dim()
+        )
+    })?;
+    let kv_heads = cache.kv_heads();
+    check_opts(op, n_heads, kv_heads, opts)?;
+    check::ensure(opts.mask.is_none(), op, || {
+        "an explicit mask is only supported by sdpa_prefill".into()
+    })?;
+    check::ensure(seq_len > 0, op, || "seq_len must be at least 1".into())?;
+    let lo = opts.window.map_or(0, |w| seq_len.saturating_sub(w));
+    let slots = cache.check_range(op, layer, lo, seq_len)?;
+    let (k, v) = cache.buffers(layer)?;
+
+    let group = n_heads / kv_heads;
+    let gt = decode_gt(group, head_dim);
+    let g_tiles = group.div_ceil(gt as usize);
+    let kv_len = seq_len - lo;
+    let tiles = kv_len.div_ceil(KT);
+    let want = DECODE_TARGET_WGS
+        .div_ceil(kv_heads * g_tiles)
+        .clamp(1, tiles);
+    let split_len = tiles.div_ceil(want) * KT;
+    let n_splits = kv_len.div_ceil(split_len);
+
+    let part_o = pass.alloc(DType::F32, &[n_heads, n_splits, head_dim])?;
+    let part_ml = pass.alloc(DType::F32, &[n_heads, n_splits, 2])?;
+    let out = pass.alloc(DType::F32, &[n_heads, head_dim])?;
+    let params = SdpaQuantParams {
+        n_heads: n_heads as u32,
+        kv_heads: kv_heads as u32,
+        group: group as u32,
+        slots: slots as u32,
+        kv_lo: lo as u32,
+        kv_hi: check::fits_u32(seq_len, op, "seq_len")?,
+        split_len: split_len as u32,
+        n_splits: n_splits as u32,
+        g_tiles: g_tiles as u32,
+        tokens: 1,
+        q0: 0,
+        window: opts.window.map_or(0, |w| w.min(u32::MAX as usize) as u32),
+        causal: 1,
+        has_mask: 0,
+        mask_stride: 0,
+        has_sinks: u32::from(opts.sinks.is_some()),
+        scale: opts.scale,
+        softcap: opts.softcap.unwrap_or(0.0),
+        row_tiles: 0,
+        _pad: 0,
+        row_words: cache.row_words() as u32,
+        inv_sqrt_d: 1.0 / (head_dim as f32).sqrt(),
+        _pad1: [0; 2],
+        tables: QuantTables::new(format),
+    };
+    let wgs = check::fits_u32(kv_heads * g_tiles * n_splits, op, "workgroups")?;
+    let spec = decode_spec(head_dim, m, gt, pass.caps().subgroups)?;
+    pass.dispatch(
+        Kernel::SdpaQuant,
+        spec,
+        &params,
+        &[q, k, v, &part_o, &part_ml],
+        wgs,
+    )?;
+    let sinks = opts.sinks.unwrap_or(q);
+    pass.dispatch(
+        Kernel::SdpaQuant,
+        reduce_spec(head_dim, m)?,
+        &params,
+        &[q, q, q, &part_o, &part_ml, sinks, &out],
+        n_heads as u32,
+    )?;
+    Ok(out)
+}
+
+/// Attention of T query tokens at positions `q_start_pos..q_start_pos + T` over a
+/// compressed `layer` (as [`crate::ops::sdpa_prefill`], whose K/V for the chunk were already
+/// appended). The positions the chunk needs are dequantized into the cache's f16 scratch
+/// layer, shifted to start at 0 (attention depends on positions only through the causal
+/// and window masks), and `sdpa_prefill` runs on it. With an explicit mask no shift is
+/// made (the mask is indexed by absolute position). Head dim 512 is not supported here
+/// (`sdpa_prefill` has no 512 kernel).
+pub fn sdpa_prefill_quant(
+    pass: &mut Pass,
+    q: &MlxBuffer,
+    cache: &mut CompressedKvCache,
+    layer: usize,
+    q_start_pos: usize,
+    opts: &SdpaOptions<'_>,
+) -> Result<MlxBuffer> {
+    let op = "sdpa_prefill";
+    let tokens = match *q.shape() {
+        [t, _, _] => t,
+        _ => {
+            return Err(MlxError::invalid(format!(
+                "{op}: q has shape {:?}, expected [tokens, n_heads, head_dim]",
+                q.shape()
+            )))
+        }
+    };
+    let head_dim = cache.head_dim();
+    if !crate::kv_cache::SUPPORTED_HEAD_DIMS.contains(&head_dim) {
+        return Err(MlxError::unsupported(format!(
+            "{op}: head_dim {head_dim} over a compressed cache is supported by decode only; \
+             prefill supports head dims {}",
+            crate::kv_cache::supported_head_dims()
+        )));
+    }
+    let kv_len = q_start_pos + tokens;
+    let lo = opts
+        .window
+        .map_or(0, |w| (q_start_pos + 1).saturating_sub(w));
+    cache.check_range(op, layer, lo, kv_len)?;
+    // Without a mask the range starts at lo; with one, at 0 (positions the ring no longer
+    // holds dequantize to whatever their slot holds now, and the window masks them).
+    let shift = if opts.mask.is_some() { 0 } else { lo };
+    let n = kv_len - shift;
+    let format = cache.format();
+    let (kq, vq) = cache.buffers(layer)?;
+    let (kq, vq) = (kq.clone(), vq.clone());
+    let gpu = pass.gpu().clone();
+    let scratch = cache.scratch(&gpu)?;
+    if n > scratch.capacity() {
+        return Err(MlxError::unsupported(format!(
+            "{op}: an explicit mask over a compressed sliding-window layer needs all {n} \
+             positions but the prefill scratch holds {}",
+            scratch.capacity()
+        )));
+    }
+    let (kf, vf) = kv_quant_dequant(pass, format, &kq, &vq, head_dim, shift, n)?;
+    scratch.clear();
+    scratch.append(pass, 0, &kf, &vf, 0)?;
+    crate::ops::sdpa_prefill(pass, q, scratch, 0, q_start_pos - shift, opts)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::needless_range_loop
+    )]
+    use super::*;
+    use crate::kv_cache::KvCacheConfig;
+    use crate::kv_quant::{lloyd_max, sign_words};
+    use crate::testutil::{assert_close, devices, gpu, Rng};
+    use crate::MlxDevice;
+    use half::f16;
+
+    // ---- CPU reference of the same algorithm, in f64 ----
+
+    fn sign(i: usize) -> f64 {
+        if (sign_words()[i / 32] >> (i % 32)) & 1 == 1 {
+            -1.0
+        } else {
+            1.0
+        }
+    }
+
+    /// Unnormalized Walsh-Hadamard transform.
+    fn fwht(x: &mut [f64]) {
+        let n = x.len();
+        let mut h = 1;
+        while h < n {
+            for i in (0..n).step_by(2 * h) {
+                for j in i..i + h {
+                    let (a, b) = (x[j], x[j + h]);
+                    x[j] = a + b;
+                    x[j + h] = a - b;
+                }
+            }
+            h *= 2;
+        }
+    }
+
+    /// Per 32-coordinate group of a rotated row: (bits, first word, 2-bit book).
+    fn groups(f: KvFormat, d: usize) -> Vec<(usize, usize, bool)> {
+        let mut word = 1;
+        (0..d / 32)
+            .map(|g| {
+                let (bits, two) = match f {
+                    KvFormat::Tq4 => (4, false),
+                    KvFormat::Tq3 => (3, false),
+                    KvFormat::Tq2 => (2, false),
+                    _ if g < d / 64 => (3, false),
+                    _ => (2, true),
+                };
+                let r = (bits, word, two);
+                word += bits;
+                r
+            })
+            .collect()
+    }
+
+    /// The book coordinate `i` of a rotated row uses.
+    fn book(f: KvFormat, d: usize, i: usize) -> &'static [f64] {
+        let (bits, _, two) = groups(f, d)[i / 32];
+        lloyd_max(if two { 2 } else { bits })
+    }
+
+    /// A row as stored: rotated (norm, indices) or affine (per-block scale and min, q).
+    #[derive(Debug, PartialEq)]
+    enum Row {
+        Tq(f32, Vec<u32>),
+        Affine(Vec<f32>, Vec<f32>, Vec<i32>),
+    }
+
+    fn unpack(f: KvFormat, d: usize, w: &[u32]) -> Row {
+        let nb = d / 32;
+        match f {
+            KvFormat::Q8 => {
+                let s = (0..nb)
+                    .map(|b| f16::from_bits((w[b / 2] >> (16 * (b % 2))) as u16).to_f32())
+                    .collect();
+                let q = (0..d)
+                    .map(|i| (w[nb / 2 + i / 4] >> (8 * (i % 4))) as u8 as i8 as i32)
+                    .collect();
+                Row::Affine(s, vec![0.0; nb], q)
+            }
+            KvFormat::Q4 => {
+                let s = (0..nb)
+                    .map(|b| f16::from_bits(w[b] as u16).to_f32())
+                    .collect();
+                let m = (0..nb)
+                    .map(|b| f16::from_bits((w[b] >> 16) as u16).to_f32())
+                    .collect();
+                let q = (0..d)
+                    .map(|i| ((w[nb + i / 8] >> (4 * (i % 8))) & 15) as i32)
+                    .collect();
+                Row::Affine(s, m, q)
+            }
+            _ => {
+                let gs = groups(f, d);
+                let idx = (0..d)
+                    .map(|i| {
+                        let (bits, start, _) = gs[i / 32];
+                        (0..bits)
+                            .map(|b| ((w[start + b] >> (i % 32)) & 1) << b)
+                            .sum()
+                    })
+                    .collect();
+                Row::Tq(f32::from_bits(w[0]), idx)
+            }
+        }
+    }
+
+    fn pack(f: KvFormat, d: usize, r: &Row) -> Vec<u32> {
+        let mut w = vec![0u32; f.row_words(d)];
+        let nb = d / 32;
+        match r {
+            Row::Affine(s, m, q) if f == KvFormat::Q8 => {
+                for b in 0..nb {
+                    w[b / 2] |= (f16::from_f32(s[b]).to_bits() as u32) << (16 * (b % 2));
+                }
+                for (i, &v) in q.iter().enumerate() {
+                    w[nb / 2 + i / 4] |= (v as u8 as u32) << (8 * (i % 4));
+                }
+                let _ = m;
+            }
+            Row::Affine(s, m, q) => {
+                for b in 0..nb {
+                    w[b] = f16::from_f32(s[b]).to_bits() as u32
+                        | (f16::from_f32(m[b]).to_bits() as u32) << 16;
+                }
+                for (i, &v) in q.iter().enumerate() {
+                    w[nb + i / 8] |= (v as u32) << (4 * (i % 8));
+                }
+            }
+            Row::Tq(norm, idx) => {
+                w[0] = norm.to_bits();
+                let gs = groups(f, d);
+                for (i, &k) in idx.iter().enumerate() {
+                    let (bits, start, _) = gs[i / 32];
+                    for b in 0..bits {
+                        w[start + b] |= ((k >> b) & 1) << (i % 32);
+                    }
+                }
+            }
+        }
+        w
+    }
+
+    /// The row in the model's basis.
+    fn dequant(f: KvFormat, d: usize, r: &Row) -> Vec<f64> {
+        match r {
+            Row::Affine(s, m, q) => (0..d)
+                .map(|i| s[i / 32] as f64 * q[i] as f64 + m[i / 32] as f64)
+                .collect(),
+            Row::Tq(norm, idx) => {
+                let sd = (d as f64).sqrt();
+                let mut y: Vec<f64> = (0..d)
+                    .map(|i| book(f, d, i)[idx[i] as usize] * *norm as f64 / sd)
+                    .collect();
+                fwht(&mut y);
+                (0..d).map(|i| sign(i) * y[i] / sd).collect()
+            }
+        }
+    }
+
+    /// Check a stored row against the reference quantization of `x`: scales/norm to their
+    /// rounding, every index equal except within 1e-4 of a decision boundary (f32 vs f64),
+    /// and the packing exact. Returns the number of near-tie differences.
+    fn check_row(f: KvFormat, d: usize, x: &[f32], words: &[u32], what: &str) -> usize {
+        let got = unpack(f, d, words);
+        assert_eq!(
+            pack(f, d, &got),
+            words,
+            "{what}: packing (unused bits included)"
+        );
+        let mut ties = 0;
+        let mut near = |ok: bool, tie: bool, i: usize, g: i64, w: i64| {
+            if !ok {
+                assert!(
+                    tie && (g - w).abs() == 1,
+                    "{what}: element {i}: index {g}, reference {w}"
+                );
+                ties += 1;
+            }
+        };
+        match &got {
+            Row::Tq(norm, idx) => {
+                let n = x.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt();
+                assert!(
+                    (*norm as f64 - n).abs() <= 1e-5 * n,
+                    "{what}: norm {norm} vs {n}"
+                );
+                let mut z: Vec<f64> = (0..d).map(|i| sign(i) * x[i] as f64).collect();
+                fwht(&mut z);
+                for i in 0..d {
+                    let u = z[i] / n;
+                    let c = book(f, d, i);
+                    let mids: Vec<f64> = c.windows(2).map(|p| 0.5 * (p[0] + p[1])).collect();
+                    let want = mids.iter().filter(|&&m| u > m).count() as i64;
+                    let tie = mids.iter().any(|&m| (u - m).abs() < 1e-4);
+                    near(idx[i] as i64 == want, tie, i, idx[i] as i64, want);
+                }
+            }
+            Row::Affine(s, m, q) => {
+                for b in 0..d / 32 {
+                    let blk: Vec<f64> = x[b * 32..][..32].iter().map(|&v| v as f64).collect();
+                    let mn = blk.iter().copied().fold(f64::INFINITY, f64::min);
+                    let mx = blk.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                    let (ws, wm) = if f == KvFormat::Q8 {
+                        (mx.max(-mn) / 127.0, 0.0)
+                    } else {
+                        ((mx - mn) / 15.0, mn)
+                    };
+                    for (g, w) in [(s[b], ws), (m[b], wm)] {
+                        let (g, w) = (f16::from_f32(g).to_bits(), f16::from_f64(w).to_bits());
+                        assert!(
+                            (g as i32 - w as i32).abs() <= 1,
+                            "{what}: block {b} scale/min bits {g:#x} vs {w:#x}"
+                        );
+                    }
+                    // Indices against the stored scale and min.
+                    for j in 0..32 {
+                        let i = b * 32 + j;
+                        let t = (blk[j] - m[b] as f64) / s[b] as f64;
+                        let (lo, hi) = if f == KvFormat::Q8 {
+                            (-127.0, 127.0)
+                        } else {
+                            (0.0, 15.0)
+                        };
+                        let want = if s[b] > 0.0 {
+                            t.round_ties_even().clamp(lo, hi) as i64
+                        } else {
+                            0
+                        };
+                        let tie = ((t - t.floor()) - 0.5).abs() < 1e-4;
+                        near(q[i] as i64 == want, tie, i, q[i] as i64, want);
+                    }
+                }
+            }
+        }
+        ties
+    }
+
+    // ---- cache building ----
+
+    struct Built {
+        cache: CompressedKvCache,
+        k: Vec<f32>,
+        v: Vec<f32>,
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build(
+        g: &MlxDevice,
+        rng: &mut Rng,
+        f: KvFormat,
+        kvh: usize,
+        d: usize,
+        cap: usize,
+        window: Option<usize>,
+        chunk: usize,
+        len: usize,
+    ) -> Result<Built> {
+        let mut cfg = KvCacheConfig::new(1, kvh, d, cap);
+        cfg.windows = vec![window];
+        cfg.max_chunk = chunk;
+        let mut cache = CompressedKvCache::new(g, &cfg, f)?;
+        let k = rng.normals(len * kvh * d, 1.5);
+        let v = rng.normals(len * kvh * d, 1.0);
+        let row = kvh * d;
+        // Uploaded once behind 3 junk elements: every chunk is a view at an odd offset.
+        let up = |x: &[f32]| {
+            let mut h = vec![7.0f32; 3];
+            h.extend_from_slice(x);
+            MlxBuffer::from_slice(g, &h, &[h.len()])
+        };
+        let (ka, va) = (up(&k)?, up(&v)?);
+        let mut pos = 0;
+        while pos < len {
+            let n = chunk.min(len - pos);
+            let kb = ka.view(3 + pos * row, &[n, kvh, d])?;
+            let vb = va.view(3 + pos * row, &[n, kvh, d])?;
+            let mut pass = g.begin();
+            cache.append(&mut pass, 0, &kb, &vb, pos)?;
+            pass.commit_and_wait()?;
+            pos += n;
+        }
+        Ok(Built { cache, k, v })
+    }
+
+    /// Stored rows by absolute position (None where the ring overwrote it):
+    /// [kv_heads][len] of (K row, V row).
+    type Rows = Vec<Vec<Option<(Row, Row)>>>;
+
+    fn stored(g: &MlxDevice, c: &CompressedKvCache) -> Result<(Rows, Vec<u32>, Vec<u32>)> {
+        let (kb, vb) = c.buffers(0)?;
+        let (kw, vw) = (kb.to_vec::<u32>(g)?, vb.to_vec::<u32>(g)?);
+        let (f, d, slots, len, rw) = (
+            c.format(),
+            c.head_dim(),
+            c.slots(0),
+            c.len(0),
+            c.row_words(),
+        );
+        let oldest = len.saturating_sub(slots);
+        let rows = (0..c.kv_heads())
+            .map(|h| {
+                (0..len)
+                    .map(|p| {
+                        (p >= oldest).then(|| {
+                            let o = (h * slots + p % slots) * rw;
+                            (unpack(f, d, &kw[o..o + rw]), unpack(f, d, &vw[o..o + rw]))
+                        })
+                    })
+                    .collect()
+            })
+            .collect();
+        Ok((rows, kw, vw))
+    }
+
+    // ---- append + dequant ----
+
+    #[test]
+    fn append_quantizes_like_the_reference_and_dequant_inverts_it() -> Result<()> {
+        let g = gpu();
+        let mut rng = Rng::new(71);
+        let mut ties = 0;
+        let mut total = 0;
+        for (ci, f) in KvFormat::COMPRESSED.into_iter().enumerate() {
+            for d in [64, 128, 256, 512] {
+                if d == 512 && ci % 2 == 1 {
+                    continue;
+                }
+                // A ring of 5 + 3 - 1 = 7 slots, 17 positions in chunks of 3: wraps twice.
+                let kvh = 1 + rng.below(3);
+                let b = build(g, &mut rng, f, kvh, d, 40, Some(5), 3, 17)?;
+                let (rw, slots) = (b.cache.row_words(), b.cache.slots(0));
+                assert_eq!(slots, 7);
+                let (kb, vb) = b.cache.buffers(0)?;
+                let (kw, vw) = (kb.to_vec::<u32>(g)?, vb.to_vec::<u32>(g)?);
+                let (lo, len) = (17 - slots, 17);
+                let mut want_k = Vec::new();
+                let mut want_v = Vec::new();
+                for p in lo..len {
+                    for h in 0..kvh {
+                        let o = (h * slots + p % slots) * rw;
+                        let x = (p * kvh + h) * d;
+                        for (src, w, want) in [(&b.k, &kw, &mut want_k), (&b.v, &vw, &mut want_v)] {
+                            let what = format!("{f} d={d} pos {p} head {h}");
+                            ties += check_row(f, d, &src[x..x + d], &w[o..o + rw], &what);
+                            total += d;
+                            want.extend(dequant(f, d, &unpack(f, d, &w[o..o + rw])));
+                        }
+                    }
+                }
+                let mut pass = g.begin();
+                let (gk, gv) = kv_quant_dequant(&mut pass, f, kb, vb, d, lo, len - lo)?;
+                pass.commit_and_wait()?;
+                // f32 dequantization and transform over <= 512 terms of O(1): ~1e-6.
+                let what = format!("dequant {f} d={d}");
+                assert_close(&gk.to_vec(g)?, &want_k, 2e-5, 2e-5, &what);
+                assert_close(&gv.to_vec(g)?, &want_v, 2e-5, 2e-5, &what);
+            }
+        }
+        // Near-ties (f32 on the GPU vs f64 here) must stay rare.
+        assert!(
+            ties * 1000 < total,
+            "{ties} near-tie differences of {total}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn rotated_quantization_error_matches_the_lloyd_max_distortion() -> Result<()> {
+        // Over many rows the rotated coordinates are ~N(0, 1): the mean squared error per
+        // coordinate, relative to ||x||^2 / d, is close to the codebook's Gaussian
+        // distortion (0.1175, 0.03454, 0.009497 for 2, 3, 4 bits). Loose bounds: the
+        // distribution is only approximately Gaussian at finite d.
+        let g = gpu();
+        let mut rng = Rng::new(5);
+        for (f, want) in [
+            (KvFormat::Tq2, 0.1175),
+            (KvFormat::Tq2_5, 0.5 * (0.1175 + 0.03454)),
+            (KvFormat::Tq3, 0.03454),
+            (KvFormat::Tq4, 0.009497),
+        ] {
+            let d = 256;
+            let b = build(g, &mut rng, f, 2, d, 64, None, 64, 64)?;
+            let (rows, _, _) = stored(g, &b.cache)?;
+            let (mut err, mut norm) = (0.0, 0.0);
+            for (h, hr) in rows.iter().enumerate() {
+                for (p, r) in hr.iter().enumerate() {
+                    let (kr, _) = r.as_ref().unwrap();
+                    let x = &b.k[(p * 2 + h) * d..][..d];
+                    let y = dequant(f, d, kr);
+                    err += x
+                        .iter()
+                        .zip(&y)
+                        .map(|(&a, b)| (a as f64 - b).powi(2))
+                        .sum::<f64>();
+                    norm += x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>();
+                }
+            }
+            let rel = err / norm;
+            println!("{f}: relative MSE {rel:.5} (Lloyd-Max distortion {want:.5})");
+            assert!(rel > 0.7 * want && rel < 1.3 * want, "{f}: {rel} vs {want}");
+        }
+        Ok(())
+    }
+
+    // ---- attention ----
+
+    /// Naive softmax attention in f64 for queries at positions q0..q0+t over K/V by
+    /// position ([kv_heads][len] rows; None where unavailable, which must be masked).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        q: &[f32],
+        t: usize,
+        nh: usize,
+        d: usize,
+        q0: usize,
+        k: &[Vec<Option<Vec<f64>>>],
+        v: &[Vec<Option<Vec<f64>>>],
+        window: Option<usize>,
+        softcap: Option<f64>,
+        sinks: Option<&[f32]>,
+    ) -> Vec<f64> {
+        let group = nh / k.len();
+        let scale = 1.0 / (d as f64).sqrt();
+        let mut out = vec![0.0; t * nh * d];
+        for ti in 0..t {
+            let qp = q0 + ti;
+            for h in 0..nh {
+                let kh = h / group;
+                let qr = &q[(ti * nh + h) * d..][..d];
+                let mut ls = Vec::new();
+                for kp in 0..=qp {
+                    if window.is_some_and(|w| kp + w <= qp) {
+                        continue;
+                    }
+                    let kr = k[kh][kp].as_ref().expect("needed position missing");
+                    let mut s: f64 =
+                        qr.iter().zip(kr).map(|(&a, &b)| a as f64 * b).sum::<f64>() * scale;
+                    if let Some(c) = softcap {
+                        s = c * (s / c).tanh();
+                    }
+                    ls.push((kp, s));
+                }
+                let sink = sinks.map(|s| s[h] as f64);
+                let mx = ls
+                    .iter()
+                    .map(|x| x.1)
+                    .fold(sink.unwrap_or(f64::NEG_INFINITY), f64::max);
+                let mut den = sink.map_or(0.0, |s| (s - mx).exp());
+                let o = &mut out[(ti * nh + h) * d..][..d];
+                for &(kp, s) in &ls {
+                    let w = (s - mx).exp();
+                    den += w;
+                    for (oo, vv) in o.iter_mut().zip(v[kh][kp].as_ref().unwrap()) {
+                        *oo += w * vv;
+                    }
+                }
+                for oo in o.iter_mut() {
+                    *oo /= den;
+                }
+            }
+        }
+        out
+    }
+
+    type ByPos = Vec<Vec<Option<Vec<f64>>>>;
+
+    /// Reference-dequantized K and V by position (optionally rounded to f16).
+    fn dequant_by_pos(c: &CompressedKvCache, rows: &Rows, f16_round: bool) -> (ByPos, ByPos) {
+        let (f, d) = (c.format(), c.head_dim());
+        let r = |x: Vec<f64>| -> Vec<f64> {
+            if f16_round {
+                x.iter().map(|&v| f16::from_f64(v).to_f64()).collect()
+            } else {
+                x
+            }
+        };
+        let pick = |is_v: bool| -> ByPos {
+            rows.iter()
+                .map(|hr| {
+                    hr.iter()
+                        .map(|o| {
+                            o.as_ref()
+                                .map(|(kr, vr)| r(dequant(f, d, if is_v { vr } else { kr })))
+                        })
+                        .collect()
+                })
+                .collect()
+        };
+        (pick(false), pick(true))
+    }
+
+    /// The original K/V by position.
+    fn exact_by_pos(x: &[f32], kvh: usize, d: usize, len: usize) -> ByPos {
+        (0..kvh)
+            .map(|h| {
+                (0..len)
+                    .map(|p| {
+                        Some(
+                            x[(p * kvh + h) * d..][..d]
+                                .iter()
+                                .map(|&a| a as f64)
+                                .collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn rel_rms(got: &[f32], want: &[f64]) -> f64 {
+        let e: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(&a, b)| (a as f64 - b).powi(2))
+            .sum();
+        let n: f64 = want.iter().map(|b| b * b).sum();
+        (e / n).sqrt()
+    }
+
+    struct Case {
+        f: KvFormat,
+        d: usize,
+        nh: usize,
+        kvh: usize,
+        len: usize,
+        window: Option<usize>,
+        softcap: Option<f32>,
+        sinks: bool,
+    }
+
+    fn case(f: KvFormat, d: usize, nh: usize, kvh: usize, len: usize) -> Case {
+        Case {
+            f,
+            d,
+            nh,
+            kvh,
+            len,
+            window: None,
+            softcap: None,
+            sinks: false,
+        }
+    }
+
+    #[test]
+    fn decode_matches_f64_over_the_dequantized_cache() -> Result<()> {
+        use KvFormat::*;
+        let cases = [
+            case(Tq4, 128, 8, 2, 300),
+            Case {
+                softcap: Some(5.0),
+                ..case(Tq3, 64, 12, 4, 129)
+            },
+            Case {
+                window: Some(100),
+                sinks: true,
+                ..case(Tq2_5, 256, 8, 1, 230)
+            },
+            case(Tq2, 64, 4, 4, 1),
+            Case {
+                sinks: true,
+                ..case(Q8, 128, 14, 2, 200)
+            },
+            Case {
+                window: Some(37),
+                softcap: Some(30.0),
+                ..case(Q4, 256, 2, 1, 150)
+            },
+            case(Tq3, 512, 8, 1, 70),
+            case(Q4, 512, 2, 2, 40),
+        ];
+        let mut report = Vec::new();
+        for (i, c) in cases.iter().enumerate() {
+            for g in devices() {
+                let mut rng = Rng::new(100 + i as u64);
+                // Window layers get a ring (max_chunk 16) the appends wrap around.
+                let b = build(g, &mut rng, c.f, c.kvh, c.d, c.len + 5, c.window, 16, c.len)?;
+                let q = rng.normals(c.nh * c.d, 1.0);
+                let sinks = rng.normals(c.nh, 1.0);
+                let gq = MlxBuffer::from_slice(g, &q, &[c.nh, c.d])?;
+                let gs = MlxBuffer::from_slice(g, &sinks, &[c.nh])?;
+                let mut opts = SdpaOptions::new(c.d);
+                opts.window = c.window;
+                opts.softcap = c.softcap;
+                opts.sinks = c.sinks.then_some(&gs);
+                let mut pass = g.begin();
+                let out = sdpa_decode_quant(&mut pass, &gq, &b.cache, 0, c.len, &opts)?;
+                pass.commit_and_wait()?;
+                let got = out.to_vec::<f32>(g)?;
+                let (rows, _, _) = stored(g, &b.cache)?;
+                let (k, v) = dequant_by_pos(&b.cache, &rows, false);
+                let sk = c.sinks.then_some(&sinks[..]);
+                let cap = c.softcap.map(f64::from);
+                let want = attention(&q, 1, c.nh, c.d, c.len - 1, &k, &v, c.window, cap, sk);
+                let what = format!(
+                    "decode {} d={} heads {}/{} len {} window {:?} sg={}",
+                    c.f,
+                    c.d,
+                    c.nh,
+                    c.kvh,
+                    c.len,
+                    c.window,
+                    g.caps().subgroups
+                );
+                // The reference uses exactly the stored indices and scales; what remains is
+                // f32 arithmetic (rotation, dots over <= 512 terms, softmax): ~1e-6.
+                assert_close(&got, &want, 1e-4, 1e-4, &what);
+                let (ek, ev) = (
+                    exact_by_pos(&b.k, c.kvh, c.d, c.len),
+                    exact_by_pos(&b.v, c.kvh, c.d, c.len),
+                );
+                let exact = attention(&q, 1, c.nh, c.d, c.len - 1, &ek, &ev, c.window, cap, sk);
+                report.push(format!(
+                    "{what}: rel RMS vs exact {:.4}",
+                    rel_rms(&got, &exact)
+                ));
+            }
+        }
+        println!("{}", report.join("\n"));
+        Ok(())
+    }
+
+    #[test]
+    fn prefill_matches_f64_over_the_dequantized_cache() -> Result<()> {
+        use KvFormat::*;
+        let g = gpu();
+        // (format, d, heads, kv heads, positions before the chunk, chunk, window)
+        let cases = [
+            (Tq3, 128, 4, 2, 40, 9, None),
+            (Tq2_5, 64, 6, 3, 50, 16, Some(20)),
+            (Q8, 256, 2, 1, 0, 12, None),
+            (Tq4, 256, 8, 2, 33, 5, Some(7)),
+        ];
+        for (i, &(f, d, nh, kvh, past, t, window)) in cases.iter().enumerate() {
+            let mut rng = Rng::new(300 + i as u64);
+            let len = past + t;
+            // Appended in chunks of t: the last append is exactly the prefill chunk.
+            let mut b = build(g, &mut rng, f, kvh, d, len + 3, window, t, len)?;
+            let q = rng.normals(t * nh * d, 1.0);
+            let gq = MlxBuffer::from_slice(g, &q, &[t, nh, d])?;
+            let mut opts = SdpaOptions::new(d);
+            opts.window = window;
+            let mut pass = g.begin();
+            let out = sdpa_prefill_quant(&mut pass, &gq, &mut b.cache, 0, past, &opts)?;
+            pass.commit_and_wait()?;
+            let (rows, _, _) = stored(g, &b.cache)?;
+            let (k, v) = dequant_by_pos(&b.cache, &rows, true);
+            let want = attention(&q, t, nh, d, past, &k, &v, window, None, None);
+            // The scratch is f16: the reference rounds the same values, but GPU (f32) and
+            // reference (f64) dequantization can round to neighbouring halves (2^-11
+            // relative); the cooperative-matrix prefill also rounds Q and P to f16.
+            let what = format!("prefill {f} d={d} heads {nh}/{kvh} past {past} t {t} {window:?}");
+            assert_close(&out.to_vec(g)?, &want, 3e-3, 3e-3, &what);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn kv_store_runs_every_format_through_one_api() -> Result<()> {
+        let g = gpu();
+        let mut rng = Rng::new(9);
+        let (kvh, d, nh) = (2, 64, 4);
+        let cfg = KvCacheConfig::new(2, kvh, d, 32);
+        let k = MlxBuffer::from_slice(g, &rng.normals(5 * kvh * d, 1.0), &[5, kvh, d])?;
+        let q = MlxBuffer::from_slice(g, &rng.normals(nh * d, 1.0), &[nh, d])?;
+        let qp = MlxBuffer::from_slice(g, &rng.normals(5 * nh * d, 1.0), &[5, nh, d])?;
+        let mut outs = Vec::new();
+        for f in KvFormat::ALL {
+            let mut s = crate::kv_quant::KvStore::new(g, &cfg, f)?;
+            assert_eq!(s.format(), f);
+            let bytes = s.bytes_per_layer(1);
+            assert_eq!(bytes, (2 * kvh * 32 * f.row_words(d) * 4) as u64, "{f}");
+            let mut pass = g.begin();
+            s.append(&mut pass, 1, &k, &k, 0)?;
+            let o = s.sdpa_decode(&mut pass, &q, 1, 5, &SdpaOptions::new(d))?;
+            let op = s.sdpa_prefill(&mut pass, &qp, 1, 0, &SdpaOptions::new(d))?;
+            pass.commit_and_wait()?;
+            assert_eq!(s.len(1), 5);
+            outs.push((f, o.to_vec::<f32>(g)?, op.to_vec::<f32>(g)?));
+        }
+        // Every format approximates the f32 result (wiring check; the quality on iid
+        // Gaussian K/V, a hard case, is reported by the decode test).
+        let (_, o32, p32) = &outs[1];
+        let rel = |a: &[f32], b: &[f32]| {
+            let e: f32 = a.iter().zip(b).map(|(x, y)| (x - y).powi(2)).sum();
+            (e / b.iter().map(|y| y * y).sum::<f32>()).sqrt()
+        };
+        for (f, o, p) in &outs {
+            let (e, ep) = (rel(o, o32), rel(p, p32));
+            println!("{f}: rel RMS vs f32: decode {e:.4}, prefill {ep:.4}");
+            assert!(e < 0.7 && ep < 0.7, "{f}: {e} {ep}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn bad_inputs_are_named() -> Result<()> {
+        let g = gpu();
+        let e = CompressedKvCache::new(g, &KvCacheConfig::new(1, 2, 80, 16), KvFormat::Tq3)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unsupported: CompressedKvCache: head_dim 80 is not supported by the tq3 KV \
+             format; supported head dims: 64, 128, 256, 512"
+        );
+        let e = CompressedKvCache::new(g, &KvCacheConfig::new(1, 2, 64, 16), KvFormat::F16)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "CompressedKvCache: format f16 is not compressed; use KvCache (or KvStore)"
+        );
+        let mut rng = Rng::new(1);
+        let mut c = CompressedKvCache::new(g, &KvCacheConfig::new(1, 2, 64, 16), KvFormat::Q4)?;
+        let (kb, vb) = c.buffers(0)?;
+        let x = MlxBuffer::from_slice(g, &rng.normals(3 * 2 * 96, 1.0), &[3, 2, 96])?;
+        let mut pass = g.begin();
+        let e = kv_quant_append(&mut pass, KvFormat::Q4, &x, &x, kb, vb, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "unsupported: kv_quant_append: head_dim 96 is not supported by the q4 KV format; \
+             supported head dims: 64, 128, 256, 512"
+        );
+        let x = MlxBuffer::from_slice(g, &rng.normals(3 * 2 * 64, 1.0), &[3, 2, 64])?;
+        let e = kv_quant_append(&mut pass, KvFormat::Tq4, &x, &x, kb, vb, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kv_quant_append: the cache has 10 words per row but tq4 at head_dim 64 needs 9"
+        );
+        let e = kv_quant_append(&mut pass, KvFormat::F32, &x, &x, kb, vb, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kv_quant_append: format f32 is not a compressed KV format"
+        );
+        c.append(&mut pass, 0, &x, &x, 0)?;
+        let q = MlxBuffer::from_slice(g, &rng.normals(3 * 64, 1.0), &[3, 64])?;
+        let e = sdpa_decode_quant(&mut pass, &q, &c, 0, 3, &SdpaOptions::new(64)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_decode: 3 query heads are not a multiple of 2 kv heads"
+        );
+        let q = MlxBuffer::from_slice(g, &rng.normals(4 * 64, 1.0), &[4, 64])?;
+        let e = sdpa_decode_quant(&mut pass, &q, &c, 0, 4, &SdpaOptions::new(64)).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "sdpa_decode: attention needs positions up to 3 but layer 0 holds 3 positions"
+        );
+        pass.commit_and_wait()?;
+        Ok(())
+    }
+}

@@ -1,0 +1,230 @@
+// kv_quant: write new K/V rows into a compressed KV cache layer (u32 [kv_heads, slots,
+// row_words], position start + t in slot (start + t) % slots, like kv_append), and read a
+// range of positions back as f32. Row layouts: kv_quant.rs; helpers: kv_quant_common.wgsl.
+//
+//   kv_quant_append   one workgroup per (token, kv head, K or V) row. Rotated modes: x times
+//                     the fixed signs, unnormalized FWHT z, norm = ||x||, u = z / norm (unit
+//                     variance per coordinate), index = nearest Lloyd-Max level (the number of
+//                     cell boundaries u exceeds), bit planes of 32 indices per word. q8: per
+//                     32-block scale f16(amax / 127), q = round(x / scale). q4: per block
+//                     scale f16((max - min) / 15) and min f16(min), q = round((x - min) / scale)
+//                     clamped to 0..15 (scale 0: q = 0).
+//   kv_quant_dequant  one workgroup per (position, kv head, K or V) row of positions
+//                     start..start + tokens: dequantize, inverse-rotate, write f32 rows
+//                     [tokens, kv_heads, HEAD_DIM].
+//
+// Bindings: append: 0 k_new f32, 1 v_new f32, 2 k_cache u32, 3 v_cache u32;
+// dequant: 4 k_cache u32, 5 v_cache u32, 6 k_out f32, 7 v_out f32.
+struct Params {
+    tokens: u32,
+    kv_heads: u32,
+    slots: u32,
+    start: u32,
+    row_words: u32,
+    // tokens * kv_heads * 2 (K and V).
+    rows: u32,
+    inv_sqrt_d: f32,
+    _pad: u32,
+    cb: array<vec4<f32>, 4>,
+    cb2: vec4<f32>,
+    signs: array<vec4<u32>, 4>,
+}
+
+const NT: u32 = 128u;
+
+@group(0) @binding(0) var<storage, read> k_new: array<f32>;
+@group(0) @binding(1) var<storage, read> v_new: array<f32>;
+@group(0) @binding(2) var<storage, read_write> k_cache: array<u32>;
+@group(0) @binding(3) var<storage, read_write> v_cache: array<u32>;
+@group(0) @binding(4) var<storage, read> kq: array<u32>;
+@group(0) @binding(5) var<storage, read> vq: array<u32>;
+@group(0) @binding(6) var<storage, read_write> k_out: array<f32>;
+@group(0) @binding(7) var<storage, read_write> v_out: array<f32>;
+@group(1) @binding(0) var<uniform> p: Params;
+
+var<workgroup> scr: array<f32, 512>;
+var<workgroup> ix: array<u32, 512>;
+var<workgroup> red: array<f32, 128>;
+var<workgroup> bs: array<vec2<f32>, 16>;
+
+fn wd(is_v: bool, i: u32) -> u32 {
+    if is_v {
+        return vq[i];
+    }
+    return kq[i];
+}
+
+@compute @workgroup_size(128)
+fn kv_quant_append(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32) {
+    let wg = flat_wg(wid, nwg);
+    if wg >= p.rows {
+        return;
+    }
+    let is_v = (wg & 1u) == 1u;
+    let th = wg / 2u;
+    let h = th % p.kv_heads;
+    let t = th / p.kv_heads;
+    let src = th * HEAD_DIM;
+    var ss = 0.0;
+    for (var i = lid; i < HEAD_DIM; i += NT) {
+        var x: f32;
+        if is_v {
+            x = v_new[view(1u) + src + i];
+        } else {
+            x = k_new[view(0u) + src + i];
+        }
+        ss += x * x;
+        scr[i] = select(x, x * sgn(i), ROT);
+    }
+    red[lid] = ss;
+    workgroupBarrier();
+    var nrm = 0.0;
+    if ROT {
+        fwht(1u, lid);
+        var tot = 0.0;
+        for (var i = 0u; i < NT; i++) {
+            tot += red[i];
+        }
+        nrm = sqrt(tot);
+        let inv = select(0.0, 1.0 / nrm, nrm > 0.0);
+        for (var i = lid; i < HEAD_DIM; i += NT) {
+            let u = scr[i] * inv;
+            let two = MODE == 4u && i >= HEAD_DIM / 2u;
+            let n = select(1u << tq_bits(), 4u, two);
+            var k = 0u;
+            for (var j = 0u; j + 1u < n; j++) {
+                if u > 0.5 * (lvl(j, two) + lvl(j + 1u, two)) {
+                    k = j + 1u;
+                }
+            }
+            ix[i] = k;
+        }
+    } else {
+        if lid < NB {
+            var mn = 3.0e38;
+            var mx = -3.0e38;
+            for (var j = 0u; j < 32u; j++) {
+                let x = scr[lid * 32u + j];
+                mn = min(mn, x);
+                mx = max(mx, x);
+            }
+            if MODE == 0u {
+                let amax = max(mx, -mn);
+                bs[lid] = vec2<f32>(unpack2x16float(pack2x16float(vec2<f32>(amax / 127.0, 0.0))).x,
+                                    0.0);
+            } else {
+                bs[lid] = unpack2x16float(pack2x16float(vec2<f32>((mx - mn) / 15.0, mn)));
+            }
+        }
+        workgroupBarrier();
+        for (var i = lid; i < HEAD_DIM; i += NT) {
+            let s = bs[i / 32u];
+            let x = scr[i];
+            var q = 0u;
+            if s.x > 0.0 {
+                if MODE == 0u {
+                    q = bitcast<u32>(i32(clamp(round(x / s.x), -127.0, 127.0))) & 255u;
+                } else {
+                    q = u32(clamp(round((x - s.y) / s.x), 0.0, 15.0));
+                }
+            }
+            ix[i] = q;
+        }
+    }
+    workgroupBarrier();
+    let slot = (p.start + t) % p.slots;
+    let dst = (h * p.slots + slot) * p.row_words;
+    for (var w = lid; w < p.row_words; w += NT) {
+        var word = 0u;
+        if ROT {
+            if w == 0u {
+                word = bitcast<u32>(nrm);
+            } else {
+                var gi: u32;
+                var b: u32;
+                let k = w - 1u;
+                if MODE == 4u {
+                    let half = HEAD_DIM / 64u;
+                    if k < half * 3u {
+                        gi = k / 3u;
+                        b = k % 3u;
+                    } else {
+                        gi = half + (k - half * 3u) / 2u;
+                        b = (k - half * 3u) % 2u;
+                    }
+                } else {
+                    gi = k / tq_bits();
+                    b = k % tq_bits();
+                }
+                for (var j = 0u; j < 32u; j++) {
+                    word |= ((ix[gi * 32u + j] >> b) & 1u) << j;
+                }
+            }
+        } else if MODE == 0u {
+            let sw = HEAD_DIM / 64u;
+            if w < sw {
+                word = pack2x16float(vec2<f32>(bs[2u * w].x, bs[2u * w + 1u].x));
+            } else {
+                let k = w - sw;
+                for (var j = 0u; j < 4u; j++) {
+                    word |= ix[4u * k + j] << (8u * j);
+                }
+            }
+        } else {
+            if w < NB {
+                word = pack2x16float(bs[w]);
+            } else {
+                let k = w - NB;
+                for (var j = 0u; j < 8u; j++) {
+                    word |= ix[8u * k + j] << (4u * j);
+                }
+            }
+        }
+        if is_v {
+            v_cache[view(3u) + dst + w] = word;
+        } else {
+            k_cache[view(2u) + dst + w] = word;
+        }
+    }
+}
+
+@compute @workgroup_size(128)
+fn kv_quant_dequant(@builtin(workgroup_id) wid: vec3<u32>,
+                    @builtin(num_workgroups) nwg: vec3<u32>,
+                    @builtin(local_invocation_index) lid: u32) {
+    let wg = flat_wg(wid, nwg);
+    if wg >= p.rows {
+        return;
+    }
+    let is_v = (wg & 1u) == 1u;
+    let th = wg / 2u;
+    let h = th % p.kv_heads;
+    let t = th / p.kv_heads;
+    let slot = (p.start + t) % p.slots;
+    let rb = select(view(4u), view(5u), is_v) + (h * p.slots + slot) * p.row_words;
+    for (var c = lid; c < C4; c += NT) {
+        let x = deq4(is_v, rb, c);
+        scr[4u * c] = x.x;
+        scr[4u * c + 1u] = x.y;
+        scr[4u * c + 2u] = x.z;
+        scr[4u * c + 3u] = x.w;
+    }
+    workgroupBarrier();
+    if ROT {
+        fwht(1u, lid);
+    }
+    let dst = th * HEAD_DIM;
+    for (var i = lid; i < HEAD_DIM; i += NT) {
+        var x = scr[i];
+        if ROT {
+            x = x * sgn(i) * p.inv_sqrt_d;
+        }
+        if is_v {
+            v_out[view(7u) + dst + i] = x;
+        } else {
+            k_out[view(6u) + dst + i] = x;
+        }
+    }
+}

@@ -1,0 +1,100 @@
+// kv_quant_common: helpers shared by kv_quant.wgsl and sdpa_quant.wgsl (compressed KV
+// caches; layouts in kv_quant.rs). The including file provides:
+//   p      a uniform with inv_sqrt_d: f32, cb: array<vec4<f32>, 4> (main codebook, ascending),
+//          cb2: vec4<f32> (the 2-bit codebook of tq2.5's low half), signs: array<vec4<u32>, 4>
+//          (512 sign bits, bit i set: coordinate i is negated before the transform);
+//   wd(is_v, i) -> u32   word i of the K (is_v false) or V cache binding, view included;
+//   scr    a workgroup f32 array of at least rows * HEAD_DIM for fwht;
+//   NT     the workgroup size.
+override HEAD_DIM: u32 = 128u;
+// 0 q8, 1 q4, 2 tq4, 3 tq3, 4 tq2.5, 5 tq2.
+override MODE: u32 = 2u;
+// The rotated (TurboQuant) modes.
+override ROT: bool = MODE >= 2u;
+// 32-element blocks (affine) or groups (rotated) per row.
+override NB: u32 = HEAD_DIM / 32u;
+override C4: u32 = HEAD_DIM / 4u;
+
+fn sgn(i: u32) -> f32 {
+    let w = p.signs[i >> 7u][(i >> 5u) & 3u];
+    return select(1.0, -1.0, ((w >> (i & 31u)) & 1u) != 0u);
+}
+
+// Level k of the main codebook, or of the 2-bit one.
+fn lvl(k: u32, two: bool) -> f32 {
+    if two {
+        return p.cb2[k & 3u];
+    }
+    return p.cb[(k >> 2u) & 3u][k & 3u];
+}
+
+// Index bits of the main codebook.
+fn tq_bits() -> u32 {
+    if MODE == 2u {
+        return 4u;
+    }
+    if MODE == 5u {
+        return 2u;
+    }
+    return 3u;
+}
+
+// Group gi of a rotated row: (bit planes, first plane's word in the row, 1 if 2-bit book).
+fn grp(gi: u32) -> vec3<u32> {
+    if MODE == 4u {
+        let half = HEAD_DIM / 64u;
+        if gi < half {
+            return vec3<u32>(3u, 1u + gi * 3u, 0u);
+        }
+        return vec3<u32>(2u, 1u + half * 3u + (gi - half) * 2u, 1u);
+    }
+    let b = tq_bits();
+    return vec3<u32>(b, 1u + gi * b, 0u);
+}
+
+// Elements 4c..4c+3 of the row starting at word rb, dequantized (rotated modes: in the
+// rotated basis, y = level * norm / sqrt(d)).
+fn deq4(is_v: bool, rb: u32, c: u32) -> vec4<f32> {
+    if MODE == 0u {
+        let b = c / 8u;
+        let s = unpack2x16float(wd(is_v, rb + b / 2u))[b & 1u];
+        let w = wd(is_v, rb + HEAD_DIM / 64u + c);
+        let q = vec4<i32>(bitcast<i32>(w << 24u), bitcast<i32>(w << 16u),
+                          bitcast<i32>(w << 8u), bitcast<i32>(w)) >> vec4<u32>(24u);
+        return s * vec4<f32>(q);
+    }
+    if MODE == 1u {
+        let dm = unpack2x16float(wd(is_v, rb + c / 8u));
+        let w = wd(is_v, rb + NB + c / 2u) >> (16u * (c & 1u));
+        let q = (vec4<u32>(w) >> vec4<u32>(0u, 4u, 8u, 12u)) & vec4<u32>(15u);
+        return dm.x * vec4<f32>(q) + dm.y;
+    }
+    let s = bitcast<f32>(wd(is_v, rb)) * p.inv_sqrt_d;
+    let g = grp(c / 8u);
+    let o = (c % 8u) * 4u;
+    var k = vec4<u32>(0u);
+    for (var b = 0u; b < g.x; b++) {
+        let w = wd(is_v, rb + g.y + b) >> o;
+        k |= ((vec4<u32>(w) >> vec4<u32>(0u, 1u, 2u, 3u)) & vec4<u32>(1u)) << vec4<u32>(b);
+    }
+    let two = g.z != 0u;
+    return s * vec4<f32>(lvl(k.x, two), lvl(k.y, two), lvl(k.z, two), lvl(k.w, two));
+}
+
+// In-place unnormalized fast Walsh-Hadamard transform of `rows` consecutive rows of
+// HEAD_DIM in scr. Call from uniform control flow after a barrier; ends with a barrier.
+fn fwht(rows: u32, lid: u32) {
+    let half = HEAD_DIM / 2u;
+    for (var h = 1u; h < HEAD_DIM; h <<= 1u) {
+        for (var i = lid; i < rows * half; i += NT) {
+            let r = i / half;
+            let k = i % half;
+            let a = r * HEAD_DIM + (k / h) * 2u * h + k % h;
+            let x = scr[a];
+            let y = scr[a + h];
+            scr[a] = x + y;
+            scr[a + h] = x - y;
+        }
+        workgroupBarrier();
+    }
+}
