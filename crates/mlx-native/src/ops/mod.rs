@@ -30,7 +30,6 @@ pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
 pub use rope::{norm_rope, rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use kv_quant::{kv_quant_append, kv_quant_dequant, sdpa_decode_quant, sdpa_prefill_quant};
-pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 pub use select::{argmax, argsort, top_k};
 pub use softmax::softmax;
