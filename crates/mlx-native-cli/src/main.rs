@@ -58,6 +58,9 @@ struct SamplingArgs {
     /// Stop when the output contains this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
+    /// KV cache format: f16, f32, q8, q4 (affine), tq4, tq3, tq2.5, tq2 (TurboQuant).
+    #[arg(long, default_value = "f16")]
+    kv_cache: String,
 }
 
 #[derive(Subcommand)]
@@ -160,13 +163,14 @@ fn load(s: &SamplingArgs, gpu: &MlxDevice, quiet: bool) -> CliResult<Engine> {
     load_gguf(gpu, &path, quiet).map_err(err)
 }
 
-fn options(s: &SamplingArgs) -> GenerateOptions {
+fn options(s: &SamplingArgs) -> CliResult<GenerateOptions> {
     let seed = s.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
-    GenerateOptions {
+    Ok(GenerateOptions {
+        kv_format: mlx_native::kv_quant::KvFormat::parse(&s.kv_cache).map_err(err)?,
         max_tokens: s.max_tokens,
         sampling: Sampling {
             temperature: s.temperature,
@@ -178,17 +182,18 @@ fn options(s: &SamplingArgs) -> GenerateOptions {
         repeat_last_n: 64,
         seed,
         stop: s.stop.clone(),
-    }
+    })
 }
 
 fn summary(g: &Generation, engine: &Engine) -> String {
     let gpu_mib = engine.model.gpu.memory_peak_bytes() as f64 / (1 << 20) as f64;
     format!(
-        "\n[{} prompt tokens, {:.1} tok/s prefill | {} generated, {:.1} tok/s decode | peak GPU memory {gpu_mib:.0} MiB | {} | stop: {:?}]",
+        "\n[{} prompt tokens, {:.1} tok/s prefill | {} generated, {:.1} tok/s decode | peak GPU memory {gpu_mib:.0} MiB | KV {:.2} MiB/layer | {} | stop: {:?}]",
         g.prompt_ids.len(),
         g.prefill_tok_s,
         g.generated_ids.len(),
         g.decode_tok_s,
+        g.kv_bytes_per_layer as f64 / (1 << 20) as f64,
         engine.model.gpu.caps().adapter_name,
         g.stop_reason
     )
@@ -216,7 +221,7 @@ fn generate(s: SamplingArgs, prompt: String, chat: bool, json: bool) -> CliResul
         }
     };
     let g = engine
-        .generate(&ids, ctx, &options(&s), &mut on_text, &stop)
+        .generate(&ids, ctx, &options(&s)?, &mut on_text, &stop)
         .map_err(err)?;
     if json {
         let v = serde_json::json!({
@@ -238,7 +243,7 @@ fn chat(s: SamplingArgs, system: Option<String>) -> CliResult<bool> {
     let gpu = open_gpu()?;
     let engine = load(&s, &gpu, false)?;
     let ctx = s.ctx_size.unwrap_or_else(|| engine.default_ctx());
-    let opts = options(&s);
+    let opts = options(&s)?;
     let stop = interrupt_flag();
     let mut history: Vec<Message> = system.iter().map(|t| Message::new("system", t)).collect();
     let stdin = std::io::stdin();

@@ -25,6 +25,8 @@ pub struct GenerateOptions {
     pub repeat_last_n: usize,
     pub seed: u64,
     pub stop: Vec<String>,
+    /// KV cache format (`--kv-cache`): f16 (default), f32, q8, q4, tq4, tq3, tq2.5, tq2.
+    pub kv_format: mlx_native::kv_quant::KvFormat,
 }
 
 impl Default for GenerateOptions {
@@ -36,6 +38,7 @@ impl Default for GenerateOptions {
             repeat_last_n: 64,
             seed: 0,
             stop: Vec::new(),
+            kv_format: mlx_native::kv_quant::KvFormat::F16,
         }
     }
 }
@@ -63,6 +66,8 @@ pub struct Generation {
     pub decode_secs: f64,
     pub prefill_tok_s: f64,
     pub decode_tok_s: f64,
+    /// KV cache bytes of layer 0 (full-attention layers are all the same size).
+    pub kv_bytes_per_layer: u64,
 }
 
 /// A model with its tokenizer and chat template, ready to generate.
@@ -171,7 +176,7 @@ impl Engine {
             )));
         }
         let gpu = &self.model.gpu;
-        let mut cache = self.model.new_cache(ctx)?;
+        let mut cache = self.model.new_cache_with(ctx, opts.kv_format)?;
         let mut rng = Rng(opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut history: Vec<u32> = prompt_ids.to_vec();
         let mut generated = Vec::new();
@@ -271,6 +276,7 @@ impl Engine {
             prefill_secs,
             decode_secs,
             generated_ids: generated,
+            kv_bytes_per_layer: cache.bytes_per_layer(0),
         })
     }
 }

@@ -610,6 +610,22 @@ impl KvStore {
         }
     }
 
+    /// Positions the cache holds.
+    pub fn capacity(&self) -> usize {
+        match self {
+            KvStore::Plain(c) => c.capacity(),
+            KvStore::Compressed(c) => c.capacity(),
+        }
+    }
+
+    /// Number of layers.
+    pub fn layers(&self) -> usize {
+        match self {
+            KvStore::Plain(c) => c.layers(),
+            KvStore::Compressed(c) => c.layers(),
+        }
+    }
+
     pub fn format(&self) -> KvFormat {
         match self {
             KvStore::Plain(c) if c.dtype() == DType::F32 => KvFormat::F32,

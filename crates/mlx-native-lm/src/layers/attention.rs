@@ -2,7 +2,7 @@
 //! norm (Qwen3, Gemma 3), RoPE at explicit positions, cache append, then flash attention
 //! (decode for one token, prefill for a chunk).
 
-use mlx_native::kv_cache::KvCache;
+use mlx_native::kv_quant::KvStore;
 use mlx_native::ops::{self, RopeTable, SdpaOptions};
 use mlx_native::{MlxBuffer, Pass};
 
@@ -80,7 +80,7 @@ impl Attention {
         x: &MlxBuffer,
         step: &Step<'_>,
         rope: &RopeTable,
-        cache: &mut KvCache,
+        cache: &mut KvStore,
         layer: usize,
     ) -> Result<MlxBuffer> {
         let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads)?;
@@ -100,9 +100,9 @@ impl Attention {
             ..SdpaOptions::new(self.head_dim)
         };
         let attn = if step.tokens == 1 {
-            ops::sdpa_decode(pass, &q, cache, layer, step.pos0 + 1, &opts)?
+            cache.sdpa_decode(pass, &q, layer, step.pos0 + 1, &opts)?
         } else {
-            ops::sdpa_prefill(pass, &q, cache, layer, step.pos0, &opts)?
+            cache.sdpa_prefill(pass, &q, layer, step.pos0, &opts)?
         };
         let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
         self.o.forward(pass, &attn)

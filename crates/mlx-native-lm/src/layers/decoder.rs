@@ -1,7 +1,7 @@
 //! One transformer block: pre-norm attention and MLP with residual adds; Gemma 3 adds a norm
 //! after each of them (four norms per layer).
 
-use mlx_native::kv_cache::KvCache;
+use mlx_native::kv_quant::KvStore;
 use mlx_native::ops::{self, RopeTable};
 use mlx_native::{MlxBuffer, Pass};
 
@@ -30,7 +30,7 @@ impl DecoderLayer {
         x: &MlxBuffer,
         step: &Step<'_>,
         ropes: &[RopeTable],
-        cache: &mut KvCache,
+        cache: &mut KvStore,
         layer: usize,
     ) -> Result<MlxBuffer> {
         let rope = ropes.get(self.rope).ok_or_else(|| {

@@ -4,7 +4,8 @@
 
 pub mod gguf;
 
-use mlx_native::kv_cache::{KvCache, KvCacheConfig};
+use mlx_native::kv_cache::KvCacheConfig;
+use mlx_native::kv_quant::{KvFormat, KvStore};
 use mlx_native::ops::{self, RopeTable};
 use mlx_native::{DType, MlxBuffer, MlxDevice, Pass};
 
@@ -30,8 +31,13 @@ pub struct Transformer {
 }
 
 impl Transformer {
-    /// A KV cache for `ctx` positions (sliding-window layers get rings).
-    pub fn new_cache(&self, ctx: usize) -> Result<KvCache> {
+    /// An f16 KV cache for `ctx` positions (sliding-window layers get rings).
+    pub fn new_cache(&self, ctx: usize) -> Result<KvStore> {
+        self.new_cache_with(ctx, KvFormat::F16)
+    }
+
+    /// A KV cache for `ctx` positions in `format` (f16, f32, q8, q4, tq4, tq3, tq2.5, tq2).
+    pub fn new_cache_with(&self, ctx: usize, format: KvFormat) -> Result<KvStore> {
         let mut cfg = KvCacheConfig::new(
             self.cfg.n_layers,
             self.cfg.n_kv_heads,
@@ -41,7 +47,7 @@ impl Transformer {
         cfg.dtype = DType::F16;
         cfg.max_chunk = PREFILL_CHUNK.min(ctx);
         cfg.windows = self.layers.iter().map(|l| l.attn.window).collect();
-        Ok(KvCache::new(&self.gpu, &cfg)?)
+        Ok(KvStore::new(&self.gpu, &cfg, format)?)
     }
 
     /// Record the forward pass of `tokens` at positions `pos0..`; returns the logits of the
@@ -51,7 +57,7 @@ impl Transformer {
         pass: &mut Pass,
         tokens: &[u32],
         pos0: usize,
-        cache: &mut KvCache,
+        cache: &mut KvStore,
     ) -> Result<MlxBuffer> {
         let t = tokens.len();
         if t == 0 || t > PREFILL_CHUNK {
