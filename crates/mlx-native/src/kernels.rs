@@ -41,6 +41,12 @@ pub enum Kernel {
     Qmatmul,
     Dense,
     MatmulCoop,
+    MoeRoute,
+    Moe,
+    MoeQuant,
+    MoeGgmlDense,
+    MoeGgmlLegacy,
+    MoeGgmlK,
 }
 
 impl Kernel {
@@ -66,6 +72,12 @@ impl Kernel {
         Kernel::Qmatmul,
         Kernel::Dense,
         Kernel::MatmulCoop,
+        Kernel::MoeRoute,
+        Kernel::Moe,
+        Kernel::MoeQuant,
+        Kernel::MoeGgmlDense,
+        Kernel::MoeGgmlLegacy,
+        Kernel::MoeGgmlK,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -90,6 +102,12 @@ impl Kernel {
             Kernel::Qmatmul => "qmatmul",
             Kernel::Dense => "dense",
             Kernel::MatmulCoop => "matmul_coop",
+            Kernel::MoeRoute => "moe_route",
+            Kernel::Moe => "moe",
+            Kernel::MoeQuant => "moe_quant",
+            Kernel::MoeGgmlDense => "moe_ggml_dense",
+            Kernel::MoeGgmlLegacy => "moe_ggml_legacy",
+            Kernel::MoeGgmlK => "moe_ggml_k",
         }
     }
 
@@ -116,6 +134,13 @@ impl Kernel {
             Kernel::Qmatmul => include_str!("shaders/qmatmul.wgsl"),
             Kernel::Dense => include_str!("shaders/dense.wgsl"),
             Kernel::MatmulCoop => include_str!("shaders/matmul_coop.wgsl"),
+            Kernel::MoeRoute => include_str!("shaders/moe_route.wgsl"),
+            Kernel::Moe => include_str!("shaders/moe.wgsl"),
+            Kernel::MoeQuant => include_str!("shaders/moe_quant.wgsl"),
+            // The GGML dequantizers come in through `includes`; this file adds the entry.
+            Kernel::MoeGgmlDense | Kernel::MoeGgmlLegacy | Kernel::MoeGgmlK => {
+                include_str!("shaders/moe_ggml.wgsl")
+            }
         }
     }
 }
@@ -124,6 +149,9 @@ const PRELUDE: &str = include_str!("shaders/common/prelude.wgsl");
 const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
 const GGML_COMMON: &str = include_str!("shaders/ggml_common.wgsl");
 const QUANT: &str = include_str!("shaders/common/quant.wgsl");
+const GGML_DENSE: &str = include_str!("shaders/ggml_dense.wgsl");
+const GGML_LEGACY: &str = include_str!("shaders/ggml_legacy.wgsl");
+const GGML_K: &str = include_str!("shaders/ggml_k.wgsl");
 
 impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
@@ -131,7 +159,10 @@ impl Kernel {
         match self {
             Kernel::Norm | Kernel::Softmax | Kernel::Select => &[REDUCE],
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
-            Kernel::Qmatmul | Kernel::MatmulCoop => &[QUANT],
+            Kernel::Qmatmul | Kernel::MatmulCoop | Kernel::MoeQuant => &[QUANT],
+            Kernel::MoeGgmlDense => &[GGML_COMMON, GGML_DENSE],
+            Kernel::MoeGgmlLegacy => &[GGML_COMMON, GGML_LEGACY],
+            Kernel::MoeGgmlK => &[GGML_COMMON, GGML_K],
             _ => &[],
         }
     }

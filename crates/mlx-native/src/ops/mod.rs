@@ -9,6 +9,7 @@ pub mod fill;
 pub mod kv;
 pub mod ggml_matmul;
 pub mod layout;
+pub mod moe;
 pub mod norm;
 pub mod qmatmul;
 pub mod rope;
@@ -24,6 +25,10 @@ pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
 pub use kv::kv_append;
 pub use layout::{concat_last, copy, transpose, transpose_last2};
+pub use moe::{
+    expert_ids, gather_matmul, gather_qmm, ggml_gather_matvec, moe_combine, moe_ffn, moe_glu,
+    moe_route, MoeConfig, MoeExperts, RouterConfig, RouterKind,
+};
 pub use ggml_matmul::{ggml_embedding, ggml_linear, ggml_matmul, ggml_matvec};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
@@ -77,5 +82,6 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(ggml_matmul::specs()?);
     v.extend(qmatmul::specs()?);
     v.extend(dense::specs()?);
+    v.extend(moe::specs()?);
     Ok(v)
 }
