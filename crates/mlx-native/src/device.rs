@@ -288,7 +288,10 @@ impl MlxDevice {
     /// `(queue submissions, buffer maps)` made through this device so far.
     pub fn submit_and_map_counts(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering::Relaxed;
-        (self.inner.submits.load(Relaxed), self.inner.maps.load(Relaxed))
+        (
+            self.inner.submits.load(Relaxed),
+            self.inner.maps.load(Relaxed),
+        )
     }
 
     /// The pipeline cache.

@@ -6,8 +6,8 @@ pub mod dense;
 pub mod elementwise;
 pub mod embedding;
 pub mod fill;
-pub mod kv;
 pub mod ggml_matmul;
+pub mod kv;
 pub mod layout;
 pub mod moe;
 pub mod norm;
@@ -23,19 +23,19 @@ pub use dense::matmul;
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use embedding::{embedding, embedding_scaled};
 pub use fill::fill;
+pub use ggml_matmul::{ggml_embedding, ggml_linear, ggml_matmul, ggml_matvec};
 pub use kv::kv_append;
 pub use layout::{concat_last, copy, transpose, transpose_last2};
 pub use moe::{
     expert_ids, gather_matmul, gather_qmm, ggml_gather_matvec, moe_combine, moe_ffn, moe_glu,
     moe_route, MoeConfig, MoeExperts, RouterConfig, RouterKind,
 };
-pub use ggml_matmul::{ggml_embedding, ggml_linear, ggml_matmul, ggml_matvec};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
+pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
 pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 pub use select::{argmax, argsort, top_k};
 pub use softmax::softmax;
-pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
 
 use crate::device::Caps;
 

@@ -48,8 +48,8 @@ use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
 use crate::ops::activation::{glu, Act};
 use crate::ops::qmatmul::{plan, MatmulPlan};
-use crate::weights::ggml::GgmlType;
 use crate::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
+use crate::weights::ggml::GgmlType;
 use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
 
 /// Most experts the router takes (one per invocation of a workgroup of 256).
@@ -260,7 +260,9 @@ pub fn moe_route(
     check::ensure((1..=MAX_TOP_K).contains(&k), op, || {
         format!("top_k = {k}, expected 1..={MAX_TOP_K}")
     })?;
-    check::ensure(k <= e, op, || format!("top_k = {k} exceeds the {e} experts"))?;
+    check::ensure(k <= e, op, || {
+        format!("top_k = {k} exceeds the {e} experts")
+    })?;
     let (kind, norm, scale, table) = match cfg.kind {
         RouterKind::SoftmaxTopK { norm_topk_prob } => (0, norm_topk_prob, 1.0, None),
         RouterKind::SoftmaxTopKScaled { per_expert_scale } => {
@@ -429,7 +431,7 @@ pub fn gather_qmm_with(
             let per_wg = 2 * rpt as usize;
             let groups = (r.pairs as usize).saturating_mul(n.div_ceil(per_wg));
             let groups = check::fits_u32(groups, op, "workgroups")?;
-            let bufs = [&xa, qw.packed(), qw.scales(), biases, &y, qw.packed(), ids, ids];
+            let bufs = [&xa, qw.packed(), qw.scales(), biases, &y, qw.packed(), ids];
             pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
         }
         GatherPath::Sorted => {
@@ -438,7 +440,16 @@ pub fn gather_qmm_with(
             let groups = (sorted.1 as usize).saturating_mul(n.div_ceil(64));
             let groups = check::fits_u32(groups, op, "workgroups")?;
             let spec = qspec("gqmm", qw.params(), sdt, GQMM_WG)?;
-            let bufs = [&xa, qw.packed(), qw.scales(), biases, &y, qw.packed(), ids, &sorted.0];
+            let bufs = [
+                &xa,
+                qw.packed(),
+                qw.scales(),
+                biases,
+                &y,
+                qw.packed(),
+                ids,
+                &sorted.0,
+            ];
             pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
         }
     }

@@ -67,11 +67,18 @@ impl QuantExperts {
         let mut biases = Vec::new();
         let mut e8m0 = Vec::new();
         for (i, q) in experts.iter().enumerate() {
-            if (q.rows, q.cols, q.params, q.dtype) != (first.rows, first.cols, first.params, first.dtype)
+            if (q.rows, q.cols, q.params, q.dtype)
+                != (first.rows, first.cols, first.params, first.dtype)
             {
                 return Err(MlxError::invalid(format!(
                     "QuantExperts: expert {i} is [{}, {}] {:?} {}, expert 0 is [{}, {}] {:?} {}",
-                    q.rows, q.cols, q.params, q.dtype, first.rows, first.cols, first.params,
+                    q.rows,
+                    q.cols,
+                    q.params,
+                    q.dtype,
+                    first.rows,
+                    first.cols,
+                    first.params,
                     first.dtype
                 )));
             }
@@ -136,7 +143,12 @@ pub struct GgmlExperts {
 
 impl GgmlExperts {
     /// Upload a `[E, N, K]` tensor from its GGUF bytes (row-major: expert, row, column).
-    pub fn upload(gpu: &MlxDevice, kind: GgmlType, shape: [usize; 3], bytes: &[u8]) -> Result<Self> {
+    pub fn upload(
+        gpu: &MlxDevice,
+        kind: GgmlType,
+        shape: [usize; 3],
+        bytes: &[u8],
+    ) -> Result<Self> {
         Self::upload_with_limit(gpu, kind, shape, bytes, gpu.caps().max_storage_binding)
     }
 
@@ -148,7 +160,10 @@ impl GgmlExperts {
         let shape: [usize; 3] = t.shape.as_slice().try_into().map_err(|_| {
             MlxError::format(
                 file.name(),
-                format!("tensor '{name}': shape {:?} is not [experts, rows, cols]", t.shape),
+                format!(
+                    "tensor '{name}': shape {:?} is not [experts, rows, cols]",
+                    t.shape
+                ),
             )
         })?;
         Self::upload(gpu, t.kind, shape, file.tensor_bytes(name)?)
