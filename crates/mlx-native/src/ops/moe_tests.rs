@@ -166,6 +166,7 @@ fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<u32> {
 // ---------------------------------------------------------------------------------------
 // router
 
+#[allow(clippy::too_many_arguments)]
 fn run_route(
     g: &MlxDevice,
     logits: &[f32],
