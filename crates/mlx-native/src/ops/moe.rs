@@ -465,6 +465,10 @@ fn sort_pairs(
     pairs: usize,
     experts: usize,
 ) -> Result<(MlxBuffer, u32)> {
+    // One workgroup-memory bin per expert (plus one for ids out of range).
+    check::ensure(experts <= MAX_EXPERTS, op, || {
+        format!("{experts} experts, the sorted path takes at most {MAX_EXPERTS}")
+    })?;
     let max_tiles = pairs.div_ceil(TILE_PAIRS) + (experts + 1).min(pairs);
     let order_at = 4 + 4 * max_tiles;
     let len = order_at + pairs;

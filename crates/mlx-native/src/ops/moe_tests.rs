@@ -755,6 +755,17 @@ fn bad_inputs_are_named() {
         .unwrap_err()
         .to_string();
     assert_eq!(e, "gather_qmm: ids is i32, expected u32");
+    let (qs, _) = quant_experts(&mut rng, 257, 1, 32, QuantParams::affine(4, 32), DType::F32);
+    let w257 = QuantExperts::upload(g, &qs).unwrap();
+    let x32 = MlxBuffer::from_slice(g, &[1.0f32; 32], &[1, 32]).unwrap();
+    let id1 = MlxBuffer::from_slice(g, &[256u32], &[1, 1]).unwrap();
+    let e = gather_qmm_with(&mut pass, &x32, &w257, &id1, GatherPath::Sorted)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "gather_qmm: 257 experts, the sorted path takes at most 256"
+    );
     let e = expert_ids(g, &[0, 1, 4, 2], [2, 2], 4)
         .unwrap_err()
         .to_string();
