@@ -220,6 +220,7 @@ impl MlxBuffer {
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
         enc.copy_buffer_to_buffer(&self.raw.buffer, a0, &staging, 0, size);
         gpu.inner.queue.submit(Some(enc.finish()));
+        gpu.inner.count_submit_and_map(1, 1);
         let slice = staging.slice(..);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {

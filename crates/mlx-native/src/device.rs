@@ -85,6 +85,18 @@ pub(crate) struct DeviceInner {
     /// Errors wgpu reported outside any error scope, surfaced at the next wait.
     pub uncaptured: Arc<Mutex<Vec<String>>>,
     pub bind_groups: Mutex<crate::encoder::BindGroupCache>,
+    /// Queue submissions and buffer maps so far (tests check that a step needs one submit
+    /// and no readback).
+    pub submits: std::sync::atomic::AtomicU64,
+    pub maps: std::sync::atomic::AtomicU64,
+}
+
+impl DeviceInner {
+    pub(crate) fn count_submit_and_map(&self, submits: u64, maps: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.submits.fetch_add(submits, Relaxed);
+        self.maps.fetch_add(maps, Relaxed);
+    }
 }
 
 /// A GPU device: cheap to clone, shareable between threads.
@@ -255,6 +267,8 @@ impl MlxDevice {
                 poison: opts.poison_allocations,
                 uncaptured,
                 bind_groups: Mutex::new(crate::encoder::BindGroupCache::default()),
+                submits: Default::default(),
+                maps: Default::default(),
             }),
         })
     }
@@ -272,6 +286,15 @@ impl MlxDevice {
     /// The underlying wgpu queue.
     pub fn wgpu_queue(&self) -> &wgpu::Queue {
         &self.inner.queue
+    }
+
+    /// `(queue submissions, buffer maps)` made through this device so far.
+    pub fn submit_and_map_counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (
+            self.inner.submits.load(Relaxed),
+            self.inner.maps.load(Relaxed),
+        )
     }
 
     /// The pipeline cache.

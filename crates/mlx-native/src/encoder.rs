@@ -366,6 +366,7 @@ impl Pass {
             }
         }
         inner.queue.submit(Some(enc.finish()));
+        inner.count_submit_and_map(1, u64::from(self.profile));
         // Submitted: later users of these buffers are ordered after this work on the queue.
         drop(self.keep);
         self.gpu.take_uncaptured()?;

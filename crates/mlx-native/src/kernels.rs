@@ -43,6 +43,12 @@ pub enum Kernel {
     MatmulCoop,
     KvQuant,
     SdpaQuant,
+    MoeRoute,
+    Moe,
+    MoeQuant,
+    MoeGgmlDense,
+    MoeGgmlLegacy,
+    MoeGgmlK,
 }
 
 impl Kernel {
@@ -70,6 +76,12 @@ impl Kernel {
         Kernel::MatmulCoop,
         Kernel::KvQuant,
         Kernel::SdpaQuant,
+        Kernel::MoeRoute,
+        Kernel::Moe,
+        Kernel::MoeQuant,
+        Kernel::MoeGgmlDense,
+        Kernel::MoeGgmlLegacy,
+        Kernel::MoeGgmlK,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -96,6 +108,12 @@ impl Kernel {
             Kernel::MatmulCoop => "matmul_coop",
             Kernel::KvQuant => "kv_quant",
             Kernel::SdpaQuant => "sdpa_quant",
+            Kernel::MoeRoute => "moe_route",
+            Kernel::Moe => "moe",
+            Kernel::MoeQuant => "moe_quant",
+            Kernel::MoeGgmlDense => "moe_ggml_dense",
+            Kernel::MoeGgmlLegacy => "moe_ggml_legacy",
+            Kernel::MoeGgmlK => "moe_ggml_k",
         }
     }
 
@@ -124,6 +142,13 @@ impl Kernel {
             Kernel::MatmulCoop => include_str!("shaders/matmul_coop.wgsl"),
             Kernel::KvQuant => include_str!("shaders/kv_quant.wgsl"),
             Kernel::SdpaQuant => include_str!("shaders/sdpa_quant.wgsl"),
+            Kernel::MoeRoute => include_str!("shaders/moe_route.wgsl"),
+            Kernel::Moe => include_str!("shaders/moe.wgsl"),
+            Kernel::MoeQuant => include_str!("shaders/moe_quant.wgsl"),
+            // The GGML dequantizers come in through `includes`; this file adds the entry.
+            Kernel::MoeGgmlDense | Kernel::MoeGgmlLegacy | Kernel::MoeGgmlK => {
+                include_str!("shaders/moe_ggml.wgsl")
+            }
         }
     }
 }
@@ -133,6 +158,9 @@ const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
 const GGML_COMMON: &str = include_str!("shaders/ggml_common.wgsl");
 const QUANT: &str = include_str!("shaders/common/quant.wgsl");
 const KV_QUANT_COMMON: &str = include_str!("shaders/kv_quant_common.wgsl");
+const GGML_DENSE: &str = include_str!("shaders/ggml_dense.wgsl");
+const GGML_LEGACY: &str = include_str!("shaders/ggml_legacy.wgsl");
+const GGML_K: &str = include_str!("shaders/ggml_k.wgsl");
 
 impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
@@ -142,6 +170,10 @@ impl Kernel {
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
             Kernel::Qmatmul | Kernel::MatmulCoop => &[QUANT],
             Kernel::KvQuant | Kernel::SdpaQuant => &[KV_QUANT_COMMON],
+            Kernel::Qmatmul | Kernel::MatmulCoop | Kernel::MoeQuant => &[QUANT],
+            Kernel::MoeGgmlDense => &[GGML_COMMON, GGML_DENSE],
+            Kernel::MoeGgmlLegacy => &[GGML_COMMON, GGML_LEGACY],
+            Kernel::MoeGgmlK => &[GGML_COMMON, GGML_K],
             _ => &[],
         }
     }

@@ -10,6 +10,7 @@ pub mod ggml_matmul;
 pub mod kv;
 pub mod kv_quant;
 pub mod layout;
+pub mod moe;
 pub mod norm;
 pub mod qmatmul;
 pub mod rope;
@@ -30,6 +31,11 @@ pub use layout::{concat_last, copy, transpose, transpose_last2};
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
 pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
 pub use rope::{norm_rope, rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
+pub use moe::{
+    expert_ids, gather_matmul, gather_qmm, ggml_gather_matvec, moe_combine, moe_ffn, moe_glu,
+    moe_route, MoeConfig, MoeExperts, RouterConfig, RouterKind,
+};
+pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 pub use select::{argmax, argsort, top_k};
 pub use softmax::softmax;
@@ -80,5 +86,6 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(ggml_matmul::specs()?);
     v.extend(qmatmul::specs()?);
     v.extend(dense::specs()?);
+    v.extend(moe::specs()?);
     Ok(v)
 }

@@ -1,0 +1,663 @@
+//! Mixture-of-Experts on the GPU: routing, routed (gathered) expert matmuls over stacked
+//! quantized experts, the gated activation, the weighted combine, and a whole MoE FFN layer
+//! recorded into one [`Pass`] with no CPU round trip (expert ids never leave the GPU).
+//!
+//! - [`moe_route`]: router logits `[T, E]` -> `(weights f32 [T, k], ids u32 [T, k])` for
+//!   Qwen3-MoE / Mixtral (softmax, top-k, optional renormalization), Gemma-4-style
+//!   (softmax, top-k, renormalize, per-expert scale) and DeepSeek-V3 (sigmoid, top-k on the
+//!   score plus a selection bias, weights from the unbiased scores). One workgroup of 256 per
+//!   token, one expert per invocation (E <= 256), k rounds of a workgroup arg-max (k <= 16);
+//!   ties pick the lowest expert index. Softmax variants select on the logits (the same order
+//!   as the probabilities, minus ties invented by rounding `exp`).
+//! - [`gather_qmm`]: `mx.gather_qmm(x, w, rhs_indices=ids, transpose=True)` for MLX stacked
+//!   experts ([`QuantExperts`], any format `qmatmul` takes). Output `[T, k, N]`, one row
+//!   per (token, slot) pair; x is `[T, K]` (shared by a token's slots: gate/up projections)
+//!   or `[T, k, K]` (one row per pair: the down projection).
+//!   - *decode* (T <= 8, [`GatherPath::Vector`]): `gqmv`, the qmv kernel with one pair per
+//!     workgroup and `2 * RPT` rows of its expert. Only the selected experts' rows are read
+//!     (top-8 of 128 at Qwen3-30B-A3B shapes: 1/16 of the layer), each row by 32 invocations
+//!     striding over 32-code chunks, so consecutive invocations read consecutive 16-byte
+//!     (4-bit) / 32-byte (8-bit) chunks: coalesced vec4 loads. Two tokens that pick the same
+//!     expert read its rows twice (the second read mostly from cache).
+//!   - *prefill* ([`GatherPath::Sorted`]): a one-workgroup counting sort of the `T * k` pairs
+//!     by expert (histogram in workgroup atomics, prefix sum, scatter) that also writes a
+//!     table of tiles (runs of <= 64 pairs of one expert), then `gqmm`, the 64 x 64 tiled
+//!     qmm over the gathered x rows, one workgroup per (tile, 64 outputs). The grid is the
+//!     worst case (`ceil(P / 64) + min(E + 1, P)` tiles); workgroups past the real tile
+//!     count do nothing. Each expert's weight is read once per tile row of 64 pairs, not
+//!     once per pair. No cooperative-matrix variant yet.
+//! - [`ggml_gather_matvec`]: the same routed product for GGUF stacked experts
+//!   ([`GgmlExperts`], every GGML type the matvec takes): one workgroup per (pair, output
+//!   row) with the GGML matvec's unit decoding (eight invocations per 32-element unit),
+//!   dispatched per shard of whole experts. Used for decode and prefill alike (no sorted
+//!   tiled path for GGML yet).
+//! - [`moe_glu`], [`moe_combine`] (weighted sum over the k slots plus an optional shared
+//!   expert output), and [`moe_ffn`]: route -> gate/up gathers -> GLU -> down gather ->
+//!   combine.
+//!
+//! Expert ids are not checked on the GPU path (they are GPU data): an id `>= E` never
+//! indexes the weights (clamped) and its output rows are zeros. [`expert_ids`] uploads
+//! CPU-known ids and rejects out-of-range ones.
+
+use crate::buffer::MlxBuffer;
+use crate::check;
+use crate::device::MlxDevice;
+use crate::dtype::DType;
+use crate::encoder::Pass;
+use crate::error::{MlxError, Result};
+use crate::kernels::{Kernel, Spec};
+use crate::ops::activation::{glu, Act};
+use crate::ops::qmatmul::{plan, MatmulPlan};
+use crate::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
+use crate::weights::ggml::GgmlType;
+use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
+
+/// Most experts the router takes (one per invocation of a workgroup of 256).
+pub const MAX_EXPERTS: usize = 256;
+/// Largest top-k the router takes.
+pub const MAX_TOP_K: usize = 16;
+/// Most tokens the decode path ([`GatherPath::Vector`]) is chosen for.
+pub const MAX_VEC_TOKENS: usize = 8;
+/// Pairs per tile of the sorted path.
+const TILE_PAIRS: usize = 64;
+const WG: u32 = 256;
+const GQMV_WG: u32 = 64;
+const GQMM_WG: u32 = 256;
+const RPTS: [u32; 3] = [1, 2, 4];
+const GGML_WGS: [u32; 3] = [64, 128, 256];
+
+/// How the router turns logits into expert weights.
+#[derive(Clone, Copy, Debug)]
+pub enum RouterKind<'a> {
+    /// Qwen3-MoE, Mixtral, OLMoE: softmax over all experts, top-k of the probabilities,
+    /// divided by their sum when `norm_topk_prob`.
+    SoftmaxTopK { norm_topk_prob: bool },
+    /// Gemma-4 style: softmax, top-k, renormalized to sum 1, then each times
+    /// `per_expert_scale[expert]` (f32 `[E]`).
+    SoftmaxTopKScaled { per_expert_scale: &'a MlxBuffer },
+    /// DeepSeek-V3: `s = sigmoid(logits)`; the top-k of `s + bias` (f32 `[E]`, selection
+    /// only) are chosen; their weights are `s / Σ s` over the chosen, times
+    /// `routed_scaling_factor`. (Group-limited selection, `n_group` / `topk_group`, is not
+    /// applied.)
+    SigmoidBiased {
+        bias: &'a MlxBuffer,
+        routed_scaling_factor: f32,
+    },
+}
+
+/// Router settings: the experts per token and the scoring.
+#[derive(Clone, Copy, Debug)]
+pub struct RouterConfig<'a> {
+    pub top_k: usize,
+    pub kind: RouterKind<'a>,
+}
+
+/// Which kernels [`gather_qmm`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatherPath {
+    /// One pair per workgroup (decode).
+    Vector,
+    /// Pairs sorted by expert, then 64 x 64 tiles over runs of one expert (prefill).
+    Sorted,
+}
+
+/// The path for `tokens` rows of x.
+pub fn gather_path(tokens: usize) -> GatherPath {
+    if tokens <= MAX_VEC_TOKENS {
+        GatherPath::Vector
+    } else {
+        GatherPath::Sorted
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct RouteParams {
+    t: u32,
+    e: u32,
+    k: u32,
+    kind: u32,
+    norm: u32,
+    scale: f32,
+    _pad: [u32; 2],
+}
+const _: () = assert!(std::mem::size_of::<RouteParams>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct MoeParams {
+    n: u32,
+    top_k: u32,
+    h: u32,
+    experts: u32,
+    max_tiles: u32,
+    order_at: u32,
+    bm: u32,
+    has_shared: u32,
+}
+const _: () = assert!(std::mem::size_of::<MoeParams>() == 32);
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GatherParams {
+    pairs: u32,
+    n: u32,
+    k: u32,
+    wpr: u32,
+    gpr: u32,
+    top_k: u32,
+    experts: u32,
+    max_tiles: u32,
+}
+const _: () = assert!(std::mem::size_of::<GatherParams>() == 32);
+
+/// ggml_common.wgsl's `Params`, with the fields this file gives other meanings.
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GgmlGatherParams {
+    pairs: u32,
+    k: u32,
+    n: u32,
+    shard_experts: u32,
+    shard_e0: u32,
+    bpr: u32,
+    scale_off: u32,
+    units: u32,
+    first_shard: u32,
+    experts: u32,
+    x_div: u32,
+    _pad: u32,
+}
+const _: () = assert!(std::mem::size_of::<GgmlGatherParams>() == 48);
+
+// ---------------------------------------------------------------------------------------
+// specs
+
+fn quant_formats() -> Vec<(QuantParams, DType)> {
+    let mut v = Vec::new();
+    for bits in AFFINE_BITS {
+        for gs in AFFINE_GROUP_SIZES {
+            for dt in super::FLOAT_DTYPES {
+                v.push((QuantParams::affine(bits, gs), dt));
+            }
+        }
+    }
+    v.push((QuantParams::mxfp4(), DType::U8));
+    v
+}
+
+fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result<Spec> {
+    Spec::new(entry, dt, wg)
+        .with_const("BITS", params.bits)?
+        .with_const("GROUP_SIZE", params.group_size)
+}
+
+fn gqmv_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool) -> Result<Spec> {
+    Ok(qspec("gqmv", params, dt, GQMV_WG)?
+        .with_const("RPT", rpt)?
+        .with_subgroups(sg))
+}
+
+fn ggml_spec(kind: GgmlType, wg: u32, sg: bool) -> Result<(Kernel, Spec)> {
+    let entry = "moe_matvec";
+    let (kernel, spec) = match kind {
+        GgmlType::F32 => (Kernel::MoeGgmlDense, Spec::new(entry, DType::F32, wg)),
+        GgmlType::F16 => (Kernel::MoeGgmlDense, Spec::new(entry, DType::F16, wg)),
+        GgmlType::BF16 => (Kernel::MoeGgmlDense, Spec::new(entry, DType::BF16, wg)),
+        GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q5_0 | GgmlType::Q5_1 | GgmlType::Q8_0 => (
+            Kernel::MoeGgmlLegacy,
+            Spec::new(entry, DType::F32, wg).with_const("QTYPE", kind.id())?,
+        ),
+        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => (
+            Kernel::MoeGgmlK,
+            Spec::new(entry, DType::F32, wg).with_const("QTYPE", kind.id())?,
+        ),
+    };
+    Ok((kernel, spec.with_subgroups(sg)))
+}
+
+pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
+    let mut v = vec![
+        (Kernel::MoeRoute, Spec::new("route", DType::F32, WG)),
+        (Kernel::Moe, Spec::new("sort_pairs", DType::F32, WG)),
+        (Kernel::Moe, Spec::new("combine", DType::F32, WG)),
+    ];
+    for (params, dt) in quant_formats() {
+        for rpt in RPTS {
+            for sg in [false, true] {
+                v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg)?));
+            }
+        }
+        v.push((Kernel::MoeQuant, qspec("gqmm", params, dt, GQMM_WG)?));
+    }
+    for kind in GgmlType::ALL {
+        for wg in GGML_WGS {
+            for sg in [false, true] {
+                v.push(ggml_spec(kind, wg, sg)?);
+            }
+        }
+    }
+    Ok(v)
+}
+
+// ---------------------------------------------------------------------------------------
+// routing
+
+/// Route each token: `logits` f32 `[T, E]` (any leading shape; E <= 256) to the chosen
+/// experts' weights (f32 `[T, top_k]`) and ids (u32 `[T, top_k]`), best first.
+pub fn moe_route(
+    pass: &mut Pass,
+    logits: &MlxBuffer,
+    cfg: &RouterConfig<'_>,
+) -> Result<(MlxBuffer, MlxBuffer)> {
+    let op = "moe_route";
+    check::dtype(logits, &[DType::F32], op, "logits")?;
+    let (t, e) = check::rows(logits, op, "logits")?;
+    check::ensure(e <= MAX_EXPERTS, op, || {
+        format!("logits has {e} experts, at most {MAX_EXPERTS}")
+    })?;
+    let k = cfg.top_k;
+    check::ensure((1..=MAX_TOP_K).contains(&k), op, || {
+        format!("top_k = {k}, expected 1..={MAX_TOP_K}")
+    })?;
+    check::ensure(k <= e, op, || {
+        format!("top_k = {k} exceeds the {e} experts")
+    })?;
+    let (kind, norm, scale, table) = match cfg.kind {
+        RouterKind::SoftmaxTopK { norm_topk_prob } => (0, norm_topk_prob, 1.0, None),
+        RouterKind::SoftmaxTopKScaled { per_expert_scale } => {
+            check::dtype(per_expert_scale, &[DType::F32], op, "per_expert_scale")?;
+            check::len(per_expert_scale, e, op, "per_expert_scale")?;
+            (1, true, 1.0, Some(per_expert_scale))
+        }
+        RouterKind::SigmoidBiased {
+            bias,
+            routed_scaling_factor,
+        } => {
+            check::dtype(bias, &[DType::F32], op, "bias")?;
+            check::len(bias, e, op, "bias")?;
+            (2, true, routed_scaling_factor, Some(bias))
+        }
+    };
+    let t32 = check::fits_u32(t, op, "tokens")?;
+    let weights = pass.alloc(DType::F32, &[t, k])?;
+    let ids = pass.alloc(DType::U32, &[t, k])?;
+    let params = RouteParams {
+        t: t32,
+        e: e as u32,
+        k: k as u32,
+        kind,
+        norm: u32::from(norm),
+        scale,
+        _pad: [0; 2],
+    };
+    let tb = table.unwrap_or(logits);
+    let spec = Spec::new("route", DType::F32, WG);
+    pass.dispatch(
+        Kernel::MoeRoute,
+        spec,
+        &params,
+        &[logits, tb, &weights, &ids],
+        t32,
+    )?;
+    Ok((weights, ids))
+}
+
+/// Upload CPU-known expert ids (`[T, top_k]`), rejecting any `>= experts`.
+pub fn expert_ids(
+    gpu: &MlxDevice,
+    ids: &[u32],
+    shape: [usize; 2],
+    experts: usize,
+) -> Result<MlxBuffer> {
+    let op = "expert_ids";
+    check::ensure(ids.len() == shape[0] * shape[1], op, || {
+        format!("{} ids for shape {shape:?}", ids.len())
+    })?;
+    if let Some(i) = ids.iter().position(|&e| e as usize >= experts) {
+        return Err(MlxError::invalid(format!(
+            "{op}: id {} at [{}, {}] is out of range for {experts} experts",
+            ids[i],
+            i / shape[1].max(1),
+            i % shape[1].max(1)
+        )));
+    }
+    MlxBuffer::from_slice(gpu, ids, &shape)
+}
+
+// ---------------------------------------------------------------------------------------
+// routed matmuls
+
+/// Checked shapes of a routed matmul.
+struct Routed {
+    tokens: usize,
+    top_k: usize,
+    pairs: u32,
+    /// Pairs per x row: top_k for x [T, K], 1 for x [T, k, K].
+    x_div: u32,
+}
+
+fn check_routed(op: &str, x: &MlxBuffer, ids: &MlxBuffer, shape: [usize; 3]) -> Result<Routed> {
+    let [e, n, k] = shape;
+    check::dtype(x, &[DType::F32], op, "x")?;
+    check::dtype(ids, &[DType::U32], op, "ids")?;
+    let ish = ids.shape();
+    check::ensure(ish.len() == 2 && ish[0] > 0 && ish[1] > 0, op, || {
+        format!("ids has shape {ish:?}, expected [T, top_k]")
+    })?;
+    let (tokens, top_k) = (ish[0], ish[1]);
+    let xs = x.shape();
+    let x_div = match *xs {
+        [t, xk] if t == tokens && xk == k => top_k,
+        [t, j, xk] if t == tokens && j == top_k && xk == k => 1,
+        _ => {
+            return Err(MlxError::invalid(format!(
+                "{op}: x has shape {xs:?}, expected [{tokens}, {k}] or [{tokens}, {top_k}, {k}] \
+                 (ids {ish:?}, experts [{e}, {n}, {k}])"
+            )))
+        }
+    };
+    let pairs = check::fits_u32(tokens * top_k, op, "pairs")?;
+    check::fits_u32(x.len(), op, "x elements")?;
+    check::fits_u32(
+        (tokens * top_k).saturating_mul(n.max(k)),
+        op,
+        "output elements",
+    )?;
+    Ok(Routed {
+        tokens,
+        top_k,
+        pairs,
+        x_div: x_div as u32,
+    })
+}
+
+/// `y[t, j, :] = x[t] · W[ids[t, j]]ᵀ` (`mx.gather_qmm(x, w, rhs_indices=ids,
+/// transpose=True)`): `x` f32 `[T, K]` or `[T, k, K]`, `ids` u32 `[T, k]`, `w` `[E, N, K]`;
+/// returns f32 `[T, k, N]`. Path by [`gather_path`].
+pub fn gather_qmm(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &QuantExperts,
+    ids: &MlxBuffer,
+) -> Result<MlxBuffer> {
+    let tokens = ids.shape().first().copied().unwrap_or(0);
+    gather_qmm_with(pass, x, w, ids, gather_path(tokens))
+}
+
+/// [`gather_qmm`] on an explicit path.
+pub fn gather_qmm_with(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &QuantExperts,
+    ids: &MlxBuffer,
+    path: GatherPath,
+) -> Result<MlxBuffer> {
+    let op = "gather_qmm";
+    let [e, n, k] = w.shape();
+    let r = check_routed(op, x, ids, [e, n, k])?;
+    let qw = w.weight();
+    let l = qw.layout();
+    let sdt = match qw.mode() {
+        QuantMode::Affine => qw.dtype(),
+        QuantMode::Mxfp4 => DType::U8,
+    };
+    // The kernels read x as vec4: it must start on a 16-byte boundary of its binding.
+    let align = pass.caps().storage_offset_alignment;
+    let xa = if x.elem_offset().is_multiple_of(4) && align.is_multiple_of(16) {
+        x.clone()
+    } else {
+        super::layout::copy(pass, x)?
+    };
+    let y = pass.alloc(DType::F32, &[r.tokens, r.top_k, n])?;
+    let mut params = GatherParams {
+        pairs: r.pairs,
+        n: n as u32,
+        k: k as u32,
+        wpr: check::fits_u32(l.words_per_row, op, "words per row")?,
+        gpr: check::fits_u32(l.groups_per_row, op, "groups per row")?,
+        top_k: r.x_div,
+        experts: check::fits_u32(e, op, "experts")?,
+        max_tiles: 0,
+    };
+    let biases = qw.biases().unwrap_or(qw.scales());
+    match path {
+        GatherPath::Vector => {
+            let (rpt, sg) = match plan(1, n, k, pass.caps()) {
+                MatmulPlan::Vector { rpt, subgroups } => (rpt, subgroups),
+                _ => (1, false),
+            };
+            let spec = gqmv_spec(qw.params(), sdt, rpt, sg)?;
+            let per_wg = 2 * rpt as usize;
+            let groups = (r.pairs as usize).saturating_mul(n.div_ceil(per_wg));
+            let groups = check::fits_u32(groups, op, "workgroups")?;
+            let bufs = [&xa, qw.packed(), qw.scales(), biases, &y, qw.packed(), ids];
+            pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
+        }
+        GatherPath::Sorted => {
+            let sorted = sort_pairs(pass, op, ids, r.pairs as usize, e)?;
+            params.max_tiles = sorted.1;
+            let groups = (sorted.1 as usize).saturating_mul(n.div_ceil(64));
+            let groups = check::fits_u32(groups, op, "workgroups")?;
+            let spec = qspec("gqmm", qw.params(), sdt, GQMM_WG)?;
+            let bufs = [
+                &xa,
+                qw.packed(),
+                qw.scales(),
+                biases,
+                &y,
+                qw.packed(),
+                ids,
+                &sorted.0,
+            ];
+            pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
+        }
+    }
+    Ok(y)
+}
+
+/// Sort the pairs by expert on the GPU: returns the `sorted` buffer (tile count, tile table,
+/// pair order) and its number of tile entries.
+fn sort_pairs(
+    pass: &mut Pass,
+    op: &str,
+    ids: &MlxBuffer,
+    pairs: usize,
+    experts: usize,
+) -> Result<(MlxBuffer, u32)> {
+    // One workgroup-memory bin per expert (plus one for ids out of range).
+    check::ensure(experts <= MAX_EXPERTS, op, || {
+        format!("{experts} experts, the sorted path takes at most {MAX_EXPERTS}")
+    })?;
+    let max_tiles = pairs.div_ceil(TILE_PAIRS) + (experts + 1).min(pairs);
+    let order_at = 4 + 4 * max_tiles;
+    let len = order_at + pairs;
+    check::fits_u32(len, op, "sort buffer")?;
+    let sorted = pass.alloc(DType::U32, &[len])?;
+    let params = MoeParams {
+        n: pairs as u32,
+        top_k: 0,
+        h: 0,
+        experts: experts as u32,
+        max_tiles: max_tiles as u32,
+        order_at: order_at as u32,
+        bm: TILE_PAIRS as u32,
+        has_shared: 0,
+    };
+    let spec = Spec::new("sort_pairs", DType::F32, WG);
+    pass.dispatch(Kernel::Moe, spec, &params, &[ids, &sorted], 1)?;
+    Ok((sorted, max_tiles as u32))
+}
+
+/// The routed product of [`gather_qmm`] for GGUF stacked experts: one workgroup per (pair,
+/// output row), per shard of whole experts. `x` f32 `[T, K]` or `[T, k, K]`, `ids` u32
+/// `[T, k]`; returns f32 `[T, k, N]`.
+pub fn ggml_gather_matvec(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &GgmlExperts,
+    ids: &MlxBuffer,
+) -> Result<MlxBuffer> {
+    let op = "ggml_gather_matvec";
+    let [e, n, k] = w.shape();
+    let r = check_routed(op, x, ids, [e, n, k])?;
+    let y = pass.alloc(DType::F32, &[r.tokens, r.top_k, n])?;
+    let wg = super::ggml_matmul::matvec_wg(k);
+    let (kernel, spec) = ggml_spec(w.kind(), wg, pass.caps().subgroups)?;
+    let groups = check::fits_u32((r.pairs as usize).saturating_mul(n), op, "workgroups")?;
+    for (i, s) in w.shards().iter().enumerate() {
+        let p = GgmlGatherParams {
+            pairs: r.pairs,
+            k: k as u32,
+            n: n as u32,
+            shard_experts: s.experts as u32,
+            shard_e0: s.e0 as u32,
+            bpr: (k / w.kind().block_elems()) as u32,
+            scale_off: check::fits_u32(s.scale_off, op, "scale offset")?,
+            units: k.div_ceil(32) as u32,
+            first_shard: u32::from(i == 0),
+            experts: e as u32,
+            x_div: r.x_div,
+            _pad: 0,
+        };
+        pass.dispatch(kernel, spec, &p, &[x, &s.buffer, &y, ids], groups)?;
+    }
+    Ok(y)
+}
+
+/// The routed product for either expert format: [`gather_qmm`] or [`ggml_gather_matvec`].
+pub fn gather_matmul(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &ExpertWeight,
+    ids: &MlxBuffer,
+) -> Result<MlxBuffer> {
+    match w {
+        ExpertWeight::Mlx(q) => gather_qmm(pass, x, q, ids),
+        ExpertWeight::Ggml(g) => ggml_gather_matvec(pass, x, g, ids),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// activation, combine, layer
+
+/// `act(gate) * up` of the routed gate and up projections (`[T, k, N]` each).
+pub fn moe_glu(pass: &mut Pass, gate: &MlxBuffer, up: &MlxBuffer, act: Act) -> Result<MlxBuffer> {
+    let op = "moe_glu";
+    check::ensure(gate.shape().len() == 3, op, || {
+        format!("gate has shape {:?}, expected [T, k, N]", gate.shape())
+    })?;
+    check::same_shape(gate, up, op, "gate", "up")?;
+    glu(pass, gate, up, act)
+}
+
+/// `out[t, :] = Σ_j weights[t, j] · y[t, j, :]` (+ `shared[t, :]`): `y` f32 `[T, k, H]`,
+/// `weights` f32 `[T, k]`, `shared` f32 `[T, H]`; returns f32 `[T, H]`.
+pub fn moe_combine(
+    pass: &mut Pass,
+    y: &MlxBuffer,
+    weights: &MlxBuffer,
+    shared: Option<&MlxBuffer>,
+) -> Result<MlxBuffer> {
+    let op = "moe_combine";
+    check::dtype(y, &[DType::F32], op, "y")?;
+    check::dtype(weights, &[DType::F32], op, "weights")?;
+    let &[t, k, h] = y.shape() else {
+        return Err(MlxError::invalid(format!(
+            "{op}: y has shape {:?}, expected [T, k, H]",
+            y.shape()
+        )));
+    };
+    check::shape(weights, &[t, k], op, "weights")?;
+    if let Some(s) = shared {
+        check::dtype(s, &[DType::F32], op, "shared")?;
+        check::shape(s, &[t, h], op, "shared")?;
+    }
+    let n = check::fits_u32(t * h, op, "outputs")?;
+    check::fits_u32(y.len(), op, "y elements")?;
+    let out = pass.alloc(DType::F32, &[t, h])?;
+    let params = MoeParams {
+        n: t as u32,
+        top_k: k as u32,
+        h: h as u32,
+        experts: 0,
+        max_tiles: 0,
+        order_at: 0,
+        bm: 0,
+        has_shared: u32::from(shared.is_some()),
+    };
+    let sb = shared.unwrap_or(y);
+    let spec = Spec::new("combine", DType::F32, WG);
+    pass.dispatch(
+        Kernel::Moe,
+        spec,
+        &params,
+        &[y, y, y, weights, &out, sb],
+        n.div_ceil(WG),
+    )?;
+    Ok(out)
+}
+
+/// The routed experts of one MoE FFN layer: gate and up `[E, I, H]`, down `[E, H, I]`.
+#[derive(Clone, Debug)]
+pub struct MoeExperts {
+    pub gate: ExpertWeight,
+    pub up: ExpertWeight,
+    pub down: ExpertWeight,
+}
+
+/// One MoE FFN layer's settings.
+#[derive(Clone, Copy, Debug)]
+pub struct MoeConfig<'a> {
+    pub router: RouterConfig<'a>,
+    /// The gate activation (SwiGLU: [`Act::Silu`]).
+    pub act: Act,
+}
+
+/// A whole MoE FFN layer: `x` f32 `[T, H]`, `router_logits` f32 `[T, E]` (x times the
+/// router weight, computed by the caller) -> f32 `[T, H]`:
+/// route -> gate/up gathers -> `act(gate) * up` -> down gather -> weighted sum, plus
+/// `shared` (a shared expert's output `[T, H]`) when given. Records into `pass` only: no
+/// submit, no readback.
+pub fn moe_ffn(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    router_logits: &MlxBuffer,
+    experts: &MoeExperts,
+    cfg: &MoeConfig<'_>,
+    shared: Option<&MlxBuffer>,
+) -> Result<MlxBuffer> {
+    let op = "moe_ffn";
+    let [e, i, h] = experts.gate.shape();
+    check::ensure(experts.up.shape() == [e, i, h], op, || {
+        format!(
+            "up is {:?}, gate is {:?}",
+            experts.up.shape(),
+            experts.gate.shape()
+        )
+    })?;
+    check::ensure(experts.down.shape() == [e, h, i], op, || {
+        format!(
+            "down is {:?}, expected [{e}, {h}, {i}] (gate is {:?})",
+            experts.down.shape(),
+            experts.gate.shape()
+        )
+    })?;
+    check::dtype(x, &[DType::F32], op, "x")?;
+    let (t, xh) = check::rows(x, op, "x")?;
+    check::ensure(xh == h, op, || {
+        format!("x has {xh} columns, expected the experts' hidden size {h}")
+    })?;
+    check::shape(router_logits, &[t, e], op, "router_logits")?;
+    let x2 = x.reshape(&[t, h])?;
+    let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
+    let gate = gather_matmul(pass, &x2, &experts.gate, &ids)?;
+    let up = gather_matmul(pass, &x2, &experts.up, &ids)?;
+    let act = moe_glu(pass, &gate, &up, cfg.act)?;
+    let y = gather_matmul(pass, &act, &experts.down, &ids)?;
+    moe_combine(pass, &y, &weights, shared)
+}
+
+#[cfg(test)]
+#[path = "moe_tests.rs"]
+mod tests;

@@ -1,0 +1,797 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+//! Tests of `ops::moe` against f64 references written here: routing in f64, experts
+//! dequantized on the CPU (`weights::quant`, bit-exact with MLX; `weights::ggml`, the GGML
+//! oracle), products in f64.
+//!
+//! Tolerances:
+//! - router weights: f32 softmax / sigmoid (exp and division a few ulp each) and a sum of
+//!   <= 16 terms: 1e-5 relative plus 1e-7 absolute. Ids are compared exactly; inputs are
+//!   random normals (no near-ties closer than f32 resolution) or exact ties.
+//! - routed products: each output is a K-term f32 dot product (and, for MLX weights, one fma
+//!   per weight against the CPU's two roundings): `(4·sqrt(K) + 2)·2^-24·Σ|x·w|`, the bound of
+//!   `qmatmul_tests` (typical f32 summation error grows like sqrt(K)). A wrong expert or row
+//!   moves an output by about Σ|x·w| / sqrt(K), far above it.
+//! - moe_ffn: the down projection's inputs carry the gate/up errors through SiLU (Lipschitz
+//!   ~1.1) times |up| plus |silu(gate)| times the up error; bounded with the same per-product
+//!   rule applied to a magnitude reference (Σ|x|·|w| propagated through the layer), times 4.
+use super::*;
+use crate::testutil::{devices, gpu, Rng};
+use crate::weights::ggml::dequantize as ggml_dequantize;
+use crate::weights::ggml_weight::tests::random_tensor;
+use crate::weights::quant::{dequantize as cpu_dequantize, quantize_as, round_to_dtype, Quantized};
+
+// ---------------------------------------------------------------------------------------
+// references
+
+/// (ids, weights) per token in f64: the routing of `RouterKind` written out.
+fn ref_route(
+    logits: &[f32],
+    e: usize,
+    k: usize,
+    kind: u32,
+    norm: bool,
+    table: &[f32],
+    scale: f64,
+) -> (Vec<u32>, Vec<f64>) {
+    let mut ids = Vec::new();
+    let mut ws = Vec::new();
+    for row in logits.chunks(e) {
+        let l: Vec<f64> = row.iter().map(|&v| v as f64).collect();
+        let (prob, key): (Vec<f64>, Vec<f64>) = if kind == 2 {
+            let s: Vec<f64> = l.iter().map(|v| 1.0 / (1.0 + (-v).exp())).collect();
+            let key = s.iter().zip(table).map(|(a, &b)| a + b as f64).collect();
+            (s, key)
+        } else {
+            let m = l.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let ex: Vec<f64> = l.iter().map(|v| (v - m).exp()).collect();
+            let z: f64 = ex.iter().sum();
+            (ex.iter().map(|v| v / z).collect(), l.clone())
+        };
+        let mut order: Vec<usize> = (0..e).collect();
+        // descending key, then ascending index
+        order.sort_by(|&a, &b| key[b].partial_cmp(&key[a]).unwrap().then(a.cmp(&b)));
+        let pick = &order[..k];
+        let sum: f64 = pick.iter().map(|&i| prob[i]).sum();
+        for &i in pick {
+            let mut w = prob[i];
+            if norm {
+                w /= sum;
+            }
+            if kind == 1 {
+                w *= table[i] as f64;
+            }
+            if kind == 2 {
+                w *= scale;
+            }
+            ids.push(i as u32);
+            ws.push(w);
+        }
+    }
+    (ids, ws)
+}
+
+/// y[p, n] = x[p / x_div] · W[ids[p]][n] and Σ|x·w| for the tolerance. `w`: [E, N, K].
+fn ref_gather(
+    x: &[f32],
+    w: &[f64],
+    ids: &[u32],
+    x_div: usize,
+    n: usize,
+    k: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let e = w.len() / (n * k);
+    let mut y = Vec::new();
+    let mut mag = Vec::new();
+    for (p, &id) in ids.iter().enumerate() {
+        let xr = &x[(p / x_div) * k..(p / x_div + 1) * k];
+        for j in 0..n {
+            if id as usize >= e {
+                y.push(0.0);
+                mag.push(0.0);
+                continue;
+            }
+            let wr = &w[(id as usize * n + j) * k..][..k];
+            let (mut s, mut a) = (0.0, 0.0);
+            for (xv, wv) in xr.iter().zip(wr) {
+                s += *xv as f64 * wv;
+                a += (*xv as f64 * wv).abs();
+            }
+            y.push(s);
+            mag.push(a);
+        }
+    }
+    (y, mag)
+}
+
+fn assert_product(got: &[f32], want: &(Vec<f64>, Vec<f64>), k: usize, factor: f64, what: &str) {
+    assert_eq!(got.len(), want.0.len(), "{what}: length");
+    let f = factor * (4.0 * (k as f64).sqrt() + 2.0) * 2f64.powi(-24);
+    for (i, (&g, (&w, &m))) in got.iter().zip(want.0.iter().zip(&want.1)).enumerate() {
+        let tol = f * m + 1e-30;
+        assert!(
+            g.is_finite() && (g as f64 - w).abs() <= tol,
+            "{what}: element {i}: got {g}, want {w} (tol {tol:e})"
+        );
+    }
+}
+
+fn quant_experts(
+    rng: &mut Rng,
+    e: usize,
+    n: usize,
+    k: usize,
+    params: QuantParams,
+    dt: DType,
+) -> (Vec<Quantized>, Vec<f64>) {
+    let mut qs = Vec::new();
+    let mut deq = Vec::new();
+    for _ in 0..e {
+        let w: Vec<f32> = rng
+            .normals(n * k, 0.3)
+            .into_iter()
+            .map(|v| round_to_dtype(v, dt).unwrap())
+            .collect();
+        let q = quantize_as(&w, n, k, params, dt).unwrap();
+        let d = cpu_dequantize(
+            &q.packed,
+            q.scales.as_view(),
+            q.biases.as_deref(),
+            n,
+            k,
+            params,
+        )
+        .unwrap();
+        deq.extend(d.into_iter().map(f64::from));
+        qs.push(q);
+    }
+    (qs, deq)
+}
+
+fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<u32> {
+    // Distinct experts per token, as a router gives.
+    let mut v = Vec::new();
+    for _ in 0..t {
+        let mut row: Vec<u32> = Vec::new();
+        while row.len() < k {
+            let c = rng.below(e) as u32;
+            if !row.contains(&c) {
+                row.push(c);
+            }
+        }
+        v.extend(row);
+    }
+    v
+}
+
+// ---------------------------------------------------------------------------------------
+// router
+
+#[allow(clippy::too_many_arguments)]
+fn run_route(
+    g: &MlxDevice,
+    logits: &[f32],
+    e: usize,
+    k: usize,
+    kind: u32,
+    norm: bool,
+    table: &[f32],
+    scale: f32,
+) -> (Vec<u32>, Vec<f32>) {
+    let t = logits.len() / e;
+    let gl = MlxBuffer::from_slice(g, logits, &[t, e]).unwrap();
+    let gt = MlxBuffer::from_slice(g, table, &[table.len()]).unwrap();
+    let kind = match kind {
+        0 => RouterKind::SoftmaxTopK {
+            norm_topk_prob: norm,
+        },
+        1 => RouterKind::SoftmaxTopKScaled {
+            per_expert_scale: &gt,
+        },
+        _ => RouterKind::SigmoidBiased {
+            bias: &gt,
+            routed_scaling_factor: scale,
+        },
+    };
+    let mut pass = g.begin();
+    let (w, ids) = moe_route(&mut pass, &gl, &RouterConfig { top_k: k, kind }).unwrap();
+    pass.commit_and_wait().unwrap();
+    assert_eq!(w.shape(), [t, k]);
+    (ids.to_vec(g).unwrap(), w.to_vec(g).unwrap())
+}
+
+#[test]
+fn router_variants_match_f64() {
+    let mut rng = Rng::new(900);
+    let g = gpu();
+    for &(t, e, k) in &[
+        (3, 8, 2),
+        (5, 128, 8),
+        (2, 256, 16),
+        (4, 60, 1),
+        (1, 16, 16),
+    ] {
+        let logits = rng.normals(t * e, 2.0);
+        let scales: Vec<f32> = (0..e).map(|_| rng.uniform(0.5, 2.0)).collect();
+        let bias = rng.normals(e, 0.5);
+        for (kind, norm, table, scale) in [
+            (0u32, true, &scales, 1.0f32),
+            (0, false, &scales, 1.0),
+            (1, true, &scales, 1.0),
+            (2, true, &bias, 2.5),
+        ] {
+            let (ids, w) = run_route(g, &logits, e, k, kind, norm, table, scale);
+            let (rids, rw) = ref_route(&logits, e, k, kind, norm, table, scale as f64);
+            let what = format!("route kind {kind} norm {norm} t{t} e{e} k{k}");
+            assert_eq!(ids, rids, "{what}: ids");
+            crate::testutil::assert_close(&w, &rw, 1e-7, 1e-5, &what);
+        }
+    }
+}
+
+#[test]
+fn router_ties_pick_the_lowest_index() {
+    let g = gpu();
+    // All equal: experts 0..k in order. Pairs of equal values: the lower index first.
+    let e = 12;
+    let flat = vec![0.25f32; e];
+    let (ids, w) = run_route(g, &flat, e, 5, 0, true, &[0.0; 12], 1.0);
+    assert_eq!(ids, [0, 1, 2, 3, 4]);
+    assert!(w.iter().all(|&v| (v - 0.2).abs() < 1e-6), "{w:?}");
+    let l = [
+        1.0f32, 3.0, 2.0, 3.0, 1.0, 2.0, 0.0, 3.0, -1.0, 0.5, 2.0, 0.0,
+    ];
+    let (ids, _) = run_route(g, &l, e, 7, 0, false, &[0.0; 12], 1.0);
+    assert_eq!(ids, [1, 3, 7, 2, 5, 10, 0]);
+    // Sigmoid with a bias that makes ties in the selection key.
+    let l = [0.0f32; 4];
+    let bias = [0.5f32, 1.0, 1.0, 0.5];
+    let (ids, w) = run_route(g, &l, 4, 3, 2, true, &bias, 1.0);
+    assert_eq!(ids, [1, 2, 0]);
+    assert!(w.iter().all(|&v| (v - 1.0 / 3.0).abs() < 1e-6), "{w:?}");
+}
+
+#[test]
+fn router_rejects_bad_configs() {
+    let g = gpu();
+    let l = MlxBuffer::from_slice(g, &[0.0f32; 16], &[2, 8]).unwrap();
+    let s3 = MlxBuffer::from_slice(g, &[1.0f32; 3], &[3]).unwrap();
+    let big = MlxBuffer::from_slice(g, &vec![0.0f32; 300], &[1, 300]).unwrap();
+    let mut pass = g.begin();
+    let soft = RouterKind::SoftmaxTopK {
+        norm_topk_prob: true,
+    };
+    let mut err = |x: &MlxBuffer, top_k, kind| {
+        moe_route(&mut pass, x, &RouterConfig { top_k, kind })
+            .unwrap_err()
+            .to_string()
+    };
+    assert_eq!(
+        err(&l, 9, soft),
+        "moe_route: top_k = 9 exceeds the 8 experts"
+    );
+    assert_eq!(err(&l, 17, soft), "moe_route: top_k = 17, expected 1..=16");
+    assert_eq!(err(&l, 0, soft), "moe_route: top_k = 0, expected 1..=16");
+    assert_eq!(
+        err(&big, 2, soft),
+        "moe_route: logits has 300 experts, at most 256"
+    );
+    assert_eq!(
+        err(
+            &l,
+            2,
+            RouterKind::SoftmaxTopKScaled {
+                per_expert_scale: &s3
+            }
+        ),
+        "moe_route: per_expert_scale has 3 elements, expected 8"
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// gather_qmm
+
+#[allow(clippy::too_many_arguments)]
+fn gather_case(
+    g: &MlxDevice,
+    rng: &mut Rng,
+    (t, k, e, n, kd): (usize, usize, usize, usize, usize),
+    params: QuantParams,
+    dt: DType,
+    per_pair_x: bool,
+    x_offset: usize,
+    bad_ids: bool,
+) {
+    let (qs, deq) = quant_experts(rng, e, n, kd, params, dt);
+    let w = QuantExperts::upload(g, &qs).unwrap();
+    assert_eq!(w.shape(), [e, n, kd]);
+    let rows = if per_pair_x { t * k } else { t };
+    let x = rng.normals(rows * kd, 1.0);
+    let mut padded = vec![5.0f32; x_offset];
+    padded.extend_from_slice(&x);
+    let buf = MlxBuffer::from_slice(g, &padded, &[padded.len()]).unwrap();
+    let xshape: Vec<usize> = if per_pair_x {
+        vec![t, k, kd]
+    } else {
+        vec![t, kd]
+    };
+    let gx = buf.view(x_offset, &xshape).unwrap();
+    let mut ids = random_ids(rng, t, k, e);
+    if bad_ids {
+        ids[0] = e as u32;
+        let l = ids.len();
+        ids[l - 1] = u32::MAX;
+    }
+    let gids = MlxBuffer::from_slice(g, &ids, &[t, k]).unwrap();
+    let want = ref_gather(&x, &deq, &ids, if per_pair_x { 1 } else { k }, n, kd);
+    for path in [GatherPath::Vector, GatherPath::Sorted] {
+        let mut pass = g.begin();
+        let y = gather_qmm_with(&mut pass, &gx, &w, &gids, path).unwrap();
+        pass.commit_and_wait().unwrap();
+        assert_eq!(y.shape(), [t, k, n]);
+        let what = format!(
+            "gather {path:?} b{} g{} {dt} t{t} k{k} e{e} n{n} K{kd} pair_x {per_pair_x} sg {}",
+            params.bits,
+            params.group_size,
+            g.caps().subgroups
+        );
+        assert_product(&y.to_vec(g).unwrap(), &want, kd, 1.0, &what);
+    }
+}
+
+#[test]
+fn gather_qmm_decode_matches_f64() {
+    let mut rng = Rng::new(901);
+    for g in devices() {
+        // Qwen3-style decode: one token, 8 of 32 experts.
+        gather_case(
+            g,
+            &mut rng,
+            (1, 8, 32, 96, 256),
+            QuantParams::affine(4, 64),
+            DType::F32,
+            false,
+            0,
+            false,
+        );
+        gather_case(
+            g,
+            &mut rng,
+            (1, 8, 32, 40, 256),
+            QuantParams::affine(8, 64),
+            DType::BF16,
+            false,
+            0,
+            false,
+        );
+        // The down projection: one x row per pair; x at an odd offset.
+        gather_case(
+            g,
+            &mut rng,
+            (2, 4, 8, 33, 128),
+            QuantParams::affine(4, 64),
+            DType::F16,
+            true,
+            3,
+            false,
+        );
+        gather_case(
+            g,
+            &mut rng,
+            (1, 2, 4, 16, 128),
+            QuantParams::affine(3, 32),
+            DType::F32,
+            false,
+            0,
+            false,
+        );
+        gather_case(
+            g,
+            &mut rng,
+            (1, 3, 5, 16, 64),
+            QuantParams::mxfp4(),
+            DType::BF16,
+            false,
+            0,
+            false,
+        );
+    }
+}
+
+#[test]
+fn gather_qmm_prefill_matches_f64() {
+    let mut rng = Rng::new(902);
+    let g = gpu();
+    gather_case(
+        g,
+        &mut rng,
+        (33, 4, 8, 80, 128),
+        QuantParams::affine(4, 64),
+        DType::F32,
+        false,
+        0,
+        false,
+    );
+    gather_case(
+        g,
+        &mut rng,
+        (33, 4, 8, 70, 128),
+        QuantParams::affine(8, 64),
+        DType::BF16,
+        false,
+        0,
+        false,
+    );
+    // > 64 pairs of one expert (several tiles per run), per-pair x.
+    gather_case(
+        g,
+        &mut rng,
+        (40, 2, 3, 65, 64),
+        QuantParams::affine(4, 64),
+        DType::F32,
+        true,
+        1,
+        false,
+    );
+}
+
+#[test]
+fn out_of_range_ids_give_zero_rows_and_read_nothing_else() {
+    let mut rng = Rng::new(903);
+    let g = gpu();
+    gather_case(
+        g,
+        &mut rng,
+        (3, 4, 8, 40, 128),
+        QuantParams::affine(4, 64),
+        DType::F32,
+        false,
+        0,
+        true,
+    );
+    gather_case(
+        g,
+        &mut rng,
+        (12, 2, 5, 20, 64),
+        QuantParams::affine(8, 32),
+        DType::F32,
+        false,
+        0,
+        true,
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// GGML
+
+fn ggml_case(
+    g: &MlxDevice,
+    rng: &mut Rng,
+    kind: GgmlType,
+    (t, k, e, n, kd): (usize, usize, usize, usize, usize),
+    limit: Option<u64>,
+    bad: bool,
+) {
+    let bytes = random_tensor(rng, kind, e * n, kd);
+    let deq: Vec<f64> = ggml_dequantize(kind, &bytes, e * n * kd)
+        .unwrap()
+        .into_iter()
+        .map(f64::from)
+        .collect();
+    let w = match limit {
+        Some(l) => GgmlExperts::upload_with_limit(g, kind, [e, n, kd], &bytes, l).unwrap(),
+        None => GgmlExperts::upload(g, kind, [e, n, kd], &bytes).unwrap(),
+    };
+    if limit.is_some() {
+        assert!(w.shards().len() > 1, "{kind}: sharded");
+    }
+    let x = rng.normals(t * kd, 1.0);
+    let gx = MlxBuffer::from_slice(g, &x, &[t, kd]).unwrap();
+    let mut ids = random_ids(rng, t, k, e);
+    if bad {
+        ids[1] = e as u32 + 3;
+    }
+    let gids = MlxBuffer::from_slice(g, &ids, &[t, k]).unwrap();
+    let mut pass = g.begin();
+    let y = ggml_gather_matvec(&mut pass, &gx, &w, &gids).unwrap();
+    pass.commit_and_wait().unwrap();
+    let what = format!(
+        "ggml {kind} t{t} k{k} e{e} n{n} K{kd} shards {} sg {}",
+        w.shards().len(),
+        g.caps().subgroups
+    );
+    assert_product(
+        &y.to_vec(g).unwrap(),
+        &ref_gather(&x, &deq, &ids, k, n, kd),
+        kd,
+        1.0,
+        &what,
+    );
+}
+
+#[test]
+fn ggml_routed_matvec_matches_f64() {
+    let mut rng = Rng::new(904);
+    for g in devices() {
+        for kind in [
+            GgmlType::Q4_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            ggml_case(g, &mut rng, kind, (1, 8, 16, 24, 512), None, false);
+            ggml_case(g, &mut rng, kind, (5, 2, 6, 7, 256), None, true);
+        }
+    }
+    let g = gpu();
+    let mut rng = Rng::new(905);
+    // Shards of two experts: 5 experts of [3, 256] Q4_K are 3 * 144 bytes each.
+    ggml_case(
+        g,
+        &mut rng,
+        GgmlType::Q4_K,
+        (3, 3, 5, 3, 256),
+        Some(2 * 3 * 144 + 4),
+        true,
+    );
+    ggml_case(
+        g,
+        &mut rng,
+        GgmlType::Q8_0,
+        (2, 2, 5, 3, 256),
+        Some(2 * 3 * 272),
+        false,
+    );
+    ggml_case(g, &mut rng, GgmlType::F16, (2, 2, 3, 5, 77), None, false);
+    // 33 * 8 * 256 = 67,584 workgroups: a folded grid.
+    ggml_case(
+        g,
+        &mut rng,
+        GgmlType::Q4_0,
+        (33, 8, 16, 256, 64),
+        None,
+        false,
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// combine, layer
+
+#[test]
+fn combine_weights_slots_and_adds_shared() {
+    let mut rng = Rng::new(906);
+    let g = gpu();
+    let (t, k, h) = (3, 5, 70);
+    let y = rng.normals(t * k * h, 1.0);
+    let w = rng.normals(t * k, 1.0);
+    let s = rng.normals(t * h, 1.0);
+    let gy = MlxBuffer::from_slice(g, &y, &[t, k, h]).unwrap();
+    let gw = MlxBuffer::from_slice(g, &w, &[t, k]).unwrap();
+    let gs = MlxBuffer::from_slice(g, &s, &[t, h]).unwrap();
+    for shared in [false, true] {
+        let mut pass = g.begin();
+        let out = moe_combine(&mut pass, &gy, &gw, shared.then_some(&gs)).unwrap();
+        pass.commit_and_wait().unwrap();
+        let mut want = vec![0.0f64; t * h];
+        for ti in 0..t {
+            for c in 0..h {
+                let mut v = if shared { s[ti * h + c] as f64 } else { 0.0 };
+                for j in 0..k {
+                    v += w[ti * k + j] as f64 * y[(ti * k + j) * h + c] as f64;
+                }
+                want[ti * h + c] = v;
+            }
+        }
+        // k + 1 f32 terms of size ~1: 1e-5 absolute.
+        crate::testutil::assert_close(&out.to_vec(g).unwrap(), &want, 1e-5, 1e-6, "combine");
+    }
+}
+
+fn silu(v: f64) -> f64 {
+    v / (1.0 + (-v).exp())
+}
+
+/// The whole layer in f64 from routed weights/ids (computed by `ref_route`), with a
+/// magnitude bound per output for the tolerance.
+#[allow(clippy::too_many_arguments)]
+fn ref_ffn(
+    x: &[f32],
+    ids: &[u32],
+    rw: &[f64],
+    gate: &[f64],
+    up: &[f64],
+    down: &[f64],
+    t: usize,
+    k: usize,
+    h: usize,
+    i: usize,
+) -> (Vec<f64>, Vec<f64>) {
+    let (gy, gm) = ref_gather(x, gate, ids, k, i, h);
+    let (uy, um) = ref_gather(x, up, ids, k, i, h);
+    let a: Vec<f64> = gy.iter().zip(&uy).map(|(&g, &u)| silu(g) * u).collect();
+    // |d act| <= 1.1·|dg|·|u| + |silu(g)|·|du|, with |dg| <~ gm, |du| <~ um (scaled later)
+    let am: Vec<f64> = (0..a.len())
+        .map(|j| 1.1 * gm[j] * uy[j].abs() + silu(gy[j]).abs() * um[j] + a[j].abs())
+        .collect();
+    let a32: Vec<f32> = a.iter().map(|&v| v as f32).collect();
+    let am32: Vec<f32> = am.iter().map(|&v| v as f32).collect();
+    let (dy, _) = ref_gather(&a32, down, ids, 1, h, i);
+    let dabs: Vec<f64> = down.iter().map(|v| v.abs()).collect();
+    let (dm, _) = ref_gather(&am32, &dabs, ids, 1, h, i);
+    let mut out = vec![0.0; t * h];
+    let mut mag = vec![0.0; t * h];
+    for ti in 0..t {
+        for j in 0..k {
+            let p = ti * k + j;
+            for c in 0..h {
+                out[ti * h + c] += rw[p] * dy[p * h + c];
+                mag[ti * h + c] += rw[p].abs() * dm[p * h + c];
+            }
+        }
+    }
+    (out, mag)
+}
+
+#[test]
+fn moe_ffn_layer_matches_f64_in_one_submit() {
+    let mut rng = Rng::new(907);
+    // Its own device: the submit counter must not see other tests' work.
+    let dev = MlxDevice::with_options(crate::DeviceOptions {
+        poison_allocations: true,
+        ..crate::DeviceOptions::default()
+    })
+    .unwrap();
+    let g = &dev;
+    let (e, h, i) = (16, 128, 64);
+    let params = QuantParams::affine(4, 32);
+    let (gq, gd) = quant_experts(&mut rng, e, i, h, params, DType::F32);
+    let (uq, ud) = quant_experts(&mut rng, e, i, h, params, DType::F32);
+    let (dq, dd) = quant_experts(&mut rng, e, h, i, params, DType::F32);
+    let mlx = MoeExperts {
+        gate: ExpertWeight::Mlx(QuantExperts::upload(g, &gq).unwrap()),
+        up: ExpertWeight::Mlx(QuantExperts::upload(g, &uq).unwrap()),
+        down: ExpertWeight::Mlx(QuantExperts::upload(g, &dq).unwrap()),
+    };
+    // GGML Q8_0 experts (K = h or i, multiples of 32).
+    let gb = random_tensor(&mut rng, GgmlType::Q8_0, e * i, h);
+    let ub = random_tensor(&mut rng, GgmlType::Q8_0, e * i, h);
+    let db = random_tensor(&mut rng, GgmlType::Q8_0, e * h, i);
+    let deq = |b: &[u8], len| -> Vec<f64> {
+        ggml_dequantize(GgmlType::Q8_0, b, len)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect()
+    };
+    let ggml = MoeExperts {
+        gate: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, i, h], &gb).unwrap()),
+        up: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, i, h], &ub).unwrap()),
+        down: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, h, i], &db).unwrap()),
+    };
+    let ggml_ref = (
+        deq(&gb, e * i * h),
+        deq(&ub, e * i * h),
+        deq(&db, e * h * i),
+    );
+    for (name, experts, (wg, wu, wdn)) in [
+        ("mlx", &mlx, (&gd, &ud, &dd)),
+        ("ggml q8_0", &ggml, (&ggml_ref.0, &ggml_ref.1, &ggml_ref.2)),
+    ] {
+        for &(t, k) in &[(1usize, 4usize), (12, 2)] {
+            let x = rng.normals(t * h, 1.0);
+            let logits = rng.normals(t * e, 1.5);
+            let shared = rng.normals(t * h, 1.0);
+            let gx = MlxBuffer::from_slice(g, &x, &[t, h]).unwrap();
+            let gl = MlxBuffer::from_slice(g, &logits, &[t, e]).unwrap();
+            let gs = MlxBuffer::from_slice(g, &shared, &[t, h]).unwrap();
+            let cfg = MoeConfig {
+                router: RouterConfig {
+                    top_k: k,
+                    kind: RouterKind::SoftmaxTopK {
+                        norm_topk_prob: true,
+                    },
+                },
+                act: Act::Silu,
+            };
+            let before = g.submit_and_map_counts();
+            let mut pass = g.begin();
+            let out = moe_ffn(&mut pass, &gx, &gl, experts, &cfg, Some(&gs)).unwrap();
+            pass.commit_and_wait().unwrap();
+            let after = g.submit_and_map_counts();
+            assert_eq!(
+                (after.0 - before.0, after.1 - before.1),
+                (1, 0),
+                "{name}: one submit, no maps for the whole layer"
+            );
+            let (ids, rw) = ref_route(&logits, e, k, 0, true, &[], 1.0);
+            let (mut want, mag) = ref_ffn(&x, &ids, &rw, wg, wu, wdn, t, k, h, i);
+            for (w, s) in want.iter_mut().zip(&shared) {
+                *w += *s as f64;
+            }
+            let got = out.to_vec::<f32>(g).unwrap();
+            let f = 4.0 * (4.0 * (h.max(i) as f64).sqrt() + 2.0) * 2f64.powi(-24);
+            for (j, (&gv, (&wv, &m))) in got.iter().zip(want.iter().zip(&mag)).enumerate() {
+                let tol = f * m + 1e-6;
+                assert!(
+                    (gv as f64 - wv).abs() <= tol,
+                    "{name} t{t} k{k}: element {j}: got {gv}, want {wv} (tol {tol:e})"
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// bad input
+
+#[test]
+fn bad_inputs_are_named() {
+    let g = gpu();
+    let mut rng = Rng::new(908);
+    let (qs, _) = quant_experts(&mut rng, 4, 8, 64, QuantParams::affine(4, 64), DType::F32);
+    let w = QuantExperts::upload(g, &qs).unwrap();
+    let x = MlxBuffer::from_slice(g, &rng.normals(2 * 64, 1.0), &[2, 64]).unwrap();
+    let x_bad = MlxBuffer::from_slice(g, &rng.normals(2 * 32, 1.0), &[2, 32]).unwrap();
+    let ids = MlxBuffer::from_slice(g, &[0u32, 1, 2, 3], &[2, 2]).unwrap();
+    let ids3 = MlxBuffer::from_slice(g, &[0u32, 1, 2], &[3, 1]).unwrap();
+    let ids_i = MlxBuffer::from_slice(g, &[0i32, 1, 2, 3], &[2, 2]).unwrap();
+    let mut pass = g.begin();
+    let e = gather_qmm(&mut pass, &x_bad, &w, &ids)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "gather_qmm: x has shape [2, 32], expected [2, 64] or [2, 2, 64] \
+         (ids [2, 2], experts [4, 8, 64])"
+    );
+    let e = gather_qmm(&mut pass, &x, &w, &ids3)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "gather_qmm: x has shape [2, 64], expected [3, 64] or [3, 1, 64] \
+         (ids [3, 1], experts [4, 8, 64])"
+    );
+    let e = gather_qmm(&mut pass, &x, &w, &ids_i)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "gather_qmm: ids is i32, expected u32");
+    let (qs, _) = quant_experts(&mut rng, 257, 1, 32, QuantParams::affine(4, 32), DType::F32);
+    let w257 = QuantExperts::upload(g, &qs).unwrap();
+    let x32 = MlxBuffer::from_slice(g, &[1.0f32; 32], &[1, 32]).unwrap();
+    let id1 = MlxBuffer::from_slice(g, &[256u32], &[1, 1]).unwrap();
+    let e = gather_qmm_with(&mut pass, &x32, &w257, &id1, GatherPath::Sorted)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "gather_qmm: 257 experts, the sorted path takes at most 256"
+    );
+    let e = expert_ids(g, &[0, 1, 4, 2], [2, 2], 4)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "expert_ids: id 4 at [1, 0] is out of range for 4 experts"
+    );
+    assert!(expert_ids(g, &[0, 1, 3, 2], [2, 2], 4).is_ok());
+    let y = MlxBuffer::from_slice(g, &[0.0f32; 12], &[2, 2, 3]).unwrap();
+    let wts = MlxBuffer::from_slice(g, &[0.0f32; 6], &[2, 3]).unwrap();
+    let e = moe_combine(&mut pass, &y, &wts, None)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "moe_combine: weights has shape [2, 3], expected [2, 2]");
+    let e = QuantExperts::new(w.weight().clone(), 3)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "QuantExperts: 32 rows of K = 64 do not split into 3 experts"
+    );
+    let e = GgmlExperts::upload(g, GgmlType::Q8_0, [2, 3, 64], &[0u8; 100])
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "GgmlExperts::upload: Q8_0 [2, 3, 64] needs 408 bytes, got 100"
+    );
+}

@@ -1,0 +1,257 @@
+// Routed MLX quantized matmul (mx.gather_qmm with rhs_indices): for each of the P = T * top_k
+// (token, slot) pairs, y[pair, :] = x[pair / top_k, :] · W[ids[pair]]ᵀ with W stacked experts
+// [E, N, K] (common/quant.wgsl: experts are consecutive blocks of N rows, so expert e's row n
+// is packed row e * N + n and its scales are at (e * N + n) * gpr).
+//   gqmv  decode: a workgroup takes one pair and 2 * RPT rows of its expert (row-blocks of 32
+//         invocations striding over the 32-code chunks: consecutive invocations read
+//         consecutive 16/32-byte chunks of a row), so only the chosen experts' rows are read.
+//   gqmm  prefill: over the pairs sorted by expert (moe.wgsl sort_pairs), one workgroup per
+//         (tile of <= 64 pairs of one expert, 64 outputs): 64 x 64 tiles as in qmm, x rows
+//         gathered through the pair order.
+// Expert ids >= E never index the weights (clamped) and give rows of zeros.
+// Bindings: 0 x (f32 as vec4: offset a multiple of 4), 1 packed, 2 scales, 3 biases, 4 y f32
+// [P, N], 5 packed as vec4, 6 ids u32 [P] (gqmv), 7 sorted u32 (gqmm: see moe.wgsl).
+struct Params {
+    pairs: u32,
+    n: u32,
+    k: u32,
+    wpr: u32,
+    gpr: u32,
+    top_k: u32,
+    experts: u32,
+    // gqmm: tile entries in `sorted`; the pair order starts at word 4 + 4 * max_tiles
+    max_tiles: u32,
+}
+
+override RPT: u32 = 1u;
+const TPR: u32 = 32u;
+
+@group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
+@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(5) var<storage, read> packed4: array<vec4<u32>>;
+@group(0) @binding(6) var<storage, read> ids: array<u32>;
+@group(0) @binding(7) var<storage, read> sorted: array<u32>;
+@group(1) @binding(0) var<uniform> p: Params;
+
+// ---------------------------------------------------------------------------------------
+// gqmv (the chunk helpers are those of qmatmul.wgsl's qmv)
+
+var<workgroup> red: array<f32, 256>;
+
+fn codes4(w: array<u32, 8>, i: u32) -> vec4<f32> {
+    let bit = i * 4u * BITS;
+    let lo = bit >> 5u;
+    return code_values4(window(w[lo], w[min(lo + 1u, 7u)], bit & 31u));
+}
+
+fn chunk_dot(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
+    let a = dot(x[0], codes4(w, 0u)) + dot(x[1], codes4(w, 1u));
+    let b = dot(x[2], codes4(w, 2u)) + dot(x[3], codes4(w, 3u));
+    let c = dot(x[4], codes4(w, 4u)) + dot(x[5], codes4(w, 5u));
+    let d = dot(x[6], codes4(w, 6u)) + dot(x[7], codes4(w, 7u));
+    return (a + b) + (c + d);
+}
+
+fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
+    var w: array<u32, 8>;
+    let base = row * p.wpr + c * BITS;
+    if BITS == 4u {
+        let v = packed4[base / 4u];
+        w = array<u32, 8>(v.x, v.y, v.z, v.w, 0u, 0u, 0u, 0u);
+    } else if BITS == 8u {
+        let v0 = packed4[base / 4u];
+        let v1 = packed4[base / 4u + 1u];
+        w = array<u32, 8>(v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w);
+    } else {
+        let o = view(1u) + base;
+        w = array<u32, 8>(packed[o], packed[o + 1u], packed[o + min(2u, BITS - 1u)],
+                          packed[o + min(3u, BITS - 1u)], packed[o + min(4u, BITS - 1u)],
+                          packed[o + min(5u, BITS - 1u)], packed[o + min(6u, BITS - 1u)],
+                          packed[o + min(7u, BITS - 1u)]);
+    }
+    return w;
+}
+
+fn chunk_sum(w: array<u32, 8>, x: array<vec4<f32>, 8>, g: u32) -> f32 {
+    let d = chunk_dot(w, x);
+#if DT_U8
+    return scale_at(g) * d;
+#else
+    let xs4 = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+    return scale_at(g) * d + bias_at(g) * ((xs4.x + xs4.y) + (xs4.z + xs4.w));
+#endif
+}
+
+fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
+    return array<vec4<f32>, 8>(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u],
+                               xv[o + 5u], xv[o + 6u], xv[o + 7u]);
+}
+
+@compute @workgroup_size(64)
+fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+        , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32
+#endif
+) {
+    let block = lid / TPR;
+    let lane = lid % TPR;
+    let per_wg = 2u * RPT;
+    let nrb = (p.n + per_wg - 1u) / per_wg;
+    let g = flat_wg(wid, nwg);
+    let pair = min(g / nrb, p.pairs - 1u);
+    let live = g / nrb < p.pairs;
+    let n0 = (g % nrb) * per_wg + block * RPT;
+    let e = ids[view(6u) + pair];
+    let valid = e < p.experts;
+    let ebase = min(e, p.experts - 1u) * p.n;
+    let chunks = p.k / 32u;
+    let xo = view(0u) / 4u + (pair / p.top_k) * (p.k / 4u);
+#if SUBGROUPS
+    let slots = TPR / ss;
+    let slot = lane / ss;
+#else
+    let slots = TPR;
+    let slot = lane;
+#endif
+    let r0 = ebase + min(n0, p.n - 1u);
+    let r1 = ebase + min(n0 + 1u, p.n - 1u);
+    let r2 = ebase + min(n0 + 2u, p.n - 1u);
+    let r3 = ebase + min(n0 + 3u, p.n - 1u);
+    var s = vec4<f32>(0.0);
+    for (var c = lane; c < chunks; c += TPR) {
+        let x = x_chunk(xo + c * 8u);
+        let gc = (c * 32u) / GROUP_SIZE;
+        s.x += chunk_sum(chunk_words(r0, c), x, r0 * p.gpr + gc);
+        if RPT > 1u {
+            s.y += chunk_sum(chunk_words(r1, c), x, r1 * p.gpr + gc);
+        }
+        if RPT > 2u {
+            s.z += chunk_sum(chunk_words(r2, c), x, r2 * p.gpr + gc);
+            s.w += chunk_sum(chunk_words(r3, c), x, r3 * p.gpr + gc);
+        }
+    }
+    for (var r = 0u; r < RPT; r++) {
+#if SUBGROUPS
+        let t = subgroupAdd(s[r]);
+        if sl == 0u {
+            red[(block * RPT + r) * TPR + slot] = t;
+        }
+#else
+        red[(block * RPT + r) * TPR + slot] = s[r];
+#endif
+    }
+    workgroupBarrier();
+    // One invocation per (row-block, r).
+    let fb = lid / RPT;
+    let fr = lid % RPT;
+    let n = (g % nrb) * per_wg + fb * RPT + fr;
+    if live && fb < 2u && n < p.n {
+        var t = 0.0;
+        let o = (fb * RPT + fr) * TPR;
+        for (var i = 0u; i < slots; i++) {
+            t += red[o + i];
+        }
+        y[view(4u) + pair * p.n + n] = select(0.0, t, valid);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// gqmm (tiled, scalar; the tile loop of qmatmul.wgsl's qmm over gathered rows)
+
+const BM: u32 = 64u;
+const BN: u32 = 64u;
+const BK: u32 = 32u;
+var<workgroup> xs: array<vec4<f32>, 512>;
+var<workgroup> ws: array<vec4<f32>, 512>;
+// The pair of each tile row.
+var<workgroup> tile_pairs: array<u32, 64>;
+
+fn set_xs(k: u32, i: u32, v: f32) {
+    xs[k * 16u + i / 4u][i % 4u] = v;
+}
+fn set_ws(k: u32, i: u32, v: f32) {
+    ws[k * 16u + i / 4u][i % 4u] = v;
+}
+
+@compute @workgroup_size(256)
+fn gqmm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+        @builtin(local_invocation_index) lid: u32) {
+    let g = flat_wg(wid, nwg);
+    // Tiles vary fastest: the tiles of one expert are neighbours and share its W tile.
+    let tile = g % p.max_tiles;
+    let bn = g / p.max_tiles;
+    let so = view(7u);
+    let ntiles = min(sorted[so], p.max_tiles);
+    let live = tile < ntiles && bn * BN < p.n;
+    let te = so + 4u + 4u * tile;
+    // Entries past the count are never read as indices: all clamped, len forced to 0.
+    let bin = min(sorted[te], p.experts);
+    let start = min(sorted[te + 1u], p.pairs);
+    let len = select(0u, min(sorted[te + 2u], min(BM, p.pairs - start)), live);
+    let valid = bin < p.experts;
+    let ebase = min(bin, p.experts - 1u) * p.n;
+    let order = so + 4u + 4u * p.max_tiles;
+    if lid < BM {
+        tile_pairs[lid] = min(sorted[order + min(start + lid, p.pairs - 1u)], p.pairs - 1u);
+    }
+    workgroupBarrier();
+    let n0 = bn * BN;
+    let tx = lid % 16u;
+    let ty = lid / 16u;
+    var acc: array<vec4<f32>, 4>;
+    for (var i = 0u; i < 4u; i++) {
+        acc[i] = vec4<f32>(0.0);
+    }
+    let lr = lid / 4u;
+    let lk = (lid % 4u) * 8u;
+    let xrow = tile_pairs[lr] / p.top_k;
+    let wrow = n0 + lr;
+    let xbase = view(0u) / 4u;
+    for (var k0 = 0u; k0 < p.k; k0 += BK) {
+        if lr < len {
+            let o = xbase + (xrow * p.k + k0 + lk) / 4u;
+            let a = xv[o];
+            let b = xv[o + 1u];
+            for (var i = 0u; i < 4u; i++) {
+                set_xs(lk + i, lr, a[i]);
+                set_xs(lk + 4u + i, lr, b[i]);
+            }
+        } else {
+            for (var i = 0u; i < 8u; i++) {
+                set_xs(lk + i, lr, 0.0);
+            }
+        }
+        if live && wrow < p.n {
+            for (var i = 0u; i < 8u; i++) {
+                set_ws(lk + i, lr, dequant_at(ebase + wrow, k0 + lk + i, p.wpr, p.gpr));
+            }
+        } else {
+            for (var i = 0u; i < 8u; i++) {
+                set_ws(lk + i, lr, 0.0);
+            }
+        }
+        workgroupBarrier();
+        for (var k = 0u; k < BK; k++) {
+            let a = xs[k * 16u + ty];
+            let b = ws[k * 16u + tx];
+            acc[0] += a.x * b;
+            acc[1] += a.y * b;
+            acc[2] += a.z * b;
+            acc[3] += a.w * b;
+        }
+        workgroupBarrier();
+    }
+    for (var i = 0u; i < 4u; i++) {
+        let r = ty * 4u + i;
+        if r < len {
+            let pair = tile_pairs[r];
+            for (var j = 0u; j < 4u; j++) {
+                let n = n0 + tx * 4u + j;
+                if n < p.n {
+                    y[view(4u) + pair * p.n + n] = select(0.0, acc[i][j], valid);
+                }
+            }
+        }
+    }
+}
