@@ -168,7 +168,6 @@ impl Kernel {
         match self {
             Kernel::Norm | Kernel::Softmax | Kernel::Select | Kernel::Rope => &[REDUCE],
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
-            Kernel::Qmatmul | Kernel::MatmulCoop => &[QUANT],
             Kernel::KvQuant | Kernel::SdpaQuant => &[KV_QUANT_COMMON],
             Kernel::Qmatmul | Kernel::MatmulCoop | Kernel::MoeQuant => &[QUANT],
             Kernel::MoeGgmlDense => &[GGML_COMMON, GGML_DENSE],

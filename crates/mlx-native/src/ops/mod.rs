@@ -35,7 +35,6 @@ pub use moe::{
     expert_ids, gather_matmul, gather_qmm, ggml_gather_matvec, moe_combine, moe_ffn, moe_glu,
     moe_route, MoeConfig, MoeExperts, RouterConfig, RouterKind,
 };
-pub use rope::{rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 pub use select::{argmax, argsort, top_k};
 pub use softmax::softmax;
