@@ -18,6 +18,18 @@ pub enum Family {
     Qwen3,
     /// Gemma 3 text (sliding/global layers, four norms per layer, GeGLU).
     Gemma3,
+    /// Qwen3-MoE (Qwen3 attention, mixture-of-experts FFN).
+    Qwen3Moe,
+}
+
+/// The mixture-of-experts FFN of a model.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MoeSpec {
+    pub experts: usize,
+    pub top_k: usize,
+    /// Each expert's intermediate size.
+    pub ffn: usize,
+    pub norm_topk_prob: bool,
 }
 
 /// GGUF `general.architecture` values (and mlx-lm `model_type`s) this build loads.
@@ -36,6 +48,7 @@ impl Family {
             "llama" | "mistral" => Family::Llama,
             "qwen2" => Family::Qwen2,
             "qwen3" => Family::Qwen3,
+            "qwen3moe" | "qwen3_moe" => Family::Qwen3Moe,
             "gemma3" | "gemma3_text" => Family::Gemma3,
             other => {
                 return Err(LmError::Unsupported(format!(
@@ -76,6 +89,8 @@ pub struct ModelConfig {
     /// Attention logit scale (1/sqrt(head_dim) unless the model says otherwise).
     pub attn_scale: f32,
     pub tied_embeddings: bool,
+    /// Mixture-of-experts FFN (every layer), when the model has one.
+    pub moe: Option<MoeSpec>,
 }
 
 impl ModelConfig {
@@ -183,11 +198,21 @@ impl ModelConfig {
                 None
             },
             sliding_layers,
-            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3),
             act,
             embed_scale,
             attn_scale: 1.0 / (head_dim as f32).sqrt(),
             tied_embeddings: f.tensor("output.weight").is_none(),
+            moe: match u_opt("expert_count")? {
+                Some(experts) if experts > 0 => Some(MoeSpec {
+                    experts,
+                    top_k: u("expert_used_count")?,
+                    ffn: u_opt("expert_feed_forward_length")?.unwrap_or(ffn),
+                    // llama.cpp renormalizes the top-k weights of qwen3moe.
+                    norm_topk_prob: true,
+                }),
+                _ => None,
+            },
             arch,
         })
     }

@@ -6,16 +6,17 @@ use mlx_native::ops::{self, RopeTable};
 use mlx_native::{MlxBuffer, Pass};
 
 use super::attention::Step;
-use super::{Attention, Mlp};
+use super::mlp::Ffn;
+use super::Attention;
 use crate::error::Result;
 
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct DecoderLayer {
     pub attn_norm: MlxBuffer,
     pub attn: Attention,
     pub post_attn_norm: Option<MlxBuffer>,
     pub ffn_norm: MlxBuffer,
-    pub mlp: Mlp,
+    pub mlp: Ffn,
     pub post_ffn_norm: Option<MlxBuffer>,
     pub eps: f32,
     /// Index into the model's RoPE tables (global or local).

@@ -11,7 +11,10 @@ use super::Transformer;
 use crate::config::{Family, ModelConfig};
 use crate::error::Result;
 use crate::layers::linear::vector_from_gguf;
+use crate::layers::mlp::{Ffn, MoeMlp};
 use crate::layers::{Attention, DecoderLayer, Linear, Mlp};
+use mlx_native::ops::moe::MoeExperts;
+use mlx_native::weights::expert_weight::{ExpertWeight, GgmlExperts};
 
 fn progress(total: u64, quiet: bool) -> ProgressBar {
     if quiet {
@@ -73,11 +76,38 @@ pub fn load(gpu: &MlxDevice, f: &GgufFile, quiet: bool) -> Result<Transformer> {
             scale: cfg.attn_scale,
             window: if sliding { cfg.sliding_window } else { None },
         };
-        let mlp = Mlp {
-            gate: linear(&p("ffn_gate.weight"), cfg.ffn, h)?,
-            up: linear(&p("ffn_up.weight"), cfg.ffn, h)?,
-            down: linear(&p("ffn_down.weight"), h, cfg.ffn)?,
-            act: cfg.act,
+        let mlp = match cfg.moe {
+            None => Ffn::Dense(Mlp {
+                gate: linear(&p("ffn_gate.weight"), cfg.ffn, h)?,
+                up: linear(&p("ffn_up.weight"), cfg.ffn, h)?,
+                down: linear(&p("ffn_down.weight"), h, cfg.ffn)?,
+                act: cfg.act,
+            }),
+            Some(moe) => {
+                let experts = |name: &str, n: usize, k: usize| -> Result<ExpertWeight> {
+                    let w = GgmlExperts::from_gguf(gpu, f, name)?;
+                    let want = [moe.experts, n, k];
+                    if w.shape() != want {
+                        return Err(crate::LmError::Config(format!(
+                            "tensor {name}: shape {:?}, the model's config expects {want:?}",
+                            w.shape()
+                        )));
+                    }
+                    pb.inc(bytes_of(name));
+                    Ok(ExpertWeight::Ggml(w))
+                };
+                Ffn::Moe(MoeMlp {
+                    router: linear(&p("ffn_gate_inp.weight"), moe.experts, h)?,
+                    experts: MoeExperts {
+                        gate: experts(&p("ffn_gate_exps.weight"), moe.ffn, h)?,
+                        up: experts(&p("ffn_up_exps.weight"), moe.ffn, h)?,
+                        down: experts(&p("ffn_down_exps.weight"), h, moe.ffn)?,
+                    },
+                    top_k: moe.top_k,
+                    norm_topk_prob: moe.norm_topk_prob,
+                    act: cfg.act,
+                })
+            }
         };
         layers.push(DecoderLayer {
             attn_norm: vector(&p("attn_norm.weight"), h)?,

@@ -28,13 +28,13 @@ pub use ggml_matmul::{ggml_embedding, ggml_linear, ggml_matmul, ggml_matvec};
 pub use kv::kv_append;
 pub use kv_quant::{kv_quant_append, kv_quant_dequant, sdpa_decode_quant, sdpa_prefill_quant};
 pub use layout::{concat_last, copy, transpose, transpose_last2};
-pub use norm::{layer_norm, rms_norm, rms_norm_residual};
-pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
-pub use rope::{norm_rope, rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use moe::{
     expert_ids, gather_matmul, gather_qmm, ggml_gather_matvec, moe_combine, moe_ffn, moe_glu,
     moe_route, MoeConfig, MoeExperts, RouterConfig, RouterKind,
 };
+pub use norm::{layer_norm, rms_norm, rms_norm_residual};
+pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
+pub use rope::{norm_rope, rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 pub use select::{argmax, argsort, top_k};
 pub use softmax::softmax;
