@@ -59,6 +59,29 @@ impl Transformer {
         pos0: usize,
         cache: &mut KvStore,
     ) -> Result<MlxBuffer> {
+        self.forward_rows(pass, tokens, pos0, cache, false)
+    }
+
+    /// Like [`Transformer::forward`] but returns the logits of every token, `[T, vocab]`
+    /// (scoring, perplexity, KV-cache quality).
+    pub fn forward_all(
+        &self,
+        pass: &mut Pass,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvStore,
+    ) -> Result<MlxBuffer> {
+        self.forward_rows(pass, tokens, pos0, cache, true)
+    }
+
+    fn forward_rows(
+        &self,
+        pass: &mut Pass,
+        tokens: &[u32],
+        pos0: usize,
+        cache: &mut KvStore,
+        all_rows: bool,
+    ) -> Result<MlxBuffer> {
         let t = tokens.len();
         if t == 0 || t > PREFILL_CHUNK {
             return Err(LmError::Invalid(format!(
@@ -90,8 +113,12 @@ impl Transformer {
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(pass, &x, &step, &self.ropes, cache, i)?;
         }
-        let last = x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?;
-        let h = ops::rms_norm(pass, &last, &self.norm, self.cfg.norm_eps)?;
+        let rows = if all_rows {
+            x
+        } else {
+            x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?
+        };
+        let h = ops::rms_norm(pass, &rows, &self.norm, self.cfg.norm_eps)?;
         self.head.as_ref().unwrap_or(&self.embed).forward(pass, &h)
     }
 
