@@ -38,6 +38,8 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "mistral",
     "qwen2",
     "qwen3",
+    "qwen3moe",
+    "qwen3_moe",
     "gemma3",
     "gemma3_text",
 ];
