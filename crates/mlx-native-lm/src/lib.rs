@@ -6,7 +6,9 @@ pub mod bench;
 pub mod chat;
 pub mod config;
 pub mod error;
+pub mod info;
 pub mod layers;
+pub mod mlx_config;
 pub mod models;
 pub mod tokenizer;
 

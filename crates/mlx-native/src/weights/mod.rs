@@ -5,3 +5,4 @@ pub mod ggml_weight;
 pub mod gguf;
 pub mod quant;
 pub mod quant_weight;
+pub mod safetensors;
