@@ -97,7 +97,11 @@ fn hyper(c: &ModelConfig) -> HyperParams {
 fn summarize(kinds: BTreeMap<String, (usize, u64)>) -> Vec<QuantSummary> {
     let mut v: Vec<QuantSummary> = kinds
         .into_iter()
-        .map(|(kind, (tensors, bytes))| QuantSummary { kind, tensors, bytes })
+        .map(|(kind, (tensors, bytes))| QuantSummary {
+            kind,
+            tensors,
+            bytes,
+        })
         .collect();
     v.sort_by(|a, b| b.bytes.cmp(&a.bytes).then(a.kind.cmp(&b.kind)));
     v
@@ -153,7 +157,11 @@ fn describe_mlx(dir: &Path) -> Result<ModelInfo> {
         let module = name.strip_suffix(".weight").filter(|m| w.is_quantized(m));
         let (kind, bytes) = match module.map(|m| (m, q.for_module(m))) {
             Some((m, Some(p))) => {
-                let parts = [format!("{m}.weight"), format!("{m}.scales"), format!("{m}.biases")];
+                let parts = [
+                    format!("{m}.weight"),
+                    format!("{m}.scales"),
+                    format!("{m}.biases"),
+                ];
                 let bytes = parts.iter().map(|p| size(p)).sum();
                 counted.extend(parts);
                 let kind = match p.mode {
@@ -171,7 +179,9 @@ fn describe_mlx(dir: &Path) -> Result<ModelInfo> {
                         continue;
                     }
                 }
-                let dt = w.tensor(name).map_or("?".to_string(), |t| t.dtype.to_string());
+                let dt = w
+                    .tensor(name)
+                    .map_or("?".to_string(), |t| t.dtype.to_string());
                 (dt, size(name))
             }
         };
@@ -194,10 +204,10 @@ fn describe_mlx(dir: &Path) -> Result<ModelInfo> {
     let chat_template = folder.chat_template()?.is_some();
     let cfg = &folder.config.model;
     let mut hp = hyper(cfg);
-    hp.tied_embeddings = folder
-        .config
-        .tie_word_embeddings
-        .unwrap_or_else(|| w.tensor(&format!("{}.weight", folder.config.layout.lm_head)).is_none());
+    hp.tied_embeddings = folder.config.tie_word_embeddings.unwrap_or_else(|| {
+        w.tensor(&format!("{}.weight", folder.config.layout.lm_head))
+            .is_none()
+    });
     Ok(ModelInfo {
         path: dir.display().to_string(),
         format: "mlx".into(),

@@ -36,7 +36,10 @@ impl<'a> Keys<'a> {
     }
 
     fn bad(&self, k: &str, v: &Value, want: &str) -> LmError {
-        LmError::Config(format!("{}: {}{k} = {v}, expected {want}", self.file, self.prefix))
+        LmError::Config(format!(
+            "{}: {}{k} = {v}, expected {want}",
+            self.file, self.prefix
+        ))
     }
 
     fn usize_opt(&self, k: &str) -> Result<Option<usize>> {
@@ -71,14 +74,20 @@ impl<'a> Keys<'a> {
     fn bool_opt(&self, k: &str) -> Result<Option<bool>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_bool().map(Some).ok_or_else(|| self.bad(k, v, "true or false")),
+            Some(v) => v
+                .as_bool()
+                .map(Some)
+                .ok_or_else(|| self.bad(k, v, "true or false")),
         }
     }
 
     fn str_opt(&self, k: &str) -> Result<Option<&'a str>> {
         match self.get(k) {
             None => Ok(None),
-            Some(v) => v.as_str().map(Some).ok_or_else(|| self.bad(k, v, "a string")),
+            Some(v) => v
+                .as_str()
+                .map(Some)
+                .ok_or_else(|| self.bad(k, v, "a string")),
         }
     }
 }
@@ -145,7 +154,12 @@ impl MlxQuantization {
     }
 }
 
-fn params_of(file: &str, key: &str, o: &Map<String, Value>, inherit: Option<QuantParams>) -> Result<QuantParams> {
+fn params_of(
+    file: &str,
+    key: &str,
+    o: &Map<String, Value>,
+    inherit: Option<QuantParams>,
+) -> Result<QuantParams> {
     let k = Keys {
         file,
         prefix: "",
@@ -165,11 +179,17 @@ fn params_of(file: &str, key: &str, o: &Map<String, Value>, inherit: Option<Quan
     };
     let num = |name: &str, fallback: Option<u32>| -> Result<u32> {
         match o.get(name) {
-            None => fallback.ok_or_else(|| LmError::Config(format!("{file}: missing key {}", full(name)))),
+            None => fallback
+                .ok_or_else(|| LmError::Config(format!("{file}: missing key {}", full(name)))),
             Some(v) => v
                 .as_u64()
                 .and_then(|x| u32::try_from(x).ok())
-                .ok_or_else(|| LmError::Config(format!("{file}: {} = {v}, expected a positive integer", full(name)))),
+                .ok_or_else(|| {
+                    LmError::Config(format!(
+                        "{file}: {} = {v}, expected a positive integer",
+                        full(name)
+                    ))
+                }),
         }
     };
     let (bits0, gs0) = match (mode, inherit) {
@@ -184,7 +204,10 @@ fn params_of(file: &str, key: &str, o: &Map<String, Value>, inherit: Option<Quan
     };
     p.validate().map_err(|e| {
         let msg = e.to_string();
-        let msg = msg.strip_prefix("unsupported: ").unwrap_or(&msg).to_string();
+        let msg = msg
+            .strip_prefix("unsupported: ")
+            .unwrap_or(&msg)
+            .to_string();
         LmError::Unsupported(format!("{file}: {key}: {msg}"))
     })?;
     Ok(p)
@@ -216,7 +239,11 @@ pub struct MlxConfig {
 
 fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
-        Some(Value::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).into_iter().collect(),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|x| u32::try_from(x).ok())
+            .into_iter()
+            .collect(),
         Some(Value::Array(a)) => a
             .iter()
             .filter_map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
@@ -245,16 +272,22 @@ fn rope_scaling(k: &Keys<'_>, key: &str) -> Result<RopeScaling> {
     };
     Ok(match ty {
         "default" => RopeScaling::None,
-        "linear" => RopeScaling::Linear { factor: s.f32("factor")? },
+        "linear" => RopeScaling::Linear {
+            factor: s.f32("factor")?,
+        },
         "llama3" => RopeScaling::Llama3 {
             factor: s.f32("factor")?,
             low_freq_factor: s.f32_opt("low_freq_factor")?.unwrap_or(1.0),
             high_freq_factor: s.f32_opt("high_freq_factor")?.unwrap_or(4.0),
-            original_max_position_embeddings: s.usize_opt("original_max_position_embeddings")?.unwrap_or(8192),
+            original_max_position_embeddings: s
+                .usize_opt("original_max_position_embeddings")?
+                .unwrap_or(8192),
         },
         "yarn" => RopeScaling::Yarn {
             factor: s.f32("factor")?,
-            original_max_position_embeddings: s.usize_opt("original_max_position_embeddings")?.unwrap_or(4096),
+            original_max_position_embeddings: s
+                .usize_opt("original_max_position_embeddings")?
+                .unwrap_or(4096),
             beta_fast: s.f32_opt("beta_fast")?.unwrap_or(32.0),
             beta_slow: s.f32_opt("beta_slow")?.unwrap_or(1.0),
             mscale: s.f32_opt("mscale")?.unwrap_or(1.0),
@@ -288,13 +321,19 @@ impl MlxConfig {
         let path = dir.join("config.json");
         let shown = path.display().to_string();
         if !dir.is_dir() {
-            return Err(LmError::Config(format!("{}: not a directory", dir.display())));
+            return Err(LmError::Config(format!(
+                "{}: not a directory",
+                dir.display()
+            )));
         }
-        let text = std::fs::read_to_string(&path).map_err(|e| LmError::Config(format!(
-            "{}: not an mlx-lm model folder: {shown}: {e}",
-            dir.display()
-        )))?;
-        let v: Value = serde_json::from_str(&text).map_err(|e| LmError::Config(format!("{shown}: invalid JSON: {e}")))?;
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            LmError::Config(format!(
+                "{}: not an mlx-lm model folder: {shown}: {e}",
+                dir.display()
+            ))
+        })?;
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| LmError::Config(format!("{shown}: invalid JSON: {e}")))?;
         Self::from_json(&shown, &v)
     }
 
@@ -398,20 +437,27 @@ impl MlxConfig {
             None if gemma => 1e-6,
             None => return Err(k.missing("rms_norm_eps")),
         };
-        let max_context = k.usize_opt("max_position_embeddings")?.unwrap_or(match family {
-            Family::Gemma3 => 32_768,
-            Family::Qwen2 => 32_768,
-            _ => 4096,
-        });
+        let max_context = k
+            .usize_opt("max_position_embeddings")?
+            .unwrap_or(match family {
+                Family::Gemma3 => 32_768,
+                Family::Qwen2 => 32_768,
+                _ => 4096,
+            });
         // transformers >= 5 nests rope_theta / scaling under rope_parameters.
-        let rope_params_key = if k.get("rope_scaling").is_none() && k.get("rope_parameters").is_some() {
-            "rope_parameters"
-        } else {
-            "rope_scaling"
-        };
+        let rope_params_key =
+            if k.get("rope_scaling").is_none() && k.get("rope_parameters").is_some() {
+                "rope_parameters"
+            } else {
+                "rope_scaling"
+            };
         let base = match k.f32_opt("rope_theta")? {
             Some(b) => b,
-            None => match k.get("rope_parameters").and_then(|p| p.get("rope_theta")).and_then(Value::as_f64) {
+            None => match k
+                .get("rope_parameters")
+                .and_then(|p| p.get("rope_theta"))
+                .and_then(Value::as_f64)
+            {
                 Some(b) => b as f32,
                 None => match family {
                     Family::Llama => 10_000.0,
@@ -452,44 +498,62 @@ impl MlxConfig {
                         .map(|t| match t.as_str() {
                             Some("sliding_attention") => Ok(true),
                             Some("full_attention") => Ok(false),
-                            _ => Err(k.bad("layer_types", t, "\"sliding_attention\" or \"full_attention\"")),
+                            _ => Err(k.bad(
+                                "layer_types",
+                                t,
+                                "\"sliding_attention\" or \"full_attention\"",
+                            )),
                         })
                         .collect::<Result<_>>()?,
                 )
             }
             Some(other) => return Err(k.bad("layer_types", other, "a list")),
         };
-        let (sliding_window, sliding_layers, rope_local_base, embed_scale, act, attn_scale) = if gemma {
-            let pattern = k.usize_opt("sliding_window_pattern")?.unwrap_or(6).max(1);
-            let layers = layer_types
-                .unwrap_or_else(|| (0..n_layers).map(|i| (i + 1) % pattern != 0).collect());
-            let scalar = k.f32_opt("query_pre_attn_scalar")?.unwrap_or(256.0);
-            // mlx-lm multiplies by sqrt(hidden) rounded to bf16.
-            let scale = half::bf16::from_f32((hidden as f32).sqrt()).to_f32();
-            (
-                Some(sliding_window.unwrap_or(512)),
-                layers,
-                Some(k.f32_opt("rope_local_base_freq")?.unwrap_or(10_000.0)),
-                Some(scale),
-                Act::GeluTanh,
-                1.0 / scalar.sqrt(),
-            )
-        } else {
-            let layers = layer_types.unwrap_or_else(|| vec![false; n_layers]);
-            let window = if layers.iter().any(|&s| s) {
-                Some(sliding_window.ok_or_else(|| k.missing("sliding_window"))?)
+        let (sliding_window, sliding_layers, rope_local_base, embed_scale, act, attn_scale) =
+            if gemma {
+                let pattern = k.usize_opt("sliding_window_pattern")?.unwrap_or(6).max(1);
+                let layers = layer_types
+                    .unwrap_or_else(|| (0..n_layers).map(|i| (i + 1) % pattern != 0).collect());
+                let scalar = k.f32_opt("query_pre_attn_scalar")?.unwrap_or(256.0);
+                // mlx-lm multiplies by sqrt(hidden) rounded to bf16.
+                let scale = half::bf16::from_f32((hidden as f32).sqrt()).to_f32();
+                (
+                    Some(sliding_window.unwrap_or(512)),
+                    layers,
+                    Some(k.f32_opt("rope_local_base_freq")?.unwrap_or(10_000.0)),
+                    Some(scale),
+                    Act::GeluTanh,
+                    1.0 / scalar.sqrt(),
+                )
             } else {
-                None
+                let layers = layer_types.unwrap_or_else(|| vec![false; n_layers]);
+                let window = if layers.iter().any(|&s| s) {
+                    Some(sliding_window.ok_or_else(|| k.missing("sliding_window"))?)
+                } else {
+                    None
+                };
+                (
+                    window,
+                    layers,
+                    None,
+                    None,
+                    Act::Silu,
+                    1.0 / (head_dim as f32).sqrt(),
+                )
             };
-            (window, layers, None, None, Act::Silu, 1.0 / (head_dim as f32).sqrt())
-        };
         if k.bool_opt("mlp_bias")?.unwrap_or(false) {
-            return Err(LmError::Unsupported(format!("{file}: {}mlp_bias = true", k.prefix)));
+            return Err(LmError::Unsupported(format!(
+                "{file}: {}mlp_bias = true",
+                k.prefix
+            )));
         }
         let tie = if gemma {
             None
         } else {
-            Some(k.bool_opt("tie_word_embeddings")?.unwrap_or(!matches!(family, Family::Qwen3)))
+            Some(
+                k.bool_opt("tie_word_embeddings")?
+                    .unwrap_or(!matches!(family, Family::Qwen3)),
+            )
         };
         let model = ModelConfig {
             family,
@@ -573,21 +637,30 @@ mod tests {
         let mut v = llama();
         v["num_hidden_layers"] = json!("two");
         let e = MlxConfig::from_json("c.json", &v).unwrap_err().to_string();
-        assert_eq!(e, "c.json: num_hidden_layers = \"two\", expected a non-negative integer");
+        assert_eq!(
+            e,
+            "c.json: num_hidden_layers = \"two\", expected a non-negative integer"
+        );
     }
 
     #[test]
     fn rope_scaling_kinds() {
         let mut v = llama();
-        v["rope_scaling"] = json!({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192});
+        v["rope_scaling"] =
+            json!({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192});
         let c = MlxConfig::from_json("c.json", &v).unwrap();
-        assert!(matches!(c.model.rope.scaling, RopeScaling::Llama3 { factor, high_freq_factor, .. } if factor == 8.0 && high_freq_factor == 4.0));
+        assert!(
+            matches!(c.model.rope.scaling, RopeScaling::Llama3 { factor, high_freq_factor, .. } if factor == 8.0 && high_freq_factor == 4.0)
+        );
         v["rope_scaling"] = json!({"type": "linear", "factor": 2.0});
         let c = MlxConfig::from_json("c.json", &v).unwrap();
         assert_eq!(c.model.rope.scaling, RopeScaling::Linear { factor: 2.0 });
-        v["rope_scaling"] = json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768});
+        v["rope_scaling"] =
+            json!({"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768});
         let c = MlxConfig::from_json("c.json", &v).unwrap();
-        assert!(matches!(c.model.rope.scaling, RopeScaling::Yarn { factor, beta_fast, .. } if factor == 4.0 && beta_fast == 32.0));
+        assert!(
+            matches!(c.model.rope.scaling, RopeScaling::Yarn { factor, beta_fast, .. } if factor == 4.0 && beta_fast == 32.0)
+        );
         v["rope_scaling"] = json!({"rope_type": "dynamic", "factor": 2.0});
         let e = MlxConfig::from_json("c.json", &v).unwrap_err().to_string();
         assert_eq!(
@@ -605,8 +678,14 @@ mod tests {
             "model.layers.1.self_attn.v_proj": false,
         });
         let q = MlxConfig::from_json("c.json", &v).unwrap().quantization;
-        assert_eq!(q.for_module("model.layers.0.self_attn.q_proj"), Some(QuantParams::affine(4, 64)));
-        assert_eq!(q.for_module("model.layers.0.mlp.down_proj"), Some(QuantParams::affine(8, 32)));
+        assert_eq!(
+            q.for_module("model.layers.0.self_attn.q_proj"),
+            Some(QuantParams::affine(4, 64))
+        );
+        assert_eq!(
+            q.for_module("model.layers.0.mlp.down_proj"),
+            Some(QuantParams::affine(8, 32))
+        );
         assert_eq!(q.for_module("model.layers.1.self_attn.v_proj"), None);
         v["quantization"] = json!({"group_size": 64, "bits": 7});
         let e = MlxConfig::from_json("c.json", &v).unwrap_err().to_string();
@@ -614,7 +693,8 @@ mod tests {
             e,
             "unsupported: c.json: quantization: affine quantization with bits=7; supported bits are 2, 3, 4, 5, 6, 8"
         );
-        v["quantization"] = json!({"group_size": 64, "bits": 4, "model.layers.0.mlp.up_proj": {"bits": 1}});
+        v["quantization"] =
+            json!({"group_size": 64, "bits": 4, "model.layers.0.mlp.up_proj": {"bits": 1}});
         let e = MlxConfig::from_json("c.json", &v).unwrap_err().to_string();
         assert_eq!(
             e,
@@ -622,7 +702,10 @@ mod tests {
         );
         v["quantization"] = json!({"group_size": 32, "bits": 4, "mode": "nvfp4"});
         let e = MlxConfig::from_json("c.json", &v).unwrap_err().to_string();
-        assert_eq!(e, "unsupported: c.json: quantization.mode = \"nvfp4\"; supported modes: affine, mxfp4");
+        assert_eq!(
+            e,
+            "unsupported: c.json: quantization.mode = \"nvfp4\"; supported modes: affine, mxfp4"
+        );
         v["quantization"] = json!({"group_size": 32, "bits": 4, "mode": "mxfp4"});
         let q = MlxConfig::from_json("c.json", &v).unwrap().quantization;
         assert_eq!(q.default, Some(QuantParams::mxfp4()));
@@ -647,7 +730,9 @@ mod tests {
         let c = MlxConfig::from_json("c.json", &nested).unwrap();
         assert_eq!(c.model.vocab, 262_208);
         assert_eq!(c.layout.model, "language_model.model.");
-        let e = MlxConfig::from_json("c.json", &json!({"model_type": "gemma3"})).unwrap_err().to_string();
+        let e = MlxConfig::from_json("c.json", &json!({"model_type": "gemma3"}))
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "c.json: missing key text_config");
     }
 }

@@ -87,7 +87,10 @@ impl MlxFolder {
                         .iter()
                         .find(|t| t.get("name").and_then(|n| n.as_str()) == Some("default"))
                         .or_else(|| list.first());
-                    if let Some(s) = pick.and_then(|t| t.get("template")).and_then(|t| t.as_str()) {
+                    if let Some(s) = pick
+                        .and_then(|t| t.get("template"))
+                        .and_then(|t| t.as_str())
+                    {
                         return Ok(Some(s.to_string()));
                     }
                 }
@@ -111,7 +114,8 @@ fn progress(total: u64, quiet: bool) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(total);
-    if let Ok(style) = ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes} {msg}") {
+    if let Ok(style) = ProgressStyle::with_template("loading {bar:30} {bytes}/{total_bytes} {msg}")
+    {
         pb.set_style(style);
     }
     pb
@@ -128,7 +132,11 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
     let cfg = mc.model.clone();
     let w = &folder.weights;
     let quant = &mc.quantization;
-    let total: u64 = w.names().filter_map(|n| w.tensor(n)).map(|t| t.n_bytes() as u64).sum();
+    let total: u64 = w
+        .names()
+        .filter_map(|n| w.tensor(n))
+        .map(|t| t.n_bytes() as u64)
+        .sum();
     let pb = progress(total, quiet);
     let size = |name: &str| w.tensor(name).map_or(0, |t| t.n_bytes() as u64);
     let gemma = cfg.family == Family::Gemma3;
@@ -149,7 +157,9 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
                 ))
             })?;
             let q = w.upload_quant(gpu, path, params)?;
-            pb.inc(size(&wname) + size(&format!("{path}.scales")) + size(&format!("{path}.biases")));
+            pb.inc(
+                size(&wname) + size(&format!("{path}.scales")) + size(&format!("{path}.biases")),
+            );
             Linear::Quant(q)
         } else {
             let d = w.upload_dense(gpu, &wname)?;
@@ -197,7 +207,12 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
     for i in 0..cfg.n_layers {
         let p = |s: &str| format!("{m}layers.{i}.{s}");
         let sliding = cfg.sliding_layers.get(i).copied().unwrap_or(false);
-        for b in ["self_attn.o_proj.bias", "mlp.gate_proj.bias", "mlp.up_proj.bias", "mlp.down_proj.bias"] {
+        for b in [
+            "self_attn.o_proj.bias",
+            "mlp.gate_proj.bias",
+            "mlp.up_proj.bias",
+            "mlp.down_proj.bias",
+        ] {
             unsupported_tensor(&p(b))?;
         }
         let (q_norm, k_norm) = if cfg.qk_norm {
@@ -240,7 +255,11 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
                 Some(vector(&p("post_feedforward_layernorm.weight"), h, true)?),
             )
         } else {
-            (vector(&p("post_attention_layernorm.weight"), h, true)?, None, None)
+            (
+                vector(&p("post_attention_layernorm.weight"), h, true)?,
+                None,
+                None,
+            )
         };
         layers.push(DecoderLayer {
             attn_norm: vector(&p("input_layernorm.weight"), h, true)?,

@@ -155,7 +155,11 @@ impl SafetensorsFile {
             });
         }
         tensors.sort_by(|a, b| a.range.start.cmp(&b.range.start).then(a.name.cmp(&b.name)));
-        let index = tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        let index = tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
         let metadata = meta
             .metadata()
             .as_ref()
@@ -193,10 +197,9 @@ impl SafetensorsFile {
         let t = self
             .tensor(name)
             .ok_or_else(|| MlxError::format(&self.name, format!("no tensor {name}")))?;
-        self.storage
-            .bytes()
-            .get(t.range.clone())
-            .ok_or_else(|| MlxError::format(&self.name, format!("tensor {name}: data out of bounds")))
+        self.storage.bytes().get(t.range.clone()).ok_or_else(|| {
+            MlxError::format(&self.name, format!("tensor {name}: data out of bounds"))
+        })
     }
 }
 
@@ -269,11 +272,16 @@ impl SafetensorsSet {
             let set = Self::open_files(&paths)?;
             for (tensor, file) in map {
                 let in_file = set.file_of(tensor).map(|f| f.name().to_string());
-                let want = dir.join(file.as_str().unwrap_or_default()).display().to_string();
+                let want = dir
+                    .join(file.as_str().unwrap_or_default())
+                    .display()
+                    .to_string();
                 if in_file.as_deref() != Some(want.as_str()) {
                     return Err(MlxError::format(
                         &shown,
-                        format!("tensor {tensor} is mapped to {file}, but that shard does not hold it"),
+                        format!(
+                            "tensor {tensor} is mapped to {file}, but that shard does not hold it"
+                        ),
                     ));
                 }
             }
@@ -329,20 +337,22 @@ impl SafetensorsSet {
     fn folder_name(&self) -> String {
         self.files
             .first()
-            .and_then(|f| Path::new(f.name()).parent().map(|p| p.display().to_string()))
+            .and_then(|f| {
+                Path::new(f.name())
+                    .parent()
+                    .map(|p| p.display().to_string())
+            })
             .unwrap_or_else(|| "safetensors".into())
     }
 
     /// The tensor `name` or a `Format` error naming it.
     pub fn require(&self, name: &str) -> Result<(&SafetensorsFile, &SafeTensor)> {
-        let &(f, t) = self
-            .index
-            .get(name)
-            .ok_or_else(|| MlxError::format(self.folder_name(), format!("missing tensor {name}")))?;
-        let file = self
-            .files
-            .get(f)
-            .ok_or_else(|| MlxError::format(self.folder_name(), format!("missing tensor {name}")))?;
+        let &(f, t) = self.index.get(name).ok_or_else(|| {
+            MlxError::format(self.folder_name(), format!("missing tensor {name}"))
+        })?;
+        let file = self.files.get(f).ok_or_else(|| {
+            MlxError::format(self.folder_name(), format!("missing tensor {name}"))
+        })?;
         let tensor = file
             .tensors
             .get(t)
@@ -388,7 +398,10 @@ impl SafetensorsSet {
         if !t.dtype.is_float() {
             return Err(MlxError::format(
                 f.name(),
-                format!("tensor {name}: dtype {}, expected f32, f16 or bf16", t.dtype),
+                format!(
+                    "tensor {name}: dtype {}, expected f32, f16 or bf16",
+                    t.dtype
+                ),
             ));
         }
         MlxBuffer::from_bytes(gpu, f.tensor_bytes(name)?, t.dtype, &t.shape)
@@ -421,7 +434,10 @@ impl SafetensorsSet {
         if packed_words_per_row(k, params.bits).ok() != Some(words) {
             return bad(
                 wf.name(),
-                format!("tensor {wname}: {words} words per row do not hold whole {}-bit rows", params.bits),
+                format!(
+                    "tensor {wname}: {words} words per row do not hold whole {}-bit rows",
+                    params.bits
+                ),
             );
         }
         let groups = k / params.group_size.max(1) as usize;
@@ -429,7 +445,10 @@ impl SafetensorsSet {
             QuantMode::Affine => None,
             QuantMode::Mxfp4 => Some(DType::U8),
         };
-        if s.shape != [n, groups] || want_sdt.is_some_and(|d| d != s.dtype) || (want_sdt.is_none() && !s.dtype.is_float()) {
+        if s.shape != [n, groups]
+            || want_sdt.is_some_and(|d| d != s.dtype)
+            || (want_sdt.is_none() && !s.dtype.is_float())
+        {
             return bad(
                 sf.name(),
                 format!(
@@ -447,7 +466,12 @@ impl SafetensorsSet {
     }
 
     /// Upload the MLX-quantized linear `prefix` (`.weight`, `.scales`, `.biases`) at `params`.
-    pub fn upload_quant(&self, gpu: &MlxDevice, prefix: &str, params: QuantParams) -> Result<QuantWeight> {
+    pub fn upload_quant(
+        &self,
+        gpu: &MlxDevice,
+        prefix: &str,
+        params: QuantParams,
+    ) -> Result<QuantWeight> {
         let shape = self.quant_shape(prefix, params)?;
         let wname = format!("{prefix}.weight");
         let sname = format!("{prefix}.scales");
@@ -511,7 +535,10 @@ mod tests {
 
     #[test]
     fn reads_tensors_and_converts_floats() {
-        let f32s: Vec<u8> = [1.5f32, -2.0, 3.25].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f32s: Vec<u8> = [1.5f32, -2.0, 3.25]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         let bf: Vec<u8> = [half::bf16::from_f32(0.5), half::bf16::from_f32(-4.0)]
             .iter()
             .flat_map(|v| v.to_le_bytes())
@@ -533,20 +560,31 @@ mod tests {
     #[test]
     fn rejects_unsupported_dtype_and_garbage() {
         let bytes = build(&[("x", Dtype::F64, vec![1], vec![0; 8])]);
-        let e = SafetensorsFile::from_vec("m.safetensors", bytes).unwrap_err().to_string();
+        let e = SafetensorsFile::from_vec("m.safetensors", bytes)
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "m.safetensors: tensor x: dtype F64 is not supported (f32, f16, bf16, u8, u16, u32, i32)"
         );
-        let e = SafetensorsFile::from_vec("g.safetensors", vec![1, 2, 3]).unwrap_err().to_string();
-        assert!(e.starts_with("g.safetensors: not a valid safetensors file"), "{e}");
+        let e = SafetensorsFile::from_vec("g.safetensors", vec![1, 2, 3])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("g.safetensors: not a valid safetensors file"),
+            "{e}"
+        );
     }
 
     #[test]
     fn duplicate_tensor_across_shards_is_an_error() {
-        let a = SafetensorsFile::from_vec("a", build(&[("x", Dtype::U8, vec![1], vec![0])])).unwrap();
-        let b = SafetensorsFile::from_vec("b", build(&[("x", Dtype::U8, vec![1], vec![0])])).unwrap();
-        let e = SafetensorsSet::from_files(vec![a, b]).unwrap_err().to_string();
+        let a =
+            SafetensorsFile::from_vec("a", build(&[("x", Dtype::U8, vec![1], vec![0])])).unwrap();
+        let b =
+            SafetensorsFile::from_vec("b", build(&[("x", Dtype::U8, vec![1], vec![0])])).unwrap();
+        let e = SafetensorsSet::from_files(vec![a, b])
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "b: tensor x is also in a");
     }
 
@@ -561,10 +599,17 @@ mod tests {
             ("l.scales", Dtype::F16, vec![4, 2], scales.clone()),
             ("l.biases", Dtype::F16, vec![4, 2], scales.clone()),
         ]);
-        let set = SafetensorsSet::from_files(vec![SafetensorsFile::from_vec("q", ok).unwrap()]).unwrap();
+        let set =
+            SafetensorsSet::from_files(vec![SafetensorsFile::from_vec("q", ok).unwrap()]).unwrap();
         assert!(set.is_quantized("l"));
-        assert_eq!(set.quant_shape("l", QuantParams::affine(4, 32)).unwrap(), [4, 64]);
-        let e = set.quant_shape("l", QuantParams::affine(4, 64)).unwrap_err().to_string();
+        assert_eq!(
+            set.quant_shape("l", QuantParams::affine(4, 32)).unwrap(),
+            [4, 64]
+        );
+        let e = set
+            .quant_shape("l", QuantParams::affine(4, 64))
+            .unwrap_err()
+            .to_string();
         assert_eq!(
             e,
             "q: tensor l.scales: f16 [4, 2], expected float [4, 1] for 4-bit group-64 affine weights of shape [4, 64]"
@@ -573,7 +618,8 @@ mod tests {
             ("l.weight", Dtype::U32, vec![4, 8], packed),
             ("l.scales", Dtype::F16, vec![4, 3], bad_scales),
         ]);
-        let set = SafetensorsSet::from_files(vec![SafetensorsFile::from_vec("q", bad).unwrap()]).unwrap();
+        let set =
+            SafetensorsSet::from_files(vec![SafetensorsFile::from_vec("q", bad).unwrap()]).unwrap();
         assert!(set.quant_shape("l", QuantParams::affine(4, 32)).is_err());
     }
 }
