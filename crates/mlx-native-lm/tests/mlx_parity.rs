@@ -56,7 +56,9 @@ fn full_sweep() -> bool {
 fn folder(name: &str, needs_gguf: Option<&str>) -> Option<PathBuf> {
     // Tests run in parallel: one build at a time (the script writes `<name>.partial`).
     static BUILD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-    let _guard = BUILD.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _guard = BUILD
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = root().join(".cache/mlx_models").join(name);
     if dir.join("config.json").exists() {
         return Some(dir);

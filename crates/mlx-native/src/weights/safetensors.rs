@@ -334,15 +334,16 @@ impl SafetensorsSet {
             .map_or_else(|| self.folder_name(), |f| f.name().to_string())
     }
 
+    /// The folder of the files (for errors about tensors no file holds); the first file's
+    /// name when it has no folder (in-memory files).
     fn folder_name(&self) -> String {
-        self.files
-            .first()
-            .and_then(|f| {
-                Path::new(f.name())
-                    .parent()
-                    .map(|p| p.display().to_string())
-            })
-            .unwrap_or_else(|| "safetensors".into())
+        let Some(first) = self.files.first() else {
+            return "safetensors".into();
+        };
+        match Path::new(first.name()).parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.display().to_string(),
+            _ => first.name().to_string(),
+        }
     }
 
     /// The tensor `name` or a `Format` error naming it.
@@ -554,7 +555,7 @@ mod tests {
         assert_eq!(set.to_f32("b").unwrap(), vec![0.5, -4.0]);
         assert_eq!(set.tensor("b").unwrap().shape, vec![1, 2]);
         let e = set.to_f32("c").unwrap_err().to_string();
-        assert_eq!(e, "safetensors: missing tensor c");
+        assert_eq!(e, "t.safetensors: missing tensor c");
     }
 
     #[test]
