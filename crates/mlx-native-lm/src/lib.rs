@@ -7,7 +7,9 @@ pub mod chat;
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod info;
 pub mod layers;
+pub mod mlx_config;
 pub mod models;
 pub mod tokenizer;
 

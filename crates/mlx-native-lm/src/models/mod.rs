@@ -3,6 +3,7 @@
 //! and embedding scale, all carried by `ModelConfig`.
 
 pub mod gguf;
+pub mod mlx;
 
 use mlx_native::kv_cache::KvCacheConfig;
 use mlx_native::kv_quant::{KvFormat, KvStore};
@@ -13,6 +14,55 @@ use crate::config::ModelConfig;
 use crate::error::{LmError, Result};
 use crate::layers::attention::Step;
 use crate::layers::{DecoderLayer, Linear};
+
+/// What a model path holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ModelFormat {
+    /// A GGUF file.
+    Gguf,
+    /// An mlx-lm (HF layout) folder: the folder itself.
+    MlxFolder(std::path::PathBuf),
+}
+
+/// Decide by content: a file starting with `GGUF` is GGUF; a folder with `config.json` (or a
+/// `config.json` / `*.safetensors` file inside one) is an mlx-lm folder.
+pub fn model_format(path: &std::path::Path) -> Result<ModelFormat> {
+    let shown = path.display().to_string();
+    let meta = std::fs::metadata(path).map_err(|source| LmError::Io { path: shown.clone(), source })?;
+    if meta.is_dir() {
+        if path.join("config.json").exists() {
+            return Ok(ModelFormat::MlxFolder(path.to_path_buf()));
+        }
+        return Err(LmError::Config(format!(
+            "{shown}: not a model folder (no config.json); expected a GGUF file or an mlx-lm folder"
+        )));
+    }
+    let mut magic = [0u8; 4];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read(&mut f, &mut magic))
+        .map_err(|source| LmError::Io { path: shown.clone(), source })?;
+    if n == 4 && &magic == b"GGUF" {
+        return Ok(ModelFormat::Gguf);
+    }
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    if name == "config.json" || name.ends_with(".safetensors") {
+        if let Some(dir) = path.parent().filter(|d| d.join("config.json").exists()) {
+            return Ok(ModelFormat::MlxFolder(dir.to_path_buf()));
+        }
+    }
+    Err(LmError::Config(format!(
+        "{shown}: not a GGUF file (no GGUF magic) and not in an mlx-lm folder"
+    )))
+}
+
+/// Load a GGUF file or an mlx-lm folder (see [`model_format`]), with a progress bar on
+/// stderr.
+pub fn load_any(gpu: &MlxDevice, path: &std::path::Path) -> Result<Transformer> {
+    match model_format(path)? {
+        ModelFormat::Gguf => gguf::load(gpu, &mlx_native::weights::gguf::GgufFile::open(path)?, false),
+        ModelFormat::MlxFolder(dir) => mlx::load_dir(gpu, &dir, false),
+    }
+}
 
 /// Most tokens one prefill dispatch sequence takes (the KV cache's chunk size).
 pub const PREFILL_CHUNK: usize = 512;

@@ -6,3 +6,4 @@ pub mod ggml_weight;
 pub mod gguf;
 pub mod quant;
 pub mod quant_weight;
+pub mod safetensors;
