@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use mlx_native::ops::sample::Sampling;
 use mlx_native::{DeviceOptions, MlxDevice};
 use mlx_native_lm::chat::Message;
-use mlx_native_lm::generate::{load_gguf, Engine, GenerateOptions, Generation, StopReason};
+use mlx_native_lm::generate::{load_engine, Engine, GenerateOptions, Generation, StopReason};
 
 /// Where `scripts/fetch-default-model` puts the default model.
 const DEFAULT_MODEL: &str = "models/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -28,7 +28,8 @@ struct Cli {
 
 #[derive(Args, Clone)]
 struct SamplingArgs {
-    /// Model file (GGUF). Default: the model scripts/fetch-default-model fetches.
+    /// Model: a GGUF file or an mlx-lm folder. Default: the model
+    /// scripts/fetch-default-model fetches.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Most tokens to generate.
@@ -87,7 +88,8 @@ enum Command {
         #[arg(long)]
         system: Option<String>,
     },
-    /// Describe a model file: format, architecture, hyper-parameters, tensors.
+    /// Describe a model (GGUF file or mlx-lm folder): format, architecture,
+    /// hyper-parameters, tensor count, quant types with byte totals, tokenizer kind.
     Info {
         path: PathBuf,
         #[arg(long)]
@@ -160,7 +162,7 @@ fn load(s: &SamplingArgs, gpu: &MlxDevice, quiet: bool) -> CliResult<Engine> {
             p
         }
     };
-    load_gguf(gpu, &path, quiet).map_err(err)
+    load_engine(gpu, &path, quiet).map_err(err)
 }
 
 fn options(s: &SamplingArgs) -> CliResult<GenerateOptions> {
@@ -276,39 +278,13 @@ fn chat(s: SamplingArgs, system: Option<String>) -> CliResult<bool> {
 }
 
 fn info(path: PathBuf, json: bool) -> CliResult<bool> {
-    let f = mlx_native::weights::gguf::GgufFile::open(&path).map_err(err)?;
-    let cfg = mlx_native_lm::config::ModelConfig::from_gguf(&f).map_err(err);
-    let mut kinds: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
-    for t in f.tensors() {
-        let e = kinds.entry(t.kind.name().to_string()).or_default();
-        e.0 += 1;
-        e.1 += t.n_bytes() as u64;
-    }
-    let tokenizer = f
-        .get_opt::<&str>("tokenizer.ggml.model")
-        .ok()
-        .flatten()
-        .unwrap_or("none");
-    let v = serde_json::json!({
-        "format": format!("gguf v{}", f.version()),
-        "architecture": f.get_opt::<&str>("general.architecture").ok().flatten(),
-        "name": f.get_opt::<&str>("general.name").ok().flatten(),
-        "config": cfg.as_ref().map(|c| serde_json::json!({
-            "layers": c.n_layers, "hidden": c.hidden, "heads": c.n_heads, "kv_heads": c.n_kv_heads,
-            "head_dim": c.head_dim, "ffn": c.ffn, "vocab": c.vocab, "context": c.max_context,
-            "rope_base": c.rope.base, "sliding_window": c.sliding_window,
-            "tied_embeddings": c.tied_embeddings,
-        })).unwrap_or_else(|e| serde_json::json!({ "error": e })),
-        "tensors": f.tensors().len(),
-        "quant_types": kinds.iter().map(|(k, (n, b))| serde_json::json!({"type": k, "tensors": n, "bytes": b})).collect::<Vec<_>>(),
-        "tokenizer": tokenizer,
-        "chat_template": f.value("tokenizer.chat_template").is_some(),
-    });
-    if json {
-        println!("{v}");
+    let v = mlx_native_lm::info::describe(&path).map_err(err)?;
+    let text = if json {
+        serde_json::to_string(&v)
     } else {
-        println!("{}", serde_json::to_string_pretty(&v).map_err(err)?);
-    }
+        serde_json::to_string_pretty(&v)
+    };
+    println!("{}", text.map_err(err)?);
     Ok(true)
 }
 

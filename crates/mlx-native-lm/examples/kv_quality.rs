@@ -17,7 +17,9 @@ fn log_softmax(row: &[f32]) -> Vec<f64> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let model = args.get(1).ok_or("usage: kv_quality MODEL TEXT [TOKENS] [MODES]")?;
+    let model = args
+        .get(1)
+        .ok_or("usage: kv_quality MODEL TEXT [TOKENS] [MODES]")?;
     let text = std::fs::read_to_string(args.get(2).ok_or("missing TEXT")?)?;
     let n: usize = args.get(3).map_or(Ok(2048), |s| s.parse())?;
     let modes: Vec<String> = args
@@ -54,11 +56,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let got = run(fmt)?;
         let (mut kl, mut agree) = (0.0, 0usize);
         for (p, q) in base.iter().zip(&got) {
-            kl += p.iter().zip(q).map(|(&a, &b)| a.exp() * (a - b)).sum::<f64>();
-            let am = |v: &Vec<f64>| v.iter().enumerate().fold((0, f64::MIN), |acc, (i, &x)| if x > acc.1 { (i, x) } else { acc }).0;
+            kl += p
+                .iter()
+                .zip(q)
+                .map(|(&a, &b)| a.exp() * (a - b))
+                .sum::<f64>();
+            let am = |v: &Vec<f64>| {
+                v.iter()
+                    .enumerate()
+                    .fold(
+                        (0, f64::MIN),
+                        |acc, (i, &x)| if x > acc.1 { (i, x) } else { acc },
+                    )
+                    .0
+            };
             agree += usize::from(am(p) == am(q));
         }
-        println!("{:<7} {:>12.5} {:>7.2}%", mode, kl / base.len() as f64, 100.0 * agree as f64 / base.len() as f64);
+        println!(
+            "{:<7} {:>12.5} {:>7.2}%",
+            mode,
+            kl / base.len() as f64,
+            100.0 * agree as f64 / base.len() as f64
+        );
     }
     Ok(())
 }

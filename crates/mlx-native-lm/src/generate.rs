@@ -281,6 +281,36 @@ impl Engine {
     }
 }
 
+/// Load a GGUF file or an mlx-lm folder with its tokenizer and chat template.
+pub fn load_engine(
+    gpu: &mlx_native::MlxDevice,
+    path: &std::path::Path,
+    quiet: bool,
+) -> Result<Engine> {
+    use crate::models::{mlx, model_format, ModelFormat};
+    if !path.exists() {
+        return Err(LmError::Config(format!(
+            "{}: no such file or folder",
+            path.display()
+        )));
+    }
+    match model_format(path)? {
+        ModelFormat::Gguf => load_gguf(gpu, path, quiet),
+        ModelFormat::MlxFolder(dir) => {
+            let folder = mlx::MlxFolder::open(&dir)?;
+            let tokenizer = folder.tokenizer()?.ok_or_else(|| {
+                LmError::Config(format!(
+                    "{}: the folder has no tokenizer.json",
+                    dir.display()
+                ))
+            })?;
+            let template = folder.chat_template()?;
+            let model = mlx::load(gpu, &folder, quiet)?;
+            Engine::with_template(model, tokenizer, template.as_deref())
+        }
+    }
+}
+
 /// Load a model file (GGUF) with its tokenizer and chat template.
 pub fn load_gguf(
     gpu: &mlx_native::MlxDevice,

@@ -28,7 +28,10 @@ pub enum ModelFormat {
 /// `config.json` / `*.safetensors` file inside one) is an mlx-lm folder.
 pub fn model_format(path: &std::path::Path) -> Result<ModelFormat> {
     let shown = path.display().to_string();
-    let meta = std::fs::metadata(path).map_err(|source| LmError::Io { path: shown.clone(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| LmError::Io {
+        path: shown.clone(),
+        source,
+    })?;
     if meta.is_dir() {
         if path.join("config.json").exists() {
             return Ok(ModelFormat::MlxFolder(path.to_path_buf()));
@@ -40,11 +43,17 @@ pub fn model_format(path: &std::path::Path) -> Result<ModelFormat> {
     let mut magic = [0u8; 4];
     let n = std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read(&mut f, &mut magic))
-        .map_err(|source| LmError::Io { path: shown.clone(), source })?;
+        .map_err(|source| LmError::Io {
+            path: shown.clone(),
+            source,
+        })?;
     if n == 4 && &magic == b"GGUF" {
         return Ok(ModelFormat::Gguf);
     }
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
     if name == "config.json" || name.ends_with(".safetensors") {
         if let Some(dir) = path.parent().filter(|d| d.join("config.json").exists()) {
             return Ok(ModelFormat::MlxFolder(dir.to_path_buf()));
@@ -59,7 +68,11 @@ pub fn model_format(path: &std::path::Path) -> Result<ModelFormat> {
 /// stderr.
 pub fn load_any(gpu: &MlxDevice, path: &std::path::Path) -> Result<Transformer> {
     match model_format(path)? {
-        ModelFormat::Gguf => gguf::load(gpu, &mlx_native::weights::gguf::GgufFile::open(path)?, false),
+        ModelFormat::Gguf => gguf::load(
+            gpu,
+            &mlx_native::weights::gguf::GgufFile::open(path)?,
+            false,
+        ),
         ModelFormat::MlxFolder(dir) => mlx::load_dir(gpu, &dir, false),
     }
 }
