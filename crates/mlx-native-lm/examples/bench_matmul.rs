@@ -45,7 +45,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     let out = std::env::var("OUT").ok();
     for (name, run) in [
-        ("qmatmul", bench_qmatmul as fn(&MlxDevice, &MatmulBenchOptions) -> _),
+        (
+            "qmatmul",
+            bench_qmatmul as fn(&MlxDevice, &MatmulBenchOptions) -> _,
+        ),
         ("ggml", bench_ggml),
     ] {
         if what != "all" && what != name {
@@ -53,9 +56,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         let t0 = std::time::Instant::now();
         let r = run(&gpu, &opts)?;
-        println!("== bench {name} ({:.1} s)\n{}", t0.elapsed().as_secs_f64(), r.table());
+        println!(
+            "== bench {name} ({:.1} s)\n{}",
+            t0.elapsed().as_secs_f64(),
+            r.table()
+        );
         if let Some(o) = &out {
-            std::fs::write(format!("{o}/bench_{name}.json"), serde_json::to_string_pretty(&r)?)?;
+            std::fs::write(
+                format!("{o}/bench_{name}.json"),
+                serde_json::to_string_pretty(&r)?,
+            )?;
         }
     }
     Ok(())

@@ -105,8 +105,17 @@ impl MatmulReport {
         );
         s.push_str(&format!(
             "{:<6} {:<14} {:>11} {:>3} {:<18} {:>10} {:>9} {:>8} {:>8} {:>7} {:>7}\n",
-            "kernel", "format", "N x K", "M", "variant", "bytes", "gpu us", "GB/s", "roofline",
-            "probe", "TFLOP/s"
+            "kernel",
+            "format",
+            "N x K",
+            "M",
+            "variant",
+            "bytes",
+            "gpu us",
+            "GB/s",
+            "roofline",
+            "probe",
+            "TFLOP/s"
         ));
         for r in &self.rows {
             s.push_str(&format!(
@@ -286,7 +295,10 @@ fn interleaved(
             .copied()
             .ok_or_else(|| MlxError::invalid("bench: no samples"))
     };
-    let meds = samples.into_iter().map(median).collect::<Result<Vec<_>>>()?;
+    let meds = samples
+        .into_iter()
+        .map(median)
+        .collect::<Result<Vec<_>>>()?;
     let probe = if flush {
         (HEATER_MIB << 20) as f64 / median(probe_ns)?
     } else {
@@ -439,7 +451,11 @@ pub fn bench_qmatmul(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<Matmu
                     interleaved(gpu, &heater, copies, true, 5, opts.reps, &mut recs)?;
                 push.probe = probe;
                 for (name, ns) in names.into_iter().zip(meds) {
-                    let kernel = if name.starts_with("read") { "probe" } else { "qmv" };
+                    let kernel = if name.starts_with("read") {
+                        "probe"
+                    } else {
+                        "qmv"
+                    };
                     push.row(kernel, &format, n, k, m, name, bytes, ns);
                 }
             }
@@ -578,7 +594,11 @@ pub fn bench_ggml(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<MatmulRe
             let (meds, probe) = interleaved(gpu, &heater, copies, true, 5, opts.reps, &mut recs)?;
             push.probe = probe;
             for (name, ns) in names.into_iter().zip(meds) {
-                let kernel = if name.starts_with("read") { "probe" } else { "matvec" };
+                let kernel = if name.starts_with("read") {
+                    "probe"
+                } else {
+                    "matvec"
+                };
                 push.row(kernel, kind.name(), n, k, m, name, bytes, ns);
             }
         }

@@ -7,22 +7,23 @@
 //! `ggml_legacy.wgsl`, `ggml_k.wgsl`) share one primitive, `dq_unit(row, u)`: 32 consecutive
 //! elements of a weight row, dequantized in f32 in the same operation order as
 //! [`crate::weights::ggml`] (the CPU oracle). Choices:
-//! - **matvec**: one weight row per workgroup of `WG` (64..256 by K) invocations; eight
-//!   invocations share each 32-element unit, one 4-element group each, and the workgroup
-//!   strides over the row's units. Neighbouring invocations thus read neighbouring x and
-//!   weight words (coalesced u32 loads; the repacked layouts keep every field word-aligned),
-//!   and each weight byte is read once. A unit's scales are decoded by `unit_hdr` (the eight
-//!   invocations of a unit read the same words: one broadcast), its group by `dq_group`;
-//!   the group is dotted with the M (<= 8, an override constant) rows of x, read from global
-//!   memory (cache-resident). Accumulators are two vec4s, never indexed private arrays
-//!   (which NVIDIA places in local memory). The M partial sums go through `subgroupAdd` plus
-//!   one workgroup-memory pass, or a workgroup-memory tree without subgroups. Measured on an
-//!   H200 (Vulkan, M = 1, 4096 x 4096): one invocation per unit (lanes 128 B apart in x)
-//!   reached 2–5 % of the 4.1 TB/s read roofline; eight per unit 5–11 % (Q4_0 24 us,
-//!   Q4_K 32 us, Q8_0 76 us). Still far from the roofline: the next steps are fewer x
-//!   loads per weight word (x in workgroup memory or registers), 16-byte weight loads, and
-//!   several rows per workgroup. Unrolling four units per iteration was tried and was
-//!   slower for most types. `bench_matvec` (ignored test) measures it.
+//! - **matvec**: RPW (1, 2, 4; 4 from N = 2048) weight rows per workgroup of `WG` (64..256 by
+//!   K; at most 128 from M = 4) invocations; 8 / GPL invocations share each 32-element unit
+//!   (GPL = 2: two 4-element groups each), and the workgroup strides over the row's units.
+//!   Neighbouring invocations read neighbouring x and weight words (coalesced u32 loads; the
+//!   repacked layouts keep every field word-aligned); each weight byte is read once. Per unit
+//!   and group, x (M rows, read as vec4 when K and x's offset are multiples of 4) is loaded
+//!   once for the RPW rows, whose header and weight loads are independent (in flight
+//!   together). Integer fields become floats through the 2^23 mantissa trick (`ufloat4`,
+//!   `sbytes4`): NVIDIA's integer-to-float conversion runs at a quarter of the FMA rate and
+//!   bounded the kernel (Q8_0 14336 x 4096: 64 us with conversions, 42 us without).
+//!   Accumulators are named vectors, never indexed private arrays (which NVIDIA places in
+//!   local memory). The (row, m) partial sums go through `subgroupAdd` plus one
+//!   workgroup-memory pass, or a workgroup-memory tree per row without subgroups. Measured
+//!   on an H100 (Vulkan, M = 1; docs/PERFORMANCE.md): 1.35–2.1x faster than one row per
+//!   workgroup with scalar x loads, e.g. Q4_0 4096 x 4096 18 us (was 25), Q8_0 14336 x 4096
+//!   42 us (was 89). A pure read of the same bytes takes 13.5 us and 27 us there.
+//!   `bench_matmul` in mlx-native-lm measures it.
 //! - **matmul**: 64 × 64 output tiles, 64 invocations computing 8 × 8 each, K in steps of 32:
 //!   each invocation dequantizes one unit of one weight row into workgroup memory per step
 //!   (17 KiB of workgroup memory in all, under lavapipe's 32 KiB). No cooperative-matrix path.
@@ -122,12 +123,15 @@ impl GgmlMatvecConfig {
 }
 
 /// The matvec shape for a weight of `n` rows and `k` columns.
-/// Measured on an H100 (Vulkan, M = 1, K = 4096): four rows per workgroup and two groups per
-/// invocation were fastest or within noise of it for every type timed (Q4_0 14336 x 4096:
-/// 49 us vs 61 at two rows and 110 at one row, one group).
-pub(crate) fn matvec_config(n: usize, k: usize) -> GgmlMatvecConfig {
+/// The matvec shape for `m` rows of x and a weight of `n` rows and `k` columns. Measured on an
+/// H100 (Vulkan, K = 4096): four rows per workgroup and two groups per invocation were
+/// fastest or within noise of it for every type timed (M = 1, Q4_0 14336 x 4096: 49 us vs 61
+/// at two rows and 110 at one row, one group); from M = 4 on, 128 invocations beat 256 at
+/// N = 14336 (Q4_0, M = 8: 129 us vs 176).
+pub(crate) fn matvec_config(m: usize, n: usize, k: usize) -> GgmlMatvecConfig {
+    let wg = matvec_wg(k);
     GgmlMatvecConfig {
-        wg: matvec_wg(k),
+        wg: if m >= 4 { wg.min(128) } else { wg },
         rpw: if n >= 2048 { 4 } else { 2 },
         gpl: 2,
     }
@@ -229,7 +233,8 @@ fn x_rows(op: &str, x: &MlxBuffer, w: &GgmlWeight) -> Result<(usize, Vec<usize>)
 
 /// `y = x · Wᵀ` for `x [.., K]` with at most [`MATVEC_MAX_M`] rows: `y [.., N]`.
 pub fn ggml_matvec(pass: &mut Pass, x: &MlxBuffer, w: &GgmlWeight) -> Result<MlxBuffer> {
-    ggml_matvec_with(pass, x, w, matvec_config(w.rows(), w.cols()))
+    let (m, _) = x_rows("ggml_matvec", x, w)?;
+    ggml_matvec_with(pass, x, w, matvec_config(m, w.rows(), w.cols()))
 }
 
 /// [`ggml_matvec`] with an explicit dispatch shape (for tuning).
@@ -423,7 +428,12 @@ mod tests {
     fn matvec_every_dispatch_shape() {
         let mut rng = Rng::new(53);
         for g in devices() {
-            for kind in [GgmlType::Q4_0, GgmlType::Q4_K, GgmlType::Q6_K, GgmlType::F16] {
+            for kind in [
+                GgmlType::Q4_0,
+                GgmlType::Q4_K,
+                GgmlType::Q6_K,
+                GgmlType::F16,
+            ] {
                 let k = big_k(kind);
                 for (m, n) in [(1, 7), (5, 6)] {
                     let (w, wd) = setup(g, &mut rng, kind, n, k);
@@ -699,7 +709,7 @@ mod tests {
                 for &m in &ms {
                     let x = MlxBuffer::from_slice(&g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
                     for &cfg in &configs {
-                        let mut c = matvec_config(n, k);
+                        let mut c = matvec_config(m, n, k);
                         if cfg != 0 {
                             c.wg = cfg;
                         }

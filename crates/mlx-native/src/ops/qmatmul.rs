@@ -6,20 +6,23 @@
 //! - **Layout**: MLX's own, no repack. A *chunk* is 32 codes of a row = `bits` u32 words,
 //!   word-aligned and inside one group, so one scale (and bias) per chunk; codes that straddle
 //!   words (3/5/6 bits) are decoded from a 32-bit window over two words.
-//! - **qmv** (decode, M ≤ 8): a row-block of 32 invocations owns RPT (1, 2, 4; 4 from
-//!   N = 4096) weight rows; its invocations stride over the chunks, so consecutive
-//!   invocations read consecutive chunks of a row (coalesced; 4- and 8-bit chunks are single
-//!   vec4 loads). Each x chunk (8 vec4) is loaded once for the RPT rows: x is f32, 8x the
-//!   bytes of a 4-bit weight, and re-reading it per row was the bottleneck (measured on an
-//!   H200: 26 us at RPT 1 vs 13 us at RPT 4 for 4096 x 4096). Per chunk
+//! - **qmv** (decode, M ≤ 8): a row-set of TPR (32..256) invocations owns RPT (1..8) weight
+//!   rows; its invocations stride over the chunks, so consecutive invocations read
+//!   consecutive chunks of a row (coalesced; 4- and 8-bit chunks are single vec4 loads);
+//!   WG / TPR row-sets per workgroup ([`QmvConfig`]; from the shape: TPR 128 from K = 4096,
+//!   RPT 8 from N = 4096). Each x chunk (8 vec4) is loaded once for the RPT rows. Per chunk
 //!   `scale·Σ x·q + bias·Σ x`, decoded with constant indices only (private arrays indexed
-//!   dynamically spilled to local memory: 39 us). One scalar accumulator per (row, x row);
-//!   x rows are walked in turn. The 32 partial sums are reduced with `subgroupAdd` when the
-//!   subgroup size divides 32 (then one workgroup-memory step over the 32 / size subgroups
-//!   of a row-block), else through workgroup memory. Two row-blocks (64 invocations) per
-//!   workgroup. Still x-bound (H200, 4 bits, M = 1: 29% of read bandwidth at 4096 x 4096,
-//!   45% at 14336 x 4096): next is more rows per x load (x staged in workgroup memory for
-//!   a whole workgroup of rows).
+//!   dynamically spilled to local memory: 39 us), codes turned into floats by the 2^23
+//!   mantissa trick (no integer-to-float conversions). One scalar accumulator per row; x rows
+//!   are walked in turn, each reduced (`subgroupAdd` when the subgroup size divides TPR, then
+//!   one workgroup-memory step; else through workgroup memory) before the next. Measured on
+//!   an H100 (Vulkan, 4 bits g64, M = 1; docs/PERFORMANCE.md): 20 us at 4096 x 4096, 35 us
+//!   at 14336 x 4096 and 34 us at 4096 x 14336, within noise of the previous fixed shape
+//!   (2 x 32 invocations x 4 rows): none of the shapes swept (8 to 64 rows per workgroup,
+//!   32 to 256 invocations per row) moved it by more than 10%. A pure read of the same
+//!   bytes takes 13.5 us and 18 us: the per-dispatch floor (~6 us for a 4 KiB read) and the
+//!   ramp bound short kernels; what bounds qmv beyond that is not yet known (not load
+//!   parallelism, occupancy, x traffic or conversions, by those sweeps).
 //! - **qmm** (prefill, M > 8): 64 x 64 output tiles per workgroup of 256 (4 x 4 outputs per
 //!   invocation), K in steps of 32, x and dequantized W tiles in 16 KiB of workgroup memory
 //!   (lavapipe allows 32 KiB). Neighbouring workgroups share a W tile (M blocks vary fastest).
@@ -85,7 +88,9 @@ impl QmvConfig {
         if ok {
             Ok(self)
         } else {
-            Err(MlxError::invalid(format!("qmv: unsupported config {self:?}")))
+            Err(MlxError::invalid(format!(
+                "qmv: unsupported config {self:?}"
+            )))
         }
     }
 }

@@ -66,19 +66,31 @@ fn split_scale(b: u32) -> f32 {
     return hf(wword(p.scale_off + (b >> 1u)), b & 1u);
 }
 
+// u32 values below 2^23 as f32, exactly, without integer-to-float conversions (a
+// quarter-rate instruction on NVIDIA): 2^23 + v has v as its mantissa.
+fn ufloat4(v: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0);
+}
+
+// The four bytes of w as signed values (i8), the same way: b ^ 0x80 = b + 128 (mod 256).
+fn sbytes4(w: u32) -> vec4<f32> {
+    let v = unpack4xU8(w ^ 0x80808080u) | vec4<u32>(0x4B000000u);
+    return bitcast<vec4<f32>>(v) - vec4<f32>(8388736.0);
+}
+
 // Four 4-bit fields at bit `sh` of each byte of w.
 fn nib4(w: u32, sh: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8((w >> sh) & 0x0F0F0F0Fu));
+    return ufloat4(unpack4xU8((w >> sh) & 0x0F0F0F0Fu));
 }
 
 // Four 2-bit fields at bit `sh` of each byte of w.
 fn crumb4(w: u32, sh: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8((w >> sh) & 0x03030303u));
+    return ufloat4(unpack4xU8((w >> sh) & 0x03030303u));
 }
 
 // Bit `sh` of each byte of w.
 fn bit4(w: u32, sh: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8((w >> sh) & 0x01010101u));
+    return ufloat4(unpack4xU8((w >> sh) & 0x01010101u));
 }
 
 // Byte i of the words starting at word o.
