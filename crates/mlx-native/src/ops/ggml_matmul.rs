@@ -7,22 +7,23 @@
 //! `ggml_legacy.wgsl`, `ggml_k.wgsl`) share one primitive, `dq_unit(row, u)`: 32 consecutive
 //! elements of a weight row, dequantized in f32 in the same operation order as
 //! [`crate::weights::ggml`] (the CPU oracle). Choices:
-//! - **matvec**: one weight row per workgroup of `WG` (64..256 by K) invocations; eight
-//!   invocations share each 32-element unit, one 4-element group each, and the workgroup
-//!   strides over the row's units. Neighbouring invocations thus read neighbouring x and
-//!   weight words (coalesced u32 loads; the repacked layouts keep every field word-aligned),
-//!   and each weight byte is read once. A unit's scales are decoded by `unit_hdr` (the eight
-//!   invocations of a unit read the same words: one broadcast), its group by `dq_group`;
-//!   the group is dotted with the M (<= 8, an override constant) rows of x, read from global
-//!   memory (cache-resident). Accumulators are two vec4s, never indexed private arrays
-//!   (which NVIDIA places in local memory). The M partial sums go through `subgroupAdd` plus
-//!   one workgroup-memory pass, or a workgroup-memory tree without subgroups. Measured on an
-//!   H200 (Vulkan, M = 1, 4096 x 4096): one invocation per unit (lanes 128 B apart in x)
-//!   reached 2–5 % of the 4.1 TB/s read roofline; eight per unit 5–11 % (Q4_0 24 us,
-//!   Q4_K 32 us, Q8_0 76 us). Still far from the roofline: the next steps are fewer x
-//!   loads per weight word (x in workgroup memory or registers), 16-byte weight loads, and
-//!   several rows per workgroup. Unrolling four units per iteration was tried and was
-//!   slower for most types. `bench_matvec` (ignored test) measures it.
+//! - **matvec**: RPW (1, 2, 4; 4 from N = 2048) weight rows per workgroup of `WG` (64..256 by
+//!   K; at most 128 from M = 4) invocations; 8 / GPL invocations share each 32-element unit
+//!   (GPL = 2: two 4-element groups each), and the workgroup strides over the row's units.
+//!   Neighbouring invocations read neighbouring x and weight words (coalesced u32 loads; the
+//!   repacked layouts keep every field word-aligned); each weight byte is read once. Per unit
+//!   and group, x (M rows, read as vec4 when K and x's offset are multiples of 4) is loaded
+//!   once for the RPW rows, whose header and weight loads are independent (in flight
+//!   together). Integer fields become floats through the 2^23 mantissa trick (`ufloat4`,
+//!   `sbytes4`): NVIDIA's integer-to-float conversion runs at a quarter of the FMA rate and
+//!   bounded the kernel (Q8_0 14336 x 4096: 64 us with conversions, 42 us without).
+//!   Accumulators are named vectors, never indexed private arrays (which NVIDIA places in
+//!   local memory). The (row, m) partial sums go through `subgroupAdd` plus one
+//!   workgroup-memory pass, or a workgroup-memory tree per row without subgroups. Measured
+//!   on an H100 (Vulkan, M = 1; docs/PERFORMANCE.md): 1.35–2.1x faster than one row per
+//!   workgroup with scalar x loads, e.g. Q4_0 4096 x 4096 18 us (was 25), Q8_0 14336 x 4096
+//!   42 us (was 89). A pure read of the same bytes takes 13.5 us and 27 us there.
+//!   `bench_matmul` in mlx-native-lm measures it.
 //! - **matmul**: 64 × 64 output tiles, 64 invocations computing 8 × 8 each, K in steps of 32:
 //!   each invocation dequantizes one unit of one weight row into workgroup memory per step
 //!   (17 KiB of workgroup memory in all, under lavapipe's 32 KiB). No cooperative-matrix path.
@@ -52,7 +53,8 @@ struct GgmlParams {
     scale_off: u32,
     units: u32,
     zero_oob: u32,
-    _pad: [u32; 3],
+    xvec: u32,
+    _pad: [u32; 2],
 }
 const _: () = assert!(std::mem::size_of::<GgmlParams>() == 48);
 
@@ -89,6 +91,55 @@ pub(crate) fn matvec_wg(k: usize) -> u32 {
 /// Workgroup sizes `matvec_wg` can choose.
 const MATVEC_WGS: [u32; 3] = [64, 128, 256];
 
+/// Shape of a matvec dispatch: `wg` invocations per workgroup, `rpw` weight rows per
+/// workgroup (1, 2, 4), `gpl` groups of four elements per invocation and unit (1, 2).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GgmlMatvecConfig {
+    pub wg: u32,
+    pub rpw: u32,
+    pub gpl: u32,
+}
+
+impl std::fmt::Display for GgmlMatvecConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "wg{} rpw{} gpl{}", self.wg, self.rpw, self.gpl)
+    }
+}
+
+impl GgmlMatvecConfig {
+    fn validate(self, m: usize) -> Result<Self> {
+        let ok = MATVEC_WGS.contains(&self.wg)
+            && matches!(self.rpw, 1 | 2 | 4)
+            && matches!(self.gpl, 1 | 2)
+            && (m as u32) * self.wg <= 2048;
+        check::ensure(ok, "ggml_matvec", || format!("unsupported config {self:?}"))?;
+        Ok(self)
+    }
+
+    fn mv(self) -> u32 {
+        self.rpw * 16 + self.gpl
+    }
+}
+
+/// The matvec shape for a weight of `n` rows and `k` columns.
+/// The matvec shape for `m` rows of x and a weight of `n` rows and `k` columns. Measured on an
+/// H100 (Vulkan, K = 4096): four rows per workgroup and two groups per invocation were
+/// fastest or within noise of it for every type timed (M = 1, Q4_0 14336 x 4096: 49 us vs 61
+/// at two rows and 110 at one row, one group); from M = 4 on, 128 invocations beat 256 at
+/// N = 14336 (Q4_0, M = 8: 129 us vs 176).
+pub(crate) fn matvec_config(m: usize, n: usize, k: usize) -> GgmlMatvecConfig {
+    let wg = matvec_wg(k);
+    GgmlMatvecConfig {
+        wg: if m >= 4 { wg.min(128) } else { wg },
+        rpw: if n >= 2048 { 4 } else { 2 },
+        gpl: 2,
+    }
+}
+
+/// Rows per workgroup `matvec_config` can choose.
+const MATVEC_RPWS: [u32; 2] = [2, 4];
+
 const EMBED_WG: u32 = 64;
 const MATMUL_WG: u32 = 64;
 
@@ -109,9 +160,17 @@ fn kernel_spec(entry: &'static str, kind: GgmlType, wg: u32) -> Result<(Kernel, 
     })
 }
 
-fn matvec_spec(kind: GgmlType, m: usize, wg: u32, subgroups: bool) -> Result<(Kernel, Spec)> {
-    let (kernel, spec) = kernel_spec("matvec", kind, wg)?;
-    let spec = spec.with_subgroups(subgroups).with_const("M", m as u32)?;
+fn matvec_spec(
+    kind: GgmlType,
+    m: usize,
+    cfg: GgmlMatvecConfig,
+    subgroups: bool,
+) -> Result<(Kernel, Spec)> {
+    let (kernel, spec) = kernel_spec("matvec", kind, cfg.wg)?;
+    let spec = spec
+        .with_subgroups(subgroups)
+        .with_const("M", m as u32)?
+        .with_const("MV", cfg.mv())?;
     Ok((kernel, spec))
 }
 
@@ -120,8 +179,11 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     for kind in GgmlType::ALL {
         for m in 1..=MATVEC_MAX_M {
             for wg in MATVEC_WGS {
-                for sg in [false, true] {
-                    v.push(matvec_spec(kind, m, wg, sg)?);
+                for rpw in MATVEC_RPWS {
+                    for sg in [false, true] {
+                        let cfg = GgmlMatvecConfig { wg, rpw, gpl: 2 };
+                        v.push(matvec_spec(kind, m, cfg, sg)?);
+                    }
                 }
             }
         }
@@ -144,7 +206,8 @@ fn params(w: &GgmlWeight, m: u32, row0: usize, rows: usize, scale_off: usize) ->
         scale_off: scale_off as u32,
         units: k.div_ceil(32) as u32,
         zero_oob: 0,
-        _pad: [0; 3],
+        xvec: 0,
+        _pad: [0; 2],
     }
 }
 
@@ -170,22 +233,36 @@ fn x_rows(op: &str, x: &MlxBuffer, w: &GgmlWeight) -> Result<(usize, Vec<usize>)
 
 /// `y = x · Wᵀ` for `x [.., K]` with at most [`MATVEC_MAX_M`] rows: `y [.., N]`.
 pub fn ggml_matvec(pass: &mut Pass, x: &MlxBuffer, w: &GgmlWeight) -> Result<MlxBuffer> {
-    matvec_with(pass, x, w, matvec_wg(w.cols()))
+    let (m, _) = x_rows("ggml_matvec", x, w)?;
+    ggml_matvec_with(pass, x, w, matvec_config(m, w.rows(), w.cols()))
 }
 
-/// `ggml_matvec` with an explicit workgroup size.
-fn matvec_with(pass: &mut Pass, x: &MlxBuffer, w: &GgmlWeight, wg: u32) -> Result<MlxBuffer> {
+/// [`ggml_matvec`] with an explicit dispatch shape (for tuning).
+#[doc(hidden)]
+pub fn ggml_matvec_with(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &GgmlWeight,
+    cfg: GgmlMatvecConfig,
+) -> Result<MlxBuffer> {
     let op = "ggml_matvec";
     let (m, shape) = x_rows(op, x, w)?;
     check::ensure(m <= MATVEC_MAX_M, op, || {
         format!("x has {m} rows, at most {MATVEC_MAX_M} supported (use ggml_matmul)")
     })?;
+    let cfg = cfg.validate(m)?;
+    // x read as vec4 where every row starts on a 16-byte boundary of the binding.
+    let xvec = w.cols().is_multiple_of(4)
+        && x.elem_offset().is_multiple_of(4)
+        && pass.caps().storage_offset_alignment.is_multiple_of(16);
     let y = pass.alloc(DType::F32, &shape)?;
-    let (kernel, spec) = matvec_spec(w.kind(), m, wg, pass.caps().subgroups)?;
+    let (kernel, spec) = matvec_spec(w.kind(), m, cfg, pass.caps().subgroups)?;
+    let rpw = cfg.rpw as usize;
     for s in w.shards() {
-        let p = params(w, m as u32, s.row0, s.rows, s.scale_off);
-        let groups = check::fits_u32(s.rows, op, "workgroups")?;
-        pass.dispatch(kernel, spec, &p, &[x, &s.buffer, &y], groups)?;
+        let mut p = params(w, m as u32, s.row0, s.rows, s.scale_off);
+        p.xvec = u32::from(xvec);
+        let groups = check::fits_u32(s.rows.div_ceil(rpw), op, "workgroups")?;
+        pass.dispatch(kernel, spec, &p, &[x, &s.buffer, &y, x, x], groups)?;
     }
     Ok(y)
 }
@@ -341,6 +418,70 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Every matvec dispatch shape on both reduction paths, x read as vec4 (aligned) and
+    /// as scalars (a view at offset 3), a partial last workgroup (N = 7 with four rows per
+    /// workgroup) and invocations walking several units (K = 1056: 33 units, more than one
+    /// pass of the workgroup for every shape).
+    #[test]
+    fn matvec_every_dispatch_shape() {
+        let mut rng = Rng::new(53);
+        for g in devices() {
+            for kind in [
+                GgmlType::Q4_0,
+                GgmlType::Q4_K,
+                GgmlType::Q6_K,
+                GgmlType::F16,
+            ] {
+                let k = big_k(kind);
+                for (m, n) in [(1, 7), (5, 6)] {
+                    let (w, wd) = setup(g, &mut rng, kind, n, k);
+                    let x = rng.normals(m * k, 1.0);
+                    let want = reference(&x, &wd, m, n, k);
+                    let aligned = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+                    let view = x_view(g, &x, m, k);
+                    for wg in MATVEC_WGS {
+                        for rpw in [1, 2, 4] {
+                            for gpl in [1, 2] {
+                                let cfg = GgmlMatvecConfig { wg, rpw, gpl };
+                                for (xb, how) in [(&aligned, "vec4"), (&view, "scalar")] {
+                                    let mut pass = g.begin();
+                                    let y = ggml_matvec_with(&mut pass, xb, &w, cfg).unwrap();
+                                    pass.commit_and_wait().unwrap();
+                                    let what = format!(
+                                        "{kind} m{m} n{n} {cfg} x {how} sg={}",
+                                        g.caps().subgroups
+                                    );
+                                    assert_matmul_close(
+                                        &y.to_vec::<f32>(g).unwrap(),
+                                        &want,
+                                        k,
+                                        &what,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let g = gpu();
+        let (w, _) = setup(g, &mut rng, GgmlType::Q4_0, 4, 64);
+        let x = MlxBuffer::from_slice(g, &rng.normals(64, 1.0), &[1, 64]).unwrap();
+        let mut pass = g.begin();
+        let bad = GgmlMatvecConfig {
+            wg: 256,
+            rpw: 3,
+            gpl: 2,
+        };
+        let e = ggml_matvec_with(&mut pass, &x, &w, bad)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "ggml_matvec: unsupported config GgmlMatvecConfig { wg: 256, rpw: 3, gpl: 2 }"
+        );
     }
 
     #[test]
@@ -568,10 +709,14 @@ mod tests {
                 for &m in &ms {
                     let x = MlxBuffer::from_slice(&g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
                     for &cfg in &configs {
-                        let cfg = if cfg == 0 { matvec_wg(k) } else { cfg };
+                        let mut c = matvec_config(m, n, k);
+                        if cfg != 0 {
+                            c.wg = cfg;
+                        }
+                        let cfg = c;
                         let mut pass = g.begin().with_profiling(true);
                         for i in 0..3 * copies.max(10) {
-                            let _ = matvec_with(&mut pass, &x, &ws[i % copies], cfg).unwrap();
+                            let _ = ggml_matvec_with(&mut pass, &x, &ws[i % copies], cfg).unwrap();
                         }
                         let t = pass.commit_and_wait().unwrap();
                         let mut ns: Vec<f64> = t
@@ -583,7 +728,7 @@ mod tests {
                         let med = ns[ns.len() / 2];
                         let gbs = b.len() as f64 / med;
                         println!(
-                            "{kind:>5} N={n:>5} K={k:>5} M={m} wg{cfg}: {:7.1} us {gbs:6.0} GB/s {:4.0}%",
+                            "{kind:>5} N={n:>5} K={k:>5} M={m} {cfg}: {:7.1} us {gbs:6.0} GB/s {:4.0}%",
                             med / 1e3, 100.0 * gbs / roof
                         );
                     }

@@ -6,20 +6,23 @@
 //! - **Layout**: MLX's own, no repack. A *chunk* is 32 codes of a row = `bits` u32 words,
 //!   word-aligned and inside one group, so one scale (and bias) per chunk; codes that straddle
 //!   words (3/5/6 bits) are decoded from a 32-bit window over two words.
-//! - **qmv** (decode, M ≤ 8): a row-block of 32 invocations owns RPT (1, 2, 4; 4 from
-//!   N = 4096) weight rows; its invocations stride over the chunks, so consecutive
-//!   invocations read consecutive chunks of a row (coalesced; 4- and 8-bit chunks are single
-//!   vec4 loads). Each x chunk (8 vec4) is loaded once for the RPT rows: x is f32, 8x the
-//!   bytes of a 4-bit weight, and re-reading it per row was the bottleneck (measured on an
-//!   H200: 26 us at RPT 1 vs 13 us at RPT 4 for 4096 x 4096). Per chunk
+//! - **qmv** (decode, M ≤ 8): a row-set of TPR (32..256) invocations owns RPT (1..8) weight
+//!   rows; its invocations stride over the chunks, so consecutive invocations read
+//!   consecutive chunks of a row (coalesced; 4- and 8-bit chunks are single vec4 loads);
+//!   WG / TPR row-sets per workgroup ([`QmvConfig`]; from the shape: TPR 128 from K = 4096,
+//!   RPT 8 from N = 4096). Each x chunk (8 vec4) is loaded once for the RPT rows. Per chunk
 //!   `scale·Σ x·q + bias·Σ x`, decoded with constant indices only (private arrays indexed
-//!   dynamically spilled to local memory: 39 us). One scalar accumulator per (row, x row);
-//!   x rows are walked in turn. The 32 partial sums are reduced with `subgroupAdd` when the
-//!   subgroup size divides 32 (then one workgroup-memory step over the 32 / size subgroups
-//!   of a row-block), else through workgroup memory. Two row-blocks (64 invocations) per
-//!   workgroup. Still x-bound (H200, 4 bits, M = 1: 29% of read bandwidth at 4096 x 4096,
-//!   45% at 14336 x 4096): next is more rows per x load (x staged in workgroup memory for
-//!   a whole workgroup of rows).
+//!   dynamically spilled to local memory: 39 us), codes turned into floats by the 2^23
+//!   mantissa trick (no integer-to-float conversions). One scalar accumulator per row; x rows
+//!   are walked in turn, each reduced (`subgroupAdd` when the subgroup size divides TPR, then
+//!   one workgroup-memory step; else through workgroup memory) before the next. Measured on
+//!   an H100 (Vulkan, 4 bits g64, M = 1; docs/PERFORMANCE.md): 20 us at 4096 x 4096, 35 us
+//!   at 14336 x 4096 and 34 us at 4096 x 14336, within noise of the previous fixed shape
+//!   (2 x 32 invocations x 4 rows): none of the shapes swept (8 to 64 rows per workgroup,
+//!   32 to 256 invocations per row) moved it by more than 10%. A pure read of the same
+//!   bytes takes 13.5 us and 18 us: the per-dispatch floor (~6 us for a 4 KiB read) and the
+//!   ramp bound short kernels; what bounds qmv beyond that is not yet known (not load
+//!   parallelism, occupancy, x traffic or conversions, by those sweeps).
 //! - **qmm** (prefill, M > 8): 64 x 64 output tiles per workgroup of 256 (4 x 4 outputs per
 //!   invocation), K in steps of 32, x and dequantized W tiles in 16 KiB of workgroup memory
 //!   (lavapipe allows 32 KiB). Neighbouring workgroups share a W tile (M blocks vary fastest).
@@ -59,10 +62,79 @@ const _: () = assert!(std::mem::size_of::<QmatmulParams>() == 32);
 
 /// Largest M the matrix-vector kernels take.
 pub const MAX_VEC_M: usize = 8;
-/// Workgroup size of the matrix-vector kernels: two row-blocks of 32.
+/// Workgroup size of the dense matrix-vector kernel (`dense.rs`): two row-blocks of 32.
 pub(crate) const VEC_WG: u32 = 64;
-/// Rows per row-block the plan dispatches (the shader takes up to 4: `RPT`).
+/// Rows per row-block the plan dispatches for the dense matrix-vector kernel.
 pub(crate) const VEC_RPTS: [u32; 3] = [1, 2, 4];
+
+/// Shape of a qmv dispatch: `rpt` weight rows per row-set of `tpr` invocations, `wg`
+/// invocations (`wg / tpr` row-sets) per workgroup.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct QmvConfig {
+    pub rpt: u32,
+    pub tpr: u32,
+    pub wg: u32,
+}
+
+impl QmvConfig {
+    fn validate(self) -> Result<Self> {
+        let ok = matches!(self.rpt, 1 | 2 | 4 | 8)
+            && self.tpr.is_power_of_two()
+            && (32..=256).contains(&self.tpr)
+            && matches!(self.wg, 64 | 128 | 256)
+            && self.wg.is_multiple_of(self.tpr)
+            && self.wg * self.rpt <= 2048;
+        if ok {
+            Ok(self)
+        } else {
+            Err(MlxError::invalid(format!(
+                "qmv: unsupported config {self:?}"
+            )))
+        }
+    }
+}
+
+/// The qmv shape for a weight of `n` rows and `k` columns.
+pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
+    let chunks = k / 32;
+    let tpr = if chunks >= 128 {
+        128
+    } else if chunks >= 64 {
+        64
+    } else {
+        32
+    };
+    let rpt = if n >= 4096 {
+        8
+    } else if n >= 1024 {
+        4
+    } else if n >= 256 {
+        2
+    } else {
+        1
+    };
+    QmvConfig {
+        rpt,
+        tpr,
+        wg: tpr.max(64),
+    }
+}
+
+/// Every config [`qmv_config`] can return.
+fn qmv_configs() -> Vec<QmvConfig> {
+    let mut v = Vec::new();
+    for tpr in [32, 64, 128] {
+        for rpt in [1, 2, 4, 8] {
+            v.push(QmvConfig {
+                rpt,
+                tpr,
+                wg: tpr.max(64),
+            });
+        }
+    }
+    v
+}
 /// Workgroup size and output tile of the scalar tiled kernels.
 pub(crate) const TILED_WG: u32 = 256;
 pub(crate) const TILED_BLOCK: usize = 64;
@@ -143,9 +215,9 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
         .with_const("GROUP_SIZE", params.group_size)
 }
 
-fn vec_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool) -> Result<Spec> {
-    Ok(qspec("qmv", params, dt, VEC_WG)?
-        .with_const("RPT", rpt)?
+fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool) -> Result<Spec> {
+    Ok(qspec("qmv", params, dt, cfg.wg)?
+        .with_const("QMV", cfg.tpr * 16 + cfg.rpt)?
         .with_subgroups(sg))
 }
 
@@ -175,9 +247,9 @@ fn formats() -> Vec<(QuantParams, DType)> {
 pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     let mut v = vec![(Kernel::Qmatmul, Spec::new("copy_x", DType::F32, DEQUANT_WG))];
     for (params, dt) in formats() {
-        for rpt in VEC_RPTS {
+        for cfg in qmv_configs() {
             for sg in [false, true] {
-                v.push((Kernel::Qmatmul, vec_spec(params, dt, rpt, sg)?));
+                v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg)?));
             }
         }
         v.push((Kernel::Qmatmul, qspec("qmm", params, dt, TILED_WG)?));
@@ -273,6 +345,51 @@ pub fn qmv(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer>
     run(pass, "qmv", x, w, p)
 }
 
+/// [`qmv`] with an explicit dispatch shape (for tuning; the default comes from the shape).
+#[doc(hidden)]
+pub fn qmv_with(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &QuantWeight,
+    cfg: QmvConfig,
+) -> Result<MlxBuffer> {
+    let [n, k] = w.shape();
+    let (m, yshape) = check_x("qmv", x, k, n)?;
+    check::ensure(m <= MAX_VEC_M, "qmv", || {
+        format!("x has {m} rows, at most {MAX_VEC_M} (use qmm or qmatmul)")
+    })?;
+    let subgroups = match plan(m, n, k, pass.caps()) {
+        MatmulPlan::Vector { subgroups, .. } => subgroups,
+        _ => false,
+    };
+    run_vec(pass, "qmv", x, w, m, &yshape, cfg.validate()?, subgroups)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_vec(
+    pass: &mut Pass,
+    op: &str,
+    x: &MlxBuffer,
+    w: &QuantWeight,
+    m: usize,
+    yshape: &[usize],
+    cfg: QmvConfig,
+    subgroups: bool,
+) -> Result<MlxBuffer> {
+    let [n, _] = w.shape();
+    let params = params_for(w, m)?;
+    let dt = scale_dtype(w.params(), w.dtype());
+    let biases = w.biases().unwrap_or(w.scales());
+    let xa = aligned_x(pass, x)?;
+    let y = pass.alloc(DType::F32, yshape)?;
+    let spec = vec_spec(w.params(), dt, cfg, subgroups)?;
+    let rows_per_wg = (cfg.wg / cfg.tpr) as usize * cfg.rpt as usize;
+    let groups = check::fits_u32(n.div_ceil(rows_per_wg), op, "workgroups")?;
+    let bufs = [&xa, w.packed(), w.scales(), biases, &y, w.packed()];
+    pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, groups)?;
+    Ok(y)
+}
+
 /// Matrix-matrix `y = x · Wᵀ` for any M (the prefill path): cooperative matrices when the
 /// device has them, else the tiled scalar kernel.
 pub fn qmm(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer> {
@@ -291,19 +408,15 @@ fn run(
 ) -> Result<MlxBuffer> {
     let [n, k] = w.shape();
     let (m, yshape) = check_x(op, x, k, n)?;
+    if let MatmulPlan::Vector { subgroups, .. } = plan {
+        return run_vec(pass, op, x, w, m, &yshape, qmv_config(n, k), subgroups);
+    }
     let params = params_for(w, m)?;
     let dt = scale_dtype(w.params(), w.dtype());
     let y = pass.alloc(DType::F32, &yshape)?;
     let biases = w.biases().unwrap_or(w.scales());
     match plan {
-        MatmulPlan::Vector { rpt, subgroups } => {
-            let xa = aligned_x(pass, x)?;
-            let spec = vec_spec(w.params(), dt, rpt, subgroups)?;
-            let rows_per_wg = (VEC_WG / 32) as usize * rpt as usize;
-            let groups = check::fits_u32(n.div_ceil(rows_per_wg), op, "workgroups")?;
-            let bufs = [&xa, w.packed(), w.scales(), biases, &y, w.packed()];
-            pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, groups)?;
-        }
+        MatmulPlan::Vector { .. } => {}
         MatmulPlan::Tiled => {
             let xa = aligned_x(pass, x)?;
             let spec = qspec("qmm", w.params(), dt, TILED_WG)?;

@@ -159,6 +159,55 @@ fn qmv_every_format_on_both_reduction_paths() {
     }
 }
 
+/// Every dispatch shape the plan can pick, plus the widest ones `qmv_with` takes, on both
+/// reduction paths: row-sets of 32..256 invocations striding over more than one chunk each
+/// (K = 258 chunks), a partial last workgroup (N = 37), several rows of x.
+#[test]
+fn qmv_every_dispatch_shape() {
+    let mut rng = Rng::new(52);
+    let mut cfgs = qmv_configs();
+    cfgs.push(QmvConfig {
+        rpt: 8,
+        tpr: 256,
+        wg: 256,
+    });
+    cfgs.push(QmvConfig {
+        rpt: 8,
+        tpr: 32,
+        wg: 256,
+    });
+    let params = QuantParams::affine(4, 64);
+    let (m, n, k) = (3, 37, 258 * 32);
+    let q = quant(&mut rng, n, k, params, DType::BF16);
+    let x = rng.normals(m * k, 1.0);
+    let want = reference(&q);
+    for g in devices() {
+        let w = QuantWeight::upload(g, &q).unwrap();
+        let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+        for &cfg in &cfgs {
+            let mut pass = g.begin();
+            let y = qmv_with(&mut pass, &gx, &w, cfg).unwrap();
+            pass.commit_and_wait().unwrap();
+            let what = format!("{cfg:?} sg={}", g.caps().subgroups);
+            check_product(&y.to_vec(g).unwrap(), &x, &want, m, n, k, false, &what);
+        }
+    }
+    let g = gpu();
+    let w = QuantWeight::upload(g, &q).unwrap();
+    let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+    let mut pass = g.begin();
+    let bad = QmvConfig {
+        rpt: 3,
+        tpr: 32,
+        wg: 64,
+    };
+    let e = qmv_with(&mut pass, &gx, &w, bad).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "qmv: unsupported config QmvConfig { rpt: 3, tpr: 32, wg: 64 }"
+    );
+}
+
 #[test]
 fn qmv_large_shapes() {
     let mut rng = Rng::new(51);

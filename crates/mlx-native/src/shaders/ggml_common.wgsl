@@ -9,7 +9,8 @@
 // Weight shards are u32 words in the repacked layout documented in weights/ggml_weight.rs.
 //
 // Bindings: 0 x f32 [M, K], 1 w u32 words (one shard), 2 y f32 [M, N] (matvec, matmul) or
-// [n_ids, K] (embedding), 3 ids u32 [n_ids] (embedding).
+// [n_ids, K] (embedding), 3 ids u32 [n_ids] (embedding), 4 x again as vec4 (matvec, when
+// p.xvec).
 struct Params {
     // rows of x (matmul) or ids (embedding)
     m: u32,
@@ -29,7 +30,8 @@ struct Params {
     units: u32,
     // embedding: write zeros for ids >= n (set on one shard's dispatch only)
     zero_oob: u32,
-    _pad0: u32,
+    // matvec: 1 to read x through xv (K and x's offset multiples of 4)
+    xvec: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -38,10 +40,17 @@ struct Params {
 @group(0) @binding(1) var<storage, read> wq: array<u32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> ids: array<u32>;
+@group(0) @binding(4) var<storage, read> xv: array<vec4<f32>>;
 @group(1) @binding(0) var<uniform> p: Params;
 
 // matvec: rows of x (1..=8); M * WG <= 2048.
 override M: u32 = 1u;
+// matvec: RPW weight rows per workgroup (1, 2, 4) and GPL groups of four elements per
+// invocation per unit (1, 2: 8 / GPL invocations share a unit), packed as MV = RPW * 16 + GPL
+// (a spec has three constants).
+override MV: u32 = 17u;
+override RPW: u32 = MV >> 4u;
+override GPL: u32 = MV & 15u;
 
 fn wword(i: u32) -> u32 {
     return wq[view(1u) + i];
@@ -57,19 +66,31 @@ fn split_scale(b: u32) -> f32 {
     return hf(wword(p.scale_off + (b >> 1u)), b & 1u);
 }
 
+// u32 values below 2^23 as f32, exactly, without integer-to-float conversions (a
+// quarter-rate instruction on NVIDIA): 2^23 + v has v as its mantissa.
+fn ufloat4(v: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0);
+}
+
+// The four bytes of w as signed values (i8), the same way: b ^ 0x80 = b + 128 (mod 256).
+fn sbytes4(w: u32) -> vec4<f32> {
+    let v = unpack4xU8(w ^ 0x80808080u) | vec4<u32>(0x4B000000u);
+    return bitcast<vec4<f32>>(v) - vec4<f32>(8388736.0);
+}
+
 // Four 4-bit fields at bit `sh` of each byte of w.
 fn nib4(w: u32, sh: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8((w >> sh) & 0x0F0F0F0Fu));
+    return ufloat4(unpack4xU8((w >> sh) & 0x0F0F0F0Fu));
 }
 
 // Four 2-bit fields at bit `sh` of each byte of w.
 fn crumb4(w: u32, sh: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8((w >> sh) & 0x03030303u));
+    return ufloat4(unpack4xU8((w >> sh) & 0x03030303u));
 }
 
 // Bit `sh` of each byte of w.
 fn bit4(w: u32, sh: u32) -> vec4<f32> {
-    return vec4<f32>(unpack4xU8((w >> sh) & 0x01010101u));
+    return ufloat4(unpack4xU8((w >> sh) & 0x01010101u));
 }
 
 // Byte i of the words starting at word o.
@@ -93,9 +114,97 @@ fn x4(i: u32, k: u32) -> vec4<f32> {
 
 var<workgroup> red: array<f32, 2048>;
 
-// y[m, n] = sum_k x[m, k] w[n, k] for M (<= 8) rows of x, one weight row per workgroup.
-// Invocation t takes group t % 8 of units t / 8, t / 8 + WG / 8, ... of the row; partial sums
-// are reduced per m.
+// x[m, k..k + 4] for column k (a multiple of 4) of row m; zeros past K.
+fn xq(m: u32, k: u32) -> vec4<f32> {
+    if p.xvec != 0u {
+        return xv[(view(4u) + m * p.k + k) / 4u];
+    }
+    return x4(view(0u) + m * p.k + k, k);
+}
+
+// x[m, k..k + 4] for every m < M (constant indices only: the array stays in registers).
+fn xm(k: u32) -> array<vec4<f32>, 8> {
+    var v: array<vec4<f32>, 8>;
+    v[0] = xq(0u, k);
+    if M > 1u {
+        v[1] = xq(1u, k);
+    }
+    if M > 2u {
+        v[2] = xq(2u, k);
+    }
+    if M > 3u {
+        v[3] = xq(3u, k);
+    }
+    if M > 4u {
+        v[4] = xq(4u, k);
+    }
+    if M > 5u {
+        v[5] = xq(5u, k);
+    }
+    if M > 6u {
+        v[6] = xq(6u, k);
+    }
+    if M > 7u {
+        v[7] = xq(7u, k);
+    }
+    return v;
+}
+
+// Per-m sums of one weight row: lo for m < 4, hi for m >= 4.
+struct Acc {
+    lo: vec4<f32>,
+    hi: vec4<f32>,
+}
+
+// a + (w · x[m]) for every m < M.
+fn mdot(a: Acc, w: vec4<f32>, xs: array<vec4<f32>, 8>) -> Acc {
+    var r = a;
+    r.lo.x += dot(w, xs[0]);
+    if M > 1u {
+        r.lo.y += dot(w, xs[1]);
+    }
+    if M > 2u {
+        r.lo.z += dot(w, xs[2]);
+    }
+    if M > 3u {
+        r.lo.w += dot(w, xs[3]);
+    }
+    if M > 4u {
+        r.hi.x += dot(w, xs[4]);
+    }
+    if M > 5u {
+        r.hi.y += dot(w, xs[5]);
+    }
+    if M > 6u {
+        r.hi.z += dot(w, xs[6]);
+    }
+    if M > 7u {
+        r.hi.w += dot(w, xs[7]);
+    }
+    return r;
+}
+
+fn acc_m(a: Acc, m: u32) -> f32 {
+    return select(a.hi[m & 3u], a.lo[m & 3u], m < 4u);
+}
+
+fn acc_sel(a0: Acc, a1: Acc, a2: Acc, a3: Acc, r: u32) -> Acc {
+    var a = a0;
+    if r == 1u {
+        a = a1;
+    } else if r == 2u {
+        a = a2;
+    } else if r == 3u {
+        a = a3;
+    }
+    return a;
+}
+
+// y[m, n] = sum_k x[m, k] w[n, k] for M (<= 8) rows of x and RPW weight rows per workgroup.
+// 8 / GPL invocations share a unit, invocation t taking groups t % (8 / GPL) + j * 8 / GPL
+// (j < GPL) of units t / (8 / GPL), + WG * GPL / 8, ...: neighbouring invocations read
+// neighbouring x and weight words. Each x group is loaded once for all RPW rows, whose
+// loads are independent (in flight together). Partial sums are reduced per (row, m).
 @compute @workgroup_size(WG)
 fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
           @builtin(local_invocation_index) lid: u32
@@ -104,80 +213,95 @@ fn matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(num_subgroups) sc: u32
 #endif
 ) {
-    let row = flat_wg(wid, nwg);
-    if row >= p.rows {
+    let row0 = flat_wg(wid, nwg) * RPW;
+    if row0 >= p.rows {
         return;
     }
-    // acc_lo[m] for m < 4, acc_hi[m - 4] above
-    var acc_lo = vec4<f32>(0.0);
-    var acc_hi = vec4<f32>(0.0);
-    let xo = view(0u);
-    // Eight invocations share a unit, one 4-element group each: neighbouring invocations
-    // read neighbouring x and weight words.
-    let g = lid % 8u;
-    for (var u = lid / 8u; u < p.units; u += WG / 8u) {
-        let h = unit_hdr(row, u);
-        let w = dq_group(row, u, g, h);
-        let k = u * 32u + 4u * g;
-        {
-            acc_lo.x += dot(w, x4(xo + k, k));
-            if M > 1u {
-                acc_lo.y += dot(w, x4(xo + p.k + k, k));
+    // Rows past the shard repeat its last row (their sums are dropped).
+    let last = p.rows - 1u;
+    let r0 = row0;
+    let r1 = min(row0 + 1u, last);
+    let r2 = min(row0 + 2u, last);
+    let r3 = min(row0 + 3u, last);
+    let zero = Acc(vec4<f32>(0.0), vec4<f32>(0.0));
+    var a0 = zero;
+    var a1 = zero;
+    var a2 = zero;
+    var a3 = zero;
+    let lpu = 8u / GPL;
+    let gl = lid % lpu;
+    for (var u = lid / lpu; u < p.units; u += WG / lpu) {
+        let h0 = unit_hdr(r0, u);
+        var h1 = vec4<f32>(0.0);
+        var h2 = vec4<f32>(0.0);
+        var h3 = vec4<f32>(0.0);
+        if RPW > 1u {
+            h1 = unit_hdr(r1, u);
+        }
+        if RPW > 2u {
+            h2 = unit_hdr(r2, u);
+            h3 = unit_hdr(r3, u);
+        }
+        for (var j = 0u; j < GPL; j++) {
+            let g = gl + j * lpu;
+            let xs = xm(u * 32u + 4u * g);
+            a0 = mdot(a0, dq_group(r0, u, g, h0), xs);
+            if RPW > 1u {
+                a1 = mdot(a1, dq_group(r1, u, g, h1), xs);
             }
-            if M > 2u {
-                acc_lo.z += dot(w, x4(xo + 2u * p.k + k, k));
-            }
-            if M > 3u {
-                acc_lo.w += dot(w, x4(xo + 3u * p.k + k, k));
-            }
-            if M > 4u {
-                acc_hi.x += dot(w, x4(xo + 4u * p.k + k, k));
-            }
-            if M > 5u {
-                acc_hi.y += dot(w, x4(xo + 5u * p.k + k, k));
-            }
-            if M > 6u {
-                acc_hi.z += dot(w, x4(xo + 6u * p.k + k, k));
-            }
-            if M > 7u {
-                acc_hi.w += dot(w, x4(xo + 7u * p.k + k, k));
+            if RPW > 2u {
+                a2 = mdot(a2, dq_group(r2, u, g, h2), xs);
+                a3 = mdot(a3, dq_group(r3, u, g, h3), xs);
             }
         }
     }
+    let yo = view(2u) + p.row0 + row0;
 #if SUBGROUPS
-    let s_lo = subgroupAdd(acc_lo);
-    var s_hi = vec4<f32>(0.0);
-    if M > 4u {
-        s_hi = subgroupAdd(acc_hi);
-    }
-    if sl == 0u {
-        for (var m = 0u; m < M; m++) {
-            red[m * WG + si] = select(s_hi[m % 4u], s_lo[m % 4u], m < 4u);
+    // red[(r * M + m) * 64 + subgroup]: at most 64 subgroups (WG <= 256, size >= 4).
+    for (var r = 0u; r < RPW; r++) {
+        let a = acc_sel(a0, a1, a2, a3, r);
+        let s_lo = subgroupAdd(a.lo);
+        var s_hi = vec4<f32>(0.0);
+        if M > 4u {
+            s_hi = subgroupAdd(a.hi);
+        }
+        if sl == 0u {
+            for (var m = 0u; m < M; m++) {
+                red[(r * M + m) * 64u + si] = select(s_hi[m & 3u], s_lo[m & 3u], m < 4u);
+            }
         }
     }
     workgroupBarrier();
-    if lid < M {
+    if lid < RPW * M {
+        let r = lid / M;
+        let m = lid % M;
         var t = 0.0;
         for (var j = 0u; j < sc; j++) {
-            t += red[lid * WG + j];
+            t += red[lid * 64u + j];
         }
-        y[view(2u) + lid * p.n + p.row0 + row] = t;
+        if row0 + r < p.rows {
+            y[yo + m * p.n + r] = t;
+        }
     }
 #else
-    for (var m = 0u; m < M; m++) {
-        red[m * WG + lid] = select(acc_hi[m % 4u], acc_lo[m % 4u], m < 4u);
-    }
-    workgroupBarrier();
-    for (var s = WG / 2u; s > 0u; s >>= 1u) {
-        if lid < s {
-            for (var m = 0u; m < M; m++) {
-                red[m * WG + lid] += red[m * WG + lid + s];
-            }
+    for (var r = 0u; r < RPW; r++) {
+        let a = acc_sel(a0, a1, a2, a3, r);
+        for (var m = 0u; m < M; m++) {
+            red[m * WG + lid] = acc_m(a, m);
         }
         workgroupBarrier();
-    }
-    if lid < M {
-        y[view(2u) + lid * p.n + p.row0 + row] = red[lid * WG];
+        for (var s = WG / 2u; s > 0u; s >>= 1u) {
+            if lid < s {
+                for (var m = 0u; m < M; m++) {
+                    red[m * WG + lid] += red[m * WG + lid + s];
+                }
+            }
+            workgroupBarrier();
+        }
+        if lid < M && row0 + r < p.rows {
+            y[yo + lid * p.n + r] = red[lid * WG];
+        }
+        workgroupBarrier();
     }
 #endif
 }

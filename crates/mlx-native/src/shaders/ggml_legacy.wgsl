@@ -52,12 +52,12 @@ fn dq_group(row: u32, u: u32, g: u32, h: vec4<f32>) -> vec4<f32> {
         }
         default: {
             // Q8_0
-            return vec4<f32>(unpack4xI8(wword(b * 8u + g))) * d;
+            return sbytes4(wword(b * 8u + g)) * d;
         }
     }
 }
 
 // The low four bits of h, one per component.
 fn spread4(h: u32) -> vec4<f32> {
-    return vec4<f32>(vec4<u32>(h, h >> 1u, h >> 2u, h >> 3u) & vec4<u32>(1u));
+    return ufloat4(vec4<u32>(h, h >> 1u, h >> 2u, h >> 3u) & vec4<u32>(1u));
 }

@@ -3,8 +3,8 @@
 // always word-aligned (K is a multiple of the group size, itself a multiple of 32) and inside
 // one group, so a chunk has one scale (and bias).
 // Entries:
-//   qmv      M <= 8: row-blocks of 32 invocations, each owning RPT weight rows; the block's
-//            invocations stride over the chunks, WG / 32 row-blocks per workgroup.
+//   qmv      M <= 8: row-sets of TPR invocations, each owning RPT weight rows; the set's
+//            invocations stride over the chunks, WG / TPR row-sets per workgroup.
 //   qmm      tiled: 64 x 64 outputs per workgroup of 256, K in steps of one chunk, x and
 //            dequantized W tiles in workgroup memory (16 KiB).
 //   dequant  y[i, :] = W[ids[i], :] (use_ids) or W[i, :]: one invocation per chunk.
@@ -27,13 +27,13 @@ struct Params {
     _pad: u32,
 }
 
-// qmv: weight rows per row-block: 1, 2 or 4.
-override RPT: u32 = 4u;
+// qmv: weight rows per row-set RPT (1, 2, 4 or 8) and invocations per row-set TPR (a power
+// of two, 32 <= TPR <= WG), packed as QMV = TPR * 16 + RPT (a spec has three constants); a
+// workgroup holds WG / TPR row-sets.
+override QMV: u32 = 2056u;
+override RPT: u32 = QMV & 15u;
+override TPR: u32 = QMV >> 4u;
 
-const MAX_M: u32 = 8u;
-const MAX_RPT: u32 = 4u;
-// Invocations per qmv row-block.
-const TPR: u32 = 32u;
 
 @group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
@@ -49,7 +49,8 @@ fn weight_at(row: u32, j: u32) -> f32 {
 // ---------------------------------------------------------------------------------------
 // qmv
 
-// Partial sums: [row-block][m * RPT + r][slot], slot < TPR.
+// Partial sums of one x row: [row-set * RPT + r][slot], slot < TPR (fewer with subgroups).
+// WG * RPT <= 2048.
 var<workgroup> red: array<f32, 2048>;
 
 // Codes 4i..4i+3 of a chunk held in w (BITS words) as values. After inlining, i and BITS
@@ -106,6 +107,11 @@ fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
                                xv[o + 5u], xv[o + 6u], xv[o + 7u]);
 }
 
+// One row's contribution of chunk c (group column gc) against the x chunk.
+fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>) -> f32 {
+    return chunk_sum(chunk_words(row, c), x, row * p.gpr + gc);
+}
+
 @compute @workgroup_size(WG)
 fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
        @builtin(local_invocation_index) lid: u32
@@ -113,13 +119,13 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
        , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32
 #endif
 ) {
-    let blocks = WG / TPR;
-    let block = lid / TPR;
+    let sets = WG / TPR;
+    let rs = lid / TPR;
     let lane = lid % TPR;
-    let row0 = (flat_wg(wid, nwg) * blocks + block) * RPT;
+    let wg = flat_wg(wid, nwg);
+    let row0 = (wg * sets + rs) * RPT;
     let chunks = p.k / 32u;
     let xbase = view(0u) / 4u;
-    let mr = MAX_M * MAX_RPT;
 #if SUBGROUPS
     let slots = TPR / ss;
     let slot = lane / ss;
@@ -127,52 +133,63 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let slots = TPR;
     let slot = lane;
 #endif
-    // Per x row: one scalar accumulator per weight row (RPT <= 4, written out), each x chunk
-    // loaded once for all of them; the rows' words come from the cache after the first x row.
-    let r0 = min(row0, p.n - 1u);
-    let r1 = min(row0 + 1u, p.n - 1u);
-    let r2 = min(row0 + 2u, p.n - 1u);
-    let r3 = min(row0 + 3u, p.n - 1u);
+    // Rows past N repeat the last row (their sums are dropped).
+    let last = p.n - 1u;
+    let r0 = min(row0, last);
+    let r1 = min(row0 + 1u, last);
+    let r2 = min(row0 + 2u, last);
+    let r3 = min(row0 + 3u, last);
+    let r4 = min(row0 + 4u, last);
+    let r5 = min(row0 + 5u, last);
+    let r6 = min(row0 + 6u, last);
+    let r7 = min(row0 + 7u, last);
     for (var m = 0u; m < p.m; m++) {
+        // One scalar accumulator per weight row, written out (no indexed private arrays);
+        // each x chunk is loaded once for the RPT rows, whose RPT weight loads are
+        // independent (in flight together).
         var s = vec4<f32>(0.0);
+        var t = vec4<f32>(0.0);
         let xo = xbase + m * p.k / 4u;
         for (var c = lane; c < chunks; c += TPR) {
             let x = x_chunk(xo + c * 8u);
             let gc = (c * 32u) / GROUP_SIZE;
-            s.x += chunk_sum(chunk_words(r0, c), x, r0 * p.gpr + gc);
+            s.x += row_chunk(r0, c, gc, x);
             if RPT > 1u {
-                s.y += chunk_sum(chunk_words(r1, c), x, r1 * p.gpr + gc);
+                s.y += row_chunk(r1, c, gc, x);
             }
             if RPT > 2u {
-                s.z += chunk_sum(chunk_words(r2, c), x, r2 * p.gpr + gc);
-                s.w += chunk_sum(chunk_words(r3, c), x, r3 * p.gpr + gc);
+                s.z += row_chunk(r2, c, gc, x);
+                s.w += row_chunk(r3, c, gc, x);
+            }
+            if RPT > 4u {
+                t.x += row_chunk(r4, c, gc, x);
+                t.y += row_chunk(r5, c, gc, x);
+                t.z += row_chunk(r6, c, gc, x);
+                t.w += row_chunk(r7, c, gc, x);
             }
         }
         for (var r = 0u; r < RPT; r++) {
+            let v = select(t[r & 3u], s[r & 3u], r < 4u);
 #if SUBGROUPS
-            let t = subgroupAdd(s[r]);
+            let u = subgroupAdd(v);
             if sl == 0u {
-                red[(block * mr + m * RPT + r) * TPR + slot] = t;
+                red[(rs * RPT + r) * slots + slot] = u;
             }
 #else
-            red[(block * mr + m * RPT + r) * TPR + slot] = s[r];
+            red[(rs * RPT + r) * slots + slot] = v;
 #endif
         }
-    }
-    workgroupBarrier();
-    // One invocation per (row-block, m, r): WG = blocks * 32 >= blocks * MAX_M * RPT.
-    let fb = lid / mr;
-    let fj = lid % mr;
-    let fm = fj / RPT;
-    let fr = fj % RPT;
-    let frow = (flat_wg(wid, nwg) * blocks + fb) * RPT + fr;
-    if fm < p.m && fr < RPT && frow < p.n && fb < blocks {
-        var t = 0.0;
-        let o = (fb * mr + fm * RPT + fr) * TPR;
-        for (var i = 0u; i < slots; i++) {
-            t += red[o + i];
+        workgroupBarrier();
+        // Invocation j < sets * RPT (<= WG: RPT <= TPR) sums row j of the workgroup.
+        let frow = wg * sets * RPT + lid;
+        if lid < sets * RPT && frow < p.n {
+            var acc = 0.0;
+            for (var i = 0u; i < slots; i++) {
+                acc += red[lid * slots + i];
+            }
+            y[view(4u) + m * p.n + frow] = acc;
         }
-        y[view(4u) + fm * p.n + frow] = t;
+        workgroupBarrier();
     }
 }
 

@@ -54,12 +54,21 @@ fn code_value(q: u32) -> f32 {
 #endif
 }
 
+// u32 values below 2^23 as f32, exactly, without integer-to-float conversions (a
+// quarter-rate instruction on NVIDIA, which bounded qmv): 2^23 + v has v as its mantissa.
+fn u2f4(v: vec4<u32>) -> vec4<f32> {
+    return bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0);
+}
+
 // Four consecutive codes from the low 4*BITS bits of `win`.
 fn code_values4(win: u32) -> vec4<f32> {
     let mask = (1u << BITS) - 1u;
-    return vec4<f32>(code_value(win & mask), code_value((win >> BITS) & mask),
-                     code_value((win >> (2u * BITS)) & mask),
-                     code_value((win >> (3u * BITS)) & mask));
+    let q = vec4<u32>(win, win >> BITS, win >> (2u * BITS), win >> (3u * BITS)) & vec4<u32>(mask);
+#if DT_U8
+    return vec4<f32>(code_value(q.x), code_value(q.y), code_value(q.z), code_value(q.w));
+#else
+    return u2f4(q);
+#endif
 }
 
 // The 32 bits starting at bit `sh` of the pair (w0, w1); only the low 4*BITS are used.

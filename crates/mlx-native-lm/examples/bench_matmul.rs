@@ -1,0 +1,72 @@
+//! Decode-matvec sweep for the GPU machine:
+//! `bench_matmul [qmatmul|ggml|all]`, variants from `QMV_VARIANTS="rpt,tpr,wg;..."` and
+//! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Prints the tables and
+//! writes JSON to `$OUT/bench_<what>.json` when OUT is set.
+use mlx_native::ops::ggml_matmul::GgmlMatvecConfig;
+use mlx_native::ops::qmatmul::QmvConfig;
+use mlx_native::MlxDevice;
+use mlx_native_lm::bench_matmul::{bench_ggml, bench_qmatmul, MatmulBenchOptions};
+
+fn triples(var: &str) -> Vec<[u32; 3]> {
+    std::env::var(var)
+        .unwrap_or_default()
+        .split(';')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let v: Vec<u32> = s.split(',').map(|t| t.trim().parse().unwrap()).collect();
+            [v[0], v[1], v[2]]
+        })
+        .collect()
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let what = std::env::args().nth(1).unwrap_or("all".into());
+    let gpu = MlxDevice::new()?;
+    let mut opts = MatmulBenchOptions::default();
+    if let Ok(m) = std::env::var("BENCH_M") {
+        opts.ms = m.split(',').map(|t| t.trim().parse().unwrap()).collect();
+    }
+    if let Ok(r) = std::env::var("BENCH_ROTATE_MIB") {
+        opts.rotate_mib = r.parse()?;
+    }
+    if let Ok(r) = std::env::var("BENCH_MAX_ELEMS") {
+        opts.max_elems = r.parse()?;
+    }
+    if let Ok(r) = std::env::var("BENCH_REPS") {
+        opts.reps = r.parse()?;
+    }
+    opts.qmv_variants = triples("QMV_VARIANTS")
+        .into_iter()
+        .map(|[rpt, tpr, wg]| QmvConfig { rpt, tpr, wg })
+        .collect();
+    opts.ggml_variants = triples("GGML_VARIANTS")
+        .into_iter()
+        .map(|[wg, rpw, gpl]| GgmlMatvecConfig { wg, rpw, gpl })
+        .collect();
+    let out = std::env::var("OUT").ok();
+    for (name, run) in [
+        (
+            "qmatmul",
+            bench_qmatmul as fn(&MlxDevice, &MatmulBenchOptions) -> _,
+        ),
+        ("ggml", bench_ggml),
+    ] {
+        if what != "all" && what != name {
+            continue;
+        }
+        let t0 = std::time::Instant::now();
+        let r = run(&gpu, &opts)?;
+        println!(
+            "== bench {name} ({:.1} s)\n{}",
+            t0.elapsed().as_secs_f64(),
+            r.table()
+        );
+        if let Some(o) = &out {
+            std::fs::write(
+                format!("{o}/bench_{name}.json"),
+                serde_json::to_string_pretty(&r)?,
+            )?;
+        }
+    }
+    Ok(())
+}
