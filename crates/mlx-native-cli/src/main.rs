@@ -115,6 +115,21 @@ enum BenchWhat {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// MLX quantized matvec (decode) and qmm (prefill) at Llama-3.1-8B and Qwen3-30B-A3B
+    /// shapes, as GB/s and TFLOP/s against the measured roofline.
+    Qmatmul {
+        #[arg(long, default_value_t = 1024)]
+        probe_mib: u64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// GGML block matvec (Q4_0, Q4_1, Q4_K, Q5_0, Q6_K, Q8_0) at 4096x4096 and 14336x4096.
+    Ggml {
+        #[arg(long, default_value_t = 1024)]
+        probe_mib: u64,
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Load time of a synthetic GGUF (Q4_0) from the page cache to the GPU.
     Load {
         #[arg(long, default_value_t = 4096)]
@@ -308,6 +323,28 @@ fn run(cli: Cli) -> CliResult<bool> {
                 let report = mlx_native_lm::bench::bench_kernels(&gpu, probe_mib).map_err(err)?;
                 print!("{}", report.table());
                 write_json(json, &report)
+            }
+            BenchWhat::Qmatmul {
+                probe_mib,
+                ref json,
+            }
+            | BenchWhat::Ggml {
+                probe_mib,
+                ref json,
+            } => {
+                let gpu = open_gpu()?;
+                let opts = mlx_native_lm::bench_matmul::MatmulBenchOptions {
+                    probe_mib,
+                    ..Default::default()
+                };
+                let r = if matches!(what, BenchWhat::Qmatmul { .. }) {
+                    mlx_native_lm::bench_matmul::bench_qmatmul(&gpu, &opts)
+                } else {
+                    mlx_native_lm::bench_matmul::bench_ggml(&gpu, &opts)
+                }
+                .map_err(err)?;
+                print!("{}", r.table());
+                write_json(json.clone(), &r)
             }
             BenchWhat::Load { mib, path, json } => {
                 let gpu = open_gpu()?;
