@@ -179,6 +179,19 @@ impl ModelConfig {
             _ => (vec![false; n_layers], None, None, Act::Silu),
         };
         let ffn = u("feed_forward_length")?;
+        // llama.cpp's gemma3 hparams: queries scale by 1/sqrt(query_pre_attn_scalar), which is
+        // head_dim except for the 27B (62 layers), where it is hidden / n_heads.
+        let attn_scale = match family {
+            Family::Gemma3 if n_layers == 62 => 1.0 / ((hidden / n_heads) as f32).sqrt(),
+            _ => 1.0 / (head_dim as f32).sqrt(),
+        };
+        if f.get_opt::<f32>(&key("final_logit_softcapping"))?.is_some_and(|c| c != 0.0) {
+            return Err(LmError::Unsupported(format!(
+                "{}: {} (final logit softcapping) is not implemented",
+                f.name(),
+                key("final_logit_softcapping")
+            )));
+        }
         Ok(ModelConfig {
             family,
             n_layers,
@@ -203,7 +216,7 @@ impl ModelConfig {
             qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3),
             act,
             embed_scale,
-            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            attn_scale,
             tied_embeddings: f.tensor("output.weight").is_none(),
             moe: match u_opt("expert_count")? {
                 Some(experts) if experts > 0 => Some(MoeSpec {

@@ -123,9 +123,23 @@ fn spm_merges(tokens: &[String], scores: &[f32], types: &[i32]) -> Vec<(String, 
     merges.into_iter().map(|(_, _, l, r)| (l, r)).collect()
 }
 
+/// How llama.cpp turns SentencePiece ids back into text: normal pieces with '▁' as spaces,
+/// byte tokens as raw bytes, control and user-defined tokens verbatim; the bytes are then
+/// read as UTF-8, each invalid sequence becoming one U+FFFD. (The `tokenizers` ByteFallback
+/// decoder instead turns every byte of an invalid run into U+FFFD, valid neighbours included.)
+struct SpmDecode {
+    /// Per id: `Some(byte)` for `<0xXX>` byte tokens.
+    bytes: Vec<Option<u8>>,
+    /// Per id: the piece is normal text whose '▁' are spaces.
+    normal: Vec<bool>,
+    /// Drop one leading space of the text (`add_space_prefix`).
+    strip_space: bool,
+}
+
 /// A tokenizer with the model's special-token rules.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    spm: Option<SpmDecode>,
     pub bos: Option<u32>,
     pub eos: Option<u32>,
     /// Every id that ends generation (EOS and the model's end-of-turn tokens).
@@ -227,8 +241,25 @@ impl Tokenizer {
                 eog.push(e);
             }
         }
+        let spm = (v.model == "llama").then(|| {
+            let ty = |i: usize| v.token_types.get(i).copied().unwrap_or(token_type::NORMAL);
+            SpmDecode {
+                bytes: v
+                    .tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        let hex = t.strip_prefix("<0x")?.strip_suffix('>')?;
+                        (ty(i) == token_type::BYTE).then(|| u8::from_str_radix(hex, 16).ok())?
+                    })
+                    .collect(),
+                normal: (0..n).map(|i| ty(i) == token_type::NORMAL).collect(),
+                strip_space: v.add_space_prefix,
+            }
+        });
         Ok(Tokenizer {
             inner: tok,
+            spm,
             bos: v.bos,
             eos: v.eos,
             eog,
@@ -242,6 +273,7 @@ impl Tokenizer {
             .map_err(|e| LmError::Tokenizer(format!("{}: {e}", path.display())))?;
         Ok(Tokenizer {
             inner,
+            spm: None,
             bos,
             eos: eos.first().copied(),
             eog: eos,
@@ -265,7 +297,28 @@ impl Tokenizer {
 
     /// Text of `ids` (special tokens included, as llama.cpp's detokenizer renders them).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(tk_err)
+        let Some(spm) = &self.spm else {
+            return self.inner.decode(ids, false).map_err(tk_err);
+        };
+        let mut out = Vec::new();
+        for &id in ids {
+            let i = id as usize;
+            if let Some(&Some(b)) = spm.bytes.get(i) {
+                out.push(b);
+            } else if let Some(piece) = self.inner.id_to_token(id) {
+                if spm.normal.get(i).copied().unwrap_or(false) {
+                    out.extend_from_slice(piece.replace('▁', " ").as_bytes());
+                } else {
+                    out.extend_from_slice(piece.as_bytes());
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&out);
+        let text = match text.strip_prefix(' ') {
+            Some(rest) if spm.strip_space => rest,
+            _ => &text,
+        };
+        Ok(text.to_string())
     }
 
     pub fn vocab_size(&self) -> usize {
