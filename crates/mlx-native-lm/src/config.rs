@@ -185,7 +185,9 @@ impl ModelConfig {
             Family::Gemma3 if n_layers == 62 => 1.0 / ((hidden / n_heads) as f32).sqrt(),
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
-        if f.get_opt::<f32>(&key("final_logit_softcapping"))?.is_some_and(|c| c != 0.0) {
+        if f.get_opt::<f32>(&key("final_logit_softcapping"))?
+            .is_some_and(|c| c != 0.0)
+        {
             return Err(LmError::Unsupported(format!(
                 "{}: {} (final logit softcapping) is not implemented",
                 f.name(),
