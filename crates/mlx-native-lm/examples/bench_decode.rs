@@ -1,0 +1,44 @@
+//! `bench decode` without the CLI: `bench_decode [SHAPE[,SHAPE..]|all] [--json FILE]
+//! [--probe-mib N] [--steps N]`. Shapes: see `mlx_native_lm::bench_decode::SHAPES`.
+
+use mlx_native::MlxDevice;
+use mlx_native_lm::bench_decode::{bench_decode, expand_shapes, DecodeOptions};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let mut shapes = Vec::new();
+    let mut json = None;
+    let mut opts = DecodeOptions::default();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--json" => json = args.next(),
+            "--probe-mib" => opts.probe_mib = args.next().ok_or("--probe-mib N")?.parse()?,
+            "--steps" => opts.steps = args.next().ok_or("--steps N")?.parse()?,
+            "--contexts" => {
+                opts.contexts = args
+                    .next()
+                    .ok_or("--contexts A,B")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--prefill" => opts.prefill_tokens = args.next().ok_or("--prefill N")?.parse()?,
+            s => {
+                for p in s.split(',') {
+                    shapes.extend(expand_shapes(p)?);
+                }
+            }
+        }
+    }
+    if shapes.is_empty() {
+        shapes = expand_shapes("all")?;
+    }
+    let gpu = MlxDevice::new()?;
+    let report = bench_decode(&gpu, &shapes, &opts)?;
+    print!("{}", report.table());
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        eprintln!("wrote {path}");
+    }
+    Ok(())
+}
