@@ -6,7 +6,7 @@ use mlx_native_lm::bench_decode::{bench_decode, expand_shapes, DecodeOptions};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
-    let mut shapes = Vec::new();
+    let mut shapes: Vec<&str> = Vec::new();
     let mut json = None;
     let mut opts = DecodeOptions::default();
     while let Some(a) = args.next() {
@@ -22,6 +22,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .map(str::parse)
                     .collect::<Result<_, _>>()?
             }
+            "--build-only" => {
+                for name in shapes.iter().copied() {
+                    let t = std::time::Instant::now();
+                    let spec = mlx_native_lm::bench_decode::shape(name)?;
+                    let m = mlx_native_lm::bench_decode::build(&MlxDevice::new()?, &spec, 1)?;
+                    let wb = mlx_native_lm::bench_decode::weight_bytes(&m);
+                    eprintln!("{name}: built {} bytes in {:?}", wb.resident, t.elapsed());
+                }
+                return Ok(());
+            }
             "--prefill" => opts.prefill_tokens = args.next().ok_or("--prefill N")?.parse()?,
             s => {
                 for p in s.split(',') {
@@ -34,11 +44,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         shapes = expand_shapes("all")?;
     }
     let gpu = MlxDevice::new()?;
-    let report = bench_decode(&gpu, &shapes, &opts)?;
+    let mut save = |r: &mlx_native_lm::bench_decode::DecodeReport| {
+        if let Some(path) = &json {
+            if let Ok(text) = serde_json::to_string_pretty(r) {
+                if let Err(e) = std::fs::write(path, text) {
+                    eprintln!("{path}: {e}");
+                }
+            }
+        }
+    };
+    let report = bench_decode(&gpu, &shapes, &opts, &mut save)?;
     print!("{}", report.table());
-    if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
-        eprintln!("wrote {path}");
-    }
     Ok(())
 }

@@ -186,9 +186,9 @@ const MLX4: WeightFormat = WeightFormat::Mlx {
 pub const SHAPES: &[&str] = &[
     "smollm2-135m",
     "gemma3-270m",
+    "gemma-3-4b-mlx4",
     "llama-3.1-8b-mlx4",
     "llama-3.1-8b-q4_0",
-    "gemma-3-4b-mlx4",
     "qwen3-30b-a3b",
 ];
 
@@ -201,10 +201,12 @@ pub fn expand_shapes(arg: &str) -> Result<Vec<&'static str>> {
         "gemma-3-4b" => vec!["gemma-3-4b-mlx4"],
         other => match SHAPES.iter().chain(TEST_SHAPES).find(|&&s| s == other) {
             Some(&s) => vec![s],
-            None => return Err(LmError::Invalid(format!(
+            None => {
+                return Err(LmError::Invalid(format!(
                 "bench decode: unknown shape {other:?}; known: all, llama-3.1-8b, gemma-3-4b, {}",
                 SHAPES.join(", ")
-            ))),
+            )))
+            }
         },
     })
 }
@@ -820,6 +822,12 @@ pub struct DecodeOptions {
     /// Bytes the bandwidth probe reads (MiB).
     pub probe_mib: u64,
     pub seed: u64,
+    /// Progress lines on stderr.
+    pub verbose: bool,
+    /// Positions below this are filled by the model's own prefill of synthetic ids, beyond
+    /// it by appends of synthetic K/V rows (decode reads the same bytes either way; the
+    /// model's prefill to 4096 positions of an 8B model costs seconds of device time).
+    pub model_prefill_max: usize,
 }
 
 impl Default for DecodeOptions {
@@ -830,10 +838,12 @@ impl Default for DecodeOptions {
             steps: 32,
             profiled_steps: 5,
             prefill_tokens: 512,
-            prefill_reps: 3,
+            prefill_reps: 2,
             per_linear: true,
             probe_mib: 1024,
             seed: 0x5EED,
+            verbose: true,
+            model_prefill_max: 512,
         }
     }
 }
@@ -952,6 +962,8 @@ pub struct DecodeReport {
     pub date: String,
     pub git_commit: String,
     pub bandwidth: Bandwidth,
+    /// How the context before the timed decode steps was filled.
+    pub context_fill: String,
     pub shapes: Vec<ShapeReport>,
 }
 
@@ -1021,22 +1033,46 @@ fn synthetic_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         .collect()
 }
 
-/// Fill the cache from its current length up to `target` positions with synthetic ids.
+/// Fill the cache from its current length up to `target` positions: the model's own
+/// prefill of synthetic ids below `model_max` positions, then appends of synthetic K/V rows
+/// to every layer.
 fn prefill_to(
     m: &Transformer,
     cache: &mut mlx_native::KvCache,
     pos: &mut usize,
     target: usize,
+    model_max: usize,
     seed: u64,
 ) -> Result<()> {
     let chunk = cache.max_chunk().min(PREFILL_CHUNK);
-    while *pos < target {
-        let n = chunk.min(target - *pos);
+    while *pos < target.min(model_max) {
+        let n = chunk.min(target.min(model_max) - *pos);
         let ids = synthetic_ids(n, m.cfg.vocab, seed ^ *pos as u64);
         let mut pass = m.gpu.begin();
         m.forward(&mut pass, &ids, *pos, cache)?;
         pass.commit()?;
         *pos += n;
+    }
+    if *pos < target {
+        let (kvh, hd) = (m.cfg.n_kv_heads, m.cfg.head_dim);
+        let mut bits = Bits::new(seed, 1024);
+        let rows = |bits: &mut Bits| -> Result<MlxBuffer> {
+            let v: Vec<f32> = (0..chunk * kvh * hd)
+                .map(|_| 2.0 * bits.unit() - 1.0)
+                .collect();
+            Ok(MlxBuffer::from_slice(&m.gpu, &v, &[chunk, kvh, hd])?)
+        };
+        let (k, v) = (rows(&mut bits)?, rows(&mut bits)?);
+        while *pos < target {
+            let n = chunk.min(target - *pos);
+            let (kn, vn) = (k.view(0, &[n, kvh, hd])?, v.view(0, &[n, kvh, hd])?);
+            let mut pass = m.gpu.begin();
+            for layer in 0..m.layers.len() {
+                cache.append(&mut pass, layer, &kn, &vn, *pos)?;
+            }
+            pass.commit()?;
+            *pos += n;
+        }
     }
     m.gpu.wait_idle()?;
     Ok(())
@@ -1177,9 +1213,15 @@ pub fn bench_shape(
     }
     let profile = gpu.caps().timestamps;
     let t_load = Instant::now();
+    let say = |what: &str| {
+        if opts.verbose {
+            eprintln!("[{:7.2}s] {}: {what}", secs(t_load), spec.name);
+        }
+    };
     let m = build(gpu, spec, opts.seed)?;
     gpu.wait_idle()?;
     let load_secs = secs(t_load);
+    say("built");
     let wb = weight_bytes(&m);
     let mut report = ShapeReport::skipped(spec, "ok".into());
     report.load_secs = Some(load_secs);
@@ -1192,7 +1234,15 @@ pub fn bench_shape(
     let mut first_profile = Vec::new();
     for (ci, &ctx) in opts.contexts.iter().enumerate() {
         let target = ctx.max(pos);
-        prefill_to(&m, &mut cache, &mut pos, target, opts.seed ^ 0xC0)?;
+        prefill_to(
+            &m,
+            &mut cache,
+            &mut pos,
+            target,
+            opts.model_prefill_max,
+            opts.seed ^ 0xC0,
+        )?;
+        say(&format!("context {target} filled"));
         let start = pos;
         for _ in 0..opts.warmup {
             id = decode_step(&m, &mut cache, id, pos)?.0;
@@ -1249,6 +1299,10 @@ pub fn bench_shape(
             record_us: median(times.iter().map(|t| t.record).collect()) * 1e6,
             submit_us: median(times.iter().map(|t| t.submit).collect()) * 1e6,
         };
+        say(&format!(
+            "context {start}: {:.1} tok/s, gpu {:?} us",
+            row.decode_tok_s, row.gpu_us_per_token
+        ));
         report.contexts.push(row);
     }
     drop(cache);
@@ -1272,10 +1326,12 @@ pub fn bench_shape(
         }
         report.prefill_tokens = n;
         report.prefill_tok_s = Some(n as f64 / median(t));
+        say("prefill timed");
     }
     if opts.per_linear && profile {
         let step = report.contexts.first().and_then(|r| r.gpu_us_per_token);
         report.linears = time_linears(&m, bw.gb_s, step)?;
+        say("linears timed");
     }
     report.weights = Some(wb);
     Ok(report)
@@ -1317,33 +1373,41 @@ pub fn utc_date() -> String {
 }
 
 /// Run `bench decode` on the named shapes (see [`expand_shapes`]). A shape that fails is
-/// reported with an "error: ..." status and the others still run.
+/// reported with an "error: ..." status and the others still run. `on_shape` sees the report
+/// so far after each shape (to save partial results).
 pub fn bench_decode(
     gpu: &MlxDevice,
     shapes: &[&str],
     opts: &DecodeOptions,
+    on_shape: &mut dyn FnMut(&DecodeReport),
 ) -> Result<DecodeReport> {
-    let bw = read_bandwidth(gpu, opts.probe_mib)?;
-    let mut out = Vec::new();
-    for name in shapes {
-        let spec = shape(name)?;
-        eprintln!("bench decode: {name} ...");
-        let r = match bench_shape(gpu, &spec, opts, &bw) {
-            Ok(r) => r,
-            Err(e) => ShapeReport::skipped(&spec, format!("error: {e}")),
-        };
-        gpu.pool().trim();
-        out.push(r);
-    }
-    Ok(DecodeReport {
+    let specs = shapes
+        .iter()
+        .map(|n| shape(n))
+        .collect::<Result<Vec<_>>>()?;
+    let mut report = DecodeReport {
         adapter: gpu.caps().adapter_name.clone(),
         backend: gpu.caps().backend.clone(),
         driver: gpu.caps().driver.clone(),
         date: utc_date(),
         git_commit: git_commit(),
-        bandwidth: bw,
-        shapes: out,
-    })
+        bandwidth: read_bandwidth(gpu, opts.probe_mib)?,
+        context_fill: format!(
+            "model prefill of synthetic ids up to {} positions, synthetic K/V appends beyond",
+            opts.model_prefill_max
+        ),
+        shapes: Vec::new(),
+    };
+    for spec in &specs {
+        let r = match bench_shape(gpu, spec, opts, &report.bandwidth) {
+            Ok(r) => r,
+            Err(e) => ShapeReport::skipped(spec, format!("error: {e}")),
+        };
+        gpu.pool().trim();
+        report.shapes.push(r);
+        on_shape(&report);
+    }
+    Ok(report)
 }
 
 fn opt(v: Option<f64>, prec: usize) -> String {
@@ -1469,6 +1533,9 @@ mod tests {
             per_linear: true,
             probe_mib: 4,
             seed: 11,
+            verbose: false,
+            // The second context is filled by K/V appends.
+            model_prefill_max: 8,
         }
     }
 
