@@ -32,6 +32,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
                 return Ok(());
             }
+            "--model-prefill" => {
+                opts.model_prefill_max = args.next().ok_or("--model-prefill N")?.parse()?
+            }
             "--prefill" => opts.prefill_tokens = args.next().ok_or("--prefill N")?.parse()?,
             s => {
                 for p in s.split(',') {
