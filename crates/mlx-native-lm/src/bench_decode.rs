@@ -129,7 +129,7 @@ fn smollm2_types(role: Role, _: usize, _: usize) -> GgmlType {
 
 /// llama.cpp's `use_more_bits` layers of Q4_K_M (attn_v and ffn_down get more bits there).
 fn more_bits(i: usize, n: usize) -> bool {
-    i < n / 8 || i >= 7 * n / 8 || (i >= n / 8 && (i - n / 8) % 3 == 2)
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
 }
 
 /// The type mix of gemma-3-270m-q4_k_m.gguf: K = 640 is not a multiple of 256, so the
