@@ -130,6 +130,15 @@ enum BenchWhat {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Single-stream decode of real model shapes with synthetic weights, against the
+    /// bandwidth roofline (`all`, llama-3.1-8b, gemma-3-4b, smollm2-135m, gemma3-270m, ...).
+    Decode {
+        #[arg(long, default_value = "all")]
+        shape: String,
+        /// Write the report (updated after each shape) to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Load time of a synthetic GGUF (Q4_0) from the page cache to the GPU.
     Load {
         #[arg(long, default_value_t = 4096)]
@@ -345,6 +354,18 @@ fn run(cli: Cli) -> CliResult<bool> {
                 .map_err(err)?;
                 print!("{}", r.table());
                 write_json(json.clone(), &r)
+            }
+            BenchWhat::Decode { shape, json } => {
+                let gpu = open_gpu()?;
+                let shapes = mlx_native_lm::bench_decode::expand_shapes(&shape).map_err(err)?;
+                let opts = mlx_native_lm::bench_decode::DecodeOptions::default();
+                let mut save = |partial: &mlx_native_lm::bench_decode::DecodeReport| {
+                    let _ = write_json(json.clone(), partial);
+                };
+                let r = mlx_native_lm::bench_decode::bench_decode(&gpu, &shapes, &opts, &mut save)
+                    .map_err(err)?;
+                print!("{}", r.table());
+                write_json(json, &r)
             }
             BenchWhat::Load { mib, path, json } => {
                 let gpu = open_gpu()?;

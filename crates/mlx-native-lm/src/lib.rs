@@ -3,6 +3,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod bench;
+pub mod bench_decode;
 pub mod bench_matmul;
 pub mod chat;
 pub mod config;

@@ -626,6 +626,14 @@ impl KvStore {
         }
     }
 
+    /// Most tokens one append may bring (the prefill chunk size).
+    pub fn max_chunk(&self) -> usize {
+        match self {
+            KvStore::Plain(c) => c.max_chunk(),
+            KvStore::Compressed(c) => c.max_chunk(),
+        }
+    }
+
     pub fn format(&self) -> KvFormat {
         match self {
             KvStore::Plain(c) if c.dtype() == DType::F32 => KvFormat::F32,

@@ -161,9 +161,16 @@ impl Transformer {
                 cache.capacity()
             )));
         }
-        let ids = MlxBuffer::from_slice(&self.gpu, tokens, &[t])?;
+        // Pooled, so that decode reuses the same two small buffers every token (and the bind
+        // groups of the embedding and RoPE dispatches that name them) instead of creating
+        // two buffers and ~2 bind groups per layer per token. Safe: the pass holds them until
+        // it is submitted, and a queued write lands after all earlier submissions.
+        let ids = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
+        ids.write(&self.gpu, tokens)?;
         let positions: Vec<u32> = (pos0..end).map(|p| p as u32).collect();
-        let positions = MlxBuffer::from_slice(&self.gpu, &positions, &[t])?;
+        let pos_buf = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
+        pos_buf.write(&self.gpu, &positions)?;
+        let positions = pos_buf;
         let mut x = self.embed.gather(pass, &ids)?;
         if let Some(s) = self.cfg.embed_scale {
             x = ops::scale(pass, &x, s)?;

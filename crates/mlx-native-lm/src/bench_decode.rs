@@ -1,0 +1,1730 @@
+//! `bench decode`: single-stream decode of real model *shapes* with synthetic weights, against
+//! the bandwidth roofline.
+//!
+//! Each shape builds a [`Transformer`] directly (no file): every weight has the format, type
+//! mix and shape of the real model file, filled with random bits and finite random scales
+//! (never zeros), uploaded tensor by tensor so host memory stays at one tensor. Then, with one
+//! measured read bandwidth for the whole run:
+//!
+//! - **bytes per token**: every layer weight (read once per token), the LM head, one embedding
+//!   row, the norms, and the KV cache the attention reads at that context (f16 K and V,
+//!   `min(pos + 1, window)` positions per layer);
+//! - **roofline tok/s** = bandwidth / bytes per token;
+//! - **decode tok/s** at each context: prefill the context with synthetic ids, then time
+//!   decode steps by wall clock (record + submit + GPU + the id readback, greedy argmax on the
+//!   GPU, the next step fed the returned id), and GPU µs per token as the sum of per-dispatch
+//!   timestamps of profiled steps;
+//! - **prefill tok/s** of one chunk of `prefill_tokens`;
+//! - **dispatches** and **CPU record µs** per decode step;
+//! - **per-linear** GPU time: each projection role timed over all layers in one pass (so every
+//!   weight is read from memory, as in decode, not from cache), with its achieved bandwidth.
+//!
+//! Checks: the logits are finite and depend on the input (two different ids at the same
+//! position give different logits).
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use half::{bf16, f16};
+use mlx_native::ops::activation::Act;
+use mlx_native::ops::{self, RopeConfig, RopeScaling, RopeStyle, RopeTable};
+use mlx_native::weights::ggml::GgmlType;
+use mlx_native::weights::ggml_weight::GgmlWeight;
+use mlx_native::weights::quant::QuantParams;
+use mlx_native::weights::quant_weight::QuantWeight;
+use mlx_native::{DType, MlxBuffer, MlxDevice, Pass};
+use serde::Serialize;
+
+use crate::bench::{read_bandwidth, Bandwidth};
+use crate::config::{Family, ModelConfig};
+use crate::error::{LmError, Result};
+use crate::layers::mlp::Ffn;
+use crate::layers::{Attention, DecoderLayer, Linear, Mlp};
+use crate::models::{Transformer, PREFILL_CHUNK};
+
+/// Which weight a tensor is, for the per-role type table and the per-linear timings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    Embed,
+    Head,
+    Q,
+    K,
+    V,
+    O,
+    Gate,
+    Up,
+    Down,
+}
+
+impl Role {
+    pub const LAYER: [Role; 7] = [
+        Role::Q,
+        Role::K,
+        Role::V,
+        Role::O,
+        Role::Gate,
+        Role::Up,
+        Role::Down,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Embed => "embed",
+            Role::Head => "lm_head",
+            Role::Q => "q",
+            Role::K => "k",
+            Role::V => "v",
+            Role::O => "o",
+            Role::Gate => "gate",
+            Role::Up => "up",
+            Role::Down => "down",
+        }
+    }
+}
+
+/// How a shape's weights are stored.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightFormat {
+    /// GGUF blocks; the type of each tensor from `(role, layer, n_layers)`.
+    Gguf(fn(Role, usize, usize) -> GgmlType),
+    /// MLX affine quantization of every linear and the embedding; scales, biases and norms
+    /// in `dtype`.
+    Mlx {
+        bits: u32,
+        group_size: u32,
+        dtype: DType,
+    },
+}
+
+/// A model shape: the hyper-parameters and the weight format of a real model file.
+#[derive(Clone, Debug)]
+pub struct ShapeSpec {
+    pub name: &'static str,
+    /// What the format is, in words ("GGUF Q4_1, Q8_0 embeddings").
+    pub format_desc: &'static str,
+    pub family: Family,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub tied: bool,
+    /// Sliding window and the period of global layers (layer `i` is global when
+    /// `(i + 1) % period == 0`; Gemma 3: 6).
+    pub window: Option<(usize, usize)>,
+    pub rope: RopeConfig,
+    pub rope_local_base: Option<f32>,
+    pub format: WeightFormat,
+    /// `Some(reason)`: not runnable yet; reported as a "not yet" row.
+    pub not_yet: Option<&'static str>,
+}
+
+fn smollm2_types(role: Role, _: usize, _: usize) -> GgmlType {
+    match role {
+        Role::Embed | Role::Head => GgmlType::Q8_0,
+        _ => GgmlType::Q4_1,
+    }
+}
+
+/// llama.cpp's `use_more_bits` layers of Q4_K_M (attn_v and ffn_down get more bits there).
+fn more_bits(i: usize, n: usize) -> bool {
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+/// The type mix of gemma-3-270m-q4_k_m.gguf: K = 640 is not a multiple of 256, so the
+/// projections reading the hidden state fall back from K-quants to Q5_0 (Q8_0 for the
+/// more-bits attn_v); attn_output (K = 1024) and ffn_down (K = 2048) are Q4_K / Q6_K.
+fn gemma270m_types(role: Role, i: usize, n: usize) -> GgmlType {
+    match role {
+        Role::Embed | Role::Head => GgmlType::Q8_0,
+        Role::Q | Role::K | Role::Gate | Role::Up => GgmlType::Q5_0,
+        Role::V if more_bits(i, n) => GgmlType::Q8_0,
+        Role::V => GgmlType::Q5_0,
+        Role::O => GgmlType::Q4_K,
+        Role::Down if more_bits(i, n) => GgmlType::Q6_K,
+        Role::Down => GgmlType::Q4_K,
+    }
+}
+
+/// llama.cpp's Q4_0 files keep the output matrix at Q6_K.
+fn llama_q4_0_types(role: Role, _: usize, _: usize) -> GgmlType {
+    match role {
+        Role::Head => GgmlType::Q6_K,
+        _ => GgmlType::Q4_0,
+    }
+}
+
+fn tiny_types(role: Role, i: usize, _: usize) -> GgmlType {
+    match role {
+        Role::Embed | Role::Head => GgmlType::Q8_0,
+        Role::V if i == 0 => GgmlType::Q5_0,
+        Role::Down => GgmlType::Q4_1,
+        _ => GgmlType::Q4_0,
+    }
+}
+
+fn llama31_rope(head_dim: usize, style: RopeStyle) -> RopeConfig {
+    RopeConfig {
+        scaling: RopeScaling::Llama3 {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_position_embeddings: 8192,
+        },
+        ..RopeConfig::new(head_dim, 500_000.0, style)
+    }
+}
+
+const MLX4: WeightFormat = WeightFormat::Mlx {
+    bits: 4,
+    group_size: 64,
+    dtype: DType::BF16,
+};
+
+/// Every shape `bench decode` knows, in report order.
+pub const SHAPES: &[&str] = &[
+    "smollm2-135m",
+    "gemma3-270m",
+    "gemma-3-4b-mlx4",
+    "llama-3.1-8b-mlx4",
+    "llama-3.1-8b-q4_0",
+    "qwen3-30b-a3b",
+];
+
+/// Expand a `--shape` argument: a shape name, `llama-3.1-8b` (both layouts), `gemma-3-4b`,
+/// or `all`.
+pub fn expand_shapes(arg: &str) -> Result<Vec<&'static str>> {
+    Ok(match arg {
+        "all" => SHAPES.to_vec(),
+        "llama-3.1-8b" => vec!["llama-3.1-8b-mlx4", "llama-3.1-8b-q4_0"],
+        "gemma-3-4b" => vec!["gemma-3-4b-mlx4"],
+        other => match SHAPES.iter().chain(TEST_SHAPES).find(|&&s| s == other) {
+            Some(&s) => vec![s],
+            None => {
+                return Err(LmError::Invalid(format!(
+                "bench decode: unknown shape {other:?}; known: all, llama-3.1-8b, gemma-3-4b, {}",
+                SHAPES.join(", ")
+            )))
+            }
+        },
+    })
+}
+
+/// Tiny shapes that run in seconds on a software rasterizer (tests, CI).
+pub const TEST_SHAPES: &[&str] = &["tiny-gguf", "tiny-gemma-mlx"];
+
+/// The spec of a named shape.
+pub fn shape(name: &str) -> Result<ShapeSpec> {
+    let llama = |name, format_desc, format, style| ShapeSpec {
+        name,
+        format_desc,
+        family: Family::Llama,
+        n_layers: 32,
+        hidden: 4096,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 128,
+        ffn: 14336,
+        vocab: 128_256,
+        tied: false,
+        window: None,
+        rope: llama31_rope(128, style),
+        rope_local_base: None,
+        format,
+        not_yet: None,
+    };
+    Ok(match name {
+        "smollm2-135m" => ShapeSpec {
+            name: "smollm2-135m",
+            format_desc: "GGUF Q4_1, Q8_0 tied embeddings",
+            family: Family::Llama,
+            n_layers: 30,
+            hidden: 576,
+            n_heads: 9,
+            n_kv_heads: 3,
+            head_dim: 64,
+            ffn: 1536,
+            vocab: 49_152,
+            tied: true,
+            window: None,
+            rope: RopeConfig::new(64, 100_000.0, RopeStyle::Traditional),
+            rope_local_base: None,
+            format: WeightFormat::Gguf(smollm2_types),
+            not_yet: None,
+        },
+        "gemma3-270m" => ShapeSpec {
+            name: "gemma3-270m",
+            format_desc: "GGUF Q4_K_M mix (Q5_0/Q8_0/Q4_K/Q6_K), Q8_0 tied embeddings",
+            family: Family::Gemma3,
+            n_layers: 18,
+            hidden: 640,
+            n_heads: 4,
+            n_kv_heads: 1,
+            head_dim: 256,
+            ffn: 2048,
+            vocab: 262_144,
+            tied: true,
+            window: Some((512, 6)),
+            rope: RopeConfig::new(256, 1_000_000.0, RopeStyle::Neox),
+            rope_local_base: Some(10_000.0),
+            format: WeightFormat::Gguf(gemma270m_types),
+            not_yet: None,
+        },
+        "llama-3.1-8b-mlx4" => llama(
+            "llama-3.1-8b-mlx4",
+            "MLX 4-bit g64, bf16 scales (embeddings and lm_head too)",
+            MLX4,
+            RopeStyle::Neox,
+        ),
+        "llama-3.1-8b-q4_0" => llama(
+            "llama-3.1-8b-q4_0",
+            "GGUF Q4_0, Q6_K output",
+            WeightFormat::Gguf(llama_q4_0_types),
+            RopeStyle::Traditional,
+        ),
+        "gemma-3-4b-mlx4" => ShapeSpec {
+            name: "gemma-3-4b-mlx4",
+            format_desc: "MLX 4-bit g64, bf16 scales, tied quantized embeddings",
+            family: Family::Gemma3,
+            n_layers: 34,
+            hidden: 2560,
+            n_heads: 8,
+            n_kv_heads: 4,
+            head_dim: 256,
+            ffn: 10240,
+            vocab: 262_208,
+            tied: true,
+            window: Some((1024, 6)),
+            rope: RopeConfig {
+                scaling: RopeScaling::Linear { factor: 8.0 },
+                ..RopeConfig::new(256, 1_000_000.0, RopeStyle::Neox)
+            },
+            rope_local_base: Some(10_000.0),
+            format: MLX4,
+            not_yet: None,
+        },
+        "qwen3-30b-a3b" => ShapeSpec {
+            name: "qwen3-30b-a3b",
+            format_desc: "MoE (128 experts, 8 active)",
+            family: Family::Qwen3,
+            n_layers: 48,
+            hidden: 2048,
+            n_heads: 32,
+            n_kv_heads: 4,
+            head_dim: 128,
+            ffn: 768,
+            vocab: 151_936,
+            tied: false,
+            window: None,
+            rope: RopeConfig::new(128, 1_000_000.0, RopeStyle::Neox),
+            rope_local_base: None,
+            format: MLX4,
+            not_yet: Some("not yet: mixture-of-experts layers are not in the engine"),
+        },
+        "tiny-gguf" => ShapeSpec {
+            name: "tiny-gguf",
+            format_desc: "GGUF Q4_0/Q5_0/Q4_1, Q8_0 embeddings, untied",
+            family: Family::Llama,
+            n_layers: 2,
+            hidden: 64,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 64,
+            ffn: 96,
+            vocab: 300,
+            tied: false,
+            window: None,
+            rope: llama31_rope(64, RopeStyle::Traditional),
+            rope_local_base: None,
+            format: WeightFormat::Gguf(tiny_types),
+            not_yet: None,
+        },
+        "tiny-gemma-mlx" => ShapeSpec {
+            name: "tiny-gemma-mlx",
+            format_desc: "MLX 4-bit g64 bf16, tied, window 8 on layer 0",
+            family: Family::Gemma3,
+            n_layers: 2,
+            hidden: 64,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 64,
+            ffn: 128,
+            vocab: 320,
+            tied: true,
+            window: Some((8, 2)),
+            rope: RopeConfig::new(64, 1_000_000.0, RopeStyle::Neox),
+            rope_local_base: Some(10_000.0),
+            format: MLX4,
+            not_yet: None,
+        },
+        other => {
+            return Err(LmError::Invalid(format!(
+                "bench decode: unknown shape {other:?}; known: {}",
+                SHAPES.join(", ")
+            )))
+        }
+    })
+}
+
+impl ShapeSpec {
+    /// The `ModelConfig` the forward pass reads.
+    pub fn config(&self) -> ModelConfig {
+        let gemma = self.family == Family::Gemma3;
+        let sliding_layers = (0..self.n_layers)
+            .map(|i| self.window.is_some_and(|(_, p)| (i + 1) % p != 0))
+            .collect();
+        ModelConfig {
+            family: self.family,
+            arch: self.name.to_string(),
+            n_layers: self.n_layers,
+            hidden: self.hidden,
+            n_heads: self.n_heads,
+            n_kv_heads: self.n_kv_heads,
+            head_dim: self.head_dim,
+            ffn: self.ffn,
+            vocab: self.vocab,
+            norm_eps: if gemma { 1e-6 } else { 1e-5 },
+            rope: self.rope,
+            rope_local_base: self.rope_local_base,
+            max_context: 131_072,
+            sliding_window: self.window.map(|(w, _)| w),
+            sliding_layers,
+            qk_norm: gemma || self.family == Family::Qwen3,
+            act: if gemma { Act::GeluTanh } else { Act::Silu },
+            embed_scale: gemma.then(|| (self.hidden as f32).sqrt()),
+            attn_scale: 1.0 / (self.head_dim as f32).sqrt(),
+            tied_embeddings: self.tied,
+            moe: None,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Synthetic weights
+
+/// Random bytes without regenerating them per tensor: a pool of random words read at
+/// pseudo-random offsets (the content of distinct tensors differs and looks random; the GPU
+/// reads distinct buffers either way).
+struct Bits {
+    pool: Vec<u8>,
+    state: u64,
+}
+
+fn splitmix(s: &mut u64) -> u64 {
+    *s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    let mut z = *s;
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Bits {
+    fn new(seed: u64, pool_words: usize) -> Self {
+        let mut s = seed;
+        let pool = (0..pool_words.max(1024))
+            .flat_map(|_| splitmix(&mut s).to_le_bytes())
+            .collect();
+        Bits {
+            pool,
+            state: seed ^ 0xD1B5_4A32_D192_ED03,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        splitmix(&mut self.state)
+    }
+
+    /// Uniform in [0, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 24) as f32
+    }
+
+    /// Fill `out` with random bytes: runs of up to 4 KiB copied from random pool offsets.
+    fn fill(&mut self, out: &mut [u8]) {
+        let pool = &self.pool;
+        const RUN: usize = 4096;
+        let span = pool.len().saturating_sub(RUN).max(1);
+        for chunk in out.chunks_mut(RUN) {
+            let at = (splitmix(&mut self.state) as usize) % span;
+            let n = chunk.len().min(pool.len() - at);
+            chunk[..n].copy_from_slice(&pool[at..at + n]);
+        }
+    }
+
+    /// Random words (see [`Bits::fill`]).
+    fn fill_words(&mut self, out: &mut [u32]) {
+        const RUN: usize = 1024;
+        let span = (self.pool.len() / 4).saturating_sub(RUN).max(1);
+        for chunk in out.chunks_mut(RUN) {
+            let at = 4 * ((self.next() as usize) % span);
+            for (w, b) in chunk.iter_mut().zip(self.pool[at..].chunks_exact(4)) {
+                *w = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            }
+        }
+    }
+
+    /// `±magnitude · 2^u`, `u` uniform in [-1, 1]: finite, nonzero, either sign.
+    fn signed(&mut self, magnitude: f32) -> f32 {
+        let m = magnitude * 2f32.powf(2.0 * self.unit() - 1.0);
+        if self.next() & 1 == 0 {
+            m
+        } else {
+            -m
+        }
+    }
+}
+
+/// Byte offsets of the f16 fields of a GGML block, with a magnitude that keeps the weights
+/// near `1/sqrt(K)` (so activations stay O(1) over many layers). Every magnitude is a normal
+/// f16 (>= 2^-14).
+fn half_fields(kind: GgmlType, k: usize) -> Result<Vec<(usize, f32)>> {
+    let r = 1.0 / (k as f32).sqrt();
+    let f = |x: f32| x.max(1.0 / 16384.0);
+    Ok(match kind {
+        GgmlType::Q4_0 => vec![(0, f(0.22 * r))],
+        GgmlType::Q5_0 => vec![(0, f(0.11 * r))],
+        GgmlType::Q8_0 => vec![(0, f(0.0135 * r))],
+        GgmlType::Q4_1 | GgmlType::Q5_1 => vec![(0, f(0.11 * r)), (2, f(0.8 * r))],
+        GgmlType::Q4_K | GgmlType::Q5_K => vec![(0, f(0.004 * r)), (2, f(0.004 * r))],
+        GgmlType::Q2_K => vec![(80, f(0.02 * r)), (82, f(0.02 * r))],
+        GgmlType::Q3_K => vec![(108, f(0.01 * r))],
+        GgmlType::Q6_K => vec![(208, f(0.0008 * r))],
+        other => {
+            return Err(LmError::Unsupported(format!(
+                "bench decode: synthetic {other} weights"
+            )))
+        }
+    })
+}
+
+fn ggml_random(
+    gpu: &MlxDevice,
+    bits: &mut Bits,
+    kind: GgmlType,
+    n: usize,
+    k: usize,
+) -> Result<GgmlWeight> {
+    let row = kind.row_bytes(k as u64)? as usize;
+    let mut b = vec![0u8; n * row];
+    bits.fill(&mut b);
+    let fields = half_fields(kind, k)?;
+    for blk in b.chunks_exact_mut(kind.block_bytes()) {
+        for &(at, mag) in &fields {
+            let h = f16::from_f32(bits.signed(mag)).to_bits().to_le_bytes();
+            blk[at..at + 2].copy_from_slice(&h);
+        }
+    }
+    Ok(GgmlWeight::upload(gpu, kind, &[n, k], &b)?)
+}
+
+fn float_bytes(v: &[f32], dtype: DType) -> Result<Vec<u8>> {
+    Ok(match dtype {
+        DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DType::F16 => v
+            .iter()
+            .flat_map(|&x| f16::from_f32(x).to_bits().to_le_bytes())
+            .collect(),
+        DType::BF16 => v
+            .iter()
+            .flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes())
+            .collect(),
+        other => {
+            return Err(LmError::Unsupported(format!(
+                "bench decode: {other} scales"
+            )))
+        }
+    })
+}
+
+fn mlx_random(
+    gpu: &MlxDevice,
+    bits: &mut Bits,
+    n: usize,
+    k: usize,
+    params: QuantParams,
+    dtype: DType,
+) -> Result<QuantWeight> {
+    let words = n * k * params.bits as usize / 32;
+    let mut packed = vec![0u32; words];
+    bits.fill_words(&mut packed);
+    let groups = n * k / params.group_size as usize;
+    // w = scale * q + bias with q in [0, 2^bits): centre the codes, |w| near 1/sqrt(K).
+    let levels = (1u32 << params.bits) as f32;
+    let mag = 1.8 / (levels * (k as f32).sqrt());
+    let mut scales = Vec::with_capacity(groups);
+    let mut biases = Vec::with_capacity(groups);
+    for _ in 0..groups {
+        let s = bits.signed(mag);
+        scales.push(s);
+        biases.push(-s * (levels - 1.0) * (0.4 + 0.2 * bits.unit()));
+    }
+    Ok(QuantWeight::from_raw(
+        gpu,
+        &packed,
+        &float_bytes(&scales, dtype)?,
+        Some(&float_bytes(&biases, dtype)?),
+        [n, k],
+        params,
+        dtype,
+    )?)
+}
+
+fn random_linear(
+    gpu: &MlxDevice,
+    bits: &mut Bits,
+    spec: &ShapeSpec,
+    role: Role,
+    layer: usize,
+    n: usize,
+    k: usize,
+) -> Result<Linear> {
+    Ok(match spec.format {
+        WeightFormat::Gguf(types) => Linear::Ggml(ggml_random(
+            gpu,
+            bits,
+            types(role, layer, spec.n_layers),
+            n,
+            k,
+        )?),
+        WeightFormat::Mlx {
+            bits: b,
+            group_size,
+            dtype,
+        } => Linear::Quant(mlx_random(
+            gpu,
+            bits,
+            n,
+            k,
+            QuantParams::affine(b, group_size),
+            dtype,
+        )?),
+    })
+}
+
+/// A norm weight: f32 for GGUF (llama.cpp stores them so), the model dtype for MLX; values
+/// in [0.5, 1.5).
+fn random_vector(
+    gpu: &MlxDevice,
+    bits: &mut Bits,
+    spec: &ShapeSpec,
+    len: usize,
+) -> Result<MlxBuffer> {
+    let v: Vec<f32> = (0..len).map(|_| 0.5 + bits.unit()).collect();
+    Ok(match spec.format {
+        WeightFormat::Gguf(_) => MlxBuffer::from_slice(gpu, &v, &[len])?,
+        WeightFormat::Mlx { dtype, .. } => {
+            MlxBuffer::from_bytes(gpu, &float_bytes(&v, dtype)?, dtype, &[len])?
+        }
+    })
+}
+
+/// Build a `Transformer` of `spec`'s shape and weight format with random weights (seeded).
+pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer> {
+    if let Some(why) = spec.not_yet {
+        return Err(LmError::Unsupported(format!("{}: {why}", spec.name)));
+    }
+    let cfg = spec.config();
+    cfg.validate()?;
+    let mut bits = Bits::new(seed, 1 << 20);
+    let (h, hd, nh, nkv) = (cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
+    let embed = random_linear(gpu, &mut bits, spec, Role::Embed, 0, cfg.vocab, h)?;
+    let gemma = cfg.family == Family::Gemma3;
+    let mut layers = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let mut lin = |role, n, k| random_linear(gpu, &mut bits, spec, role, i, n, k);
+        let (q, k, v, o) = (
+            lin(Role::Q, nh * hd, h)?,
+            lin(Role::K, nkv * hd, h)?,
+            lin(Role::V, nkv * hd, h)?,
+            lin(Role::O, h, nh * hd)?,
+        );
+        let (gate, up, down) = (
+            lin(Role::Gate, cfg.ffn, h)?,
+            lin(Role::Up, cfg.ffn, h)?,
+            lin(Role::Down, h, cfg.ffn)?,
+        );
+        let mut vec = |len| random_vector(gpu, &mut bits, spec, len);
+        let sliding = cfg.sliding_layers.get(i).copied().unwrap_or(false);
+        let attn = Attention {
+            q,
+            k,
+            v,
+            o,
+            q_bias: None,
+            k_bias: None,
+            v_bias: None,
+            q_norm: if cfg.qk_norm { Some(vec(hd)?) } else { None },
+            k_norm: if cfg.qk_norm { Some(vec(hd)?) } else { None },
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            norm_eps: cfg.norm_eps,
+            scale: cfg.attn_scale,
+            window: if sliding { cfg.sliding_window } else { None },
+        };
+        layers.push(DecoderLayer {
+            attn_norm: vec(h)?,
+            attn,
+            post_attn_norm: if gemma { Some(vec(h)?) } else { None },
+            ffn_norm: vec(h)?,
+            mlp: Ffn::Dense(Mlp {
+                gate,
+                up,
+                down,
+                act: cfg.act,
+            }),
+            post_ffn_norm: if gemma { Some(vec(h)?) } else { None },
+            eps: cfg.norm_eps,
+            rope: usize::from(sliding && cfg.rope_local_base.is_some()),
+        });
+        // Flush this layer's uploads so their staging memory is freed before the next one.
+        gpu.wgpu_queue().submit([]);
+        gpu.wait_idle()?;
+    }
+    let norm = random_vector(gpu, &mut bits, spec, h)?;
+    let head = if cfg.tied_embeddings {
+        None
+    } else {
+        Some(random_linear(
+            gpu,
+            &mut bits,
+            spec,
+            Role::Head,
+            0,
+            cfg.vocab,
+            h,
+        )?)
+    };
+    let mut ropes = vec![RopeTable::new(gpu, &cfg.rope)?];
+    if let Some(base) = cfg.rope_local_base {
+        let mut local = cfg.rope;
+        local.base = base;
+        local.scaling = RopeScaling::None;
+        ropes.push(RopeTable::new(gpu, &local)?);
+    }
+    Ok(Transformer {
+        cfg,
+        gpu: gpu.clone(),
+        embed,
+        layers,
+        norm,
+        head,
+        ropes,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Byte accounting
+
+/// Bytes a `Linear::forward` reads of its weight (everything stored).
+pub fn linear_bytes(l: &Linear) -> u64 {
+    match l {
+        Linear::Ggml(w) => w.gpu_bytes(),
+        Linear::Quant(w) => {
+            w.packed().byte_len()
+                + w.scales().byte_len()
+                + w.biases().map_or(0, MlxBuffer::byte_len)
+        }
+        Linear::Dense(w) => w.byte_len(),
+    }
+}
+
+/// Bytes of one row of an embedding table (what one token's lookup reads).
+pub fn embed_row_bytes(l: &Linear) -> u64 {
+    let rows = l.shape()[0].max(1) as u64;
+    linear_bytes(l).div_ceil(rows)
+}
+
+fn opt_bytes(b: &Option<MlxBuffer>) -> u64 {
+    b.as_ref().map_or(0, MlxBuffer::byte_len)
+}
+
+/// Weight bytes one decode step reads, by part.
+#[derive(Clone, Debug, Serialize)]
+pub struct WeightBytes {
+    /// Every layer's projections.
+    pub layers: u64,
+    /// Norm weights (all layers and the final norm).
+    pub norms: u64,
+    pub lm_head: u64,
+    pub embed_row: u64,
+    /// All weights resident on the GPU (embeddings counted once when tied).
+    pub resident: u64,
+}
+
+impl WeightBytes {
+    pub fn per_token(&self) -> u64 {
+        self.layers + self.norms + self.lm_head + self.embed_row
+    }
+}
+
+pub fn weight_bytes(m: &Transformer) -> WeightBytes {
+    let mut layers = 0;
+    let mut norms = m.norm.byte_len();
+    for l in &m.layers {
+        let a = &l.attn;
+        layers += [&a.q, &a.k, &a.v, &a.o]
+            .into_iter()
+            .map(linear_bytes)
+            .sum::<u64>();
+        layers += match &l.mlp {
+            Ffn::Dense(m) => [&m.gate, &m.up, &m.down]
+                .into_iter()
+                .map(linear_bytes)
+                .sum::<u64>(),
+            // Synthetic MoE shapes are not built yet; count what a token surely reads.
+            Ffn::Moe(m) => linear_bytes(&m.router),
+        };
+        norms += l.attn_norm.byte_len()
+            + l.ffn_norm.byte_len()
+            + opt_bytes(&l.post_attn_norm)
+            + opt_bytes(&l.post_ffn_norm)
+            + opt_bytes(&a.q_norm)
+            + opt_bytes(&a.k_norm)
+            + opt_bytes(&a.q_bias)
+            + opt_bytes(&a.k_bias)
+            + opt_bytes(&a.v_bias);
+    }
+    let embed = linear_bytes(&m.embed);
+    let lm_head = m.head.as_ref().map_or(embed, linear_bytes);
+    let resident = layers + norms + embed + m.head.as_ref().map_or(0, linear_bytes);
+    WeightBytes {
+        layers,
+        norms,
+        lm_head,
+        embed_row: embed_row_bytes(&m.embed),
+        resident,
+    }
+}
+
+/// KV cache bytes (f16 K and V) the attention of one decode step at position `pos` reads.
+pub fn kv_bytes(m: &Transformer, pos: usize) -> u64 {
+    m.layers
+        .iter()
+        .map(|l| {
+            let keys = l.attn.window.map_or(pos + 1, |w| w.min(pos + 1));
+            (2 * l.attn.n_kv_heads * keys * l.attn.head_dim * 2) as u64
+        })
+        .sum()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement
+
+/// What to measure.
+#[derive(Clone, Debug)]
+pub struct DecodeOptions {
+    /// Contexts (positions already in the cache) at which decode is timed, ascending.
+    pub contexts: Vec<usize>,
+    /// Warm-up decode steps before each timing.
+    pub warmup: usize,
+    /// Timed decode steps per context (wall clock).
+    pub steps: usize,
+    /// Profiled decode steps per context (GPU timestamps; median of their sums).
+    pub profiled_steps: usize,
+    /// Prefill chunk timed for prefill tok/s (0: skip).
+    pub prefill_tokens: usize,
+    pub prefill_reps: usize,
+    /// Time each projection role over all layers (GPU timestamps).
+    pub per_linear: bool,
+    /// Bytes the bandwidth probe reads (MiB).
+    pub probe_mib: u64,
+    pub seed: u64,
+    /// Progress lines on stderr.
+    pub verbose: bool,
+    /// Positions below this are filled by the model's own prefill of synthetic ids, beyond
+    /// it by appends of synthetic K/V rows (decode reads the same bytes either way; the
+    /// model's prefill to 4096 positions of an 8B model costs seconds of device time).
+    pub model_prefill_max: usize,
+}
+
+impl Default for DecodeOptions {
+    fn default() -> Self {
+        DecodeOptions {
+            contexts: vec![128, 4096],
+            warmup: 4,
+            steps: 32,
+            profiled_steps: 5,
+            prefill_tokens: 512,
+            prefill_reps: 2,
+            per_linear: true,
+            probe_mib: 1024,
+            seed: 0x5EED,
+            verbose: true,
+            model_prefill_max: 512,
+        }
+    }
+}
+
+/// Decode at one context.
+#[derive(Clone, Debug, Serialize)]
+pub struct ContextRow {
+    /// Positions in the cache before the timed steps.
+    pub context: usize,
+    /// Weights + KV bytes one step reads (KV at the mean position of the timed steps).
+    pub bytes_per_token: u64,
+    pub kv_bytes: u64,
+    pub roofline_tok_s: f64,
+    /// Wall clock: record + submit + GPU + id readback, median step.
+    pub decode_tok_s: f64,
+    pub wall_us_per_token: f64,
+    /// Sum of per-dispatch GPU timestamps of one step (median of the profiled steps).
+    pub gpu_us_per_token: Option<f64>,
+    /// `decode_tok_s / roofline_tok_s`.
+    pub roofline_fraction: f64,
+    /// GPU-time tok/s over the roofline (what the kernels alone reach).
+    pub gpu_roofline_fraction: Option<f64>,
+    /// Steps recorded and submitted back to back, the id fed back on the GPU, one wait at the
+    /// end: decode with the host overlapped with the GPU (mean over `steps`).
+    pub overlapped_tok_s: f64,
+    pub overlapped_roofline_fraction: f64,
+    /// CPU time to record one step (forward + argmax), median.
+    pub record_us: f64,
+    /// CPU time of `Pass::commit` (encoding into wgpu and submitting), median.
+    pub submit_us: f64,
+}
+
+/// GPU time of one projection role over all layers.
+#[derive(Clone, Debug, Serialize)]
+pub struct LinearRow {
+    pub role: String,
+    pub shape: [usize; 2],
+    pub kind: String,
+    /// Bytes of one weight.
+    pub bytes: u64,
+    /// GPU µs of one dispatch (sum over all layers / layers).
+    pub gpu_us: f64,
+    pub gb_s: f64,
+    pub roofline_fraction: f64,
+    /// This role's share of one decode step's GPU time (all layers).
+    pub share_of_step: Option<f64>,
+}
+
+/// GPU time per kernel label within one decode step.
+#[derive(Clone, Debug, Serialize)]
+pub struct KernelShare {
+    pub label: String,
+    pub count: usize,
+    pub gpu_us: f64,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Checks {
+    pub finite: bool,
+    /// Two different ids at the same position give different logits.
+    pub input_dependent: bool,
+    pub max_abs_logit: f32,
+    pub max_abs_logit_diff: f32,
+}
+
+/// One shape's results (or why it was not run).
+#[derive(Clone, Debug, Serialize)]
+pub struct ShapeReport {
+    pub shape: String,
+    pub format: String,
+    /// "ok", or "not yet: ..." / "error: ...".
+    pub status: String,
+    pub n_layers: usize,
+    pub hidden: usize,
+    pub vocab: usize,
+    pub weights: Option<WeightBytes>,
+    pub load_secs: Option<f64>,
+    /// Decode at the first context over its roofline (the headline number).
+    pub roofline_fraction: Option<f64>,
+    pub contexts: Vec<ContextRow>,
+    pub prefill_tokens: usize,
+    pub prefill_tok_s: Option<f64>,
+    pub dispatches_per_token: Option<usize>,
+    pub checks: Option<Checks>,
+    pub linears: Vec<LinearRow>,
+    /// Kernels by GPU time in one decode step at the first context, largest first.
+    pub top_kernels: Vec<KernelShare>,
+}
+
+impl ShapeReport {
+    fn skipped(spec: &ShapeSpec, status: String) -> Self {
+        ShapeReport {
+            shape: spec.name.into(),
+            format: spec.format_desc.into(),
+            status,
+            n_layers: spec.n_layers,
+            hidden: spec.hidden,
+            vocab: spec.vocab,
+            weights: None,
+            load_secs: None,
+            roofline_fraction: None,
+            contexts: Vec::new(),
+            prefill_tokens: 0,
+            prefill_tok_s: None,
+            dispatches_per_token: None,
+            checks: None,
+            linears: Vec::new(),
+            top_kernels: Vec::new(),
+        }
+    }
+}
+
+/// The `bench decode` report.
+#[derive(Clone, Debug, Serialize)]
+pub struct DecodeReport {
+    pub adapter: String,
+    pub backend: String,
+    pub driver: String,
+    /// UTC date of the run (YYYY-MM-DD).
+    pub date: String,
+    pub git_commit: String,
+    pub bandwidth: Bandwidth,
+    /// How the context before the timed decode steps was filled.
+    pub context_fill: String,
+    pub shapes: Vec<ShapeReport>,
+}
+
+struct StepTime {
+    record: f64,
+    submit: f64,
+    wall: f64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+fn secs(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64()
+}
+
+/// One greedy decode step of `id` at `pos`; returns the next id.
+fn decode_step(
+    m: &Transformer,
+    cache: &mut mlx_native::kv_quant::KvStore,
+    id: u32,
+    pos: usize,
+) -> Result<(u32, StepTime)> {
+    let t0 = Instant::now();
+    let mut pass = m.gpu.begin();
+    let logits = m.forward(&mut pass, &[id], pos, cache)?;
+    let next = ops::argmax(&mut pass, &logits)?;
+    let record = secs(t0);
+    let t1 = Instant::now();
+    pass.commit()?;
+    let submit = secs(t1);
+    let id = next
+        .to_vec::<u32>(&m.gpu)?
+        .first()
+        .copied()
+        .ok_or_else(|| LmError::Invalid("argmax returned nothing".into()))?;
+    Ok((
+        id,
+        StepTime {
+            record,
+            submit,
+            wall: secs(t0),
+        },
+    ))
+}
+
+/// `Transformer::forward` of one token whose id is already on the GPU (`ids`, u32 `[1]`,
+/// e.g. the previous step's argmax), so steps can be recorded and submitted back to back
+/// with no host round trip. The same layers and ops as the engine's forward (a test checks
+/// that both give the same logits).
+pub fn forward_ids(
+    m: &Transformer,
+    pass: &mut Pass,
+    ids: &MlxBuffer,
+    pos: usize,
+    cache: &mut mlx_native::kv_quant::KvStore,
+) -> Result<MlxBuffer> {
+    let positions = MlxBuffer::pooled(&m.gpu, DType::U32, &[1])?;
+    positions.write(&m.gpu, &[pos as u32])?;
+    let mut x = m.embed.gather(pass, ids)?;
+    if let Some(s) = m.cfg.embed_scale {
+        x = ops::scale(pass, &x, s)?;
+    }
+    let step = crate::layers::attention::Step {
+        positions: &positions,
+        pos0: pos,
+        tokens: 1,
+    };
+    for (i, layer) in m.layers.iter().enumerate() {
+        x = layer.forward(pass, &x, &step, &m.ropes, cache, i)?;
+    }
+    let h = ops::rms_norm(pass, &x, &m.norm, m.cfg.norm_eps)?;
+    m.head.as_ref().unwrap_or(&m.embed).forward(pass, &h)
+}
+
+/// `n` greedy decode steps recorded and submitted back to back, each embedding the previous
+/// step's argmax on the GPU; one wait at the end. Returns seconds. This is decode with the
+/// host's record and submit overlapped with the GPU (what pipelining the engine would give).
+fn overlapped_decode(
+    m: &Transformer,
+    cache: &mut mlx_native::kv_quant::KvStore,
+    first: u32,
+    pos: &mut usize,
+    n: usize,
+) -> Result<(f64, u32)> {
+    let mut ids = MlxBuffer::from_slice(&m.gpu, &[first], &[1])?;
+    m.gpu.wait_idle()?;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        let mut pass = m.gpu.begin();
+        let logits = forward_ids(m, &mut pass, &ids, *pos, cache)?;
+        ids = ops::argmax(&mut pass, &logits)?.reshape(&[1])?;
+        pass.commit()?;
+        *pos += 1;
+    }
+    m.gpu.wait_idle()?;
+    let t = secs(t0);
+    let last = ids.to_vec::<u32>(&m.gpu)?.first().copied().unwrap_or(0);
+    Ok((t, last))
+}
+
+/// A profiled decode step: per-dispatch timings and the dispatch count.
+fn profiled_step(
+    m: &Transformer,
+    cache: &mut mlx_native::kv_quant::KvStore,
+    id: u32,
+    pos: usize,
+) -> Result<(Vec<mlx_native::KernelTiming>, usize)> {
+    let mut pass = m.gpu.begin().with_profiling(true);
+    let logits = m.forward(&mut pass, &[id], pos, cache)?;
+    ops::argmax(&mut pass, &logits)?;
+    let n = pass.len();
+    Ok((pass.commit_and_wait()?, n))
+}
+
+fn synthetic_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| (splitmix(&mut s) % vocab as u64) as u32)
+        .collect()
+}
+
+/// Fill the cache from its current length up to `target` positions: the model's own
+/// prefill of synthetic ids below `model_max` positions, then appends of synthetic K/V rows
+/// to every layer.
+fn prefill_to(
+    m: &Transformer,
+    cache: &mut mlx_native::kv_quant::KvStore,
+    pos: &mut usize,
+    target: usize,
+    model_max: usize,
+    seed: u64,
+) -> Result<()> {
+    let chunk = cache.max_chunk().min(PREFILL_CHUNK);
+    while *pos < target.min(model_max) {
+        let n = chunk.min(target.min(model_max) - *pos);
+        let ids = synthetic_ids(n, m.cfg.vocab, seed ^ *pos as u64);
+        let mut pass = m.gpu.begin();
+        m.forward(&mut pass, &ids, *pos, cache)?;
+        pass.commit()?;
+        *pos += n;
+    }
+    if *pos < target {
+        let (kvh, hd) = (m.cfg.n_kv_heads, m.cfg.head_dim);
+        let mut bits = Bits::new(seed, 1024);
+        let rows = |bits: &mut Bits| -> Result<MlxBuffer> {
+            let v: Vec<f32> = (0..chunk * kvh * hd)
+                .map(|_| 2.0 * bits.unit() - 1.0)
+                .collect();
+            Ok(MlxBuffer::from_slice(&m.gpu, &v, &[chunk, kvh, hd])?)
+        };
+        let (k, v) = (rows(&mut bits)?, rows(&mut bits)?);
+        while *pos < target {
+            let n = chunk.min(target - *pos);
+            let (kn, vn) = (k.view(0, &[n, kvh, hd])?, v.view(0, &[n, kvh, hd])?);
+            let mut pass = m.gpu.begin();
+            for layer in 0..m.layers.len() {
+                cache.append(&mut pass, layer, &kn, &vn, *pos)?;
+            }
+            pass.commit()?;
+            *pos += n;
+        }
+    }
+    m.gpu.wait_idle()?;
+    Ok(())
+}
+
+fn logits_at(
+    m: &Transformer,
+    cache: &mut mlx_native::kv_quant::KvStore,
+    id: u32,
+    pos: usize,
+) -> Result<Vec<f32>> {
+    let mut pass = m.gpu.begin();
+    let l = m.forward(&mut pass, &[id], pos, cache)?;
+    pass.commit()?;
+    Ok(l.to_vec::<f32>(&m.gpu)?)
+}
+
+fn check_logits(
+    m: &Transformer,
+    cache: &mut mlx_native::kv_quant::KvStore,
+    pos: usize,
+) -> Result<Checks> {
+    let v = m.cfg.vocab as u32;
+    let (a, b) = (7 % v, (v / 2 + 3) % v);
+    let la = logits_at(m, cache, a, pos)?;
+    // Rewind: the same position again with another id.
+    let lb = logits_at(m, cache, b, pos)?;
+    let finite = la.iter().chain(&lb).all(|x| x.is_finite());
+    let max_abs_logit = la.iter().chain(&lb).fold(0f32, |acc, x| acc.max(x.abs()));
+    let max_abs_logit_diff = la
+        .iter()
+        .zip(&lb)
+        .fold(0f32, |acc, (x, y)| acc.max((x - y).abs()));
+    Ok(Checks {
+        finite,
+        input_dependent: a != b && max_abs_logit_diff > 1e-6 * max_abs_logit.max(1e-30),
+        max_abs_logit,
+        max_abs_logit_diff,
+    })
+}
+
+fn role_weights(m: &Transformer, role: Role) -> Vec<&Linear> {
+    match role {
+        Role::Embed => vec![&m.embed],
+        Role::Head => vec![m.head.as_ref().unwrap_or(&m.embed)],
+        _ => m
+            .layers
+            .iter()
+            .filter_map(|l| match (role, &l.mlp) {
+                (Role::Q, _) => Some(&l.attn.q),
+                (Role::K, _) => Some(&l.attn.k),
+                (Role::V, _) => Some(&l.attn.v),
+                (Role::O, _) => Some(&l.attn.o),
+                (Role::Gate, Ffn::Dense(f)) => Some(&f.gate),
+                (Role::Up, Ffn::Dense(f)) => Some(&f.up),
+                (_, Ffn::Dense(f)) => Some(&f.down),
+                (_, Ffn::Moe(_)) => None,
+            })
+            .collect(),
+    }
+}
+
+fn kind_name(l: &Linear) -> String {
+    match l {
+        Linear::Ggml(w) => w.kind().to_string(),
+        Linear::Quant(w) => format!("mlx{}g{} {}", w.bits(), w.group_size(), w.dtype()),
+        Linear::Dense(w) => w.dtype().to_string(),
+    }
+}
+
+/// Each role's matvec over all layers in one profiled pass.
+fn time_linears(m: &Transformer, bw: f64, step_us: Option<f64>) -> Result<Vec<LinearRow>> {
+    let timer = crate::bench::Timer::new(&m.gpu)?;
+    let mut rows = Vec::new();
+    for role in Role::LAYER.into_iter().chain([Role::Head]) {
+        let ws = role_weights(m, role);
+        let Some(first) = ws.first() else { continue };
+        let [_, k] = first.shape();
+        let x = MlxBuffer::from_slice(
+            &m.gpu,
+            &(0..k)
+                .map(|i| ((i % 7) as f32 - 3.0) / 4.0)
+                .collect::<Vec<f32>>(),
+            &[1, k],
+        )?;
+        let ns = timer.median_ns(|pass: &mut Pass| {
+            for w in &ws {
+                w.forward(pass, &x).map_err(|e| match e {
+                    LmError::Mlx(e) => e,
+                    other => mlx_native::MlxError::invalid(other.to_string()),
+                })?;
+            }
+            Ok(())
+        })?;
+        let bytes: u64 = ws.iter().map(|w| linear_bytes(w)).sum();
+        let per_us = ns / 1e3 / ws.len() as f64;
+        let gb_s = bytes as f64 / ns;
+        rows.push(LinearRow {
+            role: role.name().into(),
+            shape: first.shape(),
+            kind: kind_name(first),
+            bytes: linear_bytes(first),
+            gpu_us: per_us,
+            gb_s,
+            roofline_fraction: gb_s / bw,
+            share_of_step: step_us.map(|s| ns / 1e3 / s),
+        });
+    }
+    Ok(rows)
+}
+
+fn top_kernels(steps: &[Vec<mlx_native::KernelTiming>]) -> Vec<KernelShare> {
+    let mut by: HashMap<String, (usize, f64)> = HashMap::new();
+    for s in steps {
+        for k in s {
+            let e = by.entry(k.label.to_string()).or_default();
+            e.0 += 1;
+            e.1 += k.nanos;
+        }
+    }
+    let n = steps.len().max(1);
+    let mut v: Vec<KernelShare> = by
+        .into_iter()
+        .map(|(label, (c, ns))| KernelShare {
+            label,
+            count: c / n,
+            gpu_us: ns / 1e3 / n as f64,
+        })
+        .collect();
+    v.sort_by(|a, b| b.gpu_us.total_cmp(&a.gpu_us));
+    v
+}
+
+/// Build and measure one shape with the run's bandwidth `bw`.
+pub fn bench_shape(
+    gpu: &MlxDevice,
+    spec: &ShapeSpec,
+    opts: &DecodeOptions,
+    bw: &Bandwidth,
+) -> Result<ShapeReport> {
+    if let Some(why) = spec.not_yet {
+        return Ok(ShapeReport::skipped(spec, why.into()));
+    }
+    let profile = gpu.caps().timestamps;
+    let t_load = Instant::now();
+    let say = |what: &str| {
+        if opts.verbose {
+            eprintln!("[{:7.2}s] {}: {what}", secs(t_load), spec.name);
+        }
+    };
+    let m = build(gpu, spec, opts.seed)?;
+    gpu.wait_idle()?;
+    let load_secs = secs(t_load);
+    say("built");
+    let wb = weight_bytes(&m);
+    let mut report = ShapeReport::skipped(spec, "ok".into());
+    report.load_secs = Some(load_secs);
+
+    let per_ctx_steps = opts.warmup + 2 * opts.steps + opts.profiled_steps + 2;
+    let max_ctx = opts.contexts.iter().copied().max().unwrap_or(0);
+    let mut cache = m.new_cache(max_ctx + opts.contexts.len() * per_ctx_steps + 2)?;
+    let mut pos = 0;
+    let mut id = 1 % m.cfg.vocab as u32;
+    let mut first_profile = Vec::new();
+    for (ci, &ctx) in opts.contexts.iter().enumerate() {
+        let target = ctx.max(pos);
+        prefill_to(
+            &m,
+            &mut cache,
+            &mut pos,
+            target,
+            opts.model_prefill_max,
+            opts.seed ^ 0xC0,
+        )?;
+        say(&format!("context {target} filled"));
+        let start = pos;
+        for _ in 0..opts.warmup {
+            id = decode_step(&m, &mut cache, id, pos)?.0;
+            pos += 1;
+        }
+        let mean_pos = pos + opts.steps / 2;
+        let mut times = Vec::with_capacity(opts.steps);
+        for _ in 0..opts.steps {
+            let (next, t) = decode_step(&m, &mut cache, id, pos)?;
+            id = next;
+            pos += 1;
+            times.push(t);
+        }
+        let (ov_secs, next) = overlapped_decode(&m, &mut cache, id, &mut pos, opts.steps)?;
+        id = next;
+        let mut gpu_sums = Vec::new();
+        let mut profiles = Vec::new();
+        let mut dispatches = 0;
+        if profile {
+            for _ in 0..opts.profiled_steps {
+                let (t, n) = profiled_step(&m, &mut cache, id, pos)?;
+                pos += 1;
+                dispatches = n;
+                gpu_sums.push(t.iter().map(|k| k.nanos).sum::<f64>() / 1e3);
+                profiles.push(t);
+            }
+        } else {
+            let mut pass = gpu.begin();
+            let logits = m.forward(&mut pass, &[id], pos, &mut cache)?;
+            ops::argmax(&mut pass, &logits)?;
+            dispatches = pass.len();
+            pass.commit()?;
+            gpu.wait_idle()?;
+            pos += 1;
+        }
+        if ci == 0 {
+            report.dispatches_per_token = Some(dispatches);
+            report.checks = Some(check_logits(&m, &mut cache, pos)?);
+            first_profile = profiles;
+        }
+        let kv = kv_bytes(&m, mean_pos);
+        let bytes = wb.per_token() + kv;
+        let roofline = bw.gb_s * 1e9 / bytes as f64;
+        let wall = median(times.iter().map(|t| t.wall).collect());
+        let gpu_us = (!gpu_sums.is_empty()).then(|| median(gpu_sums));
+        let row = ContextRow {
+            context: start,
+            bytes_per_token: bytes,
+            kv_bytes: kv,
+            roofline_tok_s: roofline,
+            decode_tok_s: 1.0 / wall,
+            wall_us_per_token: wall * 1e6,
+            gpu_us_per_token: gpu_us,
+            roofline_fraction: (1.0 / wall) / roofline,
+            gpu_roofline_fraction: gpu_us.map(|u| (1e6 / u) / roofline),
+            overlapped_tok_s: opts.steps as f64 / ov_secs,
+            overlapped_roofline_fraction: (opts.steps as f64 / ov_secs) / roofline,
+            record_us: median(times.iter().map(|t| t.record).collect()) * 1e6,
+            submit_us: median(times.iter().map(|t| t.submit).collect()) * 1e6,
+        };
+        say(&format!(
+            "context {start}: {:.1} tok/s, gpu {:?} us",
+            row.decode_tok_s, row.gpu_us_per_token
+        ));
+        report.contexts.push(row);
+    }
+    drop(cache);
+    report.roofline_fraction = report.contexts.first().map(|r| r.roofline_fraction);
+    report.top_kernels = top_kernels(&first_profile);
+
+    if opts.prefill_tokens > 0 {
+        let n = opts.prefill_tokens.min(PREFILL_CHUNK);
+        let mut cache = m.new_cache(n)?;
+        let ids = synthetic_ids(n, m.cfg.vocab, opts.seed ^ 0x9F);
+        let mut t = Vec::new();
+        for r in 0..opts.prefill_reps + 1 {
+            let t0 = Instant::now();
+            let mut pass = gpu.begin();
+            let logits = m.forward(&mut pass, &ids, 0, &mut cache)?;
+            pass.commit()?;
+            logits.to_vec::<f32>(gpu)?;
+            let dt = secs(t0);
+            // A slow prefill (seconds per chunk) is timed once: repeats would only cost
+            // device time.
+            if r > 0 || dt > 2.0 {
+                t.push(dt);
+            }
+            if dt > 2.0 {
+                break;
+            }
+        }
+        report.prefill_tokens = n;
+        report.prefill_tok_s = Some(n as f64 / median(t));
+        say("prefill timed");
+    }
+    if opts.per_linear && profile {
+        let step = report.contexts.first().and_then(|r| r.gpu_us_per_token);
+        report.linears = time_linears(&m, bw.gb_s, step)?;
+        say("linears timed");
+    }
+    report.weights = Some(wb);
+    Ok(report)
+}
+
+/// The git commit this binary was built from: `MLX_NATIVE_GIT_COMMIT` at build time, else
+/// `git rev-parse` now, else "unknown".
+pub fn git_commit() -> String {
+    if let Some(c) = option_env!("MLX_NATIVE_GIT_COMMIT") {
+        return c.to_string();
+    }
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Today's UTC date, YYYY-MM-DD.
+pub fn utc_date() -> String {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() / 86_400) as i64;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+/// Run `bench decode` on the named shapes (see [`expand_shapes`]). A shape that fails is
+/// reported with an "error: ..." status and the others still run. `on_shape` sees the report
+/// so far after each shape (to save partial results).
+pub fn bench_decode(
+    gpu: &MlxDevice,
+    shapes: &[&str],
+    opts: &DecodeOptions,
+    on_shape: &mut dyn FnMut(&DecodeReport),
+) -> Result<DecodeReport> {
+    let specs = shapes
+        .iter()
+        .map(|n| shape(n))
+        .collect::<Result<Vec<_>>>()?;
+    let mut report = DecodeReport {
+        adapter: gpu.caps().adapter_name.clone(),
+        backend: gpu.caps().backend.clone(),
+        driver: gpu.caps().driver.clone(),
+        date: utc_date(),
+        git_commit: git_commit(),
+        bandwidth: read_bandwidth(gpu, opts.probe_mib)?,
+        context_fill: format!(
+            "model prefill of synthetic ids up to {} positions, synthetic K/V appends beyond",
+            opts.model_prefill_max
+        ),
+        shapes: Vec::new(),
+    };
+    for spec in &specs {
+        let r = match bench_shape(gpu, spec, opts, &report.bandwidth) {
+            Ok(r) => r,
+            Err(e) => ShapeReport::skipped(spec, format!("error: {e}")),
+        };
+        gpu.pool().trim();
+        report.shapes.push(r);
+        on_shape(&report);
+    }
+    Ok(report)
+}
+
+fn opt(v: Option<f64>, prec: usize) -> String {
+    v.map_or("-".into(), |x| format!("{x:.prec$}"))
+}
+
+impl DecodeReport {
+    /// The table printed on stdout: per-shape details, then one summary row per shape.
+    pub fn table(&self) -> String {
+        let mut s = format!(
+            "device: {} ({}, {})  date {}  commit {}\nread bandwidth: {:.1} GB/s\n",
+            self.adapter,
+            self.backend,
+            self.driver,
+            self.date,
+            self.git_commit,
+            self.bandwidth.gb_s
+        );
+        for r in &self.shapes {
+            if r.linears.is_empty() && r.top_kernels.is_empty() {
+                continue;
+            }
+            s.push_str(&format!("\n{} ({})\n", r.shape, r.format));
+            if !r.linears.is_empty() {
+                s.push_str(&format!(
+                    "  {:<8} {:<16} {:<14} {:>11} {:>9} {:>8} {:>7} {:>7}\n",
+                    "linear", "shape", "kind", "bytes", "us", "GB/s", "roof", "step"
+                ));
+                for l in &r.linears {
+                    s.push_str(&format!(
+                        "  {:<8} {:<16} {:<14} {:>11} {:>9.2} {:>8.1} {:>6.1}% {:>6}\n",
+                        l.role,
+                        format!("{:?}", l.shape),
+                        l.kind,
+                        l.bytes,
+                        l.gpu_us,
+                        l.gb_s,
+                        100.0 * l.roofline_fraction,
+                        l.share_of_step
+                            .map_or("-".into(), |x| format!("{:.1}%", 100.0 * x))
+                    ));
+                }
+            }
+            for k in r.top_kernels.iter().take(6) {
+                s.push_str(&format!(
+                    "  kernel {:<44} x{:<4} {:>9.1} us\n",
+                    k.label, k.count, k.gpu_us
+                ));
+            }
+        }
+        s.push_str(&format!(
+            "\n{:<18} {:>5} {:>5} {:>8} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>8} {:>4} {:>6} {:>6} {:>5}\n",
+            "shape", "ctx", "MB/t", "roof t/s", "tok/s", "wall us", "gpu us", "roof%", "ovl t/s",
+            "ovl%", "pf tok/s", "disp", "rec us", "sub us", "check"
+        ));
+        for r in &self.shapes {
+            if r.contexts.is_empty() {
+                s.push_str(&format!("{:<18} {}\n", r.shape, r.status));
+                continue;
+            }
+            let check = r.checks.as_ref().map_or("-", |c| {
+                if c.finite && c.input_dependent {
+                    "ok"
+                } else {
+                    "FAIL"
+                }
+            });
+            for (i, c) in r.contexts.iter().enumerate() {
+                let first = i == 0;
+                s.push_str(&format!(
+                    "{:<18} {:>5} {:>5.0} {:>8.1} {:>7.1} {:>8.1} {:>8} {:>5.1}% {:>7.1} {:>5.1}% {:>8} {:>4} {:>6.0} {:>6.0} {:>5}\n",
+                    if first { r.shape.as_str() } else { "" },
+                    c.context,
+                    c.bytes_per_token as f64 / 1e6,
+                    c.roofline_tok_s,
+                    c.decode_tok_s,
+                    c.wall_us_per_token,
+                    opt(c.gpu_us_per_token, 1),
+                    100.0 * c.roofline_fraction,
+                    c.overlapped_tok_s,
+                    100.0 * c.overlapped_roofline_fraction,
+                    if first { opt(r.prefill_tok_s, 0) } else { String::new() },
+                    match (first, r.dispatches_per_token) {
+                        (true, Some(d)) => d.to_string(),
+                        _ => String::new(),
+                    },
+                    c.record_us,
+                    c.submit_us,
+                    if first { check } else { "" },
+                ));
+            }
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gpu() -> MlxDevice {
+        MlxDevice::new().unwrap()
+    }
+
+    fn tiny_opts() -> DecodeOptions {
+        DecodeOptions {
+            // The second context passes the tiny Gemma's window of 8.
+            contexts: vec![5, 21],
+            warmup: 1,
+            steps: 2,
+            profiled_steps: 1,
+            prefill_tokens: 16,
+            prefill_reps: 1,
+            per_linear: true,
+            probe_mib: 4,
+            seed: 11,
+            verbose: false,
+            // The second context is filled by K/V appends.
+            model_prefill_max: 8,
+        }
+    }
+
+    #[test]
+    fn tiny_shapes_decode_finite_input_dependent_logits() {
+        let g = gpu();
+        let bw = Bandwidth {
+            bytes: 1,
+            gpu_us: 1.0,
+            gb_s: 1.0,
+        };
+        for name in TEST_SHAPES {
+            let spec = shape(name).unwrap();
+            let r = bench_shape(&g, &spec, &tiny_opts(), &bw).unwrap();
+            assert_eq!(r.status, "ok", "{name}");
+            let c = r.checks.as_ref().unwrap();
+            assert!(c.finite, "{name}: {c:?}");
+            assert!(c.input_dependent, "{name}: {c:?}");
+            assert!(c.max_abs_logit > 0.0, "{name}: {c:?}");
+            assert_eq!(r.contexts.len(), 2, "{name}");
+            assert_eq!(r.contexts[0].context, 5);
+            // The second context starts after the first one's decode steps.
+            assert_eq!(r.contexts[1].context, 21);
+            for c in &r.contexts {
+                assert!(
+                    c.decode_tok_s > 0.0 && c.roofline_tok_s > 0.0,
+                    "{name}: {c:?}"
+                );
+                assert!(c.bytes_per_token > r.weights.as_ref().unwrap().per_token());
+            }
+            assert!(r.dispatches_per_token.unwrap() > 10 * spec.n_layers);
+            assert!(r.prefill_tok_s.unwrap() > 0.0);
+        }
+    }
+
+    #[test]
+    fn forward_ids_matches_the_engine_forward() {
+        let g = gpu();
+        for name in TEST_SHAPES {
+            let m = build(&g, &shape(name).unwrap(), 5).unwrap();
+            let mut cache = m.new_cache(32).unwrap();
+            let mut pos = 0;
+            prefill_to(&m, &mut cache, &mut pos, 12, 10, 1).unwrap();
+            let want = logits_at(&m, &mut cache, 42, pos).unwrap();
+            let ids = MlxBuffer::from_slice(&g, &[42u32], &[1]).unwrap();
+            let mut pass = g.begin();
+            let got = forward_ids(&m, &mut pass, &ids, pos, &mut cache).unwrap();
+            pass.commit().unwrap();
+            assert_eq!(got.to_vec::<f32>(&g).unwrap(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn byte_accounting_matches_the_formats() {
+        let g = gpu();
+        // GGUF: Q4_0 18 B / 32, Q5_0 22 B / 32, Q4_1 20 B / 32, Q8_0 34 B / 32.
+        let spec = shape("tiny-gguf").unwrap();
+        let m = build(&g, &spec, 3).unwrap();
+        let wb = weight_bytes(&m);
+        let b = |n: usize, k: usize, bytes: usize| (n * k / 32 * bytes) as u64;
+        let q = b(128, 64, 18);
+        let kv = b(64, 64, 18);
+        let o = b(64, 128, 18);
+        let gu = 2 * b(96, 64, 18);
+        let down = b(64, 96, 20);
+        let v0 = b(64, 64, 22);
+        let want = 2 * (q + kv + o + gu + down) + kv + v0;
+        assert_eq!(wb.layers, want);
+        assert_eq!(wb.lm_head, b(300, 64, 34));
+        assert_eq!(wb.embed_row, 64 / 32 * 34);
+        assert_eq!(wb.norms, (2 * 2 * 64 + 64) * 4);
+        // KV: 2 layers x (K, V) x 1 head x 64 x f16 per position.
+        assert_eq!(kv_bytes(&m, 9), 2 * 2 * 10 * 64 * 2);
+
+        // MLX 4-bit g64 bf16: K/2 packed bytes + 4 bytes of scale and bias per 64 values.
+        let spec = shape("tiny-gemma-mlx").unwrap();
+        let m = build(&g, &spec, 4).unwrap();
+        let wb = weight_bytes(&m);
+        let b = |n: usize, k: usize| (n * k / 2 + n * k / 64 * 4) as u64;
+        assert_eq!(
+            wb.layers,
+            2 * (b(128, 64) + 2 * b(64, 64) + b(64, 128) + 3 * b(128, 64))
+        );
+        assert_eq!(wb.lm_head, b(320, 64));
+        assert_eq!(wb.embed_row, b(1, 64));
+        // Layer 0 slides over 8 positions, layer 1 is global.
+        assert_eq!(kv_bytes(&m, 30), (2 * 8 * 64 * 2 + 2 * 31 * 64 * 2) as u64);
+    }
+
+    #[test]
+    fn shapes_expand_and_unknown_names_are_named() {
+        assert_eq!(
+            expand_shapes("llama-3.1-8b").unwrap(),
+            ["llama-3.1-8b-mlx4", "llama-3.1-8b-q4_0"]
+        );
+        assert_eq!(expand_shapes("all").unwrap().len(), SHAPES.len());
+        for s in SHAPES {
+            let spec = shape(s).unwrap();
+            spec.config().validate().unwrap();
+        }
+        let e = expand_shapes("llama-9b").unwrap_err().to_string();
+        assert!(
+            e.starts_with("bench decode: unknown shape \"llama-9b\""),
+            "{e}"
+        );
+        let q = shape("qwen3-30b-a3b").unwrap();
+        assert!(q.not_yet.is_some());
+        assert!(build(&gpu(), &q, 0).is_err());
+    }
+
+    #[test]
+    fn utc_date_is_well_formed() {
+        let d = utc_date();
+        assert_eq!(d.len(), 10, "{d}");
+        assert!(d.starts_with("20"), "{d}");
+    }
+}
