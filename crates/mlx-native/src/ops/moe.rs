@@ -164,9 +164,10 @@ struct GgmlGatherParams {
     scale_off: u32,
     units: u32,
     first_shard: u32,
+    /// ggml_common's `xvec`: the routed kernel reads x through `x4`, never as vec4s.
+    xvec: u32,
     experts: u32,
     x_div: u32,
-    _pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<GgmlGatherParams>() == 48);
 
@@ -516,9 +517,9 @@ pub fn ggml_gather_matvec(
             scale_off: check::fits_u32(s.scale_off, op, "scale offset")?,
             units: k.div_ceil(32) as u32,
             first_shard: u32::from(i == 0),
+            xvec: 0,
             experts: e as u32,
             x_div: r.x_div,
-            _pad: 0,
         };
         pass.dispatch(kernel, spec, &p, &[x, &s.buffer, &y, ids], groups)?;
     }

@@ -7,7 +7,8 @@
 // chosen experts' rows are read. A workgroup whose expert is in another shard computes
 // nothing (its unit loop is empty) and writes nothing; ids >= E give zeros (first shard).
 // Params (ggml_common's): m = pairs, k, n = N, rows = experts in the shard, row0 = its first
-// expert, bpr, scale_off, units, zero_oob = 1 on the first shard, _pad0 = E, _pad1 = top_k.
+// expert, bpr, scale_off, units, zero_oob = 1 on the first shard, xvec = 0, _pad1 = E,
+// _pad2 = the pairs per x row (top_k, or 1 when x has one row per pair).
 
 @compute @workgroup_size(WG)
 fn moe_matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -27,7 +28,7 @@ fn moe_matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
     let in_shard = e >= p.row0 && e - p.row0 < p.rows;
     let row = select(0u, e - p.row0, in_shard) * p.n + n;
     let units = select(0u, p.units, in_shard);
-    let xo = view(0u) + (pair / p._pad1) * p.k;
+    let xo = view(0u) + (pair / p._pad2) * p.k;
     var acc = 0.0;
     let grp = lid % 8u;
     for (var u = lid / 8u; u < units; u += WG / 8u) {
@@ -62,7 +63,7 @@ fn moe_matvec(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nw
         let o = view(2u) + pair * p.n + n;
         if in_shard {
             y[o] = t;
-        } else if p.zero_oob != 0u && e >= p._pad0 {
+        } else if p.zero_oob != 0u && e >= p._pad1 {
             y[o] = 0.0;
         }
     }
