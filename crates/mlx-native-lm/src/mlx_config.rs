@@ -639,7 +639,7 @@ mod tests {
         let e = MlxConfig::from_json("c.json", &v).unwrap_err().to_string();
         assert_eq!(
             e,
-            "unsupported: c.json: model_type \"gpt2\"; supported: llama, mistral, qwen2, qwen3, gemma3, gemma3_text"
+            "unsupported: c.json: model_type \"gpt2\"; supported: llama, mistral, qwen2, qwen3, qwen3moe, qwen3_moe, gemma3, gemma3_text"
         );
         let mut v = llama();
         v["num_hidden_layers"] = json!("two");

@@ -403,7 +403,7 @@ fn bad_folders_give_clear_errors() {
     assert_eq!(
         load_err(&d),
         format!(
-            "unsupported: {}: model_type \"mamba\"; supported: llama, mistral, qwen2, qwen3, gemma3, gemma3_text",
+            "unsupported: {}: model_type \"mamba\"; supported: llama, mistral, qwen2, qwen3, qwen3moe, qwen3_moe, gemma3, gemma3_text",
             cfg.display()
         )
     );

@@ -361,8 +361,15 @@ pub fn norm_rope(
     table: &RopeTable,
 ) -> Result<MlxBuffer> {
     let op = "norm_rope";
-    check::dtype(weight, &[DType::F32], op, "weight")?;
+    check::dtype(weight, &[DType::F32, DType::F16, DType::BF16], op, "weight")?;
     check::len(weight, table.cfg.head_dim, op, "weight")?;
+    if weight.dtype() != DType::F32 {
+        // The fused kernel's dtype slot selects the position type; 16-bit norm weights
+        // take the two-dispatch path (same math).
+        let rows = x.reshape(&[x.len() / table.cfg.head_dim, table.cfg.head_dim])?;
+        let normed = super::rms_norm(pass, &rows, weight, eps)?.reshape(x.shape())?;
+        return rope(pass, &normed, positions, table);
+    }
     let (mut params, y) = prepare(pass, op, x, positions, table)?;
     let rows = check::fits_u32(x.len() / table.cfg.head_dim, op, "rows")?;
     params.total = rows;
