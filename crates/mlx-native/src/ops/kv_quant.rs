@@ -629,11 +629,11 @@ mod tests {
             "{what}: packing (unused bits included)"
         );
         let mut ties = 0;
-        let mut near = |ok: bool, tie: bool, i: usize, g: i64, w: i64| {
+        let mut near = |ok: bool, tie: bool, i: usize, g: i64, w: i64, t: f64| {
             if !ok {
                 assert!(
                     tie && (g - w).abs() == 1,
-                    "{what}: element {i}: index {g}, reference {w}"
+                    "{what}: element {i}: index {g}, reference {w} (scaled value {t})"
                 );
                 ties += 1;
             }
@@ -653,7 +653,7 @@ mod tests {
                     let mids: Vec<f64> = c.windows(2).map(|p| 0.5 * (p[0] + p[1])).collect();
                     let want = mids.iter().filter(|&&m| u > m).count() as i64;
                     let tie = mids.iter().any(|&m| (u - m).abs() < 1e-4);
-                    near(idx[i] as i64 == want, tie, i, idx[i] as i64, want);
+                    near(idx[i] as i64 == want, tie, i, idx[i] as i64, want, u);
                 }
             }
             Row::Affine(s, m, q) => {
@@ -688,7 +688,7 @@ mod tests {
                             0
                         };
                         let tie = ((t - t.floor()) - 0.5).abs() < 1e-4;
-                        near(q[i] as i64 == want, tie, i, q[i] as i64, want);
+                        near(q[i] as i64 == want, tie, i, q[i] as i64, want, t);
                     }
                 }
             }

@@ -66,16 +66,16 @@ fn split_scale(b: u32) -> f32 {
     return hf(wword(p.scale_off + (b >> 1u)), b & 1u);
 }
 
-// u32 values below 2^23 as f32, exactly, without integer-to-float conversions (a
-// quarter-rate instruction on NVIDIA): 2^23 + v has v as its mantissa.
+// Small u32 values as f32. (A bit trick, 2^23 + v read as f32 minus 2^23, avoids NVIDIA's
+// quarter-rate conversion instruction, but gave wrong Q5_0 values on an H200 (Vulkan,
+// 580.159) while passing on lavapipe; plain conversions until that is understood.)
 fn ufloat4(v: vec4<u32>) -> vec4<f32> {
-    return bitcast<vec4<f32>>(v | vec4<u32>(0x4B000000u)) - vec4<f32>(8388608.0);
+    return vec4<f32>(v);
 }
 
-// The four bytes of w as signed values (i8), the same way: b ^ 0x80 = b + 128 (mod 256).
+// The four bytes of w as signed values (i8).
 fn sbytes4(w: u32) -> vec4<f32> {
-    let v = unpack4xU8(w ^ 0x80808080u) | vec4<u32>(0x4B000000u);
-    return bitcast<vec4<f32>>(v) - vec4<f32>(8388736.0);
+    return vec4<f32>(unpack4xI8(w));
 }
 
 // Four 4-bit fields at bit `sh` of each byte of w.
