@@ -176,40 +176,19 @@ impl KvCache {
         let capacity = self.capacity;
         let max_chunk = self.max_chunk;
         let l = self.layer(layer, op)?;
-        let tokens = k_new.shape().first().copied().unwrap_or(0);
-        let end = start_pos.saturating_add(tokens);
-        if end > capacity {
-            return Err(MlxError::Capacity(format!(
-                "{op}: layer {layer}: positions {start_pos}..{end} pass the cache capacity of \
-                 {capacity}"
-            )));
-        }
-        if start_pos > l.len {
-            return Err(MlxError::invalid(format!(
-                "{op}: layer {layer}: start_pos {start_pos} leaves a gap after the {} positions \
-                 the layer holds",
-                l.len
-            )));
-        }
-        if l.slots < capacity {
-            if tokens > max_chunk {
-                return Err(MlxError::Capacity(format!(
-                    "{op}: layer {layer}: a chunk of {tokens} tokens exceeds max_chunk \
-                     {max_chunk} of this sliding-window ring ({} slots); it would overwrite \
-                     keys its own queries still need",
-                    l.slots
-                )));
-            }
-            // The chunk's first query needs the `window - 1` positions before it.
-            let oldest = l.len.saturating_sub(l.slots);
-            let needed = (start_pos + 1).saturating_sub(l.window.unwrap_or(l.slots));
-            if needed < oldest {
-                return Err(MlxError::Capacity(format!(
-                    "{op}: layer {layer}: cannot rewind to position {start_pos}: its window \
-                     needs position {needed} but the ring no longer holds positions below {oldest}"
-                )));
-            }
-        }
+        let end = check_append(
+            op,
+            layer,
+            start_pos,
+            k_new.shape().first().copied().unwrap_or(0),
+            RingState {
+                len: l.len,
+                slots: l.slots,
+                window: l.window,
+            },
+            capacity,
+            max_chunk,
+        )?;
         crate::ops::kv::kv_append(pass, k_new, v_new, &l.k, &l.v, start_pos)?;
         if let Some(l) = self.layers.get_mut(layer) {
             l.len = end;
@@ -301,6 +280,61 @@ impl KvCache {
         }
         Ok(l.slots)
     }
+}
+
+/// The positions a cache layer holds, as its append checks need them.
+pub(crate) struct RingState {
+    pub len: usize,
+    pub slots: usize,
+    pub window: Option<usize>,
+}
+
+/// Where appending `tokens` positions at `start_pos` may go wrong, shared by every cache
+/// format: past the capacity, a gap, a ring chunk larger than `max_chunk`, or a rewind further
+/// back than the ring still reaches. Returns the new length.
+pub(crate) fn check_append(
+    op: &str,
+    layer: usize,
+    start_pos: usize,
+    tokens: usize,
+    l: RingState,
+    capacity: usize,
+    max_chunk: usize,
+) -> Result<usize> {
+    let end = start_pos.saturating_add(tokens);
+    if end > capacity {
+        return Err(MlxError::Capacity(format!(
+            "{op}: layer {layer}: positions {start_pos}..{end} pass the cache capacity of \
+             {capacity}"
+        )));
+    }
+    if start_pos > l.len {
+        return Err(MlxError::invalid(format!(
+            "{op}: layer {layer}: start_pos {start_pos} leaves a gap after the {} positions \
+             the layer holds",
+            l.len
+        )));
+    }
+    if l.slots < capacity {
+        if tokens > max_chunk {
+            return Err(MlxError::Capacity(format!(
+                "{op}: layer {layer}: a chunk of {tokens} tokens exceeds max_chunk \
+                 {max_chunk} of this sliding-window ring ({} slots); it would overwrite \
+                 keys its own queries still need",
+                l.slots
+            )));
+        }
+        // The chunk's first query needs the `window - 1` positions before it.
+        let oldest = l.len.saturating_sub(l.slots);
+        let needed = (start_pos + 1).saturating_sub(l.window.unwrap_or(l.slots));
+        if needed < oldest {
+            return Err(MlxError::Capacity(format!(
+                "{op}: layer {layer}: cannot rewind to position {start_pos}: its window \
+                 needs position {needed} but the ring no longer holds positions below {oldest}"
+            )));
+        }
+    }
+    Ok(end)
 }
 
 #[cfg(test)]

@@ -414,39 +414,19 @@ impl CompressedKvCache {
         let max_chunk = self.max_chunk;
         let format = self.format;
         let l = self.layer(layer, op)?;
-        let tokens = k_new.shape().first().copied().unwrap_or(0);
-        let end = start_pos.saturating_add(tokens);
-        if end > capacity {
-            return Err(MlxError::Capacity(format!(
-                "{op}: layer {layer}: positions {start_pos}..{end} pass the cache capacity of \
-                 {capacity}"
-            )));
-        }
-        if start_pos > l.len {
-            return Err(MlxError::invalid(format!(
-                "{op}: layer {layer}: start_pos {start_pos} leaves a gap after the {} positions \
-                 the layer holds",
-                l.len
-            )));
-        }
-        if l.slots < capacity {
-            if tokens > max_chunk {
-                return Err(MlxError::Capacity(format!(
-                    "{op}: layer {layer}: a chunk of {tokens} tokens exceeds max_chunk \
-                     {max_chunk} of this sliding-window ring ({} slots); it would overwrite \
-                     keys its own queries still need",
-                    l.slots
-                )));
-            }
-            let oldest = l.len.saturating_sub(l.slots);
-            let needed = (start_pos + 1).saturating_sub(l.window.unwrap_or(l.slots));
-            if needed < oldest {
-                return Err(MlxError::Capacity(format!(
-                    "{op}: layer {layer}: cannot rewind to position {start_pos}: its window \
-                     needs position {needed} but the ring no longer holds positions below {oldest}"
-                )));
-            }
-        }
+        let end = crate::kv_cache::check_append(
+            op,
+            layer,
+            start_pos,
+            k_new.shape().first().copied().unwrap_or(0),
+            crate::kv_cache::RingState {
+                len: l.len,
+                slots: l.slots,
+                window: l.window,
+            },
+            capacity,
+            max_chunk,
+        )?;
         crate::ops::kv_quant::kv_quant_append(pass, format, k_new, v_new, &l.k, &l.v, start_pos)?;
         if let Some(l) = self.layers.get_mut(layer) {
             l.len = end;
