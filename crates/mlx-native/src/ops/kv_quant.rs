@@ -15,7 +15,7 @@ use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
 use crate::kv_quant::{check_head_dim, CompressedKvCache, KvFormat, QuantTables, QUANT_HEAD_DIMS};
-use crate::ops::sdpa::SdpaOptions;
+use crate::ops::sdpa::{decode_plan, SdpaOptions, SdpaParams, KT};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -32,29 +32,12 @@ struct KvQuantParams {
 }
 const _: () = assert!(std::mem::size_of::<KvQuantParams>() == 176);
 
+/// The f16 decode's params (same layout, so the WGSL struct extends it) plus the
+/// compressed row's size, the rotation's normalization and the codebooks.
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct SdpaQuantParams {
-    n_heads: u32,
-    kv_heads: u32,
-    group: u32,
-    slots: u32,
-    kv_lo: u32,
-    kv_hi: u32,
-    split_len: u32,
-    n_splits: u32,
-    g_tiles: u32,
-    tokens: u32,
-    q0: u32,
-    window: u32,
-    causal: u32,
-    has_mask: u32,
-    mask_stride: u32,
-    has_sinks: u32,
-    scale: f32,
-    softcap: f32,
-    row_tiles: u32,
-    _pad: u32,
+    base: SdpaParams,
     row_words: u32,
     inv_sqrt_d: f32,
     _pad1: [u32; 2],
@@ -63,9 +46,6 @@ struct SdpaQuantParams {
 const _: () = assert!(std::mem::size_of::<SdpaQuantParams>() == 240);
 
 const WG: u32 = 128;
-/// Keys per decode tile (the decode workgroup size).
-const KT: usize = 128;
-const DECODE_TARGET_WGS: usize = 512;
 
 fn mode(format: KvFormat, op: &str) -> Result<u32> {
     format.mode().ok_or_else(|| {
@@ -84,12 +64,7 @@ fn quant_spec(entry: &'static str, head_dim: usize, mode: u32) -> Result<Spec> {
 /// Query heads per decode workgroup: as sdpa_decode, at most 4 for head dim 512 (the
 /// workgroup holds GT * head_dim query values and output accumulators).
 fn decode_gt(group: usize, head_dim: usize) -> u32 {
-    let gt = match group {
-        1 => 1,
-        2 => 2,
-        3 | 4 => 4,
-        _ => 8,
-    };
+    let gt = crate::ops::sdpa::decode_gt(group);
     if head_dim > 256 {
         gt.min(4)
     } else {
@@ -333,64 +308,46 @@ pub fn sdpa_decode_quant(
     let slots = cache.check_range(op, layer, lo, seq_len)?;
     let (k, v) = cache.buffers(layer)?;
 
-    let group = n_heads / kv_heads;
-    let gt = decode_gt(group, head_dim);
-    let g_tiles = group.div_ceil(gt as usize);
-    let kv_len = seq_len - lo;
-    let tiles = kv_len.div_ceil(KT);
-    let want = DECODE_TARGET_WGS
-        .div_ceil(kv_heads * g_tiles)
-        .clamp(1, tiles);
-    let split_len = tiles.div_ceil(want) * KT;
-    let n_splits = kv_len.div_ceil(split_len);
-
-    let part_o = pass.alloc(DType::F32, &[n_heads, n_splits, head_dim])?;
-    let part_ml = pass.alloc(DType::F32, &[n_heads, n_splits, 2])?;
-    let out = pass.alloc(DType::F32, &[n_heads, head_dim])?;
+    let gt = decode_gt(n_heads / kv_heads, head_dim);
+    let plan = decode_plan(
+        pass,
+        op,
+        n_heads,
+        kv_heads,
+        head_dim,
+        gt,
+        (lo, seq_len, slots),
+        opts,
+    )?;
     let params = SdpaQuantParams {
-        n_heads: n_heads as u32,
-        kv_heads: kv_heads as u32,
-        group: group as u32,
-        slots: slots as u32,
-        kv_lo: lo as u32,
-        kv_hi: check::fits_u32(seq_len, op, "seq_len")?,
-        split_len: split_len as u32,
-        n_splits: n_splits as u32,
-        g_tiles: g_tiles as u32,
-        tokens: 1,
-        q0: 0,
-        window: opts.window.map_or(0, |w| w.min(u32::MAX as usize) as u32),
-        causal: 1,
-        has_mask: 0,
-        mask_stride: 0,
-        has_sinks: u32::from(opts.sinks.is_some()),
-        scale: opts.scale,
-        softcap: opts.softcap.unwrap_or(0.0),
-        row_tiles: 0,
-        _pad: 0,
+        // Cosmetic for the decode kernels (they read neither), kept as before.
+        base: SdpaParams {
+            tokens: 1,
+            causal: 1,
+            ..plan.params
+        },
         row_words: cache.row_words() as u32,
         inv_sqrt_d: 1.0 / (head_dim as f32).sqrt(),
         _pad1: [0; 2],
         tables: QuantTables::new(format),
     };
-    let wgs = check::fits_u32(kv_heads * g_tiles * n_splits, op, "workgroups")?;
     let spec = decode_spec(head_dim, m, gt, pass.caps().subgroups)?;
     pass.dispatch(
         Kernel::SdpaQuant,
         spec,
         &params,
-        &[q, k, v, &part_o, &part_ml],
-        wgs,
+        &[q, k, v, &plan.part_o, &plan.part_ml],
+        plan.workgroups,
     )?;
     let sinks = opts.sinks.unwrap_or(q);
     pass.dispatch(
         Kernel::SdpaQuant,
         reduce_spec(head_dim, m)?,
         &params,
-        &[q, q, q, &part_o, &part_ml, sinks, &out],
+        &[q, q, q, &plan.part_o, &plan.part_ml, sinks, &plan.out],
         n_heads as u32,
     )?;
-    Ok(out)
+    Ok(plan.out)
 }
 
 /// Attention of T query tokens at positions `q_start_pos..q_start_pos + T` over a

@@ -51,38 +51,38 @@ impl SdpaOptions<'_> {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable, Default)]
-struct SdpaParams {
-    n_heads: u32,
-    kv_heads: u32,
-    group: u32,
-    slots: u32,
-    kv_lo: u32,
-    kv_hi: u32,
-    split_len: u32,
-    n_splits: u32,
-    g_tiles: u32,
-    tokens: u32,
-    q0: u32,
-    window: u32,
-    causal: u32,
-    has_mask: u32,
-    mask_stride: u32,
-    has_sinks: u32,
-    scale: f32,
-    softcap: f32,
-    row_tiles: u32,
-    _pad: u32,
+pub(crate) struct SdpaParams {
+    pub(crate) n_heads: u32,
+    pub(crate) kv_heads: u32,
+    pub(crate) group: u32,
+    pub(crate) slots: u32,
+    pub(crate) kv_lo: u32,
+    pub(crate) kv_hi: u32,
+    pub(crate) split_len: u32,
+    pub(crate) n_splits: u32,
+    pub(crate) g_tiles: u32,
+    pub(crate) tokens: u32,
+    pub(crate) q0: u32,
+    pub(crate) window: u32,
+    pub(crate) causal: u32,
+    pub(crate) has_mask: u32,
+    pub(crate) mask_stride: u32,
+    pub(crate) has_sinks: u32,
+    pub(crate) scale: f32,
+    pub(crate) softcap: f32,
+    pub(crate) row_tiles: u32,
+    pub(crate) _pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<SdpaParams>() == 80);
 
 /// Keys per decode tile (the decode workgroup size).
-const KT: usize = 128;
+pub(crate) const KT: usize = 128;
 /// Decode aims for about this many workgroups in flight.
 const DECODE_TARGET_WGS: usize = 512;
 const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
 
 /// Query heads per decode workgroup for a GQA group size.
-fn decode_gt(group: usize) -> u32 {
+pub(crate) fn decode_gt(group: usize) -> u32 {
     match group {
         1 => 1,
         2 => 2,
@@ -229,6 +229,66 @@ fn window_u32(opts: &SdpaOptions<'_>) -> u32 {
     opts.window.map_or(0, |w| w.min(u32::MAX as usize) as u32)
 }
 
+/// A split-K decode dispatch: its params, grid and scratch, shared by every decode kernel
+/// (f16/f32 caches here, compressed caches in `kv_quant`).
+pub(crate) struct DecodePlan {
+    pub params: SdpaParams,
+    pub workgroups: u32,
+    /// Per-split partial outputs `[n_heads, n_splits, head_dim]` and (max, sum) pairs.
+    pub part_o: MlxBuffer,
+    pub part_ml: MlxBuffer,
+    /// The combined output `[n_heads, head_dim]`.
+    pub out: MlxBuffer,
+}
+
+/// Split the visible keys `lo..seq_len` (`range` = (lo, seq_len, ring slots)) into about
+/// `DECODE_TARGET_WGS` workgroups of whole `KT`-key tiles, `gt` query heads per workgroup.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn decode_plan(
+    pass: &mut Pass,
+    op: &str,
+    n_heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    gt: u32,
+    range: (usize, usize, usize),
+    opts: &SdpaOptions<'_>,
+) -> Result<DecodePlan> {
+    let (lo, seq_len, slots) = range;
+    let group = n_heads / kv_heads;
+    let g_tiles = group.div_ceil(gt as usize);
+    let kv_len = seq_len - lo;
+    let tiles = kv_len.div_ceil(KT);
+    let want = DECODE_TARGET_WGS
+        .div_ceil(kv_heads * g_tiles)
+        .clamp(1, tiles);
+    let split_len = tiles.div_ceil(want) * KT;
+    let n_splits = kv_len.div_ceil(split_len);
+    let params = SdpaParams {
+        n_heads: n_heads as u32,
+        kv_heads: kv_heads as u32,
+        group: group as u32,
+        slots: slots as u32,
+        kv_lo: lo as u32,
+        kv_hi: check::fits_u32(seq_len, op, "seq_len")?,
+        split_len: split_len as u32,
+        n_splits: n_splits as u32,
+        g_tiles: g_tiles as u32,
+        window: window_u32(opts),
+        has_sinks: u32::from(opts.sinks.is_some()),
+        scale: opts.scale,
+        softcap: opts.softcap.unwrap_or(0.0),
+        ..SdpaParams::default()
+    };
+    Ok(DecodePlan {
+        params,
+        workgroups: check::fits_u32(kv_heads * g_tiles * n_splits, op, "workgroups")?,
+        part_o: pass.alloc(DType::F32, &[n_heads, n_splits, head_dim])?,
+        part_ml: pass.alloc(DType::F32, &[n_heads, n_splits, 2])?,
+        out: pass.alloc(DType::F32, &[n_heads, head_dim])?,
+    })
+}
+
 /// Attention of one query token per head over positions `0..seq_len` of `layer`
 /// (`seq_len` counts the current token, already appended). `q`: f32 `[n_heads, head_dim]`
 /// (or `[1, n_heads, head_dim]`); returns f32 `[n_heads, head_dim]`.
@@ -260,52 +320,33 @@ pub fn sdpa_decode(
     let (k, v) = cache.buffers(layer)?;
 
     let gt = decode_gt(hd.group);
-    let g_tiles = hd.group.div_ceil(gt as usize);
-    let kv_len = seq_len - lo;
-    let tiles = kv_len.div_ceil(KT);
-    let want = DECODE_TARGET_WGS
-        .div_ceil(hd.kv_heads * g_tiles)
-        .clamp(1, tiles);
-    let split_len = tiles.div_ceil(want) * KT;
-    let n_splits = kv_len.div_ceil(split_len);
-
-    let part_o = pass.alloc(DType::F32, &[hd.n_heads, n_splits, hd.head_dim])?;
-    let part_ml = pass.alloc(DType::F32, &[hd.n_heads, n_splits, 2])?;
-    let out = pass.alloc(DType::F32, &[hd.n_heads, hd.head_dim])?;
-    let params = SdpaParams {
-        n_heads: hd.n_heads as u32,
-        kv_heads: hd.kv_heads as u32,
-        group: hd.group as u32,
-        slots: slots as u32,
-        kv_lo: lo as u32,
-        kv_hi: seq_len as u32,
-        split_len: split_len as u32,
-        n_splits: n_splits as u32,
-        g_tiles: g_tiles as u32,
-        window: window_u32(opts),
-        has_sinks: u32::from(opts.sinks.is_some()),
-        scale: opts.scale,
-        softcap: opts.softcap.unwrap_or(0.0),
-        ..SdpaParams::default()
-    };
-    let wgs = check::fits_u32(hd.kv_heads * g_tiles * n_splits, op, "workgroups")?;
+    let plan = decode_plan(
+        pass,
+        op,
+        hd.n_heads,
+        hd.kv_heads,
+        hd.head_dim,
+        gt,
+        (lo, seq_len, slots),
+        opts,
+    )?;
     let spec = decode_spec(cache.dtype(), hd.head_dim, gt, pass.caps().subgroups)?;
     pass.dispatch(
         Kernel::Sdpa,
         spec,
-        &params,
-        &[q, k, v, &part_o, &part_ml],
-        wgs,
+        &plan.params,
+        &[q, k, v, &plan.part_o, &plan.part_ml],
+        plan.workgroups,
     )?;
     let sinks = opts.sinks.unwrap_or(q);
     pass.dispatch(
         Kernel::Sdpa,
         reduce_spec(hd.head_dim)?,
-        &params,
-        &[q, q, q, &part_o, &part_ml, sinks, &out],
+        &plan.params,
+        &[q, q, q, &plan.part_o, &plan.part_ml, sinks, &plan.out],
         hd.n_heads as u32,
     )?;
-    Ok(out)
+    Ok(plan.out)
 }
 
 /// Attention of T query tokens at positions `q_start_pos..q_start_pos + T` over `layer`,
