@@ -5,8 +5,9 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+use mlx_native::kv_quant::KvStore;
 use mlx_native::ops::sample::{repetition_penalty, sample, Sampling};
-use mlx_native::MlxBuffer;
+use mlx_native::{MlxBuffer, Readback};
 
 use crate::chat::{ChatTemplate, Message, GEMMA_TEMPLATE};
 use crate::config::Family;
@@ -175,7 +176,6 @@ impl Engine {
                 "token id {bad} is outside the vocabulary of {vocab}"
             )));
         }
-        let gpu = &self.model.gpu;
         let mut cache = self.model.new_cache_with(ctx, opts.kv_format)?;
         let mut rng = Rng(opts.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
         let mut history: Vec<u32> = prompt_ids.to_vec();
@@ -184,51 +184,45 @@ impl Engine {
         let mut text = String::new();
         let t0 = Instant::now();
         let mut prefill_secs = 0.0;
-        let mut pos = 0;
-        let mut feed: Vec<u32> = prompt_ids.to_vec();
+        // Without a repetition penalty the next step needs nothing from the host but the
+        // sampled id, which is already on the GPU: it is recorded and submitted before that
+        // id is read back, so the host's recording overlaps the GPU's work (one speculative
+        // step is wasted when generation stops).
+        let pipelined = opts.repetition_penalty == 1.0;
         let mut stop_reason = StopReason::MaxTokens;
-        while generated.len() < opts.max_tokens {
-            if interrupt.load(Ordering::Relaxed) {
-                stop_reason = StopReason::Interrupted;
-                break;
-            }
-            if pos + feed.len() > ctx {
-                stop_reason = StopReason::ContextFull;
-                break;
-            }
-            // Prefill in chunks; all but the last chunk only fill the cache.
-            let mut logits: Option<MlxBuffer> = None;
-            let mut pass = gpu.begin();
-            for (i, chunk) in feed.chunks(PREFILL_CHUNK).enumerate() {
-                if i > 0 {
-                    pass.commit()?;
-                    pass = gpu.begin();
-                }
-                logits = Some(self.model.forward(&mut pass, chunk, pos, &mut cache)?);
-                pos += chunk.len();
-            }
-            let logits = logits.ok_or_else(|| LmError::Invalid("nothing to evaluate".into()))?;
-            if opts.repetition_penalty != 1.0 {
-                let mut recent: Vec<u32> = history
-                    .iter()
-                    .rev()
-                    .take(opts.repeat_last_n)
-                    .copied()
-                    .collect();
-                recent.sort_unstable();
-                recent.dedup();
-                let ids = MlxBuffer::from_slice(gpu, &recent, &[recent.len()])?;
-                repetition_penalty(&mut pass, &logits, &ids, opts.repetition_penalty)?;
-            }
-            let next = sample(
-                &mut pass,
-                &logits,
-                &opts.sampling,
-                rng.uniform().min(0.999_999),
-            )?;
-            pass.commit()?;
-            let id = next
-                .to_vec::<u32>(gpu)?
+        if opts.max_tokens == 0 {
+            return Ok(self.finish(prompt_ids, text, stop_reason, generated, t0, 0.0, &cache));
+        }
+        if interrupt.load(Ordering::Relaxed) {
+            stop_reason = StopReason::Interrupted;
+            return Ok(self.finish(prompt_ids, text, stop_reason, generated, t0, 0.0, &cache));
+        }
+        let mut pos = 0;
+        let mut cur = self.launch(
+            Feed::Host(prompt_ids),
+            &mut pos,
+            &mut cache,
+            opts,
+            &history,
+            &mut rng,
+        )?;
+        loop {
+            let more = generated.len() + 1 < opts.max_tokens && pos < ctx;
+            let next = if pipelined && more {
+                Some(self.launch(
+                    Feed::Gpu(&cur.1),
+                    &mut pos,
+                    &mut cache,
+                    opts,
+                    &history,
+                    &mut rng,
+                )?)
+            } else {
+                None
+            };
+            let id = cur
+                .0
+                .wait::<u32>()?
                 .first()
                 .copied()
                 .ok_or_else(|| LmError::Invalid("sampler returned nothing".into()))?;
@@ -254,12 +248,110 @@ impl Engine {
                 break;
             }
             on_text(&piece);
-            feed = vec![id];
+            if generated.len() >= opts.max_tokens {
+                break;
+            }
+            if interrupt.load(Ordering::Relaxed) {
+                stop_reason = StopReason::Interrupted;
+                break;
+            }
+            cur = match next {
+                Some(n) => n,
+                None if pos >= ctx => {
+                    stop_reason = StopReason::ContextFull;
+                    break;
+                }
+                None => self.launch(
+                    Feed::Host(&[id]),
+                    &mut pos,
+                    &mut cache,
+                    opts,
+                    &history,
+                    &mut rng,
+                )?,
+            };
         }
+        Ok(self.finish(
+            prompt_ids,
+            text,
+            stop_reason,
+            generated,
+            t0,
+            prefill_secs,
+            &cache,
+        ))
+    }
+
+    /// Record and submit the forward pass of `feed` at `*pos` (advanced past it), then
+    /// sampling; returns the sampled id's pending readback and the id on the GPU.
+    fn launch(
+        &self,
+        feed: Feed<'_>,
+        pos: &mut usize,
+        cache: &mut KvStore,
+        opts: &GenerateOptions,
+        history: &[u32],
+        rng: &mut Rng,
+    ) -> Result<(Readback, MlxBuffer)> {
+        let gpu = &self.model.gpu;
+        let mut pass = gpu.begin();
+        let logits = match feed {
+            Feed::Gpu(ids) => {
+                let l = self.model.forward_ids(&mut pass, ids, *pos, cache)?;
+                *pos += 1;
+                l
+            }
+            Feed::Host(tokens) => {
+                // Prefill in chunks; all but the last chunk only fill the cache.
+                let mut logits = None;
+                for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+                    if i > 0 {
+                        pass.commit()?;
+                        pass = gpu.begin();
+                    }
+                    logits = Some(self.model.forward(&mut pass, chunk, *pos, cache)?);
+                    *pos += chunk.len();
+                }
+                logits.ok_or_else(|| LmError::Invalid("nothing to evaluate".into()))?
+            }
+        };
+        if opts.repetition_penalty != 1.0 {
+            let mut recent: Vec<u32> = history
+                .iter()
+                .rev()
+                .take(opts.repeat_last_n)
+                .copied()
+                .collect();
+            recent.sort_unstable();
+            recent.dedup();
+            let ids = MlxBuffer::from_slice(gpu, &recent, &[recent.len()])?;
+            repetition_penalty(&mut pass, &logits, &ids, opts.repetition_penalty)?;
+        }
+        let next = sample(
+            &mut pass,
+            &logits,
+            &opts.sampling,
+            rng.uniform().min(0.999_999),
+        )?;
+        let rb = pass.commit_with_readback(&next)?;
+        Ok((rb, next))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish(
+        &self,
+        prompt_ids: &[u32],
+        text: String,
+        stop_reason: StopReason,
+        generated: Vec<u32>,
+        t0: Instant,
+        prefill_secs: f64,
+        cache: &KvStore,
+    ) -> Generation {
         let total = t0.elapsed().as_secs_f64();
         let decode_secs = (total - prefill_secs).max(0.0);
         let decoded = generated.len().saturating_sub(1);
-        Ok(Generation {
+        Generation {
             prompt_ids: prompt_ids.to_vec(),
             text,
             stop_reason,
@@ -277,8 +369,16 @@ impl Engine {
             decode_secs,
             generated_ids: generated,
             kv_bytes_per_layer: cache.bytes_per_layer(0),
-        })
+        }
     }
+}
+
+/// Where a step's token ids come from.
+enum Feed<'a> {
+    /// Known on the host (the prompt, or an id already read back).
+    Host(&'a [u32]),
+    /// The previous step's sampled id, still on the GPU.
+    Gpu(&'a MlxBuffer),
 }
 
 /// Load a GGUF file or an mlx-lm folder with its tokenizer and chat template.

@@ -188,3 +188,76 @@ fn streaming_decode_never_emits_half_characters() {
         assert_eq!(out, text, "{rel}: streamed text");
     }
 }
+
+/// The engine's `generate` (which records step n+1 on the GPU's sampled id before reading
+/// step n's id back, when there is no repetition penalty) gives the ids of a plain
+/// step-by-step greedy loop, and stops for the token budget and the context size exactly as
+/// documented (the context case also through the non-pipelined repetition-penalty path).
+#[test]
+fn engine_generate_matches_step_by_step_and_stops_where_told() {
+    use mlx_native_lm::generate::{load_engine, GenerateOptions, StopReason};
+    use std::sync::atomic::AtomicBool;
+    let Some(path) = model("models/SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let gpu = MlxDevice::new().unwrap();
+    let engine = load_engine(&gpu, &path, true).unwrap();
+    let prompt = engine
+        .prompt_ids("The capital of France is", false)
+        .unwrap();
+    let never = AtomicBool::new(false);
+    let n = 10;
+    let opts = GenerateOptions {
+        max_tokens: n,
+        ..GenerateOptions::default()
+    };
+    let g = engine
+        .generate(&prompt, 256, &opts, &mut |_| {}, &never)
+        .unwrap();
+
+    // The oracle loop: one forward, argmax, read back, feed.
+    let m = &engine.model;
+    let mut cache = m.new_cache(256).unwrap();
+    let (mut feed, mut pos, mut want) = (prompt.clone(), 0, Vec::new());
+    while want.len() < n {
+        let mut pass = gpu.begin();
+        let logits = m.forward(&mut pass, &feed, pos, &mut cache).unwrap();
+        let next = mlx_native::ops::argmax(&mut pass, &logits).unwrap();
+        pass.commit().unwrap();
+        let id = next.to_vec::<u32>(&gpu).unwrap()[0];
+        pos += feed.len();
+        want.push(id);
+        if engine.tokenizer.is_eog(id) {
+            break;
+        }
+        feed = vec![id];
+    }
+    assert_eq!(g.generated_ids, want);
+    if want.len() == n {
+        assert_eq!(g.stop_reason, StopReason::MaxTokens);
+    }
+
+    // A context of prompt + 3 positions holds the prompt and three decoded tokens: four ids.
+    let ctx = prompt.len() + 3;
+    for penalty in [1.0, 1.1] {
+        let opts = GenerateOptions {
+            max_tokens: 100,
+            repetition_penalty: penalty,
+            ..GenerateOptions::default()
+        };
+        let g = engine
+            .generate(&prompt, ctx, &opts, &mut |_| {}, &never)
+            .unwrap();
+        if !g
+            .generated_ids
+            .iter()
+            .any(|&id| engine.tokenizer.is_eog(id))
+        {
+            assert_eq!(g.stop_reason, StopReason::ContextFull, "penalty {penalty}");
+            assert_eq!(g.generated_ids.len(), 4, "penalty {penalty}");
+        }
+        if penalty == 1.0 {
+            assert_eq!(g.generated_ids, want[..g.generated_ids.len()]);
+        }
+    }
+}

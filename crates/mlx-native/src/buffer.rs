@@ -14,7 +14,7 @@ use crate::error::{MlxError, Result};
 pub struct MlxBuffer {
     pub(crate) raw: Arc<RawBuffer>,
     /// Byte offset of element 0 of this view inside `raw`.
-    offset: u64,
+    pub(crate) offset: u64,
     dtype: DType,
     shape: Vec<usize>,
 }

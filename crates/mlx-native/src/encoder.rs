@@ -75,6 +75,15 @@ pub struct Pass {
     keep: Vec<std::sync::Arc<crate::buffer_pool::RawBuffer>>,
     arena: Vec<u8>,
     profile: bool,
+    /// Time the whole pass with two timestamps instead of each dispatch.
+    time_pass: bool,
+    /// Copies into MAP_READ staging buffers, encoded after the compute pass.
+    readbacks: Vec<(
+        std::sync::Arc<crate::buffer_pool::RawBuffer>,
+        u64,
+        wgpu::Buffer,
+        u64,
+    )>,
 }
 
 impl Pass {
@@ -85,7 +94,50 @@ impl Pass {
             keep: Vec::new(),
             arena: Vec::new(),
             profile: false,
+            time_pass: false,
+            readbacks: Vec::new(),
         }
+    }
+
+    /// Time the whole pass (one compute pass between two timestamps, when the device has
+    /// them): `commit_and_wait` then returns one timing labelled `pass`. Unlike
+    /// `with_profiling`, dispatches run as in production (no pass per dispatch), so this is
+    /// the GPU time of a real stream of dependent dispatches.
+    pub fn with_pass_timing(mut self, on: bool) -> Self {
+        self.time_pass = on && self.gpu.caps().timestamps;
+        self
+    }
+
+    /// Submit, with a copy of `buf` to host-readable memory at the end of the same
+    /// submission; returns at once. [`Readback::wait`] later waits for this submission only
+    /// (later submissions keep running), so the host can record and submit the next step
+    /// while this one executes.
+    pub fn commit_with_readback(mut self, buf: &MlxBuffer) -> Result<Readback> {
+        let start = buf.offset;
+        let len = buf.byte_len();
+        let a0 = start / 4 * 4;
+        let size = ((start + len).div_ceil(4) * 4 - a0).max(4);
+        let staging = self
+            .gpu
+            .inner
+            .device
+            .create_buffer(&wgpu::BufferDescriptor {
+                label: Some("mlx-native readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
+            });
+        self.readbacks
+            .push((buf.raw.clone(), a0, staging.clone(), size));
+        let gpu = self.gpu.clone();
+        let (_, index) = self.submit_indexed()?;
+        Ok(Readback {
+            gpu,
+            staging,
+            index,
+            lo: (start - a0) as usize,
+            len: len as usize,
+        })
     }
 
     /// Time every dispatch with GPU timestamps (when the device has them).
@@ -259,8 +311,12 @@ impl Pass {
     }
 
     fn submit(self) -> Result<Option<PendingTimings>> {
-        if self.steps.is_empty() {
-            return Ok(None);
+        self.submit_indexed().map(|(p, _)| p)
+    }
+
+    fn submit_indexed(self) -> Result<(Option<PendingTimings>, Option<wgpu::SubmissionIndex>)> {
+        if self.steps.is_empty() && self.readbacks.is_empty() {
+            return Ok((None, None));
         }
         let inner = &self.gpu.inner;
         let dev = &inner.device;
@@ -318,23 +374,37 @@ impl Pass {
             label: Some("mlx-native pass"),
         });
         let mut pending = None;
-        if self.profile {
-            let n = self.steps.len() as u32;
+        if self.steps.is_empty() {
+            // Only readbacks.
+        } else if self.profile || self.time_pass {
+            let passes: Vec<(usize, usize)> = if self.profile {
+                (0..self.steps.len()).map(|i| (i, i + 1)).collect()
+            } else {
+                vec![(0, self.steps.len())]
+            };
+            let n = passes.len() as u32;
             let qs = dev.create_query_set(&wgpu::QuerySetDescriptor {
                 label: Some("mlx-native timestamps"),
                 ty: wgpu::QueryType::Timestamp,
                 count: 2 * n,
             });
-            for (i, s) in self.steps.iter().enumerate() {
+            for (pi, &(a, b)) in passes.iter().enumerate() {
+                let label = if self.profile {
+                    self.steps[a].label.clone()
+                } else {
+                    Arc::from("pass")
+                };
                 let mut cp = enc.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some(&s.label),
+                    label: Some(&label),
                     timestamp_writes: Some(wgpu::ComputePassTimestampWrites {
                         query_set: &qs,
-                        beginning_of_pass_write_index: Some(2 * i as u32),
-                        end_of_pass_write_index: Some(2 * i as u32 + 1),
+                        beginning_of_pass_write_index: Some(2 * pi as u32),
+                        end_of_pass_write_index: Some(2 * pi as u32 + 1),
                     }),
                 });
-                encode_step(&mut cp, s, &params_groups[step_groups[i]].1);
+                for i in a..b {
+                    encode_step(&mut cp, &self.steps[i], &params_groups[step_groups[i]].1);
+                }
             }
             let bytes = 16 * u64::from(n);
             let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
@@ -351,9 +421,14 @@ impl Pass {
             });
             enc.resolve_query_set(&qs, 0..2 * n, &resolve, 0);
             enc.copy_buffer_to_buffer(&resolve, 0, &readback, 0, bytes);
+            let labels = if self.profile {
+                self.steps.iter().map(|s| s.label.clone()).collect()
+            } else {
+                vec![Arc::from("pass")]
+            };
             pending = Some(PendingTimings {
                 readback,
-                labels: self.steps.iter().map(|s| s.label.clone()).collect(),
+                labels,
                 period: self.gpu.caps().timestamp_period,
             });
         } else {
@@ -365,12 +440,70 @@ impl Pass {
                 encode_step(&mut cp, s, &params_groups[step_groups[i]].1);
             }
         }
-        inner.queue.submit(Some(enc.finish()));
-        inner.count_submit_and_map(1, u64::from(self.profile));
+        for (raw, a0, staging, size) in &self.readbacks {
+            enc.copy_buffer_to_buffer(&raw.buffer, *a0, staging, 0, *size);
+        }
+        let index = inner.queue.submit(Some(enc.finish()));
+        inner.count_submit_and_map(
+            1,
+            u64::from(pending.is_some()) + self.readbacks.len() as u64,
+        );
         // Submitted: later users of these buffers are ordered after this work on the queue.
         drop(self.keep);
         self.gpu.take_uncaptured()?;
-        Ok(pending)
+        Ok((pending, Some(index)))
+    }
+}
+
+/// A download in flight (see [`Pass::commit_with_readback`]).
+pub struct Readback {
+    gpu: MlxDevice,
+    staging: wgpu::Buffer,
+    index: Option<wgpu::SubmissionIndex>,
+    lo: usize,
+    len: usize,
+}
+
+impl Readback {
+    /// Wait for the submission that made this copy (not for later ones) and return the bytes.
+    pub fn wait_bytes(self) -> Result<Vec<u8>> {
+        let slice = self.staging.slice(..);
+        let (tx, rx) = std::sync::mpsc::channel();
+        slice.map_async(wgpu::MapMode::Read, move |r| {
+            let _ = tx.send(r);
+        });
+        self.gpu
+            .inner
+            .device
+            .poll(wgpu::PollType::Wait {
+                submission_index: self.index.clone(),
+                timeout: None,
+            })
+            .map_err(|e| MlxError::Gpu(format!("readback: poll: {e}")))?;
+        rx.recv()
+            .map_err(|_| MlxError::Gpu("readback: map callback never ran".into()))?
+            .map_err(|e| MlxError::Gpu(format!("readback: {e}")))?;
+        let data = slice
+            .get_mapped_range()
+            .map_err(|e| MlxError::Gpu(format!("readback: {e}")))?;
+        let out = data
+            .get(self.lo..self.lo + self.len)
+            .ok_or_else(|| MlxError::Gpu("readback: short staging buffer".into()))?
+            .to_vec();
+        drop(data);
+        self.staging.unmap();
+        self.gpu.take_uncaptured()?;
+        Ok(out)
+    }
+
+    /// Like [`Readback::wait_bytes`], as elements of `T`.
+    pub fn wait<T: crate::dtype::Element>(self) -> Result<Vec<T>> {
+        let bytes = self.wait_bytes()?;
+        let n = bytes.len() / std::mem::size_of::<T>();
+        let mut out = vec![T::zeroed(); n];
+        bytemuck::cast_slice_mut::<T, u8>(&mut out)
+            .copy_from_slice(&bytes[..n * std::mem::size_of::<T>()]);
+        Ok(out)
     }
 }
 
@@ -445,6 +578,47 @@ mod tests {
                 total - u64::from(n) < u64::from(g[0]) * u64::from(g[1]),
                 "{n} {max} {g:?}"
             );
+        }
+    }
+
+    /// A readback of one pass while a later pass is in flight returns that pass's values
+    /// (not the later pass's), from a view at an odd element offset; whole-pass timing gives
+    /// one positive timing.
+    #[test]
+    fn readback_waits_for_its_own_submission() {
+        let gpu = crate::testutil::gpu();
+        let mut rng = crate::testutil::Rng::new(7);
+        let n = 37;
+        let a: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let b: Vec<f32> = (0..n).map(|_| rng.normal()).collect();
+        let ab = MlxBuffer::from_slice(gpu, &a, &[n]).unwrap();
+        let bb = MlxBuffer::from_slice(gpu, &b, &[n]).unwrap();
+        let mut pass = gpu.begin();
+        let sum = crate::ops::add(&mut pass, &ab, &bb).unwrap();
+        let view = sum.view(3, &[n - 5]).unwrap();
+        let first = pass.commit_with_readback(&view).unwrap();
+        // A second pass overwrites a pooled buffer of the same size with other values.
+        let mut pass = gpu.begin().with_pass_timing(true);
+        let scaled = crate::ops::scale(&mut pass, &ab, 3.0).unwrap();
+        let second = pass.commit_with_readback(&scaled).unwrap();
+        let got = first.wait::<f32>().unwrap();
+        assert_eq!(got.len(), n - 5);
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(*g, a[i + 3] + b[i + 3], "element {i}");
+        }
+        let got = second.wait::<f32>().unwrap();
+        for (i, g) in got.iter().enumerate() {
+            assert_eq!(*g, a[i] * 3.0, "element {i}");
+        }
+        let mut pass = gpu.begin().with_pass_timing(true);
+        crate::ops::add(&mut pass, &ab, &bb).unwrap();
+        crate::ops::add(&mut pass, &ab, &bb).unwrap();
+        let t = pass.commit_and_wait().unwrap();
+        if gpu.caps().timestamps {
+            assert_eq!(t.len(), 1);
+            assert_eq!(&*t[0].label, "pass");
+        } else {
+            assert!(t.is_empty());
         }
     }
 }

@@ -151,6 +151,56 @@ impl Transformer {
                 "forward: {t} tokens in one step, expected 1..={PREFILL_CHUNK}"
             )));
         }
+        // Pooled, so that decode reuses the same small buffer every token (and the bind
+        // group of the embedding dispatch that names it). Safe: the pass holds it until it is
+        // submitted, and a queued write lands after all earlier submissions.
+        let ids = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
+        ids.write(&self.gpu, tokens)?;
+        let x = self.hidden_states(pass, &ids, pos0, cache)?;
+        let rows = if all_rows {
+            x
+        } else {
+            x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?
+        };
+        let h = ops::rms_norm(pass, &rows, &self.norm, self.cfg.norm_eps)?;
+        self.head.as_ref().unwrap_or(&self.embed).forward(pass, &h)
+    }
+
+    /// Like [`Transformer::forward`] for tokens whose ids are already on the GPU (`ids`, u32
+    /// `[T]`, e.g. the previous step's sampled id): a decode step can then be recorded and
+    /// submitted before the host has read that id back.
+    pub fn forward_ids(
+        &self,
+        pass: &mut Pass,
+        ids: &MlxBuffer,
+        pos0: usize,
+        cache: &mut KvStore,
+    ) -> Result<MlxBuffer> {
+        let t = ids.len();
+        if ids.dtype() != DType::U32 || t == 0 || t > PREFILL_CHUNK {
+            return Err(LmError::Invalid(format!(
+                "forward_ids: ids are {} {:?}, expected u32 with 1..={PREFILL_CHUNK} elements",
+                ids.dtype(),
+                ids.shape()
+            )));
+        }
+        let ids = ids.reshape(&[t])?;
+        let x = self.hidden_states(pass, &ids, pos0, cache)?;
+        let rows = x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?;
+        let h = ops::rms_norm(pass, &rows, &self.norm, self.cfg.norm_eps)?;
+        self.head.as_ref().unwrap_or(&self.embed).forward(pass, &h)
+    }
+
+    /// Embedding and every layer for `ids` at positions `pos0..`: the last hidden states
+    /// `[T, hidden]`, before the final norm.
+    fn hidden_states(
+        &self,
+        pass: &mut Pass,
+        ids: &MlxBuffer,
+        pos0: usize,
+        cache: &mut KvStore,
+    ) -> Result<MlxBuffer> {
+        let t = ids.len();
         let end = pos0 + t;
         if end > cache.capacity()
             && cache.layers() > 0
@@ -161,35 +211,22 @@ impl Transformer {
                 cache.capacity()
             )));
         }
-        // Pooled, so that decode reuses the same two small buffers every token (and the bind
-        // groups of the embedding and RoPE dispatches that name them) instead of creating
-        // two buffers and ~2 bind groups per layer per token. Safe: the pass holds them until
-        // it is submitted, and a queued write lands after all earlier submissions.
-        let ids = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
-        ids.write(&self.gpu, tokens)?;
         let positions: Vec<u32> = (pos0..end).map(|p| p as u32).collect();
         let pos_buf = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
         pos_buf.write(&self.gpu, &positions)?;
-        let positions = pos_buf;
-        let mut x = self.embed.gather(pass, &ids)?;
+        let mut x = self.embed.gather(pass, ids)?;
         if let Some(s) = self.cfg.embed_scale {
             x = ops::scale(pass, &x, s)?;
         }
         let step = Step {
-            positions: &positions,
+            positions: &pos_buf,
             pos0,
             tokens: t,
         };
         for (i, layer) in self.layers.iter().enumerate() {
             x = layer.forward(pass, &x, &step, &self.ropes, cache, i)?;
         }
-        let rows = if all_rows {
-            x
-        } else {
-            x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?
-        };
-        let h = ops::rms_norm(pass, &rows, &self.norm, self.cfg.norm_eps)?;
-        self.head.as_ref().unwrap_or(&self.embed).forward(pass, &h)
+        Ok(x)
     }
 
     /// Logits of the last token of `tokens`, run from position 0 in a fresh cache (tests,
