@@ -1,5 +1,5 @@
 //! Decode-matvec sweep for the GPU machine:
-//! `bench_matmul [qmatmul|ggml|all]`, variants from `QMV_VARIANTS="rpt,tpr,wg;..."` and
+//! `bench_matmul [qmatmul|ggml|all]`, variants from `QMV_VARIANTS="rpt,tpr,wg[,exp];..."` and
 //! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Prints the tables and
 //! writes JSON to `$OUT/bench_<what>.json` when OUT is set.
 use mlx_native::ops::ggml_matmul::GgmlMatvecConfig;
@@ -7,14 +7,15 @@ use mlx_native::ops::qmatmul::QmvConfig;
 use mlx_native::MlxDevice;
 use mlx_native_lm::bench_matmul::{bench_ggml, bench_qmatmul, MatmulBenchOptions};
 
-fn triples(var: &str) -> Vec<[u32; 3]> {
+/// `a,b,c[,d]` groups separated by `;` (a missing fourth value is 0).
+fn triples(var: &str) -> Vec<[u32; 4]> {
     std::env::var(var)
         .unwrap_or_default()
         .split(';')
         .filter(|s| !s.trim().is_empty())
         .map(|s| {
             let v: Vec<u32> = s.split(',').map(|t| t.trim().parse().unwrap()).collect();
-            [v[0], v[1], v[2]]
+            [v[0], v[1], v[2], v.get(3).copied().unwrap_or(0)]
         })
         .collect()
 }
@@ -37,11 +38,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     opts.qmv_variants = triples("QMV_VARIANTS")
         .into_iter()
-        .map(|[rpt, tpr, wg]| QmvConfig { rpt, tpr, wg })
+        .map(|[rpt, tpr, wg, exp]| QmvConfig { rpt, tpr, wg, exp })
         .collect();
     opts.ggml_variants = triples("GGML_VARIANTS")
         .into_iter()
-        .map(|[wg, rpw, gpl]| GgmlMatvecConfig { wg, rpw, gpl })
+        .map(|[wg, rpw, gpl, _]| GgmlMatvecConfig { wg, rpw, gpl })
         .collect();
     let out = std::env::var("OUT").ok();
     for (name, run) in [

@@ -198,6 +198,40 @@ pub fn bench_kernels(gpu: &MlxDevice, probe_mib: u64) -> Result<KernelsReport> {
             ns,
         );
     }
+    // The cost of one dispatch inside a stream, as decode issues them: 256 adds of one
+    // 4096-row in one compute pass, timed as a whole (no per-dispatch timestamps). Dependent:
+    // each adds to the previous result (a barrier between every two); independent: each
+    // reads the same inputs and writes its own output.
+    let a = f32_tensor(gpu, &[4096], 6)?;
+    let b = f32_tensor(gpu, &[4096], 7)?;
+    for (name, dependent) in [
+        ("add chain, per dispatch (dependent)", true),
+        ("add chain, per dispatch (independent)", false),
+    ] {
+        let n = 256;
+        let mut per = Vec::new();
+        for _ in 0..7 {
+            let mut pass = gpu.begin().with_pass_timing(true);
+            let mut cur = a.clone();
+            let mut outs = Vec::with_capacity(n);
+            for _ in 0..n {
+                let y = ops::add(&mut pass, if dependent { &cur } else { &a }, &b)?;
+                if dependent {
+                    cur = y;
+                } else {
+                    outs.push(y);
+                }
+            }
+            let t = pass.commit_and_wait()?;
+            if let Some(t) = t.first() {
+                per.push(t.nanos / n as f64);
+            }
+        }
+        if !per.is_empty() {
+            per.sort_by(f64::total_cmp);
+            push(name, &[4096], 3 * 4096 * 4, per[per.len() / 2]);
+        }
+    }
     Ok(KernelsReport {
         adapter: gpu.caps().adapter_name.clone(),
         backend: gpu.caps().backend.clone(),

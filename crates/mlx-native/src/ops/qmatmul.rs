@@ -75,6 +75,9 @@ pub struct QmvConfig {
     pub rpt: u32,
     pub tpr: u32,
     pub wg: u32,
+    /// Measurement switches of the kernel (`QX` in qmatmul.wgsl); 0 in production. Other
+    /// values give wrong results on purpose (they remove a part of the work to time it).
+    pub exp: u32,
 }
 
 impl QmvConfig {
@@ -84,7 +87,8 @@ impl QmvConfig {
             && (32..=256).contains(&self.tpr)
             && matches!(self.wg, 64 | 128 | 256)
             && self.wg.is_multiple_of(self.tpr)
-            && self.wg * self.rpt <= 2048;
+            && self.wg * self.rpt <= 2048
+            && self.exp < 16;
         if ok {
             Ok(self)
         } else {
@@ -118,6 +122,7 @@ pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
         rpt,
         tpr,
         wg: tpr.max(64),
+        exp: 0,
     }
 }
 
@@ -130,6 +135,7 @@ fn qmv_configs() -> Vec<QmvConfig> {
                 rpt,
                 tpr,
                 wg: tpr.max(64),
+                exp: 0,
             });
         }
     }
@@ -217,7 +223,7 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
 
 fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool) -> Result<Spec> {
     Ok(qspec("qmv", params, dt, cfg.wg)?
-        .with_const("QMV", cfg.tpr * 16 + cfg.rpt)?
+        .with_const("QMV", cfg.exp * 65536 + cfg.tpr * 16 + cfg.rpt)?
         .with_subgroups(sg))
 }
 

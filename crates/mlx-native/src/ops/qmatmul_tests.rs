@@ -170,12 +170,23 @@ fn qmv_every_dispatch_shape() {
         rpt: 8,
         tpr: 256,
         wg: 256,
+        exp: 0,
     });
     cfgs.push(QmvConfig {
         rpt: 8,
         tpr: 32,
         wg: 256,
+        exp: 0,
     });
+    // The 4-bit decoding by mantissa bits (`exp` 8) must give the same products.
+    for (rpt, tpr) in [(8, 128), (4, 32), (1, 64)] {
+        cfgs.push(QmvConfig {
+            rpt,
+            tpr,
+            wg: tpr.max(64),
+            exp: 8,
+        });
+    }
     let params = QuantParams::affine(4, 64);
     let (m, n, k) = (3, 37, 258 * 32);
     let q = quant(&mut rng, n, k, params, DType::BF16);
@@ -200,11 +211,12 @@ fn qmv_every_dispatch_shape() {
         rpt: 3,
         tpr: 32,
         wg: 64,
+        exp: 0,
     };
     let e = qmv_with(&mut pass, &gx, &w, bad).unwrap_err().to_string();
     assert_eq!(
         e,
-        "qmv: unsupported config QmvConfig { rpt: 3, tpr: 32, wg: 64 }"
+        "qmv: unsupported config QmvConfig { rpt: 3, tpr: 32, wg: 64, exp: 0 }"
     );
 }
 

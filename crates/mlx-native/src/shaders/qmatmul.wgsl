@@ -28,11 +28,16 @@ struct Params {
 }
 
 // qmv: weight rows per row-set RPT (1, 2, 4 or 8) and invocations per row-set TPR (a power
-// of two, 32 <= TPR <= WG), packed as QMV = TPR * 16 + RPT (a spec has three constants); a
+// of two, 32 <= TPR <= WG), packed as QMV = QX * 65536 + TPR * 16 + RPT (a spec has three
+// constants); a
 // workgroup holds WG / TPR row-sets.
 override QMV: u32 = 2056u;
 override RPT: u32 = QMV & 15u;
-override TPR: u32 = QMV >> 4u;
+override TPR: u32 = (QMV >> 4u) & 4095u;
+// Measurement switches (0 in production; `QmvConfig::exp`): bit 0 skip code decoding (the
+// weight words' bits as floats), bit 1 no x loads, bit 2 no scale/bias loads, bit 3 4-bit
+// codes decoded as 1 + q/16 straight from their bits (see chunk_sum).
+override QX: u32 = QMV >> 16u;
 
 
 @group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
@@ -91,18 +96,60 @@ fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
     return w;
 }
 
+// Σ x·(1 + q/16) over a 4-bit chunk: each code's 4 bits shifted into the top of an f32
+// mantissa under exponent 0 (3 operations per code, no conversion or subtraction).
+fn chunk_dot_lean(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
+    let sh = vec4<u32>(19u, 15u, 11u, 7u);
+    let m = vec4<u32>(0x00780000u);
+    let one = vec4<u32>(0x3F800000u);
+    var acc = 0.0;
+    for (var i = 0u; i < 4u; i++) {
+        let lo = bitcast<vec4<f32>>(((vec4<u32>(w[i]) << sh) & m) | one);
+        let hi = bitcast<vec4<f32>>(((vec4<u32>(w[i] >> 16u) << sh) & m) | one);
+        acc += dot(x[2u * i], lo) + dot(x[2u * i + 1u], hi);
+    }
+    return acc;
+}
+
+fn chunk_dot_raw(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
+    let f = bitcast<vec4<f32>>((vec4<u32>(w[0], w[1], w[2], w[3]) & vec4<u32>(0x007FFFFFu))
+                               | vec4<u32>(0x3F800000u));
+    return dot(x[0], f);
+}
+
 // One chunk's contribution: scale·Σx·q + bias·Σx (affine) or scale·Σx·fp4 (mxfp4).
 fn chunk_sum(w: array<u32, 8>, x: array<vec4<f32>, 8>, g: u32) -> f32 {
+    var sc = 1.0;
+    var bi = 0.5;
+    if (QX & 4u) == 0u {
+        sc = scale_at(g);
+        bi = bias_at(g);
+    }
+    if (QX & 1u) != 0u {
+        return sc * chunk_dot_raw(w, x) + bi;
+    }
+#if !DT_U8
+    if BITS == 4u && (QX & 8u) != 0u {
+        let xs4 = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
+        let xs = (xs4.x + xs4.y) + (xs4.z + xs4.w);
+        // Σx·q = 16·(Σx·(1 + q/16) - Σx).
+        return 16.0 * sc * chunk_dot_lean(w, x) + (bi - 16.0 * sc) * xs;
+    }
+#endif
     let d = chunk_dot(w, x);
 #if DT_U8
-    return scale_at(g) * d;
+    return sc * d;
 #else
     let xs4 = ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]));
-    return scale_at(g) * d + bias_at(g) * ((xs4.x + xs4.y) + (xs4.z + xs4.w));
+    return sc * d + bi * ((xs4.x + xs4.y) + (xs4.z + xs4.w));
 #endif
 }
 
 fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
+    if (QX & 2u) != 0u {
+        let c = vec4<f32>(f32(o & 7u) * 0.125);
+        return array<vec4<f32>, 8>(c, c, c, c, c, c, c, c);
+    }
     return array<vec4<f32>, 8>(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u],
                                xv[o + 5u], xv[o + 6u], xv[o + 7u]);
 }
