@@ -1,5 +1,5 @@
 //! Decode-matvec sweep for the GPU machine:
-//! `bench_matmul [qmatmul|ggml|all]`, variants from `QMV_VARIANTS="rpt,tpr,wg[,exp];..."` and
+//! `bench_matmul [qmatmul|ggml|all|stream]` (stream: dependent qmv chains timed as one pass), variants from `QMV_VARIANTS="rpt,tpr,wg[,exp];..."` and
 //! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Prints the tables and
 //! writes JSON to `$OUT/bench_<what>.json` when OUT is set.
 use mlx_native::ops::ggml_matmul::GgmlMatvecConfig;
@@ -45,6 +45,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|[wg, rpw, gpl, _]| GgmlMatvecConfig { wg, rpw, gpl })
         .collect();
     let out = std::env::var("OUT").ok();
+    if what == "stream" {
+        let rows = mlx_native_lm::bench_matmul::bench_qmv_stream(&gpu, &opts.qmv_variants)?;
+        for r in &rows {
+            println!(
+                "{:<64} {:>4} {:>9.2} us {:>7.0} GB/s {:>5.1}%",
+                r.what,
+                r.dispatches,
+                r.us_per_dispatch,
+                r.gb_s,
+                100.0 * r.roofline_fraction
+            );
+        }
+        if let Some(o) = &out {
+            std::fs::write(
+                format!("{o}/bench_qmv_stream.json"),
+                serde_json::to_string_pretty(&rows)?,
+            )?;
+        }
+        return Ok(());
+    }
     for (name, run) in [
         (
             "qmatmul",

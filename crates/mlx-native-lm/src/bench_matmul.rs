@@ -605,3 +605,113 @@ pub fn bench_ggml(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<MatmulRe
     }
     Ok(report(gpu, bw, rows))
 }
+
+/// One stream measurement: a chain of dependent dispatches timed as one compute pass.
+#[derive(Clone, Debug, Serialize)]
+pub struct StreamRow {
+    pub what: String,
+    /// Dispatches in the timed pass.
+    pub dispatches: usize,
+    /// Bytes one dispatch must read (weights, scales, biases).
+    pub bytes: u64,
+    /// GPU time per dispatch (median of 5 passes).
+    pub us_per_dispatch: f64,
+    pub gb_s: f64,
+    pub roofline_fraction: f64,
+}
+
+/// Matvecs as decode runs them: `y = W x` feeding the next matvec's x, one compute pass, no
+/// per-dispatch timestamps, 8 weight copies per shape in rotation (more than the L2 cache),
+/// so each weight comes from memory. The chain alternates [N, K] and [K, N] weights (FFN up
+/// then down). Reported per dispatch. `variants`: qmv shapes to time beside the default.
+pub fn bench_qmv_stream(gpu: &MlxDevice, variants: &[QmvConfig]) -> Result<Vec<StreamRow>> {
+    let bw = read_bandwidth(gpu, 1024)?;
+    let mut rng = Rng(0x5EED);
+    let params = QuantParams::affine(4, 64);
+    let mut rows = Vec::new();
+    for &(n, k) in &[(4096usize, 4096usize), (14336, 4096)] {
+        let mut up = Vec::new();
+        let mut down = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..8 {
+            let (w, b) = quant_weight(gpu, &mut rng, n, k, params)?;
+            up.push(w);
+            bytes = b;
+            down.push(quant_weight(gpu, &mut rng, k, n, params)?.0);
+        }
+        let x0: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
+        let x0 = MlxBuffer::from_slice(gpu, &x0, &[1, k])?;
+        let mut cfgs: Vec<Option<QmvConfig>> = vec![None];
+        cfgs.extend(variants.iter().map(|&c| Some(c)));
+        let steps = 64;
+        for cfg in cfgs {
+            let mut per = Vec::new();
+            for rep in 0..6 {
+                let mut pass = gpu.begin().with_pass_timing(true);
+                let mut x = x0.clone();
+                for i in 0..steps {
+                    let w = if i % 2 == 0 {
+                        &up[(i / 2) % 8]
+                    } else {
+                        &down[(i / 2) % 8]
+                    };
+                    // Values may overflow along the chain: timing does not depend on them.
+                    x = match cfg {
+                        None => qmatmul::qmv(&mut pass, &x, w)?,
+                        Some(c) => qmatmul::qmv_with(&mut pass, &x, w, c)?,
+                    };
+                }
+                let t = pass.commit_and_wait()?;
+                if let (true, Some(t)) = (rep > 0, t.first()) {
+                    per.push(t.nanos / 1e3 / steps as f64);
+                }
+            }
+            if per.is_empty() {
+                continue;
+            }
+            per.sort_by(f64::total_cmp);
+            let us = per[per.len() / 2];
+            let gb_s = bytes as f64 / (us * 1e3);
+            rows.push(StreamRow {
+                what: format!(
+                    "qmv 4-bit g64 {n}x{k} / {k}x{n}, {}",
+                    cfg.map_or("default".into(), |c| format!(
+                        "rpt{} tpr{} wg{} exp{}",
+                        c.rpt, c.tpr, c.wg, c.exp
+                    ))
+                ),
+                dispatches: steps,
+                bytes,
+                us_per_dispatch: us,
+                gb_s,
+                roofline_fraction: gb_s / bw.gb_s,
+            });
+        }
+    }
+    // The floor: the same chain of scales alone (one 4096-row each).
+    let x0 = MlxBuffer::from_slice(gpu, &vec![1.0f32; 4096], &[1, 4096])?;
+    let mut per = Vec::new();
+    for rep in 0..6 {
+        let mut pass = gpu.begin().with_pass_timing(true);
+        let mut x = x0.clone();
+        for _ in 0..128 {
+            x = mlx_native::ops::scale(&mut pass, &x, 0.999)?;
+        }
+        let t = pass.commit_and_wait()?;
+        if let (true, Some(t)) = (rep > 0, t.first()) {
+            per.push(t.nanos / 1e3 / 128.0);
+        }
+    }
+    if !per.is_empty() {
+        per.sort_by(f64::total_cmp);
+        rows.push(StreamRow {
+            what: "scale [4096] chain (the per-dispatch floor)".into(),
+            dispatches: 128,
+            bytes: 4096 * 8,
+            us_per_dispatch: per[per.len() / 2],
+            gb_s: 0.0,
+            roofline_fraction: 0.0,
+        });
+    }
+    Ok(rows)
+}
