@@ -46,6 +46,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if shapes.is_empty() {
         shapes = expand_shapes("all")?;
     }
+    if let Ok(e) = std::env::var("QMV_EXP") {
+        mlx_native::ops::qmatmul::set_qmv_experiment(e.parse()?);
+    }
     let gpu = MlxDevice::new()?;
     let mut save = |r: &mlx_native_lm::bench_decode::DecodeReport| {
         if let Some(path) = &json {

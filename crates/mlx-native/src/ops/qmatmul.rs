@@ -99,6 +99,16 @@ impl QmvConfig {
     }
 }
 
+/// Measurement switches applied to every default qmv dispatch (see [`QmvConfig::exp`]).
+static QMV_EXPERIMENT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Set the measurement switches of every default qmv dispatch from now on (benchmarks
+/// only: nonzero values other than 8 give wrong results on purpose).
+#[doc(hidden)]
+pub fn set_qmv_experiment(exp: u32) {
+    QMV_EXPERIMENT.store(exp & 15, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// The qmv shape for a weight of `n` rows and `k` columns.
 pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
     let chunks = k / 32;
@@ -122,7 +132,7 @@ pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
         rpt,
         tpr,
         wg: tpr.max(64),
-        exp: 0,
+        exp: QMV_EXPERIMENT.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 
