@@ -242,7 +242,8 @@ pub(crate) struct DecodePlan {
 }
 
 /// Split the visible keys `lo..seq_len` (`range` = (lo, seq_len, ring slots)) into about
-/// `DECODE_TARGET_WGS` workgroups of whole `KT`-key tiles, `gt` query heads per workgroup.
+/// `DECODE_TARGET_WGS` workgroups of whole `kt`-key tiles (the kernel's tile), `gt` query
+/// heads per workgroup.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_plan(
     pass: &mut Pass,
@@ -251,6 +252,7 @@ pub(crate) fn decode_plan(
     kv_heads: usize,
     head_dim: usize,
     gt: u32,
+    kt: usize,
     range: (usize, usize, usize),
     opts: &SdpaOptions<'_>,
 ) -> Result<DecodePlan> {
@@ -258,11 +260,11 @@ pub(crate) fn decode_plan(
     let group = n_heads / kv_heads;
     let g_tiles = group.div_ceil(gt as usize);
     let kv_len = seq_len - lo;
-    let tiles = kv_len.div_ceil(KT);
+    let tiles = kv_len.div_ceil(kt);
     let want = DECODE_TARGET_WGS
         .div_ceil(kv_heads * g_tiles)
         .clamp(1, tiles);
-    let split_len = tiles.div_ceil(want) * KT;
+    let split_len = tiles.div_ceil(want) * kt;
     let n_splits = kv_len.div_ceil(split_len);
     let params = SdpaParams {
         n_heads: n_heads as u32,
@@ -327,6 +329,7 @@ pub fn sdpa_decode(
         hd.kv_heads,
         hd.head_dim,
         gt,
+        KT,
         (lo, seq_len, slots),
         opts,
     )?;
