@@ -414,6 +414,17 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     }
 }
 
+var<workgroup> red_m: array<vec2<f32>, 128>;
+var<workgroup> red_o: array<vec4<f32>, 128>;
+
+// Online-softmax merge of two (max, sum) pairs.
+fn merge_ml(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let m = max(a.x, b.x);
+    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
+}
+
+// One workgroup per head: invocation (split group sg = lid / C4, chunk c = lid % C4) adds
+// the splits sg, sg + SG, ... of its four dims, so 128 loads are in flight per step.
 @compute @workgroup_size(128)
 fn sdpa_decode_reduce(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
@@ -423,30 +434,48 @@ fn sdpa_decode_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let ml = view(4u) + h * p.n_splits * 2u;
-    var mx = M_INIT;
-    for (var s = 0u; s < p.n_splits; s++) {
-        mx = max(mx, part_ml[ml + 2u * s]);
+    var mine = vec2<f32>(M_INIT, 0.0);
+    for (var s = lid; s < p.n_splits; s += 128u) {
+        mine = merge_ml(mine, vec2<f32>(part_ml[ml + 2u * s], part_ml[ml + 2u * s + 1u]));
     }
-    var sink = M_INIT;
-    if p.has_sinks != 0u {
-        sink = sinks[view(5u) + h];
-        mx = max(mx, sink);
-    }
-    var total = 0.0;
-    for (var s = 0u; s < p.n_splits; s++) {
-        total += part_ml[ml + 2u * s + 1u] * exp(part_ml[ml + 2u * s] - mx);
-    }
-    if p.has_sinks != 0u {
-        total += exp(sink - mx);
-    }
-    let inv = select(0.0, 1.0 / total, total > 0.0);
-    let po = view(3u) + h * p.n_splits * HEAD_DIM;
-    for (var d = lid; d < HEAD_DIM; d += 128u) {
-        var a = 0.0;
-        for (var s = 0u; s < p.n_splits; s++) {
-            a += part_o[po + s * HEAD_DIM + d] * exp(part_ml[ml + 2u * s] - mx);
+    red_m[lid] = mine;
+    workgroupBarrier();
+    for (var w = 64u; w > 0u; w >>= 1u) {
+        if lid < w {
+            red_m[lid] = merge_ml(red_m[lid], red_m[lid + w]);
         }
-        out[view(6u) + h * HEAD_DIM + d] = a * inv;
+        workgroupBarrier();
+    }
+    var tot = red_m[0];
+    if p.has_sinks != 0u {
+        tot = merge_ml(tot, vec2<f32>(sinks[view(5u) + h], 1.0));
+    }
+    let mx = tot.x;
+    let inv = select(0.0, 1.0 / tot.y, tot.y > 0.0);
+    let sg_n = 128u / C4;
+    let sg = lid / C4;
+    let c = lid % C4;
+    let po = view(3u) + h * p.n_splits * HEAD_DIM + c * 4u;
+    var a = vec4<f32>(0.0);
+    if sg < sg_n {
+        for (var s = sg; s < p.n_splits; s += sg_n) {
+            let o = po + s * HEAD_DIM;
+            let w = exp(part_ml[ml + 2u * s] - mx);
+            a += w * vec4<f32>(part_o[o], part_o[o + 1u], part_o[o + 2u], part_o[o + 3u]);
+        }
+    }
+    red_o[lid] = a;
+    workgroupBarrier();
+    if lid < C4 {
+        var t = vec4<f32>(0.0);
+        for (var s = 0u; s < sg_n; s++) {
+            t += red_o[s * C4 + lid];
+        }
+        let o = view(6u) + h * HEAD_DIM + lid * 4u;
+        out[o] = t.x * inv;
+        out[o + 1u] = t.y * inv;
+        out[o + 2u] = t.z * inv;
+        out[o + 3u] = t.w * inv;
     }
 }
 
