@@ -424,7 +424,7 @@ fn merge_ml(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
 }
 
 // One workgroup per head: invocation (split group sg = lid / C4, chunk c = lid % C4) adds
-// the splits sg, sg + SG, ... of its four dims, so 128 loads are in flight per step.
+// the splits sg, sg + sg_n, ... of its four dims, so 128 loads are in flight per step.
 @compute @workgroup_size(128)
 fn sdpa_decode_reduce(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
