@@ -15,7 +15,7 @@ use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
 use crate::kv_quant::{check_head_dim, CompressedKvCache, KvFormat, QuantTables, QUANT_HEAD_DIMS};
-use crate::ops::sdpa::{decode_plan, SdpaOptions, SdpaParams, KT};
+use crate::ops::sdpa::{decode_plan, SdpaOptions, SdpaParams};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -46,6 +46,8 @@ struct SdpaQuantParams {
 const _: () = assert!(std::mem::size_of::<SdpaQuantParams>() == 240);
 
 const WG: u32 = 128;
+/// Keys per compressed-cache decode tile (the decode workgroup size, `KT` in sdpa_quant.wgsl).
+const KT: usize = 128;
 
 fn mode(format: KvFormat, op: &str) -> Result<u32> {
     format.mode().ok_or_else(|| {
@@ -316,6 +318,7 @@ pub fn sdpa_decode_quant(
         kv_heads,
         head_dim,
         gt,
+        KT,
         (lo, seq_len, slots),
         opts,
     )?;

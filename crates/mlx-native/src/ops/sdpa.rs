@@ -75,11 +75,11 @@ pub(crate) struct SdpaParams {
 }
 const _: () = assert!(std::mem::size_of::<SdpaParams>() == 80);
 
-/// Keys per decode tile (the decode workgroup size).
-pub(crate) const KT: usize = 128;
-/// Decode aims for about this many workgroups in flight.
+/// Decode aims for about this many workgroups in flight (~4 per SM on a 132-SM GPU).
 const DECODE_TARGET_WGS: usize = 512;
 const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
+/// Bytes of one K tile (and of one V tile) in the decode's workgroup memory.
+const DECODE_TILE_BYTES: usize = 8192;
 
 /// Query heads per decode workgroup for a GQA group size.
 pub(crate) fn decode_gt(group: usize) -> u32 {
@@ -91,15 +91,27 @@ pub(crate) fn decode_gt(group: usize) -> u32 {
     }
 }
 
-fn decode_spec(dtype: DType, head_dim: usize, gt: u32, subgroups: bool) -> Result<Spec> {
-    Spec::new("sdpa_decode", dtype, KT as u32)
-        .with_subgroups(subgroups)
+/// Keys per decode tile: the largest power of two (at most 128) whose K tile fits
+/// `DECODE_TILE_BYTES`, so one K tile and one V tile take 16 KiB of workgroup memory.
+/// f16: 64 keys at head dim 64, 32 at 80..128, 16 at 256; f32 half of those.
+pub(crate) fn decode_kt(dtype: DType, head_dim: usize) -> usize {
+    let row = (head_dim * dtype.size()).max(1);
+    let mut kt = 128;
+    while kt > 1 && kt * row > DECODE_TILE_BYTES {
+        kt /= 2;
+    }
+    kt
+}
+
+fn decode_spec(dtype: DType, head_dim: usize, gt: u32) -> Result<Spec> {
+    Spec::new("sdpa_decode", dtype, 128)
         .with_const("HEAD_DIM", head_dim as u32)?
-        .with_const("GT", gt)
+        .with_const("GT", gt)?
+        .with_const("KT", decode_kt(dtype, head_dim) as u32)
 }
 
 fn reduce_spec(head_dim: usize) -> Result<Spec> {
-    Spec::new("sdpa_decode_reduce", DType::F32, KT as u32).with_const("HEAD_DIM", head_dim as u32)
+    Spec::new("sdpa_decode_reduce", DType::F32, 128).with_const("HEAD_DIM", head_dim as u32)
 }
 
 /// Scalar prefill tile (rows, keys) per head dim: Q, one K/V tile and the scores fit 30 KiB
@@ -157,9 +169,7 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     for &d in &SUPPORTED_HEAD_DIMS {
         for dt in crate::ops::kv::KV_DTYPES {
             for gt in DECODE_GTS {
-                for sg in [false, true] {
-                    v.push((Kernel::Sdpa, decode_spec(dt, d, gt, sg)?));
-                }
+                v.push((Kernel::Sdpa, decode_spec(dt, d, gt)?));
             }
             v.push((Kernel::Sdpa, prefill_spec(dt, d)?));
             v.push((Kernel::SdpaCoop, coop_spec(dt, d)?));
@@ -242,7 +252,9 @@ pub(crate) struct DecodePlan {
 }
 
 /// Split the visible keys `lo..seq_len` (`range` = (lo, seq_len, ring slots)) into about
-/// `DECODE_TARGET_WGS` workgroups of whole `KT`-key tiles, `gt` query heads per workgroup.
+/// `DECODE_TARGET_WGS` workgroups of whole `kt`-key tiles (the kernel's tile), `gt` query
+/// heads per workgroup: a split takes `ceil(tiles / want)` tiles, `want` being the splits
+/// that bring the grid to the target (at least 1, at most one per tile).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_plan(
     pass: &mut Pass,
@@ -251,6 +263,7 @@ pub(crate) fn decode_plan(
     kv_heads: usize,
     head_dim: usize,
     gt: u32,
+    kt: usize,
     range: (usize, usize, usize),
     opts: &SdpaOptions<'_>,
 ) -> Result<DecodePlan> {
@@ -258,11 +271,11 @@ pub(crate) fn decode_plan(
     let group = n_heads / kv_heads;
     let g_tiles = group.div_ceil(gt as usize);
     let kv_len = seq_len - lo;
-    let tiles = kv_len.div_ceil(KT);
+    let tiles = kv_len.div_ceil(kt);
     let want = DECODE_TARGET_WGS
         .div_ceil(kv_heads * g_tiles)
         .clamp(1, tiles);
-    let split_len = tiles.div_ceil(want) * KT;
+    let split_len = tiles.div_ceil(want) * kt;
     let n_splits = kv_len.div_ceil(split_len);
     let params = SdpaParams {
         n_heads: n_heads as u32,
@@ -327,10 +340,11 @@ pub fn sdpa_decode(
         hd.kv_heads,
         hd.head_dim,
         gt,
+        decode_kt(cache.dtype(), hd.head_dim),
         (lo, seq_len, slots),
         opts,
     )?;
-    let spec = decode_spec(cache.dtype(), hd.head_dim, gt, pass.caps().subgroups)?;
+    let spec = decode_spec(cache.dtype(), hd.head_dim, gt)?;
     pass.dispatch(
         Kernel::Sdpa,
         spec,
@@ -743,6 +757,97 @@ mod tests {
         for (i, c) in cases.iter().enumerate() {
             run_decode(c, 100 + i as u64)?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn decode_tiles_and_splits() -> Result<()> {
+        // Cases around the tile (KT = decode_kt) and split boundaries: lengths not a multiple
+        // of KT, splits of several tiles (the next tile's loads in flight) whose last one
+        // ends mid-tile, windows starting mid-tile, GQA 8 and 16 (two head tiles of 8).
+        let cases = [
+            // KT 32: one full tile and one key.
+            dc(128, 4, 1, 33, DType::F16),
+            // Llama-3.1-8B heads: 66 tiles, 33 splits of 2 tiles, the last of 52 keys.
+            DecodeCase {
+                sinks: true,
+                ..dc(128, 32, 8, 2100, DType::F16)
+            },
+            // f32, KT 16: 132 tiles from position 400, 2 per split.
+            DecodeCase {
+                window: Some(2100),
+                softcap: Some(10.0),
+                ..dc(80, 8, 4, 2500, DType::F32)
+            },
+            // GQA 1 (GT 1), KT 64: 69 tiles from position 100, 3 per split.
+            DecodeCase {
+                window: Some(4400),
+                sinks: true,
+                ..dc(64, 16, 16, 4500, DType::F16)
+            },
+            // GQA 16: two head tiles of 8, KT 16, 3 tiles per split.
+            dc(256, 64, 4, 2100, DType::F16),
+            // GQA 8 with head dim 96 (KT 32), a window of 45: two splits of one tile each
+            // from position 955, the second of 13 keys.
+            DecodeCase {
+                window: Some(45),
+                ..dc(96, 16, 2, 1000, DType::F16)
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            run_decode(c, 150 + i as u64)?;
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decode_tile_and_split_rule() -> Result<()> {
+        // The kernel's workgroup memory holds a K tile of KT * (W4 + 1) quads (at most 576),
+        // a V tile of KT * W4 quads (at most 512, 4 loads per invocation) and KS * GT
+        // partial sums of p (at most 64); its 128 invocations split keys into 128 / KT
+        // slices.
+        let want_f16 = [(64, 64), (80, 32), (96, 32), (128, 32), (256, 16)];
+        for (d, kt) in want_f16 {
+            assert_eq!(decode_kt(DType::F16, d), kt, "f16 d={d}");
+            assert_eq!(decode_kt(DType::F32, d), kt / 2, "f32 d={d}");
+        }
+        for &d in &SUPPORTED_HEAD_DIMS {
+            for dt in crate::ops::kv::KV_DTYPES {
+                let kt = decode_kt(dt, d);
+                let w4 = d * dt.size() / 16;
+                assert!(kt >= 4 && 128 % kt == 0, "{dt} d={d}");
+                assert!(kt * (w4 + 1) <= 576 && kt * w4 <= 512, "{dt} d={d}");
+                // Phases 3-4 take one (key, head quad) per invocation: KT * 2 <= 128.
+                assert!(kt <= 64 && (128 / (d / 4)) * 8 <= 64, "{dt} d={d}");
+            }
+        }
+        // Llama-3.1-8B: 32 query heads over 8 kv heads, head dim 128, f16.
+        let g = gpu();
+        let mut pass = g.begin();
+        let opts = SdpaOptions::new(128);
+        let plan = |pass: &mut Pass, len: usize| {
+            decode_plan(pass, "t", 32, 8, 128, 4, 32, (0, len, len), &opts)
+        };
+        let p = plan(&mut pass, 128)?;
+        assert_eq!(
+            (p.params.split_len, p.params.n_splits, p.workgroups),
+            (32, 4, 32)
+        );
+        let p = plan(&mut pass, 8192)?;
+        assert_eq!(
+            (p.params.split_len, p.params.n_splits, p.workgroups),
+            (128, 64, 512)
+        );
+        let p = plan(&mut pass, 32768)?;
+        assert_eq!(
+            (p.params.split_len, p.params.n_splits, p.workgroups),
+            (512, 64, 512)
+        );
+        let p = plan(&mut pass, 1)?;
+        assert_eq!(
+            (p.params.split_len, p.params.n_splits, p.workgroups),
+            (32, 1, 8)
+        );
         Ok(())
     }
 

@@ -3,8 +3,9 @@
 //
 //   sdpa_decode         one query per head (the token at position kv_hi - 1), split-K: each
 //                       workgroup takes one kv head, GT of its query heads (GQA: K/V read once
-//                       for the whole tile) and split_len positions, and writes a partial
-//                       (max, sum, unnormalized output) per head and split.
+//                       for the whole tile) and split_len positions (whole tiles of KT keys),
+//                       and writes a partial (max, sum, unnormalized output) per head and
+//                       split. See "Decode" below for the tile pipeline.
 //   sdpa_decode_reduce  one workgroup per head combines the splits (and the sink) into out.
 //   sdpa_prefill        T queries at positions q0..q0+T, tiled flash attention with online
 //                       softmax: a workgroup takes BM (query, head) rows of one kv head and
@@ -44,12 +45,14 @@ struct Params {
 override HEAD_DIM: u32 = 128u;
 // Query heads per decode workgroup (1, 2, 4 or 8).
 override GT: u32 = 8u;
+// Keys per decode tile (the Rust side's decode_kt: one K tile and one V tile take 16 KiB
+// at most).
+override KT: u32 = 32u;
 // Prefill tile: BM (query, head) rows by BN keys.
 override BM: u32 = 32u;
 override BN: u32 = 32u;
 override C4: u32 = HEAD_DIM / 4u;
 
-const KT: u32 = 128u;
 const M_INIT: f32 = -3.0e38;
 
 @group(0) @binding(0) var<storage, read> q: array<f32>;
@@ -60,8 +63,12 @@ const M_INIT: f32 = -3.0e38;
 @group(0) @binding(7) var<storage, read> mask: array<f32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
-// Cache views start at a multiple of 4 elements (checked on the Rust side).
+// The caches are read in 16-byte quads (KVQ): 4 f32 or 8 f16 elements. Cache views start at
+// a multiple of 8 elements (the cache owns its buffers: they start at offset 0).
+// W4: quads per K/V row. load_k/load_v (prefill): 4 elements at element 4 * c of a row.
 #if DT_F32
+alias KVQ = vec4<f32>;
+override W4: u32 = HEAD_DIM / 4u;
 @group(0) @binding(1) var<storage, read> kc: array<vec4<f32>>;
 @group(0) @binding(2) var<storage, read> vc: array<vec4<f32>>;
 fn load_k(row: u32, c: u32) -> vec4<f32> {
@@ -70,16 +77,34 @@ fn load_k(row: u32, c: u32) -> vec4<f32> {
 fn load_v(row: u32, c: u32) -> vec4<f32> {
     return vc[view(2u) / 4u + row * C4 + c];
 }
+fn k_quad(i: u32) -> KVQ {
+    return kc[view(1u) / 4u + i];
+}
+fn v_quad(i: u32) -> KVQ {
+    return vc[view(2u) / 4u + i];
+}
 #else
-@group(0) @binding(1) var<storage, read> kc: array<vec2<u32>>;
-@group(0) @binding(2) var<storage, read> vc: array<vec2<u32>>;
-fn load_k(row: u32, c: u32) -> vec4<f32> {
-    let w = kc[view(1u) / 4u + row * C4 + c];
+alias KVQ = vec4<u32>;
+override W4: u32 = HEAD_DIM / 8u;
+@group(0) @binding(1) var<storage, read> kc: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> vc: array<vec4<u32>>;
+fn halves(w: vec2<u32>) -> vec4<f32> {
     return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
 }
+// Chunk c of a row is half of quad c / 2 (rows hold an even number of chunks).
+fn load_k(row: u32, c: u32) -> vec4<f32> {
+    let w = kc[view(1u) / 8u + (row * C4 + c) / 2u];
+    return halves(select(w.xy, w.zw, (c & 1u) != 0u));
+}
 fn load_v(row: u32, c: u32) -> vec4<f32> {
-    let w = vc[view(2u) / 4u + row * C4 + c];
-    return vec4<f32>(unpack2x16float(w.x), unpack2x16float(w.y));
+    let w = vc[view(2u) / 8u + (row * C4 + c) / 2u];
+    return halves(select(w.xy, w.zw, (c & 1u) != 0u));
+}
+fn k_quad(i: u32) -> KVQ {
+    return kc[view(1u) / 8u + i];
+}
+fn v_quad(i: u32) -> KVQ {
+    return vc[view(2u) / 8u + i];
 }
 #endif
 
@@ -99,83 +124,110 @@ fn wrap(s: u32) -> u32 {
 
 // ---------------------------------------------------------------------------------------
 // Decode
+//
+// A workgroup of 128 invocations streams its split through workgroup memory one tile of KT
+// keys at a time (KT from decode_kt: KT * HEAD_DIM elements of K take at most 8 KiB). Per
+// tile:
+//   1. store: the tile's K and V quads, loaded into registers during the previous tile,
+//      go to kt_sh / vt_sh; then the next tile's loads are issued (all of them before any
+//      use: 16 KiB in flight per workgroup while this tile computes). Invocation i loads
+//      quads i, i + 128, ...: consecutive invocations read consecutive 16 bytes of a row.
+//      Positions outside the split (the tile's tail) load zeros and read no memory.
+//   2. scores: invocation (key k = lid % KT, slice sl = lid / KT) dots quads sl, sl + NS,
+//      ... of K row k with the GT query heads (q_sh); the KT keys of a slice are adjacent
+//      invocations, so q reads are broadcasts and K reads (rows RQ quads apart, RQ odd)
+//      hit distinct banks. Partial dots go to sc_sh [slice][key][head quad].
+//   3. logits: invocation (key k, head quad hq) sums its NS partials and applies scale and
+//      softcap (M_INIT past k_end), into sc_sh [key][quad] (the slice-0 entry it alone read).
+//   4. softmax: the same invocation takes the tile max of its four heads over the KT keys
+//      (broadcast reads), the new running max mn and p = exp(s - mn) into sc_sh at P_OFF
+//      [key][quad]; the key-0 invocation publishes alpha = exp(m_old - mn) and mn.
+//   5. values: invocation (key subset ks = lid / C4, four-dim chunk c = lid % C4) scales its
+//      GT accumulators (and partial sums of p) by alpha and adds p * V for keys ks, ks + KS...
+// Five barriers per tile (before and after the store, after phases 2, 3 and 4). Every
+// workgroup-memory write is a whole scalar or vector by one invocation.
+// Workgroup memory (bytes): q_sh 8192 + kt_sh 9216 + vt_sh 8192 + sc_sh 4096 + 320 = 30016.
+
+// K tile row stride in quads: one quad of padding makes it odd, so the 8 invocations of a
+// quarter subgroup reading quad u of 8 consecutive rows use distinct banks.
+override RQ: u32 = W4 + 1u;
+// Score phase slices per key; value phase key subsets.
+override NS: u32 = 128u / KT;
+override KS: u32 = 128u / C4;
+// Quads in one K (or V) tile; at most 512 (4 per invocation).
+override TQ: u32 = KT * W4;
+// Head quads (vec4s of per-head values) and where p starts in sc_sh.
+override GQ: u32 = (GT + 3u) / 4u;
+override P_OFF: u32 = KT * GQ;
 
 var<workgroup> q_sh: array<vec4<f32>, 512>;
-var<workgroup> p_sh: array<f32, 1024>;
-var<workgroup> red_sh: array<f32, 1024>;
-var<workgroup> acc_sh: array<vec4<f32>, 512>;
-var<workgroup> alpha_sh: array<f32, 8>;
-var<private> sg_lane: u32;
-var<private> sg_index: u32;
-var<private> sg_count: u32;
-
-// Reduce v[g] (g < GT) over the workgroup's KT invocations; every invocation gets the result.
-// Call from uniform control flow. red_sh is free again once every invocation has passed
-// the next workgroup barrier.
-fn tile_reduce(v: ptr<function, array<f32, 8>>, lid: u32, is_max: bool) {
-#if SUBGROUPS
-    for (var g = 0u; g < GT; g++) {
-        let x = (*v)[g];
-        let r = select(subgroupAdd(x), subgroupMax(x), is_max);
-        if sg_lane == 0u {
-            red_sh[g * KT + sg_index] = r;
-        }
-    }
-    workgroupBarrier();
-    for (var g = 0u; g < GT; g++) {
-        var t = red_sh[g * KT];
-        for (var i = 1u; i < sg_count; i++) {
-            let y = red_sh[g * KT + i];
-            t = select(t + y, max(t, y), is_max);
-        }
-        (*v)[g] = t;
-    }
+var<workgroup> kt_sh: array<KVQ, 576>;
+#if DT_F32
+var<workgroup> vt_sh: array<vec4<f32>, 512>;
+fn v_chunk(j: u32, c: u32) -> vec4<f32> {
+    return vt_sh[j * C4 + c];
+}
 #else
-    for (var g = 0u; g < GT; g++) {
-        red_sh[g * KT + lid] = (*v)[g];
-    }
-    workgroupBarrier();
-    for (var s = KT / 2u; s > 0u; s >>= 1u) {
-        if lid < s {
-            for (var g = 0u; g < GT; g++) {
-                let a = red_sh[g * KT + lid];
-                let b = red_sh[g * KT + lid + s];
-                red_sh[g * KT + lid] = select(a + b, max(a, b), is_max);
-            }
-        }
-        workgroupBarrier();
-    }
-    for (var g = 0u; g < GT; g++) {
-        (*v)[g] = red_sh[g * KT];
-    }
+var<workgroup> vt_sh: array<vec2<u32>, 1024>;
+fn v_chunk(j: u32, c: u32) -> vec4<f32> {
+    return halves(vt_sh[j * C4 + c]);
+}
 #endif
+var<workgroup> sc_sh: array<vec4<f32>, 256>;
+var<workgroup> alpha_sh: array<vec4<f32>, 2>;
+var<workgroup> m_sh: array<vec4<f32>, 2>;
+var<workgroup> l_sh: array<f32, 64>;
+
+// Issue the loads of the tile at position t0 (KT positions, those >= k_end read as zeros).
+fn load_tile(kr: ptr<function, array<KVQ, 4>>, vr: ptr<function, array<KVQ, 4>>,
+             rowbase: u32, t0: u32, k_end: u32, lid: u32) {
+    let s0 = t0 % p.slots;
+    for (var i = 0u; i < 4u; i++) {
+        let it = lid + 128u * i;
+        var kq = KVQ();
+        var vq = KVQ();
+        let j = it / W4;
+        if it < TQ && t0 + j < k_end {
+            // j < slots here (the visible positions fit the ring), so one wrap suffices.
+            let o = (rowbase + wrap(s0 + j)) * W4 + it % W4;
+            kq = k_quad(o);
+            vq = v_quad(o);
+        }
+        (*kr)[i] = kq;
+        (*vr)[i] = vq;
+    }
+}
+
+fn store_tile(kr: ptr<function, array<KVQ, 4>>, vr: ptr<function, array<KVQ, 4>>, lid: u32) {
+    for (var i = 0u; i < 4u; i++) {
+        let it = lid + 128u * i;
+        if it < TQ {
+            kt_sh[(it / W4) * RQ + it % W4] = (*kr)[i];
+#if DT_F32
+            vt_sh[it] = (*vr)[i];
+#else
+            vt_sh[2u * it] = (*vr)[i].xy;
+            vt_sh[2u * it + 1u] = (*vr)[i].zw;
+#endif
+        }
+    }
 }
 
 @compute @workgroup_size(128)
 fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32
-#if SUBGROUPS
-               , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_id) si: u32,
-               @builtin(num_subgroups) sc: u32
-#endif
-) {
-#if SUBGROUPS
-    sg_lane = sl;
-    sg_index = si;
-    sg_count = sc;
-#endif
+               @builtin(local_invocation_index) lid: u32) {
     let wg = flat_wg(wid, nwg);
     let split = wg % p.n_splits;
     let rest = wg / p.n_splits;
-    let gt = rest % p.g_tiles;
+    let gtile = rest % p.g_tiles;
     let kvh = rest / p.g_tiles;
     if kvh >= p.kv_heads {
         return;
     }
-    let g0 = gt * GT;
+    let g0 = gtile * GT;
     let ng = min(GT, p.group - g0);
     let h0 = kvh * p.group + g0;
-    for (var i = lid; i < GT * C4; i += KT) {
+    for (var i = lid; i < GT * C4; i += 128u) {
         let g = i / C4;
         var v = vec4<f32>(0.0);
         if g < ng {
@@ -187,106 +239,192 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let k_start = p.kv_lo + split * p.split_len;
     let k_end = min(p.kv_hi, k_start + p.split_len);
     let rowbase = kvh * p.slots;
-    // Value phase: item = (key subset ks, head g, chunk c); KS subsets split the tile's keys.
-    let ngc = GT * C4;
-    let ks_n = max(1u, KT / ngc);
-    let items = ks_n * ngc;
-    var m: array<f32, 8>;
-    var l: array<f32, 8>;
+
+    // Phase 2 role.
+    let sk = lid % KT;
+    let sl = lid / KT;
+    // Phase 5 role.
+    let vcol = lid % C4;
+    let ks = lid / C4;
+    let v_on = ks < KS;
+    // Phase 3/4 role, and the running max of its four heads.
+    let pk = lid % KT;
+    let pq = lid / KT;
+    let p_on = pq < GQ;
+    var mr = vec4<f32>(M_INIT);
+    var acc: array<vec4<f32>, 8>;
+    var lp: array<f32, 8>;
     for (var g = 0u; g < 8u; g++) {
-        m[g] = M_INIT;
-        l[g] = 0.0;
+        acc[g] = vec4<f32>(0.0);
+        lp[g] = 0.0;
     }
-    var acc: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        acc[i] = vec4<f32>(0.0);
-    }
-    workgroupBarrier();
+    var kr: array<KVQ, 4>;
+    var vr: array<KVQ, 4>;
+    load_tile(&kr, &vr, rowbase, k_start, k_end, lid);
     for (var t0 = k_start; t0 < k_end; t0 += KT) {
-        let s0 = t0 % p.slots;
-        let valid = t0 + lid < k_end;
-        var s: array<f32, 8>;
-        for (var g = 0u; g < GT; g++) {
-            s[g] = 0.0;
+        // 1. The previous tile's phase 5 is done with vt_sh and p.
+        workgroupBarrier();
+        store_tile(&kr, &vr, lid);
+        workgroupBarrier();
+        if t0 + KT < k_end {
+            load_tile(&kr, &vr, rowbase, t0 + KT, k_end, lid);
         }
-        if valid {
-            let row = rowbase + wrap(s0 + lid);
-            for (var c = 0u; c < C4; c++) {
-                let kv = load_k(row, c);
+
+        // 2. Partial dots.
+        var part: array<f32, 8>;
+        for (var g = 0u; g < 8u; g++) {
+            part[g] = 0.0;
+        }
+        // Constant trip counts (here and in phase 5) let the compiler unroll and batch the
+        // workgroup-memory reads.
+        for (var i = 0u; i < (W4 + NS - 1u) / NS; i++) {
+            let u = sl + i * NS;
+            if u < W4 {
+                let kq = kt_sh[sk * RQ + u];
+#if DT_F32
                 for (var g = 0u; g < GT; g++) {
-                    s[g] += dot(q_sh[g * C4 + c], kv);
+                    part[g] += dot(q_sh[g * C4 + u], kq);
+                }
+#else
+                let ka = halves(kq.xy);
+                let kb = halves(kq.zw);
+                for (var g = 0u; g < GT; g++) {
+                    let qa = q_sh[g * C4 + 2u * u];
+                    let qb = q_sh[g * C4 + 2u * u + 1u];
+                    part[g] += dot(qa, ka) + dot(qb, kb);
+                }
+#endif
+            }
+        }
+        for (var i = 0u; i < GQ; i++) {
+            let v = vec4<f32>(part[4u * i], part[4u * i + 1u], part[4u * i + 2u],
+                              part[4u * i + 3u]);
+            sc_sh[(sl * KT + sk) * GQ + i] = v;
+        }
+        workgroupBarrier();
+
+        // 3. Logits of this invocation's key and four heads.
+        let valid = t0 + pk < k_end;
+        var sv = vec4<f32>(M_INIT);
+        if p_on {
+            var d = vec4<f32>(0.0);
+            for (var s = 0u; s < NS; s++) {
+                d += sc_sh[(s * KT + pk) * GQ + pq];
+            }
+            if valid {
+                sv = vec4<f32>(logit(d.x), logit(d.y), logit(d.z), logit(d.w));
+            }
+            sc_sh[pk * GQ + pq] = sv;
+        }
+        workgroupBarrier();
+
+        // 4. Tile max, running max, probabilities.
+        if p_on {
+            var tm = vec4<f32>(M_INIT);
+            for (var j = 0u; j < KT; j++) {
+                tm = max(tm, sc_sh[j * GQ + pq]);
+            }
+            let mn = max(mr, tm);
+            if pk == 0u {
+                alpha_sh[pq] = exp(mr - mn);
+                m_sh[pq] = mn;
+            }
+            mr = mn;
+            sc_sh[P_OFF + pk * GQ + pq] = select(vec4<f32>(0.0), exp(sv - mn), valid);
+        }
+        workgroupBarrier();
+
+        // 5. p * V.
+        if v_on {
+            for (var i = 0u; i < GQ; i++) {
+                let a = alpha_sh[i];
+                for (var e = 0u; e < 4u; e++) {
+                    let g = 4u * i + e;
+                    if g < GT {
+                        acc[g] *= a[e];
+                        lp[g] *= a[e];
+                    }
                 }
             }
-            for (var g = 0u; g < GT; g++) {
-                s[g] = logit(s[g]);
-            }
-        } else {
-            for (var g = 0u; g < GT; g++) {
-                s[g] = M_INIT;
+            // Keys past k_end have p = 0 and V = 0 (loaded as zeros): no bound needed.
+            for (var jj = 0u; jj < (KT + KS - 1u) / KS; jj++) {
+                let j = ks + jj * KS;
+                if j < KT {
+                    let vv = v_chunk(j, vcol);
+                    for (var i = 0u; i < GQ; i++) {
+                        let pv = sc_sh[P_OFF + j * GQ + i];
+                        for (var e = 0u; e < 4u; e++) {
+                            let g = 4u * i + e;
+                            if g < GT {
+                                acc[g] += pv[e] * vv;
+                                lp[g] += pv[e];
+                            }
+                        }
+                    }
+                }
             }
         }
-        var tm = s;
-        tile_reduce(&tm, lid, true);
-        for (var g = 0u; g < GT; g++) {
-            let mn = max(m[g], tm[g]);
-            let a = exp(m[g] - mn);
-            m[g] = mn;
-            let pv = select(0.0, exp(s[g] - mn), valid);
-            l[g] = l[g] * a + pv;
-            p_sh[g * KT + lid] = pv;
-            if lid == 0u {
-                alpha_sh[g] = a;
+    }
+
+    // Combine the KS key subsets, four heads a round, through q_sh: its last reads (phase 2
+    // of the last tile) are behind that tile's barriers.
+    for (var r = 0u; r < GQ; r++) {
+        if r > 0u {
+            workgroupBarrier();
+        }
+        if v_on {
+            for (var e = 0u; e < 4u; e++) {
+                let g = 4u * r + e;
+                if g < GT {
+                    q_sh[e * 128u + lid] = acc[g];
+                }
+            }
+            if r == 0u && vcol == 0u {
+                for (var g = 0u; g < GT; g++) {
+                    l_sh[ks * GT + g] = lp[g];
+                }
             }
         }
         workgroupBarrier();
-        let nk = min(KT, k_end - t0);
-        for (var ii = 0u; ii < 4u; ii++) {
-            let it = lid + ii * KT;
-            if it < items {
-                let gc = it % ngc;
-                let g = gc / C4;
-                let c = gc % C4;
-                var a = acc[ii] * alpha_sh[g];
-                for (var j = it / ngc; j < nk; j += ks_n) {
-                    a += p_sh[g * KT + j] * load_v(rowbase + wrap(s0 + j), c);
+        for (var it = lid; it < 4u * C4; it += 128u) {
+            let e = it / C4;
+            let c = it % C4;
+            let g = 4u * r + e;
+            if g < ng {
+                var a = vec4<f32>(0.0);
+                for (var s = 0u; s < KS; s++) {
+                    a += q_sh[e * 128u + s * C4 + c];
                 }
-                acc[ii] = a;
+                let o = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM + c * 4u;
+                part_o[o] = a.x;
+                part_o[o + 1u] = a.y;
+                part_o[o + 2u] = a.z;
+                part_o[o + 3u] = a.w;
             }
         }
-        // The next tile writes p_sh and alpha_sh only after tile_reduce's barrier.
-    }
-    tile_reduce(&l, lid, false);
-    for (var ii = 0u; ii < 4u; ii++) {
-        let it = lid + ii * KT;
-        if it < items {
-            acc_sh[it] = acc[ii];
-        }
-    }
-    workgroupBarrier();
-    for (var ii = 0u; ii < 4u; ii++) {
-        let gc = lid + ii * KT;
-        if gc < ngc && gc / C4 < ng {
-            var a = vec4<f32>(0.0);
-            for (var ks = 0u; ks < ks_n; ks++) {
-                a += acc_sh[ks * ngc + gc];
+        if r == 0u && lid < ng {
+            var l = 0.0;
+            for (var s = 0u; s < KS; s++) {
+                l += l_sh[s * GT + lid];
             }
-            let h = h0 + gc / C4;
-            let o = view(3u) + (h * p.n_splits + split) * HEAD_DIM + (gc % C4) * 4u;
-            part_o[o] = a.x;
-            part_o[o + 1u] = a.y;
-            part_o[o + 2u] = a.z;
-            part_o[o + 3u] = a.w;
-        }
-    }
-    for (var g = 0u; g < GT; g++) {
-        if lid == g && g < ng {
-            let o = view(4u) + ((h0 + g) * p.n_splits + split) * 2u;
-            part_ml[o] = m[g];
-            part_ml[o + 1u] = l[g];
+            let o = view(4u) + ((h0 + lid) * p.n_splits + split) * 2u;
+            part_ml[o] = m_sh[lid / 4u][lid % 4u];
+            part_ml[o + 1u] = l;
         }
     }
 }
 
+var<workgroup> red_m: array<vec2<f32>, 128>;
+var<workgroup> red_o: array<vec4<f32>, 128>;
+
+// Online-softmax merge of two (max, sum) pairs.
+fn merge_ml(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let m = max(a.x, b.x);
+    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
+}
+
+// One workgroup per head: invocation (split group sg = lid / C4, chunk c = lid % C4) adds
+// the splits sg, sg + sg_n, ... of its four dims, so 128 loads are in flight per step.
 @compute @workgroup_size(128)
 fn sdpa_decode_reduce(@builtin(workgroup_id) wid: vec3<u32>,
                       @builtin(num_workgroups) nwg: vec3<u32>,
@@ -296,30 +434,48 @@ fn sdpa_decode_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let ml = view(4u) + h * p.n_splits * 2u;
-    var mx = M_INIT;
-    for (var s = 0u; s < p.n_splits; s++) {
-        mx = max(mx, part_ml[ml + 2u * s]);
+    var mine = vec2<f32>(M_INIT, 0.0);
+    for (var s = lid; s < p.n_splits; s += 128u) {
+        mine = merge_ml(mine, vec2<f32>(part_ml[ml + 2u * s], part_ml[ml + 2u * s + 1u]));
     }
-    var sink = M_INIT;
-    if p.has_sinks != 0u {
-        sink = sinks[view(5u) + h];
-        mx = max(mx, sink);
-    }
-    var total = 0.0;
-    for (var s = 0u; s < p.n_splits; s++) {
-        total += part_ml[ml + 2u * s + 1u] * exp(part_ml[ml + 2u * s] - mx);
-    }
-    if p.has_sinks != 0u {
-        total += exp(sink - mx);
-    }
-    let inv = select(0.0, 1.0 / total, total > 0.0);
-    let po = view(3u) + h * p.n_splits * HEAD_DIM;
-    for (var d = lid; d < HEAD_DIM; d += 128u) {
-        var a = 0.0;
-        for (var s = 0u; s < p.n_splits; s++) {
-            a += part_o[po + s * HEAD_DIM + d] * exp(part_ml[ml + 2u * s] - mx);
+    red_m[lid] = mine;
+    workgroupBarrier();
+    for (var w = 64u; w > 0u; w >>= 1u) {
+        if lid < w {
+            red_m[lid] = merge_ml(red_m[lid], red_m[lid + w]);
         }
-        out[view(6u) + h * HEAD_DIM + d] = a * inv;
+        workgroupBarrier();
+    }
+    var tot = red_m[0];
+    if p.has_sinks != 0u {
+        tot = merge_ml(tot, vec2<f32>(sinks[view(5u) + h], 1.0));
+    }
+    let mx = tot.x;
+    let inv = select(0.0, 1.0 / tot.y, tot.y > 0.0);
+    let sg_n = 128u / C4;
+    let sg = lid / C4;
+    let c = lid % C4;
+    let po = view(3u) + h * p.n_splits * HEAD_DIM + c * 4u;
+    var a = vec4<f32>(0.0);
+    if sg < sg_n {
+        for (var s = sg; s < p.n_splits; s += sg_n) {
+            let o = po + s * HEAD_DIM;
+            let w = exp(part_ml[ml + 2u * s] - mx);
+            a += w * vec4<f32>(part_o[o], part_o[o + 1u], part_o[o + 2u], part_o[o + 3u]);
+        }
+    }
+    red_o[lid] = a;
+    workgroupBarrier();
+    if lid < C4 {
+        var t = vec4<f32>(0.0);
+        for (var s = 0u; s < sg_n; s++) {
+            t += red_o[s * C4 + lid];
+        }
+        let o = view(6u) + h * HEAD_DIM + lid * 4u;
+        out[o] = t.x * inv;
+        out[o + 1u] = t.y * inv;
+        out[o + 2u] = t.z * inv;
+        out[o + 3u] = t.w * inv;
     }
 }
 
