@@ -397,6 +397,7 @@ impl ShapeSpec {
             attn_scale: 1.0 / (self.head_dim as f32).sqrt(),
             tied_embeddings: self.tied,
             moe: None,
+            moe_layers: vec![false; self.n_layers],
         }
     }
 }
