@@ -6,9 +6,11 @@
 //! (never zeros), uploaded tensor by tensor so host memory stays at one tensor. Then, with one
 //! measured read bandwidth for the whole run:
 //!
-//! - **bytes per token**: every layer weight (read once per token), the LM head, one embedding
-//!   row, the norms, and the KV cache the attention reads at that context (f16 K and V,
-//!   `min(pos + 1, window)` positions per layer);
+//! - **bytes per token**: every layer weight (read once per token; of a mixture-of-experts
+//!   layer, the router and the `top_k` experts one token is routed to), the LM head, one
+//!   embedding row, the norms, and the KV cache the attention reads at that context (K and V
+//!   rows of `min(pos + 1, window)` positions per layer, in the bytes the cache format
+//!   stores: f16 by default, or `DecodeOptions::kv_format`);
 //! - **roofline tok/s** = bandwidth / bytes per token;
 //! - **decode tok/s** at each context: prefill the context with synthetic ids, then time
 //!   decode steps by wall clock (record + submit + GPU + the id readback, greedy argmax on the
