@@ -6,6 +6,9 @@
 //! Gemma 3 follows mlx-lm's `gemma3_text`: the embedding scale is `sqrt(hidden)` rounded to
 //! bf16, attention scales by `query_pre_attn_scalar^-0.5`, sliding layers use
 //! `rope_local_base_freq` without scaling.
+//! Qwen3-MoE follows mlx-lm's `qwen3_moe` (sparse layers, router, experts), except that a
+//! `rope_scaling` entry is applied as for `qwen3` (its Hugging Face meaning), where mlx-lm's
+//! `qwen3_moe` ignores it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
