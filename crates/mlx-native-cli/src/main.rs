@@ -131,10 +131,18 @@ enum BenchWhat {
         json: Option<PathBuf>,
     },
     /// Single-stream decode of real model shapes with synthetic weights, against the
-    /// bandwidth roofline (`all`, llama-3.1-8b, gemma-3-4b, smollm2-135m, gemma3-270m, ...).
+    /// bandwidth roofline (`all`, llama-3.1-8b, gemma-3-4b, smollm2-135m, gemma3-270m,
+    /// qwen3-30b-a3b, ...).
     Decode {
         #[arg(long, default_value = "all")]
         shape: String,
+        /// KV cache format: f16, q8, q4, tq4, tq3, tq2.5, tq2 (f32 too). Bytes per token
+        /// count the format's stored bytes.
+        #[arg(long, default_value = "f16")]
+        kv_cache: String,
+        /// Contexts (positions in the cache) at which decode is timed.
+        #[arg(long, value_delimiter = ',', default_value = "128,4096")]
+        contexts: Vec<usize>,
         /// Write the report (updated after each shape) to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -355,10 +363,22 @@ fn run(cli: Cli) -> CliResult<bool> {
                 print!("{}", r.table());
                 write_json(json.clone(), &r)
             }
-            BenchWhat::Decode { shape, json } => {
-                let gpu = open_gpu()?;
+            BenchWhat::Decode {
+                shape,
+                kv_cache,
+                mut contexts,
+                json,
+            } => {
                 let shapes = mlx_native_lm::bench_decode::expand_shapes(&shape).map_err(err)?;
-                let opts = mlx_native_lm::bench_decode::DecodeOptions::default();
+                let kv_format = mlx_native::kv_quant::KvFormat::parse(&kv_cache).map_err(err)?;
+                contexts.sort_unstable();
+                contexts.dedup();
+                let opts = mlx_native_lm::bench_decode::DecodeOptions {
+                    kv_format,
+                    contexts,
+                    ..Default::default()
+                };
+                let gpu = open_gpu()?;
                 let mut save = |partial: &mlx_native_lm::bench_decode::DecodeReport| {
                     let _ = write_json(json.clone(), partial);
                 };

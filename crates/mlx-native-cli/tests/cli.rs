@@ -77,6 +77,14 @@ fn bad_input_gives_one_line_errors_and_a_failing_exit() {
             "/no/such/model.gguf: no such file or folder",
         ),
         (&["info", "/no/such/model.gguf"], "/no/such/model.gguf"),
+        (
+            &["bench", "decode", "--shape", "tiny-gguf", "--kv-cache", "tq9"],
+            "unknown KV cache format `tq9`; expected one of: f16, f32, q8, q4, tq4, tq3, tq2.5, tq2",
+        ),
+        (
+            &["bench", "decode", "--shape", "qwen3-31b"],
+            "bench decode: unknown shape \"qwen3-31b\"",
+        ),
     ];
     for (args, want) in cases {
         let o = mlx_native(args);

@@ -1,5 +1,6 @@
 //! `bench decode` without the CLI: `bench_decode [SHAPE[,SHAPE..]|all] [--json FILE]
-//! [--probe-mib N] [--steps N]`. Shapes: see `mlx_native_lm::bench_decode::SHAPES`.
+//! [--probe-mib N] [--steps N] [--contexts A,B] [--kv-cache f16|q8|q4|tq4|tq3|tq2.5|tq2]`.
+//! Shapes: see `mlx_native_lm::bench_decode::SHAPES`.
 
 use mlx_native::MlxDevice;
 use mlx_native_lm::bench_decode::{bench_decode, expand_shapes, DecodeOptions};
@@ -14,6 +15,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--json" => json = args.next(),
             "--probe-mib" => opts.probe_mib = args.next().ok_or("--probe-mib N")?.parse()?,
             "--steps" => opts.steps = args.next().ok_or("--steps N")?.parse()?,
+            "--kv-cache" => {
+                opts.kv_format = mlx_native::kv_quant::KvFormat::parse(
+                    &args
+                        .next()
+                        .ok_or("--kv-cache f16|q8|q4|tq4|tq3|tq2.5|tq2")?,
+                )?
+            }
             "--contexts" => {
                 opts.contexts = args
                     .next()

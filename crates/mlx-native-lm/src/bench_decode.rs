@@ -6,9 +6,11 @@
 //! (never zeros), uploaded tensor by tensor so host memory stays at one tensor. Then, with one
 //! measured read bandwidth for the whole run:
 //!
-//! - **bytes per token**: every layer weight (read once per token), the LM head, one embedding
-//!   row, the norms, and the KV cache the attention reads at that context (f16 K and V,
-//!   `min(pos + 1, window)` positions per layer);
+//! - **bytes per token**: every layer weight (read once per token; of a mixture-of-experts
+//!   layer, the router and the `top_k` experts one token is routed to), the LM head, one
+//!   embedding row, the norms, and the KV cache the attention reads at that context (K and V
+//!   rows of `min(pos + 1, window)` positions per layer, in the bytes the cache format
+//!   stores: f16 by default, or `DecodeOptions::kv_format`);
 //! - **roofline tok/s** = bandwidth / bytes per token;
 //! - **decode tok/s** at each context: prefill the context with synthetic ids, then time
 //!   decode steps by wall clock (record + submit + GPU + the id readback, greedy argmax on the
@@ -26,8 +28,11 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use half::{bf16, f16};
+use mlx_native::kv_quant::{KvFormat, KvStore};
 use mlx_native::ops::activation::Act;
+use mlx_native::ops::moe::MoeExperts;
 use mlx_native::ops::{self, RopeConfig, RopeScaling, RopeStyle, RopeTable};
+use mlx_native::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
 use mlx_native::weights::ggml::GgmlType;
 use mlx_native::weights::ggml_weight::GgmlWeight;
 use mlx_native::weights::quant::QuantParams;
@@ -36,9 +41,9 @@ use mlx_native::{DType, MlxBuffer, MlxDevice, Pass};
 use serde::Serialize;
 
 use crate::bench::{read_bandwidth, Bandwidth};
-use crate::config::{Family, ModelConfig};
+use crate::config::{Family, ModelConfig, MoeSpec};
 use crate::error::{LmError, Result};
-use crate::layers::mlp::Ffn;
+use crate::layers::mlp::{Ffn, MoeMlp};
 use crate::layers::{Attention, DecoderLayer, Linear, Mlp};
 use crate::models::{Transformer, PREFILL_CHUNK};
 
@@ -54,14 +59,18 @@ pub enum Role {
     Gate,
     Up,
     Down,
+    /// The MoE router (`mlp.gate`, `[experts, hidden]`); the routed experts use `Gate`, `Up`
+    /// and `Down`.
+    Router,
 }
 
 impl Role {
-    pub const LAYER: [Role; 7] = [
+    pub const LAYER: [Role; 8] = [
         Role::Q,
         Role::K,
         Role::V,
         Role::O,
+        Role::Router,
         Role::Gate,
         Role::Up,
         Role::Down,
@@ -78,6 +87,7 @@ impl Role {
             Role::Gate => "gate",
             Role::Up => "up",
             Role::Down => "down",
+            Role::Router => "router",
         }
     }
 }
@@ -88,7 +98,8 @@ pub enum WeightFormat {
     /// GGUF blocks; the type of each tensor from `(role, layer, n_layers)`.
     Gguf(fn(Role, usize, usize) -> GgmlType),
     /// MLX affine quantization of every linear and the embedding; scales, biases and norms
-    /// in `dtype`.
+    /// in `dtype`. A MoE router is 8-bit g64, as mlx-lm's `convert` quantizes `mlp.gate` of
+    /// qwen3_moe (its `quant_predicate`).
     Mlx {
         bits: u32,
         group_size: u32,
@@ -117,6 +128,8 @@ pub struct ShapeSpec {
     pub rope: RopeConfig,
     pub rope_local_base: Option<f32>,
     pub format: WeightFormat,
+    /// Mixture-of-experts FFN in every layer (`ffn` is then unused).
+    pub moe: Option<MoeSpec>,
     /// `Some(reason)`: not runnable yet; reported as a "not yet" row.
     pub not_yet: Option<&'static str>,
 }
@@ -139,7 +152,7 @@ fn more_bits(i: usize, n: usize) -> bool {
 fn gemma270m_types(role: Role, i: usize, n: usize) -> GgmlType {
     match role {
         Role::Embed | Role::Head => GgmlType::Q8_0,
-        Role::Q | Role::K | Role::Gate | Role::Up => GgmlType::Q5_0,
+        Role::Q | Role::K | Role::Gate | Role::Up | Role::Router => GgmlType::Q5_0,
         Role::V if more_bits(i, n) => GgmlType::Q8_0,
         Role::V => GgmlType::Q5_0,
         Role::O => GgmlType::Q4_K,
@@ -213,7 +226,7 @@ pub fn expand_shapes(arg: &str) -> Result<Vec<&'static str>> {
 }
 
 /// Tiny shapes that run in seconds on a software rasterizer (tests, CI).
-pub const TEST_SHAPES: &[&str] = &["tiny-gguf", "tiny-gemma-mlx"];
+pub const TEST_SHAPES: &[&str] = &["tiny-gguf", "tiny-gemma-mlx", "tiny-qwen3-moe"];
 
 /// The spec of a named shape.
 pub fn shape(name: &str) -> Result<ShapeSpec> {
@@ -233,6 +246,7 @@ pub fn shape(name: &str) -> Result<ShapeSpec> {
         rope: llama31_rope(128, style),
         rope_local_base: None,
         format,
+        moe: None,
         not_yet: None,
     };
     Ok(match name {
@@ -252,6 +266,7 @@ pub fn shape(name: &str) -> Result<ShapeSpec> {
             rope: RopeConfig::new(64, 100_000.0, RopeStyle::Traditional),
             rope_local_base: None,
             format: WeightFormat::Gguf(smollm2_types),
+            moe: None,
             not_yet: None,
         },
         "gemma3-270m" => ShapeSpec {
@@ -270,6 +285,7 @@ pub fn shape(name: &str) -> Result<ShapeSpec> {
             rope: RopeConfig::new(256, 1_000_000.0, RopeStyle::Neox),
             rope_local_base: Some(10_000.0),
             format: WeightFormat::Gguf(gemma270m_types),
+            moe: None,
             not_yet: None,
         },
         "llama-3.1-8b-mlx4" => llama(
@@ -303,25 +319,56 @@ pub fn shape(name: &str) -> Result<ShapeSpec> {
             },
             rope_local_base: Some(10_000.0),
             format: MLX4,
+            moe: None,
             not_yet: None,
         },
         "qwen3-30b-a3b" => ShapeSpec {
             name: "qwen3-30b-a3b",
-            format_desc: "MoE (128 experts, 8 active)",
-            family: Family::Qwen3,
+            format_desc: "MLX 4-bit g64 bf16, MoE 128 experts top-8, 8-bit router, untied",
+            family: Family::Qwen3Moe,
             n_layers: 48,
             hidden: 2048,
             n_heads: 32,
             n_kv_heads: 4,
             head_dim: 128,
-            ffn: 768,
+            ffn: 6144,
             vocab: 151_936,
             tied: false,
             window: None,
             rope: RopeConfig::new(128, 1_000_000.0, RopeStyle::Neox),
             rope_local_base: None,
             format: MLX4,
-            not_yet: Some("not yet: mixture-of-experts layers are not in the engine"),
+            moe: Some(MoeSpec {
+                experts: 128,
+                top_k: 8,
+                ffn: 768,
+                norm_topk_prob: true,
+            }),
+            not_yet: None,
+        },
+        "tiny-qwen3-moe" => ShapeSpec {
+            name: "tiny-qwen3-moe",
+            format_desc: "MLX 4-bit g64 bf16, MoE 8 experts top-2, 8-bit router, untied",
+            family: Family::Qwen3Moe,
+            n_layers: 2,
+            hidden: 64,
+            n_heads: 2,
+            n_kv_heads: 1,
+            head_dim: 64,
+            ffn: 128,
+            vocab: 320,
+            tied: false,
+            window: None,
+            rope: RopeConfig::new(64, 1_000_000.0, RopeStyle::Neox),
+            rope_local_base: None,
+            format: MLX4,
+            moe: Some(MoeSpec {
+                experts: 8,
+                top_k: 2,
+                ffn: 64,
+                norm_topk_prob: true,
+            }),
+            not_yet: None,
         },
         "tiny-gguf" => ShapeSpec {
             name: "tiny-gguf",
@@ -339,6 +386,7 @@ pub fn shape(name: &str) -> Result<ShapeSpec> {
             rope: llama31_rope(64, RopeStyle::Traditional),
             rope_local_base: None,
             format: WeightFormat::Gguf(tiny_types),
+            moe: None,
             not_yet: None,
         },
         "tiny-gemma-mlx" => ShapeSpec {
@@ -357,6 +405,7 @@ pub fn shape(name: &str) -> Result<ShapeSpec> {
             rope: RopeConfig::new(64, 1_000_000.0, RopeStyle::Neox),
             rope_local_base: Some(10_000.0),
             format: MLX4,
+            moe: None,
             not_yet: None,
         },
         other => {
@@ -391,12 +440,13 @@ impl ShapeSpec {
             max_context: 131_072,
             sliding_window: self.window.map(|(w, _)| w),
             sliding_layers,
-            qk_norm: gemma || self.family == Family::Qwen3,
+            qk_norm: gemma || matches!(self.family, Family::Qwen3 | Family::Qwen3Moe),
             act: if gemma { Act::GeluTanh } else { Act::Silu },
             embed_scale: gemma.then(|| (self.hidden as f32).sqrt()),
             attn_scale: 1.0 / (self.head_dim as f32).sqrt(),
             tied_embeddings: self.tied,
-            moe: None,
+            moe: self.moe,
+            moe_layers: vec![self.moe.is_some(); self.n_layers],
         }
     }
 }
@@ -499,15 +549,10 @@ fn half_fields(kind: GgmlType, k: usize) -> Result<Vec<(usize, f32)>> {
     })
 }
 
-fn ggml_random(
-    gpu: &MlxDevice,
-    bits: &mut Bits,
-    kind: GgmlType,
-    n: usize,
-    k: usize,
-) -> Result<GgmlWeight> {
+/// Random GGML blocks of `rows` rows of K = `k`, with finite scales.
+fn ggml_bytes(bits: &mut Bits, kind: GgmlType, rows: usize, k: usize) -> Result<Vec<u8>> {
     let row = kind.row_bytes(k as u64)? as usize;
-    let mut b = vec![0u8; n * row];
+    let mut b = vec![0u8; rows * row];
     bits.fill(&mut b);
     let fields = half_fields(kind, k)?;
     for blk in b.chunks_exact_mut(kind.block_bytes()) {
@@ -516,6 +561,17 @@ fn ggml_random(
             blk[at..at + 2].copy_from_slice(&h);
         }
     }
+    Ok(b)
+}
+
+fn ggml_random(
+    gpu: &MlxDevice,
+    bits: &mut Bits,
+    kind: GgmlType,
+    n: usize,
+    k: usize,
+) -> Result<GgmlWeight> {
+    let b = ggml_bytes(bits, kind, n, k)?;
     Ok(GgmlWeight::upload(gpu, kind, &[n, k], &b)?)
 }
 
@@ -592,14 +648,44 @@ fn random_linear(
             bits: b,
             group_size,
             dtype,
-        } => Linear::Quant(mlx_random(
-            gpu,
-            bits,
-            n,
-            k,
-            QuantParams::affine(b, group_size),
+        } => {
+            let params = match role {
+                Role::Router => ROUTER_PARAMS,
+                _ => QuantParams::affine(b, group_size),
+            };
+            Linear::Quant(mlx_random(gpu, bits, n, k, params, dtype)?)
+        }
+    })
+}
+
+/// mlx-lm's `convert` quantizes the qwen3_moe router (`mlp.gate`) at 8 bits, group 64.
+const ROUTER_PARAMS: QuantParams = QuantParams::affine(8, 64);
+
+/// Stacked experts `[E, N, K]` in `spec`'s format (the type of `role` in layer `layer`).
+fn random_experts(
+    gpu: &MlxDevice,
+    bits: &mut Bits,
+    spec: &ShapeSpec,
+    role: Role,
+    layer: usize,
+    shape: [usize; 3],
+) -> Result<ExpertWeight> {
+    let [e, n, k] = shape;
+    Ok(match spec.format {
+        WeightFormat::Gguf(types) => {
+            let kind = types(role, layer, spec.n_layers);
+            let b = ggml_bytes(bits, kind, e * n, k)?;
+            ExpertWeight::Ggml(GgmlExperts::upload(gpu, kind, shape, &b)?)
+        }
+        WeightFormat::Mlx {
+            bits: b,
+            group_size,
             dtype,
-        )?),
+        } => {
+            let params = QuantParams::affine(b, group_size);
+            let w = mlx_random(gpu, bits, e * n, k, params, dtype)?;
+            ExpertWeight::Mlx(QuantExperts::new(w, e)?)
+        }
     })
 }
 
@@ -640,11 +726,30 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
             lin(Role::V, nkv * hd, h)?,
             lin(Role::O, h, nh * hd)?,
         );
-        let (gate, up, down) = (
-            lin(Role::Gate, cfg.ffn, h)?,
-            lin(Role::Up, cfg.ffn, h)?,
-            lin(Role::Down, h, cfg.ffn)?,
-        );
+        let mlp = match cfg.moe.filter(|_| cfg.moe_layers[i]) {
+            None => Ffn::Dense(Mlp {
+                gate: lin(Role::Gate, cfg.ffn, h)?,
+                up: lin(Role::Up, cfg.ffn, h)?,
+                down: lin(Role::Down, h, cfg.ffn)?,
+                act: cfg.act,
+            }),
+            Some(moe) => {
+                let router = lin(Role::Router, moe.experts, h)?;
+                let mut exp =
+                    |role, n, k| random_experts(gpu, &mut bits, spec, role, i, [moe.experts, n, k]);
+                Ffn::Moe(MoeMlp {
+                    router,
+                    experts: MoeExperts {
+                        gate: exp(Role::Gate, moe.ffn, h)?,
+                        up: exp(Role::Up, moe.ffn, h)?,
+                        down: exp(Role::Down, h, moe.ffn)?,
+                    },
+                    top_k: moe.top_k,
+                    norm_topk_prob: moe.norm_topk_prob,
+                    act: cfg.act,
+                })
+            }
+        };
         let mut vec = |len| random_vector(gpu, &mut bits, spec, len);
         let sliding = cfg.sliding_layers.get(i).copied().unwrap_or(false);
         let attn = Attention {
@@ -669,12 +774,7 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
             attn,
             post_attn_norm: if gemma { Some(vec(h)?) } else { None },
             ffn_norm: vec(h)?,
-            mlp: Ffn::Dense(Mlp {
-                gate,
-                up,
-                down,
-                act: cfg.act,
-            }),
+            mlp,
             post_ffn_norm: if gemma { Some(vec(h)?) } else { None },
             eps: cfg.norm_eps,
             rope: usize::from(sliding && cfg.rope_local_base.is_some()),
@@ -737,6 +837,19 @@ pub fn embed_row_bytes(l: &Linear) -> u64 {
     linear_bytes(l).div_ceil(rows)
 }
 
+/// Bytes of a whole expert stack (all experts).
+pub fn expert_bytes(w: &ExpertWeight) -> u64 {
+    match w {
+        ExpertWeight::Mlx(e) => {
+            let w = e.weight();
+            w.packed().byte_len()
+                + w.scales().byte_len()
+                + w.biases().map_or(0, MlxBuffer::byte_len)
+        }
+        ExpertWeight::Ggml(e) => e.shards().iter().map(|s| s.buffer.byte_len()).sum(),
+    }
+}
+
 fn opt_bytes(b: &Option<MlxBuffer>) -> u64 {
     b.as_ref().map_or(0, MlxBuffer::byte_len)
 }
@@ -744,8 +857,11 @@ fn opt_bytes(b: &Option<MlxBuffer>) -> u64 {
 /// Weight bytes one decode step reads, by part.
 #[derive(Clone, Debug, Serialize)]
 pub struct WeightBytes {
-    /// Every layer's projections.
+    /// Every layer's projections: attention, dense FFN, and for MoE layers the router plus
+    /// the `top_k` experts one token is routed to (`top_k / experts` of each expert stack).
     pub layers: u64,
+    /// The routed experts' part of `layers`.
+    pub experts_per_token: u64,
     /// Norm weights (all layers and the final norm).
     pub norms: u64,
     pub lm_head: u64,
@@ -762,6 +878,8 @@ impl WeightBytes {
 
 pub fn weight_bytes(m: &Transformer) -> WeightBytes {
     let mut layers = 0;
+    let mut experts_per_token = 0;
+    let mut experts_resident = 0;
     let mut norms = m.norm.byte_len();
     for l in &m.layers {
         let a = &l.attn;
@@ -774,8 +892,19 @@ pub fn weight_bytes(m: &Transformer) -> WeightBytes {
                 .into_iter()
                 .map(linear_bytes)
                 .sum::<u64>(),
-            // Synthetic MoE shapes are not built yet; count what a token surely reads.
-            Ffn::Moe(m) => linear_bytes(&m.router),
+            Ffn::Moe(m) => {
+                let e = &m.experts;
+                let all: u64 = [&e.gate, &e.up, &e.down]
+                    .into_iter()
+                    .map(expert_bytes)
+                    .sum();
+                let n = e.gate.shape()[0].max(1) as u64;
+                // One token at decode reads top_k distinct experts' rows.
+                let routed = all * m.top_k as u64 / n;
+                experts_per_token += routed;
+                experts_resident += all;
+                linear_bytes(&m.router) + routed
+            }
         };
         norms += l.attn_norm.byte_len()
             + l.ffn_norm.byte_len()
@@ -789,9 +918,14 @@ pub fn weight_bytes(m: &Transformer) -> WeightBytes {
     }
     let embed = linear_bytes(&m.embed);
     let lm_head = m.head.as_ref().map_or(embed, linear_bytes);
-    let resident = layers + norms + embed + m.head.as_ref().map_or(0, linear_bytes);
+    let resident = layers - experts_per_token
+        + experts_resident
+        + norms
+        + embed
+        + m.head.as_ref().map_or(0, linear_bytes);
     WeightBytes {
         layers,
+        experts_per_token,
         norms,
         lm_head,
         embed_row: embed_row_bytes(&m.embed),
@@ -799,13 +933,16 @@ pub fn weight_bytes(m: &Transformer) -> WeightBytes {
     }
 }
 
-/// KV cache bytes (f16 K and V) the attention of one decode step at position `pos` reads.
-pub fn kv_bytes(m: &Transformer, pos: usize) -> u64 {
+/// KV cache bytes the attention of one decode step at position `pos` reads from a cache in
+/// `format`: K and V rows of `min(pos + 1, window)` positions per layer, each row as the
+/// format stores it (f16: 2 bytes an element; compressed: codes plus scales or norms,
+/// [`KvFormat::row_words`]).
+pub fn kv_bytes(m: &Transformer, pos: usize, format: KvFormat) -> u64 {
     m.layers
         .iter()
         .map(|l| {
             let keys = l.attn.window.map_or(pos + 1, |w| w.min(pos + 1));
-            (2 * l.attn.n_kv_heads * keys * l.attn.head_dim * 2) as u64
+            (2 * l.attn.n_kv_heads * keys * format.row_words(l.attn.head_dim) * 4) as u64
         })
         .sum()
 }
@@ -838,6 +975,8 @@ pub struct DecodeOptions {
     /// it by appends of synthetic K/V rows (decode reads the same bytes either way; the
     /// model's prefill to 4096 positions of an 8B model costs seconds of device time).
     pub model_prefill_max: usize,
+    /// How the KV cache stores K and V (f16, or a compressed format).
+    pub kv_format: KvFormat,
 }
 
 impl Default for DecodeOptions {
@@ -854,6 +993,7 @@ impl Default for DecodeOptions {
             seed: 0x5EED,
             verbose: true,
             model_prefill_max: 512,
+            kv_format: KvFormat::F16,
         }
     }
 }
@@ -929,6 +1069,8 @@ pub struct ShapeReport {
     pub format: String,
     /// "ok", or "not yet: ..." / "error: ...".
     pub status: String,
+    /// The KV cache format (`f16`, `q8`, `tq3`, ...).
+    pub kv_cache: String,
     pub n_layers: usize,
     pub hidden: usize,
     pub vocab: usize,
@@ -947,11 +1089,12 @@ pub struct ShapeReport {
 }
 
 impl ShapeReport {
-    fn skipped(spec: &ShapeSpec, status: String) -> Self {
+    fn skipped(spec: &ShapeSpec, kv: KvFormat, status: String) -> Self {
         ShapeReport {
             shape: spec.name.into(),
             format: spec.format_desc.into(),
             status,
+            kv_cache: kv.name().into(),
             n_layers: spec.n_layers,
             hidden: spec.hidden,
             vocab: spec.vocab,
@@ -1002,7 +1145,7 @@ fn secs(t: Instant) -> f64 {
 /// One greedy decode step of `id` at `pos`; returns the next id.
 fn decode_step(
     m: &Transformer,
-    cache: &mut mlx_native::kv_quant::KvStore,
+    cache: &mut KvStore,
     id: u32,
     pos: usize,
 ) -> Result<(u32, StepTime)> {
@@ -1038,7 +1181,7 @@ pub fn forward_ids(
     pass: &mut Pass,
     ids: &MlxBuffer,
     pos: usize,
-    cache: &mut mlx_native::kv_quant::KvStore,
+    cache: &mut KvStore,
 ) -> Result<MlxBuffer> {
     let positions = MlxBuffer::pooled(&m.gpu, DType::U32, &[1])?;
     positions.write(&m.gpu, &[pos as u32])?;
@@ -1063,7 +1206,7 @@ pub fn forward_ids(
 /// host's record and submit overlapped with the GPU (what pipelining the engine would give).
 fn overlapped_decode(
     m: &Transformer,
-    cache: &mut mlx_native::kv_quant::KvStore,
+    cache: &mut KvStore,
     first: u32,
     pos: &mut usize,
     n: usize,
@@ -1087,7 +1230,7 @@ fn overlapped_decode(
 /// A profiled decode step: per-dispatch timings and the dispatch count.
 fn profiled_step(
     m: &Transformer,
-    cache: &mut mlx_native::kv_quant::KvStore,
+    cache: &mut KvStore,
     id: u32,
     pos: usize,
 ) -> Result<(Vec<mlx_native::KernelTiming>, usize)> {
@@ -1110,7 +1253,7 @@ fn synthetic_ids(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
 /// to every layer.
 fn prefill_to(
     m: &Transformer,
-    cache: &mut mlx_native::kv_quant::KvStore,
+    cache: &mut KvStore,
     pos: &mut usize,
     target: usize,
     model_max: usize,
@@ -1150,23 +1293,14 @@ fn prefill_to(
     Ok(())
 }
 
-fn logits_at(
-    m: &Transformer,
-    cache: &mut mlx_native::kv_quant::KvStore,
-    id: u32,
-    pos: usize,
-) -> Result<Vec<f32>> {
+fn logits_at(m: &Transformer, cache: &mut KvStore, id: u32, pos: usize) -> Result<Vec<f32>> {
     let mut pass = m.gpu.begin();
     let l = m.forward(&mut pass, &[id], pos, cache)?;
     pass.commit()?;
     Ok(l.to_vec::<f32>(&m.gpu)?)
 }
 
-fn check_logits(
-    m: &Transformer,
-    cache: &mut mlx_native::kv_quant::KvStore,
-    pos: usize,
-) -> Result<Checks> {
+fn check_logits(m: &Transformer, cache: &mut KvStore, pos: usize) -> Result<Checks> {
     let v = m.cfg.vocab as u32;
     let (a, b) = (7 % v, (v / 2 + 3) % v);
     let la = logits_at(m, cache, a, pos)?;
@@ -1194,6 +1328,8 @@ fn role_weights(m: &Transformer, role: Role) -> Vec<&Linear> {
             .layers
             .iter()
             .filter_map(|l| match (role, &l.mlp) {
+                (Role::Router, Ffn::Moe(f)) => Some(&f.router),
+                (Role::Router, Ffn::Dense(_)) => None,
                 (Role::Q, _) => Some(&l.attn.q),
                 (Role::K, _) => Some(&l.attn.k),
                 (Role::V, _) => Some(&l.attn.v),
@@ -1286,7 +1422,7 @@ pub fn bench_shape(
     bw: &Bandwidth,
 ) -> Result<ShapeReport> {
     if let Some(why) = spec.not_yet {
-        return Ok(ShapeReport::skipped(spec, why.into()));
+        return Ok(ShapeReport::skipped(spec, opts.kv_format, why.into()));
     }
     let profile = gpu.caps().timestamps;
     let t_load = Instant::now();
@@ -1300,12 +1436,15 @@ pub fn bench_shape(
     let load_secs = secs(t_load);
     say("built");
     let wb = weight_bytes(&m);
-    let mut report = ShapeReport::skipped(spec, "ok".into());
+    let mut report = ShapeReport::skipped(spec, opts.kv_format, "ok".into());
     report.load_secs = Some(load_secs);
 
     let per_ctx_steps = opts.warmup + 2 * opts.steps + opts.profiled_steps + 5 + 2;
     let max_ctx = opts.contexts.iter().copied().max().unwrap_or(0);
-    let mut cache = m.new_cache(max_ctx + opts.contexts.len() * per_ctx_steps + 2)?;
+    let mut cache = m.new_cache_with(
+        max_ctx + opts.contexts.len() * per_ctx_steps + 2,
+        opts.kv_format,
+    )?;
     let mut pos = 0;
     let mut id = 1 % m.cfg.vocab as u32;
     let mut first_profile = Vec::new();
@@ -1371,7 +1510,7 @@ pub fn bench_shape(
             report.checks = Some(check_logits(&m, &mut cache, pos)?);
             first_profile = profiles;
         }
-        let kv = kv_bytes(&m, mean_pos);
+        let kv = kv_bytes(&m, mean_pos, opts.kv_format);
         let bytes = wb.per_token() + kv;
         let roofline = bw.gb_s * 1e9 / bytes as f64;
         let wall = median(times.iter().map(|t| t.wall).collect());
@@ -1404,7 +1543,7 @@ pub fn bench_shape(
 
     if opts.prefill_tokens > 0 {
         let n = opts.prefill_tokens.min(PREFILL_CHUNK);
-        let mut cache = m.new_cache(n)?;
+        let mut cache = m.new_cache_with(n, opts.kv_format)?;
         let ids = synthetic_ids(n, m.cfg.vocab, opts.seed ^ 0x9F);
         let mut t = Vec::new();
         for r in 0..opts.prefill_reps + 1 {
@@ -1500,7 +1639,7 @@ pub fn bench_decode(
     for spec in &specs {
         let r = match bench_shape(gpu, spec, opts, &report.bandwidth) {
             Ok(r) => r,
-            Err(e) => ShapeReport::skipped(spec, format!("error: {e}")),
+            Err(e) => ShapeReport::skipped(spec, opts.kv_format, format!("error: {e}")),
         };
         gpu.pool().trim();
         report.shapes.push(r);
@@ -1529,7 +1668,10 @@ impl DecodeReport {
             if r.linears.is_empty() && r.top_kernels.is_empty() {
                 continue;
             }
-            s.push_str(&format!("\n{} ({})\n", r.shape, r.format));
+            s.push_str(&format!(
+                "\n{} ({}; KV cache {})\n",
+                r.shape, r.format, r.kv_cache
+            ));
             if !r.linears.is_empty() {
                 s.push_str(&format!(
                     "  {:<8} {:<16} {:<14} {:>11} {:>9} {:>8} {:>7} {:>7}\n",
@@ -1558,8 +1700,8 @@ impl DecodeReport {
             }
         }
         s.push_str(&format!(
-            "\n{:<18} {:>5} {:>5} {:>8} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>8} {:>4} {:>6} {:>6} {:>5}\n",
-            "shape", "ctx", "MB/t", "roof t/s", "tok/s", "wall us", "gpu us", "roof%", "ovl t/s",
+            "\n{:<18} {:>5} {:>5} {:>5} {:>8} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>8} {:>4} {:>6} {:>6} {:>5}\n",
+            "shape", "kv", "ctx", "MB/t", "roof t/s", "tok/s", "wall us", "gpu us", "roof%", "ovl t/s",
             "ovl%", "pf tok/s", "disp", "rec us", "sub us", "check"
         ));
         for r in &self.shapes {
@@ -1577,8 +1719,9 @@ impl DecodeReport {
             for (i, c) in r.contexts.iter().enumerate() {
                 let first = i == 0;
                 s.push_str(&format!(
-                    "{:<18} {:>5} {:>5.0} {:>8.1} {:>7.1} {:>8.1} {:>8} {:>5.1}% {:>7.1} {:>5.1}% {:>8} {:>4} {:>6.0} {:>6.0} {:>5}\n",
+                    "{:<18} {:>5} {:>5} {:>5.0} {:>8.1} {:>7.1} {:>8.1} {:>8} {:>5.1}% {:>7.1} {:>5.1}% {:>8} {:>4} {:>6.0} {:>6.0} {:>5}\n",
                     if first { r.shape.as_str() } else { "" },
+                    if first { r.kv_cache.as_str() } else { "" },
                     c.context,
                     c.bytes_per_token as f64 / 1e6,
                     c.roofline_tok_s,
@@ -1626,6 +1769,7 @@ mod tests {
             verbose: false,
             // The second context is filled by K/V appends.
             model_prefill_max: 8,
+            kv_format: KvFormat::F16,
         }
     }
 
@@ -1698,7 +1842,11 @@ mod tests {
         assert_eq!(wb.embed_row, 64 / 32 * 34);
         assert_eq!(wb.norms, (2 * 2 * 64 + 64) * 4);
         // KV: 2 layers x (K, V) x 1 head x 64 x f16 per position.
-        assert_eq!(kv_bytes(&m, 9), 2 * 2 * 10 * 64 * 2);
+        assert_eq!(kv_bytes(&m, 9, KvFormat::F16), 2 * 2 * 10 * 64 * 2);
+        // q8: 32 bytes of codes and 2 of f16 scale per 32 elements (+ word padding: 17 words
+        // per 64-element row); tq3: 3 bits an element plus one f32 norm per row.
+        assert_eq!(kv_bytes(&m, 9, KvFormat::Q8), 2 * 2 * 10 * 17 * 4);
+        assert_eq!(kv_bytes(&m, 9, KvFormat::Tq3), 2 * 2 * 10 * (1 + 6) * 4);
 
         // MLX 4-bit g64 bf16: K/2 packed bytes + 4 bytes of scale and bias per 64 values.
         let spec = shape("tiny-gemma-mlx").unwrap();
@@ -1712,7 +1860,59 @@ mod tests {
         assert_eq!(wb.lm_head, b(320, 64));
         assert_eq!(wb.embed_row, b(1, 64));
         // Layer 0 slides over 8 positions, layer 1 is global.
-        assert_eq!(kv_bytes(&m, 30), (2 * 8 * 64 * 2 + 2 * 31 * 64 * 2) as u64);
+        assert_eq!(
+            kv_bytes(&m, 30, KvFormat::F16),
+            (2 * 8 * 64 * 2 + 2 * 31 * 64 * 2) as u64
+        );
+
+        // MoE: attention, the 8-bit router (K + 4 bytes of scale and bias per 64), and 2 of
+        // the 8 experts of each stack per layer; the whole stacks are resident.
+        let spec = shape("tiny-qwen3-moe").unwrap();
+        let m = build(&g, &spec, 5).unwrap();
+        let wb = weight_bytes(&m);
+        let attn = b(128, 64) + 2 * b(64, 64) + b(64, 128);
+        let router = (8 * 64 + 8 * 64 / 64 * 4) as u64;
+        let expert = 3 * b(64, 64);
+        assert_eq!(wb.experts_per_token, 2 * 2 * expert);
+        assert_eq!(wb.layers, 2 * (attn + router + 2 * expert));
+        assert_eq!(wb.lm_head, b(320, 64));
+        assert_eq!(
+            wb.resident,
+            2 * (attn + router + 8 * expert) + wb.norms + 2 * b(320, 64)
+        );
+    }
+
+    #[test]
+    fn compressed_kv_caches_decode() {
+        let g = gpu();
+        let bw = Bandwidth {
+            bytes: 1,
+            gpu_us: 1.0,
+            gb_s: 1.0,
+        };
+        let spec = shape("tiny-gguf").unwrap();
+        let mut f16_kv = 0;
+        for kv in [KvFormat::F16, KvFormat::Q8, KvFormat::Tq3] {
+            let opts = DecodeOptions {
+                kv_format: kv,
+                per_linear: false,
+                prefill_tokens: 0,
+                ..tiny_opts()
+            };
+            let r = bench_shape(&g, &spec, &opts, &bw).unwrap();
+            assert_eq!(r.kv_cache, kv.name());
+            let c = r.checks.as_ref().unwrap();
+            assert!(c.finite && c.input_dependent, "{kv}: {c:?}");
+            let row = &r.contexts[1];
+            let m_kv = row.kv_bytes;
+            if kv == KvFormat::F16 {
+                f16_kv = m_kv;
+            } else {
+                // The same positions at the format's words per row (f16: 32 at head_dim 64).
+                let words = kv.row_words(64) as u64;
+                assert_eq!(m_kv, f16_kv * words / 32, "{kv}");
+            }
+        }
     }
 
     #[test]
@@ -1731,9 +1931,15 @@ mod tests {
             e.starts_with("bench decode: unknown shape \"llama-9b\""),
             "{e}"
         );
+        // Qwen3-30B-A3B (built on the GPU machine only: ~17 GB of weights).
         let q = shape("qwen3-30b-a3b").unwrap();
-        assert!(q.not_yet.is_some());
-        assert!(build(&gpu(), &q, 0).is_err());
+        assert!(q.not_yet.is_none());
+        let c = q.config();
+        assert_eq!(c.family, Family::Qwen3Moe);
+        assert!(c.qk_norm && !c.tied_embeddings && c.moe_layers.iter().all(|&x| x));
+        let moe = c.moe.unwrap();
+        assert_eq!((moe.experts, moe.top_k, moe.ffn), (128, 8, 768));
+        assert!(moe.norm_topk_prob);
     }
 
     #[test]

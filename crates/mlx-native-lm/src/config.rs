@@ -32,6 +32,31 @@ pub struct MoeSpec {
     pub norm_topk_prob: bool,
 }
 
+impl MoeSpec {
+    /// Check the numbers against what the routing kernels take.
+    pub fn validate(&self) -> Result<()> {
+        use mlx_native::ops::moe::{MAX_EXPERTS, MAX_TOP_K};
+        if self.experts == 0 || self.experts > MAX_EXPERTS {
+            return Err(LmError::Unsupported(format!(
+                "{} experts; supported: 1 to {MAX_EXPERTS}",
+                self.experts
+            )));
+        }
+        if self.top_k == 0 || self.top_k > self.experts.min(MAX_TOP_K) {
+            return Err(LmError::Unsupported(format!(
+                "{} experts per token of {}; supported: 1 to {}",
+                self.top_k,
+                self.experts,
+                self.experts.min(MAX_TOP_K)
+            )));
+        }
+        if self.ffn == 0 {
+            return Err(LmError::Config("expert intermediate size is 0".into()));
+        }
+        Ok(())
+    }
+}
+
 /// GGUF `general.architecture` values (and mlx-lm `model_type`s) this build loads.
 pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "llama",
@@ -91,8 +116,12 @@ pub struct ModelConfig {
     /// Attention logit scale (1/sqrt(head_dim) unless the model says otherwise).
     pub attn_scale: f32,
     pub tied_embeddings: bool,
-    /// Mixture-of-experts FFN (every layer), when the model has one.
+    /// Mixture-of-experts FFN, when the model has one; `moe_layers` says which layers use
+    /// it.
     pub moe: Option<MoeSpec>,
+    /// Per layer: true where the FFN is the mixture of experts, false where it is the dense
+    /// gated MLP of size `ffn` (Qwen3-MoE's `mlp_only_layers` / `decoder_sparse_step`).
+    pub moe_layers: Vec<bool>,
 }
 
 impl ModelConfig {
@@ -185,6 +214,16 @@ impl ModelConfig {
             Family::Gemma3 if n_layers == 62 => 1.0 / ((hidden / n_heads) as f32).sqrt(),
             _ => 1.0 / (head_dim as f32).sqrt(),
         };
+        let moe = match u_opt("expert_count")? {
+            Some(experts) if experts > 0 => Some(MoeSpec {
+                experts,
+                top_k: u("expert_used_count")?,
+                ffn: u_opt("expert_feed_forward_length")?.unwrap_or(ffn),
+                // llama.cpp renormalizes the top-k weights of qwen3moe.
+                norm_topk_prob: true,
+            }),
+            _ => None,
+        };
         if f.get_opt::<f32>(&key("final_logit_softcapping"))?
             .is_some_and(|c| c != 0.0)
         {
@@ -220,16 +259,8 @@ impl ModelConfig {
             embed_scale,
             attn_scale,
             tied_embeddings: f.tensor("output.weight").is_none(),
-            moe: match u_opt("expert_count")? {
-                Some(experts) if experts > 0 => Some(MoeSpec {
-                    experts,
-                    top_k: u("expert_used_count")?,
-                    ffn: u_opt("expert_feed_forward_length")?.unwrap_or(ffn),
-                    // llama.cpp renormalizes the top-k weights of qwen3moe.
-                    norm_topk_prob: true,
-                }),
-                _ => None,
-            },
+            moe_layers: vec![moe.is_some(); n_layers],
+            moe,
             arch,
         })
     }
@@ -245,6 +276,20 @@ impl ModelConfig {
         if self.n_layers == 0 || self.vocab == 0 || self.head_dim == 0 {
             return Err(LmError::Config(
                 "n_layers, vocab and head_dim must be nonzero".into(),
+            ));
+        }
+        if self.moe_layers.len() != self.n_layers {
+            return Err(LmError::Config(format!(
+                "{} MoE layer flags for {} layers",
+                self.moe_layers.len(),
+                self.n_layers
+            )));
+        }
+        if let Some(m) = &self.moe {
+            m.validate()?;
+        } else if self.moe_layers.iter().any(|&b| b) {
+            return Err(LmError::Config(
+                "MoE layers without a mixture-of-experts spec".into(),
             ));
         }
         self.rope.validate()?;

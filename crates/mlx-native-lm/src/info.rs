@@ -43,6 +43,12 @@ pub struct HyperParams {
     pub sliding_window: Option<usize>,
     pub sliding_layers: usize,
     pub tied_embeddings: bool,
+    /// Mixture of experts: experts per MoE layer, experts per token, each expert's
+    /// intermediate size, and how many layers are MoE (`None` / 0 for dense models).
+    pub experts: Option<usize>,
+    pub experts_per_token: Option<usize>,
+    pub expert_ffn: Option<usize>,
+    pub moe_layers: usize,
 }
 
 /// A summary of a model file or folder.
@@ -91,6 +97,10 @@ fn hyper(c: &ModelConfig) -> HyperParams {
         sliding_window: c.sliding_window,
         sliding_layers: c.sliding_layers.iter().filter(|s| **s).count(),
         tied_embeddings: c.tied_embeddings,
+        experts: c.moe.map(|m| m.experts),
+        experts_per_token: c.moe.map(|m| m.top_k),
+        expert_ffn: c.moe.map(|m| m.ffn),
+        moe_layers: c.moe_layers.iter().filter(|m| **m).count(),
     }
 }
 

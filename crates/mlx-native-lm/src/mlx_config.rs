@@ -6,6 +6,9 @@
 //! Gemma 3 follows mlx-lm's `gemma3_text`: the embedding scale is `sqrt(hidden)` rounded to
 //! bf16, attention scales by `query_pre_attn_scalar^-0.5`, sliding layers use
 //! `rope_local_base_freq` without scaling.
+//! Qwen3-MoE follows mlx-lm's `qwen3_moe` (sparse layers, router, experts), except that a
+//! `rope_scaling` entry is applied as for `qwen3` (its Hugging Face meaning), where mlx-lm's
+//! `qwen3_moe` ignores it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -15,7 +18,7 @@ use mlx_native::ops::{RopeConfig, RopeScaling, RopeStyle};
 use mlx_native::weights::quant::{QuantMode, QuantParams};
 use serde_json::{Map, Value};
 
-use crate::config::{Family, ModelConfig, SUPPORTED_ARCHITECTURES};
+use crate::config::{Family, ModelConfig, MoeSpec, SUPPORTED_ARCHITECTURES};
 use crate::error::{LmError, Result};
 
 /// Reads keys of one JSON object, with errors naming the file and key.
@@ -303,6 +306,94 @@ fn rope_scaling(k: &Keys<'_>, key: &str) -> Result<RopeScaling> {
     })
 }
 
+/// The mixture of experts of mlx-lm's `qwen3_moe` (`Qwen3MoeSparseMoeBlock`): layer `i` is
+/// sparse when `num_experts > 0`, `i` is not in `mlp_only_layers` and
+/// `(i + 1) % decoder_sparse_step == 0`; the other layers use the dense MLP of
+/// `intermediate_size`. Absent optional keys take Hugging Face's `Qwen3MoeConfig` defaults
+/// (`decoder_sparse_step` 1, `mlp_only_layers` [], `norm_topk_prob` false). Qwen3-MoE has no
+/// shared expert: a positive `shared_expert_intermediate_size` is refused.
+fn qwen3_moe(k: &Keys<'_>, n_layers: usize) -> Result<(Option<MoeSpec>, Vec<bool>)> {
+    let unsupported = |key: &str, v: &Value, why: &str| {
+        LmError::Unsupported(format!("{}: {}{key} = {v}: {why}", k.file, k.prefix))
+    };
+    let experts = k.usize("num_experts")?;
+    let top_k = k.usize("num_experts_per_tok")?;
+    let ffn = k.usize("moe_intermediate_size")?;
+    let norm_topk_prob = k.bool_opt("norm_topk_prob")?.unwrap_or(false);
+    let step = k.usize_opt("decoder_sparse_step")?.unwrap_or(1);
+    if step == 0 {
+        return Err(k.bad("decoder_sparse_step", &Value::from(0), "a positive integer"));
+    }
+    let mut dense = vec![false; n_layers];
+    match k.get("mlp_only_layers") {
+        None => {}
+        Some(Value::Array(a)) => {
+            for v in a {
+                match v.as_u64().and_then(|i| usize::try_from(i).ok()) {
+                    Some(i) if i < n_layers => dense[i] = true,
+                    _ => {
+                        return Err(k.bad(
+                            "mlp_only_layers",
+                            v,
+                            &format!("layer indices below num_hidden_layers ({n_layers})"),
+                        ))
+                    }
+                }
+            }
+        }
+        Some(other) => return Err(k.bad("mlp_only_layers", other, "a list of layer indices")),
+    }
+    if let Some(v) = k.get("shared_expert_intermediate_size") {
+        if v.as_u64() != Some(0) {
+            return Err(unsupported(
+                "shared_expert_intermediate_size",
+                v,
+                "qwen3_moe has no shared expert",
+            ));
+        }
+    }
+    if experts == 0 {
+        return Ok((None, vec![false; n_layers]));
+    }
+    use mlx_native::ops::moe::{MAX_EXPERTS, MAX_TOP_K};
+    if experts > MAX_EXPERTS {
+        return Err(unsupported(
+            "num_experts",
+            &Value::from(experts),
+            &format!("supported: up to {MAX_EXPERTS}"),
+        ));
+    }
+    if top_k == 0 || top_k > experts.min(MAX_TOP_K) {
+        return Err(unsupported(
+            "num_experts_per_tok",
+            &Value::from(top_k),
+            &format!(
+                "supported: 1 to {} with num_experts = {experts}",
+                experts.min(MAX_TOP_K)
+            ),
+        ));
+    }
+    if ffn == 0 {
+        return Err(k.bad(
+            "moe_intermediate_size",
+            &Value::from(0),
+            "a positive integer",
+        ));
+    }
+    let layers = (0..n_layers)
+        .map(|i| !dense[i] && (i + 1) % step == 0)
+        .collect();
+    Ok((
+        Some(MoeSpec {
+            experts,
+            top_k,
+            ffn,
+            norm_topk_prob,
+        }),
+        layers,
+    ))
+}
+
 impl ModelConfig {
     /// Read `config.json` of an mlx-lm model folder.
     pub fn from_mlx_folder(dir: &Path) -> Result<Self> {
@@ -356,9 +447,6 @@ impl MlxConfig {
                 SUPPORTED_ARCHITECTURES.join(", ")
             ))
         };
-        if model_type == "qwen3_moe" {
-            return Err(supported());
-        }
         let family = Family::from_name(model_type).map_err(|_| supported())?;
         // `gemma3` (multimodal) nests the text model in `text_config`.
         let (k, layout) = if model_type == "gemma3" {
@@ -410,7 +498,7 @@ impl MlxConfig {
             (Some(n), _) => n,
             (None, "gemma3") => 4,
             (None, "gemma3_text") => 1,
-            (None, "qwen2" | "qwen3") => return Err(k.missing("num_key_value_heads")),
+            (None, "qwen2" | "qwen3" | "qwen3_moe") => return Err(k.missing("num_key_value_heads")),
             (None, _) => n_heads,
         };
         if n_heads == 0 || hidden == 0 {
@@ -421,7 +509,7 @@ impl MlxConfig {
         let head_dim = match (k.usize_opt("head_dim")?, family) {
             (Some(d), _) => d,
             (None, Family::Gemma3) => 256,
-            (None, Family::Qwen3) => return Err(k.missing("head_dim")),
+            (None, Family::Qwen3 | Family::Qwen3Moe) => return Err(k.missing("head_dim")),
             (None, _) => hidden / n_heads,
         };
         // `gemma3`'s top-level vocab_size overrides text_config's (mlx-lm's gemma3.ModelArgs).
@@ -547,12 +635,17 @@ impl MlxConfig {
                 k.prefix
             )));
         }
+        let (moe, moe_layers) = if family == Family::Qwen3Moe {
+            qwen3_moe(&k, n_layers)?
+        } else {
+            (None, vec![false; n_layers])
+        };
         let tie = if gemma {
             None
         } else {
             Some(
                 k.bool_opt("tie_word_embeddings")?
-                    .unwrap_or(!matches!(family, Family::Qwen3)),
+                    .unwrap_or(!matches!(family, Family::Qwen3 | Family::Qwen3Moe)),
             )
         };
         let model = ModelConfig {
@@ -571,19 +664,14 @@ impl MlxConfig {
             max_context,
             sliding_window,
             sliding_layers,
-            qk_norm: matches!(family, Family::Qwen3 | Family::Gemma3),
+            qk_norm: matches!(family, Family::Qwen3 | Family::Qwen3Moe | Family::Gemma3),
             act,
             embed_scale,
             attn_scale,
             tied_embeddings: tie.unwrap_or(true),
-            moe: None,
+            moe,
+            moe_layers,
         };
-        if family == Family::Qwen3Moe {
-            return Err(LmError::Unsupported(format!(
-                "{file}: model_type \"{model_type}\" from an mlx-lm folder (its stacked switch_mlp \
-                 experts are not mapped yet); the same model loads from GGUF"
-            )));
-        }
         model.validate()?;
         let mut eos = ids_of(top.get("eos_token_id"));
         if eos.is_empty() {
@@ -716,6 +804,112 @@ mod tests {
         v["quantization"] = json!({"group_size": 32, "bits": 4, "mode": "mxfp4"});
         let q = MlxConfig::from_json("c.json", &v).unwrap().quantization;
         assert_eq!(q.default, Some(QuantParams::mxfp4()));
+    }
+
+    fn qwen3_moe() -> Value {
+        json!({
+            "model_type": "qwen3_moe", "hidden_size": 128, "num_hidden_layers": 4,
+            "intermediate_size": 256, "moe_intermediate_size": 64, "num_experts": 8,
+            "num_experts_per_tok": 2, "norm_topk_prob": true, "decoder_sparse_step": 1,
+            "mlp_only_layers": [], "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 32, "rms_norm_eps": 1e-6, "vocab_size": 100, "rope_theta": 1e6,
+            "tie_word_embeddings": false,
+            "quantization": {"group_size": 64, "bits": 4,
+                "model.layers.0.mlp.gate": {"group_size": 64, "bits": 8}},
+        })
+    }
+
+    #[test]
+    fn qwen3_moe_layers_and_defaults() {
+        let c = MlxConfig::from_json("c.json", &qwen3_moe()).unwrap();
+        assert_eq!(c.model.family, Family::Qwen3Moe);
+        assert!(c.model.qk_norm);
+        assert_eq!(
+            c.model.moe,
+            Some(MoeSpec {
+                experts: 8,
+                top_k: 2,
+                ffn: 64,
+                norm_topk_prob: true
+            })
+        );
+        assert_eq!(c.model.moe_layers, [true; 4]);
+        assert_eq!(
+            c.quantization.for_module("model.layers.0.mlp.gate"),
+            Some(QuantParams::affine(8, 64))
+        );
+        let mut v = qwen3_moe();
+        v["mlp_only_layers"] = json!([1]);
+        let c = MlxConfig::from_json("c.json", &v).unwrap();
+        assert_eq!(c.model.moe_layers, [true, false, true, true]);
+        // Sparse every second layer (1 and 3), minus layer 3.
+        v["decoder_sparse_step"] = json!(2);
+        v["mlp_only_layers"] = json!([3]);
+        let c = MlxConfig::from_json("c.json", &v).unwrap();
+        assert_eq!(c.model.moe_layers, [false, true, false, false]);
+        // Hugging Face defaults: step 1, no dense layers, no renormalization, untied.
+        let mut v = qwen3_moe();
+        for key in [
+            "decoder_sparse_step",
+            "mlp_only_layers",
+            "norm_topk_prob",
+            "tie_word_embeddings",
+        ] {
+            v.as_object_mut().unwrap().remove(key);
+        }
+        let c = MlxConfig::from_json("c.json", &v).unwrap();
+        assert_eq!(c.model.moe_layers, [true; 4]);
+        assert!(!c.model.moe.unwrap().norm_topk_prob);
+        assert_eq!(c.tie_word_embeddings, Some(false));
+        // No experts: every layer dense.
+        v["num_experts"] = json!(0);
+        let c = MlxConfig::from_json("c.json", &v).unwrap();
+        assert!(c.model.moe.is_none() && c.model.moe_layers == [false; 4]);
+    }
+
+    #[test]
+    fn qwen3_moe_bad_values_are_named() {
+        let err = |key: &str, val: Value| {
+            let mut v = qwen3_moe();
+            v[key] = val;
+            MlxConfig::from_json("c.json", &v).unwrap_err().to_string()
+        };
+        assert_eq!(
+            err("num_experts_per_tok", json!(0)),
+            "unsupported: c.json: num_experts_per_tok = 0: supported: 1 to 8 with num_experts = 8"
+        );
+        assert_eq!(
+            err("num_experts_per_tok", json!(9)),
+            "unsupported: c.json: num_experts_per_tok = 9: supported: 1 to 8 with num_experts = 8"
+        );
+        assert_eq!(
+            err("num_experts", json!(512)),
+            "unsupported: c.json: num_experts = 512: supported: up to 256"
+        );
+        assert_eq!(
+            err("decoder_sparse_step", json!(0)),
+            "c.json: decoder_sparse_step = 0, expected a positive integer"
+        );
+        assert_eq!(
+            err("mlp_only_layers", json!([1, 4])),
+            "c.json: mlp_only_layers = 4, expected layer indices below num_hidden_layers (4)"
+        );
+        assert_eq!(
+            err("mlp_only_layers", json!("none")),
+            "c.json: mlp_only_layers = \"none\", expected a list of layer indices"
+        );
+        assert_eq!(
+            err("norm_topk_prob", json!("yes")),
+            "c.json: norm_topk_prob = \"yes\", expected true or false"
+        );
+        assert_eq!(
+            err("shared_expert_intermediate_size", json!(512)),
+            "unsupported: c.json: shared_expert_intermediate_size = 512: qwen3_moe has no shared expert"
+        );
+        let mut v = qwen3_moe();
+        v.as_object_mut().unwrap().remove("moe_intermediate_size");
+        let e = MlxConfig::from_json("c.json", &v).unwrap_err().to_string();
+        assert_eq!(e, "c.json: missing key moe_intermediate_size");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! mlx-lm model folders against real mlx-lm (`scripts/fixtures/mlx_models.py`).
 //!
 //! The folders (`.cache/mlx_models/`) are built by the script from the PyPI GGUFs and from
-//! mlx-lm's own Qwen3 class; when missing, the tests run it with `--folders-only` (Python:
+//! mlx-lm's own Qwen3 and Qwen3-MoE classes; when missing, the tests run it with `--folders-only` (Python:
 //! `$MLX_PYTHON`, else `python3`, with `mlx`, `mlx-lm` and `gguf`), and skip with a printed
 //! reason when that is impossible. The fixtures (`tests/fixtures/mlx/*.json`) hold mlx-lm's
 //! logits (float32 compute over the folder's weights) and greedy ids.
@@ -255,6 +255,31 @@ fn qwen3_tiny_matches_mlx_lm() {
     }
 }
 
+/// Qwen3-MoE: stacked 4-bit switch_mlp experts, an 8-bit router (mlx-lm's convert), a dense
+/// layer between two sparse ones.
+#[test]
+fn qwen3_moe_tiny_matches_mlx_lm() {
+    let Some(dir) = folder("qwen3-moe-tiny", None) else {
+        return;
+    };
+    let cfg = mlx_native_lm::mlx_config::MlxConfig::from_folder(&dir).unwrap();
+    let moe = cfg.model.moe.expect("qwen3_moe has a MoE spec");
+    assert_eq!(
+        (moe.experts, moe.top_k, moe.ffn, moe.norm_topk_prob),
+        (8, 2, 128, true)
+    );
+    assert_eq!(cfg.model.moe_layers, [true, false, true]);
+    assert_eq!(
+        cfg.quantization
+            .for_module("model.layers.0.mlp.gate")
+            .map(|p| p.bits),
+        Some(8)
+    );
+    if let Some(p) = check_model("qwen3-moe-tiny", None) {
+        println!("{}", p.report.join("\n"));
+    }
+}
+
 /// The folder's tokenizer.json (made from the GGUF vocabulary) gives llama.cpp's ids.
 #[test]
 fn folder_tokenizers_match_llama_cpp() {
@@ -343,6 +368,26 @@ fn describe_folders_and_gguf() {
             ("qwen3", "none")
         );
         assert!(!i.hyper.tied_embeddings);
+        assert_eq!((i.hyper.experts, i.hyper.moe_layers), (None, 0));
+    }
+    if let Some(dir) = folder("qwen3-moe-tiny", None) {
+        let i = describe(&dir).unwrap();
+        assert_eq!(i.architecture, "qwen3_moe");
+        assert_eq!(
+            (
+                i.hyper.experts,
+                i.hyper.experts_per_token,
+                i.hyper.expert_ffn,
+                i.hyper.moe_layers
+            ),
+            (Some(8), Some(2), Some(128), 2)
+        );
+        let kinds: Vec<&str> = i.quant.iter().map(|q| q.kind.as_str()).collect();
+        for k in ["affine 4-bit g64", "affine 8-bit g64", "bf16"] {
+            assert!(kinds.contains(&k), "{k} not in {kinds:?}");
+        }
+        let total: u64 = i.quant.iter().map(|q| q.bytes).sum();
+        assert_eq!(total, i.total_bytes);
     }
 }
 
@@ -494,6 +539,108 @@ fn missing_tensor_is_named() {
         e,
         format!(
             "{}: missing tensor model.layers.1.self_attn.k_norm.weight",
+            d.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&d);
+}
+
+/// Copy `src`'s folder to a scratch folder, rewriting `model.safetensors` through `edit`
+/// (return `None` to drop a tensor, or a new name) and `config.json` through `cfg`.
+fn edited_copy(
+    src: &Path,
+    name: &str,
+    edit: impl Fn(&str) -> Option<String>,
+    cfg: impl Fn(&mut Value),
+) -> PathBuf {
+    let d = scratch(name);
+    let mut c: Value =
+        serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+    cfg(&mut c);
+    std::fs::write(d.join("config.json"), c.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let keep: Vec<(String, safetensors::tensor::TensorView<'_>)> = st
+        .tensors()
+        .into_iter()
+        .filter_map(|(n, t)| edit(&n).map(|n| (n, t)))
+        .collect();
+    std::fs::write(
+        d.join("model.safetensors"),
+        safetensors::tensor::serialize(keep, None).unwrap(),
+    )
+    .unwrap();
+    d
+}
+
+/// Qwen3-MoE folders with an unsupported setting or missing / unstacked experts.
+#[test]
+fn qwen3_moe_bad_folders_give_clear_errors() {
+    let Some(src) = folder("qwen3-moe-tiny", None) else {
+        return;
+    };
+    let gpu = MlxDevice::new().unwrap();
+    let load = |d: &Path| match mlx::load_dir(&gpu, d, true) {
+        Ok(_) => panic!("{} loaded", d.display()),
+        Err(e) => e.to_string(),
+    };
+    let d = edited_copy(
+        &src,
+        "moe_topk",
+        |n| Some(n.to_string()),
+        |c| c["num_experts_per_tok"] = 12.into(),
+    );
+    assert_eq!(
+        load_err(&d),
+        format!(
+            "unsupported: {}: num_experts_per_tok = 12: supported: 1 to 8 with num_experts = 8",
+            d.join("config.json").display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&d);
+
+    let down = "model.layers.2.mlp.switch_mlp.down_proj";
+    let d = edited_copy(
+        &src,
+        "moe_missing",
+        |n| (!n.starts_with(down)).then(|| n.to_string()),
+        |_| {},
+    );
+    assert_eq!(
+        load(&d),
+        format!("{}: missing tensor {down}.weight", d.display())
+    );
+    let _ = std::fs::remove_dir_all(&d);
+
+    // Per-expert tensors (the Hugging Face layout mlx-lm's sanitize stacks at load).
+    let d = edited_copy(
+        &src,
+        "moe_unstacked",
+        |n| Some(n.replace("switch_mlp.", "experts.0.")),
+        |_| {},
+    );
+    assert_eq!(
+        load(&d),
+        format!(
+            "unsupported: {}: tensor model.layers.0.mlp.switch_mlp.gate_proj.weight is missing: \
+             the folder holds per-expert tensors (model.layers.0.mlp.experts.0.gate_proj.weight, \
+             the Hugging Face layout); convert it with mlx_lm.convert, which stacks them",
+            d.display()
+        )
+    );
+    let _ = std::fs::remove_dir_all(&d);
+
+    // Experts of another size than the config's.
+    let d = edited_copy(
+        &src,
+        "moe_size",
+        |n| Some(n.to_string()),
+        |c| c["moe_intermediate_size"] = 64.into(),
+    );
+    assert_eq!(
+        load(&d),
+        format!(
+            "{}: tensor model.layers.0.mlp.switch_mlp.gate_proj.weight: experts of shape [8, 128, 256], the model's config expects [8, 64, 256]",
             d.display()
         )
     );

@@ -1,7 +1,8 @@
 //! Loading a `Transformer` from an mlx-lm model folder: `config.json`, safetensors weights
 //! (one file or shards with `model.safetensors.index.json`) in the HF layout, MLX-quantized
-//! linears (`.weight` packed, `.scales`, `.biases`) or dense f32/f16/bf16 ones, and
-//! `tokenizer.json` / `tokenizer_config.json`.
+//! linears (`.weight` packed, `.scales`, `.biases`) or dense f32/f16/bf16 ones, Qwen3-MoE's
+//! router (`mlp.gate`) and MLX-quantized stacked experts (`mlp.switch_mlp.{gate,up,down}_proj`,
+//! `[E, N, K]`), and `tokenizer.json` / `tokenizer_config.json`.
 
 use std::path::{Path, PathBuf};
 
@@ -13,9 +14,12 @@ use mlx_native::{MlxBuffer, MlxDevice};
 use super::Transformer;
 use crate::config::Family;
 use crate::error::{LmError, Result};
+use crate::layers::mlp::{Ffn, MoeMlp};
 use crate::layers::{Attention, DecoderLayer, Linear, Mlp};
 use crate::mlx_config::MlxConfig;
 use crate::tokenizer::Tokenizer;
+use mlx_native::ops::moe::MoeExperts;
+use mlx_native::weights::expert_weight::{ExpertWeight, QuantExperts};
 
 /// An opened mlx-lm model folder: its config and its (mapped, validated) weights.
 #[derive(Debug)]
@@ -200,6 +204,43 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
         Ok(())
     };
 
+    // The stacked experts at `path` (`model.layers.0.mlp.switch_mlp.up_proj`), as mlx-lm's
+    // `QuantizedSwitchLinear` stores them.
+    let quant_experts = |path: &str, want: [usize; 3]| -> Result<QuantExperts> {
+        let wname = format!("{path}.weight");
+        if !w.is_quantized(path) {
+            let hf = path.replace("switch_mlp.", "experts.0.");
+            return Err(if w.tensor(&wname).is_some() {
+                LmError::Unsupported(format!(
+                    "{shown}: tensor {wname} is not quantized; dense (unquantized) experts are \
+                     not supported"
+                ))
+            } else if w.tensor(&format!("{hf}.weight")).is_some() {
+                LmError::Unsupported(format!(
+                    "{shown}: tensor {wname} is missing: the folder holds per-expert tensors \
+                     ({hf}.weight, the Hugging Face layout); convert it with mlx_lm.convert, \
+                     which stacks them"
+                ))
+            } else {
+                LmError::Config(format!("{shown}: missing tensor {wname}"))
+            });
+        }
+        let params = quant.for_module(path).ok_or_else(|| {
+            LmError::Config(format!(
+                "{shown}: {path}.scales exists but config.json's quantization does not cover {path}"
+            ))
+        })?;
+        let e = w.upload_quant_experts(gpu, path, params)?;
+        if e.shape() != want {
+            return Err(LmError::Config(format!(
+                "{shown}: tensor {wname}: experts of shape {:?}, the model's config expects {want:?}",
+                e.shape()
+            )));
+        }
+        pb.inc(size(&wname) + size(&format!("{path}.scales")) + size(&format!("{path}.biases")));
+        Ok(e)
+    };
+
     let m = &mc.layout.model;
     let (h, hd, nh, nkv) = (cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
     let embed = linear(&format!("{m}embed_tokens"), cfg.vocab, h)?;
@@ -240,11 +281,43 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
             scale: cfg.attn_scale,
             window: if sliding { cfg.sliding_window } else { None },
         };
-        let mlp = Mlp {
-            gate: linear(&p("mlp.gate_proj"), cfg.ffn, h)?,
-            up: linear(&p("mlp.up_proj"), cfg.ffn, h)?,
-            down: linear(&p("mlp.down_proj"), h, cfg.ffn)?,
-            act: cfg.act,
+        let mlp = match cfg
+            .moe
+            .filter(|_| cfg.moe_layers.get(i).copied().unwrap_or(false))
+        {
+            None => Ffn::Dense(Mlp {
+                gate: linear(&p("mlp.gate_proj"), cfg.ffn, h)?,
+                up: linear(&p("mlp.up_proj"), cfg.ffn, h)?,
+                down: linear(&p("mlp.down_proj"), h, cfg.ffn)?,
+                act: cfg.act,
+            }),
+            Some(moe) => {
+                for b in [
+                    "mlp.gate.bias",
+                    "mlp.switch_mlp.gate_proj.bias",
+                    "mlp.switch_mlp.up_proj.bias",
+                    "mlp.switch_mlp.down_proj.bias",
+                ] {
+                    unsupported_tensor(&p(b))?;
+                }
+                let experts = |name: &str, n: usize, k: usize| -> Result<ExpertWeight> {
+                    Ok(ExpertWeight::Mlx(quant_experts(
+                        &p(name),
+                        [moe.experts, n, k],
+                    )?))
+                };
+                Ffn::Moe(MoeMlp {
+                    router: linear(&p("mlp.gate"), moe.experts, h)?,
+                    experts: MoeExperts {
+                        gate: experts("mlp.switch_mlp.gate_proj", moe.ffn, h)?,
+                        up: experts("mlp.switch_mlp.up_proj", moe.ffn, h)?,
+                        down: experts("mlp.switch_mlp.down_proj", h, moe.ffn)?,
+                    },
+                    top_k: moe.top_k,
+                    norm_topk_prob: moe.norm_topk_prob,
+                    act: cfg.act,
+                })
+            }
         };
         // HF names: Llama/Qwen's `post_attention_layernorm` is the MLP's pre-norm; Gemma 3
         // has four norms.
@@ -266,7 +339,7 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
             attn,
             post_attn_norm,
             ffn_norm,
-            mlp: crate::layers::mlp::Ffn::Dense(mlp),
+            mlp,
             post_ffn_norm,
             eps: cfg.norm_eps,
             rope: usize::from(sliding && cfg.rope_local_base.is_some()),

@@ -5,7 +5,8 @@
 //! Dense f32/f16/bf16 tensors upload as [`MlxBuffer`]s; MLX-quantized linears (the triple
 //! `<name>.weight` u32 packed, `<name>.scales`, `<name>.biases`, as `mlx.nn.QuantizedLinear`
 //! saves them) upload as [`QuantWeight`] with the bits/group size the caller read from the
-//! model's config.
+//! model's config; stacked experts (`switch_mlp.*_proj`, a leading expert axis) upload as
+//! [`QuantExperts`].
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -17,8 +18,18 @@ use crate::buffer::MlxBuffer;
 use crate::device::MlxDevice;
 use crate::dtype::DType;
 use crate::error::{MlxError, Result};
+use crate::weights::expert_weight::QuantExperts;
 use crate::weights::quant::{packed_words_per_row, QuantMode, QuantParams};
 use crate::weights::quant_weight::QuantWeight;
+
+/// The stored parts of a quantized module: packed words, scale and bias bytes (biases:
+/// affine only), and the model dtype.
+struct QuantParts<'a> {
+    packed: Vec<u32>,
+    scales: &'a [u8],
+    biases: Option<&'a [u8]>,
+    dtype: DType,
+}
 
 /// The index file of a sharded checkpoint.
 pub const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -416,21 +427,41 @@ impl SafetensorsSet {
     /// The logical `[N, K]` shape of the quantized linear `prefix` at `params`, from its
     /// packed weight (`[N, K * bits / 32]` u32), checked against scales (and biases).
     pub fn quant_shape(&self, prefix: &str, params: QuantParams) -> Result<[usize; 2]> {
+        let d = self.quant_dims(prefix, params, 2)?;
+        Ok([d[0], d[1]])
+    }
+
+    /// The logical `[E, N, K]` shape of the MLX-quantized stacked experts `prefix`
+    /// (`mlx_lm`'s `QuantizedSwitchLinear`: packed `[E, N, K * bits / 32]` u32, scales and
+    /// biases `[E, N, K / group_size]`).
+    pub fn quant_experts_shape(&self, prefix: &str, params: QuantParams) -> Result<[usize; 3]> {
+        let d = self.quant_dims(prefix, params, 3)?;
+        Ok([d[0], d[1], d[2]])
+    }
+
+    /// Logical dims of a quantized tensor of `rank` dims (the last is K), checked against
+    /// its scales.
+    fn quant_dims(&self, prefix: &str, params: QuantParams, rank: usize) -> Result<Vec<usize>> {
         let wname = format!("{prefix}.weight");
         let sname = format!("{prefix}.scales");
         let (wf, w) = self.require(&wname)?;
         let (sf, s) = self.require(&sname)?;
         let bad = |file: &str, what: String| Err(MlxError::format(file, what));
-        if w.dtype != DType::U32 || w.shape.len() != 2 {
+        let what = if rank == 2 {
+            "a u32 [N, K*bits/32] packed matrix"
+        } else {
+            "a u32 [E, N, K*bits/32] packed expert stack"
+        };
+        if w.dtype != DType::U32 || w.shape.len() != rank {
             return bad(
                 wf.name(),
                 format!(
-                    "tensor {wname}: {} {:?}, expected a u32 [N, K*bits/32] packed matrix (the config says {}-bit {})",
+                    "tensor {wname}: {} {:?}, expected {what} (the config says {}-bit {})",
                     w.dtype, w.shape, params.bits, params.mode
                 ),
             );
         }
-        let (n, words) = (w.shape[0], w.shape[1]);
+        let words = w.shape[rank - 1];
         let k = words * 32 / params.bits.max(1) as usize;
         if packed_words_per_row(k, params.bits).ok() != Some(words) {
             return bad(
@@ -446,14 +477,18 @@ impl SafetensorsSet {
             QuantMode::Affine => None,
             QuantMode::Mxfp4 => Some(DType::U8),
         };
-        if s.shape != [n, groups]
+        let mut want_shape = w.shape.clone();
+        want_shape[rank - 1] = groups;
+        let mut dims = w.shape.clone();
+        dims[rank - 1] = k;
+        if s.shape != want_shape
             || want_sdt.is_some_and(|d| d != s.dtype)
             || (want_sdt.is_none() && !s.dtype.is_float())
         {
             return bad(
                 sf.name(),
                 format!(
-                    "tensor {sname}: {} {:?}, expected {} [{n}, {groups}] for {}-bit group-{} {} weights of shape [{n}, {k}]",
+                    "tensor {sname}: {} {:?}, expected {} {want_shape:?} for {}-bit group-{} {} weights of shape {dims:?}",
                     s.dtype,
                     s.shape,
                     want_sdt.map_or("float".to_string(), |d| d.to_string()),
@@ -463,7 +498,7 @@ impl SafetensorsSet {
                 ),
             );
         }
-        Ok([n, k])
+        Ok(dims)
     }
 
     /// Upload the MLX-quantized linear `prefix` (`.weight`, `.scales`, `.biases`) at `params`.
@@ -474,11 +509,38 @@ impl SafetensorsSet {
         params: QuantParams,
     ) -> Result<QuantWeight> {
         let shape = self.quant_shape(prefix, params)?;
+        let q = self.quant_parts(prefix, params)?;
+        QuantWeight::from_raw(gpu, &q.packed, q.scales, q.biases, shape, params, q.dtype)
+            .map_err(|e| self.tensor_error(prefix, e))
+    }
+
+    /// Upload the MLX-quantized stacked experts `prefix` (`switch_mlp.up_proj` as mlx-lm
+    /// stores them; see [`SafetensorsSet::quant_experts_shape`]) at `params`.
+    pub fn upload_quant_experts(
+        &self,
+        gpu: &MlxDevice,
+        prefix: &str,
+        params: QuantParams,
+    ) -> Result<QuantExperts> {
+        let shape = self.quant_experts_shape(prefix, params)?;
+        let q = self.quant_parts(prefix, params)?;
+        QuantExperts::from_raw(gpu, &q.packed, q.scales, q.biases, shape, params, q.dtype)
+            .map_err(|e| self.tensor_error(prefix, e))
+    }
+
+    fn tensor_error(&self, prefix: &str, e: MlxError) -> MlxError {
+        let wname = format!("{prefix}.weight");
+        MlxError::format(self.file_name_of(&wname), format!("tensor {wname}: {e}"))
+    }
+
+    /// The parts of the quantized module `prefix` (shapes already checked by
+    /// [`SafetensorsSet::quant_dims`]).
+    fn quant_parts(&self, prefix: &str, params: QuantParams) -> Result<QuantParts<'_>> {
         let wname = format!("{prefix}.weight");
         let sname = format!("{prefix}.scales");
         let bname = format!("{prefix}.biases");
-        let packed_bytes = self.bytes(&wname)?;
-        let packed: Vec<u32> = packed_bytes
+        let packed: Vec<u32> = self
+            .bytes(&wname)?
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
@@ -513,8 +575,11 @@ impl SafetensorsSet {
             QuantMode::Affine => sdt,
             QuantMode::Mxfp4 => DType::BF16,
         };
-        QuantWeight::from_raw(gpu, &packed, scales, biases, shape, params, dtype).map_err(|e| {
-            MlxError::format(self.file_name_of(&wname), format!("tensor {wname}: {e}"))
+        Ok(QuantParts {
+            packed,
+            scales,
+            biases,
+            dtype,
         })
     }
 }
@@ -622,5 +687,51 @@ mod tests {
         let set =
             SafetensorsSet::from_files(vec![SafetensorsFile::from_vec("q", bad).unwrap()]).unwrap();
         assert!(set.quant_shape("l", QuantParams::affine(4, 32)).is_err());
+    }
+
+    #[test]
+    fn quant_experts_shape_and_upload() {
+        // 2 experts of [4, 64] at 4 bits, group 32: packed [2, 4, 8], scales [2, 4, 2].
+        let packed: Vec<u8> = (0..2 * 4 * 8 * 4).map(|i| i as u8).collect();
+        let half = |v: f32| half::f16::from_f32(v).to_le_bytes();
+        let scales: Vec<u8> = (0..16).flat_map(|i| half(0.5 + i as f32 / 16.0)).collect();
+        let f = build(&[
+            ("e.weight", Dtype::U32, vec![2, 4, 8], packed.clone()),
+            ("e.scales", Dtype::F16, vec![2, 4, 2], scales.clone()),
+            ("e.biases", Dtype::F16, vec![2, 4, 2], scales.clone()),
+            ("m.weight", Dtype::U32, vec![4, 8], packed[..128].to_vec()),
+            ("m.scales", Dtype::F16, vec![4, 2], scales[..16].to_vec()),
+        ]);
+        let set =
+            SafetensorsSet::from_files(vec![SafetensorsFile::from_vec("x", f).unwrap()]).unwrap();
+        let p = QuantParams::affine(4, 32);
+        assert_eq!(set.quant_experts_shape("e", p).unwrap(), [2, 4, 64]);
+        let e = set.quant_shape("e", p).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "x: tensor e.weight: u32 [2, 4, 8], expected a u32 [N, K*bits/32] packed matrix (the config says 4-bit affine)"
+        );
+        let e = set.quant_experts_shape("m", p).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "x: tensor m.weight: u32 [4, 8], expected a u32 [E, N, K*bits/32] packed expert stack (the config says 4-bit affine)"
+        );
+        let e = set
+            .quant_experts_shape("e", QuantParams::affine(4, 64))
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "x: tensor e.scales: f16 [2, 4, 2], expected float [2, 4, 1] for 4-bit group-64 affine weights of shape [2, 4, 64]"
+        );
+        let gpu = crate::testutil::gpu();
+        let w = set.upload_quant_experts(gpu, "e", p).unwrap();
+        assert_eq!(w.shape(), [2, 4, 64]);
+        assert_eq!(w.weight().packed().to_vec::<u32>(gpu).unwrap().len(), 64);
+        // The packed words keep MLX's layout: expert 1's first word is bytes 128..132.
+        assert_eq!(
+            w.weight().packed().to_vec::<u32>(gpu).unwrap()[32],
+            u32::from_le_bytes([128, 129, 130, 131])
+        );
     }
 }
