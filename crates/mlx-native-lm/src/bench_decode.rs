@@ -1172,35 +1172,6 @@ fn decode_step(
     ))
 }
 
-/// `Transformer::forward` of one token whose id is already on the GPU (`ids`, u32 `[1]`,
-/// e.g. the previous step's argmax), so steps can be recorded and submitted back to back
-/// with no host round trip. The same layers and ops as the engine's forward (a test checks
-/// that both give the same logits).
-pub fn forward_ids(
-    m: &Transformer,
-    pass: &mut Pass,
-    ids: &MlxBuffer,
-    pos: usize,
-    cache: &mut KvStore,
-) -> Result<MlxBuffer> {
-    let positions = MlxBuffer::pooled(&m.gpu, DType::U32, &[1])?;
-    positions.write(&m.gpu, &[pos as u32])?;
-    let mut x = m.embed.gather(pass, ids)?;
-    if let Some(s) = m.cfg.embed_scale {
-        x = ops::scale(pass, &x, s)?;
-    }
-    let step = crate::layers::attention::Step {
-        positions: &positions,
-        pos0: pos,
-        tokens: 1,
-    };
-    for (i, layer) in m.layers.iter().enumerate() {
-        x = layer.forward(pass, &x, &step, &m.ropes, cache, i)?;
-    }
-    let h = ops::rms_norm(pass, &x, &m.norm, m.cfg.norm_eps)?;
-    m.head.as_ref().unwrap_or(&m.embed).forward(pass, &h)
-}
-
 /// `n` greedy decode steps recorded and submitted back to back, each embedding the previous
 /// step's argmax on the GPU; one wait at the end. Returns seconds. This is decode with the
 /// host's record and submit overlapped with the GPU (what pipelining the engine would give).
@@ -1216,7 +1187,7 @@ fn overlapped_decode(
     let t0 = Instant::now();
     for _ in 0..n {
         let mut pass = m.gpu.begin();
-        let logits = forward_ids(m, &mut pass, &ids, *pos, cache)?;
+        let logits = m.forward_ids(&mut pass, &ids, *pos, cache)?;
         ids = ops::argmax(&mut pass, &logits)?.reshape(&[1])?;
         pass.commit()?;
         *pos += 1;
@@ -1816,7 +1787,7 @@ mod tests {
             let want = logits_at(&m, &mut cache, 42, pos).unwrap();
             let ids = MlxBuffer::from_slice(&g, &[42u32], &[1]).unwrap();
             let mut pass = g.begin();
-            let got = forward_ids(&m, &mut pass, &ids, pos, &mut cache).unwrap();
+            let got = m.forward_ids(&mut pass, &ids, pos, &mut cache).unwrap();
             pass.commit().unwrap();
             assert_eq!(got.to_vec::<f32>(&g).unwrap(), want, "{name}");
         }

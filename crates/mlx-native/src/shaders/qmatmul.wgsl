@@ -99,16 +99,18 @@ fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
 // Σ x·(1 + q/16) over a 4-bit chunk: each code's 4 bits shifted into the top of an f32
 // mantissa under exponent 0 (3 operations per code, no conversion or subtraction).
 fn chunk_dot_lean(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
+    // Written out: a loop would index w and x dynamically, which puts them in local memory.
+    return (word_dot_lean(w[0], x[0], x[1]) + word_dot_lean(w[1], x[2], x[3]))
+         + (word_dot_lean(w[2], x[4], x[5]) + word_dot_lean(w[3], x[6], x[7]));
+}
+
+fn word_dot_lean(w: u32, xlo: vec4<f32>, xhi: vec4<f32>) -> f32 {
     let sh = vec4<u32>(19u, 15u, 11u, 7u);
     let m = vec4<u32>(0x00780000u);
     let one = vec4<u32>(0x3F800000u);
-    var acc = 0.0;
-    for (var i = 0u; i < 4u; i++) {
-        let lo = bitcast<vec4<f32>>(((vec4<u32>(w[i]) << sh) & m) | one);
-        let hi = bitcast<vec4<f32>>(((vec4<u32>(w[i] >> 16u) << sh) & m) | one);
-        acc += dot(x[2u * i], lo) + dot(x[2u * i + 1u], hi);
-    }
-    return acc;
+    let lo = bitcast<vec4<f32>>(((vec4<u32>(w) << sh) & m) | one);
+    let hi = bitcast<vec4<f32>>(((vec4<u32>(w >> 16u) << sh) & m) | one);
+    return dot(xlo, lo) + dot(xhi, hi);
 }
 
 fn chunk_dot_raw(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
