@@ -102,7 +102,8 @@ fn wrap(s: u32) -> u32 {
 // Scratch: scr holds the query rotation first, then per tile the partial dots
 // [slice][key][head quad], logits [key][quad] (slice 0's place) and p at P_OFF [key][quad],
 // four floats per entry.
-// Workgroup memory (bytes): q_sh 8192 + scr 8192 + kt_sh 7680 + vt_sh 7680 + 320 = 31744.
+// Workgroup memory (bytes): q_sh 8192 + scr 8192 + kt_sh 7680 + vt_sh 7680 + 320 = 32064
+// (lavapipe allows 32768).
 var<workgroup> q_sh: array<vec4<f32>, 512>;
 var<workgroup> scr: array<f32, 2048>;
 var<workgroup> kt_sh: array<u32, TILE_WORDS>;
