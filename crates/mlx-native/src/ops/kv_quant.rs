@@ -46,8 +46,20 @@ struct SdpaQuantParams {
 const _: () = assert!(std::mem::size_of::<SdpaQuantParams>() == 240);
 
 const WG: u32 = 128;
-/// Keys per compressed-cache decode tile (the decode workgroup size, `KT` in sdpa_quant.wgsl).
-const KT: usize = 128;
+/// Words of one K (or V) tile in the compressed decode's workgroup memory (`TILE_WORDS` in
+/// sdpa_quant.wgsl): 7.5 KiB each, next to the query, its rotation scratch and the scores.
+const DECODE_TILE_WORDS: usize = 1920;
+
+/// Keys per compressed decode tile, as `KT` in sdpa_quant.wgsl: the largest power of two
+/// from 8 to 64 whose rows, padded to an odd number of words, fit `DECODE_TILE_WORDS`.
+fn decode_kt(format: KvFormat, head_dim: usize) -> usize {
+    let padded = format.row_words(head_dim) | 1;
+    let mut kt = 64;
+    while kt > 8 && kt * padded > DECODE_TILE_WORDS {
+        kt /= 2;
+    }
+    kt
+}
 
 fn mode(format: KvFormat, op: &str) -> Result<u32> {
     format.mode().ok_or_else(|| {
@@ -82,16 +94,15 @@ fn decode_gts(head_dim: usize) -> &'static [u32] {
     }
 }
 
-fn decode_spec(head_dim: usize, mode: u32, gt: u32, subgroups: bool) -> Result<Spec> {
-    Spec::new("sdpa_quant_decode", DType::U32, KT as u32)
-        .with_subgroups(subgroups)
+fn decode_spec(head_dim: usize, mode: u32, gt: u32) -> Result<Spec> {
+    Spec::new("sdpa_quant_decode", DType::U32, WG)
         .with_const("HEAD_DIM", head_dim as u32)?
         .with_const("MODE", mode)?
         .with_const("GT", gt)
 }
 
 fn reduce_spec(head_dim: usize, mode: u32) -> Result<Spec> {
-    Spec::new("sdpa_quant_reduce", DType::U32, KT as u32)
+    Spec::new("sdpa_quant_reduce", DType::U32, WG)
         .with_const("HEAD_DIM", head_dim as u32)?
         .with_const("MODE", mode)
 }
@@ -104,9 +115,7 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
             v.push((Kernel::KvQuant, quant_spec("kv_quant_append", d, m)?));
             v.push((Kernel::KvQuant, quant_spec("kv_quant_dequant", d, m)?));
             for &gt in decode_gts(d) {
-                for sg in [false, true] {
-                    v.push((Kernel::SdpaQuant, decode_spec(d, m, gt, sg)?));
-                }
+                v.push((Kernel::SdpaQuant, decode_spec(d, m, gt)?));
             }
             v.push((Kernel::SdpaQuant, reduce_spec(d, m)?));
         }
@@ -318,7 +327,7 @@ pub fn sdpa_decode_quant(
         kv_heads,
         head_dim,
         gt,
-        KT,
+        decode_kt(format, head_dim),
         (lo, seq_len, slots),
         opts,
     )?;
@@ -334,7 +343,7 @@ pub fn sdpa_decode_quant(
         _pad1: [0; 2],
         tables: QuantTables::new(format),
     };
-    let spec = decode_spec(head_dim, m, gt, pass.caps().subgroups)?;
+    let spec = decode_spec(head_dim, m, gt)?;
     pass.dispatch(
         Kernel::SdpaQuant,
         spec,
@@ -1037,6 +1046,111 @@ mod tests {
             }
         }
         println!("{}", report.join("\n"));
+        Ok(())
+    }
+
+    #[test]
+    fn decode_multi_tile_splits_match_f64() -> Result<()> {
+        // Splits of several tiles (loads a tile ahead), the last ending mid-tile, windows,
+        // GQA 1, 4 and 16, for each tile size decode_kt picks (64 down to 8 keys).
+        use KvFormat::*;
+        let cases = [
+            // KT 64: 33 tiles from position 100 over 16 kv heads, 2 per split.
+            Case {
+                window: Some(2100),
+                sinks: true,
+                ..case(Tq4, 128, 16, 16, 2200)
+            },
+            // KT 32: 47 tiles, 2 per split over 8 kv heads x 2 head tiles.
+            Case {
+                softcap: Some(20.0),
+                ..case(Q8, 128, 128, 8, 1500)
+            },
+            // KT 16, GQA 4.
+            case(Q4, 512, 32, 8, 1300),
+            // KT 8.
+            case(Q8, 512, 8, 8, 700),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let kt = decode_kt(c.f, c.d);
+            let tiles = (c.len - c.window.map_or(0, |w| c.len - w)).div_ceil(kt);
+            let head_tiles = c.kvh * (c.nh / c.kvh).div_ceil(decode_gt(c.nh / c.kvh, c.d) as usize);
+            assert!(tiles > 512 / head_tiles, "case {i}: one tile per split");
+            let g = gpu();
+            let mut rng = Rng::new(900 + i as u64);
+            let b = build(g, &mut rng, c.f, c.kvh, c.d, c.len + 5, c.window, 16, c.len)?;
+            let q = rng.normals(c.nh * c.d, 1.0);
+            let sinks = rng.normals(c.nh, 1.0);
+            let gq = MlxBuffer::from_slice(g, &q, &[c.nh, c.d])?;
+            let gs = MlxBuffer::from_slice(g, &sinks, &[c.nh])?;
+            let mut opts = SdpaOptions::new(c.d);
+            opts.window = c.window;
+            opts.softcap = c.softcap;
+            opts.sinks = c.sinks.then_some(&gs);
+            let mut pass = g.begin();
+            let out = sdpa_decode_quant(&mut pass, &gq, &b.cache, 0, c.len, &opts)?;
+            pass.commit_and_wait()?;
+            let (rows, _, _) = stored(g, &b.cache)?;
+            let (k, v) = dequant_by_pos(&b.cache, &rows, false);
+            let sk = c.sinks.then_some(&sinks[..]);
+            let cap = c.softcap.map(f64::from);
+            let want = attention(&q, 1, c.nh, c.d, c.len - 1, &k, &v, c.window, cap, sk);
+            let what = format!(
+                "decode {} d={} heads {}/{} len {}",
+                c.f, c.d, c.nh, c.kvh, c.len
+            );
+            // As decode_matches_f64_over_the_dequantized_cache.
+            assert_close(&out.to_vec::<f32>(g)?, &want, 1e-4, 1e-4, &what);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn decode_tile_matches_the_kernel() -> Result<()> {
+        // The plan splits in whole tiles of decode_kt; the kernel derives KT from MODE and
+        // HEAD_DIM itself. Read the kernel's value back through naga for every variant.
+        for (kernel, spec) in specs()? {
+            if spec.entry != "sdpa_quant_decode" {
+                continue;
+            }
+            let src = crate::kernels::preprocess(kernel, &spec, false)?;
+            let (module, info) = crate::kernels::parse_and_validate(kernel, &spec, &src)?;
+            let mut constants = naga::back::PipelineConstants::default();
+            for (name, value) in spec.constants() {
+                constants.insert(name.to_string(), value);
+            }
+            let (module, _) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((naga::ShaderStage::Compute, spec.entry)),
+                &constants,
+            )
+            .map_err(|e| MlxError::invalid(format!("{e:?}")))?;
+            let value = |name: &str| {
+                let c = module
+                    .constants
+                    .iter()
+                    .find(|(_, c)| c.name.as_deref() == Some(name))
+                    .unwrap()
+                    .1;
+                match module.global_expressions[c.init] {
+                    naga::Expression::Literal(naga::Literal::U32(v)) => v as usize,
+                    ref e => panic!("{name}: {e:?}"),
+                }
+            };
+            let (d, m) = (value("HEAD_DIM"), value("MODE"));
+            let f = KvFormat::COMPRESSED[m];
+            assert_eq!(value("RW"), f.row_words(d), "{f} d={d}");
+            assert_eq!(value("KT"), decode_kt(f, d), "{f} d={d}");
+        }
+        let want = [
+            (KvFormat::Q8, 512, 8),
+            (KvFormat::Q4, 512, 16),
+            (KvFormat::Tq2, 64, 64),
+        ];
+        for (f, d, kt) in want {
+            assert_eq!(decode_kt(f, d), kt, "{f} d={d}");
+        }
         Ok(())
     }
 

@@ -5,7 +5,8 @@
 //     (s the fixed signs, H the Walsh-Hadamard matrix; orthogonal, so q.k = q'.k'), and
 //     dots q' with K dequantized in the rotated basis; the output accumulates rotated V and
 //     the reduction rotates it back, o = s * (H o') / sqrt(d);
-//   - K and V dequantized in registers, 4 elements at a time (deq4).
+//   - K and V staged packed in workgroup memory and dequantized from there, 4 elements at
+//     a time (deq4), once per key for all GT heads.
 // GQA, sliding window (kv_lo), softcap and sinks as in sdpa.wgsl.
 //
 // Bindings: 0 q f32, 1 k cache u32, 2 v cache u32, 3 part_o f32, 4 part_ml f32
@@ -43,7 +44,6 @@ struct Params {
 // Query heads per decode workgroup (1, 2, 4 or 8; at most 4 for HEAD_DIM 512).
 override GT: u32 = 8u;
 
-const KT: u32 = 128u;
 const NT: u32 = 128u;
 const M_INIT: f32 = -3.0e38;
 
@@ -56,19 +56,31 @@ const M_INIT: f32 = -3.0e38;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
+// Words per row (KvFormat::row_words).
+override RW: u32 = select(select(select(select(select(1u + HEAD_DIM / 16u,
+    1u + 5u * HEAD_DIM / 64u, MODE == 4u), 1u + 3u * HEAD_DIM / 32u, MODE == 3u),
+    1u + HEAD_DIM / 8u, MODE == 2u), HEAD_DIM / 32u + HEAD_DIM / 8u, MODE == 1u),
+    HEAD_DIM / 64u + HEAD_DIM / 4u, MODE == 0u);
+// Row stride in the workgroup tiles: odd, so the invocations of a subgroup reading the
+// same word of consecutive rows use distinct banks.
+override RWP: u32 = RW | 1u;
+// Keys per tile (kv_quant.rs: decode_kt): the largest power of two up to 64 whose padded
+// rows fit TILE_WORDS.
+override KT: u32 = select(select(select(8u, 16u, 16u * RWP <= TILE_WORDS), 32u,
+    32u * RWP <= TILE_WORDS), 64u, 64u * RWP <= TILE_WORDS);
+const TILE_WORDS: u32 = 1920u;
+// Words in one K (or V) tile and loads per invocation (at most 15).
+override TW: u32 = KT * RW;
+override NS: u32 = 128u / KT;
+override KS: u32 = 128u / C4;
+override GQ: u32 = (GT + 3u) / 4u;
+
+// The decode stages packed K/V tiles in workgroup memory and dequantizes from there.
 fn wd(is_v: bool, i: u32) -> u32 {
     if is_v {
-        return vc[i];
+        return vt_sh[i];
     }
-    return kc[i];
-}
-
-fn load_k(row: u32, c: u32) -> vec4<f32> {
-    return deq4(false, view(1u) + row * p.row_words, c);
-}
-
-fn load_v(row: u32, c: u32) -> vec4<f32> {
-    return deq4(true, view(2u) + row * p.row_words, c);
+    return kt_sh[i];
 }
 
 fn logit(dot_qk: f32) -> f32 {
@@ -83,84 +95,81 @@ fn wrap(s: u32) -> u32 {
     return select(s, s - p.slots, s >= p.slots);
 }
 
+// Decode: the tile pipeline of sdpa_decode (sdpa.wgsl), on packed rows: each tile's K and V
+// words (u32 loads, consecutive invocations on consecutive words, issued a tile ahead) are
+// staged in kt_sh / vt_sh with rows RWP words apart; phase 2 dequantizes K chunks (deq4,
+// through wd) once per key for the GT heads, phase 5 V chunks once per key for the GT heads.
+// Scratch: scr holds the query rotation first, then per tile the partial dots
+// [slice][key][head quad], logits [key][quad] (slice 0's place) and p at P_OFF [key][quad],
+// four floats per entry.
+// Workgroup memory (bytes): q_sh 8192 + scr 8192 + kt_sh 7680 + vt_sh 7680 + 320 = 32064
+// (lavapipe allows 32768).
 var<workgroup> q_sh: array<vec4<f32>, 512>;
-// Probabilities at [0, 1024), reduction scratch at [1024, 2048); the query rotation uses
-// all of it before either.
 var<workgroup> scr: array<f32, 2048>;
-var<workgroup> acc_sh: array<vec4<f32>, 512>;
-var<workgroup> alpha_sh: array<f32, 8>;
-var<private> sg_lane: u32;
-var<private> sg_index: u32;
-var<private> sg_count: u32;
+var<workgroup> kt_sh: array<u32, TILE_WORDS>;
+var<workgroup> vt_sh: array<u32, TILE_WORDS>;
+var<workgroup> alpha_sh: array<vec4<f32>, 2>;
+var<workgroup> m_sh: array<vec4<f32>, 2>;
+var<workgroup> l_sh: array<f32, 64>;
 
-const RED: u32 = 1024u;
+override P_OFF: u32 = 4u * KT * GQ;
 
-fn tile_reduce(v: ptr<function, array<f32, 8>>, lid: u32, is_max: bool) {
-#if SUBGROUPS
-    for (var g = 0u; g < GT; g++) {
-        let x = (*v)[g];
-        let r = select(subgroupAdd(x), subgroupMax(x), is_max);
-        if sg_lane == 0u {
-            scr[RED + g * KT + sg_index] = r;
+fn scr4(i: u32) -> vec4<f32> {
+    return vec4<f32>(scr[4u * i], scr[4u * i + 1u], scr[4u * i + 2u], scr[4u * i + 3u]);
+}
+fn set_scr4(i: u32, v: vec4<f32>) {
+    scr[4u * i] = v.x;
+    scr[4u * i + 1u] = v.y;
+    scr[4u * i + 2u] = v.z;
+    scr[4u * i + 3u] = v.w;
+}
+
+fn load_tile(kr: ptr<function, array<u32, 15>>, vr: ptr<function, array<u32, 15>>,
+             rowbase: u32, t0: u32, k_end: u32, lid: u32) {
+    let s0 = t0 % p.slots;
+    for (var i = 0u; i < 15u; i++) {
+        let it = lid + 128u * i;
+        let j = it / RW;
+        var kw = 0u;
+        var vw = 0u;
+        if it < TW && t0 + j < k_end {
+            let o = (rowbase + wrap(s0 + j)) * RW + it % RW;
+            kw = kc[view(1u) + o];
+            vw = vc[view(2u) + o];
+        }
+        (*kr)[i] = kw;
+        (*vr)[i] = vw;
+    }
+}
+
+fn store_tile(kr: ptr<function, array<u32, 15>>, vr: ptr<function, array<u32, 15>>, lid: u32) {
+    for (var i = 0u; i < 15u; i++) {
+        let it = lid + 128u * i;
+        if it < TW {
+            let o = (it / RW) * RWP + it % RW;
+            kt_sh[o] = (*kr)[i];
+            vt_sh[o] = (*vr)[i];
         }
     }
-    workgroupBarrier();
-    for (var g = 0u; g < GT; g++) {
-        var t = scr[RED + g * KT];
-        for (var i = 1u; i < sg_count; i++) {
-            let y = scr[RED + g * KT + i];
-            t = select(t + y, max(t, y), is_max);
-        }
-        (*v)[g] = t;
-    }
-#else
-    for (var g = 0u; g < GT; g++) {
-        scr[RED + g * KT + lid] = (*v)[g];
-    }
-    workgroupBarrier();
-    for (var s = KT / 2u; s > 0u; s >>= 1u) {
-        if lid < s {
-            for (var g = 0u; g < GT; g++) {
-                let a = scr[RED + g * KT + lid];
-                let b = scr[RED + g * KT + lid + s];
-                scr[RED + g * KT + lid] = select(a + b, max(a, b), is_max);
-            }
-        }
-        workgroupBarrier();
-    }
-    for (var g = 0u; g < GT; g++) {
-        (*v)[g] = scr[RED + g * KT];
-    }
-#endif
 }
 
 @compute @workgroup_size(128)
 fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
-                     @builtin(local_invocation_index) lid: u32
-#if SUBGROUPS
-                     , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_id) si: u32,
-                     @builtin(num_subgroups) sc: u32
-#endif
-) {
-#if SUBGROUPS
-    sg_lane = sl;
-    sg_index = si;
-    sg_count = sc;
-#endif
+                     @builtin(local_invocation_index) lid: u32) {
     let wg = flat_wg(wid, nwg);
     let split = wg % p.n_splits;
     let rest = wg / p.n_splits;
-    let gt = rest % p.g_tiles;
+    let gtile = rest % p.g_tiles;
     let kvh = rest / p.g_tiles;
     if kvh >= p.kv_heads {
         return;
     }
-    let g0 = gt * GT;
+    let g0 = gtile * GT;
     let ng = min(GT, p.group - g0);
     let h0 = kvh * p.group + g0;
     if ROT {
-        for (var i = lid; i < GT * HEAD_DIM; i += KT) {
+        for (var i = lid; i < GT * HEAD_DIM; i += NT) {
             let g = i / HEAD_DIM;
             let d = i % HEAD_DIM;
             var v = 0.0;
@@ -171,12 +180,11 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
         }
         workgroupBarrier();
         fwht(GT, lid);
-        for (var i = lid; i < GT * C4; i += KT) {
-            q_sh[i] = vec4<f32>(scr[4u * i], scr[4u * i + 1u], scr[4u * i + 2u],
-                                scr[4u * i + 3u]) * p.inv_sqrt_d;
+        for (var i = lid; i < GT * C4; i += NT) {
+            q_sh[i] = scr4(i) * p.inv_sqrt_d;
         }
     } else {
-        for (var i = lid; i < GT * C4; i += KT) {
+        for (var i = lid; i < GT * C4; i += NT) {
             let g = i / C4;
             var v = vec4<f32>(0.0);
             if g < ng {
@@ -189,104 +197,174 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
     let k_start = p.kv_lo + split * p.split_len;
     let k_end = min(p.kv_hi, k_start + p.split_len);
     let rowbase = kvh * p.slots;
-    let ngc = GT * C4;
-    let ks_n = max(1u, KT / ngc);
-    let items = ks_n * ngc;
-    var m: array<f32, 8>;
-    var l: array<f32, 8>;
+
+    let sk = lid % KT;
+    let sl = lid / KT;
+    let vcol = lid % C4;
+    let ks = lid / C4;
+    let v_on = ks < KS;
+    let pk = lid % KT;
+    let pq = lid / KT;
+    let p_on = pq < GQ;
+    var mr = vec4<f32>(M_INIT);
+    var acc: array<vec4<f32>, 8>;
+    var lp: array<f32, 8>;
     for (var g = 0u; g < 8u; g++) {
-        m[g] = M_INIT;
-        l[g] = 0.0;
+        acc[g] = vec4<f32>(0.0);
+        lp[g] = 0.0;
     }
-    var acc: array<vec4<f32>, 4>;
-    for (var i = 0u; i < 4u; i++) {
-        acc[i] = vec4<f32>(0.0);
-    }
-    workgroupBarrier();
+    var kr: array<u32, 15>;
+    var vr: array<u32, 15>;
+    load_tile(&kr, &vr, rowbase, k_start, k_end, lid);
     for (var t0 = k_start; t0 < k_end; t0 += KT) {
-        let s0 = t0 % p.slots;
-        let valid = t0 + lid < k_end;
-        var s: array<f32, 8>;
-        for (var g = 0u; g < GT; g++) {
-            s[g] = 0.0;
+        // 1. The previous tile's phase 5 (and the query rotation) are done with the tiles
+        //    and scr.
+        workgroupBarrier();
+        store_tile(&kr, &vr, lid);
+        workgroupBarrier();
+        if t0 + KT < k_end {
+            load_tile(&kr, &vr, rowbase, t0 + KT, k_end, lid);
         }
-        if valid {
-            let row = rowbase + wrap(s0 + lid);
-            for (var c = 0u; c < C4; c++) {
-                let kv = load_k(row, c);
+
+        // 2. Partial dots.
+        var part: array<f32, 8>;
+        for (var g = 0u; g < 8u; g++) {
+            part[g] = 0.0;
+        }
+        for (var i = 0u; i < (C4 + NS - 1u) / NS; i++) {
+            let c = sl + i * NS;
+            if c < C4 {
+                let kv = deq4(false, sk * RWP, c);
                 for (var g = 0u; g < GT; g++) {
-                    s[g] += dot(q_sh[g * C4 + c], kv);
+                    part[g] += dot(q_sh[g * C4 + c], kv);
                 }
             }
-            for (var g = 0u; g < GT; g++) {
-                s[g] = logit(s[g]);
+        }
+        for (var i = 0u; i < GQ; i++) {
+            let v = vec4<f32>(part[4u * i], part[4u * i + 1u], part[4u * i + 2u],
+                              part[4u * i + 3u]);
+            set_scr4((sl * KT + sk) * GQ + i, v);
+        }
+        workgroupBarrier();
+
+        // 3. Logits.
+        let valid = t0 + pk < k_end;
+        var sv = vec4<f32>(M_INIT);
+        if p_on {
+            var d = vec4<f32>(0.0);
+            for (var s = 0u; s < NS; s++) {
+                d += scr4((s * KT + pk) * GQ + pq);
             }
-        } else {
-            for (var g = 0u; g < GT; g++) {
-                s[g] = M_INIT;
+            if valid {
+                sv = vec4<f32>(logit(d.x), logit(d.y), logit(d.z), logit(d.w));
+            }
+            set_scr4(pk * GQ + pq, sv);
+        }
+        workgroupBarrier();
+
+        // 4. Tile max, running max, probabilities.
+        if p_on {
+            var tm = vec4<f32>(M_INIT);
+            for (var j = 0u; j < KT; j++) {
+                tm = max(tm, scr4(j * GQ + pq));
+            }
+            let mn = max(mr, tm);
+            if pk == 0u {
+                alpha_sh[pq] = exp(mr - mn);
+                m_sh[pq] = mn;
+            }
+            mr = mn;
+            set_scr4(P_OFF / 4u + pk * GQ + pq, select(vec4<f32>(0.0), exp(sv - mn), valid));
+        }
+        workgroupBarrier();
+
+        // 5. p * V (keys past k_end: p = 0 and zero words, which dequantize to 0).
+        if v_on {
+            for (var i = 0u; i < GQ; i++) {
+                let a = alpha_sh[i];
+                for (var e = 0u; e < 4u; e++) {
+                    let g = 4u * i + e;
+                    if g < GT {
+                        acc[g] *= a[e];
+                        lp[g] *= a[e];
+                    }
+                }
+            }
+            for (var jj = 0u; jj < (KT + KS - 1u) / KS; jj++) {
+                let j = ks + jj * KS;
+                if j < KT {
+                    let vv = deq4(true, j * RWP, vcol);
+                    for (var i = 0u; i < GQ; i++) {
+                        let pv = scr4(P_OFF / 4u + j * GQ + i);
+                        for (var e = 0u; e < 4u; e++) {
+                            let g = 4u * i + e;
+                            if g < GT {
+                                acc[g] += pv[e] * vv;
+                                lp[g] += pv[e];
+                            }
+                        }
+                    }
+                }
             }
         }
-        var tm = s;
-        tile_reduce(&tm, lid, true);
-        for (var g = 0u; g < GT; g++) {
-            let mn = max(m[g], tm[g]);
-            let a = exp(m[g] - mn);
-            m[g] = mn;
-            let pv = select(0.0, exp(s[g] - mn), valid);
-            l[g] = l[g] * a + pv;
-            scr[g * KT + lid] = pv;
-            if lid == 0u {
-                alpha_sh[g] = a;
+    }
+
+    // Combine the KS key subsets through q_sh, four heads a round (as sdpa_decode).
+    for (var r = 0u; r < GQ; r++) {
+        if r > 0u {
+            workgroupBarrier();
+        }
+        if v_on {
+            for (var e = 0u; e < 4u; e++) {
+                let g = 4u * r + e;
+                if g < GT {
+                    q_sh[e * 128u + lid] = acc[g];
+                }
+            }
+            if r == 0u && vcol == 0u {
+                for (var g = 0u; g < GT; g++) {
+                    l_sh[ks * GT + g] = lp[g];
+                }
             }
         }
         workgroupBarrier();
-        let nk = min(KT, k_end - t0);
-        for (var ii = 0u; ii < 4u; ii++) {
-            let it = lid + ii * KT;
-            if it < items {
-                let gc = it % ngc;
-                let g = gc / C4;
-                let c = gc % C4;
-                var a = acc[ii] * alpha_sh[g];
-                for (var j = it / ngc; j < nk; j += ks_n) {
-                    a += scr[g * KT + j] * load_v(rowbase + wrap(s0 + j), c);
+        for (var it = lid; it < 4u * C4; it += 128u) {
+            let e = it / C4;
+            let c = it % C4;
+            let g = 4u * r + e;
+            if g < ng {
+                var a = vec4<f32>(0.0);
+                for (var s = 0u; s < KS; s++) {
+                    a += q_sh[e * 128u + s * C4 + c];
                 }
-                acc[ii] = a;
+                let o = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM + c * 4u;
+                part_o[o] = a.x;
+                part_o[o + 1u] = a.y;
+                part_o[o + 2u] = a.z;
+                part_o[o + 3u] = a.w;
             }
         }
-    }
-    tile_reduce(&l, lid, false);
-    for (var ii = 0u; ii < 4u; ii++) {
-        let it = lid + ii * KT;
-        if it < items {
-            acc_sh[it] = acc[ii];
-        }
-    }
-    workgroupBarrier();
-    for (var ii = 0u; ii < 4u; ii++) {
-        let gc = lid + ii * KT;
-        if gc < ngc && gc / C4 < ng {
-            var a = vec4<f32>(0.0);
-            for (var ks = 0u; ks < ks_n; ks++) {
-                a += acc_sh[ks * ngc + gc];
+        if r == 0u && lid < ng {
+            var l = 0.0;
+            for (var s = 0u; s < KS; s++) {
+                l += l_sh[s * GT + lid];
             }
-            let h = h0 + gc / C4;
-            let o = view(3u) + (h * p.n_splits + split) * HEAD_DIM + (gc % C4) * 4u;
-            part_o[o] = a.x;
-            part_o[o + 1u] = a.y;
-            part_o[o + 2u] = a.z;
-            part_o[o + 3u] = a.w;
-        }
-    }
-    for (var g = 0u; g < GT; g++) {
-        if lid == g && g < ng {
-            let o = view(4u) + ((h0 + g) * p.n_splits + split) * 2u;
-            part_ml[o] = m[g];
-            part_ml[o + 1u] = l[g];
+            let o = view(4u) + ((h0 + lid) * p.n_splits + split) * 2u;
+            part_ml[o] = m_sh[lid / 4u][lid % 4u];
+            part_ml[o + 1u] = l;
         }
     }
 }
 
+var<workgroup> red_m: array<vec2<f32>, 128>;
+var<workgroup> red_o: array<vec4<f32>, 128>;
+
+fn merge_ml(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
+    let m = max(a.x, b.x);
+    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
+}
+
+// As sdpa_decode_reduce (sdpa.wgsl), then rotated modes rotate the output back.
 @compute @workgroup_size(128)
 fn sdpa_quant_reduce(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
@@ -296,33 +374,49 @@ fn sdpa_quant_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         return;
     }
     let ml = view(4u) + h * p.n_splits * 2u;
-    var mx = M_INIT;
-    for (var s = 0u; s < p.n_splits; s++) {
-        mx = max(mx, part_ml[ml + 2u * s]);
+    var mine = vec2<f32>(M_INIT, 0.0);
+    for (var s = lid; s < p.n_splits; s += 128u) {
+        mine = merge_ml(mine, vec2<f32>(part_ml[ml + 2u * s], part_ml[ml + 2u * s + 1u]));
     }
-    var sink = M_INIT;
-    if p.has_sinks != 0u {
-        sink = sinks[view(5u) + h];
-        mx = max(mx, sink);
-    }
-    var total = 0.0;
-    for (var s = 0u; s < p.n_splits; s++) {
-        total += part_ml[ml + 2u * s + 1u] * exp(part_ml[ml + 2u * s] - mx);
-    }
-    if p.has_sinks != 0u {
-        total += exp(sink - mx);
-    }
-    let inv = select(0.0, 1.0 / total, total > 0.0);
-    let po = view(3u) + h * p.n_splits * HEAD_DIM;
-    for (var d = lid; d < HEAD_DIM; d += 128u) {
-        var a = 0.0;
-        for (var s = 0u; s < p.n_splits; s++) {
-            a += part_o[po + s * HEAD_DIM + d] * exp(part_ml[ml + 2u * s] - mx);
+    red_m[lid] = mine;
+    workgroupBarrier();
+    for (var w = 64u; w > 0u; w >>= 1u) {
+        if lid < w {
+            red_m[lid] = merge_ml(red_m[lid], red_m[lid + w]);
         }
+        workgroupBarrier();
+    }
+    var tot = red_m[0];
+    if p.has_sinks != 0u {
+        tot = merge_ml(tot, vec2<f32>(sinks[view(5u) + h], 1.0));
+    }
+    let mx = tot.x;
+    let inv = select(0.0, 1.0 / tot.y, tot.y > 0.0);
+    let sg_n = 128u / C4;
+    let sg = lid / C4;
+    let c = lid % C4;
+    let po = view(3u) + h * p.n_splits * HEAD_DIM + c * 4u;
+    var a = vec4<f32>(0.0);
+    if sg < sg_n {
+        for (var s = sg; s < p.n_splits; s += sg_n) {
+            let o = po + s * HEAD_DIM;
+            let w = exp(part_ml[ml + 2u * s] - mx);
+            a += w * vec4<f32>(part_o[o], part_o[o + 1u], part_o[o + 2u], part_o[o + 3u]);
+        }
+    }
+    red_o[lid] = a;
+    workgroupBarrier();
+    var t = vec4<f32>(0.0);
+    if lid < C4 {
+        for (var s = 0u; s < sg_n; s++) {
+            t += red_o[s * C4 + lid];
+        }
+        t *= inv;
         if ROT {
-            scr[d] = a * inv;
-        } else {
-            out[view(6u) + h * HEAD_DIM + d] = a * inv;
+            scr[4u * lid] = t.x;
+            scr[4u * lid + 1u] = t.y;
+            scr[4u * lid + 2u] = t.z;
+            scr[4u * lid + 3u] = t.w;
         }
     }
     if ROT {
@@ -331,5 +425,11 @@ fn sdpa_quant_reduce(@builtin(workgroup_id) wid: vec3<u32>,
         for (var d = lid; d < HEAD_DIM; d += 128u) {
             out[view(6u) + h * HEAD_DIM + d] = scr[d] * sgn(d) * p.inv_sqrt_d;
         }
+    } else if lid < C4 {
+        let o = view(6u) + h * HEAD_DIM + lid * 4u;
+        out[o] = t.x;
+        out[o + 1u] = t.y;
+        out[o + 2u] = t.z;
+        out[o + 3u] = t.w;
     }
 }
