@@ -54,8 +54,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if shapes.is_empty() {
         shapes = expand_shapes("all")?;
     }
-    if let Ok(e) = std::env::var("QMV_EXP") {
-        mlx_native::ops::qmatmul::set_qmv_experiment(e.parse()?);
+    // Tuning: QMV_OVERRIDE="rpt,tpr,wg,exp" forces one qmv dispatch shape everywhere.
+    if let Ok(e) = std::env::var("QMV_OVERRIDE") {
+        let v: Vec<u32> = e.split(',').map(str::parse).collect::<Result<_, _>>()?;
+        let [rpt, tpr, wg, exp] = v[..] else {
+            return Err("QMV_OVERRIDE=rpt,tpr,wg,exp".into());
+        };
+        mlx_native::ops::qmatmul::set_qmv_override(Some(mlx_native::ops::qmatmul::QmvConfig {
+            rpt,
+            tpr,
+            wg,
+            exp,
+        }))?;
     }
     let gpu = MlxDevice::new()?;
     let mut save = |r: &mlx_native_lm::bench_decode::DecodeReport| {

@@ -99,18 +99,40 @@ impl QmvConfig {
     }
 }
 
-/// Measurement switches applied to every default qmv dispatch (see [`QmvConfig::exp`]).
-static QMV_EXPERIMENT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// A dispatch shape forced on every default qmv dispatch (benchmarks: `rpt, tpr, wg, exp`
+/// packed 16 bits each as `exp, rpt, tpr, wg`, high to low; 0 = none).
+static QMV_OVERRIDE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Set the measurement switches of every default qmv dispatch from now on (benchmarks
-/// only: nonzero values other than 8 give wrong results on purpose).
+/// Force `cfg` on every default qmv dispatch from now on (`None`: back to the shape rule).
+/// For benchmarks: a `cfg.exp` other than 0 or 8 gives wrong results on purpose.
 #[doc(hidden)]
-pub fn set_qmv_experiment(exp: u32) {
-    QMV_EXPERIMENT.store(exp & 15, std::sync::atomic::Ordering::Relaxed);
+pub fn set_qmv_override(cfg: Option<QmvConfig>) -> Result<()> {
+    let packed = match cfg {
+        None => 0,
+        Some(c) => {
+            let c = c.validate()?;
+            u64::from(c.exp) << 48
+                | u64::from(c.rpt) << 32
+                | u64::from(c.tpr) << 16
+                | u64::from(c.wg)
+        }
+    };
+    QMV_OVERRIDE.store(packed, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// The qmv shape for a weight of `n` rows and `k` columns.
 pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
+    let o = QMV_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed);
+    if o != 0 {
+        let field = |shift: u32| ((o >> shift) & 0xffff) as u32;
+        return QmvConfig {
+            rpt: field(32),
+            tpr: field(16),
+            wg: field(0),
+            exp: field(48),
+        };
+    }
     let chunks = k / 32;
     let tpr = if chunks >= 128 {
         128
@@ -132,7 +154,7 @@ pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
         rpt,
         tpr,
         wg: tpr.max(64),
-        exp: QMV_EXPERIMENT.load(std::sync::atomic::Ordering::Relaxed),
+        exp: 0,
     }
 }
 
