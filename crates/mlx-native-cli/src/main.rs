@@ -164,6 +164,9 @@ enum BenchWhat {
         decode_ctx: Vec<usize>,
         #[arg(long, value_delimiter = ',', default_value = "512,4096")]
         prefill: Vec<usize>,
+        /// KV cache formats of the decode rows (f16, f32, q8, q4, tq4, tq3, tq2.5, tq2).
+        #[arg(long, value_delimiter = ',', default_value = "f16")]
+        kv_cache: Vec<String>,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -404,12 +407,23 @@ fn run(cli: Cli) -> CliResult<bool> {
                 probe_mib,
                 decode_ctx,
                 prefill,
+                kv_cache,
                 json,
             } => {
+                let formats = kv_cache
+                    .iter()
+                    .map(|s| mlx_native::kv_quant::KvFormat::parse(s))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(err)?;
                 let gpu = open_gpu()?;
-                let r =
-                    mlx_native_lm::bench::bench_attention(&gpu, probe_mib, &decode_ctx, &prefill)
-                        .map_err(err)?;
+                let r = mlx_native_lm::bench::bench_attention(
+                    &gpu,
+                    probe_mib,
+                    &decode_ctx,
+                    &prefill,
+                    &formats,
+                )
+                .map_err(err)?;
                 print!("{}", r.table());
                 write_json(json, &r)
             }

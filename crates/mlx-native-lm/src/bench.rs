@@ -303,8 +303,10 @@ pub fn bench_attention(
     probe_mib: u64,
     decode_ctx: &[usize],
     prefill: &[usize],
+    kv_formats: &[mlx_native::kv_quant::KvFormat],
 ) -> Result<AttentionReport> {
     use mlx_native::kv_cache::{KvCache, KvCacheConfig};
+    use mlx_native::kv_quant::{KvFormat, KvStore};
     let (nh, nkv, hd) = (32usize, 8usize, 128usize);
     let bw = read_bandwidth(gpu, probe_mib)?;
     let timer = Timer::new(gpu)?;
@@ -323,22 +325,47 @@ pub fn bench_attention(
         }
         Ok(cache)
     };
-    for &ctx in decode_ctx {
-        let cache = fill(ctx)?;
-        let q = f32_tensor(gpu, &[nh, hd], 12)?;
-        let opts = ops::SdpaOptions::new(hd);
-        let ns = timer.median_ns(|p| ops::sdpa_decode(p, &q, &cache, 0, ctx, &opts).map(|_| ()))?;
-        let bytes = (2 * nkv * ctx * hd * 2) as u64;
-        let gb_s = bytes as f64 / ns;
-        rows.push(AttentionRow {
-            case: "decode".into(),
-            context: ctx,
-            gpu_us: ns / 1e3,
-            bytes,
-            gb_s,
-            roofline_fraction: Some(gb_s / bw.gb_s),
-            tflop_s: None,
-        });
+    // A cache of `ctx` positions in `format`, filled by its own append kernel.
+    let fill_store = |ctx: usize, format: KvFormat| -> Result<KvStore> {
+        let mut cfg = KvCacheConfig::new(1, nkv, hd, ctx);
+        cfg.max_chunk = ctx.min(512);
+        let mut cache = KvStore::new(gpu, &cfg, format)?;
+        let mut pos = 0;
+        while pos < ctx {
+            let t = (ctx - pos).min(cache.max_chunk());
+            let k = f32_tensor(gpu, &[t, nkv, hd], 10 + pos as u64)?;
+            let v = f32_tensor(gpu, &[t, nkv, hd], 11 + pos as u64)?;
+            let mut pass = gpu.begin();
+            cache.append(&mut pass, 0, &k, &v, pos)?;
+            pass.commit_and_wait()?;
+            pos += t;
+        }
+        Ok(cache)
+    };
+    let formats: Vec<KvFormat> = if kv_formats.is_empty() {
+        vec![KvFormat::F16]
+    } else {
+        kv_formats.to_vec()
+    };
+    for &format in &formats {
+        for &ctx in decode_ctx {
+            let cache = fill_store(ctx, format)?;
+            let q = f32_tensor(gpu, &[nh, hd], 12)?;
+            let opts = ops::SdpaOptions::new(hd);
+            let ns = timer.median_ns(|p| cache.sdpa_decode(p, &q, 0, ctx, &opts).map(|_| ()))?;
+            // The whole layer is read: K and V of every position, in the format's bytes.
+            let bytes = cache.bytes_per_layer(0);
+            let gb_s = bytes as f64 / ns;
+            rows.push(AttentionRow {
+                case: format!("decode {}", format.name()),
+                context: ctx,
+                gpu_us: ns / 1e3,
+                bytes,
+                gb_s,
+                roofline_fraction: Some(gb_s / bw.gb_s),
+                tflop_s: None,
+            });
+        }
     }
     for &t in prefill {
         let cache = fill(t)?;
