@@ -304,10 +304,18 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
 
         // 4. Tile max, running max, probabilities.
         if p_on {
+            // Four independent chains (KT is a multiple of 4).
             var tm = vec4<f32>(M_INIT);
-            for (var j = 0u; j < KT; j++) {
+            var tm1 = vec4<f32>(M_INIT);
+            var tm2 = vec4<f32>(M_INIT);
+            var tm3 = vec4<f32>(M_INIT);
+            for (var j = 0u; j < KT; j += 4u) {
                 tm = max(tm, scr4(j * GQ + pq));
+                tm1 = max(tm1, scr4((j + 1u) * GQ + pq));
+                tm2 = max(tm2, scr4((j + 2u) * GQ + pq));
+                tm3 = max(tm3, scr4((j + 3u) * GQ + pq));
             }
+            tm = max(max(tm, tm1), max(tm2, tm3));
             let mn = max(mr, tm);
             if pk == 0u {
                 alpha_sh[pq] = exp(mr - mn);
@@ -334,24 +342,30 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
                 a7 *= ab.w;
                 lb *= ab;
             }
-            for (var jj = 0u; jj < (KT + KS - 1u) / KS; jj++) {
-                let j = ks + jj * KS;
-                if j < KT {
-                    let vv = deq4(true, j * RWP, vcol);
-                    let pa = scr4(P_OFF / 4u + j * GQ);
-                    a0 += pa.x * vv;
-                    a1 += pa.y * vv;
-                    a2 += pa.z * vv;
-                    a3 += pa.w * vv;
-                    la += pa;
-                    if GT > 4u {
-                        let pb = scr4(P_OFF / 4u + j * GQ + 1u);
-                        a4 += pb.x * vv;
-                        a5 += pb.y * vv;
-                        a6 += pb.z * vv;
-                        a7 += pb.w * vv;
-                        lb += pb;
-                    }
+            // Two keys per trip, both read before use (a key past KT reads key KT - 1
+            // with p = 0).
+            for (var jj = 0u; jj < (KT + 2u * KS - 1u) / (2u * KS); jj++) {
+                let j0 = ks + 2u * jj * KS;
+                let j1 = j0 + KS;
+                let jc0 = min(j0, KT - 1u);
+                let jc1 = min(j1, KT - 1u);
+                let vv0 = deq4(true, jc0 * RWP, vcol);
+                let vv1 = deq4(true, jc1 * RWP, vcol);
+                let pa0 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc0 * GQ), j0 < KT);
+                let pa1 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc1 * GQ), j1 < KT);
+                a0 += pa0.x * vv0 + pa1.x * vv1;
+                a1 += pa0.y * vv0 + pa1.y * vv1;
+                a2 += pa0.z * vv0 + pa1.z * vv1;
+                a3 += pa0.w * vv0 + pa1.w * vv1;
+                la += pa0 + pa1;
+                if GT > 4u {
+                    let pb0 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc0 * GQ + 1u), j0 < KT);
+                    let pb1 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc1 * GQ + 1u), j1 < KT);
+                    a4 += pb0.x * vv0 + pb1.x * vv1;
+                    a5 += pb0.y * vv0 + pb1.y * vv1;
+                    a6 += pb0.z * vv0 + pb1.z * vv1;
+                    a7 += pb0.w * vv0 + pb1.w * vv1;
+                    lb += pb0 + pb1;
                 }
             }
         }
