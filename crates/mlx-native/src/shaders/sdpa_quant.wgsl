@@ -110,7 +110,8 @@ var<workgroup> kt_sh: array<u32, TILE_WORDS>;
 var<workgroup> vt_sh: array<u32, TILE_WORDS>;
 var<workgroup> alpha_sh: array<vec4<f32>, 2>;
 var<workgroup> m_sh: array<vec4<f32>, 2>;
-var<workgroup> l_sh: array<f32, 64>;
+// Partial sums of p per key subset and head quad [ks][quad] (KS * GQ <= 16).
+var<workgroup> l_sh: array<vec4<f32>, 16>;
 
 override P_OFF: u32 = 4u * KT * GQ;
 
@@ -124,33 +125,53 @@ fn set_scr4(i: u32, v: vec4<f32>) {
     scr[4u * i + 3u] = v.w;
 }
 
-fn load_tile(kr: ptr<function, array<u32, 15>>, vr: ptr<function, array<u32, 15>>,
-             rowbase: u32, t0: u32, k_end: u32, lid: u32) {
-    let s0 = t0 % p.slots;
-    for (var i = 0u; i < 15u; i++) {
-        let it = lid + 128u * i;
-        let j = it / RW;
-        var kw = 0u;
-        var vw = 0u;
-        if it < TW && t0 + j < k_end {
-            let o = (rowbase + wrap(s0 + j)) * RW + it % RW;
-            kw = kc[view(1u) + o];
-            vw = vc[view(2u) + o];
-        }
-        (*kr)[i] = kw;
-        (*vr)[i] = vw;
+// No private arrays (as sdpa_decode): the 15 in-flight words of K and V an invocation
+// loads per tile are four named (K, V) vec4 pairs, words 4b..4b + 3 in pair b (the 16th
+// always past TW).
+struct KvWords {
+    k: vec4<u32>,
+    v: vec4<u32>,
+}
+
+fn load_word(it: u32, rowbase: u32, t0: u32, s0: u32, k_end: u32) -> vec2<u32> {
+    var r = vec2<u32>(0u);
+    let j = it / RW;
+    if it < TW && t0 + j < k_end {
+        let o = (rowbase + wrap(s0 + j)) * RW + it % RW;
+        r = vec2<u32>(kc[view(1u) + o], vc[view(2u) + o]);
+    }
+    return r;
+}
+
+// Words lid + 128 * (4b + e), e = 0..3, of the tile at position t0 (slot s0).
+fn load_words(b: u32, lid: u32, rowbase: u32, t0: u32, s0: u32, k_end: u32) -> KvWords {
+    let it = lid + 512u * b;
+    let w0 = load_word(it, rowbase, t0, s0, k_end);
+    let w1 = load_word(it + 128u, rowbase, t0, s0, k_end);
+    let w2 = load_word(it + 256u, rowbase, t0, s0, k_end);
+    let w3 = load_word(it + 384u, rowbase, t0, s0, k_end);
+    return KvWords(vec4<u32>(w0.x, w1.x, w2.x, w3.x), vec4<u32>(w0.y, w1.y, w2.y, w3.y));
+}
+
+fn store_word(it: u32, k: u32, v: u32) {
+    if it < TW {
+        let o = (it / RW) * RWP + it % RW;
+        kt_sh[o] = k;
+        vt_sh[o] = v;
     }
 }
 
-fn store_tile(kr: ptr<function, array<u32, 15>>, vr: ptr<function, array<u32, 15>>, lid: u32) {
-    for (var i = 0u; i < 15u; i++) {
-        let it = lid + 128u * i;
-        if it < TW {
-            let o = (it / RW) * RWP + it % RW;
-            kt_sh[o] = (*kr)[i];
-            vt_sh[o] = (*vr)[i];
-        }
-    }
+fn store_words(b: u32, lid: u32, r: KvWords) {
+    let it = lid + 512u * b;
+    store_word(it, r.k.x, r.v.x);
+    store_word(it + 128u, r.k.y, r.v.y);
+    store_word(it + 256u, r.k.z, r.v.z);
+    store_word(it + 384u, r.k.w, r.v.w);
+}
+
+fn qk4(g: u32, c: u32, kv: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(dot(q_sh[g * C4 + c], kv), dot(q_sh[(g + 1u) * C4 + c], kv),
+                     dot(q_sh[(g + 2u) * C4 + c], kv), dot(q_sh[(g + 3u) * C4 + c], kv));
 }
 
 @compute @workgroup_size(128)
@@ -207,43 +228,62 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
     let pq = lid / KT;
     let p_on = pq < GQ;
     var mr = vec4<f32>(M_INIT);
-    var acc: array<vec4<f32>, 8>;
-    var lp: array<f32, 8>;
-    for (var g = 0u; g < 8u; g++) {
-        acc[g] = vec4<f32>(0.0);
-        lp[g] = 0.0;
-    }
-    var kr: array<u32, 15>;
-    var vr: array<u32, 15>;
-    load_tile(&kr, &vr, rowbase, k_start, k_end, lid);
+    var a0 = vec4<f32>(0.0);
+    var a1 = vec4<f32>(0.0);
+    var a2 = vec4<f32>(0.0);
+    var a3 = vec4<f32>(0.0);
+    var a4 = vec4<f32>(0.0);
+    var a5 = vec4<f32>(0.0);
+    var a6 = vec4<f32>(0.0);
+    var a7 = vec4<f32>(0.0);
+    var la = vec4<f32>(0.0);
+    var lb = vec4<f32>(0.0);
+    var s0 = k_start % p.slots;
+    var r0 = load_words(0u, lid, rowbase, k_start, s0, k_end);
+    var r1 = load_words(1u, lid, rowbase, k_start, s0, k_end);
+    var r2 = load_words(2u, lid, rowbase, k_start, s0, k_end);
+    var r3 = load_words(3u, lid, rowbase, k_start, s0, k_end);
     for (var t0 = k_start; t0 < k_end; t0 += KT) {
         // 1. The previous tile's phase 5 (and the query rotation) are done with the tiles
         //    and scr.
         workgroupBarrier();
-        store_tile(&kr, &vr, lid);
+        store_words(0u, lid, r0);
+        store_words(1u, lid, r1);
+        store_words(2u, lid, r2);
+        store_words(3u, lid, r3);
         workgroupBarrier();
-        if t0 + KT < k_end {
-            load_tile(&kr, &vr, rowbase, t0 + KT, k_end, lid);
+        let tn = t0 + KT;
+        if tn < k_end {
+            s0 = tn % p.slots;
+            r0 = load_words(0u, lid, rowbase, tn, s0, k_end);
+            r1 = load_words(1u, lid, rowbase, tn, s0, k_end);
+            r2 = load_words(2u, lid, rowbase, tn, s0, k_end);
+            r3 = load_words(3u, lid, rowbase, tn, s0, k_end);
         }
 
         // 2. Partial dots.
-        var part: array<f32, 8>;
-        for (var g = 0u; g < 8u; g++) {
-            part[g] = 0.0;
-        }
+        var pa = vec4<f32>(0.0);
+        var pb = vec4<f32>(0.0);
         for (var i = 0u; i < (C4 + NS - 1u) / NS; i++) {
             let c = sl + i * NS;
             if c < C4 {
                 let kv = deq4(false, sk * RWP, c);
-                for (var g = 0u; g < GT; g++) {
-                    part[g] += dot(q_sh[g * C4 + c], kv);
+                if GT >= 4u {
+                    pa += qk4(0u, c, kv);
+                } else {
+                    pa.x += dot(q_sh[c], kv);
+                    if GT == 2u {
+                        pa.y += dot(q_sh[C4 + c], kv);
+                    }
+                }
+                if GT > 4u {
+                    pb += qk4(4u, c, kv);
                 }
             }
         }
-        for (var i = 0u; i < GQ; i++) {
-            let v = vec4<f32>(part[4u * i], part[4u * i + 1u], part[4u * i + 2u],
-                              part[4u * i + 3u]);
-            set_scr4((sl * KT + sk) * GQ + i, v);
+        set_scr4((sl * KT + sk) * GQ, pa);
+        if GQ > 1u {
+            set_scr4((sl * KT + sk) * GQ + 1u, pb);
         }
         workgroupBarrier();
 
@@ -264,10 +304,18 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
 
         // 4. Tile max, running max, probabilities.
         if p_on {
+            // Four independent chains (KT is a multiple of 4).
             var tm = vec4<f32>(M_INIT);
-            for (var j = 0u; j < KT; j++) {
+            var tm1 = vec4<f32>(M_INIT);
+            var tm2 = vec4<f32>(M_INIT);
+            var tm3 = vec4<f32>(M_INIT);
+            for (var j = 0u; j < KT; j += 4u) {
                 tm = max(tm, scr4(j * GQ + pq));
+                tm1 = max(tm1, scr4((j + 1u) * GQ + pq));
+                tm2 = max(tm2, scr4((j + 2u) * GQ + pq));
+                tm3 = max(tm3, scr4((j + 3u) * GQ + pq));
             }
+            tm = max(max(tm, tm1), max(tm2, tm3));
             let mn = max(mr, tm);
             if pk == 0u {
                 alpha_sh[pq] = exp(mr - mn);
@@ -280,30 +328,44 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
 
         // 5. p * V (keys past k_end: p = 0 and zero words, which dequantize to 0).
         if v_on {
-            for (var i = 0u; i < GQ; i++) {
-                let a = alpha_sh[i];
-                for (var e = 0u; e < 4u; e++) {
-                    let g = 4u * i + e;
-                    if g < GT {
-                        acc[g] *= a[e];
-                        lp[g] *= a[e];
-                    }
-                }
+            let aa = alpha_sh[0];
+            a0 *= aa.x;
+            a1 *= aa.y;
+            a2 *= aa.z;
+            a3 *= aa.w;
+            la *= aa;
+            if GT > 4u {
+                let ab = alpha_sh[1];
+                a4 *= ab.x;
+                a5 *= ab.y;
+                a6 *= ab.z;
+                a7 *= ab.w;
+                lb *= ab;
             }
-            for (var jj = 0u; jj < (KT + KS - 1u) / KS; jj++) {
-                let j = ks + jj * KS;
-                if j < KT {
-                    let vv = deq4(true, j * RWP, vcol);
-                    for (var i = 0u; i < GQ; i++) {
-                        let pv = scr4(P_OFF / 4u + j * GQ + i);
-                        for (var e = 0u; e < 4u; e++) {
-                            let g = 4u * i + e;
-                            if g < GT {
-                                acc[g] += pv[e] * vv;
-                                lp[g] += pv[e];
-                            }
-                        }
-                    }
+            // Two keys per trip, both read before use (a key past KT reads key KT - 1
+            // with p = 0).
+            for (var jj = 0u; jj < (KT + 2u * KS - 1u) / (2u * KS); jj++) {
+                let j0 = ks + 2u * jj * KS;
+                let j1 = j0 + KS;
+                let jc0 = min(j0, KT - 1u);
+                let jc1 = min(j1, KT - 1u);
+                let vv0 = deq4(true, jc0 * RWP, vcol);
+                let vv1 = deq4(true, jc1 * RWP, vcol);
+                let pa0 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc0 * GQ), j0 < KT);
+                let pa1 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc1 * GQ), j1 < KT);
+                a0 += pa0.x * vv0 + pa1.x * vv1;
+                a1 += pa0.y * vv0 + pa1.y * vv1;
+                a2 += pa0.z * vv0 + pa1.z * vv1;
+                a3 += pa0.w * vv0 + pa1.w * vv1;
+                la += pa0 + pa1;
+                if GT > 4u {
+                    let pb0 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc0 * GQ + 1u), j0 < KT);
+                    let pb1 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc1 * GQ + 1u), j1 < KT);
+                    a4 += pb0.x * vv0 + pb1.x * vv1;
+                    a5 += pb0.y * vv0 + pb1.y * vv1;
+                    a6 += pb0.z * vv0 + pb1.z * vv1;
+                    a7 += pb0.w * vv0 + pb1.w * vv1;
+                    lb += pb0 + pb1;
                 }
             }
         }
@@ -315,15 +377,15 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
             workgroupBarrier();
         }
         if v_on {
-            for (var e = 0u; e < 4u; e++) {
-                let g = 4u * r + e;
-                if g < GT {
-                    q_sh[e * 128u + lid] = acc[g];
-                }
-            }
+            let hi = r > 0u;
+            q_sh[lid] = select(a0, a4, hi);
+            q_sh[128u + lid] = select(a1, a5, hi);
+            q_sh[256u + lid] = select(a2, a6, hi);
+            q_sh[384u + lid] = select(a3, a7, hi);
             if r == 0u && vcol == 0u {
-                for (var g = 0u; g < GT; g++) {
-                    l_sh[ks * GT + g] = lp[g];
+                l_sh[ks * GQ] = la;
+                if GQ > 1u {
+                    l_sh[ks * GQ + 1u] = lb;
                 }
             }
         }
@@ -347,7 +409,7 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
         if r == 0u && lid < ng {
             var l = 0.0;
             for (var s = 0u; s < KS; s++) {
-                l += l_sh[s * GT + lid];
+                l += l_sh[s * GQ + lid / 4u][lid % 4u];
             }
             let o = view(4u) + ((h0 + lid) * p.n_splits + split) * 2u;
             part_ml[o] = m_sh[lid / 4u][lid % 4u];
