@@ -727,12 +727,17 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
             lin(Role::O, h, nh * hd)?,
         );
         let mlp = match cfg.moe.filter(|_| cfg.moe_layers[i]) {
-            None => Ffn::Dense(Mlp {
-                gate: lin(Role::Gate, cfg.ffn, h)?,
-                up: lin(Role::Up, cfg.ffn, h)?,
-                down: lin(Role::Down, h, cfg.ffn)?,
-                act: cfg.act,
-            }),
+            None => {
+                let mut m = Mlp {
+                    gate: lin(Role::Gate, cfg.ffn, h)?,
+                    up: lin(Role::Up, cfg.ffn, h)?,
+                    down: lin(Role::Down, h, cfg.ffn)?,
+                    act: cfg.act,
+                    gate_up: None,
+                };
+                m.fuse_gate_up(gpu)?;
+                Ffn::Dense(m)
+            }
             Some(moe) => {
                 let router = lin(Role::Router, moe.experts, h)?;
                 let mut exp =
@@ -752,7 +757,7 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
         };
         let mut vec = |len| random_vector(gpu, &mut bits, spec, len);
         let sliding = cfg.sliding_layers.get(i).copied().unwrap_or(false);
-        let attn = Attention {
+        let mut attn = Attention {
             q,
             k,
             v,
@@ -768,7 +773,9 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
             norm_eps: cfg.norm_eps,
             scale: cfg.attn_scale,
             window: if sliding { cfg.sliding_window } else { None },
+            qkv: None,
         };
+        attn.fuse_qkv(gpu)?;
         layers.push(DecoderLayer {
             attn_norm: vec(h)?,
             attn,
@@ -1774,6 +1781,51 @@ mod tests {
             assert!(r.dispatches_per_token.unwrap() > 10 * spec.n_layers);
             assert!(r.prefill_tok_s.unwrap() > 0.0);
         }
+    }
+
+    /// The fused projections (q|k|v and gate|up stacked into one weight, MLX-quantized
+    /// layers) give the logits of the separate ones, at decode (one token) and at prefill.
+    #[test]
+    fn fused_projections_match_the_separate_ones() {
+        let g = gpu();
+        let fused = build(&g, &shape("tiny-gemma-mlx").unwrap(), 9).unwrap();
+        assert!(fused.layers.iter().all(|l| l.attn.qkv.is_some()));
+        let mut split = build(&g, &shape("tiny-gemma-mlx").unwrap(), 9).unwrap();
+        for l in &mut split.layers {
+            l.attn.qkv = None;
+            if let crate::layers::mlp::Ffn::Dense(m) = &mut l.mlp {
+                assert!(m.gate_up.is_some());
+                m.gate_up = None;
+            }
+        }
+        let prompt = [3u32, 17, 5, 11, 2, 40, 8];
+        let run = |m: &Transformer| -> Vec<Vec<f32>> {
+            let mut cache = m.new_cache(16).unwrap();
+            let mut out = vec![logits_at_all(m, &mut cache, &prompt, 0)];
+            for (i, id) in [9u32, 4, 30].into_iter().enumerate() {
+                out.push(logits_at(m, &mut cache, id, prompt.len() + i).unwrap());
+            }
+            out
+        };
+        let (a, b) = (run(&fused), run(&split));
+        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert_eq!(x.len(), y.len());
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                // Same kernels and the same per-row summation order: equal up to f32
+                // rounding of the reductions.
+                assert!(
+                    (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                    "step {step} logit {i}: {p} vs {q}"
+                );
+            }
+        }
+    }
+
+    fn logits_at_all(m: &Transformer, cache: &mut KvStore, ids: &[u32], pos: usize) -> Vec<f32> {
+        let mut pass = m.gpu.begin();
+        let l = m.forward(&mut pass, ids, pos, cache).unwrap();
+        pass.commit().unwrap();
+        l.to_vec::<f32>(&m.gpu).unwrap()
     }
 
     #[test]

@@ -86,6 +86,50 @@ impl MlxBuffer {
         })
     }
 
+    /// A new dedicated buffer holding `parts` one after another (same dtype), copied on the
+    /// GPU; `shape` must hold their total length. Every part's byte offset and length must
+    /// be multiples of 4 (a GPU copy's granularity).
+    pub fn concat(gpu: &MlxDevice, parts: &[&MlxBuffer], shape: &[usize]) -> Result<Self> {
+        let first = parts
+            .first()
+            .ok_or_else(|| MlxError::invalid("MlxBuffer::concat: no parts"))?;
+        let dtype = first.dtype;
+        let total: usize = parts.iter().map(|b| b.len()).sum();
+        if shape_len(shape, "MlxBuffer::concat")? != total {
+            return Err(MlxError::invalid(format!(
+                "MlxBuffer::concat: shape {shape:?} does not hold the parts' {total} elements"
+            )));
+        }
+        for (i, b) in parts.iter().enumerate() {
+            if b.dtype != dtype {
+                return Err(MlxError::invalid(format!(
+                    "MlxBuffer::concat: part {i} is {}, part 0 is {dtype}",
+                    b.dtype
+                )));
+            }
+            if !b.offset.is_multiple_of(4) || !b.byte_len().is_multiple_of(4) {
+                return Err(MlxError::invalid(format!(
+                    "MlxBuffer::concat: part {i} (bytes {}..{}) is not 4-byte aligned",
+                    b.offset,
+                    b.offset + b.byte_len()
+                )));
+            }
+        }
+        let out = Self::new(gpu, dtype, shape)?;
+        let dev = &gpu.inner.device;
+        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+            label: Some("mlx-native concat"),
+        });
+        let mut at = 0;
+        for b in parts {
+            enc.copy_buffer_to_buffer(&b.raw.buffer, b.offset, &out.raw.buffer, at, b.byte_len());
+            at += b.byte_len();
+        }
+        gpu.inner.queue.submit(Some(enc.finish()));
+        gpu.inner.count_submit_and_map(1, 0);
+        Ok(out)
+    }
+
     /// A pooled scratch buffer, contents unspecified.
     pub fn pooled(gpu: &MlxDevice, dtype: DType, shape: &[usize]) -> Result<Self> {
         let bytes = Self::byte_size(dtype, shape, "MlxBuffer::pooled")?;

@@ -23,6 +23,13 @@ pub struct DeviceOptions {
     /// Fill every buffer a pass allocates with NaN before use, so an element a kernel fails
     /// to write is caught by tests.
     pub poison_allocations: bool,
+    /// Keep wgpu's loop bounding in every kernel (an iteration counter naga adds to each
+    /// loop so that an infinite loop cannot hang the GPU). Off by default: our loops are
+    /// bounded by validated parameters, and the counter stops NVIDIA's compiler from
+    /// unrolling loops, which pushes private arrays into local memory (3x slower decode
+    /// attention on an H100). `MLX_NATIVE_LOOP_BOUNDING=1` turns it on too. Bounds checks of
+    /// buffer accesses stay on either way.
+    pub loop_bounding: bool,
 }
 
 /// One cooperative-matrix shape the adapter supports for f16 inputs and f32 accumulation.
@@ -46,6 +53,8 @@ pub struct Caps {
     pub subgroup_max_size: u32,
     /// `f16` arithmetic in WGSL.
     pub shader_f16: bool,
+    /// Kernels are compiled with wgpu's loop bounding (see [`DeviceOptions::loop_bounding`]).
+    pub loop_bounding: bool,
     /// GPU timestamp queries (per-dispatch timing).
     pub timestamps: bool,
     /// Nanoseconds per timestamp tick.
@@ -244,6 +253,8 @@ impl MlxDevice {
             subgroup_min_size: info.subgroup_min_size,
             subgroup_max_size: info.subgroup_max_size,
             shader_f16,
+            loop_bounding: opts.loop_bounding
+                || std::env::var("MLX_NATIVE_LOOP_BOUNDING").is_ok_and(|v| v == "1"),
             timestamps,
             timestamp_period: queue.get_timestamp_period(),
             cooperative_matrix: coop,
@@ -320,7 +331,7 @@ impl MlxDevice {
     pub(crate) fn pipeline(&self, kernel: Kernel, spec: Spec) -> Result<Pipeline> {
         self.inner
             .registry
-            .get(&self.inner.device, self.inner.caps.shader_f16, kernel, spec)
+            .get(&self.inner.device, &self.inner.caps, kernel, spec)
     }
 
     /// Start recording a pass: the encoder, registry and pool in one handle.

@@ -378,7 +378,7 @@ impl KernelRegistry {
     pub fn get(
         &self,
         device: &wgpu::Device,
-        shader_f16: bool,
+        caps: &crate::device::Caps,
         kernel: Kernel,
         spec: Spec,
     ) -> Result<Pipeline> {
@@ -399,7 +399,7 @@ impl KernelRegistry {
             .compiled
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
             + 1;
-        let p = compile(device, shader_f16, kernel, &spec, id)?;
+        let p = compile(device, caps, kernel, &spec, id)?;
         cache.insert((kernel, spec), p.clone());
         Ok(p)
     }
@@ -456,20 +456,34 @@ pub fn reflect_storage(kernel: Kernel, spec: &Spec, src: &str) -> Result<Vec<(u3
 
 fn compile(
     device: &wgpu::Device,
-    shader_f16: bool,
+    caps: &crate::device::Caps,
     kernel: Kernel,
     spec: &Spec,
     id: u64,
 ) -> Result<Pipeline> {
     let label = spec.label(kernel);
-    let src = preprocess(kernel, spec, shader_f16)?;
+    let src = preprocess(kernel, spec, caps.shader_f16)?;
     let storage = reflect_storage(kernel, spec, &src)?;
 
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+    let desc = wgpu::ShaderModuleDescriptor {
         label: Some(&label),
         source: wgpu::ShaderSource::Wgsl(src.as_str().into()),
-    });
+    };
+    let module = if caps.loop_bounding {
+        device.create_shader_module(desc)
+    } else {
+        let mut checks = wgpu::ShaderRuntimeChecks::checked();
+        checks.force_loop_bounding = false;
+        // SAFETY: the one check dropped is loop bounding, whose absence is only unsound for
+        // a loop that never terminates. Every loop in our kernels runs over a range bounded
+        // by parameters the Rust side validates (lengths, counts, positive strides), and the
+        // kernels are our own source, never user input. Bounds checks stay on.
+        #[allow(unsafe_code)]
+        unsafe {
+            device.create_shader_module_trusted(desc, checks)
+        }
+    };
     let buffer_entries: Vec<wgpu::BindGroupLayoutEntry> = storage
         .iter()
         .map(|&(binding, read_only)| wgpu::BindGroupLayoutEntry {

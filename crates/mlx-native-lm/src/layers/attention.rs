@@ -4,7 +4,8 @@
 
 use mlx_native::kv_quant::KvStore;
 use mlx_native::ops::{self, RopeTable, SdpaOptions};
-use mlx_native::{MlxBuffer, Pass};
+use mlx_native::weights::quant_weight::QuantWeight;
+use mlx_native::{MlxBuffer, MlxDevice, Pass};
 
 use super::Linear;
 use crate::error::Result;
@@ -28,6 +29,10 @@ pub struct Attention {
     pub scale: f32,
     /// Sliding window of this layer, if any.
     pub window: Option<usize>,
+    /// q, k and v stacked in one weight (and their biases in one vector) when their format
+    /// allows it ([`Attention::fuse_qkv`]): decode then projects with one matvec. `q`, `k`
+    /// and `v` are views into it (no second copy of the weights).
+    pub qkv: Option<(Linear, Option<MlxBuffer>)>,
 }
 
 /// Where the tokens of this step sit.
@@ -41,6 +46,33 @@ pub struct Step<'a> {
 }
 
 impl Attention {
+    /// Stack q, k and v into [`Attention::qkv`] when all three are MLX-quantized with the same
+    /// format (and all or none have biases); otherwise leave them as they are.
+    pub fn fuse_qkv(&mut self, gpu: &MlxDevice) -> Result<()> {
+        let (Linear::Quant(q), Linear::Quant(k), Linear::Quant(v)) = (&self.q, &self.k, &self.v)
+        else {
+            return Ok(());
+        };
+        let bias = match (&self.q_bias, &self.k_bias, &self.v_bias) {
+            (None, None, None) => None,
+            (Some(a), Some(b), Some(c)) => Some(MlxBuffer::concat(
+                gpu,
+                &[a, b, c],
+                &[a.len() + b.len() + c.len()],
+            )?),
+            _ => return Ok(()),
+        };
+        if let Some((fused, views)) = QuantWeight::concat_rows(gpu, &[q, k, v])? {
+            if let [q, k, v] = &views[..] {
+                self.q = Linear::Quant(q.clone());
+                self.k = Linear::Quant(k.clone());
+                self.v = Linear::Quant(v.clone());
+                self.qkv = Some((Linear::Quant(fused), bias));
+            }
+        }
+        Ok(())
+    }
+
     /// Project and add the bias: `[T, heads, head_dim]`.
     fn project(
         &self,
@@ -83,14 +115,31 @@ impl Attention {
         cache: &mut KvStore,
         layer: usize,
     ) -> Result<MlxBuffer> {
-        let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads)?;
-        let k = self.project(pass, x, &self.k, &self.k_bias, self.n_kv_heads)?;
-        let v = self.v.forward(pass, x)?;
-        let v = match &self.v_bias {
-            Some(b) => ops::add(pass, &v, b)?,
-            None => v,
+        let (q, k, v) = match (&self.qkv, step.tokens) {
+            // Decode: one matvec for all three; q, k and v are views of its output.
+            (Some((w, bias)), 1) => {
+                let mut y = w.forward(pass, x)?;
+                if let Some(b) = bias {
+                    y = ops::add(pass, &y, b)?;
+                }
+                let (nq, nk, hd) = (
+                    self.n_heads * self.head_dim,
+                    self.n_kv_heads * self.head_dim,
+                    self.head_dim,
+                );
+                (
+                    y.view(0, &[1, self.n_heads, hd])?,
+                    y.view(nq, &[1, self.n_kv_heads, hd])?,
+                    y.view(nq + nk, &[1, self.n_kv_heads, hd])?,
+                )
+            }
+            _ => {
+                let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads)?;
+                let k = self.project(pass, x, &self.k, &self.k_bias, self.n_kv_heads)?;
+                let v = self.project(pass, x, &self.v, &self.v_bias, self.n_kv_heads)?;
+                (q, k, v)
+            }
         };
-        let v = v.reshape(&[step.tokens, self.n_kv_heads, self.head_dim])?;
         let q = self.rotate(pass, &q, &self.q_norm, step.positions, rope)?;
         let k = self.rotate(pass, &k, &self.k_norm, step.positions, rope)?;
         cache.append(pass, layer, &k, &v, step.pos0)?;

@@ -2,9 +2,10 @@
 //! GeGLU for Gemma), and the mixture of experts (Qwen3-MoE) that routes each token to its
 //! top-k experts on the GPU, reading only the selected experts' weights at decode.
 
-use mlx_native::ops::activation::{glu, Act};
+use mlx_native::ops::activation::{glu, glu_split, Act};
 use mlx_native::ops::moe::{moe_ffn, MoeConfig, MoeExperts, RouterConfig, RouterKind};
-use mlx_native::{MlxBuffer, Pass};
+use mlx_native::weights::quant_weight::QuantWeight;
+use mlx_native::{MlxBuffer, MlxDevice, Pass};
 
 use super::Linear;
 use crate::error::Result;
@@ -15,13 +16,41 @@ pub struct Mlp {
     pub up: Linear,
     pub down: Linear,
     pub act: Act,
+    /// gate and up stacked in one weight when their format allows it
+    /// ([`Mlp::fuse_gate_up`]): one matvec (or matmul) then gives both, each row holding
+    /// gate then up. `gate` and `up` are views into it.
+    pub gate_up: Option<Linear>,
 }
 
 impl Mlp {
+    /// Stack gate and up into [`Mlp::gate_up`] when both are MLX-quantized with the same
+    /// format; otherwise leave them as they are.
+    pub fn fuse_gate_up(&mut self, gpu: &MlxDevice) -> Result<()> {
+        let (Linear::Quant(g), Linear::Quant(u)) = (&self.gate, &self.up) else {
+            return Ok(());
+        };
+        if let Some((fused, views)) = QuantWeight::concat_rows(gpu, &[g, u])? {
+            if let [g, u] = &views[..] {
+                self.gate = Linear::Quant(g.clone());
+                self.up = Linear::Quant(u.clone());
+                self.gate_up = Some(Linear::Quant(fused));
+            }
+        }
+        Ok(())
+    }
+
     pub fn forward(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
-        let g = self.gate.forward(pass, x)?;
-        let u = self.up.forward(pass, x)?;
-        let h = glu(pass, &g, &u, self.act)?;
+        let h = match &self.gate_up {
+            Some(w) => {
+                let gu = w.forward(pass, x)?;
+                glu_split(pass, &gu, self.act)?
+            }
+            None => {
+                let g = self.gate.forward(pass, x)?;
+                let u = self.up.forward(pass, x)?;
+                glu(pass, &g, &u, self.act)?
+            }
+        };
         self.down.forward(pass, &h)
     }
 }

@@ -75,6 +75,7 @@ pub fn load(gpu: &MlxDevice, f: &GgufFile, quiet: bool) -> Result<Transformer> {
             norm_eps: cfg.norm_eps,
             scale: cfg.attn_scale,
             window: if sliding { cfg.sliding_window } else { None },
+            qkv: None,
         };
         let mlp = match cfg.moe {
             None => Ffn::Dense(Mlp {
@@ -82,6 +83,7 @@ pub fn load(gpu: &MlxDevice, f: &GgufFile, quiet: bool) -> Result<Transformer> {
                 up: linear(&p("ffn_up.weight"), cfg.ffn, h)?,
                 down: linear(&p("ffn_down.weight"), h, cfg.ffn)?,
                 act: cfg.act,
+                gate_up: None,
             }),
             Some(moe) => {
                 let experts = |name: &str, n: usize, k: usize| -> Result<ExpertWeight> {

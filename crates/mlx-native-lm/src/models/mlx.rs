@@ -264,7 +264,7 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
         } else {
             (None, None)
         };
-        let attn = Attention {
+        let mut attn = Attention {
             q: linear(&p("self_attn.q_proj"), nh * hd, h)?,
             k: linear(&p("self_attn.k_proj"), nkv * hd, h)?,
             v: linear(&p("self_attn.v_proj"), nkv * hd, h)?,
@@ -280,17 +280,24 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
             norm_eps: cfg.norm_eps,
             scale: cfg.attn_scale,
             window: if sliding { cfg.sliding_window } else { None },
+            qkv: None,
         };
+        attn.fuse_qkv(gpu)?;
         let mlp = match cfg
             .moe
             .filter(|_| cfg.moe_layers.get(i).copied().unwrap_or(false))
         {
-            None => Ffn::Dense(Mlp {
-                gate: linear(&p("mlp.gate_proj"), cfg.ffn, h)?,
-                up: linear(&p("mlp.up_proj"), cfg.ffn, h)?,
-                down: linear(&p("mlp.down_proj"), h, cfg.ffn)?,
-                act: cfg.act,
-            }),
+            None => {
+                let mut m = Mlp {
+                    gate: linear(&p("mlp.gate_proj"), cfg.ffn, h)?,
+                    up: linear(&p("mlp.up_proj"), cfg.ffn, h)?,
+                    down: linear(&p("mlp.down_proj"), h, cfg.ffn)?,
+                    act: cfg.act,
+                    gate_up: None,
+                };
+                m.fuse_gate_up(gpu)?;
+                Ffn::Dense(m)
+            }
             Some(moe) => {
                 for b in [
                     "mlp.gate.bias",

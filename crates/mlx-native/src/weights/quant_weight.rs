@@ -231,6 +231,67 @@ impl QuantWeight {
         QuantLayout::new(n, k, params)
     }
 
+    /// The weights `parts` stacked along N (same K, bits, group size, mode and scale dtype),
+    /// copied on the GPU into one weight, and the parts again as views into it (so they share
+    /// its memory): one matvec then computes several projections of the same input. `None`
+    /// when the parts differ in format or their buffers cannot be copied at 4-byte
+    /// granularity.
+    pub fn concat_rows(
+        gpu: &MlxDevice,
+        parts: &[&QuantWeight],
+    ) -> Result<Option<(Self, Vec<Self>)>> {
+        let Some(first) = parts.first() else {
+            return Ok(None);
+        };
+        let k = first.shape()[1];
+        let same = parts.iter().all(|w| {
+            w.shape()[1] == k
+                && w.params == first.params
+                && w.dtype == first.dtype
+                && w.biases.is_some() == first.biases.is_some()
+        });
+        let aligned =
+            |b: &MlxBuffer| b.offset.is_multiple_of(16) && b.byte_len().is_multiple_of(16);
+        let all_aligned = parts.iter().all(|w| {
+            aligned(&w.packed) && aligned(&w.scales) && w.biases.as_ref().is_none_or(aligned)
+        });
+        if !same || !all_aligned {
+            return Ok(None);
+        }
+        let n: usize = parts.iter().map(|w| w.shape()[0]).sum();
+        let cat = |get: &dyn Fn(&QuantWeight) -> &MlxBuffer| -> Result<MlxBuffer> {
+            let bufs: Vec<&MlxBuffer> = parts.iter().map(|w| get(w)).collect();
+            let len: usize = bufs.iter().map(|b| b.len()).sum();
+            MlxBuffer::concat(gpu, &bufs, &[len])
+        };
+        let packed = cat(&|w| &w.packed)?;
+        let scales = cat(&|w| &w.scales)?;
+        let biases = match first.biases {
+            Some(_) => Some(cat(&|w| w.biases.as_ref().unwrap_or(&w.scales))?),
+            None => None,
+        };
+        let fused = Self::from_buffers(packed, scales, biases, [n, k], first.params)?;
+        let mut views = Vec::with_capacity(parts.len());
+        let (mut pw, mut sw) = (0, 0);
+        for w in parts {
+            let (wl, sl) = (w.packed.len(), w.scales.len());
+            let view = |b: &MlxBuffer, at: usize, len: usize| b.view(at, &[len]);
+            views.push(Self::from_buffers(
+                view(&fused.packed, pw, wl)?,
+                view(&fused.scales, sw, sl)?,
+                match &fused.biases {
+                    Some(b) => Some(view(b, sw, sl)?),
+                    None => None,
+                },
+                w.shape(),
+                w.params,
+            )?);
+            pw += wl;
+            sw += sl;
+        }
+        Ok(Some((fused, views)))
+    }
+
     /// Packed words `[N, K * bits / 32]` (u32).
     pub fn packed(&self) -> &MlxBuffer {
         &self.packed
