@@ -43,6 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "--model-prefill" => {
                 opts.model_prefill_max = args.next().ok_or("--model-prefill N")?.parse()?
             }
+            "--unfused" => opts.fused = false,
             "--prefill" => opts.prefill_tokens = args.next().ok_or("--prefill N")?.parse()?,
             s => {
                 for p in s.split(',') {

@@ -6,14 +6,9 @@
 use mlx_native::kv_quant::KvFormat;
 use mlx_native::weights::gguf::GgufFile;
 use mlx_native::MlxDevice;
+use mlx_native_lm::kv_quality::{compare, log_probs};
 use mlx_native_lm::models::gguf::load;
 use mlx_native_lm::tokenizer::{Tokenizer, VocabSpec};
-
-fn log_softmax(row: &[f32]) -> Vec<f64> {
-    let m = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
-    let z: f64 = row.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
-    row.iter().map(|&v| v as f64 - z).collect()
-}
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
@@ -34,50 +29,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let m = load(&gpu, &f, true)?;
     let mut ids = tok.encode(&text, true)?;
     ids.truncate(n);
-    let vocab = m.cfg.vocab;
     let chunk = 256;
-    let run = |format: KvFormat| -> Result<Vec<Vec<f64>>, Box<dyn std::error::Error>> {
-        let mut cache = m.new_cache_with(ids.len(), format)?;
-        let mut out = Vec::with_capacity(ids.len());
-        for (c, part) in ids.chunks(chunk).enumerate() {
-            let mut pass = gpu.begin();
-            let logits = m.forward_all(&mut pass, part, c * chunk, &mut cache)?;
-            pass.commit()?;
-            let v = logits.to_vec::<f32>(&gpu)?;
-            out.extend(v.chunks(vocab).map(log_softmax));
-        }
-        Ok(out)
-    };
-    let base = run(KvFormat::F16)?;
+    let base = log_probs(&m, &ids, chunk, KvFormat::F16)?;
     println!("model {model}, {} tokens, chunks of {chunk}", ids.len());
     println!("{:<7} {:>12} {:>8}", "mode", "mean KL", "top-1");
     for mode in &modes {
-        let fmt = KvFormat::parse(mode)?;
-        let got = run(fmt)?;
-        let (mut kl, mut agree) = (0.0, 0usize);
-        for (p, q) in base.iter().zip(&got) {
-            kl += p
-                .iter()
-                .zip(q)
-                .map(|(&a, &b)| a.exp() * (a - b))
-                .sum::<f64>();
-            let am = |v: &Vec<f64>| {
-                v.iter()
-                    .enumerate()
-                    .fold(
-                        (0, f64::MIN),
-                        |acc, (i, &x)| if x > acc.1 { (i, x) } else { acc },
-                    )
-                    .0
-            };
-            agree += usize::from(am(p) == am(q));
-        }
-        println!(
-            "{:<7} {:>12.5} {:>7.2}%",
-            mode,
-            kl / base.len() as f64,
-            100.0 * agree as f64 / base.len() as f64
-        );
+        let q = compare(&base, &log_probs(&m, &ids, chunk, KvFormat::parse(mode)?)?);
+        println!("{:<7} {:>12.5} {:>7.2}%", mode, q.mean_kl, 100.0 * q.top1);
     }
     Ok(())
 }

@@ -984,6 +984,9 @@ pub struct DecodeOptions {
     pub model_prefill_max: usize,
     /// How the KV cache stores K and V (f16, or a compressed format).
     pub kv_format: KvFormat,
+    /// Keep the fused projections (q|k|v, gate|up) the loaders build; false times the
+    /// separate matvecs instead (the before/after of that fusion).
+    pub fused: bool,
 }
 
 impl Default for DecodeOptions {
@@ -1001,6 +1004,7 @@ impl Default for DecodeOptions {
             verbose: true,
             model_prefill_max: 512,
             kv_format: KvFormat::F16,
+            fused: true,
         }
     }
 }
@@ -1409,7 +1413,15 @@ pub fn bench_shape(
             eprintln!("[{:7.2}s] {}: {what}", secs(t_load), spec.name);
         }
     };
-    let m = build(gpu, spec, opts.seed)?;
+    let mut m = build(gpu, spec, opts.seed)?;
+    if !opts.fused {
+        for l in &mut m.layers {
+            l.attn.qkv = None;
+            if let crate::layers::mlp::Ffn::Dense(f) = &mut l.mlp {
+                f.gate_up = None;
+            }
+        }
+    }
     gpu.wait_idle()?;
     let load_secs = secs(t_load);
     say("built");
@@ -1748,6 +1760,7 @@ mod tests {
             // The second context is filled by K/V appends.
             model_prefill_max: 8,
             kv_format: KvFormat::F16,
+            fused: true,
         }
     }
 

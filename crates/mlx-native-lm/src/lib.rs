@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod generate;
 pub mod info;
+pub mod kv_quality;
 pub mod layers;
 pub mod mlx_config;
 pub mod models;
