@@ -1841,6 +1841,26 @@ mod tests {
         l.to_vec::<f32>(&m.gpu).unwrap()
     }
 
+    /// After a few steps, a decode step records every dispatch with a cached bind group
+    /// (its scratch buffers come back from the pool in the same order): no bind group is
+    /// created per token.
+    #[test]
+    fn steady_decode_creates_no_bind_groups() {
+        let g = gpu();
+        for name in TEST_SHAPES {
+            let m = build(&g, &shape(name).unwrap(), 5).unwrap();
+            let mut cache = m.new_cache(64).unwrap();
+            let mut created = Vec::new();
+            for pos in 0..8 {
+                let before = g.bind_groups_created();
+                logits_at(&m, &mut cache, 7, pos).unwrap();
+                created.push(g.bind_groups_created() - before);
+            }
+            println!("{name}: bind groups created per step {created:?}");
+            assert_eq!(created[4..], [0, 0, 0, 0], "{name}: {created:?}");
+        }
+    }
+
     #[test]
     fn forward_ids_matches_the_engine_forward() {
         let g = gpu();

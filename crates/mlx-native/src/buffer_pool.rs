@@ -111,9 +111,15 @@ impl BufferPool {
         }
     }
 
+    /// Free lists are kept in descending id order, so `acquire` hands out the oldest free
+    /// buffer of a size: the same sequence of allocations then gets the same buffers every
+    /// time (whatever order the previous pass dropped them in), and every dispatch of a
+    /// repeated decode step finds its bind group in the cache instead of creating one.
     fn release(&self, buffer: wgpu::Buffer, id: u64, size: u64) {
         if let Ok(mut f) = self.free.lock() {
-            f.entry(size).or_default().push((buffer, id));
+            let list = f.entry(size).or_default();
+            let at = list.partition_point(|&(_, i)| i > id);
+            list.insert(at, (buffer, id));
         }
     }
 

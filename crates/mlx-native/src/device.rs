@@ -314,6 +314,12 @@ impl MlxDevice {
     }
 
     /// GPU memory the library holds now, in bytes.
+    /// Bind groups created so far: a steady decode loop should create none per step (every
+    /// dispatch finds its bind group in the cache).
+    pub fn bind_groups_created(&self) -> u64 {
+        self.inner.bind_groups.lock().map_or(0, |c| c.created)
+    }
+
     pub fn memory_live_bytes(&self) -> u64 {
         self.inner.mem.live()
     }
