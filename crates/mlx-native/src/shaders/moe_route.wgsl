@@ -28,7 +28,6 @@ const NONE: u32 = 0xffffffffu;
 const MAX_K: u32 = 16u;
 
 var<workgroup> rv: array<f32, 256>;
-var<workgroup> ri: array<u32, 256>;
 var<workgroup> sel_w: array<f32, MAX_K>;
 var<workgroup> sel_i: array<u32, MAX_K>;
 
@@ -70,27 +69,6 @@ fn better(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
     return ai != NONE && (bi == NONE || av > bv || (av == bv && ai < bi));
 }
 
-// The index of the best candidate (NONE when there is none).
-fn wg_argbest(v: f32, i: u32, lid: u32) -> u32 {
-    rv[lid] = v;
-    ri[lid] = i;
-    workgroupBarrier();
-    for (var s = 128u; s > 0u; s >>= 1u) {
-        if lid < s {
-            let bv = rv[lid + s];
-            let bi = ri[lid + s];
-            if better(bv, bi, rv[lid], ri[lid]) {
-                rv[lid] = bv;
-                ri[lid] = bi;
-            }
-        }
-        workgroupBarrier();
-    }
-    let r = ri[0];
-    workgroupBarrier();
-    return r;
-}
-
 @compute @workgroup_size(256)
 fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lid: u32) {
@@ -117,13 +95,20 @@ fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
     }
     // A NaN score ranks below every number.
     key = select(key, neg_inf(), key != key);
-    var taken = !valid;
-    for (var j = 0u; j < p.k; j++) {
-        let win = wg_argbest(key, select(lid, NONE, taken), lid);
-        if lid == win {
-            taken = true;
-            sel_w[j] = prob;
-            sel_i[j] = lid;
+    // Rank of each expert = how many experts rank above it (larger key, or equal key and a
+    // lower index): the top k are the ranks below k, in order. One pass over the keys in
+    // workgroup memory (every invocation reads the same element at a time: a broadcast)
+    // instead of k rounds of a tree reduction with a barrier per level.
+    rv[lid] = key;
+    workgroupBarrier();
+    if valid {
+        var rank = 0u;
+        for (var j = 0u; j < p.e; j++) {
+            rank += u32(better(rv[j], j, key, lid));
+        }
+        if rank < p.k {
+            sel_w[rank] = prob;
+            sel_i[rank] = lid;
         }
     }
     workgroupBarrier();
