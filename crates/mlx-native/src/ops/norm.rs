@@ -38,15 +38,29 @@ fn rows_and_weight(op: &str, x: &MlxBuffer, w: Option<&MlxBuffer>) -> Result<Row
     })
 }
 
-fn spec(pass: &Pass, entry: &'static str, wdtype: DType, n: usize) -> Spec {
-    let (wg, sg) = super::row_wg(pass.caps(), n);
+/// Workgroup sizes of the one-round-trip RMS norms of a few rows (decode).
+const FEW_ROWS_WGS: [u32; 2] = [512, 1024];
+
+fn spec(pass: &Pass, entry: &'static str, wdtype: DType, n: usize, rows: u32) -> Spec {
+    let (mut wg, sg) = super::row_wg(pass.caps(), n);
+    // A few rows (decode): a workgroup wide enough to hold its row in registers, 4 elements
+    // per invocation, so the kernel makes one memory round trip instead of n / WG.
+    if rows <= 8 && entry != "layer_norm" && n > 4 * wg as usize {
+        let want = n.div_ceil(4).next_power_of_two() as u32;
+        let cap = pass.caps().max_invocations_per_workgroup.min(1024);
+        if let Some(&w) = FEW_ROWS_WGS.iter().find(|&&w| w >= want && w <= cap) {
+            wg = w;
+        } else if cap >= 1024 {
+            wg = 1024;
+        }
+    }
     Spec::new(entry, wdtype, wg).with_subgroups(sg)
 }
 
 pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     let mut v = Vec::new();
     for dt in super::FLOAT_DTYPES {
-        for wg in super::ROW_WGS {
+        for wg in super::ROW_WGS.into_iter().chain(FEW_ROWS_WGS) {
             for sg in [false, true] {
                 for entry in ["rms_norm", "rms_norm_residual"] {
                     v.push((Kernel::Norm, Spec::new(entry, dt, wg).with_subgroups(sg)));
@@ -71,7 +85,7 @@ pub fn rms_norm(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer, eps: f32) -> Resu
         eps,
         _pad: 0,
     };
-    let spec = spec(pass, "rms_norm", w.dtype(), r.n);
+    let spec = spec(pass, "rms_norm", w.dtype(), r.n, r.rows);
     pass.dispatch(Kernel::Norm, spec, &params, &[x, w, &y], r.rows)?;
     Ok(y)
 }
@@ -97,7 +111,7 @@ pub fn rms_norm_residual(
         eps,
         _pad: 0,
     };
-    let spec = spec(pass, op, w.dtype(), r.n);
+    let spec = spec(pass, op, w.dtype(), r.n, r.rows);
     pass.dispatch(
         Kernel::Norm,
         spec,
@@ -136,7 +150,7 @@ pub fn layer_norm(
         eps,
         _pad: 0,
     };
-    let spec = spec(pass, op, wdtype, r.n).with_const("AFFINE", affine)?;
+    let spec = spec(pass, op, wdtype, r.n, r.rows).with_const("AFFINE", affine)?;
     // Absent weight/bias slots are filled with x: the kernel never reads them.
     let wb = w.unwrap_or(x);
     let bb = b.unwrap_or(x);
@@ -193,6 +207,10 @@ mod tests {
                 (3, 7, DType::F16),
                 (5, 4096, DType::BF16),
                 (2, 1001, DType::F32),
+                // A few rows: 512 invocations (one round trip), and past 4 x 1024 elements
+                // the loop with 1024.
+                (3, 1500, DType::F16),
+                (1, 5000, DType::F32),
                 (9000, 64, DType::BF16),
             ] {
                 let x = rng.normals(rows * n, 2.0);
@@ -218,8 +236,10 @@ mod tests {
     #[test]
     fn rms_norm_residual_writes_sum_and_norm() -> Result<()> {
         let mut rng = Rng::new(11);
-        for g in devices() {
-            let (rows, n) = (4, 333);
+        for (g, (rows, n)) in devices()
+            .into_iter()
+            .flat_map(|g| [(g, (4, 333)), (g, (1, 3000))])
+        {
             let x = rng.normals(rows * n, 1.0);
             let r = rng.normals(rows * n, 1.0);
             let w = rng.normals(n, 1.0);

@@ -61,6 +61,34 @@ fn r4(o: u32, i: u32) -> vec4<f32> {
     return select(vec4<f32>(0.0), v, j < vec4<u32>(p.n));
 }
 
+// Weights at the same four positions as x4 (0 past the row).
+fn w4(i: u32) -> vec4<f32> {
+    let last = p.n - 1u;
+    let j = vec4<u32>(i, i + WG, i + 2u * WG, i + 3u * WG);
+    let v = vec4<f32>(load_w(min(j.x, last)), load_w(min(j.y, last)), load_w(min(j.z, last)),
+                      load_w(min(j.w, last)));
+    return select(vec4<f32>(0.0), v, j < vec4<u32>(p.n));
+}
+
+// Store v at the x4 positions of y (offset `o`), those inside the row.
+fn store4(o: u32, i: u32, v: vec4<f32>) {
+    for (var u = 0u; u < 4u; u++) {
+        let j = i + u * WG;
+        if j < p.n {
+            y[o + j] = v[u];
+        }
+    }
+}
+
+fn store4h(o: u32, i: u32, v: vec4<f32>) {
+    for (var u = 0u; u < 4u; u++) {
+        let j = i + u * WG;
+        if j < p.n {
+            h[o + j] = v[u];
+        }
+    }
+}
+
 fn reduce_init(sl: u32, si: u32, sc: u32) {
     sg_lane = sl;
     sg_index = si;
@@ -83,6 +111,16 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         return;
     }
     let xo = view(0u) + row * p.n;
+    if p.n <= 4u * WG {
+        // The whole row in registers (4 elements per invocation), the weights loaded before
+        // the reduction: one memory round trip, then one reduction (decode's one-row norms
+        // are latency, not bandwidth).
+        let v = x4(xo, lid);
+        let wv = w4(lid);
+        let inv = inverseSqrt(wg_sum(dot(v, v), lid) / f32(p.n) + p.eps);
+        store4(view(2u) + row * p.n, lid, v * inv * wv);
+        return;
+    }
     var ss = 0.0;
     for (var i = lid; i < p.n; i += 4u * WG) {
         let v = x4(xo, i);
@@ -119,6 +157,14 @@ fn rms_norm_residual(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let xo = view(0u) + row * p.n;
     let ro = view(3u) + row * p.n;
     let ho = view(4u) + row * p.n;
+    if p.n <= 4u * WG {
+        let v = x4(xo, lid) + r4(ro, lid);
+        let wv = w4(lid);
+        let inv = inverseSqrt(wg_sum(dot(v, v), lid) / f32(p.n) + p.eps);
+        store4h(ho, lid, v);
+        store4(view(2u) + row * p.n, lid, v * inv * wv);
+        return;
+    }
     var ss = 0.0;
     for (var i = lid; i < p.n; i += 4u * WG) {
         let v = x4(xo, i) + r4(ro, i);

@@ -1,9 +1,9 @@
 // Workgroup-wide reductions for kernels that give one workgroup (WG invocations, WG a power
-// of two <= 256) to a row. With SUBGROUPS each subgroup reduces in registers and one partial
+// of two <= 1024) to a row. With SUBGROUPS each subgroup reduces in registers and one partial
 // per subgroup goes through workgroup memory; without, a tree over workgroup memory. Every
 // invocation receives the result. Call from uniform control flow; set the sg_* privates at
 // the start of the entry point (reduce_init).
-var<workgroup> red_buf: array<f32, 256>;
+var<workgroup> red_buf: array<f32, 1024>;
 var<private> sg_lane: u32;
 var<private> sg_index: u32;
 var<private> sg_count: u32;
