@@ -775,7 +775,7 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
             window: if sliding { cfg.sliding_window } else { None },
             qkv: None,
         };
-        attn.fuse_qkv(gpu)?;
+        attn.prepare(gpu)?;
         layers.push(DecoderLayer {
             attn_norm: vec(h)?,
             attn,

@@ -46,6 +46,19 @@ pub struct Step<'a> {
 }
 
 impl Attention {
+    /// Load-time preparation for decode: the q/k norm weights in f32 (the fused norm+RoPE
+    /// kernel takes f32 weights; 16-bit ones would cost a separate norm dispatch per
+    /// projection), and [`Attention::fuse_qkv`].
+    pub fn prepare(&mut self, gpu: &MlxDevice) -> Result<()> {
+        for norm in [&mut self.q_norm, &mut self.k_norm].into_iter().flatten() {
+            if norm.dtype() != mlx_native::DType::F32 {
+                let v = norm.to_f32(gpu)?;
+                *norm = MlxBuffer::from_slice(gpu, &v, &[v.len()])?;
+            }
+        }
+        self.fuse_qkv(gpu)
+    }
+
     /// Stack q, k and v into [`Attention::qkv`] when all three are MLX-quantized with the same
     /// format (and all or none have biases); otherwise leave them as they are.
     pub fn fuse_qkv(&mut self, gpu: &MlxDevice) -> Result<()> {

@@ -282,7 +282,7 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
             window: if sliding { cfg.sliding_window } else { None },
             qkv: None,
         };
-        attn.fuse_qkv(gpu)?;
+        attn.prepare(gpu)?;
         let mlp = match cfg
             .moe
             .filter(|_| cfg.moe_layers.get(i).copied().unwrap_or(false))
