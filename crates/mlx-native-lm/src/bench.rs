@@ -305,26 +305,12 @@ pub fn bench_attention(
     prefill: &[usize],
     kv_formats: &[mlx_native::kv_quant::KvFormat],
 ) -> Result<AttentionReport> {
-    use mlx_native::kv_cache::{KvCache, KvCacheConfig};
+    use mlx_native::kv_cache::KvCacheConfig;
     use mlx_native::kv_quant::{KvFormat, KvStore};
     let (nh, nkv, hd) = (32usize, 8usize, 128usize);
     let bw = read_bandwidth(gpu, probe_mib)?;
     let timer = Timer::new(gpu)?;
     let mut rows = Vec::new();
-    let fill = |ctx: usize| -> Result<KvCache> {
-        let mut cache = KvCache::new(gpu, &KvCacheConfig::new(1, nkv, hd, ctx))?;
-        let mut pos = 0;
-        while pos < ctx {
-            let t = (ctx - pos).min(cache.max_chunk());
-            let k = f32_tensor(gpu, &[t, nkv, hd], 10 + pos as u64)?;
-            let v = f32_tensor(gpu, &[t, nkv, hd], 11 + pos as u64)?;
-            let mut pass = gpu.begin();
-            cache.append(&mut pass, 0, &k, &v, pos)?;
-            pass.commit_and_wait()?;
-            pos += t;
-        }
-        Ok(cache)
-    };
     // A cache of `ctx` positions in `format`, filled by its own append kernel.
     let fill_store = |ctx: usize, format: KvFormat| -> Result<KvStore> {
         let mut cfg = KvCacheConfig::new(1, nkv, hd, ctx);
@@ -368,10 +354,10 @@ pub fn bench_attention(
         }
     }
     for &t in prefill {
-        let cache = fill(t)?;
+        let mut cache = fill_store(t, KvFormat::F16)?;
         let q = f32_tensor(gpu, &[t, nh, hd], 13)?;
         let opts = ops::SdpaOptions::new(hd);
-        let ns = timer.median_ns(|p| ops::sdpa_prefill(p, &q, &cache, 0, 0, &opts).map(|_| ()))?;
+        let ns = timer.median_ns(|p| cache.sdpa_prefill(p, &q, 0, 0, &opts).map(|_| ()))?;
         // QK^T and PV, 2 flops per multiply-add, over the causal half.
         let flops = 2.0 * 2.0 * (t * t) as f64 / 2.0 * (hd * nh) as f64;
         rows.push(AttentionRow {

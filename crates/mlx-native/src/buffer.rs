@@ -247,44 +247,9 @@ impl MlxBuffer {
         }
     }
 
-    /// The view's bytes, read through a MAP_READ staging buffer.
+    /// The view's bytes, read through a MAP_READ staging buffer (waits for the GPU).
     pub fn read_bytes(&self, gpu: &MlxDevice) -> Result<Vec<u8>> {
-        let start = self.offset;
-        let len = self.byte_len();
-        let a0 = start / 4 * 4;
-        let a1 = (start + len).div_ceil(4) * 4;
-        let size = a1 - a0;
-        let dev = &gpu.inner.device;
-        let staging = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("mlx-native readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor { label: None });
-        enc.copy_buffer_to_buffer(&self.raw.buffer, a0, &staging, 0, size);
-        gpu.inner.queue.submit(Some(enc.finish()));
-        gpu.inner.count_submit_and_map(1, 1);
-        let slice = staging.slice(..);
-        let (tx, rx) = std::sync::mpsc::channel();
-        slice.map_async(wgpu::MapMode::Read, move |r| {
-            let _ = tx.send(r);
-        });
-        gpu.wait_idle()?;
-        rx.recv()
-            .map_err(|_| MlxError::Gpu("readback: map callback never ran".into()))?
-            .map_err(|e| MlxError::Gpu(format!("readback: {e}")))?;
-        let data = slice
-            .get_mapped_range()
-            .map_err(|e| MlxError::Gpu(format!("readback: {e}")))?;
-        let lo = (start - a0) as usize;
-        let out = data
-            .get(lo..lo + len as usize)
-            .ok_or_else(|| MlxError::Gpu("readback: mapped range too short".into()))?
-            .to_vec();
-        drop(data);
-        staging.unmap();
-        Ok(out)
+        gpu.begin().commit_with_readback(self)?.wait_bytes()
     }
 
     pub fn dtype(&self) -> DType {

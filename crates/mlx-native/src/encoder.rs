@@ -320,7 +320,8 @@ impl Pass {
         }
         let inner = &self.gpu.inner;
         let dev = &inner.device;
-        let arena_size = (self.arena.len() as u64).div_ceil(16) * 16;
+        // At least 16 bytes: a pass of readbacks only has no params.
+        let arena_size = (self.arena.len() as u64).div_ceil(16).max(1) * 16;
         let uniforms = dev.create_buffer(&wgpu::BufferDescriptor {
             label: Some("mlx-native params"),
             size: arena_size,

@@ -162,7 +162,12 @@ impl Transformer {
         } else {
             x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?
         };
-        let h = ops::rms_norm(pass, &rows, &self.norm, self.cfg.norm_eps)?;
+        self.logits_of(pass, &rows)
+    }
+
+    /// The final norm and the LM head over hidden-state rows `[R, hidden]`.
+    fn logits_of(&self, pass: &mut Pass, rows: &MlxBuffer) -> Result<MlxBuffer> {
+        let h = ops::rms_norm(pass, rows, &self.norm, self.cfg.norm_eps)?;
         self.head.as_ref().unwrap_or(&self.embed).forward(pass, &h)
     }
 
@@ -186,9 +191,10 @@ impl Transformer {
         }
         let ids = ids.reshape(&[t])?;
         let x = self.hidden_states(pass, &ids, pos0, cache)?;
-        let rows = x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?;
-        let h = ops::rms_norm(pass, &rows, &self.norm, self.cfg.norm_eps)?;
-        self.head.as_ref().unwrap_or(&self.embed).forward(pass, &h)
+        self.logits_of(
+            pass,
+            &x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?,
+        )
     }
 
     /// Embedding and every layer for `ids` at positions `pos0..`: the last hidden states
