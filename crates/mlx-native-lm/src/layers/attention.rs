@@ -135,26 +135,38 @@ impl Attention {
                 if let Some(b) = bias {
                     y = ops::add(pass, &y, b)?;
                 }
-                let (nq, nk, hd) = (
-                    self.n_heads * self.head_dim,
-                    self.n_kv_heads * self.head_dim,
-                    self.head_dim,
-                );
-                (
-                    y.view(0, &[1, self.n_heads, hd])?,
-                    y.view(nq, &[1, self.n_kv_heads, hd])?,
-                    y.view(nq + nk, &[1, self.n_kv_heads, hd])?,
-                )
+                let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+                let v = y.view((nh + nkv) * hd, &[1, nkv, hd])?;
+                if self.q_norm.is_none() && self.k_norm.is_none() {
+                    // q and k are adjacent heads of one buffer: one RoPE dispatch for both.
+                    let qk = y.view(0, &[1, nh + nkv, hd])?;
+                    let qk = ops::rope(pass, &qk, step.positions, rope)?;
+                    (
+                        qk.view(0, &[1, nh, hd])?,
+                        qk.view(nh * hd, &[1, nkv, hd])?,
+                        v,
+                    )
+                } else {
+                    let q = y.view(0, &[1, nh, hd])?;
+                    let k = y.view(nh * hd, &[1, nkv, hd])?;
+                    (
+                        self.rotate(pass, &q, &self.q_norm, step.positions, rope)?,
+                        self.rotate(pass, &k, &self.k_norm, step.positions, rope)?,
+                        v,
+                    )
+                }
             }
             _ => {
                 let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads)?;
                 let k = self.project(pass, x, &self.k, &self.k_bias, self.n_kv_heads)?;
                 let v = self.project(pass, x, &self.v, &self.v_bias, self.n_kv_heads)?;
-                (q, k, v)
+                (
+                    self.rotate(pass, &q, &self.q_norm, step.positions, rope)?,
+                    self.rotate(pass, &k, &self.k_norm, step.positions, rope)?,
+                    v,
+                )
             }
         };
-        let q = self.rotate(pass, &q, &self.q_norm, step.positions, rope)?;
-        let k = self.rotate(pass, &k, &self.k_norm, step.positions, rope)?;
         cache.append(pass, layer, &k, &v, step.pos0)?;
         let opts = SdpaOptions {
             scale: self.scale,
