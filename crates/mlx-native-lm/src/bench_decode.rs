@@ -706,6 +706,42 @@ fn random_vector(
     })
 }
 
+/// Weights of `roles` (rows each, `k` columns) of layer `layer`: GGUF ones stacked into one
+/// weight when they share a type (as the GGUF loader does), returned with the parts as
+/// views; otherwise each on its own (MLX ones are stacked by `Attention::prepare` /
+/// `Mlp::fuse_gate_up`, as the MLX loader does).
+fn random_stacked(
+    gpu: &MlxDevice,
+    bits: &mut Bits,
+    spec: &ShapeSpec,
+    layer: usize,
+    roles: &[(Role, usize)],
+    k: usize,
+) -> Result<(Vec<Linear>, Option<Linear>)> {
+    if let WeightFormat::Gguf(types) = spec.format {
+        let mut parts = Vec::with_capacity(roles.len());
+        for &(role, n) in roles {
+            let t = types(role, layer, spec.n_layers);
+            parts.push((t, n, ggml_bytes(bits, t, n, k)?));
+        }
+        let refs: Vec<(GgmlType, &[u8])> =
+            parts.iter().map(|(t, _, b)| (*t, b.as_slice())).collect();
+        if let Some((fused, views)) = Linear::ggml_stacked(gpu, k, &refs)? {
+            return Ok((views, Some(fused)));
+        }
+        let mut one = Vec::with_capacity(parts.len());
+        for (t, n, b) in &parts {
+            one.push(Linear::Ggml(GgmlWeight::upload(gpu, *t, &[*n, k], b)?));
+        }
+        return Ok((one, None));
+    }
+    let mut one = Vec::with_capacity(roles.len());
+    for &(role, n) in roles {
+        one.push(random_linear(gpu, bits, spec, role, layer, n, k)?);
+    }
+    Ok((one, None))
+}
+
 /// Build a `Transformer` of `spec`'s shape and weight format with random weights (seeded).
 pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer> {
     if let Some(why) = spec.not_yet {
@@ -719,21 +755,39 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
     let gemma = cfg.family == Family::Gemma3;
     let mut layers = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
+        let (qkv, qkv_fused) = random_stacked(
+            gpu,
+            &mut bits,
+            spec,
+            i,
+            &[(Role::Q, nh * hd), (Role::K, nkv * hd), (Role::V, nkv * hd)],
+            h,
+        )?;
+        let [q, k, v] = <[Linear; 3]>::try_from(qkv)
+            .map_err(|_| LmError::Invalid("q, k, v: expected three weights".into()))?;
+        let (gu, gate_up) = match cfg.moe.filter(|_| cfg.moe_layers[i]) {
+            None => random_stacked(
+                gpu,
+                &mut bits,
+                spec,
+                i,
+                &[(Role::Gate, cfg.ffn), (Role::Up, cfg.ffn)],
+                h,
+            )?,
+            Some(_) => (Vec::new(), None),
+        };
         let mut lin = |role, n, k| random_linear(gpu, &mut bits, spec, role, i, n, k);
-        let (q, k, v, o) = (
-            lin(Role::Q, nh * hd, h)?,
-            lin(Role::K, nkv * hd, h)?,
-            lin(Role::V, nkv * hd, h)?,
-            lin(Role::O, h, nh * hd)?,
-        );
+        let o = lin(Role::O, h, nh * hd)?;
         let mlp = match cfg.moe.filter(|_| cfg.moe_layers[i]) {
             None => {
+                let [gate, up] = <[Linear; 2]>::try_from(gu)
+                    .map_err(|_| LmError::Invalid("gate, up: expected two weights".into()))?;
                 let mut m = Mlp {
-                    gate: lin(Role::Gate, cfg.ffn, h)?,
-                    up: lin(Role::Up, cfg.ffn, h)?,
+                    gate,
+                    up,
                     down: lin(Role::Down, h, cfg.ffn)?,
                     act: cfg.act,
-                    gate_up: None,
+                    gate_up,
                 };
                 m.fuse_gate_up(gpu)?;
                 Ffn::Dense(m)
@@ -773,7 +827,7 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
             norm_eps: cfg.norm_eps,
             scale: cfg.attn_scale,
             window: if sliding { cfg.sliding_window } else { None },
-            qkv: None,
+            qkv: qkv_fused.map(|w| (w, None)),
         };
         attn.prepare(gpu)?;
         layers.push(DecoderLayer {
@@ -1796,40 +1850,43 @@ mod tests {
         }
     }
 
-    /// The fused projections (q|k|v and gate|up stacked into one weight, MLX-quantized
-    /// layers) give the logits of the separate ones, at decode (one token) and at prefill.
+    /// The fused projections (q|k|v and gate|up stacked into one weight, MLX-quantized and
+    /// GGUF layers) give the logits of the separate ones, at decode (one token) and prefill.
     #[test]
     fn fused_projections_match_the_separate_ones() {
         let g = gpu();
-        let fused = build(&g, &shape("tiny-gemma-mlx").unwrap(), 9).unwrap();
-        assert!(fused.layers.iter().all(|l| l.attn.qkv.is_some()));
-        let mut split = build(&g, &shape("tiny-gemma-mlx").unwrap(), 9).unwrap();
-        for l in &mut split.layers {
-            l.attn.qkv = None;
-            if let crate::layers::mlp::Ffn::Dense(m) = &mut l.mlp {
-                assert!(m.gate_up.is_some());
-                m.gate_up = None;
+        for name in ["tiny-gemma-mlx", "tiny-gguf"] {
+            let fused = build(&g, &shape(name).unwrap(), 9).unwrap();
+            assert!(fused.layers.iter().any(|l| l.attn.qkv.is_some()), "{name}");
+            let mut split = build(&g, &shape(name).unwrap(), 9).unwrap();
+            let mut stacked_mlps = 0;
+            for l in &mut split.layers {
+                l.attn.qkv = None;
+                if let crate::layers::mlp::Ffn::Dense(m) = &mut l.mlp {
+                    stacked_mlps += usize::from(m.gate_up.take().is_some());
+                }
             }
-        }
-        let prompt = [3u32, 17, 5, 11, 2, 40, 8];
-        let run = |m: &Transformer| -> Vec<Vec<f32>> {
-            let mut cache = m.new_cache(16).unwrap();
-            let mut out = vec![logits_at_all(m, &mut cache, &prompt, 0)];
-            for (i, id) in [9u32, 4, 30].into_iter().enumerate() {
-                out.push(logits_at(m, &mut cache, id, prompt.len() + i).unwrap());
-            }
-            out
-        };
-        let (a, b) = (run(&fused), run(&split));
-        for (step, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert_eq!(x.len(), y.len());
-            for (i, (p, q)) in x.iter().zip(y).enumerate() {
-                // Same kernels and the same per-row summation order: equal up to f32
-                // rounding of the reductions.
-                assert!(
-                    (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
-                    "step {step} logit {i}: {p} vs {q}"
-                );
+            assert!(stacked_mlps > 0, "{name}");
+            let prompt = [3u32, 17, 5, 11, 2, 40, 8];
+            let run = |m: &Transformer| -> Vec<Vec<f32>> {
+                let mut cache = m.new_cache(16).unwrap();
+                let mut out = vec![logits_at_all(m, &mut cache, &prompt, 0)];
+                for (i, id) in [9u32, 4, 30].into_iter().enumerate() {
+                    out.push(logits_at(m, &mut cache, id, prompt.len() + i).unwrap());
+                }
+                out
+            };
+            let (a, b) = (run(&fused), run(&split));
+            for (step, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(x.len(), y.len());
+                for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                    // Same kernels and the same per-row summation order: equal up to f32
+                    // rounding of the reductions.
+                    assert!(
+                        (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                        "{name} step {step} logit {i}: {p} vs {q}"
+                    );
+                }
             }
         }
     }

@@ -23,6 +23,31 @@ impl Linear {
         Ok(Linear::Ggml(GgmlWeight::from_gguf(gpu, f, name)?))
     }
 
+    /// GGML tensors (`parts`: type and bytes, `k` columns each) stacked into one weight, and
+    /// each part as a view of it ([`GgmlWeight::upload_stacked`]); `None` when their types
+    /// differ or the stack does not fit one shard (load them separately then).
+    pub fn ggml_stacked(
+        gpu: &MlxDevice,
+        k: usize,
+        parts: &[(mlx_native::weights::ggml::GgmlType, &[u8])],
+    ) -> Result<Option<(Linear, Vec<Linear>)>> {
+        let Some(&(kind, _)) = parts.first() else {
+            return Ok(None);
+        };
+        if parts.iter().any(|&(t, _)| t != kind) {
+            return Ok(None);
+        }
+        let bytes: Vec<&[u8]> = parts.iter().map(|&(_, b)| b).collect();
+        Ok(
+            GgmlWeight::upload_stacked(gpu, kind, k, &bytes)?.map(|(fused, views)| {
+                (
+                    Linear::Ggml(fused),
+                    views.into_iter().map(Linear::Ggml).collect(),
+                )
+            }),
+        )
+    }
+
     /// `x [.., in] -> [.., out]`.
     pub fn forward(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
         Ok(match self {

@@ -53,20 +53,76 @@ pub fn load(gpu: &MlxDevice, f: &GgufFile, quiet: bool) -> Result<Transformer> {
             Ok(None)
         }
     };
+    // Tensors `names` (each `[rows_i, k]`) stacked into one weight when they share a type
+    // (q|k|v, gate|up: one matvec at decode), else loaded one by one.
+    let stacked = |names: &[(String, usize)], k: usize| -> Result<(Vec<Linear>, Option<Linear>)> {
+        let mut parts = Vec::with_capacity(names.len());
+        for (name, rows) in names {
+            let t = f.tensor(name).ok_or_else(|| {
+                crate::LmError::Config(format!("{}: no tensor named '{name}'", f.name()))
+            })?;
+            if t.shape != [*rows, k] {
+                // Let the one-by-one path report the shape.
+                parts.clear();
+                break;
+            }
+            parts.push((t.kind, f.tensor_bytes(name)?));
+        }
+        if parts.len() == names.len() {
+            if let Some((fused, views)) = Linear::ggml_stacked(gpu, k, &parts)? {
+                for (name, _) in names {
+                    pb.inc(bytes_of(name));
+                }
+                return Ok((views, Some(fused)));
+            }
+        }
+        let mut one = Vec::with_capacity(names.len());
+        for (name, rows) in names {
+            one.push(linear(name, *rows, k)?);
+        }
+        Ok((one, None))
+    };
     let (h, hd, nh, nkv) = (cfg.hidden, cfg.head_dim, cfg.n_heads, cfg.n_kv_heads);
     let embed = linear("token_embd.weight", cfg.vocab, h)?;
     let mut layers = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
         let p = |s: &str| format!("blk.{i}.{s}");
         let sliding = cfg.sliding_layers.get(i).copied().unwrap_or(false);
+        let (qkv, fused) = stacked(
+            &[
+                (p("attn_q.weight"), nh * hd),
+                (p("attn_k.weight"), nkv * hd),
+                (p("attn_v.weight"), nkv * hd),
+            ],
+            h,
+        )?;
+        let [q, k, v] = <[Linear; 3]>::try_from(qkv)
+            .map_err(|_| crate::LmError::Invalid("q, k, v: expected three weights".into()))?;
+        let (q_bias, k_bias, v_bias) = (
+            optional(&p("attn_q.bias"), nh * hd)?,
+            optional(&p("attn_k.bias"), nkv * hd)?,
+            optional(&p("attn_v.bias"), nkv * hd)?,
+        );
+        let qkv = match (fused, &q_bias, &k_bias, &v_bias) {
+            (Some(w), None, None, None) => Some((w, None)),
+            (Some(w), Some(a), Some(b), Some(c)) => Some((
+                w,
+                Some(mlx_native::MlxBuffer::concat(
+                    gpu,
+                    &[a, b, c],
+                    &[a.len() + b.len() + c.len()],
+                )?),
+            )),
+            _ => None,
+        };
         let attn = Attention {
-            q: linear(&p("attn_q.weight"), nh * hd, h)?,
-            k: linear(&p("attn_k.weight"), nkv * hd, h)?,
-            v: linear(&p("attn_v.weight"), nkv * hd, h)?,
+            q,
+            k,
+            v,
             o: linear(&p("attn_output.weight"), h, nh * hd)?,
-            q_bias: optional(&p("attn_q.bias"), nh * hd)?,
-            k_bias: optional(&p("attn_k.bias"), nkv * hd)?,
-            v_bias: optional(&p("attn_v.bias"), nkv * hd)?,
+            q_bias,
+            k_bias,
+            v_bias,
             q_norm: optional(&p("attn_q_norm.weight"), hd)?,
             k_norm: optional(&p("attn_k_norm.weight"), hd)?,
             n_heads: nh,
@@ -75,16 +131,28 @@ pub fn load(gpu: &MlxDevice, f: &GgufFile, quiet: bool) -> Result<Transformer> {
             norm_eps: cfg.norm_eps,
             scale: cfg.attn_scale,
             window: if sliding { cfg.sliding_window } else { None },
-            qkv: None,
+            qkv,
         };
         let mlp = match cfg.moe {
-            None => Ffn::Dense(Mlp {
-                gate: linear(&p("ffn_gate.weight"), cfg.ffn, h)?,
-                up: linear(&p("ffn_up.weight"), cfg.ffn, h)?,
-                down: linear(&p("ffn_down.weight"), h, cfg.ffn)?,
-                act: cfg.act,
-                gate_up: None,
-            }),
+            None => {
+                let (gu, gate_up) = stacked(
+                    &[
+                        (p("ffn_gate.weight"), cfg.ffn),
+                        (p("ffn_up.weight"), cfg.ffn),
+                    ],
+                    h,
+                )?;
+                let [gate, up] = <[Linear; 2]>::try_from(gu).map_err(|_| {
+                    crate::LmError::Invalid("gate, up: expected two weights".into())
+                })?;
+                Ffn::Dense(Mlp {
+                    gate,
+                    up,
+                    down: linear(&p("ffn_down.weight"), h, cfg.ffn)?,
+                    act: cfg.act,
+                    gate_up,
+                })
+            }
             Some(moe) => {
                 let experts = |name: &str, n: usize, k: usize| -> Result<ExpertWeight> {
                     let w = GgmlExperts::from_gguf(gpu, f, name)?;

@@ -420,6 +420,61 @@ mod tests {
         }
     }
 
+    /// Three tensors stacked by `GgmlWeight::upload_stacked`: the fused weight and each
+    /// part's view (matvec and matmul) give the products of the parts' own bytes, for every
+    /// type (split layouts keep each part's scales at an offset inside the shared buffer).
+    #[test]
+    fn stacked_weights_and_their_views_match_the_parts() {
+        let mut rng = Rng::new(54);
+        let g = gpu();
+        for kind in GgmlType::ALL {
+            let k = if kind.block_elems() == 256 { 512 } else { 128 };
+            let ns = [8usize, 3, 5];
+            let parts: Vec<Vec<u8>> = ns
+                .iter()
+                .map(|&n| random_tensor(&mut rng, kind, n, k))
+                .collect();
+            let slices: Vec<&[u8]> = parts.iter().map(|p| p.as_slice()).collect();
+            let (fused, views) = GgmlWeight::upload_stacked(g, kind, k, &slices)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{kind}: these shapes stack"));
+            let wd: Vec<Vec<f32>> = parts
+                .iter()
+                .zip(ns)
+                .map(|(b, n)| dequantize(kind, b, n * k).unwrap())
+                .collect();
+            let all: Vec<f32> = wd.concat();
+            for m in [1usize, 3, 9] {
+                let x = rng.normals(m * k, 1.0);
+                let gx = x_view(g, &x, m, k);
+                let mut pass = g.begin();
+                let y = ggml_linear(&mut pass, &gx, &fused).unwrap();
+                let ys: Vec<MlxBuffer> = views
+                    .iter()
+                    .map(|v| ggml_linear(&mut pass, &gx, v).unwrap())
+                    .collect();
+                pass.commit_and_wait().unwrap();
+                let n_all: usize = ns.iter().sum();
+                let what = format!("stacked {kind} m{m}");
+                assert_matmul_close(
+                    &y.to_vec::<f32>(g).unwrap(),
+                    &reference(&x, &all, m, n_all, k),
+                    k,
+                    &what,
+                );
+                for (i, (yv, (w, n))) in ys.iter().zip(wd.iter().zip(ns)).enumerate() {
+                    let what = format!("{what} part {i}");
+                    assert_matmul_close(
+                        &yv.to_vec::<f32>(g).unwrap(),
+                        &reference(&x, w, m, n, k),
+                        k,
+                        &what,
+                    );
+                }
+            }
+        }
+    }
+
     /// Every matvec dispatch shape on both reduction paths, x read as vec4 (aligned) and
     /// as scalars (a view at offset 3), a partial last workgroup (N = 7 with four rows per
     /// workgroup) and invocations walking several units (K = 1056: 33 units, more than one

@@ -124,6 +124,75 @@ impl GgmlWeight {
         Self::upload_with_limit(gpu, kind, shape, bytes, gpu.caps().max_storage_binding)
     }
 
+    /// Tensors of one type and width (`parts`: their GGUF bytes, `k` columns each) stacked
+    /// along rows and uploaded as one weight, plus each part as a view of it (the parts
+    /// share its memory): one matvec then computes several projections of the same input.
+    /// `None` when the stack needs more than one shard or a part would not start on a word
+    /// (upload the parts separately then).
+    pub fn upload_stacked(
+        gpu: &MlxDevice,
+        kind: GgmlType,
+        k: usize,
+        parts: &[&[u8]],
+    ) -> Result<Option<(Self, Vec<Self>)>> {
+        let op = "GgmlWeight::upload_stacked";
+        let row = kind
+            .row_bytes(k as u64)
+            .map_err(|e| MlxError::invalid(format!("{op}: {e}")))? as usize;
+        let mut rows = Vec::with_capacity(parts.len());
+        for (i, b) in parts.iter().enumerate() {
+            if row == 0 || b.len() % row != 0 || b.is_empty() {
+                return Err(MlxError::invalid(format!(
+                    "{op}: part {i} has {} bytes, not a whole number of {kind} rows of {k}",
+                    b.len()
+                )));
+            }
+            rows.push(b.len() / row);
+        }
+        let n: usize = rows.iter().sum();
+        // Word offsets of a part's first row: its body, and (split layouts) its scales.
+        let bpr = k / kind.block_elems().max(1);
+        let (body_row, scale_row) = match layout(kind) {
+            Layout::Raw => (row, 0),
+            Layout::Split { .. } => (bpr * (kind.block_bytes() - 2), bpr * 2),
+        };
+        if !body_row.is_multiple_of(4) || !scale_row.is_multiple_of(4) {
+            return Ok(None);
+        }
+        if repacked_bytes(kind, n as u64, k as u64)
+            .is_none_or(|b| b > gpu.caps().max_storage_binding.min(1 << 31))
+        {
+            return Ok(None);
+        }
+        let bytes = parts.concat();
+        let fused = Self::upload(gpu, kind, &[n, k], &bytes)?;
+        let [shard] = &fused.shards[..] else {
+            return Ok(None);
+        };
+        let words = shard.buffer.len();
+        let mut views = Vec::with_capacity(parts.len());
+        let mut r0 = 0;
+        for &r in &rows {
+            let body = r0 * body_row / 4;
+            views.push(GgmlWeight {
+                kind,
+                shape: [r, k],
+                shards: vec![GgmlShard {
+                    row0: 0,
+                    rows: r,
+                    buffer: shard.buffer.view(body, &[words - body])?,
+                    // The part's scales, counted from the view's start.
+                    scale_off: match layout(kind) {
+                        Layout::Raw => 0,
+                        Layout::Split { .. } => shard.scale_off + r0 * scale_row / 4 - body,
+                    },
+                }],
+            });
+            r0 += r;
+        }
+        Ok(Some((fused, views)))
+    }
+
     /// [`GgmlWeight::upload`] of the GGUF tensor `name`.
     pub fn from_gguf(gpu: &MlxDevice, file: &GgufFile, name: &str) -> Result<Self> {
         let t = file
@@ -236,7 +305,11 @@ impl GgmlWeight {
 
     /// Bytes held on the GPU.
     pub fn gpu_bytes(&self) -> u64 {
-        self.shards.iter().map(|s| s.buffer.byte_len()).sum()
+        // The weight's own rows (a view into a stacked weight binds up to the stack's end).
+        self.shards
+            .iter()
+            .map(|s| repacked_bytes(self.kind, s.rows as u64, self.shape[1] as u64).unwrap_or(0))
+            .sum()
     }
 }
 
