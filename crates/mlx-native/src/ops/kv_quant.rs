@@ -328,6 +328,7 @@ pub fn sdpa_decode_quant(
         head_dim,
         gt,
         decode_kt(format, head_dim),
+        crate::ops::sdpa::DECODE_TARGET_WGS,
         (lo, seq_len, slots),
         opts,
     )?;

@@ -75,11 +75,13 @@ pub(crate) struct SdpaParams {
 }
 const _: () = assert!(std::mem::size_of::<SdpaParams>() == 80);
 
-/// Decode aims for about this many workgroups in flight (~4 per SM on a 132-SM GPU).
-const DECODE_TARGET_WGS: usize = 512;
+/// The compressed-cache decode (`kv_quant`) aims for about this many workgroups in flight
+/// (~4 per SM on a 132-SM GPU).
+pub(crate) const DECODE_TARGET_WGS: usize = 512;
+/// `sdpa_decode` aims for this many: on an H200, 256 beat 128, 384, 512 and 1024 at 8k
+/// and 32k keys (its registers allow about two workgroups per SM).
+const DIRECT_TARGET_WGS: usize = 256;
 const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
-/// Bytes of one K tile (and of one V tile) in the decode's workgroup memory.
-const DECODE_TILE_BYTES: usize = 8192;
 
 /// Query heads per decode workgroup for a GQA group size.
 pub(crate) fn decode_gt(group: usize) -> u32 {
@@ -91,23 +93,29 @@ pub(crate) fn decode_gt(group: usize) -> u32 {
     }
 }
 
-/// Keys per decode tile: the largest power of two (at most 128) whose K tile fits
-/// `DECODE_TILE_BYTES`, so one K tile and one V tile take 16 KiB of workgroup memory.
-/// f16: 64 keys at head dim 64, 32 at 80..128, 16 at 256; f32 half of those.
-pub(crate) fn decode_kt(dtype: DType, head_dim: usize) -> usize {
-    let row = (head_dim * dtype.size()).max(1);
-    let mut kt = 128;
-    while kt > 1 && kt * row > DECODE_TILE_BYTES {
-        kt /= 2;
-    }
-    kt
+/// Quads (16 bytes) per K/V row in the decode; it works on `128 / quads` rows at a time.
+fn decode_quads(dtype: DType, head_dim: usize) -> usize {
+    (head_dim * dtype.size() / 16).max(1)
 }
 
-fn decode_spec(dtype: DType, head_dim: usize, gt: u32) -> Result<Spec> {
-    Spec::new("sdpa_decode", dtype, 128)
+/// Keys per trip of the decode (four per row of invocations); splits are whole trips.
+pub(crate) fn decode_kt(dtype: DType, head_dim: usize) -> usize {
+    4 * (128 / decode_quads(dtype, head_dim))
+}
+
+/// The decode sums a row's partial dots with subgroup shuffles when its quads per row are a
+/// power of two that fits every subgroup (`subgroup_min` lanes or more, dividing 128).
+fn decode_sg(dtype: DType, head_dim: usize, subgroup_min: u32) -> bool {
+    let w = decode_quads(dtype, head_dim);
+    let m = subgroup_min as usize;
+    w.is_power_of_two() && w <= m && m > 0 && 128 % m == 0
+}
+
+fn decode_spec(dtype: DType, head_dim: usize, gt: u32, sg: bool) -> Result<Spec> {
+    Ok(Spec::new("sdpa_decode", dtype, 128)
         .with_const("HEAD_DIM", head_dim as u32)?
         .with_const("GT", gt)?
-        .with_const("KT", decode_kt(dtype, head_dim) as u32)
+        .with_subgroups(sg))
 }
 
 fn reduce_spec(head_dim: usize) -> Result<Spec> {
@@ -169,7 +177,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     for &d in &SUPPORTED_HEAD_DIMS {
         for dt in crate::ops::kv::KV_DTYPES {
             for gt in DECODE_GTS {
-                v.push((Kernel::Sdpa, decode_spec(dt, d, gt)?));
+                v.push((Kernel::Sdpa, decode_spec(dt, d, gt, false)?));
+                if decode_sg(dt, d, 64) {
+                    v.push((Kernel::Sdpa, decode_spec(dt, d, gt, true)?));
+                }
             }
             v.push((Kernel::Sdpa, prefill_spec(dt, d)?));
             v.push((Kernel::SdpaCoop, coop_spec(dt, d)?));
@@ -252,7 +263,7 @@ pub(crate) struct DecodePlan {
 }
 
 /// Split the visible keys `lo..seq_len` (`range` = (lo, seq_len, ring slots)) into about
-/// `DECODE_TARGET_WGS` workgroups of whole `kt`-key tiles (the kernel's tile), `gt` query
+/// `target_wgs` workgroups of whole `kt`-key tiles (the kernel's tile), `gt` query
 /// heads per workgroup: a split takes `ceil(tiles / want)` tiles, `want` being the splits
 /// that bring the grid to the target (at least 1, at most one per tile).
 #[allow(clippy::too_many_arguments)]
@@ -264,6 +275,7 @@ pub(crate) fn decode_plan(
     head_dim: usize,
     gt: u32,
     kt: usize,
+    target_wgs: usize,
     range: (usize, usize, usize),
     opts: &SdpaOptions<'_>,
 ) -> Result<DecodePlan> {
@@ -272,9 +284,7 @@ pub(crate) fn decode_plan(
     let g_tiles = group.div_ceil(gt as usize);
     let kv_len = seq_len - lo;
     let tiles = kv_len.div_ceil(kt);
-    let want = DECODE_TARGET_WGS
-        .div_ceil(kv_heads * g_tiles)
-        .clamp(1, tiles);
+    let want = target_wgs.div_ceil(kv_heads * g_tiles).clamp(1, tiles);
     let split_len = tiles.div_ceil(want) * kt;
     let n_splits = kv_len.div_ceil(split_len);
     let params = SdpaParams {
@@ -341,10 +351,15 @@ pub fn sdpa_decode(
         hd.head_dim,
         gt,
         decode_kt(cache.dtype(), hd.head_dim),
+        DIRECT_TARGET_WGS,
         (lo, seq_len, slots),
         opts,
     )?;
-    let spec = decode_spec(cache.dtype(), hd.head_dim, gt)?;
+    let caps = pass.caps();
+    let sg = caps.subgroups
+        && caps.subgroup_max_size <= 128
+        && decode_sg(cache.dtype(), hd.head_dim, caps.subgroup_min_size);
+    let spec = decode_spec(cache.dtype(), hd.head_dim, gt, sg)?;
     pass.dispatch(
         Kernel::Sdpa,
         spec,
@@ -762,9 +777,11 @@ mod tests {
 
     #[test]
     fn decode_tiles_and_splits() -> Result<()> {
-        // Cases around the tile (KT = decode_kt) and split boundaries: lengths not a multiple
-        // of KT, splits of several tiles (the next tile's loads in flight) whose last one
-        // ends mid-tile, windows starting mid-tile, GQA 8 and 16 (two head tiles of 8).
+        // Cases around the trip (KT = decode_kt keys) and split boundaries: lengths not a
+        // multiple of KT, splits of several trips (the next trip's loads in flight) whose
+        // last one ends mid-trip, windows starting mid-trip, GQA 8 and 16 (two head tiles of
+        // 8). The per-case notes give the figures of the earlier staged-tile kernel (its
+        // KT); the cases stay as awkward lengths for this one.
         let cases = [
             // KT 32: one full tile and one key.
             dc(128, 4, 1, 33, DType::F16),
@@ -802,31 +819,50 @@ mod tests {
 
     #[test]
     fn decode_tile_and_split_rule() -> Result<()> {
-        // The kernel's workgroup memory holds a K tile of KT * (W4 + 1) quads (at most 576),
-        // a V tile of KT * W4 quads (at most 512, 4 loads per invocation) and KS * GT
-        // partial sums of p (at most 64); its 128 invocations split keys into 128 / KT
-        // slices.
-        let want_f16 = [(64, 64), (80, 32), (96, 32), (128, 32), (256, 16)];
-        for (d, kt) in want_f16 {
-            assert_eq!(decode_kt(DType::F16, d), kt, "f16 d={d}");
-            assert_eq!(decode_kt(DType::F32, d), kt / 2, "f32 d={d}");
+        // The kernel's 128 invocations take rows of W4 quads (16 bytes), 128 / W4 rows at a
+        // time, four keys per row a trip; its workgroup memory holds 4 * 128 * GQ partial
+        // dots (two buffers when GQ = 1) and the merge of [4 heads, HEAD_DIM / 4, rows].
+        let want_f16 = [(64, 64), (80, 48), (96, 40), (128, 32), (256, 16)];
+        let want_f32 = [(64, 32), (80, 24), (96, 20), (128, 16), (256, 8)];
+        for ((d, k16), (_, k32)) in want_f16.into_iter().zip(want_f32) {
+            assert_eq!(decode_kt(DType::F16, d), k16, "f16 d={d}");
+            assert_eq!(decode_kt(DType::F32, d), k32, "f32 d={d}");
         }
         for &d in &SUPPORTED_HEAD_DIMS {
             for dt in crate::ops::kv::KV_DTYPES {
-                let kt = decode_kt(dt, d);
-                let w4 = d * dt.size() / 16;
-                assert!(kt >= 4 && 128 % kt == 0, "{dt} d={d}");
-                assert!(kt * (w4 + 1) <= 576 && kt * w4 <= 512, "{dt} d={d}");
-                // Phases 3-4 take one (key, head quad) per invocation: KT * 2 <= 128.
-                assert!(kt <= 64 && (128 / (d / 4)) * 8 <= 64, "{dt} d={d}");
+                let w4 = decode_quads(dt, d);
+                let rows = 128 / w4;
+                assert!(w4 <= 128 && d * dt.size() == 16 * w4, "{dt} d={d}");
+                // The merge buffer: 4 heads * (d / 4) dim quads * rows <= 1024 vec4s; the
+                // (max, sum) buffers: rows * 2 <= 32.
+                assert!(d * rows <= 1024 && rows * 2 <= 32, "{dt} d={d}");
             }
+            // Subgroup rows: a power of two no wider than the subgroup.
+            assert_eq!(
+                decode_sg(DType::F16, d, 32),
+                d == 64 || d == 128 || d == 256
+            );
+            assert_eq!(decode_sg(DType::F32, d, 32), d == 64 || d == 128);
+            assert!(!decode_sg(DType::F16, d, 0));
         }
-        // Llama-3.1-8B: 32 query heads over 8 kv heads, head dim 128, f16.
+        assert!(decode_sg(DType::F16, 64, 8) && !decode_sg(DType::F16, 128, 8));
+        // Llama-3.1-8B: 32 query heads over 8 kv heads, head dim 128, f16 (32 keys a trip).
         let g = gpu();
         let mut pass = g.begin();
         let opts = SdpaOptions::new(128);
         let plan = |pass: &mut Pass, len: usize| {
-            decode_plan(pass, "t", 32, 8, 128, 4, 32, (0, len, len), &opts)
+            decode_plan(
+                pass,
+                "t",
+                32,
+                8,
+                128,
+                4,
+                32,
+                DIRECT_TARGET_WGS,
+                (0, len, len),
+                &opts,
+            )
         };
         let p = plan(&mut pass, 128)?;
         assert_eq!(
@@ -836,12 +872,12 @@ mod tests {
         let p = plan(&mut pass, 8192)?;
         assert_eq!(
             (p.params.split_len, p.params.n_splits, p.workgroups),
-            (128, 64, 512)
+            (256, 32, 256)
         );
         let p = plan(&mut pass, 32768)?;
         assert_eq!(
             (p.params.split_len, p.params.n_splits, p.workgroups),
-            (512, 64, 512)
+            (1024, 32, 256)
         );
         let p = plan(&mut pass, 1)?;
         assert_eq!(

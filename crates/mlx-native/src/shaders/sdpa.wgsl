@@ -3,9 +3,8 @@
 //
 //   sdpa_decode         one query per head (the token at position kv_hi - 1), split-K: each
 //                       workgroup takes one kv head, GT of its query heads (GQA: K/V read once
-//                       for the whole tile) and split_len positions (whole tiles of KT keys),
-//                       and writes a partial (max, sum, unnormalized output) per head and
-//                       split. See "Decode" below for the tile pipeline.
+//                       for all of them) and split_len positions, and writes a partial (max,
+//                       sum, unnormalized output) per head and split. See "Decode" below.
 //   sdpa_decode_reduce  one workgroup per head combines the splits (and the sink) into out.
 //   sdpa_prefill        T queries at positions q0..q0+T, tiled flash attention with online
 //                       softmax: a workgroup takes BM (query, head) rows of one kv head and
@@ -45,9 +44,6 @@ struct Params {
 override HEAD_DIM: u32 = 128u;
 // Query heads per decode workgroup (1, 2, 4 or 8).
 override GT: u32 = 8u;
-// Keys per decode tile (the Rust side's decode_kt: one K tile and one V tile take 16 KiB
-// at most).
-override KT: u32 = 32u;
 // Prefill tile: BM (query, head) rows by BN keys.
 override BM: u32 = 32u;
 override BN: u32 = 32u;
@@ -123,142 +119,195 @@ fn wrap(s: u32) -> u32 {
 }
 
 // ---------------------------------------------------------------------------------------
-// Decode
+// Decode: K and V are read straight from the cache (no staging in workgroup memory).
 //
-// A workgroup of 128 invocations streams its split through workgroup memory one tile of KT
-// keys at a time (KT from decode_kt: KT * HEAD_DIM elements of K take at most 8 KiB). Per
-// tile:
-//   1. store: the tile's K and V quads, loaded into registers during the previous tile,
-//      go to kt_sh / vt_sh; then the next tile's loads are issued (all of them before any
-//      use: 16 KiB in flight per workgroup while this tile computes). Invocation i loads
-//      quads i, i + 128, ...: consecutive invocations read consecutive 16 bytes of a row.
-//      Positions outside the split (the tile's tail) load zeros and read no memory.
-//   2. scores: invocation (key k = lid % KT, slice sl = lid / KT) dots quads sl, sl + NS,
-//      ... of K row k with the GT query heads (q_sh); the KT keys of a slice are adjacent
-//      invocations, so q reads are broadcasts and K reads (rows RQ quads apart, RQ odd)
-//      hit distinct banks. Partial dots go to sc_sh [slice][key][head quad].
-//   3. logits: invocation (key k, head quad hq) sums its NS partials and applies scale and
-//      softcap (M_INIT past k_end), into sc_sh [key][quad] (the slice-0 entry it alone read).
-//   4. softmax: the same invocation takes the tile max of its four heads over the KT keys
-//      (broadcast reads), the new running max mn and p = exp(s - mn) into sc_sh at P_OFF
-//      [key][quad]; the key-0 invocation publishes alpha = exp(m_old - mn) and mn.
-//   5. values: invocation (key subset ks = lid / C4, four-dim chunk c = lid % C4) scales its
-//      GT accumulators (and partial sums of p) by alpha and adds p * V for keys ks, ks + KS...
-// Phases 2, 4 and 5 take two quads, four keys and two keys per loop trip with every
-// workgroup-memory read of a trip issued before its arithmetic (the driver does not unroll
-// naga's bounded loops, so independent reads must be written side by side).
-// H100 (Vulkan), Llama-3.1-8B heads, f16: 63 us at 8k keys, 192 us at 32k (24% of read
-// bandwidth); without any K/V reads the kernel takes 70 / 210 us and without its compute
-// 44 / 116 us, so it is latency-bound, not bandwidth-bound, in both halves.
-// Five barriers per tile (before and after the store, after phases 2, 3 and 4). Every
-// workgroup-memory write is a whole scalar or vector by one invocation.
-// Workgroup memory (bytes): q_sh 8192 + kt_sh 9216 + vt_sh 8192 + sc_sh 4096 + 320 = 30016.
-
-// K tile row stride in quads: one quad of padding makes it odd, so the 8 invocations of a
-// quarter subgroup reading quad u of 8 consecutive rows use distinct banks.
-override RQ: u32 = W4 + 1u;
-// Score phase slices per key; value phase key subsets.
-override NS: u32 = 128u / KT;
-override KS: u32 = 128u / C4;
-// Quads in one K (or V) tile; at most 512 (4 per invocation).
-override TQ: u32 = KT * W4;
-// Head quads (vec4s of per-head values) and where p starts in sc_sh.
+// Invocation (row r = lid / W4, quad c = lid % W4) works on quad c of KR = 128 / W4 key rows
+// at a time and keeps its own online softmax: per trip of KI = 4 * KR keys it holds the K
+// and V quads of keys t0 + r + u * KR (u = 0..3), loaded straight from the cache (the W4
+// invocations of a row read one contiguous row in 16-byte loads), its query dims as columns
+// of mat4x4s (heads 0..3, and 4..7 in a second set) and its dims of the GT accumulators.
+// Subgroup path (W4 a power of two that fits the subgroup; rows are taken from subgroup
+// lanes): the next trip's K and V are issued first, then the partial dots of the four keys
+// are summed over the row by shuffles (every lane gets the logits), then the softmax step
+// and p * V. No barrier in the loop.
+// Workgroup-memory path: partial dots go to dr_sh, the next K is issued, barrier; each
+// invocation sums its row's W4 partials for its four keys, steps, adds p * V, then issues
+// the next V. One barrier per trip (two when GT > 4: dr_sh is double-buffered only for one
+// head quad).
+// At the end the KR rows merge (max, sum, output) through workgroup memory.
+// H200 (Vulkan), Llama-3.1-8B heads, f16, 256 workgroups: 30 us at 8k keys, 70 us at 32k
+// (47% of read bandwidth), 110 us at 64k (59%); the staged-tile kernel this replaced took
+// 45 / 148 / 268 us. The workgroup-memory path: 36 / 103 us at 8k / 32k. More workgroups
+// were slower (512: 36 / 76 us; 1024: 48 / 87 us), fewer too (128: 33 / 87 us).
+override KR: u32 = 128u / W4;
+override KI: u32 = 4u * KR;
+// Head quads (vec4s of per-head values): 1, or 2 when GT = 8.
 override GQ: u32 = (GT + 3u) / 4u;
-override P_OFF: u32 = KT * GQ;
 
-var<workgroup> q_sh: array<vec4<f32>, 512>;
-var<workgroup> kt_sh: array<KVQ, 576>;
-#if DT_F32
-var<workgroup> vt_sh: array<vec4<f32>, 512>;
-fn v_chunk(j: u32, c: u32) -> vec4<f32> {
-    return vt_sh[j * C4 + c];
-}
-#else
-var<workgroup> vt_sh: array<vec2<u32>, 1024>;
-fn v_chunk(j: u32, c: u32) -> vec4<f32> {
-    return halves(vt_sh[j * C4 + c]);
-}
-#endif
-var<workgroup> sc_sh: array<vec4<f32>, 256>;
-var<workgroup> alpha_sh: array<vec4<f32>, 2>;
-var<workgroup> m_sh: array<vec4<f32>, 2>;
-// Partial sums of p per key subset and head quad [ks][quad] (KS * GQ <= 16).
-var<workgroup> l_sh: array<vec4<f32>, 16>;
+var<workgroup> dr_sh: array<vec4<f32>, 1024>;
+var<workgroup> dm_sh: array<vec4<f32>, 32>;
+var<workgroup> dl_sh: array<vec4<f32>, 32>;
 
-// Private state is scalars and vectors only, never an array: on NVIDIA (Vulkan) a private
-// array indexed by a loop variable that the driver does not unroll (naga bounds every loop,
-// which keeps it from unrolling) lives in local memory, and a load into such an array waits
-// for its data, serializing the tile loads. So the in-flight quads are four named (K, V)
-// pairs, the per-head sums are named vectors, and the head loops are written out.
-struct KvPair {
-    k: KVQ,
-    v: KVQ,
-}
-
-// Load tile quad `it` of the tile at position t0 (slot s0): zeros past TQ or at positions
-// >= k_end (no memory read).
-fn load_pair(it: u32, rowbase: u32, t0: u32, s0: u32, k_end: u32) -> KvPair {
-    var r = KvPair(KVQ(), KVQ());
-    let j = it / W4;
-    if it < TQ && t0 + j < k_end {
-        // j < slots here (the visible positions fit the ring), so one wrap suffices.
-        let o = (rowbase + wrap(s0 + j)) * W4 + it % W4;
-        r.k = k_quad(o);
-        r.v = v_quad(o);
+// Quad c of key position t0 + j (slot wrap(s0 + j)) of K (is_v false) or V; zeros when the
+// position is >= k_end or the invocation is idle (no memory read).
+fn d_load(is_v: bool, on: bool, rowbase: u32, t0: u32, s0: u32, j: u32, c: u32,
+          k_end: u32) -> KVQ {
+    var r = KVQ();
+    if on && t0 + j < k_end {
+        let o = (rowbase + wrap(s0 + j)) * W4 + c;
+        if is_v {
+            r = v_quad(o);
+        } else {
+            r = k_quad(o);
+        }
     }
     return r;
 }
 
-fn store_pair(it: u32, r: KvPair) {
-    if it < TQ {
-        kt_sh[(it / W4) * RQ + it % W4] = r.k;
-#if DT_F32
-        vt_sh[it] = r.v;
-#else
-        vt_sh[2u * it] = r.v.xy;
-        vt_sh[2u * it + 1u] = r.v.zw;
-#endif
+// Query dims d0..d0 + 3 of head g (zeros past ng).
+fn d_qcol(h0: u32, ng: u32, g: u32, d0: u32) -> vec4<f32> {
+    var v = vec4<f32>(0.0);
+    if g < ng {
+        let o = view(0u) + (h0 + g) * HEAD_DIM + d0;
+        v = vec4<f32>(q[o], q[o + 1u], q[o + 2u], q[o + 3u]);
     }
+    return v;
 }
 
-// Dot of query head g (q_sh) with K quad u of a row, given as two four-element halves
-// (f32: ka is the quad, kb unused).
-fn qk(g: u32, u: u32, ka: vec4<f32>, kb: vec4<f32>) -> f32 {
+// Dots of a K quad with four heads (their dims as columns of qa, and qb for f16's upper
+// half).
+fn d_dots(kq: KVQ, qa: mat4x4<f32>, qb: mat4x4<f32>) -> vec4<f32> {
 #if DT_F32
-    return dot(q_sh[g * C4 + u], ka);
+    return kq * qa;
 #else
-    let b = g * C4 + 2u * u;
-    return dot(q_sh[b], ka) + dot(q_sh[b + 1u], kb);
+    return halves(kq.xy) * qa + halves(kq.zw) * qb;
 #endif
 }
 
-fn qk4(g: u32, u: u32, ka: vec4<f32>, kb: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(qk(g, u, ka, kb), qk(g + 1u, u, ka, kb), qk(g + 2u, u, ka, kb),
-                     qk(g + 3u, u, ka, kb));
+// a * diag(al) + sum over u of outer(v_u, p_u).
+fn d_acc(a: mat4x4<f32>, al: vec4<f32>, v0: vec4<f32>, v1: vec4<f32>, v2: vec4<f32>,
+         v3: vec4<f32>, p0: vec4<f32>, p1: vec4<f32>, p2: vec4<f32>,
+         p3: vec4<f32>) -> mat4x4<f32> {
+    return mat4x4<f32>(
+        a[0] * al.x + v0 * p0.x + v1 * p1.x + v2 * p2.x + v3 * p3.x,
+        a[1] * al.y + v0 * p0.y + v1 * p1.y + v2 * p2.y + v3 * p3.y,
+        a[2] * al.z + v0 * p0.z + v1 * p1.z + v2 * p2.z + v3 * p3.z,
+        a[3] * al.w + v0 * p0.w + v1 * p1.w + v2 * p2.w + v3 * p3.w);
 }
 
-// Dots of K quad u (kq) with heads g..g + 3 (g = 0: only the first GT of them).
-fn qk_heads(u: u32, kq: KVQ, g: u32) -> vec4<f32> {
-#if DT_F32
-    let ka = kq;
-    let kb = kq;
-#else
-    let ka = halves(kq.xy);
-    let kb = halves(kq.zw);
-#endif
-    if GT >= 4u {
-        return qk4(g, u, ka, kb);
-    }
-    var r = vec4<f32>(qk(0u, u, ka, kb), 0.0, 0.0, 0.0);
-    if GT == 2u {
-        r.y = qk(1u, u, ka, kb);
-    }
-    return r;
+fn d_logits(d: vec4<f32>, valid: bool) -> vec4<f32> {
+    return select(vec4<f32>(M_INIT), vec4<f32>(logit(d.x), logit(d.y), logit(d.z),
+                  logit(d.w)), valid);
 }
+
+fn d_lo(v: KVQ) -> vec4<f32> {
+#if DT_F32
+    return v;
+#else
+    return halves(v.xy);
+#endif
+}
+
+fn d_hi(v: KVQ) -> vec4<f32> {
+#if DT_F32
+    return vec4<f32>(0.0);
+#else
+    return halves(v.zw);
+#endif
+}
+
+// Running state of four heads: max, sum, accumulators (dims of the low and high half).
+struct DState {
+    m: vec4<f32>,
+    l: vec4<f32>,
+    oa: mat4x4<f32>,
+    ob: mat4x4<f32>,
+}
+
+// Sum of row r's partials for keys u = 0..3 at dr_sh offset b (head quad gq).
+struct D4 {
+    s0: vec4<f32>,
+    s1: vec4<f32>,
+    s2: vec4<f32>,
+    s3: vec4<f32>,
+}
+
+fn d_sum(b: u32, r: u32, gq: u32) -> D4 {
+    var o = D4(vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0), vec4<f32>(0.0));
+    for (var cc = 0u; cc < W4; cc++) {
+        let i = r * W4 + cc;
+        o.s0 += dr_sh[b + i * GQ + gq];
+        o.s1 += dr_sh[b + (128u + i) * GQ + gq];
+        o.s2 += dr_sh[b + (256u + i) * GQ + gq];
+        o.s3 += dr_sh[b + (384u + i) * GQ + gq];
+    }
+    return o;
+}
+
+// Online-softmax step of four heads over four keys (logits in d, validity per key).
+fn d_step(st: DState, d: D4, ok0: bool, ok1: bool, ok2: bool, ok3: bool, v0: KVQ, v1: KVQ,
+          v2: KVQ, v3: KVQ) -> DState {
+    let g0 = d_logits(d.s0, ok0);
+    let g1 = d_logits(d.s1, ok1);
+    let g2 = d_logits(d.s2, ok2);
+    let g3 = d_logits(d.s3, ok3);
+    let mn = max(st.m, max(max(g0, g1), max(g2, g3)));
+    let al = exp(st.m - mn);
+    let z = vec4<f32>(0.0);
+    let p0 = select(z, exp(g0 - mn), ok0);
+    let p1 = select(z, exp(g1 - mn), ok1);
+    let p2 = select(z, exp(g2 - mn), ok2);
+    let p3 = select(z, exp(g3 - mn), ok3);
+    var o = st;
+    o.m = mn;
+    o.l = st.l * al + (p0 + p1) + (p2 + p3);
+    o.oa = d_acc(st.oa, al, d_lo(v0), d_lo(v1), d_lo(v2), d_lo(v3), p0, p1, p2, p3);
+#if !DT_F32
+    o.ob = d_acc(st.ob, al, d_hi(v0), d_hi(v1), d_hi(v2), d_hi(v3), p0, p1, p2, p3);
+#endif
+    return o;
+}
+
+// Merge: row r's accumulators of four heads (scaled by f) into dr_sh [head, dim quad, row].
+fn d_put(st: DState, f: vec4<f32>, r: u32, c: u32) {
+#if DT_F32
+    dr_sh[(0u * C4 + c) * KR + r] = st.oa[0] * f.x;
+    dr_sh[(1u * C4 + c) * KR + r] = st.oa[1] * f.y;
+    dr_sh[(2u * C4 + c) * KR + r] = st.oa[2] * f.z;
+    dr_sh[(3u * C4 + c) * KR + r] = st.oa[3] * f.w;
+#else
+    dr_sh[(0u * C4 + 2u * c) * KR + r] = st.oa[0] * f.x;
+    dr_sh[(1u * C4 + 2u * c) * KR + r] = st.oa[1] * f.y;
+    dr_sh[(2u * C4 + 2u * c) * KR + r] = st.oa[2] * f.z;
+    dr_sh[(3u * C4 + 2u * c) * KR + r] = st.oa[3] * f.w;
+    dr_sh[(0u * C4 + 2u * c + 1u) * KR + r] = st.ob[0] * f.x;
+    dr_sh[(1u * C4 + 2u * c + 1u) * KR + r] = st.ob[1] * f.y;
+    dr_sh[(2u * C4 + 2u * c + 1u) * KR + r] = st.ob[2] * f.z;
+    dr_sh[(3u * C4 + 2u * c + 1u) * KR + r] = st.ob[3] * f.w;
+#endif
+}
+
+#if SUBGROUPS
+// Sum over the W4 invocations of a row (adjacent lanes of one subgroup; W4 is a power of
+// two no larger than the subgroup): every lane gets the row's sum.
+fn d_rowsum(v: vec4<f32>) -> vec4<f32> {
+    var s = v;
+    for (var m = 1u; m < W4; m <<= 1u) {
+        s += subgroupShuffleXor(s, m);
+    }
+    return s;
+}
+#endif
 
 @compute @workgroup_size(128)
-fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-               @builtin(local_invocation_index) lid: u32) {
+fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+                      , @builtin(subgroup_invocation_id) sl: u32,
+                      @builtin(subgroup_id) si: u32, @builtin(subgroup_size) ssz: u32
+#endif
+) {
     let wg = flat_wg(wid, nwg);
     let split = wg % p.n_splits;
     let rest = wg / p.n_splits;
@@ -270,224 +319,194 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) n
     let g0 = gtile * GT;
     let ng = min(GT, p.group - g0);
     let h0 = kvh * p.group + g0;
-    for (var i = lid; i < GT * C4; i += 128u) {
-        let g = i / C4;
-        var v = vec4<f32>(0.0);
-        if g < ng {
-            let o = view(0u) + (h0 + g) * HEAD_DIM + (i % C4) * 4u;
-            v = vec4<f32>(q[o], q[o + 1u], q[o + 2u], q[o + 3u]);
-        }
-        q_sh[i] = v;
-    }
     let k_start = p.kv_lo + split * p.split_len;
     let k_end = min(p.kv_hi, k_start + p.split_len);
     let rowbase = kvh * p.slots;
+#if SUBGROUPS
+    // Rows are taken from subgroup lanes, so a row never straddles two subgroups.
+    let me = si * ssz + sl;
+#else
+    let me = lid;
+#endif
+    let c = me % W4;
+    let r = me / W4;
+    let on = r < KR;
 
-    // Phase 2 role.
-    let sk = lid % KT;
-    let sl = lid / KT;
-    // Phase 5 role.
-    let vcol = lid % C4;
-    let ks = lid / C4;
-    let v_on = ks < KS;
-    // Phase 3/4 role, and the running max of its four heads.
-    let pk = lid % KT;
-    let pq = lid / KT;
-    let p_on = pq < GQ;
-    var mr = vec4<f32>(M_INIT);
-    // Accumulators of heads 0..7 (those >= GT stay unused) and partial sums of p per head
-    // quad.
-    var a0 = vec4<f32>(0.0);
-    var a1 = vec4<f32>(0.0);
-    var a2 = vec4<f32>(0.0);
-    var a3 = vec4<f32>(0.0);
-    var a4 = vec4<f32>(0.0);
-    var a5 = vec4<f32>(0.0);
-    var a6 = vec4<f32>(0.0);
-    var a7 = vec4<f32>(0.0);
-    var la = vec4<f32>(0.0);
-    var lb = vec4<f32>(0.0);
-    // The next tile's quads lid, lid + 128, lid + 256, lid + 384.
+#if DT_F32
+    let da = 4u * c;
+#else
+    let da = 8u * c;
+#endif
+    let qa = mat4x4<f32>(d_qcol(h0, ng, 0u, da), d_qcol(h0, ng, 1u, da),
+                         d_qcol(h0, ng, 2u, da), d_qcol(h0, ng, 3u, da));
+    let qa2 = mat4x4<f32>(d_qcol(h0, ng, 4u, da), d_qcol(h0, ng, 5u, da),
+                          d_qcol(h0, ng, 6u, da), d_qcol(h0, ng, 7u, da));
+#if DT_F32
+    let qb = mat4x4<f32>();
+    let qb2 = mat4x4<f32>();
+#else
+    let db = da + 4u;
+    let qb = mat4x4<f32>(d_qcol(h0, ng, 0u, db), d_qcol(h0, ng, 1u, db),
+                         d_qcol(h0, ng, 2u, db), d_qcol(h0, ng, 3u, db));
+    let qb2 = mat4x4<f32>(d_qcol(h0, ng, 4u, db), d_qcol(h0, ng, 5u, db),
+                          d_qcol(h0, ng, 6u, db), d_qcol(h0, ng, 7u, db));
+#endif
+
+    let z = mat4x4<f32>();
+    var st = DState(vec4<f32>(M_INIT), vec4<f32>(0.0), z, z);
+    var st2 = DState(vec4<f32>(M_INIT), vec4<f32>(0.0), z, z);
     var s0 = k_start % p.slots;
-    var r0 = load_pair(lid, rowbase, k_start, s0, k_end);
-    var r1 = load_pair(lid + 128u, rowbase, k_start, s0, k_end);
-    var r2 = load_pair(lid + 256u, rowbase, k_start, s0, k_end);
-    var r3 = load_pair(lid + 384u, rowbase, k_start, s0, k_end);
-    for (var t0 = k_start; t0 < k_end; t0 += KT) {
-        // 1. The previous tile's phase 5 is done with vt_sh and p.
-        workgroupBarrier();
-        store_pair(lid, r0);
-        store_pair(lid + 128u, r1);
-        store_pair(lid + 256u, r2);
-        store_pair(lid + 384u, r3);
-        workgroupBarrier();
-        let tn = t0 + KT;
-        if tn < k_end {
-            s0 = tn % p.slots;
-            r0 = load_pair(lid, rowbase, tn, s0, k_end);
-            r1 = load_pair(lid + 128u, rowbase, tn, s0, k_end);
-            r2 = load_pair(lid + 256u, rowbase, tn, s0, k_end);
-            r3 = load_pair(lid + 384u, rowbase, tn, s0, k_end);
+    var k0 = d_load(false, on, rowbase, k_start, s0, r, c, k_end);
+    var k1 = d_load(false, on, rowbase, k_start, s0, r + KR, c, k_end);
+    var k2 = d_load(false, on, rowbase, k_start, s0, r + 2u * KR, c, k_end);
+    var k3 = d_load(false, on, rowbase, k_start, s0, r + 3u * KR, c, k_end);
+    var v0 = d_load(true, on, rowbase, k_start, s0, r, c, k_end);
+    var v1 = d_load(true, on, rowbase, k_start, s0, r + KR, c, k_end);
+    var v2 = d_load(true, on, rowbase, k_start, s0, r + 2u * KR, c, k_end);
+    var v3 = d_load(true, on, rowbase, k_start, s0, r + 3u * KR, c, k_end);
+    var odd = false;
+    for (var t0 = k_start; t0 < k_end; t0 += KI) {
+        let tn = t0 + KI;
+        let sn = tn % p.slots;
+        let ok0 = on && t0 + r < k_end;
+        let ok1 = on && t0 + r + KR < k_end;
+        let ok2 = on && t0 + r + 2u * KR < k_end;
+        let ok3 = on && t0 + r + 3u * KR < k_end;
+#if SUBGROUPS
+        // Every invocation is on (W4 divides the subgroup, which divides 128): dots, the
+        // next K, row sums by shuffles, softmax step, p * V, the next V. No barrier.
+        // The next trip's K and V are issued first: a whole trip in flight.
+        let nk0 = d_load(false, on, rowbase, tn, sn, r, c, k_end);
+        let nk1 = d_load(false, on, rowbase, tn, sn, r + KR, c, k_end);
+        let nk2 = d_load(false, on, rowbase, tn, sn, r + 2u * KR, c, k_end);
+        let nk3 = d_load(false, on, rowbase, tn, sn, r + 3u * KR, c, k_end);
+        let nv0 = d_load(true, on, rowbase, tn, sn, r, c, k_end);
+        let nv1 = d_load(true, on, rowbase, tn, sn, r + KR, c, k_end);
+        let nv2 = d_load(true, on, rowbase, tn, sn, r + 2u * KR, c, k_end);
+        let nv3 = d_load(true, on, rowbase, tn, sn, r + 3u * KR, c, k_end);
+        let e0 = d_dots(k0, qa, qb);
+        let e1 = d_dots(k1, qa, qb);
+        let e2 = d_dots(k2, qa, qb);
+        let e3 = d_dots(k3, qa, qb);
+        var f0 = vec4<f32>(0.0);
+        var f1 = vec4<f32>(0.0);
+        var f2 = vec4<f32>(0.0);
+        var f3 = vec4<f32>(0.0);
+        if GT > 4u {
+            f0 = d_dots(k0, qa2, qb2);
+            f1 = d_dots(k1, qa2, qb2);
+            f2 = d_dots(k2, qa2, qb2);
+            f3 = d_dots(k3, qa2, qb2);
         }
-
-        // 2. Partial dots: heads 0..3 in pa, 4..7 in pb.
-        var pa = vec4<f32>(0.0);
-        var pb = vec4<f32>(0.0);
-        // Two quads per trip, both loaded before use.
-        for (var i = 0u; i < (W4 + 2u * NS - 1u) / (2u * NS); i++) {
-            let u0 = sl + 2u * i * NS;
-            let u1 = u0 + NS;
-            let kq0 = kt_sh[sk * RQ + min(u0, W4 - 1u)];
-            let kq1 = kt_sh[sk * RQ + min(u1, W4 - 1u)];
-            if u0 < W4 {
-                pa += qk_heads(u0, kq0, 0u);
-                if GT > 4u {
-                    pb += qk_heads(u0, kq0, 4u);
-                }
-            }
-            if u1 < W4 {
-                pa += qk_heads(u1, kq1, 0u);
-                if GT > 4u {
-                    pb += qk_heads(u1, kq1, 4u);
-                }
-            }
+        let ds = D4(d_rowsum(e0), d_rowsum(e1), d_rowsum(e2), d_rowsum(e3));
+        st = d_step(st, ds, ok0, ok1, ok2, ok3, v0, v1, v2, v3);
+        if GT > 4u {
+            let ds2 = D4(d_rowsum(f0), d_rowsum(f1), d_rowsum(f2), d_rowsum(f3));
+            st2 = d_step(st2, ds2, ok0, ok1, ok2, ok3, v0, v1, v2, v3);
         }
-        sc_sh[(sl * KT + sk) * GQ] = pa;
-        if GQ > 1u {
-            sc_sh[(sl * KT + sk) * GQ + 1u] = pb;
+        k0 = nk0;
+        k1 = nk1;
+        k2 = nk2;
+        k3 = nk3;
+        v0 = nv0;
+        v1 = nv1;
+        v2 = nv2;
+        v3 = nv3;
+#else
+        // 1. Partial dots, then the next trip's K.
+        let b = select(0u, 512u, GQ == 1u && odd);
+        dr_sh[b + lid * GQ] = d_dots(k0, qa, qb);
+        dr_sh[b + (128u + lid) * GQ] = d_dots(k1, qa, qb);
+        dr_sh[b + (256u + lid) * GQ] = d_dots(k2, qa, qb);
+        dr_sh[b + (384u + lid) * GQ] = d_dots(k3, qa, qb);
+        if GT > 4u {
+            dr_sh[b + lid * GQ + 1u] = d_dots(k0, qa2, qb2);
+            dr_sh[b + (128u + lid) * GQ + 1u] = d_dots(k1, qa2, qb2);
+            dr_sh[b + (256u + lid) * GQ + 1u] = d_dots(k2, qa2, qb2);
+            dr_sh[b + (384u + lid) * GQ + 1u] = d_dots(k3, qa2, qb2);
         }
-        workgroupBarrier();
-
-        // 3. Logits of this invocation's key and four heads.
-        let valid = t0 + pk < k_end;
-        var sv = vec4<f32>(M_INIT);
-        if p_on {
-            var d = vec4<f32>(0.0);
-            for (var s = 0u; s < NS; s++) {
-                d += sc_sh[(s * KT + pk) * GQ + pq];
-            }
-            if valid {
-                sv = vec4<f32>(logit(d.x), logit(d.y), logit(d.z), logit(d.w));
-            }
-            sc_sh[pk * GQ + pq] = sv;
-        }
-        workgroupBarrier();
-
-        // 4. Tile max, running max, probabilities.
-        if p_on {
-            // Four independent chains (KT is a multiple of 4).
-            var tm = vec4<f32>(M_INIT);
-            var tm1 = vec4<f32>(M_INIT);
-            var tm2 = vec4<f32>(M_INIT);
-            var tm3 = vec4<f32>(M_INIT);
-            for (var j = 0u; j < KT; j += 4u) {
-                tm = max(tm, sc_sh[j * GQ + pq]);
-                tm1 = max(tm1, sc_sh[(j + 1u) * GQ + pq]);
-                tm2 = max(tm2, sc_sh[(j + 2u) * GQ + pq]);
-                tm3 = max(tm3, sc_sh[(j + 3u) * GQ + pq]);
-            }
-            tm = max(max(tm, tm1), max(tm2, tm3));
-            let mn = max(mr, tm);
-            if pk == 0u {
-                alpha_sh[pq] = exp(mr - mn);
-                m_sh[pq] = mn;
-            }
-            mr = mn;
-            sc_sh[P_OFF + pk * GQ + pq] = select(vec4<f32>(0.0), exp(sv - mn), valid);
-        }
+        k0 = d_load(false, on, rowbase, tn, sn, r, c, k_end);
+        k1 = d_load(false, on, rowbase, tn, sn, r + KR, c, k_end);
+        k2 = d_load(false, on, rowbase, tn, sn, r + 2u * KR, c, k_end);
+        k3 = d_load(false, on, rowbase, tn, sn, r + 3u * KR, c, k_end);
         workgroupBarrier();
 
-        // 5. p * V.
-        if v_on {
-            let aa = alpha_sh[0];
-            a0 *= aa.x;
-            a1 *= aa.y;
-            a2 *= aa.z;
-            a3 *= aa.w;
-            la *= aa;
+        // 2. Logits of this row's four keys, softmax step, p * V; then the next V.
+        if on {
+            st = d_step(st, d_sum(b, r, 0u), ok0, ok1, ok2, ok3, v0, v1, v2, v3);
             if GT > 4u {
-                let ab = alpha_sh[1];
-                a4 *= ab.x;
-                a5 *= ab.y;
-                a6 *= ab.z;
-                a7 *= ab.w;
-                lb *= ab;
+                st2 = d_step(st2, d_sum(b, r, 1u), ok0, ok1, ok2, ok3, v0, v1, v2, v3);
             }
-            // Keys past k_end have p = 0 and V = 0 (loaded as zeros): no bound needed.
-            // Two keys per trip, both loaded before use (a key past KT reads key KT - 1
-            // with p = 0).
-            for (var jj = 0u; jj < (KT + 2u * KS - 1u) / (2u * KS); jj++) {
-                let j0 = ks + 2u * jj * KS;
-                let j1 = j0 + KS;
-                let jc0 = min(j0, KT - 1u);
-                let jc1 = min(j1, KT - 1u);
-                let vv0 = v_chunk(jc0, vcol);
-                let vv1 = v_chunk(jc1, vcol);
-                let pa0 = select(vec4<f32>(0.0), sc_sh[P_OFF + jc0 * GQ], j0 < KT);
-                let pa1 = select(vec4<f32>(0.0), sc_sh[P_OFF + jc1 * GQ], j1 < KT);
-                a0 += pa0.x * vv0 + pa1.x * vv1;
-                a1 += pa0.y * vv0 + pa1.y * vv1;
-                a2 += pa0.z * vv0 + pa1.z * vv1;
-                a3 += pa0.w * vv0 + pa1.w * vv1;
-                la += pa0 + pa1;
-                if GT > 4u {
-                    let pb0 = select(vec4<f32>(0.0), sc_sh[P_OFF + jc0 * GQ + 1u], j0 < KT);
-                    let pb1 = select(vec4<f32>(0.0), sc_sh[P_OFF + jc1 * GQ + 1u], j1 < KT);
-                    a4 += pb0.x * vv0 + pb1.x * vv1;
-                    a5 += pb0.y * vv0 + pb1.y * vv1;
-                    a6 += pb0.z * vv0 + pb1.z * vv1;
-                    a7 += pb0.w * vv0 + pb1.w * vv1;
-                    lb += pb0 + pb1;
+        }
+        if GQ > 1u {
+            workgroupBarrier();
+        }
+        odd = !odd;
+        v0 = d_load(true, on, rowbase, tn, sn, r, c, k_end);
+        v1 = d_load(true, on, rowbase, tn, sn, r + KR, c, k_end);
+        v2 = d_load(true, on, rowbase, tn, sn, r + 2u * KR, c, k_end);
+        v3 = d_load(true, on, rowbase, tn, sn, r + 3u * KR, c, k_end);
+#endif
+    }
+
+    // Merge the KR rows: maxima and sums, then the outputs four heads a round.
+    if on && c == 0u {
+        dm_sh[r * GQ] = st.m;
+        dl_sh[r * GQ] = st.l;
+        if GQ > 1u {
+            dm_sh[r * GQ + 1u] = st2.m;
+            dl_sh[r * GQ + 1u] = st2.l;
+        }
+    }
+    workgroupBarrier();
+    var mx = vec4<f32>(M_INIT);
+    var mx2 = vec4<f32>(M_INIT);
+    for (var rr = 0u; rr < KR; rr++) {
+        mx = max(mx, dm_sh[rr * GQ]);
+        if GQ > 1u {
+            mx2 = max(mx2, dm_sh[rr * GQ + 1u]);
+        }
+    }
+    var lt = vec4<f32>(0.0);
+    var lt2 = vec4<f32>(0.0);
+    for (var rr = 0u; rr < KR; rr++) {
+        lt += dl_sh[rr * GQ] * exp(dm_sh[rr * GQ] - mx);
+        if GQ > 1u {
+            lt2 += dl_sh[rr * GQ + 1u] * exp(dm_sh[rr * GQ + 1u] - mx2);
+        }
+    }
+    for (var rd = 0u; rd < GQ; rd++) {
+        if rd > 0u {
+            workgroupBarrier();
+        }
+        if on {
+            if rd == 0u {
+                d_put(st, exp(st.m - mx), r, c);
+            } else {
+                d_put(st2, exp(st2.m - mx2), r, c);
+            }
+        }
+        workgroupBarrier();
+        for (var o = lid; o < 4u * C4; o += 128u) {
+            let g = 4u * rd + o / C4;
+            if g < ng {
+                var a = vec4<f32>(0.0);
+                for (var rr = 0u; rr < KR; rr++) {
+                    a += dr_sh[o * KR + rr];
                 }
+                let po = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM + (o % C4) * 4u;
+                part_o[po] = a.x;
+                part_o[po + 1u] = a.y;
+                part_o[po + 2u] = a.z;
+                part_o[po + 3u] = a.w;
             }
         }
     }
-
-    // Combine the KS key subsets, four heads a round, through q_sh: its last reads (phase 2
-    // of the last tile) are behind that tile's barriers.
-    for (var r = 0u; r < GQ; r++) {
-        if r > 0u {
-            workgroupBarrier();
-        }
-        if v_on {
-            let hi = r > 0u;
-            q_sh[lid] = select(a0, a4, hi);
-            q_sh[128u + lid] = select(a1, a5, hi);
-            q_sh[256u + lid] = select(a2, a6, hi);
-            q_sh[384u + lid] = select(a3, a7, hi);
-            if r == 0u && vcol == 0u {
-                l_sh[ks * GQ] = la;
-                if GQ > 1u {
-                    l_sh[ks * GQ + 1u] = lb;
-                }
-            }
-        }
-        workgroupBarrier();
-        for (var it = lid; it < 4u * C4; it += 128u) {
-            let e = it / C4;
-            let c = it % C4;
-            let g = 4u * r + e;
-            if g < ng {
-                var a = vec4<f32>(0.0);
-                for (var s = 0u; s < KS; s++) {
-                    a += q_sh[e * 128u + s * C4 + c];
-                }
-                let o = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM + c * 4u;
-                part_o[o] = a.x;
-                part_o[o + 1u] = a.y;
-                part_o[o + 2u] = a.z;
-                part_o[o + 3u] = a.w;
-            }
-        }
-        if r == 0u && lid < ng {
-            var l = 0.0;
-            for (var s = 0u; s < KS; s++) {
-                l += l_sh[s * GQ + lid / 4u][lid % 4u];
-            }
-            let o = view(4u) + ((h0 + lid) * p.n_splits + split) * 2u;
-            part_ml[o] = m_sh[lid / 4u][lid % 4u];
-            part_ml[o + 1u] = l;
-        }
+    if lid < ng {
+        let hi = lid >= 4u;
+        let o = view(4u) + ((h0 + lid) * p.n_splits + split) * 2u;
+        part_ml[o] = select(mx, mx2, hi)[lid % 4u];
+        part_ml[o + 1u] = select(lt, lt2, hi)[lid % 4u];
     }
 }
 
@@ -535,7 +554,29 @@ fn sdpa_decode_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     let po = view(3u) + h * p.n_splits * HEAD_DIM + c * 4u;
     var a = vec4<f32>(0.0);
     if sg < sg_n {
-        for (var s = sg; s < p.n_splits; s += sg_n) {
+        // Four splits per trip, all loads before the arithmetic (independent requests in
+        // flight instead of one load latency per split).
+        var s = sg;
+        while s + 3u * sg_n < p.n_splits {
+            let s1 = s + sg_n;
+            let s2 = s1 + sg_n;
+            let s3 = s2 + sg_n;
+            let m0 = part_ml[ml + 2u * s];
+            let m1 = part_ml[ml + 2u * s1];
+            let m2 = part_ml[ml + 2u * s2];
+            let m3 = part_ml[ml + 2u * s3];
+            let o0 = po + s * HEAD_DIM;
+            let o1 = po + s1 * HEAD_DIM;
+            let o2 = po + s2 * HEAD_DIM;
+            let o3 = po + s3 * HEAD_DIM;
+            let x0 = vec4<f32>(part_o[o0], part_o[o0 + 1u], part_o[o0 + 2u], part_o[o0 + 3u]);
+            let x1 = vec4<f32>(part_o[o1], part_o[o1 + 1u], part_o[o1 + 2u], part_o[o1 + 3u]);
+            let x2 = vec4<f32>(part_o[o2], part_o[o2 + 1u], part_o[o2 + 2u], part_o[o2 + 3u]);
+            let x3 = vec4<f32>(part_o[o3], part_o[o3 + 1u], part_o[o3 + 2u], part_o[o3 + 3u]);
+            a += (exp(m0 - mx) * x0 + exp(m1 - mx) * x1) + (exp(m2 - mx) * x2 + exp(m3 - mx) * x3);
+            s += 4u * sg_n;
+        }
+        for (; s < p.n_splits; s += sg_n) {
             let o = po + s * HEAD_DIM;
             let w = exp(part_ml[ml + 2u * s] - mx);
             a += w * vec4<f32>(part_o[o], part_o[o + 1u], part_o[o + 2u], part_o[o + 3u]);
