@@ -2,7 +2,7 @@
 //! over a long text scored by chunked prefill (so every chunk after the first attends to a
 //! compressed past). Prints, per mode, the mean KL divergence and top-1 agreement.
 //!
-//!   cargo run --release -p mlx-native-lm --example kv_quality -- MODEL.gguf TEXT_FILE [TOKENS] [MODES]
+//!   cargo run --release -p mlx-native-lm --example kv_quality -- MODEL.gguf TEXT_FILE [TOKENS] [MODES] [CHUNK]
 use mlx_native::kv_quant::KvFormat;
 use mlx_native::weights::gguf::GgufFile;
 use mlx_native::MlxDevice;
@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let model = args
         .get(1)
-        .ok_or("usage: kv_quality MODEL TEXT [TOKENS] [MODES]")?;
+        .ok_or("usage: kv_quality MODEL TEXT [TOKENS] [MODES] [CHUNK]")?;
     let text = std::fs::read_to_string(args.get(2).ok_or("missing TEXT")?)?;
     let n: usize = args.get(3).map_or(Ok(2048), |s| s.parse())?;
     let modes: Vec<String> = args
@@ -29,7 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let m = load(&gpu, &f, true)?;
     let mut ids = tok.encode(&text, true)?;
     ids.truncate(n);
-    let chunk = 256;
+    // Chunk size (5th argument, default 256): a big vocabulary needs smaller chunks, as each
+    // chunk's logits [chunk, vocab] must fit one storage binding (128 MiB on lavapipe).
+    let chunk: usize = args.get(5).map_or(Ok(256), |s| s.parse())?;
     let base = log_probs(&m, &ids, chunk, KvFormat::F16)?;
     println!("model {model}, {} tokens, chunks of {chunk}", ids.len());
     println!("{:<7} {:>12} {:>8}", "mode", "mean KL", "top-1");
