@@ -79,6 +79,10 @@ enum Command {
         /// Print only one JSON object on stdout.
         #[arg(long)]
         json: bool,
+        /// After generating, time one more decode step kernel by kernel (GPU timestamps)
+        /// and print where its time goes.
+        #[arg(long)]
+        profile: bool,
     },
     /// Interactive chat with the model's template (empty line or /exit quits).
     Chat {
@@ -244,7 +248,13 @@ fn interrupt_flag() -> Arc<AtomicBool> {
     flag
 }
 
-fn generate(s: SamplingArgs, prompt: String, chat: bool, json: bool) -> CliResult<bool> {
+fn generate(
+    s: SamplingArgs,
+    prompt: String,
+    chat: bool,
+    json: bool,
+    profile: bool,
+) -> CliResult<bool> {
     let gpu = open_gpu()?;
     let engine = load(&s, &gpu, json)?;
     let ids = engine.prompt_ids(&prompt, chat).map_err(err)?;
@@ -273,6 +283,27 @@ fn generate(s: SamplingArgs, prompt: String, chat: bool, json: bool) -> CliResul
         println!();
     }
     eprintln!("{}", summary(&g, &engine));
+    if profile {
+        let tokens = [g.prompt_ids.as_slice(), g.generated_ids.as_slice()].concat();
+        let kernels = engine
+            .profile_decode(&tokens, ctx.max(tokens.len()))
+            .map_err(err)?;
+        let total: f64 = kernels.iter().map(|k| k.gpu_us).sum();
+        let n: usize = kernels.iter().map(|k| k.count).sum();
+        eprintln!(
+            "profile: one decode step at position {}: {n} dispatches, {total:.0} us of GPU time",
+            tokens.len() - 1
+        );
+        for k in &kernels {
+            eprintln!(
+                "  {:>9.1} us {:>5.1}%  x{:<4} {}",
+                k.gpu_us,
+                100.0 * k.gpu_us / total.max(1e-9),
+                k.count,
+                k.label
+            );
+        }
+    }
     Ok(g.stop_reason != StopReason::Interrupted)
 }
 
@@ -330,7 +361,8 @@ fn run(cli: Cli) -> CliResult<bool> {
             prompt,
             chat,
             json,
-        } => generate(s, prompt, chat, json),
+            profile,
+        } => generate(s, prompt, chat, json, profile),
         Command::Chat { s, system } => chat(s, system),
         Command::Info { path, json } => info(path, json),
         Command::Devices => {

@@ -63,6 +63,34 @@ fn generate_json_prints_one_object_with_llama_cpp_prefix() {
     assert!(stderr(&o).contains("prompt tokens"), "summary on stderr");
 }
 
+/// `--profile` times one more decode step kernel by kernel on stderr: the matvecs and the
+/// attention appear, and the shares add up to the total.
+#[test]
+fn generate_profile_prints_where_a_step_goes() {
+    if default_model().is_none() {
+        return;
+    }
+    let o = mlx_native(&[
+        "generate",
+        "--prompt",
+        "The capital of France is",
+        "--max-tokens",
+        "3",
+        "--profile",
+    ]);
+    let err = stderr(&o);
+    assert!(o.status.success(), "{err}");
+    // Where the adapter has no timestamp queries the table is empty but the line is there.
+    let head = err
+        .lines()
+        .find(|l| l.starts_with("profile: one decode step at position 7:"))
+        .unwrap_or_else(|| panic!("no profile line in:\n{err}"));
+    if !head.contains(" 0 dispatches") {
+        assert!(err.contains("sdpa_decode"), "{err}");
+        assert!(err.contains("matvec"), "{err}");
+    }
+}
+
 #[test]
 fn bad_input_gives_one_line_errors_and_a_failing_exit() {
     let cases: &[(&[&str], &str)] = &[

@@ -1428,7 +1428,9 @@ fn time_linears(m: &Transformer, bw: f64, step_us: Option<f64>) -> Result<Vec<Li
     Ok(rows)
 }
 
-fn top_kernels(steps: &[Vec<mlx_native::KernelTiming>]) -> Vec<KernelShare> {
+/// Per-kernel GPU time of decode steps (each a list of per-dispatch timings), averaged over
+/// the steps, largest first.
+pub fn top_kernels(steps: &[Vec<mlx_native::KernelTiming>]) -> Vec<KernelShare> {
     let mut by: HashMap<String, (usize, f64)> = HashMap::new();
     for s in steps {
         for k in s {

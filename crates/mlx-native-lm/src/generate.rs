@@ -337,6 +337,43 @@ impl Engine {
         Ok((rb, next))
     }
 
+    /// Where one decode step's GPU time goes: `tokens` (the prompt and what was generated)
+    /// are prefilled into a fresh cache of `ctx` positions, then one more step runs with a
+    /// GPU timestamp around every dispatch (each then runs in its own compute pass, which
+    /// adds a few µs per dispatch). Kernels by total time, largest first.
+    pub fn profile_decode(
+        &self,
+        tokens: &[u32],
+        ctx: usize,
+    ) -> Result<Vec<crate::bench_decode::KernelShare>> {
+        let (last, past) = tokens
+            .split_last()
+            .ok_or_else(|| LmError::Invalid("profile: no tokens".into()))?;
+        if tokens.len() > ctx {
+            return Err(LmError::Invalid(format!(
+                "profile: {} tokens do not fit the context size {ctx}",
+                tokens.len()
+            )));
+        }
+        let gpu = &self.model.gpu;
+        let mut cache = self
+            .model
+            .new_cache_with(ctx, mlx_native::kv_quant::KvFormat::F16)?;
+        for (c, chunk) in past.chunks(PREFILL_CHUNK).enumerate() {
+            let mut pass = gpu.begin();
+            self.model
+                .forward(&mut pass, chunk, c * PREFILL_CHUNK, &mut cache)?;
+            pass.commit()?;
+        }
+        let mut pass = gpu.begin().with_profiling(true);
+        let logits = self
+            .model
+            .forward(&mut pass, &[*last], past.len(), &mut cache)?;
+        sample(&mut pass, &logits, &Sampling::default(), 0.5)?;
+        let timings = pass.commit_and_wait()?;
+        Ok(crate::bench_decode::top_kernels(&[timings]))
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn finish(
         &self,
