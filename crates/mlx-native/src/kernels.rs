@@ -158,6 +158,7 @@ const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
 const GGML_COMMON: &str = include_str!("shaders/ggml_common.wgsl");
 const QUANT: &str = include_str!("shaders/common/quant.wgsl");
 const KV_QUANT_COMMON: &str = include_str!("shaders/kv_quant_common.wgsl");
+const SPLIT_REDUCE: &str = include_str!("shaders/common/split_reduce.wgsl");
 const GGML_DENSE: &str = include_str!("shaders/ggml_dense.wgsl");
 const GGML_LEGACY: &str = include_str!("shaders/ggml_legacy.wgsl");
 const GGML_K: &str = include_str!("shaders/ggml_k.wgsl");
@@ -168,7 +169,9 @@ impl Kernel {
         match self {
             Kernel::Norm | Kernel::Softmax | Kernel::Select | Kernel::Rope => &[REDUCE],
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
-            Kernel::KvQuant | Kernel::SdpaQuant => &[KV_QUANT_COMMON],
+            Kernel::KvQuant => &[KV_QUANT_COMMON],
+            Kernel::SdpaQuant => &[KV_QUANT_COMMON, SPLIT_REDUCE],
+            Kernel::Sdpa => &[SPLIT_REDUCE],
             Kernel::Qmatmul | Kernel::MatmulCoop | Kernel::MoeQuant => &[QUANT],
             Kernel::MoeGgmlDense => &[GGML_COMMON, GGML_DENSE],
             Kernel::MoeGgmlLegacy => &[GGML_COMMON, GGML_LEGACY],

@@ -418,15 +418,8 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
     }
 }
 
-var<workgroup> red_m: array<vec2<f32>, 128>;
-var<workgroup> red_o: array<vec4<f32>, 128>;
-
-fn merge_ml(a: vec2<f32>, b: vec2<f32>) -> vec2<f32> {
-    let m = max(a.x, b.x);
-    return vec2<f32>(m, a.y * exp(a.x - m) + b.y * exp(b.x - m));
-}
-
-// As sdpa_decode_reduce (sdpa.wgsl), then rotated modes rotate the output back.
+// As sdpa_decode_reduce (common/split_reduce.wgsl), then rotated modes rotate the output
+// back.
 @compute @workgroup_size(128)
 fn sdpa_quant_reduce(@builtin(workgroup_id) wid: vec3<u32>,
                      @builtin(num_workgroups) nwg: vec3<u32>,
@@ -435,51 +428,12 @@ fn sdpa_quant_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     if h >= p.n_heads {
         return;
     }
-    let ml = view(4u) + h * p.n_splits * 2u;
-    var mine = vec2<f32>(M_INIT, 0.0);
-    for (var s = lid; s < p.n_splits; s += 128u) {
-        mine = merge_ml(mine, vec2<f32>(part_ml[ml + 2u * s], part_ml[ml + 2u * s + 1u]));
-    }
-    red_m[lid] = mine;
-    workgroupBarrier();
-    for (var w = 64u; w > 0u; w >>= 1u) {
-        if lid < w {
-            red_m[lid] = merge_ml(red_m[lid], red_m[lid + w]);
-        }
-        workgroupBarrier();
-    }
-    var tot = red_m[0];
-    if p.has_sinks != 0u {
-        tot = merge_ml(tot, vec2<f32>(sinks[view(5u) + h], 1.0));
-    }
-    let mx = tot.x;
-    let inv = select(0.0, 1.0 / tot.y, tot.y > 0.0);
-    let sg_n = 128u / C4;
-    let sg = lid / C4;
-    let c = lid % C4;
-    let po = view(3u) + h * p.n_splits * HEAD_DIM + c * 4u;
-    var a = vec4<f32>(0.0);
-    if sg < sg_n {
-        for (var s = sg; s < p.n_splits; s += sg_n) {
-            let o = po + s * HEAD_DIM;
-            let w = exp(part_ml[ml + 2u * s] - mx);
-            a += w * vec4<f32>(part_o[o], part_o[o + 1u], part_o[o + 2u], part_o[o + 3u]);
-        }
-    }
-    red_o[lid] = a;
-    workgroupBarrier();
-    var t = vec4<f32>(0.0);
-    if lid < C4 {
-        for (var s = 0u; s < sg_n; s++) {
-            t += red_o[s * C4 + lid];
-        }
-        t *= inv;
-        if ROT {
-            scr[4u * lid] = t.x;
-            scr[4u * lid + 1u] = t.y;
-            scr[4u * lid + 2u] = t.z;
-            scr[4u * lid + 3u] = t.w;
-        }
+    let t = combine_splits(h, lid);
+    if ROT && lid < C4 {
+        scr[4u * lid] = t.x;
+        scr[4u * lid + 1u] = t.y;
+        scr[4u * lid + 2u] = t.z;
+        scr[4u * lid + 3u] = t.w;
     }
     if ROT {
         workgroupBarrier();
