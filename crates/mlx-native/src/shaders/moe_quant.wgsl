@@ -34,23 +34,9 @@ const TPR: u32 = 32u;
 @group(1) @binding(0) var<uniform> p: Params;
 
 // ---------------------------------------------------------------------------------------
-// gqmv (the chunk helpers are those of qmatmul.wgsl's qmv)
+// gqmv (the chunk helpers are qmatmul.wgsl's qmv's and common/quant.wgsl's)
 
 var<workgroup> red: array<f32, 256>;
-
-fn codes4(w: array<u32, 8>, i: u32) -> vec4<f32> {
-    let bit = i * 4u * BITS;
-    let lo = bit >> 5u;
-    return code_values4(window(w[lo], w[min(lo + 1u, 7u)], bit & 31u));
-}
-
-fn chunk_dot(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
-    let a = dot(x[0], codes4(w, 0u)) + dot(x[1], codes4(w, 1u));
-    let b = dot(x[2], codes4(w, 2u)) + dot(x[3], codes4(w, 3u));
-    let c = dot(x[4], codes4(w, 4u)) + dot(x[5], codes4(w, 5u));
-    let d = dot(x[6], codes4(w, 6u)) + dot(x[7], codes4(w, 7u));
-    return (a + b) + (c + d);
-}
 
 fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
     var w: array<u32, 8>;

@@ -98,3 +98,21 @@ fn dequant_at(row: u32, j: u32, wpr: u32, gpr: u32) -> f32 {
     return fma(f32(code_at(row, j, wpr)), scale_at(g), bias_at(g));
 #endif
 }
+
+// A chunk: 32 consecutive codes of a row, held as BITS words in w (matvec kernels).
+// Codes 4i..4i+3 of a chunk held in w (BITS words) as values. After inlining, i and BITS
+// are constants, so every index below is too and w stays in registers.
+fn codes4(w: array<u32, 8>, i: u32) -> vec4<f32> {
+    let bit = i * 4u * BITS;
+    let lo = bit >> 5u;
+    return code_values4(window(w[lo], w[min(lo + 1u, 7u)], bit & 31u));
+}
+
+// Σ x·code over one chunk, written out so no private array is indexed dynamically.
+fn chunk_dot(w: array<u32, 8>, x: array<vec4<f32>, 8>) -> f32 {
+    let a = dot(x[0], codes4(w, 0u)) + dot(x[1], codes4(w, 1u));
+    let b = dot(x[2], codes4(w, 2u)) + dot(x[3], codes4(w, 3u));
+    let c = dot(x[4], codes4(w, 4u)) + dot(x[5], codes4(w, 5u));
+    let d = dot(x[6], codes4(w, 6u)) + dot(x[7], codes4(w, 7u));
+    return (a + b) + (c + d);
+}
