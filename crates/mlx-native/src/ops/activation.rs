@@ -45,7 +45,7 @@ pub enum Act {
 
 impl Act {
     /// The `ACT` override of `activation.wgsl`.
-    const fn code(self) -> u32 {
+    pub(crate) const fn code(self) -> u32 {
         match self {
             Act::Silu => 0,
             Act::GeluTanh => 1,
@@ -54,7 +54,7 @@ impl Act {
     }
 }
 
-const ACTS: [Act; 3] = [Act::Silu, Act::GeluTanh, Act::GeluErf];
+pub(crate) const ACTS: [Act; 3] = [Act::Silu, Act::GeluTanh, Act::GeluErf];
 
 fn spec(entry: &'static str, act: Option<Act>) -> Result<Spec> {
     let s = Spec::new(entry, DType::F32, WG);

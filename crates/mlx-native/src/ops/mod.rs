@@ -33,7 +33,7 @@ pub use moe::{
     moe_route, MoeConfig, MoeExperts, RouterConfig, RouterKind,
 };
 pub use norm::{layer_norm, rms_norm, rms_norm_residual};
-pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv};
+pub use qmatmul::{dequantize, gather_rows_quantized, qmatmul, qmm, qmv, qmv_fused, QmvFusion};
 pub use rope::{norm_rope, rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};
 pub use select::{argmax, argsort, top_k};

@@ -43,6 +43,7 @@ use crate::dtype::DType;
 use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
+use crate::ops::activation::{Act, ACTS};
 use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
 use crate::weights::quant_weight::QuantWeight;
 
@@ -56,7 +57,7 @@ struct QmatmulParams {
     gpr: u32,
     rows: u32,
     use_ids: u32,
-    _pad: u32,
+    eps: f32,
 }
 const _: () = assert!(std::mem::size_of::<QmatmulParams>() == 32);
 
@@ -253,9 +254,46 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
         .with_const("GROUP_SIZE", params.group_size)
 }
 
-fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool) -> Result<Spec> {
+/// Work folded into a decode matvec ([`qmv_fused`]); each part saves a dispatch and the
+/// barrier before it. Applied in this order: GLU, norm, matvec, residual.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct QmvFusion<'a> {
+    /// x holds rows `[gate | up]` of 2K elements; the matvec's input is `act(gate) * up`
+    /// (what [`crate::ops::activation::glu_split`] computes).
+    pub glu: Option<Act>,
+    /// RMS-normalize the input first, `x * rsqrt(mean(x²) + eps) * weight` (what
+    /// [`crate::ops::rms_norm`] computes): the f32 weight of K elements, and eps.
+    pub norm: Option<(&'a MlxBuffer, f32)>,
+    /// Added to the output, `y = x · Wᵀ + residual` (f32, M x N elements).
+    pub residual: Option<&'a MlxBuffer>,
+}
+
+impl QmvFusion<'_> {
+    /// The kernel's FUSE and ACT bits (qmatmul.wgsl).
+    fn code(&self) -> u32 {
+        let fuse = u32::from(self.norm.is_some())
+            | u32::from(self.glu.is_some()) << 1
+            | u32::from(self.residual.is_some()) << 2;
+        fuse | self.glu.map_or(0, Act::code) << 3
+    }
+}
+
+/// The fusion codes the engine's decode path dispatches ([`QmvFusion::code`]): none, norm
+/// (q|k|v and gate|up), residual (o), GLU with and without the residual (down), per
+/// activation.
+fn fusion_codes() -> Vec<u32> {
+    let mut v = vec![0, 1, 4];
+    for act in ACTS {
+        v.push(2 | act.code() << 3);
+        v.push(6 | act.code() << 3);
+    }
+    v
+}
+
+fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool, fuse: u32) -> Result<Spec> {
+    let packed = fuse << 20 | cfg.exp << 16 | cfg.tpr << 4 | cfg.rpt;
     Ok(qspec("qmv", params, dt, cfg.wg)?
-        .with_const("QMV", cfg.exp * 65536 + cfg.tpr * 16 + cfg.rpt)?
+        .with_const("QMV", packed)?
         .with_subgroups(sg))
 }
 
@@ -287,7 +325,9 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     for (params, dt) in formats() {
         for cfg in qmv_configs() {
             for sg in [false, true] {
-                v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg)?));
+                for fuse in fusion_codes() {
+                    v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg, fuse)?));
+                }
             }
         }
         v.push((Kernel::Qmatmul, qspec("qmm", params, dt, TILED_WG)?));
@@ -311,7 +351,7 @@ fn params_for(w: &QuantWeight, m: usize) -> Result<QmatmulParams> {
         gpr: check::fits_u32(l.groups_per_row, "qmatmul", "groups per row")?,
         rows: 0,
         use_ids: 0,
-        _pad: 0,
+        eps: 0.0,
     })
 }
 
@@ -349,10 +389,10 @@ fn aligned_x(pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
         gpr: 0,
         rows: n,
         use_ids: 0,
-        _pad: 0,
+        eps: 0.0,
     };
     let spec = Spec::new("copy_x", DType::F32, DEQUANT_WG);
-    let bufs = [&out, &out, &out, &out, &out, &out, &out, x];
+    let bufs = [&out, &out, &out, &out, &out, &out, x];
     pass.dispatch(
         Kernel::Qmatmul,
         spec,
@@ -396,34 +436,125 @@ pub fn qmv_with(
     check::ensure(m <= MAX_VEC_M, "qmv", || {
         format!("x has {m} rows, at most {MAX_VEC_M} (use qmm or qmatmul)")
     })?;
-    let subgroups = match plan(m, n, k, pass.caps()) {
-        MatmulPlan::Vector { subgroups, .. } => subgroups,
-        _ => false,
+    let vec = VecRun {
+        op: "qmv",
+        m,
+        yshape: &yshape,
+        cfg: cfg.validate()?,
+        subgroups: vec_subgroups(m, n, k, pass.caps()),
     };
-    run_vec(pass, "qmv", x, w, m, &yshape, cfg.validate()?, subgroups)
+    run_vec(pass, x, w, &vec, &QmvFusion::default())
 }
 
-#[allow(clippy::too_many_arguments)]
-fn run_vec(
+/// [`qmv`] with work folded in around it ([`QmvFusion`]): the decode path's RMS norm before
+/// a projection, the GLU before the down projection and the residual add after one, in a
+/// single dispatch. `x` is f32 `[M, K]` (`[M, 2K]` with a GLU), M ≤ 8; `y` is f32 `[M, N]`.
+pub fn qmv_fused(
     pass: &mut Pass,
-    op: &str,
     x: &MlxBuffer,
     w: &QuantWeight,
+    fusion: &QmvFusion<'_>,
+) -> Result<MlxBuffer> {
+    let op = "qmv_fused";
+    let [n, k] = w.shape();
+    check::dtype(x, &[DType::F32], op, "x")?;
+    let (m, xk) = check::rows(x, op, "x")?;
+    let want = if fusion.glu.is_some() { 2 * k } else { k };
+    check::ensure(xk == want, op, || {
+        let what = if fusion.glu.is_some() {
+            "2K (gate and up)"
+        } else {
+            "K"
+        };
+        format!(
+            "x has {xk} columns (shape {:?}), expected {what} = {want}",
+            x.shape()
+        )
+    })?;
+    check::ensure(m <= MAX_VEC_M, op, || {
+        format!("x has {m} rows, at most {MAX_VEC_M}")
+    })?;
+    if let Some((nw, _)) = fusion.norm {
+        check::dtype(nw, &[DType::F32], op, "norm weight")?;
+        check::len(nw, k, op, "norm weight")?;
+        // Read as vec4: the view must start on 16 bytes of its binding.
+        let align = pass.caps().storage_offset_alignment;
+        check::ensure(
+            nw.elem_offset().is_multiple_of(4) && align.is_multiple_of(16),
+            op,
+            || {
+                format!(
+                    "the norm weight view starts at element {}, not a multiple of 4",
+                    nw.elem_offset()
+                )
+            },
+        )?;
+    }
+    if let Some(r) = fusion.residual {
+        check::dtype(r, &[DType::F32], op, "residual")?;
+        check::len(r, m * n, op, "residual")?;
+    }
+    let mut yshape = x.shape().to_vec();
+    if let Some(last) = yshape.last_mut() {
+        *last = n;
+    }
+    let vec = VecRun {
+        op,
+        m,
+        yshape: &yshape,
+        cfg: qmv_config(n, k),
+        subgroups: vec_subgroups(m, n, k, pass.caps()),
+    };
+    run_vec(pass, x, w, &vec, fusion)
+}
+
+/// Whether the matvec plan reduces with subgroups on this device.
+fn vec_subgroups(m: usize, n: usize, k: usize, caps: &Caps) -> bool {
+    match plan(m, n, k, caps) {
+        MatmulPlan::Vector { subgroups, .. } => subgroups,
+        _ => false,
+    }
+}
+
+/// What a qmv dispatch needs besides its buffers.
+struct VecRun<'a> {
+    op: &'a str,
     m: usize,
-    yshape: &[usize],
+    yshape: &'a [usize],
     cfg: QmvConfig,
     subgroups: bool,
+}
+
+fn run_vec(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &QuantWeight,
+    run: &VecRun<'_>,
+    fusion: &QmvFusion<'_>,
 ) -> Result<MlxBuffer> {
     let [n, _] = w.shape();
-    let params = params_for(w, m)?;
+    let mut params = params_for(w, run.m)?;
+    params.eps = fusion.norm.map_or(0.0, |(_, eps)| eps);
     let dt = scale_dtype(w.params(), w.dtype());
     let biases = w.biases().unwrap_or(w.scales());
     let xa = aligned_x(pass, x)?;
-    let y = pass.alloc(DType::F32, yshape)?;
-    let spec = vec_spec(w.params(), dt, cfg, subgroups)?;
-    let rows_per_wg = (cfg.wg / cfg.tpr) as usize * cfg.rpt as usize;
-    let groups = check::fits_u32(n.div_ceil(rows_per_wg), op, "workgroups")?;
-    let bufs = [&xa, w.packed(), w.scales(), biases, &y, w.packed()];
+    let y = pass.alloc(DType::F32, run.yshape)?;
+    let spec = vec_spec(w.params(), dt, run.cfg, run.subgroups, fusion.code())?;
+    let rows_per_wg = (run.cfg.wg / run.cfg.tpr) as usize * run.cfg.rpt as usize;
+    let groups = check::fits_u32(n.div_ceil(rows_per_wg), run.op, "workgroups")?;
+    // Bindings the variant does not read get x (read-only, any size).
+    let normw = fusion.norm.map_or(&xa, |(b, _)| b);
+    let resid = fusion.residual.unwrap_or(&xa);
+    let bufs = [
+        &xa,
+        w.packed(),
+        w.scales(),
+        biases,
+        &y,
+        w.packed(),
+        resid,
+        normw,
+    ];
     pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, groups)?;
     Ok(y)
 }
@@ -447,7 +578,14 @@ fn run(
     let [n, k] = w.shape();
     let (m, yshape) = check_x(op, x, k, n)?;
     if let MatmulPlan::Vector { subgroups, .. } = plan {
-        return run_vec(pass, op, x, w, m, &yshape, qmv_config(n, k), subgroups);
+        let vec = VecRun {
+            op,
+            m,
+            yshape: &yshape,
+            cfg: qmv_config(n, k),
+            subgroups,
+        };
+        return run_vec(pass, x, w, &vec, &QmvFusion::default());
     }
     let params = params_for(w, m)?;
     let dt = scale_dtype(w.params(), w.dtype());

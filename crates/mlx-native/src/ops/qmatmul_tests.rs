@@ -429,6 +429,120 @@ fn x_views_at_any_offset() {
     }
 }
 
+/// The activations of `QmvFusion::glu` in f64 (independent of the WGSL: erf from
+/// `kv_quant::erf`, tanh from std).
+fn act_f64(act: Act, g: f64) -> f64 {
+    match act {
+        Act::Silu => g / (1.0 + (-g).exp()),
+        Act::GeluTanh => {
+            let u = (2.0 / std::f64::consts::PI).sqrt() * (g + 0.044715 * g * g * g);
+            0.5 * g * (1.0 + u.tanh())
+        }
+        Act::GeluErf => 0.5 * g * (1.0 + crate::kv_quant::erf(g / std::f64::consts::SQRT_2)),
+    }
+}
+
+/// qmv with a GLU before it, an RMS norm on its input and a residual added after, against
+/// the same steps in f64: every combination the engine uses and all three together, on both
+/// reduction paths, x rows at an unaligned offset (the GLU input is copied first then), and
+/// several x rows (each row has its own norm).
+///
+/// Tolerance: the f32 matvec bound of `check_product` over the fused input x' (each x'
+/// element carries a few ulp from the activation, the 1/rms and the weight: 8 more ulp of
+/// Σ|x'·w|), plus one rounding of the residual add.
+#[test]
+fn qmv_fused_matches_the_unfused_steps_in_f64() {
+    let mut rng = Rng::new(58);
+    let eps = 1e-5f32;
+    for g in devices() {
+        for (case, (params, dt)) in [
+            (QuantParams::affine(4, 64), DType::BF16),
+            (QuantParams::affine(3, 32), DType::F16),
+            (QuantParams::affine(8, 128), DType::F32),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let gs = params.group_size as usize;
+            let k = 3 * gs;
+            let n = [37, 5, 130][case];
+            let q = quant(&mut rng, n, k, params, dt);
+            let w = QuantWeight::upload(g, &q).unwrap();
+            let wref = reference(&q);
+            for (norm, glu, residual) in [
+                (true, None, false),
+                (false, None, true),
+                (false, Some(Act::Silu), true),
+                (false, Some(Act::GeluTanh), false),
+                (false, Some(Act::GeluErf), true),
+                (true, Some(Act::Silu), true),
+            ] {
+                let m = 1 + rng.below(3);
+                let off = [0usize, 3][rng.below(2)];
+                let xk = if glu.is_some() { 2 * k } else { k };
+                let raw = rng.normals(off + m * xk, 1.5);
+                let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
+                let res = rng.normals(m * n, 2.0);
+                let graw = MlxBuffer::from_slice(g, &raw, &[raw.len()]).unwrap();
+                let gx = graw.view(off, &[m, xk]).unwrap();
+                let gnw = MlxBuffer::from_slice(g, &nw, &[k]).unwrap();
+                let gres = MlxBuffer::from_slice(g, &res, &[m, n]).unwrap();
+                let fusion = QmvFusion {
+                    glu,
+                    norm: norm.then_some((&gnw, eps)),
+                    residual: residual.then_some(&gres),
+                };
+                let mut pass = g.begin();
+                let y = qmv_fused(&mut pass, &gx, &w, &fusion).unwrap();
+                pass.commit_and_wait().unwrap();
+                assert_eq!(y.shape(), &[m, n]);
+                let got: Vec<f32> = y.to_vec(g).unwrap();
+                let what = format!(
+                    "{} b{} g{gs} {dt} m{m} n{n} norm={norm} glu={glu:?} residual={residual} \
+                     off={off} sg={}",
+                    params.mode,
+                    params.bits,
+                    g.caps().subgroups
+                );
+                let u = 2f64.powi(-24);
+                for i in 0..m {
+                    let row = &raw[off + i * xk..off + (i + 1) * xk];
+                    let mut xi: Vec<f64> = match glu {
+                        Some(a) => (0..k)
+                            .map(|j| act_f64(a, row[j] as f64) * row[k + j] as f64)
+                            .collect(),
+                        None => row.iter().map(|&v| v as f64).collect(),
+                    };
+                    if norm {
+                        let ms = xi.iter().map(|v| v * v).sum::<f64>() / k as f64;
+                        let inv = 1.0 / (ms + eps as f64).sqrt();
+                        for (v, &wv) in xi.iter_mut().zip(&nw) {
+                            *v *= inv * wv as f64;
+                        }
+                    }
+                    for j in 0..n {
+                        let (mut dot, mut abs) = (0.0f64, 0.0f64);
+                        for l in 0..k {
+                            let p = xi[l] * wref[j * k + l];
+                            dot += p;
+                            abs += p.abs();
+                        }
+                        let r = if residual { res[i * n + j] as f64 } else { 0.0 };
+                        let want = dot + r;
+                        let tol = (4.0 * (k as f64).sqrt() + 10.0) * u * abs + 2.0 * u * want.abs();
+                        let got = got[i * n + j] as f64;
+                        assert!(
+                            got.is_finite() && (got - want).abs() <= tol,
+                            "{what}: y[{i},{j}] = {got:e}, want {want:e} (err {:e} > {tol:e})",
+                            (got - want).abs()
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_are_named() {
     let g = gpu();
@@ -517,6 +631,47 @@ fn bad_inputs_are_named() {
         .unwrap_err()
         .to_string();
     assert_eq!(e, "gather_rows_quantized: ids is f32, expected u32 or i32");
+    // Fused matvec: a GLU input must hold gate and up; the norm weight and the residual must
+    // match K and the output.
+    let glu = QmvFusion {
+        glu: Some(Act::Silu),
+        ..QmvFusion::default()
+    };
+    let e = qmv_fused(&mut pass, &x, &w, &glu).unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "qmv_fused: x has 96 columns (shape [1, 96]), expected 2K (gate and up) = 128"
+    );
+    let x1 = MlxBuffer::from_slice(g, &[1.0f32; 64], &[1, 64]).unwrap();
+    let nw = MlxBuffer::from_slice(g, &[1.0f32; 63], &[63]).unwrap();
+    let norm = QmvFusion {
+        norm: Some((&nw, 1e-5)),
+        ..QmvFusion::default()
+    };
+    let e = qmv_fused(&mut pass, &x1, &w, &norm)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e, "qmv_fused: norm weight has 63 elements, expected 64");
+    let nw = MlxBuffer::from_slice(g, &[1.0f32; 65], &[65]).unwrap();
+    let nwv = nw.view(1, &[64]).unwrap();
+    let norm = QmvFusion {
+        norm: Some((&nwv, 1e-5)),
+        ..QmvFusion::default()
+    };
+    let e = qmv_fused(&mut pass, &x1, &w, &norm)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        e,
+        "qmv_fused: the norm weight view starts at element 1, not a multiple of 4"
+    );
+    let r = MlxBuffer::from_slice(g, &[1.0f32; 4], &[4]).unwrap();
+    let res = QmvFusion {
+        residual: Some(&r),
+        ..QmvFusion::default()
+    };
+    let e = qmv_fused(&mut pass, &x1, &w, &res).unwrap_err().to_string();
+    assert_eq!(e, "qmv_fused: residual has 4 elements, expected 3");
 }
 
 /// Timing probe for a real GPU (`--ignored --nocapture`): qmv at decode shapes against the

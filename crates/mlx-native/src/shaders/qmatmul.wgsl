@@ -4,14 +4,17 @@
 // one group, so a chunk has one scale (and bias).
 // Entries:
 //   qmv      M <= 8: row-sets of TPR invocations, each owning RPT weight rows; the set's
-//            invocations stride over the chunks, WG / TPR row-sets per workgroup.
+//            invocations stride over the chunks, WG / TPR row-sets per workgroup. Optional
+//            fusions (FUSE) around it: an RMS norm or a GLU on x, a residual added to y.
 //   qmm      tiled: 64 x 64 outputs per workgroup of 256, K in steps of one chunk, x and
 //            dequantized W tiles in workgroup memory (16 KiB).
 //   dequant  y[i, :] = W[ids[i], :] (use_ids) or W[i, :]: one invocation per chunk.
 //   copy_x   y = xraw: realigns an x view whose offset is not a multiple of 4.
 // Bindings: 0 x (f32 seen as vec4: its offset is a multiple of 4), 1 packed words, 2 scales,
 // 3 biases (affine), 4 y (f32), 5 packed words again as vec4 (qmv, BITS 4 and 8),
-// 6 ids (u32; dequant), 7 xraw (f32; copy_x).
+// 6 aux, u32 words: ids (dequant), the f32 bits of the unaligned x (copy_x) or of the
+// residual (qmv with RESIDUAL), 7 the norm weight (f32 as vec4; qmv with NORM). Eight
+// storage bindings at most: wgpu's default limit per shader stage.
 struct Params {
     m: u32,
     n: u32,
@@ -24,12 +27,13 @@ struct Params {
     rows: u32,
     // dequant: 1 to read row numbers from ids.
     use_ids: u32,
-    _pad: u32,
+    // qmv with NORM: the RMS norm's epsilon.
+    eps: f32,
 }
 
 // qmv: weight rows per row-set RPT (1, 2, 4 or 8) and invocations per row-set TPR (a power
-// of two, 32 <= TPR <= WG), packed as QMV = QX * 65536 + TPR * 16 + RPT (a spec has three
-// constants); a
+// of two, 32 <= TPR <= WG), packed with the switches below as
+// QMV = ACT << 23 | FUSE << 20 | QX << 16 | TPR << 4 | RPT (a spec has three constants); a
 // workgroup holds WG / TPR row-sets.
 override QMV: u32 = 2056u;
 override RPT: u32 = QMV & 15u;
@@ -37,14 +41,22 @@ override TPR: u32 = (QMV >> 4u) & 4095u;
 // Measurement switches (0 in production; `QmvConfig::exp`): bit 0 skip code decoding (the
 // weight words' bits as floats), bit 1 no x loads, bit 2 no scale/bias loads, bit 3 4-bit
 // codes decoded as 1 + q/16 straight from their bits (see chunk_sum).
-override QX: u32 = QMV >> 16u;
+override QX: u32 = (QMV >> 16u) & 15u;
+// Fusions (`QmvFusion`), each saving a dispatch and its barrier on the decode path:
+//   bit 0 NORM      x -> x * rsqrt(mean(x^2) + eps) * w (binding 7): every row-set sees
+//                   all of x anyway, so Σx² is summed beside the dot products and the
+//                   1/rms applied to the row sums at the end (the norm is linear in x/rms).
+//   bit 1 GLU       binding 0 holds rows [gate | up] of 2K; x = act(gate) * up (ACT).
+//   bit 2 RESIDUAL  y = x · Wᵀ + r (binding 6, shaped like y).
+override FUSE: u32 = (QMV >> 20u) & 7u;
+override ACT: u32 = (QMV >> 23u) & 3u;
 
 
 @group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read> packed4: array<vec4<u32>>;
-@group(0) @binding(6) var<storage, read> ids: array<u32>;
-@group(0) @binding(7) var<storage, read> xraw: array<f32>;
+@group(0) @binding(6) var<storage, read> aux: array<u32>;
+@group(0) @binding(7) var<storage, read> normw: array<vec4<f32>>;
 @group(1) @binding(0) var<uniform> p: Params;
 
 fn weight_at(row: u32, j: u32) -> f32 {
@@ -57,6 +69,8 @@ fn weight_at(row: u32, j: u32) -> f32 {
 // Partial sums of one x row: [row-set * RPT + r][slot], slot < TPR (fewer with subgroups).
 // WG * RPT <= 2048.
 var<workgroup> red: array<f32, 2048>;
+// NORM: partial Σx² of the x row, [row-set][slot] (WG <= 256 entries).
+var<workgroup> red_ss: array<f32, 256>;
 
 // The BITS words of chunk c of packed row `row` (4- and 8-bit: vec4 loads).
 fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
@@ -139,6 +153,43 @@ fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
                                xv[o + 5u], xv[o + 6u], xv[o + 7u]);
 }
 
+fn glu4(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(act(g.x), act(g.y), act(g.z), act(g.w)) * u;
+}
+
+// Chunk c of x row m (x rows start at vec4 `xbase`), with the GLU prologue applied.
+fn x_row_chunk(xbase: u32, m: u32, c: u32) -> array<vec4<f32>, 8> {
+    if (FUSE & 2u) != 0u {
+        // Rows of 2K: the gate chunk, and the up chunk K/4 vec4 further on.
+        let o = xbase + m * (p.k / 2u) + c * 8u;
+        let h = p.k / 4u;
+        return array<vec4<f32>, 8>(glu4(xv[o], xv[o + h]), glu4(xv[o + 1u], xv[o + h + 1u]),
+                                   glu4(xv[o + 2u], xv[o + h + 2u]),
+                                   glu4(xv[o + 3u], xv[o + h + 3u]),
+                                   glu4(xv[o + 4u], xv[o + h + 4u]),
+                                   glu4(xv[o + 5u], xv[o + h + 5u]),
+                                   glu4(xv[o + 6u], xv[o + h + 6u]),
+                                   glu4(xv[o + 7u], xv[o + h + 7u]));
+    }
+    return x_chunk(xbase + m * (p.k / 4u) + c * 8u);
+}
+
+fn sum_squares(x: array<vec4<f32>, 8>) -> f32 {
+    let a = (x[0] * x[0] + x[1] * x[1]) + (x[2] * x[2] + x[3] * x[3]);
+    let b = (x[4] * x[4] + x[5] * x[5]) + (x[6] * x[6] + x[7] * x[7]);
+    let s = a + b;
+    return (s.x + s.y) + (s.z + s.w);
+}
+
+// x chunk c times the norm weight's chunk c.
+fn norm_weighted(x: array<vec4<f32>, 8>, c: u32) -> array<vec4<f32>, 8> {
+    let o = view(7u) / 4u + c * 8u;
+    return array<vec4<f32>, 8>(x[0] * normw[o], x[1] * normw[o + 1u], x[2] * normw[o + 2u],
+                               x[3] * normw[o + 3u], x[4] * normw[o + 4u],
+                               x[5] * normw[o + 5u], x[6] * normw[o + 6u],
+                               x[7] * normw[o + 7u]);
+}
+
 // One row's contribution of chunk c (group column gc) against the x chunk.
 fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>) -> f32 {
     return chunk_sum(chunk_words(row, c), x, row * p.gpr + gc);
@@ -181,9 +232,14 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         // independent (in flight together).
         var s = vec4<f32>(0.0);
         var t = vec4<f32>(0.0);
-        let xo = xbase + m * p.k / 4u;
+        // NORM: this invocation's share of Σx².
+        var ss = 0.0;
         for (var c = lane; c < chunks; c += TPR) {
-            let x = x_chunk(xo + c * 8u);
+            var x = x_row_chunk(xbase, m, c);
+            if (FUSE & 1u) != 0u {
+                ss += sum_squares(x);
+                x = norm_weighted(x, c);
+            }
             let gc = (c * 32u) / GROUP_SIZE;
             s.x += row_chunk(r0, c, gc, x);
             if RPT > 1u {
@@ -211,6 +267,16 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             red[(rs * RPT + r) * slots + slot] = v;
 #endif
         }
+        if (FUSE & 1u) != 0u {
+#if SUBGROUPS
+            let u = subgroupAdd(ss);
+            if sl == 0u {
+                red_ss[rs * slots + slot] = u;
+            }
+#else
+            red_ss[rs * slots + slot] = ss;
+#endif
+        }
         workgroupBarrier();
         // Invocation j < sets * RPT (<= WG: RPT <= TPR) sums row j of the workgroup.
         let frow = wg * sets * RPT + lid;
@@ -218,6 +284,17 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             var acc = 0.0;
             for (var i = 0u; i < slots; i++) {
                 acc += red[lid * slots + i];
+            }
+            if (FUSE & 1u) != 0u {
+                var sq = 0.0;
+                let b = (lid / RPT) * slots;
+                for (var i = 0u; i < slots; i++) {
+                    sq += red_ss[b + i];
+                }
+                acc *= inverseSqrt(sq / f32(p.k) + p.eps);
+            }
+            if (FUSE & 4u) != 0u {
+                acc += bitcast<f32>(aux[view(6u) + m * p.n + frow]);
             }
             y[view(4u) + m * p.n + frow] = acc;
         }
@@ -332,7 +409,7 @@ fn dequant(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     }
     var row = i;
     if p.use_ids != 0u {
-        row = ids[view(6u) + i];
+        row = aux[view(6u) + i];
     }
     let o = view(4u) + i * p.k + c * 32u;
     if row >= p.n {
@@ -352,6 +429,6 @@ fn copy_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(local_invocation_index) lid: u32) {
     let i = flat_wg(wid, nwg) * WG + lid;
     if i < p.rows {
-        y[view(4u) + i] = xraw[view(7u) + i];
+        y[view(4u) + i] = bitcast<f32>(aux[view(6u) + i]);
     }
 }
