@@ -163,6 +163,12 @@ impl Pass {
         self.steps.is_empty()
     }
 
+    /// The kernel variant of each dispatch recorded so far, in order (`Spec::label`): what a
+    /// step runs, for tests and profiles.
+    pub fn labels(&self) -> Vec<Arc<str>> {
+        self.steps.iter().map(|s| s.label.clone()).collect()
+    }
+
     /// A pooled output buffer (poisoned with NaN when the device was opened with
     /// `poison_allocations`).
     pub fn alloc(&mut self, dtype: DType, shape: &[usize]) -> Result<MlxBuffer> {

@@ -3,7 +3,7 @@
 //! (decode for one token, prefill for a chunk).
 
 use mlx_native::kv_quant::KvStore;
-use mlx_native::ops::{self, RopeTable, SdpaOptions};
+use mlx_native::ops::{self, QmvFusion, RopeTable, SdpaOptions};
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{MlxBuffer, MlxDevice, Pass};
 
@@ -33,6 +33,28 @@ pub struct Attention {
     /// allows it ([`Attention::fuse_qkv`]): decode then projects with one matvec. `q`, `k`
     /// and `v` are views into it (no second copy of the weights).
     pub qkv: Option<(Linear, Option<MlxBuffer>)>,
+}
+
+/// What an attention block reads and adds: `residual + attention(norm(x))`, the norm and the
+/// residual optional. At decode with a stacked MLX-quantized q|k|v, the norm is folded into
+/// the q|k|v matvec and the residual add into o's ([`Linear::forward_fused`]).
+pub struct BlockInput<'a> {
+    pub x: &'a MlxBuffer,
+    /// RMS norm weight and eps applied to x first.
+    pub norm: Option<(&'a MlxBuffer, f32)>,
+    /// Added to the block's output.
+    pub residual: Option<&'a MlxBuffer>,
+}
+
+impl<'a> BlockInput<'a> {
+    /// x as it is, nothing added.
+    pub fn plain(x: &'a MlxBuffer) -> Self {
+        BlockInput {
+            x,
+            norm: None,
+            residual: None,
+        }
+    }
 }
 
 /// Where the tokens of this step sit.
@@ -118,20 +140,39 @@ impl Attention {
         })
     }
 
-    /// `x [T, hidden] -> [T, hidden]`, appending this step's K/V to `cache` at `layer`.
+    /// Whether decode folds the input norm into the q|k|v matvec.
+    pub fn folds_norm(&self) -> bool {
+        matches!(&self.qkv, Some((w, _)) if w.fuses())
+    }
+
+    /// `x [T, hidden] -> [T, hidden]` ([`BlockInput`]), appending this step's K/V to `cache`
+    /// at `layer`.
     pub fn forward(
         &self,
         pass: &mut Pass,
-        x: &MlxBuffer,
+        input: &BlockInput<'_>,
         step: &Step<'_>,
         rope: &RopeTable,
         cache: &mut KvStore,
         layer: usize,
     ) -> Result<MlxBuffer> {
+        let normed;
+        let x = match (input.norm, &self.qkv, step.tokens) {
+            (Some((w, eps)), None, _) | (Some((w, eps)), Some(_), 2..) => {
+                normed = ops::rms_norm(pass, input.x, w, eps)?;
+                &normed
+            }
+            _ => input.x,
+        };
         let (q, k, v) = match (&self.qkv, step.tokens) {
-            // Decode: one matvec for all three; q, k and v are views of its output.
+            // Decode: one matvec for all three (the norm folded in); q, k and v are views of
+            // its output.
             (Some((w, bias)), 1) => {
-                let mut y = w.forward(pass, x)?;
+                let fusion = QmvFusion {
+                    norm: input.norm,
+                    ..QmvFusion::default()
+                };
+                let mut y = w.forward_fused(pass, x, &fusion)?;
                 if let Some(b) = bias {
                     y = ops::add(pass, &y, b)?;
                 }
@@ -179,6 +220,10 @@ impl Attention {
             cache.sdpa_prefill(pass, &q, layer, step.pos0, &opts)?
         };
         let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
-        self.o.forward(pass, &attn)
+        let fusion = QmvFusion {
+            residual: input.residual,
+            ..QmvFusion::default()
+        };
+        self.o.forward_fused(pass, &attn, &fusion)
     }
 }

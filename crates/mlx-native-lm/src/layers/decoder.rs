@@ -5,7 +5,7 @@ use mlx_native::kv_quant::KvStore;
 use mlx_native::ops::{self, RopeTable};
 use mlx_native::{MlxBuffer, Pass};
 
-use super::attention::Step;
+use super::attention::{BlockInput, Step};
 use super::mlp::Ffn;
 use super::Attention;
 use crate::error::Result;
@@ -37,8 +37,13 @@ impl DecoderLayer {
         let rope = ropes.get(self.rope).ok_or_else(|| {
             crate::LmError::Config(format!("layer {layer}: no RoPE table {}", self.rope))
         })?;
+        if step.tokens == 1 && self.attn.folds_norm() {
+            return self.forward_folded(pass, x, step, rope, cache, layer);
+        }
         let h = ops::rms_norm(pass, x, &self.attn_norm, self.eps)?;
-        let mut a = self.attn.forward(pass, &h, step, rope, cache, layer)?;
+        let mut a = self
+            .attn
+            .forward(pass, &BlockInput::plain(&h), step, rope, cache, layer)?;
         if let Some(n) = &self.post_attn_norm {
             a = ops::rms_norm(pass, &a, n, self.eps)?;
         }
@@ -49,5 +54,52 @@ impl DecoderLayer {
             m = ops::rms_norm(pass, &m, n, self.eps)?;
         }
         Ok(ops::add(pass, &x, &m)?)
+    }
+
+    /// Decode with MLX-quantized projections: the pre-norms and the residual adds ride in
+    /// the matvecs (`ops::qmv_fused`), 4 dispatches fewer per Llama-style layer (2 with
+    /// Gemma's post-norms, 1 with an MoE FFN).
+    fn forward_folded(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        step: &Step<'_>,
+        rope: &RopeTable,
+        cache: &mut KvStore,
+        layer: usize,
+    ) -> Result<MlxBuffer> {
+        let input = BlockInput {
+            x,
+            norm: Some((&self.attn_norm, self.eps)),
+            residual: self.post_attn_norm.is_none().then_some(x),
+        };
+        let a = self.attn.forward(pass, &input, step, rope, cache, layer)?;
+        let x = match &self.post_attn_norm {
+            None => a,
+            Some(n) => {
+                let a = ops::rms_norm(pass, &a, n, self.eps)?;
+                ops::add(pass, x, &a)?
+            }
+        };
+        let mlp = match &self.mlp {
+            Ffn::Dense(m) if m.folds() => m,
+            ffn => {
+                let h = ops::rms_norm(pass, &x, &self.ffn_norm, self.eps)?;
+                let mut m = ffn.forward(pass, &h)?;
+                if let Some(n) = &self.post_ffn_norm {
+                    m = ops::rms_norm(pass, &m, n, self.eps)?;
+                }
+                return Ok(ops::add(pass, &x, &m)?);
+            }
+        };
+        let norm = (&self.ffn_norm, self.eps);
+        match &self.post_ffn_norm {
+            None => mlp.forward_fused(pass, &x, norm, Some(&x)),
+            Some(n) => {
+                let m = mlp.forward_fused(pass, &x, norm, None)?;
+                let m = ops::rms_norm(pass, &m, n, self.eps)?;
+                Ok(ops::add(pass, &x, &m)?)
+            }
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! `Linear`: `y = x · Wᵀ` for a weight in any format we load (GGML blocks from GGUF, MLX
 //! affine-quantized, dense f32/f16/bf16), and row gathers for embedding tables.
 
-use mlx_native::ops::{dense, ggml_matmul, qmatmul};
+use mlx_native::ops::qmatmul::{self, QmvFusion, MAX_VEC_M};
+use mlx_native::ops::{activation, dense, ggml_matmul};
 use mlx_native::weights::ggml_weight::GgmlWeight;
 use mlx_native::weights::gguf::GgufFile;
 use mlx_native::weights::quant_weight::QuantWeight;
@@ -55,6 +56,49 @@ impl Linear {
             Linear::Quant(w) => qmatmul::qmatmul(pass, x, w)?,
             Linear::Dense(w) => dense::matmul(pass, x, w)?,
         })
+    }
+
+    /// `forward` with the work of `fusion` around it (a GLU on x, an RMS norm on x, a residual
+    /// added to y; [`QmvFusion`]). Folded into one matvec ([`qmatmul::qmv_fused`]) for an
+    /// MLX-quantized weight and at most 8 rows; otherwise run as the separate ops, so the
+    /// result is the same either way.
+    pub fn forward_fused(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        fusion: &QmvFusion<'_>,
+    ) -> Result<MlxBuffer> {
+        if let Linear::Quant(w) = self {
+            if Self::folds(x, fusion) {
+                return Ok(qmatmul::qmv_fused(pass, x, w, fusion)?);
+            }
+        }
+        let mut h = x.clone();
+        if let Some(act) = fusion.glu {
+            h = activation::glu_split(pass, &h, act)?;
+        }
+        if let Some((w, eps)) = fusion.norm {
+            h = mlx_native::ops::rms_norm(pass, &h, w, eps)?;
+        }
+        let y = self.forward(pass, &h)?;
+        Ok(match fusion.residual {
+            Some(r) => mlx_native::ops::add(pass, r, &y)?,
+            None => y,
+        })
+    }
+
+    /// Whether the matvec kernel takes `x` and `fusion` as they are.
+    fn folds(x: &MlxBuffer, fusion: &QmvFusion<'_>) -> bool {
+        let rows = x.shape().iter().rev().skip(1).product::<usize>();
+        let norm_ok = fusion.norm.is_none_or(|(w, _)| {
+            w.dtype() == mlx_native::DType::F32 && w.elem_offset().is_multiple_of(4)
+        });
+        rows <= MAX_VEC_M && norm_ok
+    }
+
+    /// Whether [`Linear::forward_fused`] folds its work into one matvec at decode.
+    pub fn fuses(&self) -> bool {
+        matches!(self, Linear::Quant(_))
     }
 
     /// Rows `ids` of the table, as f32 `[n, in_features]` (embedding lookup).

@@ -4,6 +4,7 @@
 
 use mlx_native::ops::activation::{glu, glu_split, Act};
 use mlx_native::ops::moe::{moe_ffn, MoeConfig, MoeExperts, RouterConfig, RouterKind};
+use mlx_native::ops::QmvFusion;
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{MlxBuffer, MlxDevice, Pass};
 
@@ -37,6 +38,49 @@ impl Mlp {
             }
         }
         Ok(())
+    }
+
+    /// Whether decode folds the norm, the GLU and the residual add into the matvecs.
+    pub fn folds(&self) -> bool {
+        matches!(&self.gate_up, Some(w) if w.fuses()) && self.down.fuses()
+    }
+
+    /// `residual + mlp(rms_norm(x))` at decode: the norm folded into the gate|up matvec, the
+    /// GLU and the residual add into the down matvec ([`Linear::forward_fused`]; separate
+    /// ops where the weights do not allow it).
+    pub fn forward_fused(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        norm: (&MlxBuffer, f32),
+        residual: Option<&MlxBuffer>,
+    ) -> Result<MlxBuffer> {
+        match &self.gate_up {
+            Some(w) => {
+                let up_fusion = QmvFusion {
+                    norm: Some(norm),
+                    ..QmvFusion::default()
+                };
+                let gate_up = w.forward_fused(pass, x, &up_fusion)?;
+                let down_fusion = QmvFusion {
+                    glu: Some(self.act),
+                    residual,
+                    ..QmvFusion::default()
+                };
+                self.down.forward_fused(pass, &gate_up, &down_fusion)
+            }
+            None => {
+                let h = mlx_native::ops::rms_norm(pass, x, norm.0, norm.1)?;
+                let g = self.gate.forward(pass, &h)?;
+                let u = self.up.forward(pass, &h)?;
+                let h = glu(pass, &g, &u, self.act)?;
+                let down_fusion = QmvFusion {
+                    residual,
+                    ..QmvFusion::default()
+                };
+                self.down.forward_fused(pass, &h, &down_fusion)
+            }
+        }
     }
 
     pub fn forward(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
