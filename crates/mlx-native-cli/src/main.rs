@@ -147,6 +147,14 @@ enum BenchWhat {
         /// Contexts (positions in the cache) at which decode is timed.
         #[arg(long, value_delimiter = ',', default_value = "128,4096")]
         contexts: Vec<usize>,
+        /// Separate q, k, v and gate, up matvecs (no stacked projections): the before of
+        /// that fusion.
+        #[arg(long)]
+        unfused: bool,
+        /// Norms, GLU and residual adds as their own dispatches instead of folded into the
+        /// decode matvecs: the before of that fusion.
+        #[arg(long)]
+        no_fold: bool,
         /// Write the report (updated after each shape) to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -402,6 +410,8 @@ fn run(cli: Cli) -> CliResult<bool> {
                 shape,
                 kv_cache,
                 mut contexts,
+                unfused,
+                no_fold,
                 json,
             } => {
                 let shapes = mlx_native_lm::bench_decode::expand_shapes(&shape).map_err(err)?;
@@ -411,6 +421,8 @@ fn run(cli: Cli) -> CliResult<bool> {
                 let opts = mlx_native_lm::bench_decode::DecodeOptions {
                     kv_format,
                     contexts,
+                    fused: !unfused,
+                    fold: !no_fold,
                     ..Default::default()
                 };
                 let gpu = open_gpu()?;

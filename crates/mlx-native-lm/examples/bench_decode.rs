@@ -1,5 +1,6 @@
 //! `bench decode` without the CLI: `bench_decode [SHAPE[,SHAPE..]|all] [--json FILE]
-//! [--probe-mib N] [--steps N] [--contexts A,B] [--kv-cache f16|q8|q4|tq4|tq3|tq2.5|tq2]`.
+//! [--probe-mib N] [--steps N] [--contexts A,B] [--kv-cache f16|q8|q4|tq4|tq3|tq2.5|tq2]
+//! [--unfused] [--no-fold]`.
 //! Shapes: see `mlx_native_lm::bench_decode::SHAPES`.
 
 use mlx_native::MlxDevice;
@@ -44,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 opts.model_prefill_max = args.next().ok_or("--model-prefill N")?.parse()?
             }
             "--unfused" => opts.fused = false,
+            "--no-fold" => opts.fold = false,
             "--prefill" => opts.prefill_tokens = args.next().ok_or("--prefill N")?.parse()?,
             s => {
                 for p in s.split(',') {

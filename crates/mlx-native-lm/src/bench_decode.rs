@@ -869,6 +869,7 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
             ffn_norm: vec(h)?,
             mlp,
             post_ffn_norm: if gemma { Some(vec(h)?) } else { None },
+            fold_decode: true,
             eps: cfg.norm_eps,
             rope: usize::from(sliding && cfg.rope_local_base.is_some()),
         });
@@ -1073,6 +1074,9 @@ pub struct DecodeOptions {
     /// Keep the fused projections (q|k|v, gate|up) the loaders build; false times the
     /// separate matvecs instead (the before/after of that fusion).
     pub fused: bool,
+    /// Fold the norms, the GLU and the residual adds into the decode matvecs
+    /// (`DecoderLayer::fold_decode`); false times them as separate dispatches.
+    pub fold: bool,
 }
 
 impl Default for DecodeOptions {
@@ -1091,6 +1095,7 @@ impl Default for DecodeOptions {
             model_prefill_max: 512,
             kv_format: KvFormat::F16,
             fused: true,
+            fold: true,
         }
     }
 }
@@ -1502,6 +1507,9 @@ pub fn bench_shape(
         }
     };
     let mut m = build(gpu, spec, opts.seed)?;
+    for l in &mut m.layers {
+        l.fold_decode = opts.fold;
+    }
     if !opts.fused {
         for l in &mut m.layers {
             l.attn.qkv = None;
@@ -1849,6 +1857,7 @@ mod tests {
             model_prefill_max: 8,
             kv_format: KvFormat::F16,
             fused: true,
+            fold: true,
         }
     }
 

@@ -21,6 +21,10 @@ pub struct DecoderLayer {
     pub eps: f32,
     /// Index into the model's RoPE tables (global or local).
     pub rope: usize,
+    /// At decode, fold the norms, the GLU and the residual adds into the matvecs where the
+    /// weights allow it ([`DecoderLayer::forward_folded`]); false runs them as separate
+    /// dispatches (the loaders set true; benchmarks compare).
+    pub fold_decode: bool,
 }
 
 impl DecoderLayer {
@@ -37,7 +41,7 @@ impl DecoderLayer {
         let rope = ropes.get(self.rope).ok_or_else(|| {
             crate::LmError::Config(format!("layer {layer}: no RoPE table {}", self.rope))
         })?;
-        if step.tokens == 1 && self.attn.folds_norm() {
+        if self.fold_decode && step.tokens == 1 && self.attn.folds_norm() {
             return self.forward_folded(pass, x, step, rope, cache, layer);
         }
         let h = ops::rms_norm(pass, x, &self.attn_norm, self.eps)?;
