@@ -151,8 +151,8 @@ enum BenchWhat {
         /// that fusion.
         #[arg(long)]
         unfused: bool,
-        /// Norms, GLU and residual adds as their own dispatches instead of folded into the
-        /// decode matvecs: the before of that fusion.
+        /// Residual adds (and any other folds) as their own dispatches instead of folded
+        /// into the decode matvecs: the before of that fusion.
         #[arg(long)]
         no_fold: bool,
         /// Write the report (updated after each shape) to this file.
@@ -422,7 +422,11 @@ fn run(cli: Cli) -> CliResult<bool> {
                     kv_format,
                     contexts,
                     fused: !unfused,
-                    fold: !no_fold,
+                    fold: if no_fold {
+                        mlx_native_lm::layers::decoder::Folding::NONE
+                    } else {
+                        mlx_native_lm::layers::decoder::Folding::DEFAULT
+                    },
                     ..Default::default()
                 };
                 let gpu = open_gpu()?;

@@ -45,7 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 opts.model_prefill_max = args.next().ok_or("--model-prefill N")?.parse()?
             }
             "--unfused" => opts.fused = false,
-            "--no-fold" => opts.fold = false,
+            "--no-fold" => opts.fold = mlx_native_lm::layers::decoder::Folding::NONE,
             "--prefill" => opts.prefill_tokens = args.next().ok_or("--prefill N")?.parse()?,
             s => {
                 for p in s.split(',') {

@@ -10,6 +10,50 @@ use super::mlp::Ffn;
 use super::Attention;
 use crate::error::Result;
 
+/// Which of a decode step's small ops ride in the matvecs (`ops::qmv_fused`) instead of
+/// running as their own dispatches. Each saves a dispatch and the barrier before it, but
+/// lengthens the matvec: the norm and the GLU are recomputed by every row-set of the matvec
+/// (each re-reads the norm weight beside x; the GLU's exponentials, 2 per element per
+/// row-set, are special-function work). docs/PERFORMANCE.md has what each measured.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Folding {
+    /// The residual adds into o's and down's matvecs.
+    pub residual: bool,
+    /// The GLU into the down matvec's input.
+    pub glu: bool,
+    /// The pre-norms into the q|k|v and gate|up matvecs.
+    pub norms: bool,
+}
+
+impl Folding {
+    pub const NONE: Folding = Folding {
+        residual: false,
+        glu: false,
+        norms: false,
+    };
+    pub const ALL: Folding = Folding {
+        residual: true,
+        glu: true,
+        norms: true,
+    };
+    /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md).
+    pub const DEFAULT: Folding = Folding {
+        residual: true,
+        glu: false,
+        norms: false,
+    };
+
+    fn any(self) -> bool {
+        self.residual || self.glu || self.norms
+    }
+}
+
+impl Default for Folding {
+    fn default() -> Self {
+        Folding::DEFAULT
+    }
+}
+
 #[derive(Debug)]
 pub struct DecoderLayer {
     pub attn_norm: MlxBuffer,
@@ -21,10 +65,9 @@ pub struct DecoderLayer {
     pub eps: f32,
     /// Index into the model's RoPE tables (global or local).
     pub rope: usize,
-    /// At decode, fold the norms, the GLU and the residual adds into the matvecs where the
-    /// weights allow it ([`DecoderLayer::forward_folded`]); false runs them as separate
-    /// dispatches (the loaders set true; benchmarks compare).
-    pub fold_decode: bool,
+    /// At decode with MLX-quantized stacked projections, which small ops ride in the
+    /// matvecs ([`DecoderLayer::forward_folded`]).
+    pub fold: Folding,
 }
 
 impl DecoderLayer {
@@ -41,7 +84,7 @@ impl DecoderLayer {
         let rope = ropes.get(self.rope).ok_or_else(|| {
             crate::LmError::Config(format!("layer {layer}: no RoPE table {}", self.rope))
         })?;
-        if self.fold_decode && step.tokens == 1 && self.attn.folds_norm() {
+        if self.fold.any() && step.tokens == 1 && self.attn.folds_norm() {
             return self.forward_folded(pass, x, step, rope, cache, layer);
         }
         let h = ops::rms_norm(pass, x, &self.attn_norm, self.eps)?;
@@ -60,9 +103,9 @@ impl DecoderLayer {
         Ok(ops::add(pass, &x, &m)?)
     }
 
-    /// Decode with MLX-quantized projections: the pre-norms and the residual adds ride in
-    /// the matvecs (`ops::qmv_fused`), 4 dispatches fewer per Llama-style layer (2 with
-    /// Gemma's post-norms, 1 with an MoE FFN).
+    /// Decode with MLX-quantized stacked projections, with the folds of `self.fold`
+    /// (`ops::qmv_fused`). Gemma's post-norms sit between a matvec and its residual add, so
+    /// those adds stay separate; an MoE FFN keeps its own norm and add.
     fn forward_folded(
         &self,
         pass: &mut Pass,
@@ -72,38 +115,58 @@ impl DecoderLayer {
         cache: &mut KvStore,
         layer: usize,
     ) -> Result<MlxBuffer> {
+        let f = self.fold;
+        let eps = self.eps;
+        let fold_attn_residual = f.residual && self.post_attn_norm.is_none();
+        let normed;
         let input = BlockInput {
-            x,
-            norm: Some((&self.attn_norm, self.eps)),
-            residual: self.post_attn_norm.is_none().then_some(x),
+            x: if f.norms {
+                x
+            } else {
+                normed = ops::rms_norm(pass, x, &self.attn_norm, eps)?;
+                &normed
+            },
+            norm: f.norms.then_some((&self.attn_norm, eps)),
+            residual: fold_attn_residual.then_some(x),
         };
         let a = self.attn.forward(pass, &input, step, rope, cache, layer)?;
-        let x = match &self.post_attn_norm {
-            None => a,
-            Some(n) => {
-                let a = ops::rms_norm(pass, &a, n, self.eps)?;
-                ops::add(pass, x, &a)?
-            }
+        let dense = match &self.mlp {
+            Ffn::Dense(m) if m.folds() => Some(m),
+            _ => None,
         };
-        let mlp = match &self.mlp {
-            Ffn::Dense(m) if m.folds() => m,
-            ffn => {
-                let h = ops::rms_norm(pass, &x, &self.ffn_norm, self.eps)?;
-                let mut m = ffn.forward(pass, &h)?;
-                if let Some(n) = &self.post_ffn_norm {
-                    m = ops::rms_norm(pass, &m, n, self.eps)?;
+        // The new residual stream x, and the FFN's input: normalized here, or raw with the
+        // norm folded into gate|up.
+        let (x, h, norm) = if fold_attn_residual {
+            if f.norms && dense.is_some() {
+                (a.clone(), a, Some((&self.ffn_norm, eps)))
+            } else {
+                let h = ops::rms_norm(pass, &a, &self.ffn_norm, eps)?;
+                (a, h, None)
+            }
+        } else {
+            let a = match &self.post_attn_norm {
+                Some(n) => ops::rms_norm(pass, &a, n, eps)?,
+                None => a,
+            };
+            let (x, h) = ops::rms_norm_residual(pass, x, &a, &self.ffn_norm, eps)?;
+            (x, h, None)
+        };
+        let fold_ffn_residual = f.residual && self.post_ffn_norm.is_none();
+        let m = match dense {
+            Some(mlp) => {
+                let residual = fold_ffn_residual.then_some(&x);
+                let m = mlp.forward_fused(pass, &h, norm, f.glu, residual)?;
+                if fold_ffn_residual {
+                    return Ok(m);
                 }
-                return Ok(ops::add(pass, &x, &m)?);
+                m
             }
+            None => self.mlp.forward(pass, &h)?,
         };
-        let norm = (&self.ffn_norm, self.eps);
-        match &self.post_ffn_norm {
-            None => mlp.forward_fused(pass, &x, norm, Some(&x)),
-            Some(n) => {
-                let m = mlp.forward_fused(pass, &x, norm, None)?;
-                let m = ops::rms_norm(pass, &m, n, self.eps)?;
-                Ok(ops::add(pass, &x, &m)?)
-            }
-        }
+        let m = match &self.post_ffn_norm {
+            Some(n) => ops::rms_norm(pass, &m, n, eps)?,
+            None => m,
+        };
+        Ok(ops::add(pass, &x, &m)?)
     }
 }

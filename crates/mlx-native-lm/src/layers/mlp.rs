@@ -45,42 +45,47 @@ impl Mlp {
         matches!(&self.gate_up, Some(w) if w.fuses()) && self.down.fuses()
     }
 
-    /// `residual + mlp(rms_norm(x))` at decode: the norm folded into the gate|up matvec, the
-    /// GLU and the residual add into the down matvec ([`Linear::forward_fused`]; separate
-    /// ops where the weights do not allow it).
+    /// `residual + mlp(rms_norm(x))` at decode (`mlp(x)` without a norm, no add without a
+    /// residual): the norm folded into the gate|up matvec, the GLU (when `fold_glu`) and the
+    /// residual add into the down matvec ([`Linear::forward_fused`]; separate ops where the
+    /// weights do not allow it).
     pub fn forward_fused(
         &self,
         pass: &mut Pass,
         x: &MlxBuffer,
-        norm: (&MlxBuffer, f32),
+        norm: Option<(&MlxBuffer, f32)>,
+        fold_glu: bool,
         residual: Option<&MlxBuffer>,
     ) -> Result<MlxBuffer> {
-        match &self.gate_up {
+        let (input, glu_in_down) = match &self.gate_up {
             Some(w) => {
                 let up_fusion = QmvFusion {
-                    norm: Some(norm),
+                    norm,
                     ..QmvFusion::default()
                 };
                 let gate_up = w.forward_fused(pass, x, &up_fusion)?;
-                let down_fusion = QmvFusion {
-                    glu: Some(self.act),
-                    residual,
-                    ..QmvFusion::default()
-                };
-                self.down.forward_fused(pass, &gate_up, &down_fusion)
+                if fold_glu {
+                    (gate_up, Some(self.act))
+                } else {
+                    (glu_split(pass, &gate_up, self.act)?, None)
+                }
             }
             None => {
-                let h = mlx_native::ops::rms_norm(pass, x, norm.0, norm.1)?;
+                let h = match norm {
+                    Some((w, eps)) => mlx_native::ops::rms_norm(pass, x, w, eps)?,
+                    None => x.clone(),
+                };
                 let g = self.gate.forward(pass, &h)?;
                 let u = self.up.forward(pass, &h)?;
-                let h = glu(pass, &g, &u, self.act)?;
-                let down_fusion = QmvFusion {
-                    residual,
-                    ..QmvFusion::default()
-                };
-                self.down.forward_fused(pass, &h, &down_fusion)
+                (glu(pass, &g, &u, self.act)?, None)
             }
-        }
+        };
+        let down_fusion = QmvFusion {
+            glu: glu_in_down,
+            residual,
+            ..QmvFusion::default()
+        };
+        self.down.forward_fused(pass, &input, &down_fusion)
     }
 
     pub fn forward(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {

@@ -186,7 +186,7 @@ pub fn load(gpu: &MlxDevice, f: &GgufFile, quiet: bool) -> Result<Transformer> {
             ffn_norm: vector(&p("ffn_norm.weight"), h)?,
             mlp,
             post_ffn_norm: optional(&p("post_ffw_norm.weight"), h)?,
-            fold_decode: true,
+            fold: crate::layers::decoder::Folding::DEFAULT,
             eps: cfg.norm_eps,
             rope: usize::from(sliding && cfg.rope_local_base.is_some()),
         });

@@ -348,7 +348,7 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
             ffn_norm,
             mlp,
             post_ffn_norm,
-            fold_decode: true,
+            fold: crate::layers::decoder::Folding::DEFAULT,
             eps: cfg.norm_eps,
             rope: usize::from(sliding && cfg.rope_local_base.is_some()),
         });

@@ -778,3 +778,104 @@ fn timing_probe() {
         }
     }
 }
+
+/// Timing probe for a real GPU (`--ignored --nocapture`): the fused matvec variants against
+/// the plain one at Llama-3.1-8B decode shapes, for each dispatch shape (rows per row-set).
+/// Every variant is compiled first, then all are timed in turn for several rounds (the
+/// minimum of each is printed): a GPU that idles between measurements clocks down, so
+/// variants timed one after another in one long run are not comparable.
+#[test]
+#[ignore]
+fn fused_timing_probe() {
+    let g = gpu();
+    println!("{} ({})", g.caps().adapter_name, g.caps().backend);
+    let mut rng = Rng::new(98);
+    let mut weights = Vec::new();
+    for &(n, k, name) in &[
+        (6144usize, 4096usize, "qkv"),
+        (4096, 4096, "o"),
+        (28672, 4096, "gate_up"),
+        (4096, 14336, "down"),
+    ] {
+        let params = QuantParams::affine(4, 64);
+        let wpr = k / 8;
+        let packed: Vec<u32> = (0..n * wpr).map(|_| rng.next_u64() as u32).collect();
+        let groups = n * k / 64;
+        let s: Vec<half::bf16> = (0..groups)
+            .map(|_| half::bf16::from_f32(rng.uniform(0.001, 0.01)))
+            .collect();
+        let b: Vec<half::bf16> = (0..groups)
+            .map(|_| half::bf16::from_f32(rng.uniform(-0.05, 0.05)))
+            .collect();
+        let w = QuantWeight::from_raw(
+            g,
+            &packed,
+            bytemuck::cast_slice(&s),
+            Some(bytemuck::cast_slice(&b)),
+            [n, k],
+            params,
+            DType::BF16,
+        )
+        .unwrap();
+        let x = MlxBuffer::from_slice(g, &rng.normals(k, 1.0), &[1, k]).unwrap();
+        let x2 = MlxBuffer::from_slice(g, &rng.normals(2 * k, 1.0), &[1, 2 * k]).unwrap();
+        let nw = MlxBuffer::from_slice(g, &rng.normals(k, 1.0), &[k]).unwrap();
+        let r = MlxBuffer::from_slice(g, &rng.normals(n, 1.0), &[1, n]).unwrap();
+        weights.push((name, n, k, w, x, x2, nw, r));
+    }
+    // (label, shape index, rpt, variant)
+    let mut cases = Vec::new();
+    for (wi, (_, n, k, ..)) in weights.iter().enumerate() {
+        let base = qmv_config(*n, *k);
+        for rpt in [8u32, 4] {
+            for variant in 0..4 {
+                cases.push((wi, QmvConfig { rpt, ..base }, variant));
+            }
+        }
+    }
+    let run = |p: &mut Pass, &(wi, _, variant): &(usize, QmvConfig, usize)| {
+        let (_, _, _, w, x, x2, nw, r) = &weights[wi];
+        let f = match variant {
+            0 => QmvFusion::default(),
+            1 => QmvFusion {
+                norm: Some((nw, 1e-5)),
+                ..QmvFusion::default()
+            },
+            2 => QmvFusion {
+                residual: Some(r),
+                ..QmvFusion::default()
+            },
+            _ => QmvFusion {
+                glu: Some(Act::Silu),
+                residual: Some(r),
+                ..QmvFusion::default()
+            },
+        };
+        let xin = if f.glu.is_some() { x2 } else { x };
+        qmv_fused(p, xin, w, &f).unwrap();
+    };
+    let mut best = vec![f64::INFINITY; cases.len()];
+    for round in 0..6 {
+        for (ci, c) in cases.iter().enumerate() {
+            set_qmv_override(Some(c.1)).unwrap();
+            let mut pass = g.begin().with_pass_timing(true);
+            for _ in 0..100 {
+                run(&mut pass, c);
+            }
+            let t = pass.commit_and_wait().unwrap();
+            if round > 0 {
+                let us = t.iter().map(|k| k.nanos).sum::<f64>() / 100.0 / 1e3;
+                best[ci] = best[ci].min(us);
+            }
+        }
+    }
+    set_qmv_override(None).unwrap();
+    let names = ["plain", "norm", "residual", "glu+residual"];
+    for (ci, &(wi, cfg, variant)) in cases.iter().enumerate() {
+        let (name, n, k, ..) = &weights[wi];
+        println!(
+            "{name} {n}x{k} rpt {} tpr {} {:>12}: {:.2} us (min of 5 rounds, 100 in a pass)",
+            cfg.rpt, cfg.tpr, names[variant], best[ci]
+        );
+    }
+}

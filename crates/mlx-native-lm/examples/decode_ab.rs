@@ -1,0 +1,100 @@
+//! A/B timing of decode variants on one synthetic model in one process:
+//! `decode_ab SHAPE [ROUNDS]`. Builds the shape (`bench_decode::shape`), prefills 128
+//! positions, then times one decode step as one compute pass (GPU timestamps) for each
+//! variant in turn, round after round, and prints each variant's minimum and median.
+//! Interleaving matters: a GPU that idles between runs clocks down, so variants measured in
+//! separate processes or one after another are not comparable.
+//! Variants: the separate dispatches (no folding), then residual adds, GLU and norms folded
+//! into the matvecs in combinations (`Folding`).
+
+use mlx_native::ops;
+use mlx_native::MlxDevice;
+use mlx_native_lm::bench_decode::{build, shape};
+use mlx_native_lm::layers::decoder::Folding;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let name = args.next().unwrap_or_else(|| "llama-3.1-8b-mlx4".into());
+    let rounds: usize = args.next().map_or(Ok(8), |s| s.parse())?;
+    let gpu = MlxDevice::new()?;
+    let spec = shape(&name)?;
+    let mut m = build(&gpu, &spec, 7)?;
+    let ctx = 128;
+    let none = Folding::NONE;
+    let variants: [(&str, Folding); 5] = [
+        ("separate", none),
+        (
+            "residual",
+            Folding {
+                residual: true,
+                ..none
+            },
+        ),
+        (
+            "residual+glu",
+            Folding {
+                residual: true,
+                glu: true,
+                ..none
+            },
+        ),
+        (
+            "residual+norms",
+            Folding {
+                residual: true,
+                norms: true,
+                ..none
+            },
+        ),
+        ("all", Folding::ALL),
+    ];
+    let steps_per_round = 4;
+    let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
+    let ids: Vec<u32> = (0..ctx as u32)
+        .map(|i| (i * 7 + 3) % m.cfg.vocab as u32)
+        .collect();
+    let mut pass = gpu.begin();
+    m.forward(&mut pass, &ids, 0, &mut cache)?;
+    pass.commit_and_wait()?;
+    let mut pos = ctx;
+    let mut times = vec![Vec::new(); variants.len()];
+    let mut dispatches = vec![0; variants.len()];
+    for round in 0..rounds {
+        for (vi, &(_, fold)) in variants.iter().enumerate() {
+            for l in &mut m.layers {
+                l.fold = fold;
+            }
+            for _ in 0..steps_per_round {
+                let mut pass = gpu.begin().with_pass_timing(true);
+                let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;
+                ops::argmax(&mut pass, &logits)?;
+                dispatches[vi] = pass.len();
+                pos += 1;
+                let t = pass.commit_and_wait()?;
+                // Round 0 compiles the pipelines and warms up.
+                if round > 0 {
+                    times[vi].push(t.iter().map(|k| k.nanos).sum::<f64>() / 1e3);
+                }
+            }
+        }
+    }
+    println!(
+        "{} ({}), {name}, context {ctx}+",
+        gpu.caps().adapter_name,
+        gpu.caps().backend
+    );
+    for (vi, (vname, ..)) in variants.iter().enumerate() {
+        let mut v = times[vi].clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        if v.is_empty() {
+            continue;
+        }
+        println!(
+            "{vname:>24}: {:8.1} us min, {:8.1} us median per token, {} dispatches",
+            v[0],
+            v[v.len() / 2],
+            dispatches[vi]
+        );
+    }
+    Ok(())
+}
