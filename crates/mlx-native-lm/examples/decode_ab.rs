@@ -21,29 +21,28 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut m = build(&gpu, &spec, 7)?;
     let ctx = 128;
     let none = Folding::NONE;
-    let variants: [(&str, Folding); 5] = [
+    let variants: [(&str, Folding); 6] = [
         ("separate", none),
         (
-            "residual",
+            "rope_append",
             Folding {
-                residual: true,
+                rope_append: true,
                 ..none
             },
         ),
+        ("rope_append+residual", Folding::DEFAULT),
         (
-            "residual+glu",
+            "  +glu",
             Folding {
-                residual: true,
                 glu: true,
-                ..none
+                ..Folding::DEFAULT
             },
         ),
         (
-            "residual+norms",
+            "  +norms",
             Folding {
-                residual: true,
                 norms: true,
-                ..none
+                ..Folding::DEFAULT
             },
         ),
         ("all", Folding::ALL),

@@ -160,6 +160,7 @@ const QUANT: &str = include_str!("shaders/common/quant.wgsl");
 const KV_QUANT_COMMON: &str = include_str!("shaders/kv_quant_common.wgsl");
 const SPLIT_REDUCE: &str = include_str!("shaders/common/split_reduce.wgsl");
 const ACT: &str = include_str!("shaders/common/act.wgsl");
+const ROPE_TURNS: &str = include_str!("shaders/common/rope_turns.wgsl");
 const GGML_DENSE: &str = include_str!("shaders/ggml_dense.wgsl");
 const GGML_LEGACY: &str = include_str!("shaders/ggml_legacy.wgsl");
 const GGML_K: &str = include_str!("shaders/ggml_k.wgsl");
@@ -168,7 +169,8 @@ impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
     const fn includes(self) -> &'static [&'static str] {
         match self {
-            Kernel::Norm | Kernel::Softmax | Kernel::Select | Kernel::Rope => &[REDUCE],
+            Kernel::Norm | Kernel::Softmax | Kernel::Select => &[REDUCE],
+            Kernel::Rope | Kernel::Kv => &[REDUCE, ROPE_TURNS],
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
             Kernel::KvQuant => &[KV_QUANT_COMMON],
             Kernel::SdpaQuant => &[KV_QUANT_COMMON, SPLIT_REDUCE],

@@ -172,7 +172,39 @@ impl KvCache {
         v_new: &MlxBuffer,
         start_pos: usize,
     ) -> Result<()> {
-        let op = "KvCache::append";
+        let tokens = k_new.shape().first().copied().unwrap_or(0);
+        self.write(layer, start_pos, tokens, "KvCache::append", |k, v| {
+            crate::ops::kv::kv_append(pass, k_new, v_new, k, v, start_pos)
+        })
+    }
+
+    /// The decode step's fused helper ([`crate::ops::kv::rope_append`]): the q|k|v rows of
+    /// `T` tokens, q and k normalized per head (optionally) and rotated, k and v written at
+    /// positions `start_pos..start_pos + T` of `layer` as [`KvCache::append`] does. Returns
+    /// q, f32 `[T, n_heads, head_dim]`.
+    pub fn rope_append(
+        &mut self,
+        pass: &mut Pass,
+        layer: usize,
+        args: &crate::ops::kv::RopeAppend<'_>,
+        start_pos: usize,
+    ) -> Result<MlxBuffer> {
+        let tokens = args.qkv.shape().first().copied().unwrap_or(0);
+        self.write(layer, start_pos, tokens, "KvCache::rope_append", |k, v| {
+            crate::ops::kv::rope_append(pass, args, k, v, start_pos)
+        })
+    }
+
+    /// Checks an append of `tokens` positions at `start_pos` to `layer`, runs `f` on the
+    /// layer's K and V buffers, then records the new length.
+    fn write<T>(
+        &mut self,
+        layer: usize,
+        start_pos: usize,
+        tokens: usize,
+        op: &str,
+        f: impl FnOnce(&MlxBuffer, &MlxBuffer) -> Result<T>,
+    ) -> Result<T> {
         let capacity = self.capacity;
         let max_chunk = self.max_chunk;
         let l = self.layer(layer, op)?;
@@ -180,7 +212,7 @@ impl KvCache {
             op,
             layer,
             start_pos,
-            k_new.shape().first().copied().unwrap_or(0),
+            tokens,
             RingState {
                 len: l.len,
                 slots: l.slots,
@@ -189,11 +221,11 @@ impl KvCache {
             capacity,
             max_chunk,
         )?;
-        crate::ops::kv::kv_append(pass, k_new, v_new, &l.k, &l.v, start_pos)?;
+        let out = f(&l.k, &l.v)?;
         if let Some(l) = self.layers.get_mut(layer) {
             l.len = end;
         }
-        Ok(())
+        Ok(out)
     }
 
     /// Positions `layer` holds (the next position to append).

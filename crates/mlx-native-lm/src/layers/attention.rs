@@ -3,6 +3,7 @@
 //! (decode for one token, prefill for a chunk).
 
 use mlx_native::kv_quant::KvStore;
+use mlx_native::ops::kv::RopeAppend;
 use mlx_native::ops::{self, QmvFusion, RopeTable, SdpaOptions};
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{MlxBuffer, MlxDevice, Pass};
@@ -44,6 +45,9 @@ pub struct BlockInput<'a> {
     pub norm: Option<(&'a MlxBuffer, f32)>,
     /// Added to the block's output.
     pub residual: Option<&'a MlxBuffer>,
+    /// At decode with the stacked q|k|v, rotate and append in one dispatch
+    /// (`ops::kv::rope_append`) rather than RoPE then the cache append.
+    pub rope_append: bool,
 }
 
 impl<'a> BlockInput<'a> {
@@ -53,6 +57,7 @@ impl<'a> BlockInput<'a> {
             x,
             norm: None,
             residual: None,
+            rope_append: true,
         }
     }
 }
@@ -145,6 +150,38 @@ impl Attention {
         matches!(&self.qkv, Some((w, _)) if w.fuses())
     }
 
+    /// Decode from the stacked q|k|v output `y` with RoPE and the cache append as separate
+    /// dispatches (what `rope_append` fuses; kept to measure it against).
+    #[allow(clippy::too_many_arguments)]
+    fn finish_separately(
+        &self,
+        pass: &mut Pass,
+        y: &MlxBuffer,
+        step: &Step<'_>,
+        rope: &RopeTable,
+        cache: &mut KvStore,
+        layer: usize,
+        input: &BlockInput<'_>,
+    ) -> Result<MlxBuffer> {
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let v = y.view((nh + nkv) * hd, &[1, nkv, hd])?;
+        let (q, k) = if self.q_norm.is_none() && self.k_norm.is_none() {
+            // q and k are adjacent heads of one buffer: one RoPE dispatch for both.
+            let qk = y.view(0, &[1, nh + nkv, hd])?;
+            let qk = ops::rope(pass, &qk, step.positions, rope)?;
+            (qk.view(0, &[1, nh, hd])?, qk.view(nh * hd, &[1, nkv, hd])?)
+        } else {
+            let q = y.view(0, &[1, nh, hd])?;
+            let k = y.view(nh * hd, &[1, nkv, hd])?;
+            (
+                self.rotate(pass, &q, &self.q_norm, step.positions, rope)?,
+                self.rotate(pass, &k, &self.k_norm, step.positions, rope)?,
+            )
+        };
+        cache.append(pass, layer, &k, &v, step.pos0)?;
+        self.attend(pass, &q, step, cache, layer, input)
+    }
+
     /// `x [T, hidden] -> [T, hidden]` ([`BlockInput`]), appending this step's K/V to `cache`
     /// at `layer`.
     pub fn forward(
@@ -164,9 +201,9 @@ impl Attention {
             }
             _ => input.x,
         };
-        let (q, k, v) = match (&self.qkv, step.tokens) {
-            // Decode: one matvec for all three (the norm folded in); q, k and v are views of
-            // its output.
+        let q = match (&self.qkv, step.tokens) {
+            // Decode: one matvec for all three (the norm folded in), then one dispatch that
+            // normalizes and rotates q and k and writes k and v into the cache.
             (Some((w, bias)), 1) => {
                 let fusion = QmvFusion {
                     norm: input.norm,
@@ -177,47 +214,59 @@ impl Attention {
                     y = ops::add(pass, &y, b)?;
                 }
                 let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-                let v = y.view((nh + nkv) * hd, &[1, nkv, hd])?;
-                if self.q_norm.is_none() && self.k_norm.is_none() {
-                    // q and k are adjacent heads of one buffer: one RoPE dispatch for both.
-                    let qk = y.view(0, &[1, nh + nkv, hd])?;
-                    let qk = ops::rope(pass, &qk, step.positions, rope)?;
-                    (
-                        qk.view(0, &[1, nh, hd])?,
-                        qk.view(nh * hd, &[1, nkv, hd])?,
-                        v,
-                    )
-                } else {
-                    let q = y.view(0, &[1, nh, hd])?;
-                    let k = y.view(nh * hd, &[1, nkv, hd])?;
-                    (
-                        self.rotate(pass, &q, &self.q_norm, step.positions, rope)?,
-                        self.rotate(pass, &k, &self.k_norm, step.positions, rope)?,
-                        v,
-                    )
+                if !input.rope_append {
+                    return self.finish_separately(pass, &y, step, rope, cache, layer, input);
                 }
+                let qk_norm = match (&self.q_norm, &self.k_norm) {
+                    (Some(qn), Some(kn)) => Some((qn, kn, self.norm_eps)),
+                    (None, None) => None,
+                    _ => {
+                        return Err(crate::LmError::Config(
+                            "attention: a q norm without a k norm (or the reverse)".into(),
+                        ))
+                    }
+                };
+                let args = RopeAppend {
+                    qkv: &y.reshape(&[1, nh + 2 * nkv, hd])?,
+                    n_heads: nh,
+                    positions: step.positions,
+                    rope,
+                    qk_norm,
+                };
+                cache.rope_append(pass, layer, &args, step.pos0)?
             }
             _ => {
                 let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads)?;
                 let k = self.project(pass, x, &self.k, &self.k_bias, self.n_kv_heads)?;
                 let v = self.project(pass, x, &self.v, &self.v_bias, self.n_kv_heads)?;
-                (
-                    self.rotate(pass, &q, &self.q_norm, step.positions, rope)?,
-                    self.rotate(pass, &k, &self.k_norm, step.positions, rope)?,
-                    v,
-                )
+                let q = self.rotate(pass, &q, &self.q_norm, step.positions, rope)?;
+                let k = self.rotate(pass, &k, &self.k_norm, step.positions, rope)?;
+                cache.append(pass, layer, &k, &v, step.pos0)?;
+                q
             }
         };
-        cache.append(pass, layer, &k, &v, step.pos0)?;
+        self.attend(pass, &q, step, cache, layer, input)
+    }
+
+    /// Attention of `q` over the cache, then o (with the block's residual added).
+    fn attend(
+        &self,
+        pass: &mut Pass,
+        q: &MlxBuffer,
+        step: &Step<'_>,
+        cache: &mut KvStore,
+        layer: usize,
+        input: &BlockInput<'_>,
+    ) -> Result<MlxBuffer> {
         let opts = SdpaOptions {
             scale: self.scale,
             window: self.window,
             ..SdpaOptions::new(self.head_dim)
         };
         let attn = if step.tokens == 1 {
-            cache.sdpa_decode(pass, &q, layer, step.pos0 + 1, &opts)?
+            cache.sdpa_decode(pass, q, layer, step.pos0 + 1, &opts)?
         } else {
-            cache.sdpa_prefill(pass, &q, layer, step.pos0, &opts)?
+            cache.sdpa_prefill(pass, q, layer, step.pos0, &opts)?
         };
         let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
         let fusion = QmvFusion {

@@ -23,6 +23,9 @@ pub struct Folding {
     pub glu: bool,
     /// The pre-norms into the q|k|v and gate|up matvecs.
     pub norms: bool,
+    /// RoPE (with the q/k norms) and the KV-cache append in one dispatch after the stacked
+    /// q|k|v matvec (`ops::kv::rope_append`), not a matvec fold but the same kind of saving.
+    pub rope_append: bool,
 }
 
 impl Folding {
@@ -30,17 +33,20 @@ impl Folding {
         residual: false,
         glu: false,
         norms: false,
+        rope_append: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
         glu: true,
         norms: true,
+        rope_append: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md).
     pub const DEFAULT: Folding = Folding {
         residual: true,
         glu: false,
         norms: false,
+        rope_append: true,
     };
 
     fn any(self) -> bool {
@@ -88,9 +94,11 @@ impl DecoderLayer {
             return self.forward_folded(pass, x, step, rope, cache, layer);
         }
         let h = ops::rms_norm(pass, x, &self.attn_norm, self.eps)?;
-        let mut a = self
-            .attn
-            .forward(pass, &BlockInput::plain(&h), step, rope, cache, layer)?;
+        let input = BlockInput {
+            rope_append: self.fold.rope_append,
+            ..BlockInput::plain(&h)
+        };
+        let mut a = self.attn.forward(pass, &input, step, rope, cache, layer)?;
         if let Some(n) = &self.post_attn_norm {
             a = ops::rms_norm(pass, &a, n, self.eps)?;
         }
@@ -128,6 +136,7 @@ impl DecoderLayer {
             },
             norm: f.norms.then_some((&self.attn_norm, eps)),
             residual: fold_attn_residual.then_some(x),
+            rope_append: f.rope_append,
         };
         let a = self.attn.forward(pass, &input, step, rope, cache, layer)?;
         let dense = match &self.mlp {

@@ -78,7 +78,7 @@ pub fn all_specs() -> crate::Result<Vec<(crate::Kernel, crate::Spec)>> {
     v.extend(embedding::specs());
     v.extend(select::specs()?);
     v.extend(layout::specs());
-    v.extend(kv::specs());
+    v.extend(kv::specs()?);
     v.extend(sdpa::specs()?);
     v.extend(kv_quant::specs()?);
     v.extend(sample::specs());

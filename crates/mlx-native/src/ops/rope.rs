@@ -291,6 +291,11 @@ impl RopeTable {
     pub fn attention_scale(&self) -> f32 {
         self.mscale
     }
+
+    /// The per-pair frequency table the kernels read.
+    pub(crate) fn freqs(&self) -> &MlxBuffer {
+        &self.freqs
+    }
 }
 
 #[repr(C)]

@@ -25,31 +25,10 @@ override NEOX: u32 = 0u;
 @group(0) @binding(3) var<storage, read_write> y: array<f32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
-// The angle of pair j at position `pw`, in turns, in [-0.5, 0.5).
-// The table holds f = inv_freq / (2 pi) as f32 pieces: f ~ fh + fl + f2 where fh and fl carry
-// at most 12 significant bits each (fh + fl is f rounded to f32) and f2 is the remainder.
-// The position splits into ph (a multiple of 4096) and pl (< 4096), both with at most 12
-// significant bits when |position| < 2^24, so ph*fh, ph*fl, pl*fh and pl*fl are exact in
-// f32 and their fractional parts are exact too. Only p*f2 (below 1 turn) and the final sum
-// of five terms in [0, 1) round: the angle is good to about 1e-6 turns at any position,
-// where a plain f32 `p * inv_freq` errs by about p * 2^-24 radians.
+// The angle of pair j at position `pw`, in turns (common/rope_turns.wgsl).
 fn turns(pw: u32, j: u32) -> f32 {
-#if DT_I32
-    let pi = bitcast<i32>(pw);
-    let ph = f32(pi & -4096);
-    let pf = f32(pi);
-#else
-    let ph = f32(pw & 0xfffff000u);
-    let pf = f32(pw);
-#endif
-    let pl = f32(pw & 0xfffu);
     let fo = view(2u) + 4u * j;
-    let fh = freq[fo];
-    let fl = freq[fo + 1u];
-    let f2 = freq[fo + 2u];
-    let t = fract(fract(ph * fh) + fract(ph * fl) + fract(pl * fh) + fract(pl * fl)
-        + fract(pf * f2));
-    return select(t, t - 1.0, t >= 0.5);
+    return turns_of(pw, freq[fo], freq[fo + 1u], freq[fo + 2u]);
 }
 
 @compute @workgroup_size(WG)
