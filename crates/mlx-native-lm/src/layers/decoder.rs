@@ -170,7 +170,13 @@ impl DecoderLayer {
                 }
                 m
             }
-            None => self.mlp.forward(pass, &h)?,
+            None => match &self.mlp {
+                // The residual rides in the experts' weighted sum.
+                Ffn::Moe(moe) if fold_ffn_residual => {
+                    return moe.forward_residual(pass, &h, Some(&x));
+                }
+                ffn => ffn.forward(pass, &h)?,
+            },
         };
         let m = match &self.post_ffn_norm {
             Some(n) => ops::rms_norm(pass, &m, n, eps)?,

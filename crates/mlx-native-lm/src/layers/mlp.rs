@@ -123,6 +123,17 @@ impl std::fmt::Debug for MoeMlp {
 
 impl MoeMlp {
     pub fn forward(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
+        self.forward_residual(pass, x, None)
+    }
+
+    /// `residual + moe(x)`: the residual rides in the experts' weighted sum (one dispatch
+    /// fewer than a separate add).
+    pub fn forward_residual(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        residual: Option<&MlxBuffer>,
+    ) -> Result<MlxBuffer> {
         let logits = self.router.forward(pass, x)?;
         let cfg = MoeConfig {
             router: RouterConfig {
@@ -133,7 +144,7 @@ impl MoeMlp {
             },
             act: self.act,
         };
-        Ok(moe_ffn(pass, x, &logits, &self.experts, &cfg, None)?)
+        Ok(moe_ffn(pass, x, &logits, &self.experts, &cfg, residual)?)
     }
 }
 
