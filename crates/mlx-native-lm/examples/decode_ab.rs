@@ -11,7 +11,6 @@ use mlx_native::ops;
 use mlx_native::MlxDevice;
 use mlx_native_lm::bench_decode::{build, shape};
 use mlx_native_lm::layers::decoder::Folding;
-use mlx_native_lm::layers::mlp::Ffn;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -22,7 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut m = build(&gpu, &spec, 7)?;
     let ctx = 128;
     let none = Folding::NONE;
-    let variants: [(&str, Folding); 7] = [
+    let variants: [(&str, Folding); 6] = [
         ("separate", none),
         (
             "rope_append",
@@ -47,17 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
         ),
         ("all", Folding::ALL),
-        // The default folding with the MoE gate and up experts as two dispatches.
-        ("default, gate/up apart", Folding::DEFAULT),
     ];
-    let stacks: Vec<_> = m
-        .layers
-        .iter()
-        .map(|l| match &l.mlp {
-            Ffn::Moe(moe) => moe.experts.gate_up.clone(),
-            Ffn::Dense(_) => None,
-        })
-        .collect();
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
     let ids: Vec<u32> = (0..ctx as u32)
@@ -71,12 +60,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut dispatches = vec![0; variants.len()];
     for round in 0..rounds {
         for (vi, &(_, fold)) in variants.iter().enumerate() {
-            let apart = vi == variants.len() - 1;
-            for (l, stack) in m.layers.iter_mut().zip(&stacks) {
+            for l in &mut m.layers {
                 l.fold = fold;
-                if let Ffn::Moe(moe) = &mut l.mlp {
-                    moe.experts.gate_up = if apart { None } else { stack.clone() };
-                }
             }
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);

@@ -313,21 +313,17 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
                         [moe.experts, n, k],
                     )?))
                 };
-                let mut mlp = MoeMlp {
+                Ffn::Moe(MoeMlp {
                     router: linear(&p("mlp.gate"), moe.experts, h)?,
                     experts: MoeExperts {
                         gate: experts("mlp.switch_mlp.gate_proj", moe.ffn, h)?,
                         up: experts("mlp.switch_mlp.up_proj", moe.ffn, h)?,
                         down: experts("mlp.switch_mlp.down_proj", h, moe.ffn)?,
-                        gate_up: None,
                     },
                     top_k: moe.top_k,
                     norm_topk_prob: moe.norm_topk_prob,
                     act: cfg.act,
-                };
-                // One decode dispatch for the gate and up experts (views stay for prefill).
-                mlp.experts.stack_gate_up(gpu)?;
-                Ffn::Moe(mlp)
+                })
             }
         };
         // HF names: Llama/Qwen's `post_attention_layernorm` is the MLP's pre-norm; Gemma 3

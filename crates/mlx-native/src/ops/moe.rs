@@ -193,9 +193,9 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
         .with_const("GROUP_SIZE", params.group_size)
 }
 
-fn gqmv_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool, dual: bool) -> Result<Spec> {
+fn gqmv_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool) -> Result<Spec> {
     Ok(qspec("gqmv", params, dt, GQMV_WG)?
-        .with_const("GQ", u32::from(dual) << 4 | rpt)?
+        .with_const("RPT", rpt)?
         .with_subgroups(sg))
 }
 
@@ -226,9 +226,7 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     for (params, dt) in quant_formats() {
         for rpt in RPTS {
             for sg in [false, true] {
-                for dual in [false, true] {
-                    v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, dual)?));
-                }
+                v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg)?));
             }
         }
         v.push((Kernel::MoeQuant, qspec("gqmm", params, dt, GQMM_WG)?));
@@ -430,7 +428,7 @@ pub fn gather_qmm_with(
                 MatmulPlan::Vector { rpt, subgroups } => (rpt, subgroups),
                 _ => (1, false),
             };
-            let spec = gqmv_spec(qw.params(), sdt, rpt, sg, false)?;
+            let spec = gqmv_spec(qw.params(), sdt, rpt, sg)?;
             let per_wg = 2 * rpt as usize;
             let groups = (r.pairs as usize).saturating_mul(n.div_ceil(per_wg));
             let groups = check::fits_u32(groups, op, "workgroups")?;
@@ -528,72 +526,6 @@ pub fn ggml_gather_matvec(
     Ok(y)
 }
 
-/// The decode-path gate and up products of a stacked `[2E, N, K]` weight (gate experts, then
-/// up experts: [`MoeExperts::stack_gate_up`]) in one dispatch: returns (gate, up), f32
-/// `[T, top_k, N]` each. T <= 8 (the vector path); x f32 `[T, K]`, ids u32 `[T, top_k]`.
-pub fn gather_qmm_gate_up(
-    pass: &mut Pass,
-    x: &MlxBuffer,
-    w: &QuantExperts,
-    ids: &MlxBuffer,
-) -> Result<(MlxBuffer, MlxBuffer)> {
-    let op = "gather_qmm_gate_up";
-    let [e2, n, k] = w.shape();
-    check::ensure(e2 % 2 == 0, op, || {
-        format!("the stack has {e2} experts, expected gate and up stacks of the same size")
-    })?;
-    let e = e2 / 2;
-    let r = check_routed(op, x, ids, [e, n, k])?;
-    check::ensure(
-        r.tokens <= MAX_VEC_TOKENS && r.x_div == r.top_k as u32,
-        op,
-        || {
-            format!(
-                "x {:?} and ids {:?}: the one-dispatch path takes x [T, K] with T <= \
-             {MAX_VEC_TOKENS}",
-                x.shape(),
-                ids.shape()
-            )
-        },
-    )?;
-    let qw = w.weight();
-    let l = qw.layout();
-    let sdt = match qw.mode() {
-        QuantMode::Affine => qw.dtype(),
-        QuantMode::Mxfp4 => DType::U8,
-    };
-    let align = pass.caps().storage_offset_alignment;
-    let xa = if x.elem_offset().is_multiple_of(4) && align.is_multiple_of(16) {
-        x.clone()
-    } else {
-        super::layout::copy(pass, x)?
-    };
-    let pairs = r.pairs as usize;
-    let y = pass.alloc(DType::F32, &[2 * pairs * n])?;
-    let params = GatherParams {
-        pairs: check::fits_u32(2 * pairs, op, "pairs")?,
-        n: n as u32,
-        k: k as u32,
-        wpr: check::fits_u32(l.words_per_row, op, "words per row")?,
-        gpr: check::fits_u32(l.groups_per_row, op, "groups per row")?,
-        top_k: r.x_div,
-        experts: check::fits_u32(e, op, "experts")?,
-        max_tiles: 0,
-    };
-    let (rpt, sg) = match plan(1, n, k, pass.caps()) {
-        MatmulPlan::Vector { rpt, subgroups } => (rpt, subgroups),
-        _ => (1, false),
-    };
-    let spec = gqmv_spec(qw.params(), sdt, rpt, sg, true)?;
-    let groups = (2 * pairs).saturating_mul(n.div_ceil(2 * rpt as usize));
-    let groups = check::fits_u32(groups, op, "workgroups")?;
-    let biases = qw.biases().unwrap_or(qw.scales());
-    let bufs = [&xa, qw.packed(), qw.scales(), biases, &y, qw.packed(), ids];
-    pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
-    let shape = [r.tokens, r.top_k, n];
-    Ok((y.view(0, &shape)?, y.view(pairs * n, &shape)?))
-}
-
 /// The routed product for either expert format: [`gather_qmm`] or [`ggml_gather_matvec`].
 pub fn gather_matmul(
     pass: &mut Pass,
@@ -673,44 +605,6 @@ pub struct MoeExperts {
     pub gate: ExpertWeight,
     pub up: ExpertWeight,
     pub down: ExpertWeight,
-    /// gate and up stacked into one `[2E, I, H]` weight ([`MoeExperts::stack_gate_up`]):
-    /// decode then projects both with one dispatch; `gate` and `up` are views into it.
-    pub gate_up: Option<QuantExperts>,
-}
-
-impl MoeExperts {
-    /// Gate, up and down experts, gate and up not stacked.
-    pub fn new(gate: ExpertWeight, up: ExpertWeight, down: ExpertWeight) -> Self {
-        MoeExperts {
-            gate,
-            up,
-            down,
-            gate_up: None,
-        }
-    }
-
-    /// Stack the gate and up experts into [`MoeExperts::gate_up`] when both are
-    /// MLX-quantized with the same format (the parts become views of the stack, no second
-    /// copy); otherwise leave them as they are.
-    pub fn stack_gate_up(&mut self, gpu: &crate::MlxDevice) -> Result<()> {
-        let (ExpertWeight::Mlx(g), ExpertWeight::Mlx(u)) = (&self.gate, &self.up) else {
-            return Ok(());
-        };
-        let e = g.shape()[0];
-        if u.shape() != g.shape() {
-            return Ok(());
-        }
-        if let Some((fused, views)) =
-            crate::weights::quant_weight::QuantWeight::concat_rows(gpu, &[g.weight(), u.weight()])?
-        {
-            if let [gv, uv] = &views[..] {
-                self.gate = ExpertWeight::Mlx(QuantExperts::new(gv.clone(), e)?);
-                self.up = ExpertWeight::Mlx(QuantExperts::new(uv.clone(), e)?);
-                self.gate_up = Some(QuantExperts::new(fused, 2 * e)?);
-            }
-        }
-        Ok(())
-    }
 }
 
 /// One MoE FFN layer's settings.
@@ -758,13 +652,8 @@ pub fn moe_ffn(
     check::shape(router_logits, &[t, e], op, "router_logits")?;
     let x2 = x.reshape(&[t, h])?;
     let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
-    let (gate, up) = match &experts.gate_up {
-        Some(w) if t <= MAX_VEC_TOKENS => gather_qmm_gate_up(pass, &x2, w, &ids)?,
-        _ => (
-            gather_matmul(pass, &x2, &experts.gate, &ids)?,
-            gather_matmul(pass, &x2, &experts.up, &ids)?,
-        ),
-    };
+    let gate = gather_matmul(pass, &x2, &experts.gate, &ids)?;
+    let up = gather_matmul(pass, &x2, &experts.up, &ids)?;
     let act = moe_glu(pass, &gate, &up, cfg.act)?;
     let y = gather_matmul(pass, &act, &experts.down, &ids)?;
     moe_combine(pass, &y, &weights, shared)

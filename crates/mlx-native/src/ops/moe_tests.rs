@@ -397,77 +397,6 @@ fn gather_qmm_decode_matches_f64() {
     }
 }
 
-/// gate and up stacked into one `[2E, N, K]` weight, both products in one dispatch, against
-/// the f64 product of each stack's own dequantized experts; the parts stay usable as views;
-/// an out-of-range id gives zero rows in both halves.
-#[test]
-fn stacked_gate_up_matches_f64_and_the_views() {
-    let mut rng = Rng::new(907);
-    for g in devices() {
-        // Shapes whose scale arrays are whole 16-byte words (what stacking needs: real models
-        // have them; `concat_rows` declines otherwise).
-        for &(t, k, e, n, kd, params, dt) in &[
-            (
-                1usize,
-                8usize,
-                16usize,
-                96usize,
-                256usize,
-                QuantParams::affine(4, 64),
-                DType::BF16,
-            ),
-            (3, 2, 5, 34, 128, QuantParams::affine(8, 32), DType::F16),
-        ] {
-            let (gq, gdeq) = quant_experts(&mut rng, e, n, kd, params, dt);
-            let (uq, udeq) = quant_experts(&mut rng, e, n, kd, params, dt);
-            let mut experts = MoeExperts::new(
-                ExpertWeight::Mlx(QuantExperts::upload(g, &gq).unwrap()),
-                ExpertWeight::Mlx(QuantExperts::upload(g, &uq).unwrap()),
-                ExpertWeight::Mlx(QuantExperts::upload(g, &gq).unwrap()),
-            );
-            experts.stack_gate_up(g).unwrap();
-            let stacked = experts.gate_up.as_ref().expect("stacked");
-            assert_eq!(stacked.shape(), [2 * e, n, kd]);
-            let x = rng.normals(t * kd, 1.0);
-            let gx = MlxBuffer::from_slice(g, &x, &[t, kd]).unwrap();
-            let mut ids = random_ids(&mut rng, t, k, e);
-            if t > 1 {
-                ids[1] = e as u32;
-            }
-            let gids = MlxBuffer::from_slice(g, &ids, &[t, k]).unwrap();
-            let mut pass = g.begin();
-            let (gate, up) = gather_qmm_gate_up(&mut pass, &gx, stacked, &gids).unwrap();
-            let gate_view = gather_matmul(&mut pass, &gx, &experts.gate, &gids).unwrap();
-            let up_view = gather_matmul(&mut pass, &gx, &experts.up, &gids).unwrap();
-            pass.commit_and_wait().unwrap();
-            assert_eq!(gate.shape(), [t, k, n]);
-            let what = format!(
-                "stacked gate|up t{t} k{k} e{e} n{n} K{kd} sg {}",
-                g.caps().subgroups
-            );
-            for (got, deq, name) in [(&gate, &gdeq, "gate"), (&up, &udeq, "up")] {
-                let want = ref_gather(&x, deq, &ids, k, n, kd);
-                assert_product(
-                    &got.to_vec(g).unwrap(),
-                    &want,
-                    kd,
-                    1.0,
-                    &format!("{what} {name}"),
-                );
-            }
-            // The same kernel over the same rows: the views give identical values.
-            assert_eq!(
-                gate.to_vec::<f32>(g).unwrap(),
-                gate_view.to_vec::<f32>(g).unwrap()
-            );
-            assert_eq!(
-                up.to_vec::<f32>(g).unwrap(),
-                up_view.to_vec::<f32>(g).unwrap()
-            );
-        }
-    }
-}
-
 #[test]
 fn gather_qmm_prefill_matches_f64() {
     let mut rng = Rng::new(902);
@@ -721,7 +650,6 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
         gate: ExpertWeight::Mlx(QuantExperts::upload(g, &gq).unwrap()),
         up: ExpertWeight::Mlx(QuantExperts::upload(g, &uq).unwrap()),
         down: ExpertWeight::Mlx(QuantExperts::upload(g, &dq).unwrap()),
-        gate_up: None,
     };
     // GGML Q8_0 experts (K = h or i, multiples of 32).
     let gb = random_tensor(&mut rng, GgmlType::Q8_0, e * i, h);
@@ -738,7 +666,6 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
         gate: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, i, h], &gb).unwrap()),
         up: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, i, h], &ub).unwrap()),
         down: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, h, i], &db).unwrap()),
-        gate_up: None,
     };
     let ggml_ref = (
         deq(&gb, e * i * h),

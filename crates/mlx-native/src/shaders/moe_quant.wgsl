@@ -8,9 +8,6 @@
 //   gqmm  prefill: over the pairs sorted by expert (moe.wgsl sort_pairs), one workgroup per
 //         (tile of <= 64 pairs of one expert, 64 outputs): 64 x 64 tiles as in qmm, x rows
 //         gathered through the pair order.
-//   DUAL  (gqmv) W holds two stacks of E experts (gate then up, [2E, N, K]) and the P pairs
-//         are walked twice: pair p < P with expert ids[p], pair P + p with E + ids[p], both
-//         against x row p / top_k; y is [2, P, N] (gate then up): one dispatch for both.
 // Expert ids >= E never index the weights (clamped) and give rows of zeros.
 // Bindings: 0 x (f32 as vec4: offset a multiple of 4), 1 packed, 2 scales, 3 biases, 4 y f32
 // [P, N], 5 packed as vec4, 6 ids u32 [P] (gqmv), 7 sorted u32 (gqmm: see moe.wgsl).
@@ -26,10 +23,7 @@ struct Params {
     max_tiles: u32,
 }
 
-// gqmv: GQ = DUAL << 4 | RPT (a spec has three constants: BITS, GROUP_SIZE and this).
-override GQ: u32 = 1u;
-override RPT: u32 = GQ & 15u;
-override DUAL: u32 = GQ >> 4u;
+override RPT: u32 = 1u;
 const TPR: u32 = 32u;
 
 @group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
@@ -94,19 +88,11 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let pair = min(g / nrb, p.pairs - 1u);
     let live = g / nrb < p.pairs;
     let n0 = (g % nrb) * per_wg + block * RPT;
-    // DUAL: the second half of the pairs reads the second stack of experts.
-    var src = pair;
-    var stack = 0u;
-    if DUAL != 0u {
-        let half = p.pairs / 2u;
-        stack = pair / half;
-        src = pair - stack * half;
-    }
-    let e = ids[view(6u) + src];
+    let e = ids[view(6u) + pair];
     let valid = e < p.experts;
-    let ebase = (min(e, p.experts - 1u) + stack * p.experts) * p.n;
+    let ebase = min(e, p.experts - 1u) * p.n;
     let chunks = p.k / 32u;
-    let xo = view(0u) / 4u + (src / p.top_k) * (p.k / 4u);
+    let xo = view(0u) / 4u + (pair / p.top_k) * (p.k / 4u);
 #if SUBGROUPS
     let slots = TPR / ss;
     let slot = lane / ss;
