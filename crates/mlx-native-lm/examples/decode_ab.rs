@@ -21,7 +21,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut m = build(&gpu, &spec, 7)?;
     let ctx = 128;
     let none = Folding::NONE;
-    let variants: [(&str, Folding); 6] = [
+    let default = Folding::DEFAULT;
+    let variants: [(&str, Folding); 7] = [
         ("separate", none),
         (
             "rope_append",
@@ -30,19 +31,26 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..none
             },
         ),
-        ("rope_append+residual", Folding::DEFAULT),
         (
-            "  +glu",
+            "  +residual",
+            Folding {
+                small_norms: false,
+                ..default
+            },
+        ),
+        ("  +small norms (default)", default),
+        (
+            "default +glu",
             Folding {
                 glu: true,
-                ..Folding::DEFAULT
+                ..default
             },
         ),
         (
-            "  +norms",
+            "default +all norms",
             Folding {
                 norms: true,
-                ..Folding::DEFAULT
+                ..default
             },
         ),
         ("all", Folding::ALL),

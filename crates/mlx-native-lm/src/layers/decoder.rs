@@ -23,6 +23,9 @@ pub struct Folding {
     pub glu: bool,
     /// The pre-norms into the q|k|v and gate|up matvecs.
     pub norms: bool,
+    /// A pre-norm into a matvec of at most [`SMALL_NORM_FOLD`] weights only, where the
+    /// repeated norm work costs less than the dispatch it saves.
+    pub small_norms: bool,
     /// RoPE (with the q/k norms) and the KV-cache append in one dispatch after the stacked
     /// q|k|v matvec (`ops::kv::rope_append`), not a matvec fold but the same kind of saving.
     pub rope_append: bool,
@@ -33,12 +36,14 @@ impl Folding {
         residual: false,
         glu: false,
         norms: false,
+        small_norms: false,
         rope_append: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
         glu: true,
         norms: true,
+        small_norms: true,
         rope_append: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md).
@@ -46,13 +51,26 @@ impl Folding {
         residual: true,
         glu: false,
         norms: false,
+        small_norms: true,
         rope_append: true,
     };
 
     fn any(self) -> bool {
-        self.residual || self.glu || self.norms
+        self.residual || self.glu || self.norms || self.small_norms
+    }
+
+    /// Whether to fold a pre-norm into a matvec of `shape` ([N, K]).
+    fn norm_into(self, shape: [usize; 2]) -> bool {
+        self.norms || (self.small_norms && shape[0] * shape[1] <= SMALL_NORM_FOLD)
     }
 }
+
+/// Weights (N x K) up to which [`Folding::small_norms`] folds a pre-norm into the matvec.
+/// The fold makes each of the matvec's N / 8 row-sets re-read the norm weight and square
+/// x (K elements each), against one dispatch saved (~3–5 us on an H200): measured a gain at
+/// Qwen3-30B-A3B's q|k|v (5120 x 2048), a loss at Llama-3.1-8B's (6144 x 4096, +5 us) and
+/// gate|up (28672 x 4096, +19 us) (docs/PERFORMANCE.md).
+pub const SMALL_NORM_FOLD: usize = 16 << 20;
 
 impl Default for Folding {
     fn default() -> Self {
@@ -126,15 +144,20 @@ impl DecoderLayer {
         let f = self.fold;
         let eps = self.eps;
         let fold_attn_residual = f.residual && self.post_attn_norm.is_none();
+        let attn_norm = self
+            .attn
+            .qkv
+            .as_ref()
+            .is_some_and(|(w, _)| f.norm_into(w.shape()));
         let normed;
         let input = BlockInput {
-            x: if f.norms {
+            x: if attn_norm {
                 x
             } else {
                 normed = ops::rms_norm(pass, x, &self.attn_norm, eps)?;
                 &normed
             },
-            norm: f.norms.then_some((&self.attn_norm, eps)),
+            norm: attn_norm.then_some((&self.attn_norm, eps)),
             residual: fold_attn_residual.then_some(x),
             rope_append: f.rope_append,
         };
@@ -146,7 +169,10 @@ impl DecoderLayer {
         // The new residual stream x, and the FFN's input: normalized here, or raw with the
         // norm folded into gate|up.
         let (x, h, norm) = if fold_attn_residual {
-            if f.norms && dense.is_some() {
+            let ffn_norm = dense
+                .and_then(|m| m.gate_up.as_ref())
+                .is_some_and(|w| f.norm_into(w.shape()));
+            if ffn_norm {
                 (a.clone(), a, Some((&self.ffn_norm, eps)))
             } else {
                 let h = ops::rms_norm(pass, &a, &self.ffn_norm, eps)?;
