@@ -31,14 +31,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..none
             },
         ),
+        ("  +residual (default)", default),
         (
-            "  +residual",
+            "  +small norms",
             Folding {
-                small_norms: false,
+                small_norms: true,
                 ..default
             },
         ),
-        ("  +small norms (default)", default),
         (
             "default +glu",
             Folding {

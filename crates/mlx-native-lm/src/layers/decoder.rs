@@ -46,12 +46,14 @@ impl Folding {
         small_norms: true,
         rope_append: true,
     };
-    /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md).
+    /// What the loaders use: the folds that measured faster on every shape
+    /// (docs/PERFORMANCE.md). `small_norms` gained 52 us a token on Qwen3-30B-A3B and lost
+    /// 479 on Gemma-3-4B, whose q|k|v is as small, so it stays off.
     pub const DEFAULT: Folding = Folding {
         residual: true,
         glu: false,
         norms: false,
-        small_norms: true,
+        small_norms: false,
         rope_append: true,
     };
 
@@ -69,7 +71,8 @@ impl Folding {
 /// The fold makes each of the matvec's N / 8 row-sets re-read the norm weight and square
 /// x (K elements each), against one dispatch saved (~3–5 us on an H200): measured a gain at
 /// Qwen3-30B-A3B's q|k|v (5120 x 2048), a loss at Llama-3.1-8B's (6144 x 4096, +5 us) and
-/// gate|up (28672 x 4096, +19 us) (docs/PERFORMANCE.md).
+/// gate|up (28672 x 4096, +19 us), and, unexplained, a loss at Gemma-3-4B's q|k|v
+/// (4096 x 2560, +14 us a layer) (docs/PERFORMANCE.md).
 pub const SMALL_NORM_FOLD: usize = 16 << 20;
 
 impl Default for Folding {
