@@ -1,12 +1,11 @@
 //! A/B timing of decode variants on one synthetic model in one process:
-//! `decode_ab SHAPE [ROUNDS] [CONTEXT]`. Builds the shape (`bench_decode::shape`),
-//! prefills CONTEXT (128) positions, then times one decode step as one compute pass (GPU
-//! timestamps) for each variant in turn, round after round, and prints each variant's
-//! minimum and median.
+//! `decode_ab SHAPE [ROUNDS]`. Builds the shape (`bench_decode::shape`), prefills 128
+//! positions, then times one decode step as one compute pass (GPU timestamps) for each
+//! variant in turn, round after round, and prints each variant's minimum and median.
 //! Interleaving matters: a GPU that idles between runs clocks down, so variants measured in
 //! separate processes or one after another are not comparable.
 //! Variants: the separate dispatches (no folding), then residual adds, GLU and norms folded
-//! into the matvecs in combinations (`Folding`), and the decode attention always split.
+//! into the matvecs in combinations (`Folding`).
 
 use mlx_native::ops;
 use mlx_native::MlxDevice;
@@ -17,13 +16,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let name = args.next().unwrap_or_else(|| "llama-3.1-8b-mlx4".into());
     let rounds: usize = args.next().map_or(Ok(8), |s| s.parse())?;
-    let ctx: usize = args.next().map_or(Ok(128), |s| s.parse())?;
     let gpu = MlxDevice::new()?;
     let spec = shape(&name)?;
     let mut m = build(&gpu, &spec, 7)?;
+    let ctx = 128;
     let none = Folding::NONE;
     let default = Folding::DEFAULT;
-    let variants: [(&str, Folding); 8] = [
+    let variants: [(&str, Folding); 7] = [
         ("separate", none),
         (
             "rope_append",
@@ -55,8 +54,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
         ),
         ("all", Folding::ALL),
-        // The default with every decode attention split (and reduced) as at long contexts.
-        ("default, attention split", default),
     ];
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
@@ -74,11 +71,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for l in &mut m.layers {
                 l.fold = fold;
             }
-            mlx_native::ops::sdpa::set_single_split_keys(if vi == variants.len() - 1 {
-                0
-            } else {
-                mlx_native::ops::sdpa::SINGLE_SPLIT_KEYS
-            });
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);
                 let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;

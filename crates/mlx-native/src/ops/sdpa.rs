@@ -81,21 +81,6 @@ pub(crate) const DECODE_TARGET_WGS: usize = 512;
 /// `sdpa_decode` aims for this many: on an H200, 256 beat 128, 384, 512 and 1024 at 8k
 /// and 32k keys (its registers allow about two workgroups per SM).
 const DIRECT_TARGET_WGS: usize = 256;
-/// Up to this many visible keys the decode runs as one split per (kv head, head group): the
-/// workgroups then normalize their own outputs and the reduce dispatch (and the barrier
-/// before it) goes, worth more than the parallelism of the short key range.
-pub const SINGLE_SPLIT_KEYS: usize = 256;
-
-/// The single-split limit in use ([`set_single_split_keys`]).
-static SINGLE_SPLIT: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(SINGLE_SPLIT_KEYS);
-
-/// Set the most visible keys a decode runs as a single split (0: always split), for
-/// benchmarks comparing the two; the default is [`SINGLE_SPLIT_KEYS`].
-#[doc(hidden)]
-pub fn set_single_split_keys(keys: usize) {
-    SINGLE_SPLIT.store(keys, std::sync::atomic::Ordering::Relaxed);
-}
 const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
 
 /// Query heads per decode workgroup for a GQA group size.
@@ -358,12 +343,6 @@ pub fn sdpa_decode(
     let (k, v) = cache.buffers(layer)?;
 
     let gt = decode_gt(hd.group);
-    let single = SINGLE_SPLIT.load(std::sync::atomic::Ordering::Relaxed);
-    let target = if seq_len - lo <= single {
-        1
-    } else {
-        DIRECT_TARGET_WGS
-    };
     let plan = decode_plan(
         pass,
         op,
@@ -372,7 +351,7 @@ pub fn sdpa_decode(
         hd.head_dim,
         gt,
         decode_kt(cache.dtype(), hd.head_dim),
-        target,
+        DIRECT_TARGET_WGS,
         (lo, seq_len, slots),
         opts,
     )?;
@@ -381,17 +360,14 @@ pub fn sdpa_decode(
         && caps.subgroup_max_size <= 128
         && decode_sg(cache.dtype(), hd.head_dim, caps.subgroup_min_size);
     let spec = decode_spec(cache.dtype(), hd.head_dim, gt, sg)?;
-    let sinks = opts.sinks.unwrap_or(q);
     pass.dispatch(
         Kernel::Sdpa,
         spec,
         &plan.params,
-        &[q, k, v, &plan.part_o, &plan.part_ml, sinks, &plan.out],
+        &[q, k, v, &plan.part_o, &plan.part_ml],
         plan.workgroups,
     )?;
-    if plan.params.n_splits == 1 {
-        return Ok(plan.out);
-    }
+    let sinks = opts.sinks.unwrap_or(q);
     pass.dispatch(
         Kernel::Sdpa,
         reduce_spec(hd.head_dim)?,
@@ -828,8 +804,8 @@ mod tests {
             },
             // GQA 16: two head tiles of 8, KT 16, 3 tiles per split.
             dc(256, 64, 4, 2100, DType::F16),
-            // GQA 8 with head dim 96 (KT 32), a window of 45 from position 955: one split
-            // (two splits of one tile each, the second of 13 keys, before single splits).
+            // GQA 8 with head dim 96 (KT 32), a window of 45: two splits of one tile each
+            // from position 955, the second of 13 keys.
             DecodeCase {
                 window: Some(45),
                 ..dc(96, 16, 2, 1000, DType::F16)

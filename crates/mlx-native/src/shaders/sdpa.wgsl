@@ -6,8 +6,6 @@
 //                       for all of them) and split_len positions, and writes a partial (max,
 //                       sum, unnormalized output) per head and split. See "Decode" below.
 //   sdpa_decode_reduce  one workgroup per head combines the splits (and the sink) into out.
-//                       With one split (short contexts) sdpa_decode normalizes and writes
-//                       out itself and no reduce runs.
 //   sdpa_prefill        T queries at positions q0..q0+T, tiled flash attention with online
 //                       softmax: a workgroup takes BM (query, head) rows of one kv head and
 //                       streams BN keys at a time through workgroup memory.
@@ -18,8 +16,7 @@
 // and k > qp - window when window > 0.
 //
 // Bindings: 0 q f32, 1 k cache, 2 v cache, 3 part_o (decode) / out (prefill) f32,
-// 4 part_ml f32 [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out (decode with one split,
-// decode_reduce) f32,
+// 4 part_ml f32 [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out (decode_reduce) f32,
 // 7 mask f32 [T, mask_stride] (prefill).
 struct Params {
     n_heads: u32,
@@ -497,30 +494,11 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>,
                 for (var rr = 0u; rr < KR; rr++) {
                     a += dr_sh[o * KR + rr];
                 }
-                if p.n_splits == 1u {
-                    // Every key is here: normalize (the sink joins the denominator) and
-                    // write the output; the reduce dispatch is skipped.
-                    let gl = o / C4;
-                    var tot = vec2<f32>(select(mx, mx2, rd == 1u)[gl],
-                                        select(lt, lt2, rd == 1u)[gl]);
-                    let m0 = tot.x;
-                    if p.has_sinks != 0u {
-                        tot = merge_ml(tot, vec2<f32>(sinks[view(5u) + h0 + g], 1.0));
-                    }
-                    let sc = select(0.0, exp(m0 - tot.x) / tot.y, tot.y > 0.0);
-                    let fo = view(6u) + (h0 + g) * HEAD_DIM + (o % C4) * 4u;
-                    out[fo] = a.x * sc;
-                    out[fo + 1u] = a.y * sc;
-                    out[fo + 2u] = a.z * sc;
-                    out[fo + 3u] = a.w * sc;
-                } else {
-                    let po = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM
-                        + (o % C4) * 4u;
-                    part_o[po] = a.x;
-                    part_o[po + 1u] = a.y;
-                    part_o[po + 2u] = a.z;
-                    part_o[po + 3u] = a.w;
-                }
+                let po = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM + (o % C4) * 4u;
+                part_o[po] = a.x;
+                part_o[po + 1u] = a.y;
+                part_o[po + 2u] = a.z;
+                part_o[po + 3u] = a.w;
             }
         }
     }
