@@ -2,9 +2,12 @@
 //! of tests/fixtures/kv_quality_text.md (the start of docs/KV_QUANT.md, frozen) scored by chunked prefill in chunks of 64 (three of the
 //! four chunks attend to a compressed past), next-token distributions against the f16
 //! cache. The bars are mean KL <= 0.005 and top-1 >= 98 % for q8 (asserted here)
-//! and mean KL <= 0.05, top-1 >= 93 % for tq4, which TurboQuant at 4 bits misses on this
-//! model (docs/KV_QUANT.md has the 2,048-token table): tq4 is held to what it measures
-//! (KL 0.064, top-1 82.4 % on lavapipe) with a margin, so a regression fails. The long table comes from the `kv_quality` example.
+//! and mean KL <= 0.05, top-1 >= 93 % for tq4. With the keys centered and the first four
+//! positions exact (docs/KV_QUANT.md), tq4 meets the KL bar here (measured 0.0247 on
+//! lavapipe, asserted <= 0.05) but not the top-1 bar (measured 89.06 %): top-1 is held to
+//! at least 86 %, the measured value with a margin of 8 of the 256 tokens, so a regression
+//! fails.
+//! (Before: KL 0.064, top-1 82.4 %.) The long table comes from the `kv_quality` example.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -43,7 +46,7 @@ fn compressed_caches_track_the_f16_cache_on_smollm2() {
     ids.truncate(256);
     let base = log_probs(&m, &ids, 64, KvFormat::F16).unwrap();
     let mut report = Vec::new();
-    for (mode, max_kl, min_top1) in [("q8", 0.005, 0.98), ("tq4", 0.15, 0.75)] {
+    for (mode, max_kl, min_top1) in [("q8", 0.005, 0.98), ("tq4", 0.05, 0.86)] {
         let q = compare(
             &base,
             &log_probs(&m, &ids, 64, KvFormat::parse(mode).unwrap()).unwrap(),

@@ -17,6 +17,12 @@
 //!   words of four i8 (element 4w + k at byte k). x ≈ scale * q, q in -127..=127.
 //! - `q4`: d/32 words (f16 scale, f16 min) per block (scale in the low half), then d/8 words
 //!   of eight 4-bit q (element 8w + k at nibble k). x ≈ scale * q + min, q in 0..=15.
+//!
+//! Side data, every compressed format, per layer: f32 `[kv_heads, SIDE_ROWS, d]`. Row 0 is
+//! the key channel mean mu_k: keys are stored as k - mu_k (their large shared component
+//! would otherwise set the quantization error of every key). Rows 1..=4 and 5..=8 are K
+//! and V of positions 0..4 kept exact (attention sinks), in the decoder's basis (rotated
+//! for `tq*`). See docs/KV_QUANT.md for why and the measurements.
 
 use std::sync::OnceLock;
 
@@ -53,6 +59,14 @@ pub const QUANT_HEAD_DIMS: [usize; 4] = [64, 128, 256, 512];
 
 /// Seed of the fixed random sign flips applied before the Walsh–Hadamard transform.
 pub const SIGN_SEED: u64 = 0x5451_4b56_2025_0001;
+
+/// Positions `0..SINK_POSITIONS` of every layer are stored exact (f32 side rows) instead of
+/// compressed: the first tokens (BOS) take a large share of the attention of every later
+/// query, so their quantization error reaches every output (`SINKS` in the kernels).
+pub const SINK_POSITIONS: usize = 4;
+
+/// Rows per kv head of a layer's side buffer: the key mean, then the sink K and V rows.
+pub const SIDE_ROWS: usize = 1 + 2 * SINK_POSITIONS;
 
 impl KvFormat {
     pub const ALL: [KvFormat; 8] = [
@@ -308,6 +322,9 @@ impl QuantTables {
 struct QLayer {
     k: MlxBuffer,
     v: MlxBuffer,
+    /// f32 `[kv_heads, SIDE_ROWS, head_dim]`: the key mean (set by the append that covers
+    /// position `SINK_POSITIONS`, from its rows) and the exact sink rows.
+    side: MlxBuffer,
     slots: usize,
     window: Option<usize>,
     len: usize,
@@ -374,6 +391,7 @@ impl CompressedKvCache {
             layers.push(QLayer {
                 k: MlxBuffer::new(gpu, DType::U32, &shape)?,
                 v: MlxBuffer::new(gpu, DType::U32, &shape)?,
+                side: MlxBuffer::new(gpu, DType::F32, &[cfg.kv_heads, SIDE_ROWS, cfg.head_dim])?,
                 slots,
                 window,
                 len: 0,
@@ -427,7 +445,16 @@ impl CompressedKvCache {
             capacity,
             max_chunk,
         )?;
-        crate::ops::kv_quant::kv_quant_append(pass, format, k_new, v_new, &l.k, &l.v, start_pos)?;
+        // The append that covers the first compressed position sets the key mean from all
+        // its rows (sink rows included: measured slightly better than without, on two
+        // texts). Every later compressed row comes after it, and an append that rewinds to
+        // or before that position rewrites all of them: stored rows and mean always match.
+        if (start_pos..end).contains(&SINK_POSITIONS) {
+            crate::ops::kv_quant::kv_quant_mean(pass, format, k_new, &l.side)?;
+        }
+        crate::ops::kv_quant::kv_quant_append(
+            pass, format, k_new, v_new, &l.k, &l.v, &l.side, start_pos,
+        )?;
         if let Some(l) = self.layers.get_mut(layer) {
             l.len = end;
         }
@@ -487,11 +514,11 @@ impl CompressedKvCache {
         self.format.row_words(self.head_dim)
     }
 
-    /// Bytes of K plus V of `layer` (0 for a layer out of range).
+    /// Bytes of K plus V of `layer`, side data included (0 for a layer out of range).
     pub fn bytes_per_layer(&self, layer: usize) -> u64 {
         self.layers
             .get(layer)
-            .map_or(0, |l| l.k.byte_len() + l.v.byte_len())
+            .map_or(0, |l| l.k.byte_len() + l.v.byte_len() + l.side.byte_len())
     }
 
     /// Bytes of the prefill scratch (one f16 layer; 0 until the first `sdpa_prefill`).
@@ -505,6 +532,13 @@ impl CompressedKvCache {
     pub fn buffers(&self, layer: usize) -> Result<(&MlxBuffer, &MlxBuffer)> {
         let l = self.layer(layer, "CompressedKvCache::buffers")?;
         Ok((&l.k, &l.v))
+    }
+
+    /// `layer`'s side data, f32 `[kv_heads, SIDE_ROWS, head_dim]`: row 0 the key mean, rows
+    /// `1..=SINK_POSITIONS` the exact K rows of positions `0..SINK_POSITIONS`, then their
+    /// V rows (rotated for `tq*`, as the decoder reads them).
+    pub fn side(&self, layer: usize) -> Result<&MlxBuffer> {
+        Ok(&self.layer(layer, "CompressedKvCache::side")?.side)
     }
 
     /// Check that positions `lo..hi` of `layer` are present; returns the slot count.

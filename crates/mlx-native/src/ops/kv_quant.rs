@@ -14,7 +14,9 @@ use crate::dtype::DType;
 use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
-use crate::kv_quant::{check_head_dim, CompressedKvCache, KvFormat, QuantTables, QUANT_HEAD_DIMS};
+use crate::kv_quant::{
+    check_head_dim, CompressedKvCache, KvFormat, QuantTables, QUANT_HEAD_DIMS, SIDE_ROWS,
+};
 use crate::ops::sdpa::{decode_plan, SdpaOptions, SdpaParams};
 
 #[repr(C)]
@@ -112,6 +114,7 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     for &d in &QUANT_HEAD_DIMS {
         for f in KvFormat::COMPRESSED {
             let m = mode(f, "specs")?;
+            v.push((Kernel::KvQuant, quant_spec("kv_quant_mean", d, m)?));
             v.push((Kernel::KvQuant, quant_spec("kv_quant_append", d, m)?));
             v.push((Kernel::KvQuant, quant_spec("kv_quant_dequant", d, m)?));
             for &gt in decode_gts(d) {
@@ -176,10 +179,60 @@ fn tables_params(
     })
 }
 
+/// `side` (f32 `[kv_heads, SIDE_ROWS, head_dim]`: see [`crate::kv_quant::SIDE_ROWS`]) must
+/// match the cache's heads and head dim.
+fn check_side(op: &str, side: &MlxBuffer, kv_heads: usize, head_dim: usize) -> Result<()> {
+    check::dtype(side, &[DType::F32], op, "side")?;
+    check::ensure(side.len() == kv_heads * SIDE_ROWS * head_dim, op, || {
+        format!(
+            "side has {} elements, expected {kv_heads} kv heads * {SIDE_ROWS} rows * \
+             {head_dim}",
+            side.len()
+        )
+    })
+}
+
+/// Set row 0 of every kv head's block of `side` (f32 `[kv_heads, SIDE_ROWS, head_dim]`) to
+/// the per-channel mean of the rows of `k_new` (f32 `[T, kv_heads, head_dim]`, T >= 1):
+/// the centre keys are stored around (see [`kv_quant_append`]).
+pub fn kv_quant_mean(
+    pass: &mut Pass,
+    format: KvFormat,
+    k_new: &MlxBuffer,
+    side: &MlxBuffer,
+) -> Result<()> {
+    let op = "kv_quant_mean";
+    let m = mode(format, op)?;
+    check::dtype(k_new, &[DType::F32], op, "k_new")?;
+    let (tokens, kv_heads, head_dim) = match *k_new.shape() {
+        [t, h, d] if t > 0 && h > 0 => (t, h, d),
+        _ => {
+            return Err(MlxError::invalid(format!(
+                "{op}: k_new has shape {:?}, expected [tokens >= 1, kv_heads, head_dim]",
+                k_new.shape()
+            )))
+        }
+    };
+    check_head_dim(op, format, head_dim)?;
+    check_side(op, side, kv_heads, head_dim)?;
+    let params = tables_params(format, tokens, kv_heads, 1, 0, 0, head_dim, op)?;
+    pass.dispatch(
+        Kernel::KvQuant,
+        quant_spec("kv_quant_mean", head_dim, m)?,
+        &params,
+        &[k_new, k_new, k_new, k_new, k_new, k_new, side],
+        kv_heads as u32,
+    )
+}
+
 /// Quantize `k_new`, `v_new` (f32 `[T, kv_heads, head_dim]`) into a compressed layer
 /// (`k_cache`, `v_cache`: u32 `[kv_heads, slots, row_words]` in `format`) at positions
-/// `start..start + T`, slot `position % slots`. `CompressedKvCache::append` is the usual
-/// entry point (it also checks capacity and rings).
+/// `start..start + T`, slot `position % slots`, with the layer's side data `side` (f32
+/// `[kv_heads, SIDE_ROWS, head_dim]`): keys are centered on row 0 (from [`kv_quant_mean`];
+/// k - mean is quantized), and positions below [`crate::kv_quant::SINK_POSITIONS`] are written exact to the
+/// side rows instead of compressed. `CompressedKvCache::append` is the usual entry point (it
+/// also sets the mean and checks capacity and rings).
+#[allow(clippy::too_many_arguments)]
 pub fn kv_quant_append(
     pass: &mut Pass,
     format: KvFormat,
@@ -187,6 +240,7 @@ pub fn kv_quant_append(
     v_new: &MlxBuffer,
     k_cache: &MlxBuffer,
     v_cache: &MlxBuffer,
+    side: &MlxBuffer,
     start: usize,
 ) -> Result<()> {
     let op = "kv_quant_append";
@@ -206,6 +260,7 @@ pub fn kv_quant_append(
     check::same_shape(k_new, v_new, op, "k_new", "v_new")?;
     check_head_dim(op, format, head_dim)?;
     head_dim_of_row(op, format, row_words, head_dim)?;
+    check_side(op, side, kv_heads, head_dim)?;
     check::ensure(tokens <= slots, op, || {
         format!("{tokens} tokens do not fit {slots} slots without overwriting each other")
     })?;
@@ -219,19 +274,22 @@ pub fn kv_quant_append(
         Kernel::KvQuant,
         quant_spec("kv_quant_append", head_dim, m)?,
         &params,
-        &[k_new, v_new, k_cache, v_cache],
+        &[k_new, v_new, k_cache, v_cache, k_new, k_new, side],
         params.rows,
     )
 }
 
 /// Positions `start..start + tokens` of a compressed layer (slot `position % slots`) as f32
-/// `[tokens, kv_heads, head_dim]` K and V, rotated back to the model's basis.
+/// `[tokens, kv_heads, head_dim]` K and V, rotated back to the model's basis, with the
+/// layer's `side` data as written by [`kv_quant_append`] (the key mean added back, sink
+/// positions read exact).
 #[allow(clippy::too_many_arguments)]
 pub fn kv_quant_dequant(
     pass: &mut Pass,
     format: KvFormat,
     k_cache: &MlxBuffer,
     v_cache: &MlxBuffer,
+    side: &MlxBuffer,
     head_dim: usize,
     start: usize,
     tokens: usize,
@@ -241,6 +299,7 @@ pub fn kv_quant_dequant(
     let (kv_heads, slots, row_words) = cache_dims(op, format, k_cache, v_cache)?;
     check_head_dim(op, format, head_dim)?;
     head_dim_of_row(op, format, row_words, head_dim)?;
+    check_side(op, side, kv_heads, head_dim)?;
     check::ensure(tokens > 0, op, || "tokens must be at least 1".into())?;
     let k = pass.alloc(DType::F32, &[tokens, kv_heads, head_dim])?;
     let v = pass.alloc(DType::F32, &[tokens, kv_heads, head_dim])?;
@@ -251,7 +310,7 @@ pub fn kv_quant_dequant(
         Kernel::KvQuant,
         quant_spec("kv_quant_dequant", head_dim, m)?,
         &params,
-        &[k_cache, k_cache, k_cache, k_cache, k_cache, v_cache, &k, &v],
+        &[k_cache, k_cache, k_cache, v_cache, &k, &v, side],
         params.rows,
     )?;
     Ok((k, v))
@@ -318,6 +377,7 @@ pub fn sdpa_decode_quant(
     let lo = opts.window.map_or(0, |w| seq_len.saturating_sub(w));
     let slots = cache.check_range(op, layer, lo, seq_len)?;
     let (k, v) = cache.buffers(layer)?;
+    let side = cache.side(layer)?;
 
     let gt = decode_gt(n_heads / kv_heads, head_dim);
     let plan = decode_plan(
@@ -349,7 +409,7 @@ pub fn sdpa_decode_quant(
         Kernel::SdpaQuant,
         spec,
         &params,
-        &[q, k, v, &plan.part_o, &plan.part_ml],
+        &[q, k, v, &plan.part_o, &plan.part_ml, q, q, side],
         plan.workgroups,
     )?;
     let sinks = opts.sinks.unwrap_or(q);
@@ -408,6 +468,7 @@ pub fn sdpa_prefill_quant(
     let format = cache.format();
     let (kq, vq) = cache.buffers(layer)?;
     let (kq, vq) = (kq.clone(), vq.clone());
+    let side = cache.side(layer)?.clone();
     let gpu = pass.gpu().clone();
     let scratch = cache.scratch(&gpu)?;
     if n > scratch.capacity() {
@@ -417,7 +478,7 @@ pub fn sdpa_prefill_quant(
             scratch.capacity()
         )));
     }
-    let (kf, vf) = kv_quant_dequant(pass, format, &kq, &vq, head_dim, shift, n)?;
+    let (kf, vf) = kv_quant_dequant(pass, format, &kq, &vq, &side, head_dim, shift, n)?;
     scratch.clear();
     scratch.append(pass, 0, &kf, &vf, 0)?;
     crate::ops::sdpa_prefill(pass, q, scratch, 0, q_start_pos - shift, opts)
@@ -433,7 +494,7 @@ mod tests {
     )]
     use super::*;
     use crate::kv_cache::KvCacheConfig;
-    use crate::kv_quant::{lloyd_max, sign_words};
+    use crate::kv_quant::{lloyd_max, sign_words, SINK_POSITIONS};
     use crate::testutil::{assert_close, devices, gpu, Rng};
     use crate::MlxDevice;
     use half::f16;
@@ -489,11 +550,13 @@ mod tests {
         lloyd_max(if two { 2 } else { bits })
     }
 
-    /// A row as stored: rotated (norm, indices) or affine (per-block scale and min, q).
+    /// A row as stored: rotated (norm, indices), affine (per-block scale and min, q), or a
+    /// sink position's exact side row (in the decoder's basis: rotated for tq*).
     #[derive(Debug, PartialEq)]
     enum Row {
         Tq(f32, Vec<u32>),
         Affine(Vec<f32>, Vec<f32>, Vec<i32>),
+        Exact(Vec<f64>),
     }
 
     fn unpack(f: KvFormat, d: usize, w: &[u32]) -> Row {
@@ -557,6 +620,7 @@ mod tests {
                     w[nb + i / 8] |= (v as u32) << (4 * (i % 8));
                 }
             }
+            Row::Exact(_) => unreachable!("sink rows are not packed"),
             Row::Tq(norm, idx) => {
                 w[0] = norm.to_bits();
                 let gs = groups(f, d);
@@ -571,9 +635,28 @@ mod tests {
         w
     }
 
-    /// The row in the model's basis.
+    /// The sink row of `x` as the side buffer holds it: H (s * x) / sqrt(d) for tq*, x for
+    /// the affine formats.
+    fn decoder_basis(f: KvFormat, x: &[f32]) -> Vec<f64> {
+        let d = x.len();
+        if !f.is_rotated() {
+            return x.iter().map(|&v| v as f64).collect();
+        }
+        let mut z: Vec<f64> = (0..d).map(|i| sign(i) * x[i] as f64).collect();
+        fwht(&mut z);
+        z.iter().map(|v| v / (d as f64).sqrt()).collect()
+    }
+
+    /// The row in the model's basis (without the key mean).
     fn dequant(f: KvFormat, d: usize, r: &Row) -> Vec<f64> {
         match r {
+            Row::Exact(y) if f.is_rotated() => {
+                let mut y = y.clone();
+                fwht(&mut y);
+                let sd = (d as f64).sqrt();
+                (0..d).map(|i| sign(i) * y[i] / sd).collect()
+            }
+            Row::Exact(y) => y.clone(),
             Row::Affine(s, m, q) => (0..d)
                 .map(|i| s[i / 32] as f64 * q[i] as f64 + m[i / 32] as f64)
                 .collect(),
@@ -662,6 +745,7 @@ mod tests {
                     }
                 }
             }
+            Row::Exact(_) => unreachable!("unpack gives packed rows"),
         }
         ties
     }
@@ -713,13 +797,45 @@ mod tests {
         Ok(Built { cache, k, v })
     }
 
-    /// Stored rows by absolute position (None where the ring overwrote it):
-    /// [kv_heads][len] of (K row, V row).
+    /// Stored rows by absolute position (None where the ring overwrote it; sink positions
+    /// from the side rows): [kv_heads][len] of (K row, V row).
     type Rows = Vec<Vec<Option<(Row, Row)>>>;
 
-    fn stored(g: &MlxDevice, c: &CompressedKvCache) -> Result<(Rows, Vec<u32>, Vec<u32>)> {
+    /// What a layer holds: its rows, and per kv head the key mean (side row 0).
+    struct Stored {
+        rows: Rows,
+        mean: Vec<Vec<f64>>,
+    }
+
+    /// A layer's side buffer [kv_heads][SIDE_ROWS][d].
+    fn side_rows(g: &MlxDevice, c: &CompressedKvCache) -> Result<Vec<Vec<Vec<f64>>>> {
+        let s = c.side(0)?.to_vec::<f32>(g)?;
+        let d = c.head_dim();
+        Ok(s.chunks(SIDE_ROWS * d)
+            .map(|h| {
+                h.chunks(d)
+                    .map(|r| r.iter().map(|&v| v as f64).collect())
+                    .collect()
+            })
+            .collect())
+    }
+
+    /// The f64 per-channel mean of K rows `lo..hi` of kv head `h` (x: [len, kvh, d]).
+    fn mean_ref(x: &[f32], kvh: usize, d: usize, h: usize, lo: usize, hi: usize) -> Vec<f64> {
+        (0..d)
+            .map(|i| {
+                (lo..hi)
+                    .map(|p| x[(p * kvh + h) * d + i] as f64)
+                    .sum::<f64>()
+                    / (hi - lo) as f64
+            })
+            .collect()
+    }
+
+    fn stored(g: &MlxDevice, c: &CompressedKvCache) -> Result<Stored> {
         let (kb, vb) = c.buffers(0)?;
         let (kw, vw) = (kb.to_vec::<u32>(g)?, vb.to_vec::<u32>(g)?);
+        let side = side_rows(g, c)?;
         let (f, d, slots, len, rw) = (
             c.format(),
             c.head_dim(),
@@ -733,6 +849,13 @@ mod tests {
                 (0..len)
                     .map(|p| {
                         (p >= oldest).then(|| {
+                            if p < SINK_POSITIONS {
+                                let (k, v) = (1 + p, 1 + SINK_POSITIONS + p);
+                                return (
+                                    Row::Exact(side[h][k].clone()),
+                                    Row::Exact(side[h][v].clone()),
+                                );
+                            }
                             let o = (h * slots + p % slots) * rw;
                             (unpack(f, d, &kw[o..o + rw]), unpack(f, d, &vw[o..o + rw]))
                         })
@@ -740,7 +863,8 @@ mod tests {
                     .collect()
             })
             .collect();
-        Ok((rows, kw, vw))
+        let mean = side.iter().map(|h| h[0].clone()).collect();
+        Ok(Stored { rows, mean })
     }
 
     // ---- append + dequant ----
@@ -757,34 +881,78 @@ mod tests {
                     continue;
                 }
                 // A ring of 5 + 3 - 1 = 7 slots, 17 positions in chunks of 3: wraps twice.
+                // The chunk 3..6 covers the first compressed position (4): the key mean is
+                // the mean of its rows.
                 let kvh = 1 + rng.below(3);
                 let b = build(g, &mut rng, f, kvh, d, 40, Some(5), 3, 17)?;
                 let (rw, slots) = (b.cache.row_words(), b.cache.slots(0));
                 assert_eq!(slots, 7);
                 let (kb, vb) = b.cache.buffers(0)?;
                 let (kw, vw) = (kb.to_vec::<u32>(g)?, vb.to_vec::<u32>(g)?);
+                let side = side_rows(g, &b.cache)?;
                 let (lo, len) = (17 - slots, 17);
                 let mut want_k = Vec::new();
                 let mut want_v = Vec::new();
+                let mut want_sk = Vec::new();
+                let mut want_sv = Vec::new();
+                for h in 0..kvh {
+                    let mu = &side[h][0];
+                    let want = mean_ref(&b.k, kvh, d, h, 3, 6);
+                    // An f32 sum of 3 values of O(1): ~1e-7.
+                    assert_close(
+                        &mu.iter().map(|&m| m as f32).collect::<Vec<_>>(),
+                        &want,
+                        1e-5,
+                        1e-5,
+                        &format!("{f} d={d} key mean, head {h}"),
+                    );
+                    // Sink rows: exact, in the decoder's basis (f32 transform: ~1e-6).
+                    for p in 0..SINK_POSITIONS {
+                        let x = (p * kvh + h) * d;
+                        for (src, r) in [(&b.k, 1 + p), (&b.v, 1 + SINK_POSITIONS + p)] {
+                            let got: Vec<f32> = side[h][r].iter().map(|&v| v as f32).collect();
+                            let want = decoder_basis(f, &src[x..x + d]);
+                            assert_close(&got, &want, 2e-5, 2e-5, &format!("{f} d={d} sink {p}"));
+                        }
+                    }
+                }
+                for p in 0..SINK_POSITIONS {
+                    for h in 0..kvh {
+                        let x = (p * kvh + h) * d;
+                        want_sk.extend(b.k[x..x + d].iter().map(|&v| v as f64));
+                        want_sv.extend(b.v[x..x + d].iter().map(|&v| v as f64));
+                    }
+                }
                 for p in lo..len {
                     for h in 0..kvh {
                         let o = (h * slots + p % slots) * rw;
                         let x = (p * kvh + h) * d;
-                        for (src, w, want) in [(&b.k, &kw, &mut want_k), (&b.v, &vw, &mut want_v)] {
-                            let what = format!("{f} d={d} pos {p} head {h}");
-                            ties += check_row(f, d, &src[x..x + d], &w[o..o + rw], &what);
-                            total += d;
-                            want.extend(dequant(f, d, &unpack(f, d, &w[o..o + rw])));
-                        }
+                        let mu = &side[h][0];
+                        // K is quantized minus the mean (the same f32 subtraction as the
+                        // kernel), V as it is.
+                        let kc: Vec<f32> = (0..d).map(|i| b.k[x + i] - mu[i] as f32).collect();
+                        let what = format!("{f} d={d} pos {p} head {h}");
+                        ties += check_row(f, d, &kc, &kw[o..o + rw], &what);
+                        ties += check_row(f, d, &b.v[x..x + d], &vw[o..o + rw], &what);
+                        total += 2 * d;
+                        let dk = dequant(f, d, &unpack(f, d, &kw[o..o + rw]));
+                        want_k.extend(dk.iter().zip(mu).map(|(a, m)| a + m));
+                        want_v.extend(dequant(f, d, &unpack(f, d, &vw[o..o + rw])));
                     }
                 }
+                let side_buf = b.cache.side(0)?;
                 let mut pass = g.begin();
-                let (gk, gv) = kv_quant_dequant(&mut pass, f, kb, vb, d, lo, len - lo)?;
+                let (gk, gv) = kv_quant_dequant(&mut pass, f, kb, vb, side_buf, d, lo, len - lo)?;
+                let (sk, sv) = kv_quant_dequant(&mut pass, f, kb, vb, side_buf, d, 0, 4)?;
                 pass.commit_and_wait()?;
                 // f32 dequantization and transform over <= 512 terms of O(1): ~1e-6.
                 let what = format!("dequant {f} d={d}");
                 assert_close(&gk.to_vec(g)?, &want_k, 2e-5, 2e-5, &what);
                 assert_close(&gv.to_vec(g)?, &want_v, 2e-5, 2e-5, &what);
+                // Sink positions come back exact (two f32 transforms: ~1e-6).
+                let what = format!("dequant sinks {f} d={d}");
+                assert_close(&sk.to_vec(g)?, &want_sk, 2e-5, 2e-5, &what);
+                assert_close(&sv.to_vec(g)?, &want_sv, 2e-5, 2e-5, &what);
             }
         }
         // Near-ties (f32 on the GPU vs f64 here) must stay rare.
@@ -811,24 +979,149 @@ mod tests {
         ] {
             let d = 256;
             let b = build(g, &mut rng, f, 2, d, 64, None, 64, 64)?;
-            let (rows, _, _) = stored(g, &b.cache)?;
+            let st = stored(g, &b.cache)?;
             let (mut err, mut norm) = (0.0, 0.0);
-            for (h, hr) in rows.iter().enumerate() {
-                for (p, r) in hr.iter().enumerate() {
+            for (h, hr) in st.rows.iter().enumerate() {
+                // Compressed positions; what is quantized is the key minus the mean.
+                for (p, r) in hr.iter().enumerate().skip(SINK_POSITIONS) {
                     let (kr, _) = r.as_ref().unwrap();
-                    let x = &b.k[(p * 2 + h) * d..][..d];
-                    let y = dequant(f, d, kr);
-                    err += x
+                    let x: Vec<f64> = b.k[(p * 2 + h) * d..][..d]
                         .iter()
-                        .zip(&y)
-                        .map(|(&a, b)| (a as f64 - b).powi(2))
-                        .sum::<f64>();
-                    norm += x.iter().map(|&a| (a as f64).powi(2)).sum::<f64>();
+                        .zip(&st.mean[h])
+                        .map(|(&a, m)| a as f64 - m)
+                        .collect();
+                    let y = dequant(f, d, kr);
+                    err += x.iter().zip(&y).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+                    norm += x.iter().map(|a| a.powi(2)).sum::<f64>();
                 }
             }
             let rel = err / norm;
             println!("{f}: relative MSE {rel:.5} (Lloyd-Max distortion {want:.5})");
             assert!(rel > 0.7 * want && rel < 1.3 * want, "{f}: {rel} vs {want}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn key_mean_and_sinks_follow_appends_and_rewinds() -> Result<()> {
+        // Keys with a large shared per-channel offset (8x their spread, as real models'
+        // keys have) appended in steps, with rewinds. The key mean must be the mean of the
+        // rows of the append that covers position SINK_POSITIONS and stay fixed otherwise;
+        // sink positions come back exact; compressed keys carry the quantization error of
+        // the centered key (tq4: ~0.1 of its norm), where without centering it would be
+        // ~0.1 of the whole key, ~8 times more.
+        let g = gpu();
+        let mut rng = Rng::new(44);
+        let (kvh, d, nh) = (2, 64, 4);
+        let offset = rng.normals(kvh * d, 8.0);
+        let mut k_all = vec![0f32; 32 * kvh * d];
+        let mut v_all = vec![0f32; 32 * kvh * d];
+        for f in [KvFormat::Tq4, KvFormat::Q4] {
+            let mut cfg = KvCacheConfig::new(1, kvh, d, 32);
+            cfg.max_chunk = 16;
+            let mut cache = CompressedKvCache::new(g, &cfg, f)?;
+            // The rows of the append that set the mean (later appends may overwrite them).
+            let mut mean_src = (Vec::new(), 0);
+            // (start, tokens): sinks only; covers position 4 (sets the mean); plain; a
+            // rewind past 4 (keeps it); a rewind to before 4 (sets it again).
+            for (start, n) in [(0, 2), (2, 10), (12, 8), (7, 8), (3, 6)] {
+                let k: Vec<f32> = rng
+                    .normals(n * kvh * d, 1.0)
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &x)| x + offset[i % (kvh * d)])
+                    .collect();
+                let v = rng.normals(n * kvh * d, 1.0);
+                k_all[start * kvh * d..][..k.len()].copy_from_slice(&k);
+                v_all[start * kvh * d..][..v.len()].copy_from_slice(&v);
+                if (start..start + n).contains(&SINK_POSITIONS) {
+                    mean_src = (k.clone(), n);
+                }
+                let kb = MlxBuffer::from_slice(g, &k, &[n, kvh, d])?;
+                let vb = MlxBuffer::from_slice(g, &v, &[n, kvh, d])?;
+                let mut pass = g.begin();
+                cache.append(&mut pass, 0, &kb, &vb, start)?;
+                pass.commit_and_wait()?;
+                let len = start + n;
+                assert_eq!(cache.len(0), len);
+                if len <= SINK_POSITIONS {
+                    continue;
+                }
+                let st = stored(g, &cache)?;
+                for h in 0..kvh {
+                    let want = mean_ref(&mean_src.0, kvh, d, h, 0, mean_src.1);
+                    let got: Vec<f32> = st.mean[h].iter().map(|&m| m as f32).collect();
+                    // f32 sums of <= 10 values of O(8).
+                    assert_close(&got, &want, 1e-5, 1e-5, &format!("{f} mean after {start}"));
+                }
+                let (kq, vq) = cache.buffers(0)?;
+                let mut pass = g.begin();
+                let (gk, gv) = kv_quant_dequant(&mut pass, f, kq, vq, cache.side(0)?, d, 0, len)?;
+                pass.commit_and_wait()?;
+                let (gk, gv) = (gk.to_vec::<f32>(g)?, gv.to_vec::<f32>(g)?);
+                for p in 0..len {
+                    for h in 0..kvh {
+                        let o = (p * kvh + h) * d;
+                        let (x, y) = (&k_all[o..o + d], &gk[o..o + d]);
+                        let err = x.iter().zip(y).map(|(a, b)| (a - b).powi(2)).sum::<f32>();
+                        if p < SINK_POSITIONS {
+                            // Exact (two f32 transforms of values of O(8)).
+                            assert!(err.sqrt() < 1e-4, "{f} sink key {p}: error {}", err.sqrt());
+                            let e = v_all[o..o + d]
+                                .iter()
+                                .zip(&gv[o..o + d])
+                                .map(|(a, b)| (a - b).abs())
+                                .fold(0.0, f32::max);
+                            assert!(e < 1e-5, "{f} sink value {p}: error {e}");
+                            continue;
+                        }
+                        let cen: f32 = x
+                            .iter()
+                            .zip(&st.mean[h])
+                            .map(|(a, m)| (a - *m as f32).powi(2))
+                            .sum();
+                        let rel = (err / cen).sqrt();
+                        assert!(
+                            rel < 0.3,
+                            "{f} key {p} head {h}: error {rel} of the centered norm"
+                        );
+                    }
+                }
+            }
+            // Decode and prefill over the rewound cache (positions 0..9, the first four
+            // exact) against f64 attention over the dequantized cache.
+            let len = 9;
+            let q = rng.normals(nh * d, 0.3);
+            let gq = MlxBuffer::from_slice(g, &q, &[nh, d])?;
+            let qp = rng.normals(3 * nh * d, 0.3);
+            let gqp = MlxBuffer::from_slice(g, &qp, &[3, nh, d])?;
+            let opts = SdpaOptions::new(d);
+            let mut pass = g.begin();
+            let out = sdpa_decode_quant(&mut pass, &gq, &cache, 0, len, &opts)?;
+            let outp = sdpa_prefill_quant(&mut pass, &gqp, &mut cache, 0, len - 3, &opts)?;
+            pass.commit_and_wait()?;
+            let st = stored(g, &cache)?;
+            let (k, v) = dequant_by_pos(&cache, &st, false);
+            let want = attention(&q, 1, nh, d, len - 1, &k, &v, None, None, None);
+            // As decode_matches_f64_over_the_dequantized_cache, logits of O(10) here.
+            assert_close(
+                &out.to_vec::<f32>(g)?,
+                &want,
+                2e-4,
+                2e-4,
+                &format!("{f} decode"),
+            );
+            let (k, v) = dequant_by_pos(&cache, &st, true);
+            let want = attention(&qp, 3, nh, d, len - 3, &k, &v, None, None, None);
+            // As prefill_matches_f64_over_the_dequantized_cache (f16 scratch: keys of
+            // O(8) round to 2^-8).
+            assert_close(
+                &outp.to_vec::<f32>(g)?,
+                &want,
+                1e-2,
+                1e-2,
+                &format!("{f} prefill"),
+            );
         }
         Ok(())
     }
@@ -895,8 +1188,9 @@ mod tests {
 
     type ByPos = Vec<Vec<Option<Vec<f64>>>>;
 
-    /// Reference-dequantized K and V by position (optionally rounded to f16).
-    fn dequant_by_pos(c: &CompressedKvCache, rows: &Rows, f16_round: bool) -> (ByPos, ByPos) {
+    /// Reference-dequantized K and V by position (compressed keys plus the key mean; sink
+    /// rows rotated back), optionally rounded to f16.
+    fn dequant_by_pos(c: &CompressedKvCache, st: &Stored, f16_round: bool) -> (ByPos, ByPos) {
         let (f, d) = (c.format(), c.head_dim());
         let r = |x: Vec<f64>| -> Vec<f64> {
             if f16_round {
@@ -906,12 +1200,20 @@ mod tests {
             }
         };
         let pick = |is_v: bool| -> ByPos {
-            rows.iter()
-                .map(|hr| {
+            st.rows
+                .iter()
+                .zip(&st.mean)
+                .map(|(hr, mu)| {
                     hr.iter()
                         .map(|o| {
-                            o.as_ref()
-                                .map(|(kr, vr)| r(dequant(f, d, if is_v { vr } else { kr })))
+                            o.as_ref().map(|(kr, vr)| {
+                                let row = if is_v { vr } else { kr };
+                                let mut x = dequant(f, d, row);
+                                if !is_v && !matches!(row, Row::Exact(_)) {
+                                    x.iter_mut().zip(mu).for_each(|(a, m)| *a += m);
+                                }
+                                r(x)
+                            })
                         })
                         .collect()
                 })
@@ -1017,8 +1319,8 @@ mod tests {
                 let out = sdpa_decode_quant(&mut pass, &gq, &b.cache, 0, c.len, &opts)?;
                 pass.commit_and_wait()?;
                 let got = out.to_vec::<f32>(g)?;
-                let (rows, _, _) = stored(g, &b.cache)?;
-                let (k, v) = dequant_by_pos(&b.cache, &rows, false);
+                let st = stored(g, &b.cache)?;
+                let (k, v) = dequant_by_pos(&b.cache, &st, false);
                 let sk = c.sinks.then_some(&sinks[..]);
                 let cap = c.softcap.map(f64::from);
                 let want = attention(&q, 1, c.nh, c.d, c.len - 1, &k, &v, c.window, cap, sk);
@@ -1091,8 +1393,8 @@ mod tests {
             let mut pass = g.begin();
             let out = sdpa_decode_quant(&mut pass, &gq, &b.cache, 0, c.len, &opts)?;
             pass.commit_and_wait()?;
-            let (rows, _, _) = stored(g, &b.cache)?;
-            let (k, v) = dequant_by_pos(&b.cache, &rows, false);
+            let st = stored(g, &b.cache)?;
+            let (k, v) = dequant_by_pos(&b.cache, &st, false);
             let sk = c.sinks.then_some(&sinks[..]);
             let cap = c.softcap.map(f64::from);
             let want = attention(&q, 1, c.nh, c.d, c.len - 1, &k, &v, c.window, cap, sk);
@@ -1178,8 +1480,8 @@ mod tests {
             let mut pass = g.begin();
             let out = sdpa_prefill_quant(&mut pass, &gq, &mut b.cache, 0, past, &opts)?;
             pass.commit_and_wait()?;
-            let (rows, _, _) = stored(g, &b.cache)?;
-            let (k, v) = dequant_by_pos(&b.cache, &rows, true);
+            let st = stored(g, &b.cache)?;
+            let (k, v) = dequant_by_pos(&b.cache, &st, true);
             let want = attention(&q, t, nh, d, past, &k, &v, window, None, None);
             // The scratch is f16: the reference rounds the same values, but GPU (f32) and
             // reference (f64) dequantization can round to neighbouring halves (2^-11
@@ -1204,7 +1506,17 @@ mod tests {
             let mut s = crate::kv_quant::KvStore::new(g, &cfg, f)?;
             assert_eq!(s.format(), f);
             let bytes = s.bytes_per_layer(1);
-            assert_eq!(bytes, (2 * kvh * 32 * f.row_words(d) * 4) as u64, "{f}");
+            // K and V, plus the side rows of the compressed formats.
+            let side = if f.is_compressed() {
+                kvh * SIDE_ROWS * d * 4
+            } else {
+                0
+            };
+            assert_eq!(
+                bytes,
+                (2 * kvh * 32 * f.row_words(d) * 4 + side) as u64,
+                "{f}"
+            );
             let mut pass = g.begin();
             s.append(&mut pass, 1, &k, &k, 0)?;
             let o = s.sdpa_decode(&mut pass, &q, 1, 5, &SdpaOptions::new(d))?;
@@ -1247,24 +1559,36 @@ mod tests {
         let mut rng = Rng::new(1);
         let mut c = CompressedKvCache::new(g, &KvCacheConfig::new(1, 2, 64, 16), KvFormat::Q4)?;
         let (kb, vb) = c.buffers(0)?;
+        let sb = c.side(0)?.clone();
         let x = MlxBuffer::from_slice(g, &rng.normals(3 * 2 * 96, 1.0), &[3, 2, 96])?;
         let mut pass = g.begin();
-        let e = kv_quant_append(&mut pass, KvFormat::Q4, &x, &x, kb, vb, 0).unwrap_err();
+        let e = kv_quant_append(&mut pass, KvFormat::Q4, &x, &x, kb, vb, &sb, 0).unwrap_err();
         assert_eq!(
             e.to_string(),
             "unsupported: kv_quant_append: head_dim 96 is not supported by the q4 KV format; \
              supported head dims: 64, 128, 256, 512"
         );
         let x = MlxBuffer::from_slice(g, &rng.normals(3 * 2 * 64, 1.0), &[3, 2, 64])?;
-        let e = kv_quant_append(&mut pass, KvFormat::Tq4, &x, &x, kb, vb, 0).unwrap_err();
+        let e = kv_quant_append(&mut pass, KvFormat::Tq4, &x, &x, kb, vb, &sb, 0).unwrap_err();
         assert_eq!(
             e.to_string(),
             "kv_quant_append: the cache has 10 words per row but tq4 at head_dim 64 needs 9"
         );
-        let e = kv_quant_append(&mut pass, KvFormat::F32, &x, &x, kb, vb, 0).unwrap_err();
+        let e = kv_quant_append(&mut pass, KvFormat::F32, &x, &x, kb, vb, &sb, 0).unwrap_err();
         assert_eq!(
             e.to_string(),
             "kv_quant_append: format f32 is not a compressed KV format"
+        );
+        let short = sb.view(0, &[64])?;
+        let e = kv_quant_append(&mut pass, KvFormat::Q4, &x, &x, kb, vb, &short, 0).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kv_quant_append: side has 64 elements, expected 2 kv heads * 9 rows * 64"
+        );
+        let e = kv_quant_mean(&mut pass, KvFormat::Q4, &x, &short).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "kv_quant_mean: side has 64 elements, expected 2 kv heads * 9 rows * 64"
         );
         c.append(&mut pass, 0, &x, &x, 0)?;
         let q = MlxBuffer::from_slice(g, &rng.normals(3 * 64, 1.0), &[3, 64])?;

@@ -2,7 +2,21 @@
 // row_words], position start + t in slot (start + t) % slots, like kv_append), and read a
 // range of positions back as f32. Row layouts: kv_quant.rs; helpers: kv_quant_common.wgsl.
 //
-//   kv_quant_append   one workgroup per (token, kv head, K or V) row. Rotated modes: x times
+// Two kinds of side data (the side buffer, kv_quant_common.wgsl), for every mode:
+//   - keys are stored centered on mu_k, the per-(kv head, channel) mean of the K rows of
+//     the append that covers the first compressed position: x = k - mu_k is quantized and mu_k added back on reading.
+//     Keys share a large common component (per-channel offsets that RoPE leaves nearly in
+//     place) that says nothing about which key to attend to, while a per-row quantizer's
+//     error grows with the whole row's norm; centering removes it. V is not centered
+//     (its mean is small next to its spread);
+//   - positions 0..SINKS (attention sinks, which take a large share of the attention) are
+//     written exact to the side buffer instead of compressed.
+//
+//   kv_quant_mean     one workgroup per kv head: mu_k = the mean of the new K rows (run for
+//                     the append that covers position SINKS, the first compressed one).
+//   kv_quant_append   one workgroup per (token, kv head, K or V) row; a sink position's
+//                     row goes to the side buffer (after the rotation, not centered), the
+//                     others are compressed (K minus mu_k). Rotated modes: x times
 //                     the fixed signs, unnormalized FWHT z, norm = ||x||, u = z / norm (unit
 //                     variance per coordinate), index = nearest Lloyd-Max level (the number of
 //                     cell boundaries u exceeds), bit planes of 32 indices per word. q8: per
@@ -10,11 +24,14 @@
 //                     scale f16((max - min) / 15) and min f16(min), q = round((x - min) / scale)
 //                     clamped to 0..15 (scale 0: q = 0).
 //   kv_quant_dequant  one workgroup per (position, kv head, K or V) row of positions
-//                     start..start + tokens: dequantize, inverse-rotate, write f32 rows
+//                     start..start + tokens: dequantize (sinks: read the side row),
+//                     inverse-rotate, add mu_k to compressed keys, write f32 rows
 //                     [tokens, kv_heads, HEAD_DIM].
 //
-// Bindings: append: 0 k_new f32, 1 v_new f32, 2 k_cache u32, 3 v_cache u32;
-// dequant: 4 k_cache u32, 5 v_cache u32, 6 k_out f32, 7 v_out f32.
+// Bindings (at most 8 per kernel, so dequant reads the caches through the append's
+// read_write bindings): append: 0 k_new f32, 1 v_new f32, 2 k_cache u32, 3 v_cache u32,
+// 6 side f32; dequant: 2 k_cache, 3 v_cache, 4 k_out f32, 5 v_out f32, 6 side;
+// mean: 0 k_new, 6 side (row 0 written).
 struct Params {
     tokens: u32,
     kv_heads: u32,
@@ -36,10 +53,9 @@ const NT: u32 = 128u;
 @group(0) @binding(1) var<storage, read> v_new: array<f32>;
 @group(0) @binding(2) var<storage, read_write> k_cache: array<u32>;
 @group(0) @binding(3) var<storage, read_write> v_cache: array<u32>;
-@group(0) @binding(4) var<storage, read> kq: array<u32>;
-@group(0) @binding(5) var<storage, read> vq: array<u32>;
-@group(0) @binding(6) var<storage, read_write> k_out: array<f32>;
-@group(0) @binding(7) var<storage, read_write> v_out: array<f32>;
+@group(0) @binding(4) var<storage, read_write> k_out: array<f32>;
+@group(0) @binding(5) var<storage, read_write> v_out: array<f32>;
+@group(0) @binding(6) var<storage, read_write> side: array<f32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
 var<workgroup> scr: array<f32, 512>;
@@ -49,9 +65,27 @@ var<workgroup> bs: array<vec2<f32>, 16>;
 
 fn wd(is_v: bool, i: u32) -> u32 {
     if is_v {
-        return vq[i];
+        return v_cache[i];
     }
-    return kq[i];
+    return k_cache[i];
+}
+
+@compute @workgroup_size(128)
+fn kv_quant_mean(@builtin(workgroup_id) wid: vec3<u32>,
+                 @builtin(num_workgroups) nwg: vec3<u32>,
+                 @builtin(local_invocation_index) lid: u32) {
+    let h = flat_wg(wid, nwg);
+    if h >= p.kv_heads {
+        return;
+    }
+    let inv = 1.0 / f32(p.tokens);
+    for (var i = lid; i < HEAD_DIM; i += NT) {
+        var acc = 0.0;
+        for (var t = 0u; t < p.tokens; t++) {
+            acc += k_new[view(0u) + (t * p.kv_heads + h) * HEAD_DIM + i];
+        }
+        side[view(6u) + side_row(h, 0u) + i] = acc * inv;
+    }
 }
 
 @compute @workgroup_size(128)
@@ -67,6 +101,9 @@ fn kv_quant_append(@builtin(workgroup_id) wid: vec3<u32>,
     let h = th % p.kv_heads;
     let t = th / p.kv_heads;
     let src = th * HEAD_DIM;
+    let pos = p.start + t;
+    let sink = pos < SINKS;
+    let mrow = view(6u) + side_row(h, 0u);
     var ss = 0.0;
     for (var i = lid; i < HEAD_DIM; i += NT) {
         var x: f32;
@@ -74,6 +111,9 @@ fn kv_quant_append(@builtin(workgroup_id) wid: vec3<u32>,
             x = v_new[view(1u) + src + i];
         } else {
             x = k_new[view(0u) + src + i];
+            if !sink {
+                x -= side[mrow + i];
+            }
         }
         ss += x * x;
         scr[i] = select(x, x * sgn(i), ROT);
@@ -81,6 +121,17 @@ fn kv_quant_append(@builtin(workgroup_id) wid: vec3<u32>,
     red[lid] = ss;
     workgroupBarrier();
     var nrm = 0.0;
+    if sink {
+        // Exact, in the decoder's basis (sink is uniform over the workgroup).
+        if ROT {
+            fwht(1u, lid);
+        }
+        let so = view(6u) + sink_row(h, pos, is_v);
+        for (var i = lid; i < HEAD_DIM; i += NT) {
+            side[so + i] = select(scr[i], scr[i] * p.inv_sqrt_d, ROT);
+        }
+        return;
+    }
     if ROT {
         fwht(1u, lid);
         var tot = 0.0;
@@ -201,10 +252,19 @@ fn kv_quant_dequant(@builtin(workgroup_id) wid: vec3<u32>,
     let th = wg / 2u;
     let h = th % p.kv_heads;
     let t = th / p.kv_heads;
-    let slot = (p.start + t) % p.slots;
-    let rb = select(view(4u), view(5u), is_v) + (h * p.slots + slot) * p.row_words;
+    let pos = p.start + t;
+    let sink = pos < SINKS;
+    let slot = pos % p.slots;
+    let rb = select(view(2u), view(3u), is_v) + (h * p.slots + slot) * p.row_words;
+    let so = view(6u) + sink_row(h, min(pos, SINKS - 1u), is_v);
     for (var c = lid; c < C4; c += NT) {
-        let x = deq4(is_v, rb, c);
+        var x: vec4<f32>;
+        if sink {
+            x = vec4<f32>(side[so + 4u * c], side[so + 4u * c + 1u], side[so + 4u * c + 2u],
+                          side[so + 4u * c + 3u]);
+        } else {
+            x = deq4(is_v, rb, c);
+        }
         scr[4u * c] = x.x;
         scr[4u * c + 1u] = x.y;
         scr[4u * c + 2u] = x.z;
@@ -221,9 +281,12 @@ fn kv_quant_dequant(@builtin(workgroup_id) wid: vec3<u32>,
             x = x * sgn(i) * p.inv_sqrt_d;
         }
         if is_v {
-            v_out[view(7u) + dst + i] = x;
+            v_out[view(5u) + dst + i] = x;
         } else {
-            k_out[view(6u) + dst + i] = x;
+            if !sink {
+                x += side[view(6u) + side_row(h, 0u) + i];
+            }
+            k_out[view(4u) + dst + i] = x;
         }
     }
 }

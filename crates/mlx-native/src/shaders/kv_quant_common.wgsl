@@ -14,6 +14,23 @@ override ROT: bool = MODE >= 2u;
 // 32-element blocks (affine) or groups (rotated) per row.
 override NB: u32 = HEAD_DIM / 32u;
 override C4: u32 = HEAD_DIM / 4u;
+// Positions 0..SINKS of every layer are kept exact (attention sinks; kv_quant.rs:
+// SINK_POSITIONS), in the layer's side buffer f32 [kv_heads, SIDE_ROWS, HEAD_DIM]: row 0 the
+// key channel mean mu_k, rows 1..=SINKS the sink K rows, then the sink V rows. Sink rows
+// are in the basis the decoder works in (rotated for tq*, the model's for q8/q4) and not
+// centered.
+const SINKS: u32 = 4u;
+const SIDE_ROWS: u32 = 1u + 2u * SINKS;
+
+// Offset (before view) of row r of kv head h's side block.
+fn side_row(h: u32, r: u32) -> u32 {
+    return (h * SIDE_ROWS + r) * HEAD_DIM;
+}
+
+// Side row of sink position pos (< SINKS) of K or V.
+fn sink_row(h: u32, pos: u32, is_v: bool) -> u32 {
+    return side_row(h, 1u + pos + select(0u, SINKS, is_v));
+}
 
 fn sgn(i: u32) -> f32 {
     let w = p.signs[i >> 7u][(i >> 5u) & 3u];

@@ -7,10 +7,16 @@
 //     the reduction rotates it back, o = s * (H o') / sqrt(d);
 //   - K and V staged packed in workgroup memory and dequantized from there, 4 elements at
 //     a time (deq4), once per key for all GT heads.
+//   - the side buffer (kv_quant_common.wgsl): compressed keys are centered on mu_k, so
+//     their logits get q.mu_k back (computed once per head from the unrotated q; a
+//     constant shift, but it matters against the exact sink positions, a sink logit and
+//     softcap); positions 0..SINKS are read exact from their side rows instead of the
+//     packed tile.
 // GQA, sliding window (kv_lo), softcap and sinks as in sdpa.wgsl.
 //
 // Bindings: 0 q f32, 1 k cache u32, 2 v cache u32, 3 part_o f32, 4 part_ml f32
-// [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out f32 (reduce).
+// [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out f32 (reduce), 7 side f32
+// [kv_heads, SIDE_ROWS, HEAD_DIM] (decode).
 struct Params {
     n_heads: u32,
     kv_heads: u32,
@@ -54,6 +60,7 @@ const M_INIT: f32 = -3.0e38;
 @group(0) @binding(4) var<storage, read_write> part_ml: array<f32>;
 @group(0) @binding(5) var<storage, read> sinks: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(7) var<storage, read> side: array<f32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
 // Words per row (KvFormat::row_words).
@@ -112,6 +119,8 @@ var<workgroup> alpha_sh: array<vec4<f32>, 2>;
 var<workgroup> m_sh: array<vec4<f32>, 2>;
 // Partial sums of p per key subset and head quad [ks][quad] (KS * GQ <= 16).
 var<workgroup> l_sh: array<vec4<f32>, 16>;
+// q.mu_k of the GT heads, by quad.
+var<workgroup> qmu_sh: array<vec4<f32>, 2>;
 
 override P_OFF: u32 = 4u * KT * GQ;
 
@@ -169,6 +178,18 @@ fn store_words(b: u32, lid: u32, r: KvWords) {
     store_word(it + 384u, r.k.w, r.v.w);
 }
 
+// Elements 4c..4c + 3 of key (is_v false) or value j of the tile at position t0: packed
+// row j of the staged tile, or for a sink position its exact side row (positions past
+// kv_hi, never written, read the tile's zero words like any key past the split's end).
+fn kv4(is_v: bool, kvh: u32, t0: u32, j: u32, c: u32) -> vec4<f32> {
+    let pos = t0 + j;
+    if pos < SINKS && pos < p.kv_hi {
+        let o = view(7u) + sink_row(kvh, pos, is_v) + 4u * c;
+        return vec4<f32>(side[o], side[o + 1u], side[o + 2u], side[o + 3u]);
+    }
+    return deq4(is_v, j * RWP, c);
+}
+
 fn qk4(g: u32, c: u32, kv: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(dot(q_sh[g * C4 + c], kv), dot(q_sh[(g + 1u) * C4 + c], kv),
                      dot(q_sh[(g + 2u) * C4 + c], kv), dot(q_sh[(g + 3u) * C4 + c], kv));
@@ -214,6 +235,19 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
             }
             q_sh[i] = v;
         }
+    }
+    // q.mu_k, one invocation per head (HEAD_DIM terms, once per workgroup; read in phase 3
+    // after the tile loop's first barrier).
+    if lid < GT {
+        var acc = 0.0;
+        if lid < ng {
+            let qo = view(0u) + (h0 + lid) * HEAD_DIM;
+            let mo = view(7u) + side_row(kvh, 0u);
+            for (var d = 0u; d < HEAD_DIM; d++) {
+                acc += q[qo + d] * side[mo + d];
+            }
+        }
+        qmu_sh[lid / 4u][lid % 4u] = acc;
     }
     let k_start = p.kv_lo + split * p.split_len;
     let k_end = min(p.kv_hi, k_start + p.split_len);
@@ -267,7 +301,7 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
         for (var i = 0u; i < (C4 + NS - 1u) / NS; i++) {
             let c = sl + i * NS;
             if c < C4 {
-                let kv = deq4(false, sk * RWP, c);
+                let kv = kv4(false, kvh, t0, sk, c);
                 if GT >= 4u {
                     pa += qk4(0u, c, kv);
                 } else {
@@ -296,6 +330,9 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
                 d += scr4((s * KT + pk) * GQ + pq);
             }
             if valid {
+                if t0 + pk >= SINKS {
+                    d += qmu_sh[pq];
+                }
                 sv = vec4<f32>(logit(d.x), logit(d.y), logit(d.z), logit(d.w));
             }
             set_scr4(pk * GQ + pq, sv);
@@ -349,8 +386,8 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
                 let j1 = j0 + KS;
                 let jc0 = min(j0, KT - 1u);
                 let jc1 = min(j1, KT - 1u);
-                let vv0 = deq4(true, jc0 * RWP, vcol);
-                let vv1 = deq4(true, jc1 * RWP, vcol);
+                let vv0 = kv4(true, kvh, t0, jc0, vcol);
+                let vv1 = kv4(true, kvh, t0, jc1, vcol);
                 let pa0 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc0 * GQ), j0 < KT);
                 let pa1 = select(vec4<f32>(0.0), scr4(P_OFF / 4u + jc1 * GQ), j1 < KT);
                 a0 += pa0.x * vv0 + pa1.x * vv1;
