@@ -295,22 +295,17 @@ impl KvCache {
         hi: usize,
     ) -> Result<usize> {
         let l = self.layer(layer, op)?;
-        if hi > l.len {
-            return Err(MlxError::invalid(format!(
-                "{op}: attention needs positions up to {} but layer {layer} holds {} positions",
-                hi.saturating_sub(1),
-                l.len
-            )));
-        }
-        let oldest = l.len.saturating_sub(l.slots);
-        if lo < oldest {
-            return Err(MlxError::Capacity(format!(
-                "{op}: attention needs position {lo} but layer {layer} keeps only the last {} \
-                 positions (a sliding-window ring; positions below {oldest} were overwritten)",
-                l.slots
-            )));
-        }
-        Ok(l.slots)
+        check_present(
+            op,
+            layer,
+            lo,
+            hi,
+            RingState {
+                len: l.len,
+                slots: l.slots,
+                window: l.window,
+            },
+        )
     }
 }
 
@@ -319,6 +314,33 @@ pub(crate) struct RingState {
     pub len: usize,
     pub slots: usize,
     pub window: Option<usize>,
+}
+
+/// That positions `lo..hi` are all present in a layer: `hi <= len` and none was
+/// overwritten by the ring (every cache format). Returns the slot count.
+pub(crate) fn check_present(
+    op: &str,
+    layer: usize,
+    lo: usize,
+    hi: usize,
+    l: RingState,
+) -> Result<usize> {
+    if hi > l.len {
+        return Err(MlxError::invalid(format!(
+            "{op}: attention needs positions up to {} but layer {layer} holds {} positions",
+            hi.saturating_sub(1),
+            l.len
+        )));
+    }
+    let oldest = l.len.saturating_sub(l.slots);
+    if lo < oldest {
+        return Err(MlxError::Capacity(format!(
+            "{op}: attention needs position {lo} but layer {layer} keeps only the last {} \
+             positions (a sliding-window ring; positions below {oldest} were overwritten)",
+            l.slots
+        )));
+    }
+    Ok(l.slots)
 }
 
 /// Where appending `tokens` positions at `start_pos` may go wrong, shared by every cache

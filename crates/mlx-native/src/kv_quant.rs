@@ -31,7 +31,7 @@ use crate::device::MlxDevice;
 use crate::dtype::DType;
 use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
-use crate::kv_cache::{KvCache, KvCacheConfig};
+use crate::kv_cache::{check_present, KvCache, KvCacheConfig, RingState};
 use crate::ops::sdpa::SdpaOptions;
 
 /// How a KV cache stores K and V.
@@ -550,22 +550,17 @@ impl CompressedKvCache {
         hi: usize,
     ) -> Result<usize> {
         let l = self.layer(layer, op)?;
-        if hi > l.len {
-            return Err(MlxError::invalid(format!(
-                "{op}: attention needs positions up to {} but layer {layer} holds {} positions",
-                hi.saturating_sub(1),
-                l.len
-            )));
-        }
-        let oldest = l.len.saturating_sub(l.slots);
-        if lo < oldest {
-            return Err(MlxError::Capacity(format!(
-                "{op}: attention needs position {lo} but layer {layer} keeps only the last {} \
-                 positions (a sliding-window ring; positions below {oldest} were overwritten)",
-                l.slots
-            )));
-        }
-        Ok(l.slots)
+        check_present(
+            op,
+            layer,
+            lo,
+            hi,
+            RingState {
+                len: l.len,
+                slots: l.slots,
+                window: l.window,
+            },
+        )
     }
 
     /// The f16 prefill scratch, allocated on first use for the longest range a prefill can
