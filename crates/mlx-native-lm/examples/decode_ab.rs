@@ -5,8 +5,7 @@
 //! Interleaving matters: a GPU that idles between runs clocks down, so variants measured in
 //! separate processes or one after another are not comparable.
 //! Variants: the separate dispatches (no folding), then residual adds, GLU and norms folded
-//! into the matvecs in combinations (`Folding`), and the default with qmv row-sets of at
-//! most 8 rows.
+//! into the matvecs in combinations (`Folding`).
 
 use mlx_native::ops;
 use mlx_native::MlxDevice;
@@ -23,7 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = 128;
     let none = Folding::NONE;
     let default = Folding::DEFAULT;
-    let variants: [(&str, Folding); 8] = [
+    let variants: [(&str, Folding); 7] = [
         ("separate", none),
         (
             "rope_append",
@@ -55,8 +54,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             },
         ),
         ("all", Folding::ALL),
-        // The default with at most 8 weight rows per qmv row-set (16 from N = 8192 else).
-        ("default, qmv rows <= 8", default),
     ];
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
@@ -74,8 +71,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             for l in &mut m.layers {
                 l.fold = fold;
             }
-            let last = vi == variants.len() - 1;
-            mlx_native::ops::qmatmul::set_qmv_max_rpt(if last { 8 } else { 16 });
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);
                 let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;

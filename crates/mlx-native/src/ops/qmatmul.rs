@@ -83,7 +83,7 @@ pub struct QmvConfig {
 
 impl QmvConfig {
     fn validate(self) -> Result<Self> {
-        let ok = matches!(self.rpt, 1 | 2 | 4 | 8 | 16)
+        let ok = matches!(self.rpt, 1 | 2 | 4 | 8)
             && self.tpr.is_power_of_two()
             && (32..=256).contains(&self.tpr)
             && matches!(self.wg, 64 | 128 | 256)
@@ -122,15 +122,6 @@ pub fn set_qmv_override(cfg: Option<QmvConfig>) -> Result<()> {
     Ok(())
 }
 
-/// The most rows per row-set [`qmv_config`] picks (16 by default; benchmarks compare 8).
-static QMV_MAX_RPT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(16);
-
-/// Cap the rows per row-set of default qmv dispatches (8 or 16), for benchmarks.
-#[doc(hidden)]
-pub fn set_qmv_max_rpt(rpt: u32) {
-    QMV_MAX_RPT.store(rpt, std::sync::atomic::Ordering::Relaxed);
-}
-
 /// The qmv shape for a weight of `n` rows and `k` columns.
 pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
     let o = QMV_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed);
@@ -151,12 +142,7 @@ pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
     } else {
         32
     };
-    let max_rpt = QMV_MAX_RPT.load(std::sync::atomic::Ordering::Relaxed);
-    let rpt = if n >= 8192 && max_rpt >= 16 {
-        // One x load for 16 weight rows: x is re-read by every row-set, which costs most
-        // where the row-sets are most numerous.
-        16
-    } else if n >= 4096 {
+    let rpt = if n >= 4096 {
         8
     } else if n >= 1024 {
         4
@@ -177,7 +163,7 @@ pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
 fn qmv_configs() -> Vec<QmvConfig> {
     let mut v = Vec::new();
     for tpr in [32, 64, 128] {
-        for rpt in [1, 2, 4, 8, 16] {
+        for rpt in [1, 2, 4, 8] {
             v.push(QmvConfig {
                 rpt,
                 tpr,
@@ -305,7 +291,7 @@ fn fusion_codes() -> Vec<u32> {
 }
 
 fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool, fuse: u32) -> Result<Spec> {
-    let packed = fuse << 20 | cfg.exp << 16 | cfg.tpr << 5 | cfg.rpt;
+    let packed = fuse << 20 | cfg.exp << 16 | cfg.tpr << 4 | cfg.rpt;
     Ok(qspec("qmv", params, dt, cfg.wg)?
         .with_const("QMV", packed)?
         .with_subgroups(sg))

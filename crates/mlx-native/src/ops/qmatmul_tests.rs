@@ -178,13 +178,6 @@ fn qmv_every_dispatch_shape() {
         wg: 256,
         exp: 0,
     });
-    // 16 rows per row-set (one x load for 16 weight rows).
-    cfgs.push(QmvConfig {
-        rpt: 16,
-        tpr: 128,
-        wg: 128,
-        exp: 0,
-    });
     // The 4-bit decoding by mantissa bits (`exp` 8) must give the same products.
     for (rpt, tpr) in [(8, 128), (4, 32), (1, 64)] {
         cfgs.push(QmvConfig {
@@ -834,7 +827,7 @@ fn fused_timing_probe() {
     let mut cases = Vec::new();
     for (wi, (_, n, k, ..)) in weights.iter().enumerate() {
         let base = qmv_config(*n, *k);
-        for rpt in [16u32, 8, 4] {
+        for rpt in [8u32, 4] {
             for variant in 0..4 {
                 cases.push((wi, QmvConfig { rpt, ..base }, variant));
             }

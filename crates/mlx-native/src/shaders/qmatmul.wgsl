@@ -31,13 +31,13 @@ struct Params {
     eps: f32,
 }
 
-// qmv: weight rows per row-set RPT (1, 2, 4, 8 or 16) and invocations per row-set TPR (a power
+// qmv: weight rows per row-set RPT (1, 2, 4 or 8) and invocations per row-set TPR (a power
 // of two, 32 <= TPR <= WG), packed with the switches below as
-// QMV = ACT << 23 | FUSE << 20 | QX << 16 | TPR << 5 | RPT (a spec has three constants); a
+// QMV = ACT << 23 | FUSE << 20 | QX << 16 | TPR << 4 | RPT (a spec has three constants); a
 // workgroup holds WG / TPR row-sets.
-override QMV: u32 = 4104u;
-override RPT: u32 = QMV & 31u;
-override TPR: u32 = (QMV >> 5u) & 1023u;
+override QMV: u32 = 2056u;
+override RPT: u32 = QMV & 15u;
+override TPR: u32 = (QMV >> 4u) & 4095u;
 // Measurement switches (0 in production; `QmvConfig::exp`): bit 0 skip code decoding (the
 // weight words' bits as floats), bit 1 no x loads, bit 2 no scale/bias loads, bit 3 4-bit
 // codes decoded as 1 + q/16 straight from their bits (see chunk_sum).
@@ -226,22 +226,12 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let r5 = min(row0 + 5u, last);
     let r6 = min(row0 + 6u, last);
     let r7 = min(row0 + 7u, last);
-    let r8 = min(row0 + 8u, last);
-    let r9 = min(row0 + 9u, last);
-    let r10 = min(row0 + 10u, last);
-    let r11 = min(row0 + 11u, last);
-    let r12 = min(row0 + 12u, last);
-    let r13 = min(row0 + 13u, last);
-    let r14 = min(row0 + 14u, last);
-    let r15 = min(row0 + 15u, last);
     for (var m = 0u; m < p.m; m++) {
         // One scalar accumulator per weight row, written out (no indexed private arrays);
         // each x chunk is loaded once for the RPT rows, whose RPT weight loads are
         // independent (in flight together).
         var s = vec4<f32>(0.0);
         var t = vec4<f32>(0.0);
-        var u = vec4<f32>(0.0);
-        var w = vec4<f32>(0.0);
         // NORM: this invocation's share of Σx².
         var ss = 0.0;
         for (var c = lane; c < chunks; c += TPR) {
@@ -265,24 +255,13 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
                 t.z += row_chunk(r6, c, gc, x);
                 t.w += row_chunk(r7, c, gc, x);
             }
-            if RPT > 8u {
-                u.x += row_chunk(r8, c, gc, x);
-                u.y += row_chunk(r9, c, gc, x);
-                u.z += row_chunk(r10, c, gc, x);
-                u.w += row_chunk(r11, c, gc, x);
-                w.x += row_chunk(r12, c, gc, x);
-                w.y += row_chunk(r13, c, gc, x);
-                w.z += row_chunk(r14, c, gc, x);
-                w.w += row_chunk(r15, c, gc, x);
-            }
         }
         for (var r = 0u; r < RPT; r++) {
-            let v = select(select(w[r & 3u], u[r & 3u], r < 12u),
-                           select(t[r & 3u], s[r & 3u], r < 4u), r < 8u);
+            let v = select(t[r & 3u], s[r & 3u], r < 4u);
 #if SUBGROUPS
-            let sum = subgroupAdd(v);
+            let u = subgroupAdd(v);
             if sl == 0u {
-                red[(rs * RPT + r) * slots + slot] = sum;
+                red[(rs * RPT + r) * slots + slot] = u;
             }
 #else
             red[(rs * RPT + r) * slots + slot] = v;
