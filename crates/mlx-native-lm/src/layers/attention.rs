@@ -151,7 +151,8 @@ impl Attention {
     }
 
     /// Decode from the stacked q|k|v output `y` with RoPE and the cache append as separate
-    /// dispatches (what `rope_append` fuses; kept to measure it against).
+    /// dispatches: compressed caches (their append quantizes), and the measurement of what
+    /// `rope_append` fuses.
     #[allow(clippy::too_many_arguments)]
     fn finish_separately(
         &self,
@@ -214,9 +215,11 @@ impl Attention {
                     y = ops::add(pass, &y, b)?;
                 }
                 let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-                if !input.rope_append {
-                    return self.finish_separately(pass, &y, step, rope, cache, layer, input);
-                }
+                // A compressed cache quantizes on its own append: rotate separately.
+                let plain = match cache {
+                    KvStore::Plain(c) if input.rope_append => c,
+                    _ => return self.finish_separately(pass, &y, step, rope, cache, layer, input),
+                };
                 let qk_norm = match (&self.q_norm, &self.k_norm) {
                     (Some(qn), Some(kn)) => Some((qn, kn, self.norm_eps)),
                     (None, None) => None,
@@ -233,7 +236,7 @@ impl Attention {
                     rope,
                     qk_norm,
                 };
-                cache.rope_append(pass, layer, &args, step.pos0)?
+                plain.rope_append(pass, layer, &args, step.pos0)?
             }
             _ => {
                 let q = self.project(pass, x, &self.q, &self.q_bias, self.n_heads)?;

@@ -4,7 +4,8 @@
 //! - `rope_append`: the decode step's fused helper over a stacked q|k|v projection: per-head
 //!   RMS norm (Qwen3, Gemma 3) and RoPE on q and k, q written out, k and v into the cache, in
 //!   one dispatch where rope (or two norm_ropes) and kv_append take two or three.
-//!   `KvCache::rope_append` / `KvStore::rope_append` are the entry points.
+//!   `KvCache::rope_append` is the entry point (compressed caches rotate, then quantize
+//!   on their own append).
 
 use crate::buffer::MlxBuffer;
 use crate::check;
@@ -12,7 +13,6 @@ use crate::dtype::DType;
 use crate::encoder::Pass;
 use crate::error::Result;
 use crate::kernels::{Kernel, Spec};
-use crate::kv_quant::KvStore;
 use crate::ops::rope::{RopeStyle, RopeTable};
 
 /// Params of both entries (kv.wgsl); rope_append's fields are 0 for kv_append.
@@ -258,57 +258,6 @@ pub fn rope_append(
     ];
     pass.dispatch(Kernel::Kv, spec, &params, &bufs, rows)?;
     Ok(q)
-}
-
-impl KvStore {
-    /// See [`KvCache::rope_append`]. A compressed cache takes the separate steps: the
-    /// rotations (`rope`, `norm_rope`), then its own quantizing append.
-    pub fn rope_append(
-        &mut self,
-        pass: &mut Pass,
-        layer: usize,
-        args: &RopeAppend<'_>,
-        start_pos: usize,
-    ) -> Result<MlxBuffer> {
-        match self {
-            KvStore::Plain(c) => c.rope_append(pass, layer, args, start_pos),
-            KvStore::Compressed(c) => {
-                let hd = args.rope.config().head_dim;
-                let [t, heads, _] = match *args.qkv.shape() {
-                    [t, h, d] if d == hd && h > args.n_heads => [t, h, d],
-                    _ => {
-                        return Err(crate::MlxError::invalid(format!(
-                            "rope_append: qkv has shape {:?}, expected [tokens, heads, {hd}]",
-                            args.qkv.shape()
-                        )))
-                    }
-                };
-                let nkv = (heads - args.n_heads) / 2;
-                let nh = args.n_heads;
-                let q = args.qkv.view(0, &[t, nh, hd])?;
-                let k = args.qkv.view(nh * hd, &[t, nkv, hd])?;
-                let v = args.qkv.view((nh + nkv) * hd, &[t, nkv, hd])?;
-                if t != 1 {
-                    return Err(crate::MlxError::invalid(format!(
-                        "rope_append: a compressed cache takes one token here, got {t} (its \
-                         rows are strided views)"
-                    )));
-                }
-                let (q, k) = match args.qk_norm {
-                    Some((qw, kw, eps)) => (
-                        super::norm_rope(pass, &q, qw, eps, args.positions, args.rope)?,
-                        super::norm_rope(pass, &k, kw, eps, args.positions, args.rope)?,
-                    ),
-                    None => (
-                        super::rope(pass, &q, args.positions, args.rope)?,
-                        super::rope(pass, &k, args.positions, args.rope)?,
-                    ),
-                };
-                c.append(pass, layer, &k, &v, start_pos)?;
-                Ok(q)
-            }
-        }
-    }
 }
 
 #[cfg(test)]
