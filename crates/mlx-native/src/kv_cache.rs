@@ -75,6 +75,16 @@ struct Layer {
     len: usize,
 }
 
+impl Layer {
+    fn ring(&self) -> RingState {
+        RingState {
+            len: self.len,
+            slots: self.slots,
+            window: self.window,
+        }
+    }
+}
+
 /// K and V for every layer. See the module docs for the layout.
 #[derive(Clone, Debug)]
 pub struct KvCache {
@@ -208,19 +218,7 @@ impl KvCache {
         let capacity = self.capacity;
         let max_chunk = self.max_chunk;
         let l = self.layer(layer, op)?;
-        let end = check_append(
-            op,
-            layer,
-            start_pos,
-            tokens,
-            RingState {
-                len: l.len,
-                slots: l.slots,
-                window: l.window,
-            },
-            capacity,
-            max_chunk,
-        )?;
+        let end = check_append(op, layer, start_pos, tokens, l.ring(), capacity, max_chunk)?;
         let out = f(&l.k, &l.v)?;
         if let Some(l) = self.layers.get_mut(layer) {
             l.len = end;
@@ -295,17 +293,7 @@ impl KvCache {
         hi: usize,
     ) -> Result<usize> {
         let l = self.layer(layer, op)?;
-        check_present(
-            op,
-            layer,
-            lo,
-            hi,
-            RingState {
-                len: l.len,
-                slots: l.slots,
-                window: l.window,
-            },
-        )
+        check_present(op, layer, lo, hi, l.ring())
     }
 }
 

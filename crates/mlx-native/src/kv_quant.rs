@@ -330,6 +330,16 @@ struct QLayer {
     len: usize,
 }
 
+impl QLayer {
+    fn ring(&self) -> RingState {
+        RingState {
+            len: self.len,
+            slots: self.slots,
+            window: self.window,
+        }
+    }
+}
+
 /// K and V of every layer in a compressed format. Same positions, rings, rewinds and checks
 /// as [`KvCache`]; each layer's K and V are u32 `[kv_heads, slots, row_words]`.
 #[derive(Clone, Debug)]
@@ -437,11 +447,7 @@ impl CompressedKvCache {
             layer,
             start_pos,
             k_new.shape().first().copied().unwrap_or(0),
-            crate::kv_cache::RingState {
-                len: l.len,
-                slots: l.slots,
-                window: l.window,
-            },
+            l.ring(),
             capacity,
             max_chunk,
         )?;
@@ -550,17 +556,7 @@ impl CompressedKvCache {
         hi: usize,
     ) -> Result<usize> {
         let l = self.layer(layer, op)?;
-        check_present(
-            op,
-            layer,
-            lo,
-            hi,
-            RingState {
-                len: l.len,
-                slots: l.slots,
-                window: l.window,
-            },
-        )
+        check_present(op, layer, lo, hi, l.ring())
     }
 
     /// The f16 prefill scratch, allocated on first use for the longest range a prefill can

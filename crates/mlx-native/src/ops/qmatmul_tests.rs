@@ -674,6 +674,36 @@ fn bad_inputs_are_named() {
     assert_eq!(e, "qmv_fused: residual has 4 elements, expected 3");
 }
 
+/// A weight of random codes with bf16 scales and biases of decode-typical size (timing
+/// probes: the values only need to be finite).
+fn random_bf16_weight(
+    g: &MlxDevice,
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    params: QuantParams,
+) -> QuantWeight {
+    let wpr = k * params.bits as usize / 32;
+    let packed: Vec<u32> = (0..n * wpr).map(|_| rng.next_u64() as u32).collect();
+    let groups = n * k / params.group_size as usize;
+    let s: Vec<half::bf16> = (0..groups)
+        .map(|_| half::bf16::from_f32(rng.uniform(0.001, 0.01)))
+        .collect();
+    let b: Vec<half::bf16> = (0..groups)
+        .map(|_| half::bf16::from_f32(rng.uniform(-0.05, 0.05)))
+        .collect();
+    QuantWeight::from_raw(
+        g,
+        &packed,
+        bytemuck::cast_slice(&s),
+        Some(bytemuck::cast_slice(&b)),
+        [n, k],
+        params,
+        DType::BF16,
+    )
+    .unwrap()
+}
+
 /// Timing probe for a real GPU (`--ignored --nocapture`): qmv at decode shapes against the
 /// measured read bandwidth, and qmm/matmul at a prefill shape.
 #[test]
@@ -708,27 +738,8 @@ fn timing_probe() {
         (4096, 4096, 3, 64),
         (4096, 4096, 6, 64),
     ] {
-        let params = QuantParams::affine(bits, gs);
-        let wpr = k * bits as usize / 32;
-        let packed: Vec<u32> = (0..n * wpr).map(|_| rng.next_u64() as u32).collect();
-        let groups = n * k / gs as usize;
-        let s: Vec<half::bf16> = (0..groups)
-            .map(|_| half::bf16::from_f32(rng.uniform(0.001, 0.01)))
-            .collect();
-        let b: Vec<half::bf16> = (0..groups)
-            .map(|_| half::bf16::from_f32(rng.uniform(-0.05, 0.05)))
-            .collect();
-        let w = QuantWeight::from_raw(
-            g,
-            &packed,
-            bytemuck::cast_slice(&s),
-            Some(bytemuck::cast_slice(&b)),
-            [n, k],
-            params,
-            DType::BF16,
-        )
-        .unwrap();
-        let bytes = (packed.len() * 4 + groups * 4) as f64;
+        let w = random_bf16_weight(g, &mut rng, n, k, QuantParams::affine(bits, gs));
+        let bytes = (n * k * bits as usize / 8 + n * k / gs as usize * 4) as f64;
         for m in [1usize, 4, 8] {
             let x = MlxBuffer::from_slice(g, &rng.normals(m * k, 1.0), &[m, k]).unwrap();
             let ns = time(&|p| {
@@ -797,26 +808,7 @@ fn fused_timing_probe() {
         (28672, 4096, "gate_up"),
         (4096, 14336, "down"),
     ] {
-        let params = QuantParams::affine(4, 64);
-        let wpr = k / 8;
-        let packed: Vec<u32> = (0..n * wpr).map(|_| rng.next_u64() as u32).collect();
-        let groups = n * k / 64;
-        let s: Vec<half::bf16> = (0..groups)
-            .map(|_| half::bf16::from_f32(rng.uniform(0.001, 0.01)))
-            .collect();
-        let b: Vec<half::bf16> = (0..groups)
-            .map(|_| half::bf16::from_f32(rng.uniform(-0.05, 0.05)))
-            .collect();
-        let w = QuantWeight::from_raw(
-            g,
-            &packed,
-            bytemuck::cast_slice(&s),
-            Some(bytemuck::cast_slice(&b)),
-            [n, k],
-            params,
-            DType::BF16,
-        )
-        .unwrap();
+        let w = random_bf16_weight(g, &mut rng, n, k, QuantParams::affine(4, 64));
         let x = MlxBuffer::from_slice(g, &rng.normals(k, 1.0), &[1, k]).unwrap();
         let x2 = MlxBuffer::from_slice(g, &rng.normals(2 * k, 1.0), &[1, 2 * k]).unwrap();
         let nw = MlxBuffer::from_slice(g, &rng.normals(k, 1.0), &[k]).unwrap();
