@@ -57,7 +57,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if shapes.is_empty() {
         shapes = expand_shapes("all")?;
     }
-    // Tuning: QMV_OVERRIDE="rpt,tpr,wg,exp" forces one qmv dispatch shape everywhere.
+    // Tuning: QMV_OVERRIDE="rpt,tpr,wg,exp" forces one qmv dispatch shape everywhere (exp
+    // bits 4-5: the x quantization, `QmvConfig::xq`).
     if let Ok(e) = std::env::var("QMV_OVERRIDE") {
         let v: Vec<u32> = e.split(',').map(str::parse).collect::<Result<_, _>>()?;
         let [rpt, tpr, wg, exp] = v[..] else {
@@ -67,7 +68,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             rpt,
             tpr,
             wg,
-            exp,
+            exp: exp & 15,
+            xq: exp >> 4,
         }))?;
     }
     let gpu = MlxDevice::new()?;

@@ -1,5 +1,5 @@
 //! Decode-matvec sweep for the GPU machine:
-//! `bench_matmul [qmatmul|ggml|all|stream]` (stream: dependent qmv chains timed as one pass), variants from `QMV_VARIANTS="rpt,tpr,wg[,exp];..."` and
+//! `bench_matmul [qmatmul|ggml|all|stream]` (stream: dependent qmv chains timed as one pass), variants from `QMV_VARIANTS="rpt,tpr,wg[,exp | xq << 4];..."` and
 //! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Prints the tables and
 //! writes JSON to `$OUT/bench_<what>.json` when OUT is set.
 use mlx_native::ops::ggml_matmul::GgmlMatvecConfig;
@@ -38,7 +38,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     opts.qmv_variants = triples("QMV_VARIANTS")
         .into_iter()
-        .map(|[rpt, tpr, wg, exp]| QmvConfig { rpt, tpr, wg, exp })
+        .map(|[rpt, tpr, wg, exp]| QmvConfig {
+            rpt,
+            tpr,
+            wg,
+            exp: exp & 15,
+            xq: exp >> 4,
+        })
         .collect();
     opts.ggml_variants = triples("GGML_VARIANTS")
         .into_iter()

@@ -4,8 +4,8 @@
 //! variant in turn, round after round, and prints each variant's minimum and median.
 //! Interleaving matters: a GPU that idles between runs clocks down, so variants measured in
 //! separate processes or one after another are not comparable.
-//! Variants: the separate dispatches (no folding), then residual adds, GLU and norms folded
-//! into the matvecs in combinations (`Folding`).
+//! Variants: the separate dispatches (no folding), the default folding (`Folding`), and
+//! qmv's x quantization (`QmvConfig::xq`) forced to each setting.
 
 use mlx_native::ops;
 use mlx_native::MlxDevice;
@@ -22,38 +22,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = 128;
     let none = Folding::NONE;
     let default = Folding::DEFAULT;
-    let variants: [(&str, Folding); 7] = [
-        ("separate", none),
+    // (label, folding, qmv's x quantization: None = the default rule)
+    let variants: [(&str, Folding, Option<u32>); 6] = [
+        ("separate", none, None),
+        ("default", default, None),
+        ("default, f32 x", default, Some(0)),
+        ("default, int8 x", default, Some(1)),
+        ("default, 16-bit x", default, Some(2)),
         (
-            "rope_append",
-            Folding {
-                rope_append: true,
-                ..none
-            },
-        ),
-        ("  +residual (default)", default),
-        (
-            "  +small norms",
-            Folding {
-                small_norms: true,
-                ..default
-            },
-        ),
-        (
-            "default +glu",
+            "default +glu, 16-bit x",
             Folding {
                 glu: true,
                 ..default
             },
+            Some(2),
         ),
-        (
-            "default +all norms",
-            Folding {
-                norms: true,
-                ..default
-            },
-        ),
-        ("all", Folding::ALL),
     ];
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
@@ -67,10 +50,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut times = vec![Vec::new(); variants.len()];
     let mut dispatches = vec![0; variants.len()];
     for round in 0..rounds {
-        for (vi, &(_, fold)) in variants.iter().enumerate() {
+        for (vi, &(_, fold, xq)) in variants.iter().enumerate() {
             for l in &mut m.layers {
                 l.fold = fold;
             }
+            ops::qmatmul::set_qmv_xq(xq)?;
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);
                 let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;

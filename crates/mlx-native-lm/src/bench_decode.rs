@@ -1973,9 +1973,13 @@ mod tests {
                     assert_eq!(x.len(), y.len());
                     for (i, (p, q)) in x.iter().zip(y).enumerate() {
                         // Same kernels and the same per-row summation order, the norm's
-                        // 1/rms applied before or after the sum: equal up to f32 rounding.
+                        // 1/rms applied before or after the sum; qmv quantizes its x to 16
+                        // bits per 32-element chunk (ops::qmatmul), the folded and separate
+                        // paths at different points (x·w or x·w/rms, act(g)·u or its f32
+                        // copy): each within 2^-15 of a chunk's largest element, which two
+                        // layers carry to ~1e-4 of a logit. A wrong fold is off by O(1).
                         assert!(
-                            (p - q).abs() <= 1e-4 * (1.0 + q.abs()),
+                            (p - q).abs() <= 1e-3 * (1.0 + q.abs()),
                             "{name} {fold:?} step {step} logit {i}: {p} vs {q}"
                         );
                     }

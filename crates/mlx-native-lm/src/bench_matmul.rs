@@ -676,8 +676,8 @@ pub fn bench_qmv_stream(gpu: &MlxDevice, variants: &[QmvConfig]) -> Result<Vec<S
                 what: format!(
                     "qmv 4-bit g64 {n}x{k} / {k}x{n}, {}",
                     cfg.map_or("default".into(), |c| format!(
-                        "rpt{} tpr{} wg{} exp{}",
-                        c.rpt, c.tpr, c.wg, c.exp
+                        "rpt{} tpr{} wg{} exp{} xq{}",
+                        c.rpt, c.tpr, c.wg, c.exp, c.xq
                     ))
                 ),
                 dispatches: steps,

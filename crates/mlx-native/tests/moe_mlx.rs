@@ -10,7 +10,9 @@
 //! Tolerance, as in `tests/qmatmul_mlx.rs`: with `dot` the f64 product over the weights
 //! dequantized in the model dtype, `tol = (2·sqrt(K+1) + 2)·u·Σ|x·w| + u·|dot|` (`u` the unit
 //! roundoff of the activation dtype, which MLX sums in); the GPU must be within `tol` of
-//! `dot` and `2·tol` of MLX.
+//! `dot` and `2·tol` of MLX. The decode path represents x as 16-bit integers per
+//! 32-element chunk c (`ops::qmatmul`), within `amax_c / 65024` per element, multiplying
+//! scale·q = w - bias: `Σ_c amax_c/65024 · Σ_{l∈c}|w_l - bias_l|` more there.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use half::bf16;
@@ -113,7 +115,21 @@ fn gather_qmm_matches_mlx_gather_qmm() {
                         dot += pr;
                         abs += pr.abs();
                     }
-                    let tol = (2.0 * ((k + 1) as f64).sqrt() + 2.0) * u * abs + u * dot.abs();
+                    let mut tol = (2.0 * ((k + 1) as f64).sqrt() + 2.0) * u * abs + u * dot.abs();
+                    if route == GatherPath::Vector {
+                        for c in 0..k / 32 {
+                            let xs = &x[r * k + 32 * c..r * k + 32 * c + 32];
+                            let amax = xs.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+                            let row = (ex * n + j) * k + 32 * c;
+                            let sq: f64 = (0..32)
+                                .map(|l| {
+                                    let bias = bf[(row + l) / 64];
+                                    f64::from(wd[row + l] - bias).abs()
+                                })
+                                .sum();
+                            tol += amax / 65024.0 * sq;
+                        }
+                    }
                     let gv = f64::from(got[r * n + j]);
                     let mv = f64::from(y[r * n + j]);
                     assert!(

@@ -9,7 +9,10 @@
 //! activation dtype (MLX sums in it). The GPU dequantizes and sums in f32, which deviates
 //! from `dot` by at most `u·Σ|x·w|` (the dtype rounding of the weights it skips) plus f32
 //! summation error, so it must satisfy the same bound, and then `|gpu - y| <= 2·tol`. The
-//! cooperative-matrix path (f16 tiles) adds `2·2^-11·Σ|x·w|`.
+//! cooperative-matrix path (f16 tiles) adds `2·2^-11·Σ|x·w|`. qmv of 4- and 8-bit affine
+//! weights represents x as 16-bit integers per 32-element chunk c (`ops::qmatmul`), within
+//! `amax_c / 65024` per element, and x multiplies scale·q only (the bias term sums x in
+//! f32): `Σ_c amax_c/65024 · Σ_{l∈c}|w_l - bias_l|` more.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use half::{bf16, f16};
@@ -87,6 +90,8 @@ fn check(
     k: usize,
     dtype: DType,
     coop: bool,
+    // qmv's quantized x: |w - bias| per element (scale·q), when it applies.
+    int_x: Option<&[f32]>,
 ) -> f64 {
     let u = unit_roundoff(dtype);
     let mut worst = 0.0f64;
@@ -102,6 +107,17 @@ fn check(
             if coop {
                 tol += 2.0 * f64::powi(2.0, -11) * abs;
             }
+            if let Some(sq) = int_x {
+                for c in 0..k / 32 {
+                    let xs = &x[i * k + 32 * c..i * k + 32 * c + 32];
+                    let amax = xs.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+                    let ws: f64 = sq[j * k + 32 * c..j * k + 32 * c + 32]
+                        .iter()
+                        .map(|&v| f64::from(v).abs())
+                        .sum();
+                    tol += amax / 65024.0 * ws;
+                }
+            }
             let g = f64::from(gpu_y[i * n + j]);
             let y = f64::from(mlx_y[i * n + j]);
             assert!(
@@ -112,6 +128,15 @@ fn check(
         }
     }
     worst
+}
+
+/// One fixture weight: its key, the GPU weight, the weight dequantized in the model dtype,
+/// and scale·q = w - bias per element where qmv quantizes x (4- and 8-bit affine).
+struct Case {
+    key: String,
+    w: QuantWeight,
+    wd: Vec<f32>,
+    sq: Option<Vec<f32>>,
 }
 
 #[test]
@@ -136,7 +161,7 @@ fn gpu_quantized_matmul_matches_mlx() {
     ] {
         let bytes = read_fixture(&format!("quant_{dname}.safetensors"));
         let st = SafeTensors::deserialize(&bytes).unwrap();
-        let mut cases: Vec<(String, String, QuantWeight, Vec<f32>)> = Vec::new();
+        let mut cases: Vec<Case> = Vec::new();
         for (bits, gs) in configs {
             let p = format!("8x256.b{bits}.g{gs}");
             let params = QuantParams::affine(bits, gs);
@@ -157,7 +182,20 @@ fn gpu_quantized_matmul_matches_mlx() {
                 dtype,
             )
             .unwrap();
-            cases.push((format!("{dname}.b{bits}.g{gs}.t"), p, w, wd));
+            // scale·q = w - bias of the element's group, where qmv quantizes x.
+            let sq: Option<Vec<f32>> = matches!(bits, 4 | 8).then(|| {
+                let gs = gs as usize;
+                wd.iter()
+                    .enumerate()
+                    .map(|(i, &v)| v - bf[(i / k) * (k / gs) + (i % k) / gs])
+                    .collect()
+            });
+            cases.push(Case {
+                key: format!("{dname}.b{bits}.g{gs}.t"),
+                w,
+                wd,
+                sq,
+            });
         }
         let packed = words(&st, "8x256.mxfp4.wq");
         let scales = raw(&st, "8x256.mxfp4.scales");
@@ -181,10 +219,15 @@ fn gpu_quantized_matmul_matches_mlx() {
             dtype,
         )
         .unwrap();
-        cases.push((format!("{dname}.mxfp4.t"), "mxfp4".into(), w, wd));
+        cases.push(Case {
+            key: format!("{dname}.mxfp4.t"),
+            w,
+            wd,
+            sq: None,
+        });
 
         let mut worst = 0.0f64;
-        for (key, _, w, wd) in &cases {
+        for Case { key, w, wd, sq } in &cases {
             for m in [1usize, 3, 8] {
                 let x = floats(&qmm, &format!("{key}.x{m}"));
                 let y = floats(&qmm, &format!("{key}.y{m}"));
@@ -205,6 +248,7 @@ fn gpu_quantized_matmul_matches_mlx() {
                     k,
                     dtype,
                     false,
+                    sq.as_deref(),
                 ));
                 worst = worst.max(check(
                     &format!("{key}.y{m} qmm"),
@@ -217,6 +261,7 @@ fn gpu_quantized_matmul_matches_mlx() {
                     k,
                     dtype,
                     coop,
+                    None,
                 ));
             }
         }

@@ -58,6 +58,15 @@ impl Linear {
         })
     }
 
+    /// `forward` with an MLX-quantized weight's matvec taking x in f32
+    /// ([`qmatmul::qmatmul_f32_x`]): for outputs that make discrete choices (routers).
+    pub fn forward_f32_x(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
+        match self {
+            Linear::Quant(w) => Ok(qmatmul::qmatmul_f32_x(pass, x, w)?),
+            _ => self.forward(pass, x),
+        }
+    }
+
     /// `forward` with the work of `fusion` around it (a GLU on x, an RMS norm on x, a residual
     /// added to y; [`QmvFusion`]). Folded into one matvec ([`qmatmul::qmv_fused`]) for an
     /// MLX-quantized weight and at most 8 rows; otherwise run as the separate ops, so the

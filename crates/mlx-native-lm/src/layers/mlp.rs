@@ -134,7 +134,8 @@ impl MoeMlp {
         x: &MlxBuffer,
         residual: Option<&MlxBuffer>,
     ) -> Result<MlxBuffer> {
-        let logits = self.router.forward(pass, x)?;
+        // f32 x: a rounded x can flip a top-k choice (Linear::forward_f32_x).
+        let logits = self.router.forward_f32_x(pass, x)?;
         let cfg = MoeConfig {
             router: RouterConfig {
                 top_k: self.top_k,

@@ -169,6 +169,23 @@ pub(crate) mod tests {
         f16_inputs: bool,
         what: &str,
     ) {
+        check_product_with(got, x, w, m, n, k, f16_inputs, &|_, _| 0.0, what);
+    }
+
+    /// [`check_product`] with `extra(i, j)` added to the tolerance of y[i, j] (a kernel's own
+    /// stated approximation, e.g. qmv's quantized x).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn check_product_with(
+        got: &[f32],
+        x: &[f32],
+        w: &[f64],
+        m: usize,
+        n: usize,
+        k: usize,
+        f16_inputs: bool,
+        extra: &dyn Fn(usize, usize) -> f64,
+        what: &str,
+    ) {
         assert_eq!(got.len(), m * n, "{what}: length");
         let u = 2f64.powi(-24);
         for i in 0..m {
@@ -183,6 +200,7 @@ pub(crate) mod tests {
                 if f16_inputs {
                     tol += 2.0 * 2f64.powi(-11) * abs;
                 }
+                tol += extra(i, j);
                 let g = got[i * n + j] as f64;
                 assert!(
                     g.is_finite() && (g - dot).abs() <= tol,

@@ -47,7 +47,7 @@ use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
 use crate::ops::activation::{glu, Act};
-use crate::ops::qmatmul::{plan, MatmulPlan};
+use crate::ops::qmatmul::{self, plan, MatmulPlan};
 use crate::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
 use crate::weights::ggml::GgmlType;
 use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
@@ -193,9 +193,9 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
         .with_const("GROUP_SIZE", params.group_size)
 }
 
-fn gqmv_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool) -> Result<Spec> {
+fn gqmv_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool, xq: u32) -> Result<Spec> {
     Ok(qspec("gqmv", params, dt, GQMV_WG)?
-        .with_const("RPT", rpt)?
+        .with_const("GQMV", xq << 4 | rpt)?
         .with_subgroups(sg))
 }
 
@@ -226,7 +226,9 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     for (params, dt) in quant_formats() {
         for rpt in RPTS {
             for sg in [false, true] {
-                v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg)?));
+                for xq in [0, qmatmul::default_xq(params)] {
+                    v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq)?));
+                }
             }
         }
         v.push((Kernel::MoeQuant, qspec("gqmm", params, dt, GQMM_WG)?));
@@ -428,7 +430,8 @@ pub fn gather_qmm_with(
                 MatmulPlan::Vector { rpt, subgroups } => (rpt, subgroups),
                 _ => (1, false),
             };
-            let spec = gqmv_spec(qw.params(), sdt, rpt, sg)?;
+            let xq = qmatmul::default_xq(qw.params());
+            let spec = gqmv_spec(qw.params(), sdt, rpt, sg, xq)?;
             let per_wg = 2 * rpt as usize;
             let groups = (r.pairs as usize).saturating_mul(n.div_ceil(per_wg));
             let groups = check::fits_u32(groups, op, "workgroups")?;

@@ -14,6 +14,10 @@
 //! - moe_ffn: the down projection's inputs carry the gate/up errors through SiLU (Lipschitz
 //!   ~1.1) times |up| plus |silu(gate)| times the up error; bounded with the same per-product
 //!   rule applied to a magnitude reference (Σ|x|·|w| propagated through the layer), times 4.
+//! - the decode matvec (`gqmv`) of 4- and 8-bit affine experts represents x as 16-bit
+//!   integers per 32-element chunk (`ops::qmatmul`): within amax_c/65024 per element of chunk
+//!   c, multiplying scale·q = w - bias only, so `Σ_c amax_c/65024 · Σ_{l∈c}|w_l - bias_l|`
+//!   more (`xq_bound`); in moe_ffn propagated like the other errors.
 use super::*;
 use crate::testutil::{devices, gpu, Rng};
 use crate::weights::ggml::dequantize as ggml_dequantize;
@@ -103,11 +107,70 @@ fn ref_gather(
     (y, mag)
 }
 
+/// Per output of a routed product, the bound of the 16-bit x quantization: Σ over x's
+/// 32-element chunks of amax/65024 · Σ|scale·q| (`sq`: |w - bias| per element, [E, N, K]).
+fn xq_bound(x: &[f32], sq: &[f64], ids: &[u32], x_div: usize, n: usize, k: usize) -> Vec<f64> {
+    let e = sq.len() / (n * k);
+    let mut out = Vec::new();
+    for (p, &id) in ids.iter().enumerate() {
+        let xr = &x[(p / x_div) * k..(p / x_div + 1) * k];
+        for j in 0..n {
+            if id as usize >= e {
+                out.push(0.0);
+                continue;
+            }
+            let wr = &sq[(id as usize * n + j) * k..][..k];
+            let mut t = 0.0;
+            for (xc, wc) in xr.chunks(32).zip(wr.chunks(32)) {
+                let amax = xc.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+                t += amax / 65024.0 * wc.iter().sum::<f64>();
+            }
+            out.push(1.01 * t);
+        }
+    }
+    out
+}
+
+/// |scale·q| = |w - bias| per element of the experts (`deq` from `quant_experts`).
+fn code_parts(qs: &[Quantized], deq: &[f64]) -> Vec<f64> {
+    let mut out = Vec::with_capacity(deq.len());
+    let mut at = 0;
+    for q in qs {
+        let gs = q.params.group_size as usize;
+        let gpr = q.cols / gs;
+        for i in 0..q.rows * q.cols {
+            let b = q.biases.as_ref().map_or(0.0, |b| {
+                f64::from(b[(i / q.cols) * gpr + (i % q.cols) / gs])
+            });
+            out.push((deq[at + i] - b).abs());
+        }
+        at += q.rows * q.cols;
+    }
+    out
+}
+
+/// Whether the decode matvec quantizes x for these experts.
+fn int_x(params: QuantParams) -> bool {
+    crate::ops::qmatmul::default_xq(params) != 0
+}
+
 fn assert_product(got: &[f32], want: &(Vec<f64>, Vec<f64>), k: usize, factor: f64, what: &str) {
+    assert_product_with(got, want, k, factor, &[], what);
+}
+
+/// [`assert_product`] with `extra[i]` added to element i's tolerance (empty: none).
+fn assert_product_with(
+    got: &[f32],
+    want: &(Vec<f64>, Vec<f64>),
+    k: usize,
+    factor: f64,
+    extra: &[f64],
+    what: &str,
+) {
     assert_eq!(got.len(), want.0.len(), "{what}: length");
     let f = factor * (4.0 * (k as f64).sqrt() + 2.0) * 2f64.powi(-24);
     for (i, (&g, (&w, &m))) in got.iter().zip(want.0.iter().zip(&want.1)).enumerate() {
-        let tol = f * m + 1e-30;
+        let tol = f * m + extra.get(i).copied().unwrap_or(0.0) + 1e-30;
         assert!(
             g.is_finite() && (g as f64 - w).abs() <= tol,
             "{what}: element {i}: got {g}, want {w} (tol {tol:e})"
@@ -322,7 +385,9 @@ fn gather_case(
         ids[l - 1] = u32::MAX;
     }
     let gids = MlxBuffer::from_slice(g, &ids, &[t, k]).unwrap();
-    let want = ref_gather(&x, &deq, &ids, if per_pair_x { 1 } else { k }, n, kd);
+    let x_div = if per_pair_x { 1 } else { k };
+    let want = ref_gather(&x, &deq, &ids, x_div, n, kd);
+    let xq = xq_bound(&x, &code_parts(&qs, &deq), &ids, x_div, n, kd);
     for path in [GatherPath::Vector, GatherPath::Sorted] {
         let mut pass = g.begin();
         let y = gather_qmm_with(&mut pass, &gx, &w, &gids, path).unwrap();
@@ -334,7 +399,12 @@ fn gather_case(
             params.group_size,
             g.caps().subgroups
         );
-        assert_product(&y.to_vec(g).unwrap(), &want, kd, 1.0, &what);
+        let extra: &[f64] = if path == GatherPath::Vector && int_x(params) {
+            &xq
+        } else {
+            &[]
+        };
+        assert_product_with(&y.to_vec(g).unwrap(), &want, kd, 1.0, extra, &what);
     }
 }
 
@@ -631,6 +701,49 @@ fn ref_ffn(
     (out, mag)
 }
 
+/// The decode path's x-quantization bound (`xq_bound`) through the whole layer: gate and up
+/// outputs move by their bounds, the GLU carries them (SiLU Lipschitz ~1.1) into the down
+/// input, which down's full weights carry on, plus down's own quantization of its input;
+/// weighted by the routing weights. `sq_*`: |w - bias| per element.
+#[allow(clippy::too_many_arguments)]
+fn ffn_xq_extra(
+    x: &[f32],
+    ids: &[u32],
+    rw: &[f64],
+    (gate, up, down): (&[f64], &[f64], &[f64]),
+    (sq_g, sq_u, sq_d): (&[f64], &[f64], &[f64]),
+    t: usize,
+    k: usize,
+    h: usize,
+    i: usize,
+) -> Vec<f64> {
+    let (gy, _) = ref_gather(x, gate, ids, k, i, h);
+    let (uy, _) = ref_gather(x, up, ids, k, i, h);
+    let bg = xq_bound(x, sq_g, ids, k, i, h);
+    let bu = xq_bound(x, sq_u, ids, k, i, h);
+    let a32: Vec<f32> = gy
+        .iter()
+        .zip(&uy)
+        .map(|(&g, &u)| (silu(g) * u) as f32)
+        .collect();
+    let da: Vec<f32> = (0..gy.len())
+        .map(|j| (1.1 * bg[j] * (uy[j].abs() + bu[j]) + silu(gy[j]).abs() * bu[j]) as f32)
+        .collect();
+    let dabs: Vec<f64> = down.iter().map(|v| v.abs()).collect();
+    let (prop, _) = ref_gather(&da, &dabs, ids, 1, h, i);
+    let own = xq_bound(&a32, sq_d, ids, 1, h, i);
+    let mut out = vec![0.0; t * h];
+    for ti in 0..t {
+        for j in 0..k {
+            let p = ti * k + j;
+            for c in 0..h {
+                out[ti * h + c] += rw[p].abs() * 1.01 * (prop[p * h + c] + own[p * h + c]);
+            }
+        }
+    }
+    out
+}
+
 #[test]
 fn moe_ffn_layer_matches_f64_in_one_submit() {
     let mut rng = Rng::new(907);
@@ -646,6 +759,11 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
     let (gq, gd) = quant_experts(&mut rng, e, i, h, params, DType::F32);
     let (uq, ud) = quant_experts(&mut rng, e, i, h, params, DType::F32);
     let (dq, dd) = quant_experts(&mut rng, e, h, i, params, DType::F32);
+    let sq = (
+        code_parts(&gq, &gd),
+        code_parts(&uq, &ud),
+        code_parts(&dq, &dd),
+    );
     let mlx = MoeExperts {
         gate: ExpertWeight::Mlx(QuantExperts::upload(g, &gq).unwrap()),
         up: ExpertWeight::Mlx(QuantExperts::upload(g, &uq).unwrap()),
@@ -709,8 +827,24 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
             }
             let got = out.to_vec::<f32>(g).unwrap();
             let f = 4.0 * (4.0 * (h.max(i) as f64).sqrt() + 2.0) * 2f64.powi(-24);
+            // One token decodes through gqmv, which quantizes x for these 4-bit experts.
+            let extra = if name == "mlx" && t == 1 && int_x(params) {
+                ffn_xq_extra(
+                    &x,
+                    &ids,
+                    &rw,
+                    (wg, wu, wdn),
+                    (&sq.0, &sq.1, &sq.2),
+                    t,
+                    k,
+                    h,
+                    i,
+                )
+            } else {
+                vec![0.0; t * h]
+            };
             for (j, (&gv, (&wv, &m))) in got.iter().zip(want.iter().zip(&mag)).enumerate() {
-                let tol = f * m + 1e-6;
+                let tol = f * m + extra[j] + 1e-6;
                 assert!(
                     (gv as f64 - wv).abs() <= tol,
                     "{name} t{t} k{k}: element {j}: got {gv}, want {wv} (tol {tol:e})"

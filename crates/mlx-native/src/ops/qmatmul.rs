@@ -6,23 +6,28 @@
 //! - **Layout**: MLX's own, no repack. A *chunk* is 32 codes of a row = `bits` u32 words,
 //!   word-aligned and inside one group, so one scale (and bias) per chunk; codes that straddle
 //!   words (3/5/6 bits) are decoded from a 32-bit window over two words.
-//! - **qmv** (decode, M ≤ 8): a row-set of TPR (32..256) invocations owns RPT (1..8) weight
+//! - **qmv** (decode, M ≤ 8): a row-set of TPR (32..256) invocations owns RPT (1..16) weight
 //!   rows; its invocations stride over the chunks, so consecutive invocations read
 //!   consecutive chunks of a row (coalesced; 4- and 8-bit chunks are single vec4 loads);
-//!   WG / TPR row-sets per workgroup ([`QmvConfig`]; from the shape: TPR 128 from K = 4096,
-//!   RPT 8 from N = 4096). Each x chunk (8 vec4) is loaded once for the RPT rows. Per chunk
-//!   `scale·Σ x·q + bias·Σ x`, decoded with constant indices only (private arrays indexed
-//!   dynamically spilled to local memory: 39 us), codes turned into floats by the 2^23
-//!   mantissa trick (no integer-to-float conversions). One scalar accumulator per row; x rows
+//!   WG / TPR row-sets per workgroup ([`QmvConfig`], from the shape: for N ≥ 4096 the most
+//!   rows per row-set that still leave ~1536 warps, else RPT 1..8 by N and TPR by K). Each x
+//!   chunk (8 vec4) is loaded once for the RPT rows. One scalar accumulator per row; x rows
 //!   are walked in turn, each reduced (`subgroupAdd` when the subgroup size divides TPR, then
-//!   one workgroup-memory step; else through workgroup memory) before the next. Measured on
-//!   an H100 (Vulkan, 4 bits g64, M = 1; docs/PERFORMANCE.md): 20 us at 4096 x 4096, 35 us
-//!   at 14336 x 4096 and 34 us at 4096 x 14336, within noise of the previous fixed shape
-//!   (2 x 32 invocations x 4 rows): none of the shapes swept (8 to 64 rows per workgroup,
-//!   32 to 256 invocations per row) moved it by more than 10%. A pure read of the same
-//!   bytes takes 13.5 us and 18 us: the per-dispatch floor (~6 us for a 4 KiB read) and the
-//!   ramp bound short kernels; what bounds qmv beyond that is not yet known (not load
-//!   parallelism, occupancy, x traffic or conversions, by those sweeps).
+//!   one workgroup-memory step; else through workgroup memory) before the next.
+//! - **Integer dot products** (qmv, 4- and 8-bit affine; `QmvConfig::xq`, on by default): each
+//!   row-set quantizes its x chunk to a 16-bit integer per element (scale amax/32512 per 32
+//!   elements, split into a signed high and an unsigned low byte) and takes Σ x·q with packed
+//!   4-byte dot products (`dot4I8Packed` / `dot4U8Packed`: DP4A on NVIDIA, a polyfill
+//!   elsewhere): a word of eight 4-bit codes is 3 integer operations and 4 dot products,
+//!   where decoding the codes to floats took ~4 instructions per code and bounded the kernel.
+//!   Per chunk `scale·d·Σ t·q + bias·Σ x` with Σx in f32. The error (amax/65024 per element)
+//!   is below f16's at the chunk's largest element; one int8 level (llama.cpp's q8_1
+//!   activations, `xq` 1) is ~4 % faster per decode step and 256x coarser. Measured on an
+//!   H200 (docs/PERFORMANCE.md, in-pass): gate|up 28672 x 4096 40.9 → 30.8 us, down
+//!   4096 x 14336 22.6 → 18.2 us. A pure read of the same bytes is still ~2x faster: what
+//!   bounds the rest is not known (no shader-level profile was taken).
+//!   Before (f32 x): codes turned into floats by the 2^23 mantissa trick, constant indices
+//!   only (private arrays indexed dynamically spilled to local memory).
 //! - **qmm** (prefill, M > 8): 64 x 64 output tiles per workgroup of 256 (4 x 4 outputs per
 //!   invocation), K in steps of 32, x and dequantized W tiles in 16 KiB of workgroup memory
 //!   (lavapipe allows 32 KiB). Neighbouring workgroups share a W tile (M blocks vary fastest).
@@ -33,8 +38,10 @@
 //! - x must start at a multiple of 4 elements for the vec4 loads: other views are copied
 //!   first (one small dispatch).
 //!
-//! Accuracy: f32 products and sums over K terms (qmv, tiled qmm); the cooperative path
-//! rounds x and the dequantized W to f16 (relative 2^-11 per term) and accumulates in f32.
+//! Accuracy: f32 products and sums over K terms (tiled qmm; qmv with f32 x); qmv's default
+//! represents x to amax/65024 per 32-element chunk, then sums exactly in integers and in
+//! f32 across chunks; the cooperative path rounds x and the dequantized W to f16 (relative
+//! 2^-11 per term) and accumulates in f32.
 
 use crate::buffer::MlxBuffer;
 use crate::check;
@@ -79,17 +86,22 @@ pub struct QmvConfig {
     /// Measurement switches of the kernel (`QX` in qmatmul.wgsl); 0 in production. Other
     /// values give wrong results on purpose (they remove a part of the work to time it).
     pub exp: u32,
+    /// x quantized to integers per chunk for 4-bit dot products (`XQ` in qmatmul.wgsl): 0
+    /// off (f32), 1 one int8 level, 2 two levels. Applies to 4- and 8-bit affine weights
+    /// only (ignored for other formats).
+    pub xq: u32,
 }
 
 impl QmvConfig {
     fn validate(self) -> Result<Self> {
-        let ok = matches!(self.rpt, 1 | 2 | 4 | 8)
+        let ok = matches!(self.rpt, 1 | 2 | 4 | 8 | 16)
             && self.tpr.is_power_of_two()
             && (32..=256).contains(&self.tpr)
             && matches!(self.wg, 64 | 128 | 256)
             && self.wg.is_multiple_of(self.tpr)
             && self.wg * self.rpt <= 2048
-            && self.exp < 16;
+            && self.exp < 16
+            && self.xq <= 2;
         if ok {
             Ok(self)
         } else {
@@ -101,7 +113,7 @@ impl QmvConfig {
 }
 
 /// A dispatch shape forced on every default qmv dispatch (benchmarks: `rpt, tpr, wg, exp`
-/// packed 16 bits each as `exp, rpt, tpr, wg`, high to low; 0 = none).
+/// packed 16 bits each as `exp | xq << 8, rpt, tpr, wg`, high to low; 0 = none).
 static QMV_OVERRIDE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Force `cfg` on every default qmv dispatch from now on (`None`: back to the shape rule).
@@ -112,7 +124,7 @@ pub fn set_qmv_override(cfg: Option<QmvConfig>) -> Result<()> {
         None => 0,
         Some(c) => {
             let c = c.validate()?;
-            u64::from(c.exp) << 48
+            u64::from(c.exp | c.xq << 8) << 48
                 | u64::from(c.rpt) << 32
                 | u64::from(c.tpr) << 16
                 | u64::from(c.wg)
@@ -122,8 +134,34 @@ pub fn set_qmv_override(cfg: Option<QmvConfig>) -> Result<()> {
     Ok(())
 }
 
+/// The x quantization forced on every default qmv dispatch (benchmarks; 0 = the shape
+/// rule's, else `xq + 1`).
+static QMV_XQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Force `xq` ([`QmvConfig::xq`]) on every default qmv dispatch from now on (`None`: back to
+/// the default). For A/B timings of whole decode steps.
+#[doc(hidden)]
+pub fn set_qmv_xq(xq: Option<u32>) -> Result<()> {
+    let v = match xq {
+        None => 0,
+        Some(x) if x <= 2 => x + 1,
+        Some(x) => return Err(MlxError::invalid(format!("qmv: xq {x} is not 0, 1 or 2"))),
+    };
+    QMV_XQ.store(v, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
+}
+
 /// The qmv shape for a weight of `n` rows and `k` columns.
 pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
+    let mut cfg = qmv_shape(n, k);
+    let xq = QMV_XQ.load(std::sync::atomic::Ordering::Relaxed);
+    if xq != 0 {
+        cfg.xq = xq - 1;
+    }
+    cfg
+}
+
+fn qmv_shape(n: usize, k: usize) -> QmvConfig {
     let o = QMV_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed);
     if o != 0 {
         let field = |shift: u32| ((o >> shift) & 0xffff) as u32;
@@ -131,10 +169,32 @@ pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
             rpt: field(32),
             tpr: field(16),
             wg: field(0),
-            exp: field(48),
+            exp: field(48) & 0xff,
+            xq: field(48) >> 8,
         };
     }
     let chunks = k / 32;
+    // Large matrices: as many rows per row-set (16, then 8) as still leave at least
+    // QMV_MIN_WARPS warps, with the fewest invocations per row-set that reach it. More rows
+    // share each x chunk's quantization and load; fewer invocations per row-set walk more
+    // chunks each and reduce less. Measured on an H200 (docs/PERFORMANCE.md): gate|up
+    // 28672 x 4096 29.0 us at (16 rows, 32) against 37.8 at (8, 128); o 4096 x 4096 7.8 us
+    // at (8, 128) against 9.0 at (16, 128), whose 1024 warps are too few to keep the
+    // memory busy.
+    for rpt in [16u32, 8] {
+        for tpr in [32u32, 64, 128] {
+            let warps = n / rpt as usize * (tpr as usize / 32);
+            if n >= 4096 && tpr as usize <= chunks && warps >= QMV_MIN_WARPS {
+                return QmvConfig {
+                    rpt,
+                    tpr,
+                    wg: 128,
+                    exp: 0,
+                    xq: QMV_DEFAULT_XQ,
+                };
+            }
+        }
+    }
     let tpr = if chunks >= 128 {
         128
     } else if chunks >= 64 {
@@ -156,22 +216,46 @@ pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
         tpr,
         wg: tpr.max(64),
         exp: 0,
+        xq: QMV_DEFAULT_XQ,
     }
 }
 
-/// Every config [`qmv_config`] can return.
+/// Fewest warps (32 invocations) a large qmv dispatch should have (see `qmv_shape`;
+/// tuned on an H200's 132 SMs, ~12 warps each).
+const QMV_MIN_WARPS: usize = 1536;
+
+/// x as 16-bit integers (`QmvConfig::xq` 2) by default: measured on an H200 it takes a
+/// Llama-3.1-8B decode step from 4001 to 3732 us (int8 x: 3571); its error (amax/65024 per
+/// element of a 32-element chunk) is below f16's, where int8's (amax/254) would be
+/// visible against MLX's f32 products.
+const QMV_DEFAULT_XQ: u32 = 2;
+
+/// Every config [`qmv_config`] can return (each with f32 x too: `set_qmv_xq`).
 fn qmv_configs() -> Vec<QmvConfig> {
     let mut v = Vec::new();
-    for tpr in [32, 64, 128] {
-        for rpt in [1, 2, 4, 8] {
-            v.push(QmvConfig {
-                rpt,
-                tpr,
-                wg: tpr.max(64),
-                exp: 0,
-            });
+    for xq in [0, QMV_DEFAULT_XQ] {
+        for tpr in [32, 64, 128] {
+            for rpt in [1, 2, 4, 8] {
+                v.push(QmvConfig {
+                    rpt,
+                    tpr,
+                    wg: tpr.max(64),
+                    exp: 0,
+                    xq,
+                });
+            }
+            for rpt in [8, 16] {
+                v.push(QmvConfig {
+                    rpt,
+                    tpr,
+                    wg: 128,
+                    exp: 0,
+                    xq,
+                });
+            }
         }
     }
+    v.dedup();
     v
 }
 /// Workgroup size and output tile of the scalar tiled kernels.
@@ -290,8 +374,26 @@ fn fusion_codes() -> Vec<u32> {
     v
 }
 
+/// Whether x may be quantized for integer dot products: 4- and 8-bit affine codes.
+fn xq_applies(params: QuantParams) -> bool {
+    params.mode == QuantMode::Affine && matches!(params.bits, 4 | 8)
+}
+
+/// The x quantization of the routed matvec (`gqmv`, ops::moe) for this format: the qmv
+/// default (or what `set_qmv_xq` forces), 0 where it does not apply.
+pub(crate) fn default_xq(params: QuantParams) -> u32 {
+    if !xq_applies(params) {
+        return 0;
+    }
+    match QMV_XQ.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => QMV_DEFAULT_XQ,
+        v => v - 1,
+    }
+}
+
 fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool, fuse: u32) -> Result<Spec> {
-    let packed = fuse << 20 | cfg.exp << 16 | cfg.tpr << 4 | cfg.rpt;
+    let xq = if xq_applies(params) { cfg.xq } else { 0 };
+    let packed = xq << 25 | fuse << 20 | cfg.exp << 16 | cfg.tpr << 5 | cfg.rpt;
     Ok(qspec("qmv", params, dt, cfg.wg)?
         .with_const("QMV", packed)?
         .with_subgroups(sg))
@@ -323,7 +425,11 @@ fn formats() -> Vec<(QuantParams, DType)> {
 pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     let mut v = vec![(Kernel::Qmatmul, Spec::new("copy_x", DType::F32, DEQUANT_WG))];
     for (params, dt) in formats() {
-        for cfg in qmv_configs() {
+        // x quantization only where it applies (vec_spec drops it elsewhere: duplicates).
+        let cfgs = qmv_configs()
+            .into_iter()
+            .filter(|c| c.xq == 0 || xq_applies(params));
+        for cfg in cfgs {
             for sg in [false, true] {
                 for fuse in fusion_codes() {
                     v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg, fuse)?));
@@ -409,7 +515,19 @@ pub fn qmatmul(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuf
     let [n, k] = w.shape();
     let (m, _) = check_x("qmatmul", x, k, n)?;
     let p = plan(m, n, k, pass.caps());
-    run(pass, "qmatmul", x, w, p)
+    run(pass, "qmatmul", x, w, p, false)
+}
+
+/// [`qmatmul`] with the matvec path's x kept in f32 (no integer quantization, `QmvConfig::xq`
+/// 0): for products whose outputs make discrete choices, an MoE router's top-k, where
+/// rounding x could flip a choice that f32 arithmetic (and MLX) would make. Measured: the
+/// tiny Qwen3-MoE parity model picked another expert, and from then other tokens, with
+/// a 16-bit x in its router. Routers are small (experts x hidden), so this costs nothing.
+pub fn qmatmul_f32_x(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer> {
+    let [n, k] = w.shape();
+    let (m, _) = check_x("qmatmul", x, k, n)?;
+    let p = plan(m, n, k, pass.caps());
+    run(pass, "qmatmul", x, w, p, true)
 }
 
 /// Matrix-vector `y = x · Wᵀ` for M ≤ 8 rows of x (the decode path).
@@ -420,7 +538,7 @@ pub fn qmv(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer>
         format!("x has {m} rows, at most {MAX_VEC_M} (use qmm or qmatmul)")
     })?;
     let p = plan(m, n, k, pass.caps());
-    run(pass, "qmv", x, w, p)
+    run(pass, "qmv", x, w, p, false)
 }
 
 /// [`qmv`] with an explicit dispatch shape (for tuning; the default comes from the shape).
@@ -565,7 +683,7 @@ pub fn qmm(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer>
     let [n, k] = w.shape();
     let (m, _) = check_x("qmm", x, k, n)?;
     let p = matrix_plan(m, n, k, pass.caps());
-    run(pass, "qmm", x, w, p)
+    run(pass, "qmm", x, w, p, false)
 }
 
 fn run(
@@ -574,15 +692,20 @@ fn run(
     x: &MlxBuffer,
     w: &QuantWeight,
     plan: MatmulPlan,
+    f32_x: bool,
 ) -> Result<MlxBuffer> {
     let [n, k] = w.shape();
     let (m, yshape) = check_x(op, x, k, n)?;
     if let MatmulPlan::Vector { subgroups, .. } = plan {
+        let mut cfg = qmv_config(n, k);
+        if f32_x {
+            cfg.xq = 0;
+        }
         let vec = VecRun {
             op,
             m,
             yshape: &yshape,
-            cfg: qmv_config(n, k),
+            cfg,
             subgroups,
         };
         return run_vec(pass, x, w, &vec, &QmvFusion::default());

@@ -9,7 +9,7 @@
 //! since the scale values themselves are exact. The cooperative path rounds x and W to f16:
 //! `2·2^-11·Σ|x·w|` more.
 use super::*;
-use crate::ops::dense::tests::check_product;
+use crate::ops::dense::tests::{check_product, check_product_with};
 use crate::testutil::{devices, gpu, Rng};
 use crate::weights::quant::{dequantize as cpu_dequantize, quantize_as, round_to_dtype, Quantized};
 use crate::MlxDevice;
@@ -74,16 +74,36 @@ fn run_case(
         params.group_size,
         g.caps().subgroups
     );
-    check_product(
+    let want = reference(&q);
+    let sq = code_part(&q, &want);
+    // The matvec kernel's quantized x (`QmvConfig::xq`) where the default shape uses it.
+    let xq = if m <= MAX_VEC_M {
+        default_xq(n, k, params)
+    } else {
+        0
+    };
+    let tol = xq_tolerance(&x, &sq, k, xq);
+    let extra = |i, j| if xq == 0 { 0.0 } else { tol(i, j) };
+    check_product_with(
         &y.to_vec(g).unwrap(),
         &x,
-        &reference(&q),
+        &want,
         m,
         n,
         k,
         coop,
+        &extra,
         &what,
     );
+}
+
+/// The x quantization a default qmv dispatch of this weight uses.
+fn default_xq(n: usize, k: usize, params: QuantParams) -> u32 {
+    if xq_applies(params) {
+        qmv_config(n, k).xq
+    } else {
+        0
+    }
 }
 
 fn all_formats() -> Vec<(QuantParams, DType)> {
@@ -171,12 +191,14 @@ fn qmv_every_dispatch_shape() {
         tpr: 256,
         wg: 256,
         exp: 0,
+        xq: 0,
     });
     cfgs.push(QmvConfig {
         rpt: 8,
         tpr: 32,
         wg: 256,
         exp: 0,
+        xq: 0,
     });
     // The 4-bit decoding by mantissa bits (`exp` 8) must give the same products.
     for (rpt, tpr) in [(8, 128), (4, 32), (1, 64)] {
@@ -185,6 +207,17 @@ fn qmv_every_dispatch_shape() {
             tpr,
             wg: tpr.max(64),
             exp: 8,
+            xq: 0,
+        });
+    }
+    // 16 rows per row-set, with each x quantization.
+    for (tpr, wg, xq) in [(32, 128, 0), (64, 128, 1), (128, 128, 2)] {
+        cfgs.push(QmvConfig {
+            rpt: 16,
+            tpr,
+            wg,
+            exp: 0,
+            xq,
         });
     }
     let params = QuantParams::affine(4, 64);
@@ -192,6 +225,7 @@ fn qmv_every_dispatch_shape() {
     let q = quant(&mut rng, n, k, params, DType::BF16);
     let x = rng.normals(m * k, 1.0);
     let want = reference(&q);
+    let sq = code_part(&q, &want);
     for g in devices() {
         let w = QuantWeight::upload(g, &q).unwrap();
         let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
@@ -200,7 +234,19 @@ fn qmv_every_dispatch_shape() {
             let y = qmv_with(&mut pass, &gx, &w, cfg).unwrap();
             pass.commit_and_wait().unwrap();
             let what = format!("{cfg:?} sg={}", g.caps().subgroups);
-            check_product(&y.to_vec(g).unwrap(), &x, &want, m, n, k, false, &what);
+            let tol = xq_tolerance(&x, &sq, k, cfg.xq);
+            let extra = |i, j| if cfg.xq == 0 { 0.0 } else { tol(i, j) };
+            check_product_with(
+                &y.to_vec(g).unwrap(),
+                &x,
+                &want,
+                m,
+                n,
+                k,
+                false,
+                &extra,
+                &what,
+            );
         }
     }
     let g = gpu();
@@ -212,11 +258,142 @@ fn qmv_every_dispatch_shape() {
         tpr: 32,
         wg: 64,
         exp: 0,
+        xq: 0,
     };
     let e = qmv_with(&mut pass, &gx, &w, bad).unwrap_err().to_string();
     assert_eq!(
         e,
-        "qmv: unsupported config QmvConfig { rpt: 3, tpr: 32, wg: 64, exp: 0 }"
+        "qmv: unsupported config QmvConfig { rpt: 3, tpr: 32, wg: 64, exp: 0, xq: 0 }"
+    );
+}
+
+/// |scale·q| per weight element, what multiplies the quantized x (the bias term takes Σx
+/// in f32): |w - bias| of its group.
+fn code_part(q: &Quantized, w: &[f64]) -> Vec<f64> {
+    let gs = q.params.group_size as usize;
+    let gpr = q.cols / gs;
+    w.iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let b = q.biases.as_ref().map_or(0.0, |b| {
+                f64::from(b[(i / q.cols) * gpr + (i % q.cols) / gs])
+            });
+            (v - b).abs()
+        })
+        .collect()
+}
+
+/// The tolerance qmv's quantized x (`QmvConfig::xq`) adds to y[i, j]: per 32-element chunk
+/// c of x row i, x is represented to within e_c = amax_c / 254 with one int8 level and
+/// amax_c / 65024 with two (a 16-bit integer: amax ↦ 32512), and it multiplies scale·q
+/// only (`sq`, from `code_part`), so y moves by at most e_c · Σ_{l∈c} |sq_jl| (1 % margin
+/// for the f32 arithmetic of the scales).
+fn xq_tolerance<'a>(
+    x: &'a [f32],
+    w: &'a [f64],
+    k: usize,
+    xq: u32,
+) -> impl Fn(usize, usize) -> f64 + 'a {
+    let unit = if xq == 1 { 254.0 } else { 65024.0 };
+    move |i, j| {
+        let mut t = 0.0;
+        for c in 0..k / 32 {
+            let xs = &x[i * k + 32 * c..i * k + 32 * c + 32];
+            let amax = xs.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+            let ws: f64 = w[j * k + 32 * c..j * k + 32 * c + 32]
+                .iter()
+                .map(|v| v.abs())
+                .sum();
+            t += amax / unit * ws;
+        }
+        1.01 * t
+    }
+}
+
+/// qmv with x quantized per chunk for integer dot products: 4- and 8-bit codes, every
+/// group size and scale dtype, one and two levels, 1..8 rows of x (one chunk of zeros, one
+/// with an outlier 100x its neighbours), both reduction paths, row-sets striding over
+/// several chunks. Other formats ignore `xq` (checked at the f32 tolerance).
+#[test]
+fn qmv_quantized_x_matches_f64() {
+    let mut rng = Rng::new(57);
+    for g in devices() {
+        let mut case = 0;
+        for bits in [4u32, 8, 3] {
+            for gs in [32u32, 64, 128] {
+                for dt in super::super::FLOAT_DTYPES {
+                    case += 1;
+                    let params = QuantParams::affine(bits, gs);
+                    let (m, n, k) = [(1, 37, 384), (3, 8, 1152), (8, 65, 384)][case % 3];
+                    let q = quant(&mut rng, n, k, params, dt);
+                    let w = QuantWeight::upload(g, &q).unwrap();
+                    let want = reference(&q);
+                    let sq = code_part(&q, &want);
+                    let mut x = rng.normals(m * k, 1.0);
+                    x[..32].fill(0.0);
+                    x[40] *= 100.0;
+                    let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+                    for xq in [1u32, 2] {
+                        let cfg = QmvConfig {
+                            rpt: 4,
+                            tpr: 32,
+                            wg: 64,
+                            exp: 0,
+                            xq,
+                        };
+                        let mut pass = g.begin();
+                        let y = qmv_with(&mut pass, &gx, &w, cfg).unwrap();
+                        pass.commit_and_wait().unwrap();
+                        let what = format!(
+                            "b{bits} g{gs} {dt} {m}x{n}x{k} xq{xq} sg={}",
+                            g.caps().subgroups
+                        );
+                        let applies = bits != 3;
+                        let tol = xq_tolerance(&x, &sq, k, xq);
+                        let extra = |i, j| if applies { tol(i, j) } else { 0.0 };
+                        check_product_with(
+                            &y.to_vec(g).unwrap(),
+                            &x,
+                            &want,
+                            m,
+                            n,
+                            k,
+                            false,
+                            &extra,
+                            &what,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `qmatmul_f32_x` (routers): the matvec with x in f32, at the f32 tolerance, where the
+/// default 4-bit matvec quantizes x.
+#[test]
+fn qmatmul_f32_x_keeps_x_in_f32() {
+    let mut rng = Rng::new(59);
+    let g = gpu();
+    let (m, n, k) = (2, 37, 384);
+    let params = QuantParams::affine(4, 64);
+    assert_ne!(default_xq(n, k, params), 0);
+    let q = quant(&mut rng, n, k, params, DType::BF16);
+    let w = QuantWeight::upload(g, &q).unwrap();
+    let x = rng.normals(m * k, 1.0);
+    let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+    let mut pass = g.begin();
+    let y = qmatmul_f32_x(&mut pass, &gx, &w).unwrap();
+    pass.commit_and_wait().unwrap();
+    check_product(
+        &y.to_vec(g).unwrap(),
+        &x,
+        &reference(&q),
+        m,
+        n,
+        k,
+        false,
+        "f32 x",
     );
 }
 
@@ -469,6 +646,7 @@ fn qmv_fused_matches_the_unfused_steps_in_f64() {
             let q = quant(&mut rng, n, k, params, dt);
             let w = QuantWeight::upload(g, &q).unwrap();
             let wref = reference(&q);
+            let sq = code_part(&q, &wref);
             for (norm, glu, residual) in [
                 (true, None, false),
                 (false, None, true),
@@ -520,6 +698,11 @@ fn qmv_fused_matches_the_unfused_steps_in_f64() {
                             *v *= inv * wv as f64;
                         }
                     }
+                    // The kernel quantizes the fused input per chunk (`xq`), before the
+                    // 1/rms it applies to the sums: the same relative error on xi.
+                    let xif: Vec<f32> = xi.iter().map(|&v| v as f32).collect();
+                    let xq = default_xq(n, k, params);
+                    let xq_tol = xq_tolerance(&xif, &sq, k, xq);
                     for j in 0..n {
                         let (mut dot, mut abs) = (0.0f64, 0.0f64);
                         for l in 0..k {
@@ -529,7 +712,11 @@ fn qmv_fused_matches_the_unfused_steps_in_f64() {
                         }
                         let r = if residual { res[i * n + j] as f64 } else { 0.0 };
                         let want = dot + r;
-                        let tol = (4.0 * (k as f64).sqrt() + 10.0) * u * abs + 2.0 * u * want.abs();
+                        let mut tol =
+                            (4.0 * (k as f64).sqrt() + 10.0) * u * abs + 2.0 * u * want.abs();
+                        if xq != 0 {
+                            tol += xq_tol(0, j);
+                        }
                         let got = got[i * n + j] as f64;
                         assert!(
                             got.is_finite() && (got - want).abs() <= tol,
@@ -815,13 +1002,34 @@ fn fused_timing_probe() {
         let r = MlxBuffer::from_slice(g, &rng.normals(n, 1.0), &[1, n]).unwrap();
         weights.push((name, n, k, w, x, x2, nw, r));
     }
-    // (label, shape index, rpt, variant)
+    // (label, shape index, rpt, variant); PROBE_CFGS="rpt,tpr,wg,xq;..." times those
+    // shapes (plain matvecs only) instead of the default shape's fusions and x modes.
     let mut cases = Vec::new();
+    let forced: Vec<QmvConfig> = std::env::var("PROBE_CFGS")
+        .unwrap_or_default()
+        .split(';')
+        .filter(|t| !t.trim().is_empty())
+        .map(|t| {
+            let v: Vec<u32> = t.split(',').map(|f| f.trim().parse().unwrap()).collect();
+            QmvConfig {
+                rpt: v[0],
+                tpr: v[1],
+                wg: v[2],
+                exp: 0,
+                xq: v[3],
+            }
+        })
+        .collect();
     for (wi, (_, n, k, ..)) in weights.iter().enumerate() {
         let base = qmv_config(*n, *k);
-        for rpt in [8u32, 4] {
-            for variant in 0..4 {
-                cases.push((wi, QmvConfig { rpt, ..base }, variant));
+        if !forced.is_empty() {
+            cases.extend(forced.iter().map(|&c| (wi, c, 0)));
+            continue;
+        }
+        // The default shape with each x quantization (the default's first).
+        for xq in [base.xq, 0, 1] {
+            for variant in [0, 3] {
+                cases.push((wi, QmvConfig { xq, ..base }, variant));
             }
         }
     }
@@ -866,8 +1074,8 @@ fn fused_timing_probe() {
     for (ci, &(wi, cfg, variant)) in cases.iter().enumerate() {
         let (name, n, k, ..) = &weights[wi];
         println!(
-            "{name} {n}x{k} rpt {} tpr {} {:>12}: {:.2} us (min of 5 rounds, 100 in a pass)",
-            cfg.rpt, cfg.tpr, names[variant], best[ci]
+            "{name} {n}x{k} rpt {} tpr {} wg {} xq {} {:>12}: {:.2} us (min of 5 rounds, 100 in a pass)",
+            cfg.rpt, cfg.tpr, cfg.wg, cfg.xq, names[variant], best[ci]
         );
     }
 }

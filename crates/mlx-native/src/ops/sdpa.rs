@@ -81,6 +81,24 @@ pub(crate) const DECODE_TARGET_WGS: usize = 512;
 /// `sdpa_decode` aims for this many: on an H200, 256 beat 128, 384, 512 and 1024 at 8k
 /// and 32k keys (its registers allow about two workgroups per SM).
 const DIRECT_TARGET_WGS: usize = 256;
+
+/// The workgroup target of the f16/f32 decode, forced (benchmarks; 0 = DIRECT_TARGET_WGS).
+static DECODE_TARGET_OVERRIDE: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(0);
+
+/// Force the number of workgroups the f16/f32 decode aims for (`None`: the default), for
+/// timing probes.
+#[doc(hidden)]
+pub fn set_decode_target_wgs(target: Option<usize>) {
+    DECODE_TARGET_OVERRIDE.store(target.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+}
+
+fn direct_target_wgs() -> usize {
+    match DECODE_TARGET_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => DIRECT_TARGET_WGS,
+        t => t,
+    }
+}
 const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
 
 /// Query heads per decode workgroup for a GQA group size.
@@ -351,7 +369,7 @@ pub fn sdpa_decode(
         hd.head_dim,
         gt,
         decode_kt(cache.dtype(), hd.head_dim),
-        DIRECT_TARGET_WGS,
+        direct_target_wgs(),
         (lo, seq_len, slots),
         opts,
     )?;
@@ -1308,6 +1326,69 @@ mod tests {
             "capacity exceeded: sdpa_decode: attention needs position 0 but layer 0 keeps only \
              the last 11 positions (a sliding-window ring; positions below 29 were overwritten)"
         );
+        Ok(())
+    }
+
+    /// Timing probe for a real GPU (`--ignored --nocapture`): f16 decode attention at
+    /// Llama-3.1-8B heads (32 q, 8 kv, 128) over 8k and 32k positions, for several workgroup
+    /// targets, interleaved round by round; one op per pass (latency, as `bench attention`
+    /// times it) and 50 in a pass (throughput).
+    #[test]
+    #[ignore]
+    fn decode_timing_probe() -> Result<()> {
+        let g = gpu();
+        println!("{} ({})", g.caps().adapter_name, g.caps().backend);
+        let mut rng = Rng::new(77);
+        let (nh, kvh, d) = (32, 8, 128);
+        let mut cases = Vec::new();
+        for ctx in [8192usize, 32768] {
+            let mut cfg = KvCacheConfig::new(1, kvh, d, ctx);
+            cfg.max_chunk = 512;
+            let mut cache = KvCache::new(g, &cfg)?;
+            for c in 0..ctx / 512 {
+                let k = MlxBuffer::from_slice(g, &rng.normals(512 * kvh * d, 1.0), &[512, kvh, d])?;
+                let v = MlxBuffer::from_slice(g, &rng.normals(512 * kvh * d, 1.0), &[512, kvh, d])?;
+                let mut pass = g.begin();
+                cache.append(&mut pass, 0, &k, &v, c * 512)?;
+                pass.commit_and_wait()?;
+            }
+            let q = MlxBuffer::from_slice(g, &rng.normals(nh * d, 1.0), &[nh, d])?;
+            cases.push((ctx, cache, q));
+        }
+        let targets = [128usize, 256, 512, 1024, 2048];
+        let mut best = vec![[f64::INFINITY; 2]; cases.len() * targets.len()];
+        for round in 0..6 {
+            for (ci, (ctx, cache, q)) in cases.iter().enumerate() {
+                for (ti, &t) in targets.iter().enumerate() {
+                    set_decode_target_wgs(Some(t));
+                    for (mi, reps) in [1usize, 50].into_iter().enumerate() {
+                        let mut pass = g.begin().with_pass_timing(true);
+                        for _ in 0..reps {
+                            sdpa_decode(&mut pass, q, cache, 0, *ctx, &SdpaOptions::new(d))?;
+                        }
+                        let times = pass.commit_and_wait()?;
+                        if round > 0 {
+                            let us = times.iter().map(|k| k.nanos).sum::<f64>() / reps as f64 / 1e3;
+                            let b = &mut best[ci * targets.len() + ti][mi];
+                            *b = b.min(us);
+                        }
+                    }
+                }
+            }
+        }
+        set_decode_target_wgs(None);
+        for (ci, (ctx, ..)) in cases.iter().enumerate() {
+            // K and V, f16.
+            let bytes = (2 * ctx * kvh * d * 2) as f64;
+            for (ti, t) in targets.iter().enumerate() {
+                let [one, many] = best[ci * targets.len() + ti];
+                println!(
+                    "decode f16 ctx {ctx} target {t}: {one:.2} us alone ({:.0} GB/s), {many:.2} us in a pass of 50 ({:.0} GB/s)",
+                    bytes / one / 1e3,
+                    bytes / many / 1e3
+                );
+            }
+        }
         Ok(())
     }
 }

@@ -23,7 +23,12 @@ struct Params {
     max_tiles: u32,
 }
 
-override RPT: u32 = 1u;
+// gqmv: rows per row-block RPT (1, 2 or 4) and XQ, x chunks as integers for packed byte
+// dot products (common/quant_xq.wgsl; 4- and 8-bit affine codes only: 0 off, 1 int8,
+// 2 16-bit), packed as GQMV = XQ << 4 | RPT (a spec has three constants).
+override GQMV: u32 = 1u;
+override RPT: u32 = GQMV & 15u;
+override XQ: u32 = GQMV >> 4u;
 const TPR: u32 = 32u;
 
 @group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
@@ -68,6 +73,14 @@ fn chunk_sum(w: array<u32, 8>, x: array<vec4<f32>, 8>, g: u32) -> f32 {
 #endif
 }
 
+// One row's contribution of chunk c (group column gc), from x or its quantized form.
+fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>, xq: XChunk) -> f32 {
+    if XQ != 0u {
+        return chunk_sum_xq(chunk_words(row, c), xq, row * p.gpr + gc);
+    }
+    return chunk_sum(chunk_words(row, c), x, row * p.gpr + gc);
+}
+
 fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
     return array<vec4<f32>, 8>(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u],
                                xv[o + 5u], xv[o + 6u], xv[o + 7u]);
@@ -108,13 +121,17 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var c = lane; c < chunks; c += TPR) {
         let x = x_chunk(xo + c * 8u);
         let gc = (c * 32u) / GROUP_SIZE;
-        s.x += chunk_sum(chunk_words(r0, c), x, r0 * p.gpr + gc);
+        var xq: XChunk;
+        if XQ != 0u {
+            xq = quantize_x(x);
+        }
+        s.x += row_chunk(r0, c, gc, x, xq);
         if RPT > 1u {
-            s.y += chunk_sum(chunk_words(r1, c), x, r1 * p.gpr + gc);
+            s.y += row_chunk(r1, c, gc, x, xq);
         }
         if RPT > 2u {
-            s.z += chunk_sum(chunk_words(r2, c), x, r2 * p.gpr + gc);
-            s.w += chunk_sum(chunk_words(r3, c), x, r3 * p.gpr + gc);
+            s.z += row_chunk(r2, c, gc, x, xq);
+            s.w += row_chunk(r3, c, gc, x, xq);
         }
     }
     for (var r = 0u; r < RPT; r++) {

@@ -31,13 +31,13 @@ struct Params {
     eps: f32,
 }
 
-// qmv: weight rows per row-set RPT (1, 2, 4 or 8) and invocations per row-set TPR (a power
-// of two, 32 <= TPR <= WG), packed with the switches below as
-// QMV = ACT << 23 | FUSE << 20 | QX << 16 | TPR << 4 | RPT (a spec has three constants); a
+// qmv: weight rows per row-set RPT (1, 2, 4, 8 or 16) and invocations per row-set TPR (a
+// power of two, 32 <= TPR <= WG), packed with the switches below as
+// QMV = XQ << 25 | ACT << 23 | FUSE << 20 | QX << 16 | TPR << 5 | RPT (a spec has three constants); a
 // workgroup holds WG / TPR row-sets.
-override QMV: u32 = 2056u;
-override RPT: u32 = QMV & 15u;
-override TPR: u32 = (QMV >> 4u) & 4095u;
+override QMV: u32 = 4104u;
+override RPT: u32 = QMV & 31u;
+override TPR: u32 = (QMV >> 5u) & 2047u;
 // Measurement switches (0 in production; `QmvConfig::exp`): bit 0 skip code decoding (the
 // weight words' bits as floats), bit 1 no x loads, bit 2 no scale/bias loads, bit 3 4-bit
 // codes decoded as 1 + q/16 straight from their bits (see chunk_sum).
@@ -50,6 +50,14 @@ override QX: u32 = (QMV >> 16u) & 15u;
 //   bit 2 RESIDUAL  y = x · Wᵀ + r (binding 6, shaped like y).
 override FUSE: u32 = (QMV >> 20u) & 7u;
 override ACT: u32 = (QMV >> 23u) & 3u;
+// x quantized per chunk to integers for 4-bit dot products (4- and 8-bit affine codes only;
+// `QmvConfig::xq`): 0 off (f32 x, codes decoded to floats), 1 one int8 level, 2 a 16-bit
+// integer as two bytes (XChunk). Why: decoding a code to a float costs ~4 instructions,
+// which bounded qmv on NVIDIA; with byte x a word of eight 4-bit codes is 3 integer
+// operations and 2 (or 4) packed 4-byte dot products (DP4A), the x quantization shared by
+// the RPT rows. One level adds up to amax/254 of error per x element (llama.cpp's q8_1
+// activations); two levels amax/65024 (about f16's relative precision at amax).
+override XQ: u32 = (QMV >> 25u) & 3u;
 
 
 @group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
@@ -190,8 +198,11 @@ fn norm_weighted(x: array<vec4<f32>, 8>, c: u32) -> array<vec4<f32>, 8> {
                                x[7] * normw[o + 7u]);
 }
 
-// One row's contribution of chunk c (group column gc) against the x chunk.
-fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>) -> f32 {
+// One row's contribution of chunk c (group column gc) against the x chunk (xq when XQ).
+fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>, xq: XChunk) -> f32 {
+    if XQ != 0u {
+        return chunk_sum_xq(chunk_words(row, c), xq, row * p.gpr + gc);
+    }
     return chunk_sum(chunk_words(row, c), x, row * p.gpr + gc);
 }
 
@@ -226,12 +237,22 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let r5 = min(row0 + 5u, last);
     let r6 = min(row0 + 6u, last);
     let r7 = min(row0 + 7u, last);
+    let r8 = min(row0 + 8u, last);
+    let r9 = min(row0 + 9u, last);
+    let r10 = min(row0 + 10u, last);
+    let r11 = min(row0 + 11u, last);
+    let r12 = min(row0 + 12u, last);
+    let r13 = min(row0 + 13u, last);
+    let r14 = min(row0 + 14u, last);
+    let r15 = min(row0 + 15u, last);
     for (var m = 0u; m < p.m; m++) {
         // One scalar accumulator per weight row, written out (no indexed private arrays);
         // each x chunk is loaded once for the RPT rows, whose RPT weight loads are
         // independent (in flight together).
         var s = vec4<f32>(0.0);
         var t = vec4<f32>(0.0);
+        var u = vec4<f32>(0.0);
+        var v = vec4<f32>(0.0);
         // NORM: this invocation's share of Σx².
         var ss = 0.0;
         for (var c = lane; c < chunks; c += TPR) {
@@ -241,30 +262,45 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
                 x = norm_weighted(x, c);
             }
             let gc = (c * 32u) / GROUP_SIZE;
-            s.x += row_chunk(r0, c, gc, x);
+            var xq: XChunk;
+            if XQ != 0u {
+                xq = quantize_x(x);
+            }
+            s.x += row_chunk(r0, c, gc, x, xq);
             if RPT > 1u {
-                s.y += row_chunk(r1, c, gc, x);
+                s.y += row_chunk(r1, c, gc, x, xq);
             }
             if RPT > 2u {
-                s.z += row_chunk(r2, c, gc, x);
-                s.w += row_chunk(r3, c, gc, x);
+                s.z += row_chunk(r2, c, gc, x, xq);
+                s.w += row_chunk(r3, c, gc, x, xq);
             }
             if RPT > 4u {
-                t.x += row_chunk(r4, c, gc, x);
-                t.y += row_chunk(r5, c, gc, x);
-                t.z += row_chunk(r6, c, gc, x);
-                t.w += row_chunk(r7, c, gc, x);
+                t.x += row_chunk(r4, c, gc, x, xq);
+                t.y += row_chunk(r5, c, gc, x, xq);
+                t.z += row_chunk(r6, c, gc, x, xq);
+                t.w += row_chunk(r7, c, gc, x, xq);
+            }
+            if RPT > 8u {
+                u.x += row_chunk(r8, c, gc, x, xq);
+                u.y += row_chunk(r9, c, gc, x, xq);
+                u.z += row_chunk(r10, c, gc, x, xq);
+                u.w += row_chunk(r11, c, gc, x, xq);
+                v.x += row_chunk(r12, c, gc, x, xq);
+                v.y += row_chunk(r13, c, gc, x, xq);
+                v.z += row_chunk(r14, c, gc, x, xq);
+                v.w += row_chunk(r15, c, gc, x, xq);
             }
         }
         for (var r = 0u; r < RPT; r++) {
-            let v = select(t[r & 3u], s[r & 3u], r < 4u);
+            let sum = select(select(v[r & 3u], u[r & 3u], r < 12u),
+                             select(t[r & 3u], s[r & 3u], r < 4u), r < 8u);
 #if SUBGROUPS
-            let u = subgroupAdd(v);
+            let all = subgroupAdd(sum);
             if sl == 0u {
-                red[(rs * RPT + r) * slots + slot] = u;
+                red[(rs * RPT + r) * slots + slot] = all;
             }
 #else
-            red[(rs * RPT + r) * slots + slot] = v;
+            red[(rs * RPT + r) * slots + slot] = sum;
 #endif
         }
         if (FUSE & 1u) != 0u {
