@@ -26,16 +26,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let variants: [(&str, Folding, Option<u32>); 6] = [
         ("separate", none, None),
         ("default", default, None),
-        ("default, f32 x", default, Some(0)),
         ("default, int8 x", default, Some(1)),
-        ("default, 16-bit x", default, Some(2)),
         (
-            "default +glu, 16-bit x",
+            "default +norms",
+            Folding {
+                norms: true,
+                ..default
+            },
+            None,
+        ),
+        (
+            "default -small norms",
+            Folding {
+                small_norms: false,
+                ..default
+            },
+            None,
+        ),
+        (
+            "default +glu",
             Folding {
                 glu: true,
                 ..default
             },
-            Some(2),
+            None,
         ),
     ];
     let steps_per_round = 4;

@@ -46,14 +46,15 @@ impl Folding {
         small_norms: true,
         rope_append: true,
     };
-    /// What the loaders use: the folds that measured faster on every shape
-    /// (docs/PERFORMANCE.md). `small_norms` gained 52 us a token on Qwen3-30B-A3B and lost
-    /// 479 on Gemma-3-4B, whose q|k|v is as small, so it stays off.
+    /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md). With
+    /// qmv's 16-bit x, `small_norms` gains 97 us a token on Qwen3-30B-A3B and 75 on
+    /// Gemma-3-4B and is neutral on Llama-3.1-8B (before it, with f32 x: +479 on Gemma);
+    /// every norm folded still loses 353 us on Llama, the GLU 297.
     pub const DEFAULT: Folding = Folding {
         residual: true,
         glu: false,
         norms: false,
-        small_norms: false,
+        small_norms: true,
         rope_append: true,
     };
 
@@ -68,11 +69,13 @@ impl Folding {
 }
 
 /// Weights (N x K) up to which [`Folding::small_norms`] folds a pre-norm into the matvec.
-/// The fold makes each of the matvec's N / 8 row-sets re-read the norm weight and square
-/// x (K elements each), against one dispatch saved (~3–5 us on an H200): measured a gain at
-/// Qwen3-30B-A3B's q|k|v (5120 x 2048), a loss at Llama-3.1-8B's (6144 x 4096, +5 us) and
-/// gate|up (28672 x 4096, +19 us), and, unexplained, a loss at Gemma-3-4B's q|k|v
-/// (4096 x 2560, +14 us a layer) (docs/PERFORMANCE.md).
+/// The fold makes each of the matvec's row-sets re-read the norm weight and square x (K
+/// elements each), against one dispatch saved (~3–5 us on an H200). With f32 x (session 3)
+/// it measured a gain at Qwen3-30B-A3B's q|k|v (5120 x 2048), a loss at Llama-3.1-8B's
+/// (6144 x 4096, +5 us) and gate|up (28672 x 4096, +19 us) and at Gemma-3-4B's q|k|v
+/// (4096 x 2560, +14 us a layer); with 16-bit x (fewer, longer row-sets, the multiply
+/// before the quantization) a gain on Qwen3 and Gemma, and still a loss from Llama's sizes
+/// (every norm folded: +353 us a token) (docs/PERFORMANCE.md).
 pub const SMALL_NORM_FOLD: usize = 16 << 20;
 
 impl Default for Folding {
