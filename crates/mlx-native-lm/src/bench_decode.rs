@@ -34,7 +34,6 @@ use mlx_native::ops::moe::MoeExperts;
 use mlx_native::ops::{self, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 use mlx_native::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
 use mlx_native::weights::ggml::GgmlType;
-use mlx_native::weights::ggml_weight::GgmlWeight;
 use mlx_native::weights::quant::QuantParams;
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{DType, MlxBuffer, MlxDevice, Pass};
@@ -588,17 +587,6 @@ fn ggml_bytes(bits: &mut Bits, kind: GgmlType, rows: usize, k: usize) -> Result<
     Ok(b)
 }
 
-fn ggml_random(
-    gpu: &MlxDevice,
-    bits: &mut Bits,
-    kind: GgmlType,
-    n: usize,
-    k: usize,
-) -> Result<GgmlWeight> {
-    let b = ggml_bytes(bits, kind, n, k)?;
-    Ok(GgmlWeight::upload(gpu, kind, &[n, k], &b)?)
-}
-
 fn float_bytes(v: &[f32], dtype: DType) -> Result<Vec<u8>> {
     Ok(match dtype {
         DType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -661,13 +649,11 @@ fn random_linear(
     k: usize,
 ) -> Result<Linear> {
     Ok(match spec.format {
-        WeightFormat::Gguf(types) => Linear::Ggml(ggml_random(
-            gpu,
-            bits,
-            types(role, layer, spec.n_layers),
-            n,
-            k,
-        )?),
+        WeightFormat::Gguf(types) => {
+            // As the GGUF loader takes them (Q4_0 and Q4_1 as MLX affine weights).
+            let kind = types(role, layer, spec.n_layers);
+            Linear::from_ggml(gpu, kind, n, k, &ggml_bytes(bits, kind, n, k)?)?
+        }
         WeightFormat::Mlx {
             bits: b,
             group_size,
@@ -763,7 +749,7 @@ fn random_stacked(
         }
         let mut one = Vec::with_capacity(parts.len());
         for (t, n, b) in &parts {
-            one.push(Linear::Ggml(GgmlWeight::upload(gpu, *t, &[*n, k], b)?));
+            one.push(Linear::from_ggml(gpu, *t, *n, k, b)?);
         }
         return Ok((one, None));
     }
@@ -2035,15 +2021,16 @@ mod tests {
     #[test]
     fn byte_accounting_matches_the_formats() {
         let g = gpu();
-        // GGUF: Q4_0 18 B / 32, Q5_0 22 B / 32, Q4_1 20 B / 32, Q8_0 34 B / 32.
+        // GGUF Q5_0 22 B / 32 and Q8_0 34 B / 32 as GGML blocks; Q4_0 and Q4_1 load as MLX
+        // 4-bit g32 (16 B of codes, f16 scale and bias: 20 B / 32).
         let spec = shape("tiny-gguf").unwrap();
         let m = build(&g, &spec, 3).unwrap();
         let wb = weight_bytes(&m);
         let b = |n: usize, k: usize, bytes: usize| (n * k / 32 * bytes) as u64;
-        let q = b(128, 64, 18);
-        let kv = b(64, 64, 18);
-        let o = b(64, 128, 18);
-        let gu = 2 * b(96, 64, 18);
+        let q = b(128, 64, 20);
+        let kv = b(64, 64, 20);
+        let o = b(64, 128, 20);
+        let gu = 2 * b(96, 64, 20);
         let down = b(64, 96, 20);
         let v0 = b(64, 64, 22);
         let want = 2 * (q + kv + o + gu + down) + kv + v0;

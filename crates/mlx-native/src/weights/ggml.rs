@@ -216,6 +216,96 @@ pub fn dequantize(kind: GgmlType, bytes: &[u8], n_elems: usize) -> Result<Vec<f3
     Ok(out)
 }
 
+/// A GGML tensor of the 32-element types whose values are exactly an MLX affine 4- or 8-bit
+/// weight with group size 32 and f16 scales and biases, in that form: Q4_0 `d·(q - 8)`
+/// (scale d, bias -8d), Q4_1 `d·q + m` (scale d, bias m), Q8_0 `d·q` with q in -128..127
+/// (codes q + 128, scale d, bias -128d). The dequantized values are identical (the GPU
+/// computes `fma(code, scale, bias)` exactly). Why: the MLX matvec (`ops::qmv`, integer dot
+/// products) is faster than the GGML block kernels, and these are llama.cpp's most common
+/// legacy types. `Ok(None)` for other types, and where a bias would not be an f16
+/// (|8d| or |128d| past f16's range, a non-finite scale): those stay GGML.
+/// `bytes` must hold exactly `rows x cols` elements of `kind`.
+pub fn legacy_to_affine(
+    kind: GgmlType,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<Option<crate::weights::quant::Quantized>> {
+    use crate::weights::quant::{QuantParams, Quantized, Scales};
+    let (bits, offset) = match kind {
+        GgmlType::Q4_0 => (4u32, -8.0f32),
+        GgmlType::Q4_1 => (4, 0.0),
+        GgmlType::Q8_0 => (8, -128.0),
+        _ => return Ok(None),
+    };
+    let n_elems = rows.checked_mul(cols).ok_or_else(|| {
+        MlxError::invalid(format!(
+            "legacy_to_affine {kind}: {rows} x {cols} overflows"
+        ))
+    })?;
+    let expected = kind.row_bytes(n_elems as u64)?;
+    if !cols.is_multiple_of(32) || bytes.len() as u64 != expected {
+        return Err(MlxError::invalid(format!(
+            "legacy_to_affine {kind}: {} bytes for {rows} x {cols}, expected {expected} \
+             (and a multiple of 32 columns)",
+            bytes.len()
+        )));
+    }
+    let blocks = n_elems / 32;
+    // Sizes bounded by the byte length just checked.
+    let mut packed = Vec::with_capacity(blocks * bits as usize);
+    let mut scales = Vec::with_capacity(blocks);
+    let mut biases = Vec::with_capacity(blocks);
+    for b in bytes.chunks_exact(kind.block_bytes()) {
+        let d = half_at(b, 0);
+        let bias = if kind == GgmlType::Q4_1 {
+            half_at(b, 2)
+        } else {
+            offset * d
+        };
+        // A power-of-two multiple of an f16 is an f16 unless it overflows.
+        if !d.is_finite() || !bias.is_finite() || f16::from_f32(bias).to_f32() != bias {
+            return Ok(None);
+        }
+        scales.push(d);
+        biases.push(bias);
+        match kind {
+            GgmlType::Q8_0 => {
+                // Codes q + 128 (the i8 byte with its sign bit flipped), four to a word.
+                for w in b[2..34].chunks_exact(4) {
+                    packed.push(u32::from_le_bytes([w[0], w[1], w[2], w[3]]) ^ 0x8080_8080);
+                }
+            }
+            _ => {
+                // MLX: code j at bits 4j of the block's 128 bits; GGML: element i < 16 is
+                // the low nibble of qs byte i, element 16 + i its high nibble.
+                let qs = if kind == GgmlType::Q4_1 {
+                    &b[4..20]
+                } else {
+                    &b[2..18]
+                };
+                for word in 0..4 {
+                    let mut w = 0u32;
+                    for t in 0..8 {
+                        let j = 8 * word + t;
+                        w |= u32::from(nibble(qs, j)) << (4 * t);
+                    }
+                    packed.push(w);
+                }
+            }
+        }
+    }
+    Ok(Some(Quantized {
+        packed,
+        scales: Scales::Float(scales),
+        biases: Some(biases),
+        rows,
+        cols,
+        params: QuantParams::affine(bits, 32),
+        dtype: crate::dtype::DType::F16,
+    }))
+}
+
 /// Dequantize one block. `b` has `kind.block_bytes()` bytes and `o` has `kind.block_elems()`
 /// elements (guaranteed by the caller's `chunks_exact`); indexing below stays within those
 /// fixed sizes.
@@ -527,5 +617,52 @@ mod tests {
         assert_eq!(v[0], 1.0 * 3.0 - 5.0); // sub-block 0: low nibble
         assert_eq!(v[32], 2.0 * 7.0 - 6.0); // sub-block 1: high nibble of the same bytes
         assert_eq!(v[64], -7.0);
+    }
+
+    /// Q4_0, Q4_1 and Q8_0 as MLX affine weights: MLX's own dequantization of the converted
+    /// words, scales and biases equals GGML's of the blocks exactly (random blocks, f16
+    /// scales of both signs, subnormal ones included); other types, overflowing biases and
+    /// non-finite scales are left to GGML; a wrong byte length is an error.
+    #[test]
+    fn legacy_blocks_convert_to_identical_affine_weights() {
+        use crate::testutil::Rng;
+        use crate::weights::ggml_weight::tests::random_tensor;
+        use crate::weights::quant::dequantize as mlx_dequantize;
+        let mut rng = Rng::new(31);
+        for kind in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+            let (rows, cols) = (5, 96);
+            let mut bytes = random_tensor(&mut rng, kind, rows, cols);
+            // A subnormal scale in the first block.
+            bytes[0..2].copy_from_slice(&f16::from_bits(3).to_bits().to_le_bytes());
+            let want = dequantize(kind, &bytes, rows * cols).unwrap();
+            let q = legacy_to_affine(kind, &bytes, rows, cols).unwrap().unwrap();
+            let got = mlx_dequantize(
+                &q.packed,
+                q.scales.as_view(),
+                q.biases.as_deref(),
+                rows,
+                cols,
+                q.params,
+            )
+            .unwrap();
+            // Equal values (a zero may differ in sign: GGML's 0·d against MLX's d·q + b).
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!(g == w, "{kind} element {i}: {g} vs {w}");
+            }
+            // Past f16's range once multiplied (Q4_1's bias is stored, never computed).
+            let mut big = bytes.clone();
+            big[0..2].copy_from_slice(&h(30000.0));
+            let kept = legacy_to_affine(kind, &big, rows, cols).unwrap();
+            assert_eq!(kept.is_none(), kind != GgmlType::Q4_1, "{kind}");
+            let mut inf = bytes.clone();
+            inf[0..2].copy_from_slice(&h(f32::INFINITY));
+            assert!(legacy_to_affine(kind, &inf, rows, cols).unwrap().is_none());
+            let e = legacy_to_affine(kind, &bytes[1..], rows, cols).unwrap_err();
+            assert!(e.to_string().contains("bytes for 5 x 96"), "{e}");
+        }
+        let q5 = random_tensor(&mut rng, GgmlType::Q5_0, 2, 32);
+        assert!(legacy_to_affine(GgmlType::Q5_0, &q5, 2, 32)
+            .unwrap()
+            .is_none());
     }
 }
