@@ -19,6 +19,7 @@
 //!   c, multiplying scale·q = w - bias only, so `Σ_c amax_c/65024 · Σ_{l∈c}|w_l - bias_l|`
 //!   more (`xq_bound`); in moe_ffn propagated like the other errors.
 use super::*;
+use crate::ops::qmatmul::tests::{code_part, xq_tolerance};
 use crate::testutil::{devices, gpu, Rng};
 use crate::weights::ggml::dequantize as ggml_dequantize;
 use crate::weights::ggml_weight::tests::random_tensor;
@@ -107,25 +108,21 @@ fn ref_gather(
     (y, mag)
 }
 
-/// Per output of a routed product, the bound of the 16-bit x quantization: Σ over x's
-/// 32-element chunks of amax/65024 · Σ|scale·q| (`sq`: |w - bias| per element, [E, N, K]).
+/// Per output of a routed product, the bound of the 16-bit x quantization
+/// (`qmatmul_tests::xq_tolerance` on the pair's x row and its expert's weight row; `sq`:
+/// |w - bias| per element, [E, N, K]).
 fn xq_bound(x: &[f32], sq: &[f64], ids: &[u32], x_div: usize, n: usize, k: usize) -> Vec<f64> {
     let e = sq.len() / (n * k);
+    let tol = xq_tolerance(x, sq, k, 2);
     let mut out = Vec::new();
     for (p, &id) in ids.iter().enumerate() {
-        let xr = &x[(p / x_div) * k..(p / x_div + 1) * k];
         for j in 0..n {
-            if id as usize >= e {
-                out.push(0.0);
-                continue;
-            }
-            let wr = &sq[(id as usize * n + j) * k..][..k];
-            let mut t = 0.0;
-            for (xc, wc) in xr.chunks(32).zip(wr.chunks(32)) {
-                let amax = xc.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
-                t += amax / 65024.0 * wc.iter().sum::<f64>();
-            }
-            out.push(1.01 * t);
+            let valid = (id as usize) < e;
+            out.push(if valid {
+                tol(p / x_div, id as usize * n + j)
+            } else {
+                0.0
+            });
         }
     }
     out
@@ -134,17 +131,9 @@ fn xq_bound(x: &[f32], sq: &[f64], ids: &[u32], x_div: usize, n: usize, k: usize
 /// |scale·q| = |w - bias| per element of the experts (`deq` from `quant_experts`).
 fn code_parts(qs: &[Quantized], deq: &[f64]) -> Vec<f64> {
     let mut out = Vec::with_capacity(deq.len());
-    let mut at = 0;
     for q in qs {
-        let gs = q.params.group_size as usize;
-        let gpr = q.cols / gs;
-        for i in 0..q.rows * q.cols {
-            let b = q.biases.as_ref().map_or(0.0, |b| {
-                f64::from(b[(i / q.cols) * gpr + (i % q.cols) / gs])
-            });
-            out.push((deq[at + i] - b).abs());
-        }
-        at += q.rows * q.cols;
+        let at = out.len();
+        out.extend(code_part(q, &deq[at..at + q.rows * q.cols]));
     }
     out
 }

@@ -783,4 +783,4 @@ pub fn gather_rows_quantized(
 
 #[cfg(test)]
 #[path = "qmatmul_tests.rs"]
-mod tests;
+pub(crate) mod tests;

@@ -234,17 +234,13 @@ fn qmv_every_dispatch_shape() {
             let y = qmv_with(&mut pass, &gx, &w, cfg).unwrap();
             pass.commit_and_wait().unwrap();
             let what = format!("{cfg:?} sg={}", g.caps().subgroups);
-            let tol = xq_tolerance(&x, &sq, k, cfg.xq);
-            let extra = |i, j| if cfg.xq == 0 { 0.0 } else { tol(i, j) };
-            check_product_with(
+            check_qmv(
                 &y.to_vec(g).unwrap(),
                 &x,
                 &want,
-                m,
-                n,
-                k,
-                false,
-                &extra,
+                &sq,
+                [m, n, k],
+                cfg.xq,
                 &what,
             );
         }
@@ -269,7 +265,7 @@ fn qmv_every_dispatch_shape() {
 
 /// |scale·q| per weight element, what multiplies the quantized x (the bias term takes Σx
 /// in f32): |w - bias| of its group.
-fn code_part(q: &Quantized, w: &[f64]) -> Vec<f64> {
+pub(crate) fn code_part(q: &Quantized, w: &[f64]) -> Vec<f64> {
     let gs = q.params.group_size as usize;
     let gpr = q.cols / gs;
     w.iter()
@@ -288,7 +284,7 @@ fn code_part(q: &Quantized, w: &[f64]) -> Vec<f64> {
 /// amax_c / 65024 with two (a 16-bit integer: amax ↦ 32512), and it multiplies scale·q
 /// only (`sq`, from `code_part`), so y moves by at most e_c · Σ_{l∈c} |sq_jl| (1 % margin
 /// for the f32 arithmetic of the scales).
-fn xq_tolerance<'a>(
+pub(crate) fn xq_tolerance<'a>(
     x: &'a [f32],
     w: &'a [f64],
     k: usize,
@@ -308,6 +304,24 @@ fn xq_tolerance<'a>(
         }
         1.01 * t
     }
+}
+
+/// `check_product` of a qmv result with the tolerance of its x quantization `xq` added (`sq`:
+/// scale·q per weight element, from `code_part`).
+#[allow(clippy::too_many_arguments)]
+fn check_qmv(
+    got: &[f32],
+    x: &[f32],
+    want: &[f64],
+    sq: &[f64],
+    mnk: [usize; 3],
+    xq: u32,
+    what: &str,
+) {
+    let [m, n, k] = mnk;
+    let tol = xq_tolerance(x, sq, k, xq);
+    let extra = |i, j| if xq == 0 { 0.0 } else { tol(i, j) };
+    check_product_with(got, x, want, m, n, k, false, &extra, what);
 }
 
 /// qmv with x quantized per chunk for integer dot products: 4- and 8-bit codes, every
@@ -348,18 +362,15 @@ fn qmv_quantized_x_matches_f64() {
                             "b{bits} g{gs} {dt} {m}x{n}x{k} xq{xq} sg={}",
                             g.caps().subgroups
                         );
-                        let applies = bits != 3;
-                        let tol = xq_tolerance(&x, &sq, k, xq);
-                        let extra = |i, j| if applies { tol(i, j) } else { 0.0 };
-                        check_product_with(
+                        // 3-bit codes ignore xq: the f32 tolerance.
+                        let applied = if bits == 3 { 0 } else { xq };
+                        check_qmv(
                             &y.to_vec(g).unwrap(),
                             &x,
                             &want,
-                            m,
-                            n,
-                            k,
-                            false,
-                            &extra,
+                            &sq,
+                            [m, n, k],
+                            applied,
                             &what,
                         );
                     }
