@@ -1549,29 +1549,37 @@ mod tests {
     #[test]
     fn decode_matches_f64_over_the_dequantized_cache() -> Result<()> {
         use KvFormat::*;
+        // Lengths past RECENT_POSITIONS + SINK_POSITIONS (and windows past
+        // RECENT_POSITIONS), so that decode reads packed rows as well as exact ones; a window
+        // of 37 reads only the recent ring, and one position only the sinks.
         let cases = [
             case(Tq4, 128, 8, 2, 300),
             Case {
                 softcap: Some(5.0),
-                ..case(Tq3, 64, 12, 4, 129)
+                ..case(Tq3, 64, 12, 4, 257)
             },
             Case {
-                window: Some(100),
+                window: Some(200),
                 sinks: true,
-                ..case(Tq2_5, 256, 8, 1, 230)
+                ..case(Tq2_5, 256, 8, 1, 400)
             },
             case(Tq2, 64, 4, 4, 1),
+            case(Tq2, 64, 4, 4, 190),
             Case {
                 sinks: true,
                 ..case(Q8, 128, 14, 2, 200)
             },
             Case {
-                window: Some(37),
+                window: Some(170),
                 softcap: Some(30.0),
-                ..case(Q4, 256, 2, 1, 150)
+                ..case(Q4, 256, 2, 1, 350)
             },
-            case(Tq3, 512, 8, 1, 70),
-            case(Q4, 512, 2, 2, 40),
+            Case {
+                window: Some(37),
+                ..case(Q4, 64, 2, 1, 150)
+            },
+            case(Tq3, 512, 8, 1, 250),
+            case(Q4, 512, 2, 2, 200),
         ];
         let mut report = Vec::new();
         for (i, c) in cases.iter().enumerate() {
@@ -1737,11 +1745,14 @@ mod tests {
         use KvFormat::*;
         let g = gpu();
         // (format, d, heads, kv heads, positions before the chunk, chunk, window)
+        // Past RECENT_POSITIONS, so that packed rows are read as well as exact ones (but
+        // for the first chunk and the window of 7, which read only exact rows).
         let cases = [
-            (Tq3, 128, 4, 2, 40, 9, None),
-            (Tq2_5, 64, 6, 3, 50, 16, Some(20)),
+            (Tq3, 128, 4, 2, 200, 9, None),
+            (Tq2_5, 64, 6, 3, 200, 16, Some(150)),
             (Q8, 256, 2, 1, 0, 12, None),
-            (Tq4, 256, 8, 2, 33, 5, Some(7)),
+            (Tq4, 256, 8, 2, 180, 5, Some(7)),
+            (Q4, 64, 4, 1, 170, 7, Some(140)),
         ];
         for (i, &(f, d, nh, kvh, past, t, window)) in cases.iter().enumerate() {
             let mut rng = Rng::new(300 + i as u64);
