@@ -1,7 +1,9 @@
 //! KV-cache quality: next-token distributions with a compressed cache against the f16 cache
-//! over a text scored by chunked prefill, so every chunk after the first attends to a
-//! compressed past (the chunk's own keys are exact). Used by the `kv_quality` example (the
-//! long table in docs/KV_QUANT.md) and by a short CI test.
+//! over a text scored by chunked prefill: every chunk attends to the cache as stored after
+//! its append (the sinks and the last 128 positions exact, the rest compressed; with chunks
+//! of at most 128 a slightly pessimistic view of token-by-token decode, see
+//! docs/KV_QUANT.md). Used by the `kv_quality` example (the long table in docs/KV_QUANT.md)
+//! and by a short CI test.
 
 use mlx_native::kv_quant::KvFormat;
 

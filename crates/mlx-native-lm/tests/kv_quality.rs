@@ -1,13 +1,18 @@
 //! Compressed KV caches on a real model (SmolLM2-135M-Instruct Q4_1): the first 256 tokens
-//! of tests/fixtures/kv_quality_text.md (the start of docs/KV_QUANT.md, frozen) scored by chunked prefill in chunks of 64 (three of the
-//! four chunks attend to a compressed past), next-token distributions against the f16
-//! cache. The bars are mean KL <= 0.005 and top-1 >= 98 % for q8 (asserted here)
-//! and mean KL <= 0.05, top-1 >= 93 % for tq4. With the keys centered and the first four
-//! positions exact (docs/KV_QUANT.md), tq4 meets the KL bar here (measured 0.0247 on
-//! lavapipe, asserted <= 0.05) but not the top-1 bar (measured 89.06 %): top-1 is held to
-//! at least 86 %, the measured value with a margin of 8 of the 256 tokens, so a regression
-//! fails.
-//! (Before: KL 0.064, top-1 82.4 %.) The long table comes from the `kv_quality` example.
+//! of tests/fixtures/kv_quality_text.md (the start of docs/KV_QUANT.md, frozen) scored by
+//! chunked prefill in chunks of 64, next-token distributions against the f16 cache. The
+//! issue's bars are mean KL <= 0.005 and top-1 >= 98 % for q8 and mean KL <= 0.05 and
+//! top-1 >= 93 % for tq4. With the keys centered, the first four positions and the last 128
+//! exact (docs/KV_QUANT.md), measured on lavapipe (2026-11-26): q8 KL 0.00001, top-1
+//! 99.22 %; tq4 KL 0.00157, top-1 98.83 % (253 of 256). Asserted: q8 KL <= 0.0005 and
+//! top-1 >= 98 % (near-ties of the f16 reference flip a token or two between runs); tq4
+//! KL <= 0.004 and top-1 >= 97 % (the measured values with a margin of 4 tokens and 2.5x
+//! the KL), so a regression of the window, the centering or the sinks fails. On 256 tokens
+//! the first 128 queries see no compressed key and the others at most 124 of their keys
+//! compressed: this test guards the wiring and gross regressions; the 2,048-token table
+//! (the `kv_quality` example) measures the compression.
+//! (Before the window: tq4 KL 0.0247, top-1 89.06 %; before the centering and sinks: KL
+//! 0.064, top-1 82.4 %.)
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
@@ -46,7 +51,7 @@ fn compressed_caches_track_the_f16_cache_on_smollm2() {
     ids.truncate(256);
     let base = log_probs(&m, &ids, 64, KvFormat::F16).unwrap();
     let mut report = Vec::new();
-    for (mode, max_kl, min_top1) in [("q8", 0.005, 0.98), ("tq4", 0.05, 0.86)] {
+    for (mode, max_kl, min_top1) in [("q8", 0.0005, 0.98), ("tq4", 0.004, 0.97)] {
         let q = compare(
             &base,
             &log_probs(&m, &ids, 64, KvFormat::parse(mode).unwrap()).unwrap(),

@@ -18,11 +18,16 @@
 //! - `q4`: d/32 words (f16 scale, f16 min) per block (scale in the low half), then d/8 words
 //!   of eight 4-bit q (element 8w + k at nibble k). x ≈ scale * q + min, q in 0..=15.
 //!
-//! Side data, every compressed format, per layer: f32 `[kv_heads, SIDE_ROWS, d]`. Row 0 is
-//! the key channel mean mu_k: keys are stored as k - mu_k (their large shared component
-//! would otherwise set the quantization error of every key). Rows 1..=4 and 5..=8 are K
-//! and V of positions 0..4 kept exact (attention sinks), in the decoder's basis (rotated
-//! for `tq*`). See docs/KV_QUANT.md for why and the measurements.
+//! Side data, every compressed format, per layer: u32 words `[kv_heads, side_words(d)]`; per
+//! kv head, [`SIDE_ROWS`] f32 rows, then `2 * RECENT_POSITIONS` f16 rows (two per word,
+//! element 2w in the low half of word w). f32 row 0 is the key channel mean mu_k: keys are
+//! stored as k - mu_k (their large shared component would otherwise set the quantization
+//! error of every key). f32 rows 1..=4 and 5..=8 are K and V of positions 0..4 kept exact
+//! (attention sinks). The f16 rows are a ring of the exact K (first [`RECENT_POSITIONS`])
+//! and V rows of the most recent positions (position p in ring row p % RECENT_POSITIONS;
+//! KIVI's residual window); which positions it holds is [`CompressedKvCache::exact_from`].
+//! Exact rows are in the decoder's basis (rotated for `tq*`) and not centered. See
+//! docs/KV_QUANT.md for why and the measurements.
 
 use std::sync::OnceLock;
 
@@ -65,8 +70,23 @@ pub const SIGN_SEED: u64 = 0x5451_4b56_2025_0001;
 /// query, so their quantization error reaches every output (`SINKS` in the kernels).
 pub const SINK_POSITIONS: usize = 4;
 
-/// Rows per kv head of a layer's side buffer: the key mean, then the sink K and V rows.
+/// The most recent positions of every layer are also kept exact (f16 rows of a ring in the
+/// side buffer, besides their compressed rows): the next queries attend mostly to them, so
+/// their quantization error costs the most (KIVI's residual window; `RECENT` in the
+/// kernels). 128 (docs/KV_QUANT.md has the measurements): f16 rows, as the f16 cache the
+/// formats are scored against, half the memory of f32 (per layer and kv head
+/// 2 * 128 * head_dim * 2 bytes, independent of the context length).
+pub const RECENT_POSITIONS: usize = 128;
+
+/// f32 rows per kv head at the start of a layer's side buffer: the key mean, then the sink
+/// K and V rows.
 pub const SIDE_ROWS: usize = 1 + 2 * SINK_POSITIONS;
+
+/// u32 words per kv head of a layer's side buffer: [`SIDE_ROWS`] f32 rows, then the recent
+/// ring's `2 * RECENT_POSITIONS` f16 rows (K, then V).
+pub const fn side_words(head_dim: usize) -> usize {
+    SIDE_ROWS * head_dim + RECENT_POSITIONS * head_dim
+}
 
 impl KvFormat {
     pub const ALL: [KvFormat; 8] = [
@@ -322,12 +342,14 @@ impl QuantTables {
 struct QLayer {
     k: MlxBuffer,
     v: MlxBuffer,
-    /// f32 `[kv_heads, SIDE_ROWS, head_dim]`: the key mean (set by the append that covers
-    /// position `SINK_POSITIONS`, from its rows) and the exact sink rows.
+    /// u32 `[kv_heads, side_words(head_dim)]`: the key mean (set by the append that covers
+    /// position `SINK_POSITIONS`, from its rows), the exact sink rows and the recent ring.
     side: MlxBuffer,
     slots: usize,
     window: Option<usize>,
     len: usize,
+    /// Positions `exact_from..len` are held exact by the recent ring (see `append`).
+    exact_from: usize,
 }
 
 impl QLayer {
@@ -401,10 +423,11 @@ impl CompressedKvCache {
             layers.push(QLayer {
                 k: MlxBuffer::new(gpu, DType::U32, &shape)?,
                 v: MlxBuffer::new(gpu, DType::U32, &shape)?,
-                side: MlxBuffer::new(gpu, DType::F32, &[cfg.kv_heads, SIDE_ROWS, cfg.head_dim])?,
+                side: MlxBuffer::new(gpu, DType::U32, &[cfg.kv_heads, side_words(cfg.head_dim)])?,
                 slots,
                 window,
                 len: 0,
+                exact_from: 0,
             });
         }
         Ok(CompressedKvCache {
@@ -429,6 +452,16 @@ impl CompressedKvCache {
 
     /// Quantize `k_new`, `v_new` (f32 `[T, kv_heads, head_dim]`) into positions
     /// `start_pos..start_pos + T` of `layer`, by kernel. Same rules as [`KvCache::append`].
+    ///
+    /// The recent ring: the append writes the exact rows of its positions at and after
+    /// `end - RECENT_POSITIONS` (`end = start_pos + T`) to ring row `position %
+    /// RECENT_POSITIONS`. Afterwards the ring holds exactly positions
+    /// `max(min(exact_from, start_pos), end - RECENT_POSITIONS)..end` (the new
+    /// [`Self::exact_from`]): a position below `start_pos` stays exact only if it was exact
+    /// before and no position of this append shares its ring row. A rewind therefore keeps
+    /// the positions that the rewound-away ones had not overwritten, and one to before
+    /// `exact_from` leaves only the new positions exact; every other position is read from its
+    /// compressed row, which every append writes for every position past the sinks.
     pub fn append(
         &mut self,
         pass: &mut Pass,
@@ -462,6 +495,10 @@ impl CompressedKvCache {
             pass, format, k_new, v_new, &l.k, &l.v, &l.side, start_pos,
         )?;
         if let Some(l) = self.layers.get_mut(layer) {
+            l.exact_from = l
+                .exact_from
+                .min(start_pos)
+                .max(end.saturating_sub(RECENT_POSITIONS));
             l.len = end;
         }
         Ok(())
@@ -472,6 +509,13 @@ impl CompressedKvCache {
         self.layers.get(layer).map_or(0, |l| l.len)
     }
 
+    /// The first position of `layer` held exact by the recent ring: positions
+    /// `exact_from..len` (at most [`RECENT_POSITIONS`] of them) are read from exact rows,
+    /// like the sinks; the others past the sinks from their compressed rows.
+    pub fn exact_from(&self, layer: usize) -> usize {
+        self.layers.get(layer).map_or(0, |l| l.exact_from)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.layers.iter().all(|l| l.len == 0)
     }
@@ -480,6 +524,7 @@ impl CompressedKvCache {
     pub fn clear(&mut self) {
         for l in &mut self.layers {
             l.len = 0;
+            l.exact_from = 0;
         }
     }
 
@@ -520,7 +565,8 @@ impl CompressedKvCache {
         self.format.row_words(self.head_dim)
     }
 
-    /// Bytes of K plus V of `layer`, side data included (0 for a layer out of range).
+    /// Bytes of K plus V of `layer`, side data (key mean, sinks, recent ring) included (0 for
+    /// a layer out of range).
     pub fn bytes_per_layer(&self, layer: usize) -> u64 {
         self.layers
             .get(layer)
@@ -540,9 +586,10 @@ impl CompressedKvCache {
         Ok((&l.k, &l.v))
     }
 
-    /// `layer`'s side data, f32 `[kv_heads, SIDE_ROWS, head_dim]`: row 0 the key mean, rows
-    /// `1..=SINK_POSITIONS` the exact K rows of positions `0..SINK_POSITIONS`, then their
-    /// V rows (rotated for `tq*`, as the decoder reads them).
+    /// `layer`'s side data, u32 `[kv_heads, side_words(head_dim)]`: per kv head, f32 row 0
+    /// the key mean, f32 rows `1..=SINK_POSITIONS` the exact K rows of positions
+    /// `0..SINK_POSITIONS`, then their V rows, then the recent ring's f16 K rows and V rows
+    /// (exact rows rotated for `tq*`, as the decoder reads them). See the module docs.
     pub fn side(&self, layer: usize) -> Result<&MlxBuffer> {
         Ok(&self.layer(layer, "CompressedKvCache::side")?.side)
     }

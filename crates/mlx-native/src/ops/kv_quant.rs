@@ -15,7 +15,8 @@ use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
 use crate::kv_quant::{
-    check_head_dim, CompressedKvCache, KvFormat, QuantTables, QUANT_HEAD_DIMS, SIDE_ROWS,
+    check_head_dim, side_words, CompressedKvCache, KvFormat, QuantTables, QUANT_HEAD_DIMS,
+    RECENT_POSITIONS, SIDE_ROWS,
 };
 use crate::ops::sdpa::{decode_plan, SdpaOptions, SdpaParams};
 
@@ -29,7 +30,8 @@ struct KvQuantParams {
     row_words: u32,
     rows: u32,
     inv_sqrt_d: f32,
-    _pad: u32,
+    /// dequant: positions from here on are read from the exact recent ring.
+    win_lo: u32,
     tables: QuantTables,
 }
 const _: () = assert!(std::mem::size_of::<KvQuantParams>() == 176);
@@ -42,7 +44,9 @@ struct SdpaQuantParams {
     base: SdpaParams,
     row_words: u32,
     inv_sqrt_d: f32,
-    _pad1: [u32; 2],
+    /// Positions from here to the end are read from the exact recent ring.
+    win_lo: u32,
+    _pad1: u32,
     tables: QuantTables,
 }
 const _: () = assert!(std::mem::size_of::<SdpaQuantParams>() == 240);
@@ -174,25 +178,27 @@ fn tables_params(
         row_words: row_words as u32,
         rows: check::fits_u32(tokens * kv_heads * 2, op, "rows")?,
         inv_sqrt_d: 1.0 / (head_dim as f32).sqrt(),
-        _pad: 0,
+        win_lo: 0,
         tables: QuantTables::new(format),
     })
 }
 
-/// `side` (f32 `[kv_heads, SIDE_ROWS, head_dim]`: see [`crate::kv_quant::SIDE_ROWS`]) must
-/// match the cache's heads and head dim.
+/// `side` (u32 `[kv_heads, side_words(head_dim)]`: see [`crate::kv_quant::side_words`])
+/// must match the cache's heads and head dim.
 fn check_side(op: &str, side: &MlxBuffer, kv_heads: usize, head_dim: usize) -> Result<()> {
-    check::dtype(side, &[DType::F32], op, "side")?;
-    check::ensure(side.len() == kv_heads * SIDE_ROWS * head_dim, op, || {
+    check::dtype(side, &[DType::U32], op, "side")?;
+    check::ensure(side.len() == kv_heads * side_words(head_dim), op, || {
         format!(
-            "side has {} elements, expected {kv_heads} kv heads * {SIDE_ROWS} rows * \
-             {head_dim}",
-            side.len()
+            "side has {} words, expected {kv_heads} kv heads * {} ({SIDE_ROWS} f32 rows and \
+             {} f16 rows of {head_dim})",
+            side.len(),
+            side_words(head_dim),
+            2 * RECENT_POSITIONS
         )
     })
 }
 
-/// Set row 0 of every kv head's block of `side` (f32 `[kv_heads, SIDE_ROWS, head_dim]`) to
+/// Set f32 row 0 of every kv head's block of `side` (u32 `[kv_heads, side_words]`) to
 /// the per-channel mean of the rows of `k_new` (f32 `[T, kv_heads, head_dim]`, T >= 1):
 /// the centre keys are stored around (see [`kv_quant_append`]).
 pub fn kv_quant_mean(
@@ -227,11 +233,14 @@ pub fn kv_quant_mean(
 
 /// Quantize `k_new`, `v_new` (f32 `[T, kv_heads, head_dim]`) into a compressed layer
 /// (`k_cache`, `v_cache`: u32 `[kv_heads, slots, row_words]` in `format`) at positions
-/// `start..start + T`, slot `position % slots`, with the layer's side data `side` (f32
-/// `[kv_heads, SIDE_ROWS, head_dim]`): keys are centered on row 0 (from [`kv_quant_mean`];
-/// k - mean is quantized), and positions below [`crate::kv_quant::SINK_POSITIONS`] are written exact to the
-/// side rows instead of compressed. `CompressedKvCache::append` is the usual entry point (it
-/// also sets the mean and checks capacity and rings).
+/// `start..start + T`, slot `position % slots`, with the layer's side data `side` (u32
+/// `[kv_heads, side_words(head_dim)]`): keys are centered on f32 row 0 (from
+/// [`kv_quant_mean`]; k - mean is quantized), positions below
+/// [`crate::kv_quant::SINK_POSITIONS`] are written exact to the side rows instead of
+/// compressed, and the last [`RECENT_POSITIONS`] of the T rows past the sinks are also
+/// written exact (f16) to the recent ring. `CompressedKvCache::append` is the usual entry
+/// point (it also sets the mean, tracks which positions the ring holds and checks capacity
+/// and rings).
 #[allow(clippy::too_many_arguments)]
 pub fn kv_quant_append(
     pass: &mut Pass,
@@ -282,7 +291,8 @@ pub fn kv_quant_append(
 /// Positions `start..start + tokens` of a compressed layer (slot `position % slots`) as f32
 /// `[tokens, kv_heads, head_dim]` K and V, rotated back to the model's basis, with the
 /// layer's `side` data as written by [`kv_quant_append`] (the key mean added back, sink
-/// positions read exact).
+/// positions and positions at or after `exact_from` read exact, the latter from the recent
+/// ring: pass [`CompressedKvCache::exact_from`], or `usize::MAX` for the compressed rows).
 #[allow(clippy::too_many_arguments)]
 pub fn kv_quant_dequant(
     pass: &mut Pass,
@@ -293,6 +303,7 @@ pub fn kv_quant_dequant(
     head_dim: usize,
     start: usize,
     tokens: usize,
+    exact_from: usize,
 ) -> Result<(MlxBuffer, MlxBuffer)> {
     let op = "kv_quant_dequant";
     let m = mode(format, op)?;
@@ -303,9 +314,14 @@ pub fn kv_quant_dequant(
     check::ensure(tokens > 0, op, || "tokens must be at least 1".into())?;
     let k = pass.alloc(DType::F32, &[tokens, kv_heads, head_dim])?;
     let v = pass.alloc(DType::F32, &[tokens, kv_heads, head_dim])?;
-    let params = tables_params(
+    let mut params = tables_params(
         format, tokens, kv_heads, slots, start, row_words, head_dim, op,
     )?;
+    // Past u32 (usize::MAX included): no position is read from the ring.
+    params.win_lo = u32::try_from(exact_from).unwrap_or(u32::MAX);
+    check::ensure(start + tokens <= u32::MAX as usize, op, || {
+        format!("positions up to {} exceed 2^32-1", start + tokens)
+    })?;
     pass.dispatch(
         Kernel::KvQuant,
         quant_spec("kv_quant_dequant", head_dim, m)?,
@@ -401,7 +417,9 @@ pub fn sdpa_decode_quant(
         },
         row_words: cache.row_words() as u32,
         inv_sqrt_d: 1.0 / (head_dim as f32).sqrt(),
-        _pad1: [0; 2],
+        // Positions below u32::MAX: check_range held them within the cache's capacity.
+        win_lo: u32::try_from(cache.exact_from(layer)).unwrap_or(u32::MAX),
+        _pad1: 0,
         tables: QuantTables::new(format),
     };
     let spec = decode_spec(head_dim, m, gt)?;
@@ -469,6 +487,7 @@ pub fn sdpa_prefill_quant(
     let (kq, vq) = cache.buffers(layer)?;
     let (kq, vq) = (kq.clone(), vq.clone());
     let side = cache.side(layer)?.clone();
+    let exact_from = cache.exact_from(layer);
     let gpu = pass.gpu().clone();
     let scratch = cache.scratch(&gpu)?;
     if n > scratch.capacity() {
@@ -478,7 +497,9 @@ pub fn sdpa_prefill_quant(
             scratch.capacity()
         )));
     }
-    let (kf, vf) = kv_quant_dequant(pass, format, &kq, &vq, &side, head_dim, shift, n)?;
+    let (kf, vf) = kv_quant_dequant(
+        pass, format, &kq, &vq, &side, head_dim, shift, n, exact_from,
+    )?;
     scratch.clear();
     scratch.append(pass, 0, &kf, &vf, 0)?;
     crate::ops::sdpa_prefill(pass, q, scratch, 0, q_start_pos - shift, opts)
@@ -552,7 +573,7 @@ mod tests {
 
     /// A row as stored: rotated (norm, indices), affine (per-block scale and min, q), or a
     /// sink position's exact side row (in the decoder's basis: rotated for tq*).
-    #[derive(Debug, PartialEq)]
+    #[derive(Clone, Debug, PartialEq)]
     enum Row {
         Tq(f32, Vec<u32>),
         Affine(Vec<f32>, Vec<f32>, Vec<i32>),
@@ -620,7 +641,7 @@ mod tests {
                     w[nb + i / 8] |= (v as u32) << (4 * (i % 8));
                 }
             }
-            Row::Exact(_) => unreachable!("sink rows are not packed"),
+            Row::Exact(_) => unreachable!("exact rows are not packed"),
             Row::Tq(norm, idx) => {
                 w[0] = norm.to_bits();
                 let gs = groups(f, d);
@@ -797,27 +818,50 @@ mod tests {
         Ok(Built { cache, k, v })
     }
 
-    /// Stored rows by absolute position (None where the ring overwrote it; sink positions
-    /// from the side rows): [kv_heads][len] of (K row, V row).
+    /// Stored rows by absolute position: [kv_heads][len] of (K row, V row).
     type Rows = Vec<Vec<Option<(Row, Row)>>>;
 
-    /// What a layer holds: its rows, and per kv head the key mean (side row 0).
+    /// What a layer holds.
     struct Stored {
+        /// The rows the decoder reads: sink positions and positions from `exact_from` on from
+        /// their exact side rows, the others packed (None where the ring overwrote them).
         rows: Rows,
+        /// The packed rows of the positions past the sinks (None where the ring overwrote
+        /// them and for the sinks), whether or not the recent ring also holds them.
+        packed: Rows,
+        /// Per kv head, the key mean (side row 0).
         mean: Vec<Vec<f64>>,
     }
 
-    /// A layer's side buffer [kv_heads][SIDE_ROWS][d].
+    /// A layer's side buffer by kv head: the u32 words of each head's block.
+    fn side_words_of(g: &MlxDevice, c: &CompressedKvCache) -> Result<Vec<Vec<u32>>> {
+        let s = c.side(0)?.to_vec::<u32>(g)?;
+        Ok(s.chunks(side_words(c.head_dim()))
+            .map(|h| h.to_vec())
+            .collect())
+    }
+
+    /// A layer's f32 side rows [kv_heads][SIDE_ROWS][d] (key mean, sink K, sink V).
     fn side_rows(g: &MlxDevice, c: &CompressedKvCache) -> Result<Vec<Vec<Vec<f64>>>> {
-        let s = c.side(0)?.to_vec::<f32>(g)?;
         let d = c.head_dim();
-        Ok(s.chunks(SIDE_ROWS * d)
+        Ok(side_words_of(g, c)?
+            .iter()
             .map(|h| {
-                h.chunks(d)
-                    .map(|r| r.iter().map(|&v| v as f64).collect())
+                h[..SIDE_ROWS * d]
+                    .chunks(d)
+                    .map(|r| r.iter().map(|&w| f32::from_bits(w) as f64).collect())
                     .collect()
             })
             .collect())
+    }
+
+    /// The recent ring's f16 row of position `pos` (K or V) in one head's side words.
+    fn ring_row(head: &[u32], d: usize, pos: usize, is_v: bool) -> Vec<f64> {
+        let r = pos % RECENT_POSITIONS + if is_v { RECENT_POSITIONS } else { 0 };
+        let o = SIDE_ROWS * d + r * d / 2;
+        (0..d)
+            .map(|i| f16::from_bits((head[o + i / 2] >> (16 * (i % 2))) as u16).to_f64())
+            .collect()
     }
 
     /// The f64 per-channel mean of K rows `lo..hi` of kv head `h` (x: [len, kvh, d]).
@@ -835,6 +879,7 @@ mod tests {
     fn stored(g: &MlxDevice, c: &CompressedKvCache) -> Result<Stored> {
         let (kb, vb) = c.buffers(0)?;
         let (kw, vw) = (kb.to_vec::<u32>(g)?, vb.to_vec::<u32>(g)?);
+        let words = side_words_of(g, c)?;
         let side = side_rows(g, c)?;
         let (f, d, slots, len, rw) = (
             c.format(),
@@ -843,19 +888,12 @@ mod tests {
             c.len(0),
             c.row_words(),
         );
-        let oldest = len.saturating_sub(slots);
-        let rows = (0..c.kv_heads())
+        let (oldest, exact_from) = (len.saturating_sub(slots), c.exact_from(0));
+        let packed: Rows = (0..c.kv_heads())
             .map(|h| {
                 (0..len)
                     .map(|p| {
-                        (p >= oldest).then(|| {
-                            if p < SINK_POSITIONS {
-                                let (k, v) = (1 + p, 1 + SINK_POSITIONS + p);
-                                return (
-                                    Row::Exact(side[h][k].clone()),
-                                    Row::Exact(side[h][v].clone()),
-                                );
-                            }
+                        (p >= oldest && p >= SINK_POSITIONS).then(|| {
                             let o = (h * slots + p % slots) * rw;
                             (unpack(f, d, &kw[o..o + rw]), unpack(f, d, &vw[o..o + rw]))
                         })
@@ -863,8 +901,30 @@ mod tests {
                     .collect()
             })
             .collect();
+        let rows = (0..c.kv_heads())
+            .map(|h| {
+                (0..len)
+                    .map(|p| {
+                        if p < SINK_POSITIONS {
+                            let (k, v) = (1 + p, 1 + SINK_POSITIONS + p);
+                            Some((
+                                Row::Exact(side[h][k].clone()),
+                                Row::Exact(side[h][v].clone()),
+                            ))
+                        } else if p >= exact_from {
+                            Some((
+                                Row::Exact(ring_row(&words[h], d, p, false)),
+                                Row::Exact(ring_row(&words[h], d, p, true)),
+                            ))
+                        } else {
+                            packed[h][p].clone()
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
         let mean = side.iter().map(|h| h[0].clone()).collect();
-        Ok(Stored { rows, mean })
+        Ok(Stored { rows, packed, mean })
     }
 
     // ---- append + dequant ----
@@ -940,11 +1000,44 @@ mod tests {
                         want_v.extend(dequant(f, d, &unpack(f, d, &vw[o..o + rw])));
                     }
                 }
+                // Every position is among the last RECENT_POSITIONS of its append: the ring
+                // holds them all, exact (f16 of the decoder's basis, not centered).
+                assert_eq!(b.cache.exact_from(0), 0);
+                let words = side_words_of(g, &b.cache)?;
+                let mut want_rk = Vec::new();
+                let mut want_rv = Vec::new();
+                for p in lo..len {
+                    for h in 0..kvh {
+                        let x = (p * kvh + h) * d;
+                        for (src, is_v) in [(&b.k, false), (&b.v, true)] {
+                            let got: Vec<f32> = ring_row(&words[h], d, p, is_v)
+                                .iter()
+                                .map(|&v| v as f32)
+                                .collect();
+                            let want = decoder_basis(f, &src[x..x + d]);
+                            // f16 rounding (2^-11 relative) of values of O(1).
+                            let what = format!("{f} d={d} ring row of {p} v={is_v}");
+                            assert_close(&got, &want, 1e-3, 1e-3, &what);
+                        }
+                        want_rk.extend(b.k[x..x + d].iter().map(|&v| v as f64));
+                        want_rv.extend(b.v[x..x + d].iter().map(|&v| v as f64));
+                    }
+                }
                 let side_buf = b.cache.side(0)?;
                 let mut pass = g.begin();
-                let (gk, gv) = kv_quant_dequant(&mut pass, f, kb, vb, side_buf, d, lo, len - lo)?;
-                let (sk, sv) = kv_quant_dequant(&mut pass, f, kb, vb, side_buf, d, 0, 4)?;
+                // usize::MAX: the packed rows, even of positions the ring holds.
+                let (gk, gv) =
+                    kv_quant_dequant(&mut pass, f, kb, vb, side_buf, d, lo, len - lo, usize::MAX)?;
+                let (sk, sv) =
+                    kv_quant_dequant(&mut pass, f, kb, vb, side_buf, d, 0, 4, usize::MAX)?;
+                let (rk, rv) =
+                    kv_quant_dequant(&mut pass, f, kb, vb, side_buf, d, lo, len - lo, 0)?;
                 pass.commit_and_wait()?;
+                // The ring's rows come back exact but for the f16 rounding (through the
+                // inverse rotation for tq*: errors of ~5e-4 of O(1) values mix).
+                let what = format!("dequant ring {f} d={d}");
+                assert_close(&rk.to_vec(g)?, &want_rk, 2e-3, 2e-3, &what);
+                assert_close(&rv.to_vec(g)?, &want_rv, 2e-3, 2e-3, &what);
                 // f32 dequantization and transform over <= 512 terms of O(1): ~1e-6.
                 let what = format!("dequant {f} d={d}");
                 assert_close(&gk.to_vec(g)?, &want_k, 2e-5, 2e-5, &what);
@@ -981,8 +1074,9 @@ mod tests {
             let b = build(g, &mut rng, f, 2, d, 64, None, 64, 64)?;
             let st = stored(g, &b.cache)?;
             let (mut err, mut norm) = (0.0, 0.0);
-            for (h, hr) in st.rows.iter().enumerate() {
-                // Compressed positions; what is quantized is the key minus the mean.
+            for (h, hr) in st.packed.iter().enumerate() {
+                // Compressed positions (all of them in the recent ring too: their packed rows);
+                // what is quantized is the key minus the mean.
                 for (p, r) in hr.iter().enumerate().skip(SINK_POSITIONS) {
                     let (kr, _) = r.as_ref().unwrap();
                     let x: Vec<f64> = b.k[(p * 2 + h) * d..][..d]
@@ -1056,7 +1150,9 @@ mod tests {
                 }
                 let (kq, vq) = cache.buffers(0)?;
                 let mut pass = g.begin();
-                let (gk, gv) = kv_quant_dequant(&mut pass, f, kq, vq, cache.side(0)?, d, 0, len)?;
+                // The packed rows (every position here is in the recent ring too).
+                let (gk, gv) =
+                    kv_quant_dequant(&mut pass, f, kq, vq, cache.side(0)?, d, 0, len, usize::MAX)?;
                 pass.commit_and_wait()?;
                 let (gk, gv) = (gk.to_vec::<f32>(g)?, gv.to_vec::<f32>(g)?);
                 for p in 0..len {
@@ -1122,6 +1218,182 @@ mod tests {
                 1e-2,
                 &format!("{f} prefill"),
             );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn recent_window_follows_appends_rewinds_and_rings() -> Result<()> {
+        // The recent ring against an independent model of it: every write of a position gets
+        // a new stamp; the last RECENT_POSITIONS positions of an append (past the sinks) put
+        // (position, stamp) in ring row position % RECENT_POSITIONS; a position is exact iff
+        // its ring row holds its current stamp. Appends of odd sizes (one of 150 >
+        // RECENT_POSITIONS: its first 22 rows are compressed only), a rewind into the exact
+        // window (positions before it stay exact), one to before it (only the new positions
+        // are exact), one after which rows overwritten by rewound-away positions stay
+        // compressed (a shorter window), on a full-attention layer and on a wrapped
+        // sliding-window ring. Keys carry a shared offset (centering matters; exact rows are
+        // not centered). After every append each readable position dequantizes to its exact
+        // row (f16) or to the reference dequantization of its packed row, as the model says;
+        // at the end decode and prefill (GQA 3) match f64 attention over those rows and each
+        // other.
+        let g = gpu();
+        let (kvh, d, nh, cap) = (2, 64, 6, 400);
+        let r = RECENT_POSITIONS;
+        // (start, tokens) and the exact_from each append leaves (hand-computed from the rule
+        // in CompressedKvCache::append; the model below checks the rule itself).
+        let full: &[(usize, usize, usize)] = &[
+            (0, 37, 0),
+            (37, 1, 0),
+            (38, 45, 0),
+            (83, 48, 3),
+            (131, 47, 50),
+            (100, 3, 50),
+            (103, 40, 50),
+            (143, 60, 75),
+            (60, 2, 60),
+            (62, 150, 84),
+            (212, 1, 85),
+        ];
+        // Window 40, max_chunk 48: 87 slots, wrapped twice; rewinds as far as the window allows.
+        let ring: &[(usize, usize, usize)] = &[
+            (0, 37, 0),
+            (37, 1, 0),
+            (38, 45, 0),
+            (83, 48, 3),
+            (131, 47, 50),
+            (150, 3, 50),
+            (153, 48, 73),
+            (201, 1, 74),
+            (180, 5, 74),
+            (185, 48, 105),
+            (233, 1, 106),
+        ];
+        let mut rng = Rng::new(61);
+        let offset = rng.normals(kvh * d, 4.0);
+        for f in [KvFormat::Tq4, KvFormat::Tq2_5, KvFormat::Q8] {
+            for (window, steps) in [(None, full), (Some(40), ring)] {
+                let what = format!("{f} window {window:?}");
+                let mut cfg = KvCacheConfig::new(1, kvh, d, cap);
+                cfg.windows = vec![window];
+                cfg.max_chunk = 48;
+                let mut cache = CompressedKvCache::new(g, &cfg, f)?;
+                let slots = cache.slots(0);
+                let row = kvh * d;
+                let (mut k_all, mut v_all) = (vec![0f32; cap * row], vec![0f32; cap * row]);
+                let mut stamp = 0;
+                let mut cur = vec![0usize; cap];
+                let mut ring_rows = vec![None; r];
+                let mut packed_slots = vec![None; slots];
+                for &(start, n, want_from) in steps {
+                    let k: Vec<f32> = rng
+                        .normals(n * row, 1.0)
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &x)| x + offset[i % row])
+                        .collect();
+                    let v = rng.normals(n * row, 1.0);
+                    k_all[start * row..][..k.len()].copy_from_slice(&k);
+                    v_all[start * row..][..v.len()].copy_from_slice(&v);
+                    for t in 0..n {
+                        let p = start + t;
+                        stamp += 1;
+                        cur[p] = stamp;
+                        if p >= SINK_POSITIONS {
+                            packed_slots[p % slots] = Some((p, stamp));
+                            if t + r >= n {
+                                ring_rows[p % r] = Some((p, stamp));
+                            }
+                        }
+                    }
+                    let kb = MlxBuffer::from_slice(g, &k, &[n, kvh, d])?;
+                    let vb = MlxBuffer::from_slice(g, &v, &[n, kvh, d])?;
+                    let mut pass = g.begin();
+                    cache.append(&mut pass, 0, &kb, &vb, start)?;
+                    pass.commit_and_wait()?;
+                    let len = start + n;
+                    let exact: Vec<usize> = (SINK_POSITIONS..len)
+                        .filter(|&p| ring_rows[p % r] == Some((p, cur[p])))
+                        .collect();
+                    let from = cache.exact_from(0);
+                    assert_eq!(from, want_from, "{what}: exact_from after {start}+{n}");
+                    assert_eq!(
+                        exact,
+                        (from.max(SINK_POSITIONS)..len).collect::<Vec<_>>(),
+                        "{what}: exact positions after {start}+{n}"
+                    );
+                    let st = stored(g, &cache)?;
+                    let (kq, vq) = cache.buffers(0)?;
+                    let mut pass = g.begin();
+                    let (gk, gv) =
+                        kv_quant_dequant(&mut pass, f, kq, vq, cache.side(0)?, d, 0, len, from)?;
+                    pass.commit_and_wait()?;
+                    let (gk, gv) = (gk.to_vec::<f32>(g)?, gv.to_vec::<f32>(g)?);
+                    for p in 0..len {
+                        let readable = packed_slots[p % slots] == Some((p, cur[p]));
+                        for h in 0..kvh {
+                            let o = (p * kvh + h) * d;
+                            let (yk, yv) = (&gk[o..o + d], &gv[o..o + d]);
+                            let at = format!("{what}: after {start}+{n}, position {p} head {h}");
+                            if p < SINK_POSITIONS || exact.contains(&p) {
+                                // Sinks: f32 (two transforms, values of O(4)); the ring: f16
+                                // rounding (2^-11 relative), mixed by the inverse rotation.
+                                let tol = if p < SINK_POSITIONS { 1e-4 } else { 5e-3 };
+                                for (y, x) in [(yk, &k_all[o..o + d]), (yv, &v_all[o..o + d])] {
+                                    let x: Vec<f64> = x.iter().map(|&a| a as f64).collect();
+                                    assert_close(y, &x, tol, tol, &format!("{at} exact"));
+                                }
+                            } else if readable {
+                                let (kr, vr) = st.packed[h][p].as_ref().expect("packed row");
+                                let wk: Vec<f64> = dequant(f, d, kr)
+                                    .iter()
+                                    .zip(&st.mean[h])
+                                    .map(|(a, m)| a + m)
+                                    .collect();
+                                // As the append test (values of O(4) here).
+                                assert_close(yk, &wk, 1e-4, 1e-4, &format!("{at} packed K"));
+                                let wv = dequant(f, d, vr);
+                                assert_close(yv, &wv, 1e-4, 1e-4, &format!("{at} packed V"));
+                            } else {
+                                // Overwritten by the sliding-window ring: outside the window.
+                                assert!(
+                                    window.is_some_and(|w| p + w < len),
+                                    "{at}: needed but neither exact nor packed"
+                                );
+                            }
+                        }
+                    }
+                }
+                // Decode at the end (the last append was one token, as in generation), a
+                // one-token prefill of the same query, and a three-token prefill.
+                let len = cache.len(0);
+                let q = rng.normals(nh * d, 0.3);
+                let gq = MlxBuffer::from_slice(g, &q, &[nh, d])?;
+                let gq1 = MlxBuffer::from_slice(g, &q, &[1, nh, d])?;
+                let qp = rng.normals(3 * nh * d, 0.3);
+                let gqp = MlxBuffer::from_slice(g, &qp, &[3, nh, d])?;
+                let mut opts = SdpaOptions::new(d);
+                opts.window = window;
+                let mut pass = g.begin();
+                let out = sdpa_decode_quant(&mut pass, &gq, &cache, 0, len, &opts)?;
+                let out1 = sdpa_prefill_quant(&mut pass, &gq1, &mut cache, 0, len - 1, &opts)?;
+                let outp = sdpa_prefill_quant(&mut pass, &gqp, &mut cache, 0, len - 3, &opts)?;
+                pass.commit_and_wait()?;
+                let st = stored(g, &cache)?;
+                let (k, v) = dequant_by_pos(&cache, &st, false);
+                let want = attention(&q, 1, nh, d, len - 1, &k, &v, window, None, None);
+                let out = out.to_vec::<f32>(g)?;
+                // As key_mean_and_sinks_follow_appends_and_rewinds (keys of O(4)).
+                assert_close(&out, &want, 2e-4, 2e-4, &format!("{what} decode"));
+                let want: Vec<f64> = out.iter().map(|&x| x as f64).collect();
+                // The f16 scratch rounds the rows decode reads in f32 (keys of O(4): 2^-9).
+                let at = format!("{what} one-token prefill vs decode");
+                assert_close(&out1.to_vec::<f32>(g)?, &want, 1e-2, 1e-2, &at);
+                let (k, v) = dequant_by_pos(&cache, &st, true);
+                let want = attention(&qp, 3, nh, d, len - 3, &k, &v, window, None, None);
+                let at = format!("{what} prefill");
+                assert_close(&outp.to_vec::<f32>(g)?, &want, 1e-2, 1e-2, &at);
+            }
         }
         Ok(())
     }
@@ -1277,29 +1549,37 @@ mod tests {
     #[test]
     fn decode_matches_f64_over_the_dequantized_cache() -> Result<()> {
         use KvFormat::*;
+        // Lengths past RECENT_POSITIONS + SINK_POSITIONS (and windows past
+        // RECENT_POSITIONS), so that decode reads packed rows as well as exact ones; a window
+        // of 37 reads only the recent ring, and one position only the sinks.
         let cases = [
             case(Tq4, 128, 8, 2, 300),
             Case {
                 softcap: Some(5.0),
-                ..case(Tq3, 64, 12, 4, 129)
+                ..case(Tq3, 64, 12, 4, 257)
             },
             Case {
-                window: Some(100),
+                window: Some(200),
                 sinks: true,
-                ..case(Tq2_5, 256, 8, 1, 230)
+                ..case(Tq2_5, 256, 8, 1, 400)
             },
             case(Tq2, 64, 4, 4, 1),
+            case(Tq2, 64, 4, 4, 190),
             Case {
                 sinks: true,
                 ..case(Q8, 128, 14, 2, 200)
             },
             Case {
-                window: Some(37),
+                window: Some(170),
                 softcap: Some(30.0),
-                ..case(Q4, 256, 2, 1, 150)
+                ..case(Q4, 256, 2, 1, 350)
             },
-            case(Tq3, 512, 8, 1, 70),
-            case(Q4, 512, 2, 2, 40),
+            Case {
+                window: Some(37),
+                ..case(Q4, 64, 2, 1, 150)
+            },
+            case(Tq3, 512, 8, 1, 250),
+            case(Q4, 512, 2, 2, 200),
         ];
         let mut report = Vec::new();
         for (i, c) in cases.iter().enumerate() {
@@ -1445,6 +1725,9 @@ mod tests {
             let f = KvFormat::COMPRESSED[m];
             assert_eq!(value("RW"), f.row_words(d), "{f} d={d}");
             assert_eq!(value("KT"), decode_kt(f, d), "{f} d={d}");
+            // The side layout's constants are the Rust ones.
+            assert_eq!(value("SINKS"), SINK_POSITIONS);
+            assert_eq!(value("RECENT"), RECENT_POSITIONS);
         }
         let want = [
             (KvFormat::Q8, 512, 8),
@@ -1462,11 +1745,14 @@ mod tests {
         use KvFormat::*;
         let g = gpu();
         // (format, d, heads, kv heads, positions before the chunk, chunk, window)
+        // Past RECENT_POSITIONS, so that packed rows are read as well as exact ones (but
+        // for the first chunk and the window of 7, which read only exact rows).
         let cases = [
-            (Tq3, 128, 4, 2, 40, 9, None),
-            (Tq2_5, 64, 6, 3, 50, 16, Some(20)),
+            (Tq3, 128, 4, 2, 200, 9, None),
+            (Tq2_5, 64, 6, 3, 200, 16, Some(150)),
             (Q8, 256, 2, 1, 0, 12, None),
-            (Tq4, 256, 8, 2, 33, 5, Some(7)),
+            (Tq4, 256, 8, 2, 180, 5, Some(7)),
+            (Q4, 64, 4, 1, 170, 7, Some(140)),
         ];
         for (i, &(f, d, nh, kvh, past, t, window)) in cases.iter().enumerate() {
             let mut rng = Rng::new(300 + i as u64);
@@ -1506,9 +1792,10 @@ mod tests {
             let mut s = crate::kv_quant::KvStore::new(g, &cfg, f)?;
             assert_eq!(s.format(), f);
             let bytes = s.bytes_per_layer(1);
-            // K and V, plus the side rows of the compressed formats.
+            // K and V, plus the side data of the compressed formats: 9 f32 rows and the
+            // recent ring's 2 * 128 f16 rows per kv head.
             let side = if f.is_compressed() {
-                kvh * SIDE_ROWS * d * 4
+                kvh * (SIDE_ROWS * d * 4 + 2 * RECENT_POSITIONS * d * 2)
             } else {
                 0
             };
@@ -1583,12 +1870,14 @@ mod tests {
         let e = kv_quant_append(&mut pass, KvFormat::Q4, &x, &x, kb, vb, &short, 0).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "kv_quant_append: side has 64 elements, expected 2 kv heads * 9 rows * 64"
+            "kv_quant_append: side has 64 words, expected 2 kv heads * 8768 (9 f32 rows and \
+             256 f16 rows of 64)"
         );
         let e = kv_quant_mean(&mut pass, KvFormat::Q4, &x, &short).unwrap_err();
         assert_eq!(
             e.to_string(),
-            "kv_quant_mean: side has 64 elements, expected 2 kv heads * 9 rows * 64"
+            "kv_quant_mean: side has 64 words, expected 2 kv heads * 8768 (9 f32 rows and 256 \
+             f16 rows of 64)"
         );
         c.append(&mut pass, 0, &x, &x, 0)?;
         let q = MlxBuffer::from_slice(g, &rng.normals(3 * 64, 1.0), &[3, 64])?;

@@ -10,13 +10,19 @@
 //     error grows with the whole row's norm; centering removes it. V is not centered
 //     (its mean is small next to its spread);
 //   - positions 0..SINKS (attention sinks, which take a large share of the attention) are
-//     written exact to the side buffer instead of compressed.
+//     written exact to the side buffer instead of compressed;
+//   - the last RECENT positions of every append are also written exact (f16) to the side
+//     buffer's ring (KIVI's residual window: the most recent keys take most of the attention
+//     of the next queries), besides their compressed rows, which take over once the ring
+//     moves past them.
 //
 //   kv_quant_mean     one workgroup per kv head: mu_k = the mean of the new K rows (run for
 //                     the append that covers position SINKS, the first compressed one).
 //   kv_quant_append   one workgroup per (token, kv head, K or V) row; a sink position's
 //                     row goes to the side buffer (after the rotation, not centered), the
-//                     others are compressed (K minus mu_k). Rotated modes: x times
+//                     others are compressed (K minus mu_k), and those among the last RECENT
+//                     of the append also go to their ring row (rotated, not centered, f16).
+//                     Rotated modes: x times
 //                     the fixed signs, unnormalized FWHT z, norm = ||x||, u = z / norm (unit
 //                     variance per coordinate), index = nearest Lloyd-Max level (the number of
 //                     cell boundaries u exceeds), bit planes of 32 indices per word. q8: per
@@ -24,13 +30,14 @@
 //                     scale f16((max - min) / 15) and min f16(min), q = round((x - min) / scale)
 //                     clamped to 0..15 (scale 0: q = 0).
 //   kv_quant_dequant  one workgroup per (position, kv head, K or V) row of positions
-//                     start..start + tokens: dequantize (sinks: read the side row),
+//                     start..start + tokens: dequantize (sinks and positions >= win_lo:
+//                     read the exact side row),
 //                     inverse-rotate, add mu_k to compressed keys, write f32 rows
 //                     [tokens, kv_heads, HEAD_DIM].
 //
 // Bindings (at most 8 per kernel, so dequant reads the caches through the append's
 // read_write bindings): append: 0 k_new f32, 1 v_new f32, 2 k_cache u32, 3 v_cache u32,
-// 6 side f32; dequant: 2 k_cache, 3 v_cache, 4 k_out f32, 5 v_out f32, 6 side;
+// 6 side u32; dequant: 2 k_cache, 3 v_cache, 4 k_out f32, 5 v_out f32, 6 side;
 // mean: 0 k_new, 6 side (row 0 written).
 struct Params {
     tokens: u32,
@@ -41,7 +48,8 @@ struct Params {
     // tokens * kv_heads * 2 (K and V).
     rows: u32,
     inv_sqrt_d: f32,
-    _pad: u32,
+    // dequant: positions >= win_lo (up to the layer's length) are in the exact ring.
+    win_lo: u32,
     cb: array<vec4<f32>, 4>,
     cb2: vec4<f32>,
     signs: array<vec4<u32>, 4>,
@@ -55,7 +63,7 @@ const NT: u32 = 128u;
 @group(0) @binding(3) var<storage, read_write> v_cache: array<u32>;
 @group(0) @binding(4) var<storage, read_write> k_out: array<f32>;
 @group(0) @binding(5) var<storage, read_write> v_out: array<f32>;
-@group(0) @binding(6) var<storage, read_write> side: array<f32>;
+@group(0) @binding(6) var<storage, read_write> side: array<u32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
 var<workgroup> scr: array<f32, 512>;
@@ -68,6 +76,10 @@ fn wd(is_v: bool, i: u32) -> u32 {
         return v_cache[i];
     }
     return k_cache[i];
+}
+
+fn sw(i: u32) -> u32 {
+    return side[view(6u) + i];
 }
 
 @compute @workgroup_size(128)
@@ -84,7 +96,7 @@ fn kv_quant_mean(@builtin(workgroup_id) wid: vec3<u32>,
         for (var t = 0u; t < p.tokens; t++) {
             acc += k_new[view(0u) + (t * p.kv_heads + h) * HEAD_DIM + i];
         }
-        side[view(6u) + side_row(h, 0u) + i] = acc * inv;
+        side[view(6u) + side_row(h, 0u) + i] = bitcast<u32>(acc * inv);
     }
 }
 
@@ -104,6 +116,31 @@ fn kv_quant_append(@builtin(workgroup_id) wid: vec3<u32>,
     let pos = p.start + t;
     let sink = pos < SINKS;
     let mrow = view(6u) + side_row(h, 0u);
+    // The last RECENT rows of the append (earlier ones share their ring rows with later
+    // rows of the same append) also go exact to the ring: the row as it is (K not
+    // centered), in the decoder's basis. Uniform over the workgroup.
+    if !sink && t + RECENT >= p.tokens {
+        for (var i = lid; i < HEAD_DIM; i += NT) {
+            var x: f32;
+            if is_v {
+                x = v_new[view(1u) + src + i];
+            } else {
+                x = k_new[view(0u) + src + i];
+            }
+            scr[i] = select(x, x * sgn(i), ROT);
+        }
+        workgroupBarrier();
+        if ROT {
+            fwht(1u, lid);
+        }
+        let ro = view(6u) + recent_row(h, pos, is_v);
+        let s = select(1.0, p.inv_sqrt_d, ROT);
+        for (var w = lid; w < HEAD_DIM / 2u; w += NT) {
+            side[ro + w] = pack2x16float(vec2<f32>(scr[2u * w], scr[2u * w + 1u]) * s);
+        }
+        // scr is reused below.
+        workgroupBarrier();
+    }
     var ss = 0.0;
     for (var i = lid; i < HEAD_DIM; i += NT) {
         var x: f32;
@@ -112,7 +149,7 @@ fn kv_quant_append(@builtin(workgroup_id) wid: vec3<u32>,
         } else {
             x = k_new[view(0u) + src + i];
             if !sink {
-                x -= side[mrow + i];
+                x -= bitcast<f32>(side[mrow + i]);
             }
         }
         ss += x * x;
@@ -128,7 +165,7 @@ fn kv_quant_append(@builtin(workgroup_id) wid: vec3<u32>,
         }
         let so = view(6u) + sink_row(h, pos, is_v);
         for (var i = lid; i < HEAD_DIM; i += NT) {
-            side[so + i] = select(scr[i], scr[i] * p.inv_sqrt_d, ROT);
+            side[so + i] = bitcast<u32>(select(scr[i], scr[i] * p.inv_sqrt_d, ROT));
         }
         return;
     }
@@ -253,15 +290,13 @@ fn kv_quant_dequant(@builtin(workgroup_id) wid: vec3<u32>,
     let h = th % p.kv_heads;
     let t = th / p.kv_heads;
     let pos = p.start + t;
-    let sink = pos < SINKS;
+    let exact = pos < SINKS || pos >= p.win_lo;
     let slot = pos % p.slots;
     let rb = select(view(2u), view(3u), is_v) + (h * p.slots + slot) * p.row_words;
-    let so = view(6u) + sink_row(h, min(pos, SINKS - 1u), is_v);
     for (var c = lid; c < C4; c += NT) {
         var x: vec4<f32>;
-        if sink {
-            x = vec4<f32>(side[so + 4u * c], side[so + 4u * c + 1u], side[so + 4u * c + 2u],
-                          side[so + 4u * c + 3u]);
+        if exact {
+            x = exact4(h, pos, is_v, c);
         } else {
             x = deq4(is_v, rb, c);
         }
@@ -283,8 +318,8 @@ fn kv_quant_dequant(@builtin(workgroup_id) wid: vec3<u32>,
         if is_v {
             v_out[view(5u) + dst + i] = x;
         } else {
-            if !sink {
-                x += side[view(6u) + side_row(h, 0u) + i];
+            if !exact {
+                x += bitcast<f32>(side[view(6u) + side_row(h, 0u) + i]);
             }
             k_out[view(4u) + dst + i] = x;
         }

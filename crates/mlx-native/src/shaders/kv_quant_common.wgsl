@@ -4,6 +4,7 @@
 //          cb2: vec4<f32> (the 2-bit codebook of tq2.5's low half), signs: array<vec4<u32>, 4>
 //          (512 sign bits, bit i set: coordinate i is negated before the transform);
 //   wd(is_v, i) -> u32   word i of the K (is_v false) or V cache binding, view included;
+//   sw(i) -> u32         word i of the side binding (view included);
 //   scr    a workgroup f32 array of at least rows * HEAD_DIM for fwht;
 //   NT     the workgroup size.
 override HEAD_DIM: u32 = 128u;
@@ -15,21 +16,46 @@ override ROT: bool = MODE >= 2u;
 override NB: u32 = HEAD_DIM / 32u;
 override C4: u32 = HEAD_DIM / 4u;
 // Positions 0..SINKS of every layer are kept exact (attention sinks; kv_quant.rs:
-// SINK_POSITIONS), in the layer's side buffer f32 [kv_heads, SIDE_ROWS, HEAD_DIM]: row 0 the
-// key channel mean mu_k, rows 1..=SINKS the sink K rows, then the sink V rows. Sink rows
-// are in the basis the decoder works in (rotated for tq*, the model's for q8/q4) and not
-// centered.
+// SINK_POSITIONS), and so are the most recent positions (a ring of RECENT rows; kv_quant.rs:
+// RECENT_POSITIONS), in the layer's side buffer, u32 words [kv_heads, side_words()]: per kv
+// head, SIDE_ROWS f32 rows (row 0 the key channel mean mu_k, rows 1..=SINKS the sink K rows,
+// then the sink V rows), then RECENT f16 K rows and RECENT f16 V rows (HEAD_DIM / 2 words
+// each; position pos in ring row pos % RECENT). Exact rows are in the basis the decoder works
+// in (rotated for tq*, the model's for q8/q4) and not centered. Which positions the ring
+// holds exactly (`win_lo` below) is the Rust side's bookkeeping (kv_quant.rs: exact_from).
 const SINKS: u32 = 4u;
+const RECENT: u32 = 128u;
 const SIDE_ROWS: u32 = 1u + 2u * SINKS;
 
-// Offset (before view) of row r of kv head h's side block.
+// Words of one kv head's side block.
+fn side_words() -> u32 {
+    return SIDE_ROWS * HEAD_DIM + RECENT * HEAD_DIM;
+}
+
+// Word offset (before view) of f32 row r of kv head h's side block.
 fn side_row(h: u32, r: u32) -> u32 {
-    return (h * SIDE_ROWS + r) * HEAD_DIM;
+    return h * side_words() + r * HEAD_DIM;
 }
 
 // Side row of sink position pos (< SINKS) of K or V.
 fn sink_row(h: u32, pos: u32, is_v: bool) -> u32 {
     return side_row(h, 1u + pos + select(0u, SINKS, is_v));
+}
+
+// Word offset (before view) of the f16 ring row of recent position pos of K or V.
+fn recent_row(h: u32, pos: u32, is_v: bool) -> u32 {
+    return side_row(h, SIDE_ROWS) + (pos % RECENT + select(0u, RECENT, is_v)) * (HEAD_DIM / 2u);
+}
+
+// Elements 4c..4c+3 of the exact row of position pos of K or V: its sink row if pos < SINKS,
+// else its recent ring row (the caller knows the ring holds pos).
+fn exact4(h: u32, pos: u32, is_v: bool, c: u32) -> vec4<f32> {
+    if pos < SINKS {
+        let o = sink_row(h, pos, is_v) + 4u * c;
+        return bitcast<vec4<f32>>(vec4<u32>(sw(o), sw(o + 1u), sw(o + 2u), sw(o + 3u)));
+    }
+    let o = recent_row(h, pos, is_v) + 2u * c;
+    return vec4<f32>(unpack2x16float(sw(o)), unpack2x16float(sw(o + 1u)));
 }
 
 fn sgn(i: u32) -> f32 {

@@ -10,13 +10,13 @@
 //   - the side buffer (kv_quant_common.wgsl): compressed keys are centered on mu_k, so
 //     their logits get q.mu_k back (computed once per head from the unrotated q; a
 //     constant shift, but it matters against the exact sink positions, a sink logit and
-//     softcap); positions 0..SINKS are read exact from their side rows instead of the
-//     packed tile.
+//     softcap); positions 0..SINKS and win_lo..kv_hi (the recent ring) are read exact
+//     from their side rows instead of the packed tile, and get no q.mu_k (not centered).
 // GQA, sliding window (kv_lo), softcap and sinks as in sdpa.wgsl.
 //
 // Bindings: 0 q f32, 1 k cache u32, 2 v cache u32, 3 part_o f32, 4 part_ml f32
-// [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out f32 (reduce), 7 side f32
-// [kv_heads, SIDE_ROWS, HEAD_DIM] (decode).
+// [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out f32 (reduce), 7 side u32
+// [kv_heads, side_words()] (decode).
 struct Params {
     n_heads: u32,
     kv_heads: u32,
@@ -40,8 +40,9 @@ struct Params {
     _pad: u32,
     row_words: u32,
     inv_sqrt_d: f32,
+    // Positions win_lo..kv_hi are in the exact recent ring (kv_quant.rs: exact_from).
+    win_lo: u32,
     _pad1: u32,
-    _pad2: u32,
     cb: array<vec4<f32>, 4>,
     cb2: vec4<f32>,
     signs: array<vec4<u32>, 4>,
@@ -60,7 +61,7 @@ const M_INIT: f32 = -3.0e38;
 @group(0) @binding(4) var<storage, read_write> part_ml: array<f32>;
 @group(0) @binding(5) var<storage, read> sinks: array<f32>;
 @group(0) @binding(6) var<storage, read_write> out: array<f32>;
-@group(0) @binding(7) var<storage, read> side: array<f32>;
+@group(0) @binding(7) var<storage, read> side: array<u32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
 // Words per row (KvFormat::row_words).
@@ -88,6 +89,15 @@ fn wd(is_v: bool, i: u32) -> u32 {
         return vt_sh[i];
     }
     return kt_sh[i];
+}
+
+fn sw(i: u32) -> u32 {
+    return side[view(7u) + i];
+}
+
+// Position pos (< kv_hi) is read from an exact side row: a sink or in the recent ring.
+fn is_exact(pos: u32) -> bool {
+    return pos < SINKS || pos >= p.win_lo;
 }
 
 fn logit(dot_qk: f32) -> f32 {
@@ -179,13 +189,12 @@ fn store_words(b: u32, lid: u32, r: KvWords) {
 }
 
 // Elements 4c..4c + 3 of key (is_v false) or value j of the tile at position t0: packed
-// row j of the staged tile, or for a sink position its exact side row (positions past
-// kv_hi, never written, read the tile's zero words like any key past the split's end).
+// row j of the staged tile, or for a sink or recent position its exact side row (positions
+// past kv_hi read the tile's zero words like any key past the split's end).
 fn kv4(is_v: bool, kvh: u32, t0: u32, j: u32, c: u32) -> vec4<f32> {
     let pos = t0 + j;
-    if pos < SINKS && pos < p.kv_hi {
-        let o = view(7u) + sink_row(kvh, pos, is_v) + 4u * c;
-        return vec4<f32>(side[o], side[o + 1u], side[o + 2u], side[o + 3u]);
+    if pos < p.kv_hi && is_exact(pos) {
+        return exact4(kvh, pos, is_v, c);
     }
     return deq4(is_v, j * RWP, c);
 }
@@ -244,7 +253,7 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
             let qo = view(0u) + (h0 + lid) * HEAD_DIM;
             let mo = view(7u) + side_row(kvh, 0u);
             for (var d = 0u; d < HEAD_DIM; d++) {
-                acc += q[qo + d] * side[mo + d];
+                acc += q[qo + d] * bitcast<f32>(side[mo + d]);
             }
         }
         qmu_sh[lid / 4u][lid % 4u] = acc;
@@ -330,7 +339,7 @@ fn sdpa_quant_decode(@builtin(workgroup_id) wid: vec3<u32>,
                 d += scr4((s * KT + pk) * GQ + pq);
             }
             if valid {
-                if t0 + pk >= SINKS {
+                if !is_exact(t0 + pk) {
                     d += qmu_sh[pq];
                 }
                 sv = vec4<f32>(logit(d.x), logit(d.y), logit(d.z), logit(d.w));
