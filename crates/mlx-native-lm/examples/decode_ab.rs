@@ -22,17 +22,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = 128;
     let none = Folding::NONE;
     let default = Folding::DEFAULT;
-    // (label, folding, qmv's x quantization: None = the default rule)
-    let variants: [(&str, Folding, Option<u32>); 6] = [
-        ("separate", none, None),
-        ("default", default, None),
-        ("default, int8 x", default, Some(1)),
+    // (label, folding, qmv's x quantization: None = the default rule; the routed matvec's
+    // rows per row-block: None = the plan's)
+    let variants: [(&str, Folding, Option<u32>, Option<u32>); 7] = [
+        ("separate", none, None, None),
+        ("default", default, None, None),
+        ("default, int8 x", default, Some(1), None),
+        ("default, gqmv rpt 2 (before)", default, None, Some(2)),
         (
             "default +norms",
             Folding {
                 norms: true,
                 ..default
             },
+            None,
             None,
         ),
         (
@@ -42,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..default
             },
             None,
+            None,
         ),
         (
             "default +glu",
@@ -49,6 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 glu: true,
                 ..default
             },
+            None,
             None,
         ),
     ];
@@ -64,11 +69,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut times = vec![Vec::new(); variants.len()];
     let mut dispatches = vec![0; variants.len()];
     for round in 0..rounds {
-        for (vi, &(_, fold, xq)) in variants.iter().enumerate() {
+        for (vi, &(_, fold, xq, gqmv_rpt)) in variants.iter().enumerate() {
             for l in &mut m.layers {
                 l.fold = fold;
             }
             ops::qmatmul::set_qmv_xq(xq)?;
+            ops::moe::set_gqmv_rpt(gqmv_rpt)?;
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);
                 let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;
