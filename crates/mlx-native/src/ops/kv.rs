@@ -101,6 +101,36 @@ fn cache_shape(op: &str, k_cache: &MlxBuffer, v_cache: &MlxBuffer) -> Result<[us
     Ok([kv_heads, slots, head_dim])
 }
 
+/// The cache-write fields of the params of writing `tokens` rows at position `start` into a
+/// cache of `[kv_heads, slots, head_dim]` (kv_append, rope_append), once the rows are known
+/// not to overwrite each other.
+fn write_params(
+    op: &str,
+    tokens: usize,
+    [kv_heads, slots, head_dim]: [usize; 3],
+    k_cache: &MlxBuffer,
+    start: usize,
+) -> Result<KvParams> {
+    check::ensure(tokens <= slots, op, || {
+        format!("{tokens} tokens do not fit {slots} slots without overwriting each other")
+    })?;
+    // f16 rows are written two elements to a word.
+    let row_words = if k_cache.dtype() == DType::F16 {
+        head_dim / 2
+    } else {
+        head_dim
+    };
+    Ok(KvParams {
+        tokens: tokens as u32,
+        kv_heads: kv_heads as u32,
+        head_dim: head_dim as u32,
+        slots: check::fits_u32(slots, op, "slots")?,
+        start: check::fits_u32(start, op, "start")?,
+        row_words: row_words as u32,
+        ..KvParams::default()
+    })
+}
+
 /// Write `k_new`, `v_new` (f32 `[T, kv_heads, head_dim]`) into `k_cache`, `v_cache`
 /// (`[1, kv_heads, slots, head_dim]`, f16 or f32) at positions `start..start + T`, slot
 /// `position % slots`. The caller guarantees that no two of the T positions share a slot
@@ -127,25 +157,9 @@ pub fn kv_append(
         }
     };
     check::same_shape(k_new, v_new, op, "k_new", "v_new")?;
-    check::ensure(tokens <= slots, op, || {
-        format!("{tokens} tokens do not fit {slots} slots without overwriting each other")
-    })?;
-    let row_words = if k_cache.dtype() == DType::F16 {
-        head_dim / 2
-    } else {
-        head_dim
-    };
-    let items = check::fits_u32(tokens * kv_heads * row_words, op, "words")?;
-    let params = KvParams {
-        tokens: tokens as u32,
-        kv_heads: kv_heads as u32,
-        head_dim: head_dim as u32,
-        slots: check::fits_u32(slots, op, "slots")?,
-        start: check::fits_u32(start, op, "start")?,
-        row_words: row_words as u32,
-        items,
-        ..KvParams::default()
-    };
+    let mut params = write_params(op, tokens, [kv_heads, slots, head_dim], k_cache, start)?;
+    let items = check::fits_u32(tokens * kv_heads * params.row_words as usize, op, "words")?;
+    params.items = items;
     pass.dispatch(
         Kernel::Kv,
         Spec::new("kv_append", k_cache.dtype(), WG),
@@ -209,9 +223,7 @@ pub fn rope_append(
     };
     check::dtype(args.positions, &[DType::U32], op, "positions")?;
     check::len(args.positions, tokens, op, "positions")?;
-    check::ensure(tokens <= slots, op, || {
-        format!("{tokens} tokens do not fit {slots} slots without overwriting each other")
-    })?;
+    let base = write_params(op, tokens, [kv_heads, slots, head_dim], k_cache, start)?;
     if let Some((qw, kw, _)) = args.qk_norm {
         for (w, name) in [(qw, "q norm weight"), (kw, "k norm weight")] {
             check::dtype(w, &[DType::F32], op, name)?;
@@ -219,24 +231,13 @@ pub fn rope_append(
         }
     }
     let rows = check::fits_u32(tokens * heads, op, "rows")?;
-    let row_words = if k_cache.dtype() == DType::F16 {
-        head_dim / 2
-    } else {
-        head_dim
-    };
     let params = KvParams {
-        tokens: tokens as u32,
-        kv_heads: kv_heads as u32,
-        head_dim: head_dim as u32,
-        slots: check::fits_u32(slots, op, "slots")?,
-        start: check::fits_u32(start, op, "start")?,
-        row_words: row_words as u32,
-        items: 0,
         n_heads: check::fits_u32(args.n_heads, op, "n_heads")?,
         half: (head_dim / 2) as u32,
         rot_half: (cfg.rotary_dims / 2) as u32,
         mscale: args.rope.attention_scale(),
         eps: args.qk_norm.map_or(0.0, |(_, _, eps)| eps),
+        ..base
     };
     let q = pass.alloc(DType::F32, &[tokens, args.n_heads, head_dim])?;
     let spec = rope_append_spec(

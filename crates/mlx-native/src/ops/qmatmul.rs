@@ -154,11 +154,17 @@ pub fn set_qmv_xq(xq: Option<u32>) -> Result<()> {
 /// The qmv shape for a weight of `n` rows and `k` columns.
 pub(crate) fn qmv_config(n: usize, k: usize) -> QmvConfig {
     let mut cfg = qmv_shape(n, k);
-    let xq = QMV_XQ.load(std::sync::atomic::Ordering::Relaxed);
-    if xq != 0 {
-        cfg.xq = xq - 1;
+    if let Some(xq) = forced_xq() {
+        cfg.xq = xq;
     }
     cfg
+}
+
+/// What `set_qmv_xq` forces, if anything.
+fn forced_xq() -> Option<u32> {
+    QMV_XQ
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .checked_sub(1)
 }
 
 fn qmv_shape(n: usize, k: usize) -> QmvConfig {
@@ -385,10 +391,7 @@ pub(crate) fn default_xq(params: QuantParams) -> u32 {
     if !xq_applies(params) {
         return 0;
     }
-    match QMV_XQ.load(std::sync::atomic::Ordering::Relaxed) {
-        0 => QMV_DEFAULT_XQ,
-        v => v - 1,
-    }
+    forced_xq().unwrap_or(QMV_DEFAULT_XQ)
 }
 
 fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool, fuse: u32) -> Result<Spec> {
