@@ -1174,6 +1174,10 @@ pub struct ShapeReport {
     pub linears: Vec<LinearRow>,
     /// Kernels by GPU time in one decode step at the first context, largest first.
     pub top_kernels: Vec<KernelShare>,
+    /// Sum of per-dispatch GPU timestamps of one profiled prefill chunk.
+    pub prefill_gpu_us: Option<f64>,
+    /// Kernels by GPU time in that prefill chunk, largest first.
+    pub prefill_kernels: Vec<KernelShare>,
 }
 
 impl ShapeReport {
@@ -1196,6 +1200,8 @@ impl ShapeReport {
             checks: None,
             linears: Vec::new(),
             top_kernels: Vec::new(),
+            prefill_gpu_us: None,
+            prefill_kernels: Vec::new(),
         }
     }
 }
@@ -1637,6 +1643,14 @@ pub fn bench_shape(
         report.prefill_tokens = n;
         report.prefill_tok_s = Some(n as f64 / median(t));
         say("prefill timed");
+        if profile {
+            // One more chunk with a timestamp around every dispatch: where prefill goes.
+            let mut pass = gpu.begin().with_profiling(true);
+            m.forward(&mut pass, &ids, 0, &mut cache)?;
+            let timings = pass.commit_and_wait()?;
+            report.prefill_gpu_us = Some(timings.iter().map(|k| k.nanos).sum::<f64>() / 1e3);
+            report.prefill_kernels = top_kernels(&[timings]);
+        }
     }
     if opts.per_linear && profile {
         let step = report.contexts.first().and_then(|r| r.gpu_us_per_token);
@@ -1737,7 +1751,7 @@ impl DecodeReport {
             self.bandwidth.gb_s
         );
         for r in &self.shapes {
-            if r.linears.is_empty() && r.top_kernels.is_empty() {
+            if r.linears.is_empty() && r.top_kernels.is_empty() && r.prefill_kernels.is_empty() {
                 continue;
             }
             s.push_str(&format!(
@@ -1767,6 +1781,18 @@ impl DecodeReport {
             for k in r.top_kernels.iter().take(6) {
                 s.push_str(&format!(
                     "  kernel {:<44} x{:<4} {:>9.1} us\n",
+                    k.label, k.count, k.gpu_us
+                ));
+            }
+            if let Some(us) = r.prefill_gpu_us {
+                s.push_str(&format!(
+                    "  prefill of {} tokens: {:.0} us of GPU time (profiled)\n",
+                    r.prefill_tokens, us
+                ));
+            }
+            for k in r.prefill_kernels.iter().take(6) {
+                s.push_str(&format!(
+                    "  prefill {:<43} x{:<4} {:>9.1} us\n",
                     k.label, k.count, k.gpu_us
                 ));
             }

@@ -564,6 +564,43 @@ mod tests {
     use super::*;
 
     #[test]
+    fn coop_kernels_translate_to_spirv() -> Result<()> {
+        // naga's SPIR-V backend is the path to NVIDIA's tensor cores; it has panicked on
+        // index expressions inside coopLoad before (see ARCHITECTURE.md). No GPU needed.
+        for (kernel, spec) in crate::ops::all_specs()? {
+            if !matches!(kernel, Kernel::SdpaCoop | Kernel::MatmulCoop) {
+                continue;
+            }
+            let src = preprocess(kernel, &spec, true)?;
+            let (module, info) = parse_and_validate(kernel, &spec, &src)?;
+            let mut constants = naga::back::PipelineConstants::default();
+            for (name, value) in spec.constants() {
+                constants.insert(name.to_string(), value);
+            }
+            let stage = naga::ShaderStage::Compute;
+            let (module, info) = naga::back::pipeline_constants::process_overrides(
+                &module,
+                &info,
+                Some((stage, spec.entry)),
+                &constants,
+            )
+            .map_err(|e| MlxError::invalid(format!("{e:?}")))?;
+            let opts = naga::back::spv::Options {
+                lang_version: (1, 3),
+                ..Default::default()
+            };
+            let pipeline = naga::back::spv::PipelineOptions {
+                shader_stage: stage,
+                entry_point: spec.entry.to_string(),
+            };
+            let words = naga::back::spv::write_vec(&module, &info, &opts, Some(&pipeline))
+                .map_err(|e| MlxError::invalid(format!("{}: {e:?}", spec.label(kernel))))?;
+            assert!(words.len() > 100);
+        }
+        Ok(())
+    }
+
+    #[test]
     fn preprocessor_selects_branches() -> Result<()> {
         let spec = Spec::new("main", DType::BF16, 64).with_subgroups(true);
         let src = preprocess(Kernel::Norm, &spec, false)?;

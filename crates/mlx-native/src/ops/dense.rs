@@ -15,7 +15,7 @@ use crate::error::Result;
 use crate::kernels::{Kernel, Spec};
 
 use super::qmatmul::{
-    coop_entry, plan, MatmulPlan, COOP_SG, TILED_BLOCK, TILED_WG, VEC_RPTS, VEC_WG,
+    coop_entry, coop_groups, plan, MatmulPlan, COOP_SG, TILED_BLOCK, TILED_WG, VEC_RPTS, VEC_WG,
 };
 
 #[repr(C)]
@@ -105,9 +105,7 @@ pub fn matmul(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer) -> Result<MlxBuffer
             pass.dispatch(Kernel::Dense, spec, &params, &[x, w, &y], groups)?;
         }
         MatmulPlan::Coop { tile } => {
-            let block = 4 * tile as usize;
-            let tiles = m.div_ceil(block) * n.div_ceil(block);
-            let groups = check::fits_u32(tiles, op, "workgroups")?;
+            let groups = coop_groups(tile, m, n, op)?;
             let spec = Spec::new(coop_entry(tile, false), w.dtype(), 4 * COOP_SG);
             let cp = CoopParams {
                 m: mu,
@@ -225,6 +223,8 @@ pub(crate) mod tests {
                 (9, 70, 37, DType::BF16),
                 (33, 65, 100, DType::F32),
                 (130, 17, 64, DType::F16),
+                // Several 64 x 128 cooperative blocks, tails in M, N and K.
+                (200, 300, 200, DType::BF16),
             ] {
                 let x = rng.normals(m * k, 1.0);
                 let wv = rng.normals(n * k, 0.5);

@@ -32,9 +32,12 @@
 //!   invocation), K in steps of 32, x and dequantized W tiles in 16 KiB of workgroup memory
 //!   (lavapipe allows 32 KiB). Neighbouring workgroups share a W tile (M blocks vary fastest).
 //! - **Cooperative matrix** (when `Caps::coop_tile(16)` or `(8)`, f16 shaders, and a fixed
-//!   subgroup size of 32): 4 subgroups per workgroup, each 2 x 2 tiles; x and W go to f16 in
-//!   workgroup memory, accumulate in f32. Not runnable on lavapipe: its test runs where the
-//!   adapter has cooperative matrices and is skipped (with a note) elsewhere.
+//!   subgroup size of 32): 4 subgroups per workgroup. 16 x 16 tiles: 128 W rows x 64 x rows
+//!   per workgroup, 4 x 2 tiles per subgroup, K in steps of 64 whose global reads are in
+//!   flight during the previous step's multiply-adds; 8 x 8 tiles: 32 x 32, 2 x 2 per
+//!   subgroup. x and W go to f16 in workgroup memory, accumulate in f32. Not runnable on
+//!   lavapipe: its test runs where the adapter has cooperative matrices and is skipped
+//!   (with a note) elsewhere.
 //! - x must start at a multiple of 4 elements for the vec4 loads: other views are copied
 //!   first (one small dispatch).
 //!
@@ -269,7 +272,9 @@ pub(crate) const TILED_WG: u32 = 256;
 pub(crate) const TILED_BLOCK: usize = 64;
 /// Subgroup size the cooperative kernels are built for (4 subgroups per workgroup).
 pub(crate) const COOP_SG: u32 = 32;
-const COOP_WORKGROUP_BYTES: u32 = 24 * 1024;
+/// Workgroup memory of the largest cooperative kernel (`coop16`: the W and x tiles and one
+/// output tile per subgroup).
+const COOP_WORKGROUP_BYTES: u32 = 30 * 1024;
 const DEQUANT_WG: u32 = 256;
 
 /// Which kernel a matmul of a given shape runs, and how. A pure function of the shapes and
@@ -400,6 +405,13 @@ fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool, fuse: u32)
     Ok(qspec("qmv", params, dt, cfg.wg)?
         .with_const("QMV", packed)?
         .with_subgroups(sg))
+}
+
+/// Workgroups of the cooperative kernels for `y[M, N]`: blocks of 64 x rows by 128 W rows
+/// with 16 x 16 tiles (`coop16`), 32 by 32 with 8 x 8 tiles.
+pub(crate) fn coop_groups(tile: u32, m: usize, n: usize, op: &str) -> Result<u32> {
+    let (bm, bn) = if tile == 16 { (64, 128) } else { (32, 32) };
+    check::fits_u32(m.div_ceil(bm) * n.div_ceil(bn), op, "workgroups")
 }
 
 pub(crate) fn coop_entry(tile: u32, quant: bool) -> &'static str {
@@ -729,9 +741,7 @@ fn run(
         }
         MatmulPlan::Coop { tile } => {
             let spec = qspec(coop_entry(tile, true), w.params(), dt, 4 * COOP_SG)?;
-            let block = 4 * tile as usize;
-            let tiles = m.div_ceil(block) * n.div_ceil(block);
-            let groups = check::fits_u32(tiles, op, "workgroups")?;
+            let groups = coop_groups(tile, m, n, op)?;
             let bufs = [x, w.packed(), w.scales(), biases, &y, w.packed()];
             pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups)?;
         }

@@ -505,6 +505,9 @@ fn cooperative_matrix_path_where_available() {
         (64usize, 64usize, 64usize, 4u32),
         (100, 130, 320, 3),
         (17, 33, 96, 8),
+        // Several 64 x 128 blocks of the 16 x 16 kernel, tails in M and N, an odd number
+        // of chunks (the last K step half empty).
+        (200, 300, 352, 4),
     ] {
         run_case(
             g,

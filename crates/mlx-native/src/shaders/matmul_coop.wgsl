@@ -103,53 +103,269 @@ fn store_ct(lid: u32, o: vec3<u32>, bsz: u32) {
     }
 }
 
-// T = 16.
-fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, quant: bool) {
-    let T = 16u;
-    let bsz = 4u * T;
-    let o = block_origin(flat_wg(wid, nwg), bsz);
-    // Sub-block of this subgroup: rows sm.., columns sn.. of the block.
-    let sm = (sg / 2u) * 2u * T;
-    let sn = (sg % 2u) * 2u * T;
-    zero_ct(lid, bsz);
-    workgroupBarrier();
-    let c00o = sm * bsz + sn;
-    let c01o = sm * bsz + sn + T;
-    let c10o = (sm + T) * bsz + sn;
-    let c11o = (sm + T) * bsz + sn + T;
-    var c00 = coopLoad<coop_mat16x16<f32, C>>(&ct[c00o], bsz);
-    var c01 = coopLoad<coop_mat16x16<f32, C>>(&ct[c01o], bsz);
-    var c10 = coopLoad<coop_mat16x16<f32, C>>(&ct[c10o], bsz);
-    var c11 = coopLoad<coop_mat16x16<f32, C>>(&ct[c11o], bsz);
-    for (var k0 = 0u; k0 < p.k; k0 += BK) {
-        workgroupBarrier();
-        load_tiles(lid, o, k0, bsz, quant);
-        workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk += T) {
-            // A role: W tile [kk.., sn + i*T..] (row-major [BK][bsz]).
-            let a0o = kk * bsz + sn;
-            let a1o = kk * bsz + sn + T;
-            // B role: x tile [sm + j*T.., kk..] (row-major [bsz][BK]).
-            let b0o = sm * BK + kk;
-            let b1o = (sm + T) * BK + kk;
-            let a0 = coopLoad<coop_mat16x16<f16, A>>(&wt[a0o], bsz);
-            let a1 = coopLoad<coop_mat16x16<f16, A>>(&wt[a1o], bsz);
-            let b0 = coopLoad<coop_mat16x16<f16, B>>(&xt[b0o], BK);
-            let b1 = coopLoad<coop_mat16x16<f16, B>>(&xt[b1o], BK);
-            // cJI holds y rows sm + J*T.., columns sn + I*T...
-            c00 = coopMultiplyAdd(a0, b0, c00);
-            c01 = coopMultiplyAdd(a1, b0, c01);
-            c10 = coopMultiplyAdd(a0, b1, c10);
-            c11 = coopMultiplyAdd(a1, b1, c11);
+// T = 16 (NVIDIA): a workgroup owns NB = 128 W rows x MB = 64 x rows of y; subgroup sg owns
+// W rows sn.. (64, 4 tiles) x x rows sm.. (32, 2 tiles): 8 accumulators, 6 fragment loads
+// per 8 multiply-adds. K goes in steps of KB = 64 (two chunks). Each step's global reads
+// (the quantized W words, scales, biases and x) are issued into registers before the
+// previous step's multiply-adds, so their latency hides behind them; dequantization and
+// the f16 conversion happen when the registers are written to the tiles. Tile rows are
+// padded by 8 halves so the column-major fragment loads spread over the banks.
+const NB: u32 = 128u;
+const MB: u32 = 64u;
+const KB: u32 = 64u;
+const WTS: u32 = 136u;
+const XTS: u32 = 72u;
+
+var<workgroup> wt16: array<f16, 8704>; // [KB][WTS]: W tile, k-major (A role: [n, k])
+var<workgroup> xt16: array<f16, 4608>; // [MB][XTS]: x tile, row-major (B role: [k, m])
+var<workgroup> cs16: array<f32, 1024>; // one 16 x 16 output tile per subgroup
+
+// Registers carried from one K step's global reads to its tiles.
+struct Pre {
+    // Chunks of W slots lid and lid + WG (slot s: row s / 2, chunk s % 2 of the step).
+    wa: array<u32, 8>,
+    wb: array<u32, 8>,
+    sa: f32,
+    ba: f32,
+    sb: f32,
+    bb: f32,
+    // x elements lid + WG * i (i < 8) of the step's MB x KB x tile, as vec4 of 4 columns.
+    x0: vec4<f32>,
+    x1: vec4<f32>,
+    x2: vec4<f32>,
+    x3: vec4<f32>,
+    x4: vec4<f32>,
+    x5: vec4<f32>,
+    x6: vec4<f32>,
+    x7: vec4<f32>,
+}
+
+fn x_at(m: u32, k: u32) -> f32 {
+    if m < p.m && k < p.k {
+        return x[view(0u) + m * p.k + k];
+    }
+    return 0.0;
+}
+
+// Four x columns of vec4 slot e of the tile at (m0, k0): row e / 16, columns 4 * (e % 16)...
+fn x4(e: u32, m0: u32, k0: u32) -> vec4<f32> {
+    let m = m0 + e / 16u;
+    let k = k0 + (e % 16u) * 4u;
+    return vec4<f32>(x_at(m, k), x_at(m, k + 1u), x_at(m, k + 2u), x_at(m, k + 3u));
+}
+
+fn put_x4(e: u32, v: vec4<f32>) {
+    let o = (e / 16u) * XTS + (e % 16u) * 4u;
+    xt16[o] = f16(v.x);
+    xt16[o + 1u] = f16(v.y);
+    xt16[o + 2u] = f16(v.z);
+    xt16[o + 3u] = f16(v.w);
+}
+
+// The BITS words of chunk c of W row n; zeros past the row's last chunk.
+fn w_chunk(n: u32, c: u32) -> array<u32, 8> {
+    var w: array<u32, 8>;
+    if c < p.k / 32u {
+        let o = view(1u) + n * p.wpr + c * BITS;
+        let l = BITS - 1u;
+        w = array<u32, 8>(packed[o], packed[o + min(1u, l)], packed[o + min(2u, l)],
+                          packed[o + min(3u, l)], packed[o + min(4u, l)],
+                          packed[o + min(5u, l)], packed[o + min(6u, l)],
+                          packed[o + min(7u, l)]);
+    }
+    return w;
+}
+
+// Scale (or bias) of chunk c of row n: 0 past the row's end, so that chunk decodes to 0.
+fn chunk_scale(n: u32, c: u32, bias: bool) -> f32 {
+    if c >= p.k / 32u {
+        return 0.0;
+    }
+    let g = n * p.gpr + (c * 32u) / GROUP_SIZE;
+    return select(scale_at(g), bias_at(g), bias);
+}
+
+fn fetch(lid: u32, n0: u32, m0: u32, k0: u32, quant: bool) -> Pre {
+    var r: Pre;
+    if quant {
+        let c = k0 / 32u + (lid & 1u);
+        let na = min(n0 + lid / 2u, p.n - 1u);
+        let nb = min(n0 + (lid + WG) / 2u, p.n - 1u);
+        r.wa = w_chunk(na, c);
+        r.wb = w_chunk(nb, c);
+        r.sa = chunk_scale(na, c, false);
+        r.ba = chunk_scale(na, c, true);
+        r.sb = chunk_scale(nb, c, false);
+        r.bb = chunk_scale(nb, c, true);
+    }
+    r.x0 = x4(lid, m0, k0);
+    r.x1 = x4(lid + WG, m0, k0);
+    r.x2 = x4(lid + 2u * WG, m0, k0);
+    r.x3 = x4(lid + 3u * WG, m0, k0);
+    r.x4 = x4(lid + 4u * WG, m0, k0);
+    r.x5 = x4(lid + 5u * WG, m0, k0);
+    r.x6 = x4(lid + 6u * WG, m0, k0);
+    r.x7 = x4(lid + 7u * WG, m0, k0);
+    return r;
+}
+
+// Codes 4i..4i+3 of chunk w (its scale s, bias b) into tile column n, rows k..k+3.
+fn put_w4(w: array<u32, 8>, i: u32, s: f32, b: f32, n: u32, k: u32) {
+    let v = fma(codes4(w, i), vec4<f32>(s), vec4<f32>(b));
+    let o = k * WTS + n;
+    wt16[o] = f16(v.x);
+    wt16[o + WTS] = f16(v.y);
+    wt16[o + 2u * WTS] = f16(v.z);
+    wt16[o + 3u * WTS] = f16(v.w);
+}
+
+fn put_chunk(w: array<u32, 8>, s: f32, b: f32, slot: u32) {
+    let n = slot / 2u;
+    let k = (slot & 1u) * 32u;
+    put_w4(w, 0u, s, b, n, k);
+    put_w4(w, 1u, s, b, n, k + 4u);
+    put_w4(w, 2u, s, b, n, k + 8u);
+    put_w4(w, 3u, s, b, n, k + 12u);
+    put_w4(w, 4u, s, b, n, k + 16u);
+    put_w4(w, 5u, s, b, n, k + 20u);
+    put_w4(w, 6u, s, b, n, k + 24u);
+    put_w4(w, 7u, s, b, n, k + 28u);
+}
+
+// Dense W straight into the tile (element e: row e / KB, column e % KB: coalesced reads).
+fn put_dense(lid: u32, n0: u32, k0: u32) {
+    for (var e = lid; e < NB * KB; e += WG) {
+        let r = e / KB;
+        let k = e % KB;
+        let n = n0 + r;
+        var v = 0.0;
+        if n < p.n && k0 + k < p.k {
+            v = dense_at(n * p.k + k0 + k);
+        }
+        wt16[k * WTS + r] = f16(v);
+    }
+}
+
+fn put(r: Pre, lid: u32, n0: u32, k0: u32, quant: bool) {
+    if quant {
+        put_chunk(r.wa, r.sa, r.ba, lid);
+        put_chunk(r.wb, r.sb, r.bb, lid + WG);
+    } else {
+        put_dense(lid, n0, k0);
+    }
+    put_x4(lid, r.x0);
+    put_x4(lid + WG, r.x1);
+    put_x4(lid + 2u * WG, r.x2);
+    put_x4(lid + 3u * WG, r.x3);
+    put_x4(lid + 4u * WG, r.x4);
+    put_x4(lid + 5u * WG, r.x5);
+    put_x4(lid + 6u * WG, r.x6);
+    put_x4(lid + 7u * WG, r.x7);
+}
+
+// Output tile of subgroup sg, staged in cs16, to y rows m.., columns n.. (lane: 8 elements,
+// consecutive lanes on consecutive columns).
+fn write_tile(sg: u32, lane: u32, n: u32, m: u32, valid: bool) {
+    for (var t = 0u; t < 8u; t++) {
+        let e = lane + 32u * t;
+        let nn = n + e % 16u;
+        let mm = m + e / 16u;
+        if valid && nn < p.n && mm < p.m {
+            y[view(4u) + mm * p.n + nn] = cs16[sg * 256u + e];
         }
     }
+}
+
+fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, lane: u32, quant: bool) {
+    let t = flat_wg(wid, nwg);
+    let nbm = (p.m + MB - 1u) / MB;
+    let nbn = (p.n + NB - 1u) / NB;
+    // M blocks vary fastest so neighbouring workgroups share W tiles (from L2). Workgroups
+    // past the grid (folding) compute the last block and store nothing: no early return
+    // around cooperative-matrix operations.
+    let valid = t < nbm * nbn;
+    let tc = min(t, nbm * nbn - 1u);
+    let m0 = (tc % nbm) * MB;
+    let n0 = (tc / nbm) * NB;
+    let sn = (sg % 2u) * 64u;
+    let sm = (sg / 2u) * 32u;
+    // cIJ: W rows sn + 16 I.., x rows sm + 16 J...
+    var c00 = coop_mat16x16<f32, C>();
+    var c01 = coop_mat16x16<f32, C>();
+    var c10 = coop_mat16x16<f32, C>();
+    var c11 = coop_mat16x16<f32, C>();
+    var c20 = coop_mat16x16<f32, C>();
+    var c21 = coop_mat16x16<f32, C>();
+    var c30 = coop_mat16x16<f32, C>();
+    var c31 = coop_mat16x16<f32, C>();
+    let steps = (p.k + KB - 1u) / KB;
+    var r = fetch(lid, n0, m0, 0u, quant);
+    for (var s = 0u; s < steps; s++) {
+        let k0 = s * KB;
+        workgroupBarrier();
+        put(r, lid, n0, k0, quant);
+        workgroupBarrier();
+        if s + 1u < steps {
+            r = fetch(lid, n0, m0, k0 + KB, quant);
+        }
+        for (var kk = 0u; kk < KB; kk += 16u) {
+            let a0o = kk * WTS + sn;
+            let a1o = kk * WTS + sn + 16u;
+            let a2o = kk * WTS + sn + 32u;
+            let a3o = kk * WTS + sn + 48u;
+            let b0o = sm * XTS + kk;
+            let b1o = (sm + 16u) * XTS + kk;
+            let a0 = coopLoad<coop_mat16x16<f16, A>>(&wt16[a0o], WTS);
+            let a1 = coopLoad<coop_mat16x16<f16, A>>(&wt16[a1o], WTS);
+            let a2 = coopLoad<coop_mat16x16<f16, A>>(&wt16[a2o], WTS);
+            let a3 = coopLoad<coop_mat16x16<f16, A>>(&wt16[a3o], WTS);
+            let b0 = coopLoad<coop_mat16x16<f16, B>>(&xt16[b0o], XTS);
+            let b1 = coopLoad<coop_mat16x16<f16, B>>(&xt16[b1o], XTS);
+            c00 = coopMultiplyAdd(a0, b0, c00);
+            c01 = coopMultiplyAdd(a0, b1, c01);
+            c10 = coopMultiplyAdd(a1, b0, c10);
+            c11 = coopMultiplyAdd(a1, b1, c11);
+            c20 = coopMultiplyAdd(a2, b0, c20);
+            c21 = coopMultiplyAdd(a2, b1, c21);
+            c30 = coopMultiplyAdd(a3, b0, c30);
+            c31 = coopMultiplyAdd(a3, b1, c31);
+        }
+    }
+    let so = sg * 256u;
+    let n = n0 + sn;
+    let m = m0 + sm;
+    // Column-major stores of yᵀ tiles: element (n, m) at cs16[so + m * 16 + n].
+    coopStore(c00, &cs16[so], 16u);
     workgroupBarrier();
-    coopStore(c00, &ct[c00o], bsz);
-    coopStore(c01, &ct[c01o], bsz);
-    coopStore(c10, &ct[c10o], bsz);
-    coopStore(c11, &ct[c11o], bsz);
+    write_tile(sg, lane, n, m, valid);
     workgroupBarrier();
-    store_ct(lid, o, bsz);
+    coopStore(c01, &cs16[so], 16u);
+    workgroupBarrier();
+    write_tile(sg, lane, n, m + 16u, valid);
+    workgroupBarrier();
+    coopStore(c10, &cs16[so], 16u);
+    workgroupBarrier();
+    write_tile(sg, lane, n + 16u, m, valid);
+    workgroupBarrier();
+    coopStore(c11, &cs16[so], 16u);
+    workgroupBarrier();
+    write_tile(sg, lane, n + 16u, m + 16u, valid);
+    workgroupBarrier();
+    coopStore(c20, &cs16[so], 16u);
+    workgroupBarrier();
+    write_tile(sg, lane, n + 32u, m, valid);
+    workgroupBarrier();
+    coopStore(c21, &cs16[so], 16u);
+    workgroupBarrier();
+    write_tile(sg, lane, n + 32u, m + 16u, valid);
+    workgroupBarrier();
+    coopStore(c30, &cs16[so], 16u);
+    workgroupBarrier();
+    write_tile(sg, lane, n + 48u, m, valid);
+    workgroupBarrier();
+    coopStore(c31, &cs16[so], 16u);
+    workgroupBarrier();
+    write_tile(sg, lane, n + 48u, m + 16u, valid);
 }
 
 // T = 8: the same with 8 x 8 tiles.
@@ -199,14 +415,16 @@ fn coop8(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, quant: bool) {
 
 @compute @workgroup_size(WG)
 fn qmm_coop16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-              @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32) {
-    coop16(wid, nwg, lid, sg, true);
+              @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32,
+              @builtin(subgroup_invocation_id) lane: u32) {
+    coop16(wid, nwg, lid, sg, lane, true);
 }
 
 @compute @workgroup_size(WG)
 fn matmul_coop16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                 @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32) {
-    coop16(wid, nwg, lid, sg, false);
+                 @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32,
+                 @builtin(subgroup_invocation_id) lane: u32) {
+    coop16(wid, nwg, lid, sg, lane, false);
 }
 
 @compute @workgroup_size(WG)
