@@ -22,6 +22,7 @@ mlx-native bench load --mib 4096 --json "$out/bench_load.json" 2>&1 | tee -a "$o
 mlx-native bench decode --shape all --json "$out/bench_decode.json" 2>&1 | tee -a "$out/bench.txt"
 python3 scripts/bench/torch_copy.py 2>&1 | tee -a "$out/bench.txt"
 python3 scripts/bench/torch_sdpa.py 2>&1 | tee -a "$out/bench.txt"
+python3 scripts/bench/torch_matmul.py 2>&1 | tee -a "$out/bench.txt"
 # Decode variants (fusions) timed interleaved in one process, when the example is staged.
 if command -v decode_ab > /dev/null; then
     for s in llama-3.1-8b-mlx4 qwen3-30b-a3b gemma-3-4b-mlx4; do

@@ -1,7 +1,9 @@
 //! Decode-matvec sweep for the GPU machine:
 //! `bench_matmul [qmatmul|ggml|all|stream]` (stream: dependent qmv chains timed as one pass), variants from `QMV_VARIANTS="rpt,tpr,wg[,exp | xq << 4];..."` and
-//! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Prints the tables and
-//! writes JSON to `$OUT/bench_<what>.json` when OUT is set.
+//! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Quick runs:
+//! `BENCH_MAX_ELEMS`, `BENCH_REPS`, `BENCH_ROTATE_MIB`, `BENCH_MM_M` (prefill rows of x, 512),
+//! `BENCH_QMM=0` / `BENCH_MOE=0` (skip the prefill matmuls / the routed expert matvec).
+//! Prints the tables and writes JSON to `$OUT/bench_<what>.json` when OUT is set.
 use mlx_native::ops::ggml_matmul::GgmlMatvecConfig;
 use mlx_native::ops::qmatmul::QmvConfig;
 use mlx_native::MlxDevice;
@@ -35,6 +37,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Ok(r) = std::env::var("BENCH_REPS") {
         opts.reps = r.parse()?;
+    }
+    if let Ok(r) = std::env::var("BENCH_MM_M") {
+        opts.mm_m = r.parse()?;
+    }
+    if let Ok(r) = std::env::var("BENCH_QMM") {
+        opts.qmm = r != "0";
+    }
+    if let Ok(r) = std::env::var("BENCH_MOE") {
+        opts.moe = r != "0";
     }
     opts.qmv_variants = triples("QMV_VARIANTS")
         .into_iter()

@@ -8,17 +8,35 @@
 //! decode, where a layer's weights are read once per token. That read's own time is the
 //! `probe` column: the read bandwidth under the same clocks. Variants are timed round-robin
 //! in passes that begin with ~10 ms of reads (clocks up). Bytes counted: weights, scales and
-//! biases, x and y, each once: the fewest any kernel must move.
+//! biases, x and y, each once: the fewest any kernel must move. The routed expert matvec
+//! (`gqmv`) counts the selected experts' weights, scales and biases only.
+//!
+//! `bench qmatmul` rows: `qmv` (4- and 8-bit) at Llama-3.1-8B's layer shapes; `qmm` (4-bit)
+//! and `dense` (the f16 [`dense::matmul`], cooperative matrix where the device has it) at
+//! M = 512 for those shapes and the lm_head, as TFLOP/s; `gqmv`, the routed decode matvec of
+//! [`moe::gather_qmm`], at Qwen3-30B-A3B's expert shapes (top-8 of 128).
 
 use crate::bench::{read_bandwidth, Bandwidth};
+use mlx_native::ops::dense;
 use mlx_native::ops::ggml_matmul::{self, GgmlMatvecConfig};
+use mlx_native::ops::moe;
 use mlx_native::ops::qmatmul::{self, QmvConfig};
+use mlx_native::weights::expert_weight::QuantExperts;
 use mlx_native::weights::ggml::GgmlType;
 use mlx_native::weights::ggml_weight::GgmlWeight;
 use mlx_native::weights::quant::QuantParams;
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{DType, MlxBuffer, MlxDevice, MlxError, Pass, Result};
 use serde::Serialize;
+
+/// Llama-3.1-8B's weight shapes, N x K: q/o, gate/up, down, lm_head.
+const LLAMA_SHAPES: [(usize, usize); 4] =
+    [(4096, 4096), (14336, 4096), (4096, 14336), (128256, 4096)];
+/// Qwen3-30B-A3B's routed experts: hidden size, expert intermediate size, experts, top-k.
+const MOE_HIDDEN: usize = 2048;
+const MOE_INTER: usize = 768;
+const MOE_EXPERTS: usize = 128;
+const MOE_TOP_K: usize = 8;
 
 /// What to measure.
 #[derive(Clone, Debug)]
@@ -35,9 +53,15 @@ pub struct MatmulBenchOptions {
     pub qmv_variants: Vec<QmvConfig>,
     /// Extra GGML matvec shapes to time beside the default (tuning).
     pub ggml_variants: Vec<GgmlMatvecConfig>,
-    /// Also time qmm at M = 512 (4-bit, 4096 x 4096) as TFLOP/s.
+    /// Also time the prefill matmuls at M = `mm_m` for every Llama-3.1-8B shape (lm_head
+    /// included) as TFLOP/s: qmm (4-bit g64) and the dense f16 matmul.
     pub qmm: bool,
-    /// Skip weights of more than this many elements (quick runs on slow devices).
+    /// Rows of x for the prefill matmuls.
+    pub mm_m: usize,
+    /// Also time the routed decode matvec at Qwen3-30B-A3B's expert shapes.
+    pub moe: bool,
+    /// Skip weights of more than this many elements (quick runs on slow devices); for routed
+    /// experts, the elements of the selected experts.
     pub max_elems: usize,
 }
 
@@ -51,6 +75,8 @@ impl Default for MatmulBenchOptions {
             qmv_variants: Vec::new(),
             ggml_variants: Vec::new(),
             qmm: true,
+            mm_m: 512,
+            moe: true,
             max_elems: usize::MAX,
         }
     }
@@ -153,6 +179,16 @@ impl Rng {
     }
     fn f32s(&mut self, n: usize) -> Vec<f32> {
         (0..n).map(|_| self.uniform(-1.0, 1.0)).collect()
+    }
+    /// `count` distinct values below `below` (a partial Fisher-Yates shuffle).
+    fn distinct(&mut self, count: usize, below: usize) -> Vec<u32> {
+        let mut all: Vec<u32> = (0..below as u32).collect();
+        for i in 0..count.min(below) {
+            let j = i + (self.next() % (below - i) as u64) as usize;
+            all.swap(i, j);
+        }
+        all.truncate(count);
+        all
     }
 }
 
@@ -320,54 +356,124 @@ fn check_ms(ms: &[usize]) -> Result<()> {
     Ok(())
 }
 
-struct Push<'a> {
-    rows: &'a mut Vec<MatmulRow>,
-    bw: f64,
-    probe: f64,
+/// What a row measures: `m` rows of x against an `n x k` weight of `format`, moving `bytes`.
+#[derive(Clone, Copy)]
+struct Case<'a> {
+    kernel: &'a str,
+    format: &'a str,
+    n: usize,
+    k: usize,
+    m: usize,
+    bytes: u64,
 }
 
-impl Push<'_> {
-    #[allow(clippy::too_many_arguments)]
-    fn row(
-        &mut self,
-        kernel: &str,
-        format: &str,
-        n: usize,
-        k: usize,
-        m: usize,
-        variant: String,
-        bytes: u64,
-        ns: f64,
-    ) {
-        let gb_s = bytes as f64 / ns;
+/// One run: the device, the L2 flush, the 4 KiB read (the fixed cost of a timed dispatch),
+/// the measured read bandwidth and the rows so far.
+struct Bench<'g> {
+    gpu: &'g MlxDevice,
+    heater: Heater,
+    floor: SizedProbe,
+    reps: usize,
+    bandwidth: Bandwidth,
+    rows: Vec<MatmulRow>,
+}
+
+impl<'g> Bench<'g> {
+    /// Buffers, a burst of reads (clocks up), then the read bandwidth.
+    fn new(gpu: &'g MlxDevice, opts: &MatmulBenchOptions) -> Result<Self> {
+        check_ms(&opts.ms)?;
+        let heater = Heater::new(gpu)?;
+        let floor = SizedProbe::new(gpu, 4096)?;
+        heater.heat(gpu)?;
+        let bandwidth = read_bandwidth(gpu, opts.probe_mib)?;
+        Ok(Bench {
+            gpu,
+            heater,
+            floor,
+            reps: opts.reps,
+            bandwidth,
+            rows: Vec::new(),
+        })
+    }
+
+    fn row(&mut self, c: &Case, kernel: &str, variant: String, ns: f64, probe: f64) {
+        let gb_s = c.bytes as f64 / ns;
         self.rows.push(MatmulRow {
             kernel: kernel.into(),
-            format: format.into(),
-            n,
-            k,
-            m,
+            format: c.format.into(),
+            n: c.n,
+            k: c.k,
+            m: c.m,
             variant,
-            bytes,
+            bytes: c.bytes,
             gpu_us: ns / 1e3,
             gb_s,
-            roofline_fraction: gb_s / self.bw,
-            probe_gb_s: self.probe,
+            roofline_fraction: gb_s / self.bandwidth.gb_s,
+            probe_gb_s: probe,
             tflop_s: None,
         });
     }
-}
 
-fn report(gpu: &MlxDevice, bandwidth: Bandwidth, rows: Vec<MatmulRow>) -> MatmulReport {
-    MatmulReport {
-        adapter: gpu.caps().adapter_name.clone(),
-        backend: gpu.caps().backend.clone(),
-        driver: gpu.caps().driver.clone(),
-        bandwidth,
-        rows,
+    /// Time each named variant of the matvec `c` beside a read of `same` (as many bytes as
+    /// the weight) and the 4 KiB floor, interleaved, each after an L2 flush, rotating over
+    /// `copies` weight copies: a row each (`c.kernel`, the reads as `probe`).
+    fn matvecs<'r>(
+        &mut self,
+        c: &Case,
+        copies: usize,
+        same: &'r SizedProbe,
+        variants: Vec<(String, Record<'r>)>,
+    ) -> Result<()> {
+        let (names, mut recs): (Vec<String>, Vec<Record<'_>>) = variants.into_iter().unzip();
+        recs.push(same.record());
+        recs.push(self.floor.record());
+        let (meds, probe) = interleaved(
+            self.gpu,
+            &self.heater,
+            copies,
+            true,
+            5,
+            self.reps,
+            &mut recs,
+        )?;
+        drop(recs);
+        let names = names
+            .into_iter()
+            .map(|n| (c.kernel, n))
+            .chain([("probe", PROBE_SAME.into()), ("probe", PROBE_FLOOR.into())]);
+        for ((kernel, name), ns) in names.zip(meds) {
+            self.row(c, kernel, name, ns, probe);
+        }
+        Ok(())
+    }
+
+    /// Time the prefill matmul `c` (3 warm-up rounds, at most 10 timed, each after an L2
+    /// flush, rotating over `copies` weight copies): a row with TFLOP/s.
+    fn matmul(&mut self, c: &Case, copies: usize, rec: Record<'_>) -> Result<()> {
+        let reps = self.reps.clamp(1, 10);
+        let mut recs = [rec];
+        let (meds, probe) = interleaved(self.gpu, &self.heater, copies, true, 3, reps, &mut recs)?;
+        let ns = meds.first().copied().unwrap_or(f64::NAN);
+        self.row(c, c.kernel, "default".into(), ns, probe);
+        if let Some(r) = self.rows.last_mut() {
+            r.tflop_s = Some(2.0 * (c.m * c.n * c.k) as f64 / ns / 1e3);
+        }
+        Ok(())
+    }
+
+    fn report(self) -> MatmulReport {
+        let caps = self.gpu.caps();
+        MatmulReport {
+            adapter: caps.adapter_name.clone(),
+            backend: caps.backend.clone(),
+            driver: caps.driver.clone(),
+            bandwidth: self.bandwidth,
+            rows: self.rows,
+        }
     }
 }
 
-/// A random MLX-affine weight (bf16 scales and biases) on the GPU.
+/// A random MLX-affine weight (bf16 scales and biases) on the GPU, and its bytes.
 fn quant_weight(
     gpu: &MlxDevice,
     rng: &mut Rng,
@@ -396,86 +502,175 @@ fn quant_weight(
     Ok((w, (packed.len() * 4 + groups * 4) as u64))
 }
 
+/// Distinct random copies of a weight, enough to cover about `rotate_mib` MiB (2 to 8), and
+/// the bytes of one.
+fn quant_copies(
+    gpu: &MlxDevice,
+    rng: &mut Rng,
+    n: usize,
+    k: usize,
+    params: QuantParams,
+    rotate_mib: u64,
+) -> Result<(Vec<QuantWeight>, u64)> {
+    let (w0, bytes) = quant_weight(gpu, rng, n, k, params)?;
+    let mut ws = vec![w0];
+    for _ in 1..copies_for(bytes, rotate_mib) {
+        ws.push(quant_weight(gpu, rng, n, k, params)?.0);
+    }
+    Ok((ws, bytes))
+}
+
 fn bf16_bytes(v: &[half::bf16]) -> Vec<u8> {
     v.iter().flat_map(|h| h.to_bits().to_le_bytes()).collect()
 }
 
-/// qmv (M = 1..8) for MLX 4- and 8-bit g64 weights at Llama-3.1-8B shapes, and qmm at
-/// M = 512.
+/// qmv (M = 1..8) for MLX 4- and 8-bit g64 weights at Llama-3.1-8B's layer shapes; with
+/// `opts.qmm` the prefill matmuls ([`bench_prefill`]); with `opts.moe` the routed decode
+/// matvec ([`bench_routed`]).
 pub fn bench_qmatmul(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<MatmulReport> {
-    check_ms(&opts.ms)?;
-    let heater = Heater::new(gpu)?;
-    let floor = SizedProbe::new(gpu, 4096)?;
-    heater.heat(gpu)?;
-    let bw = read_bandwidth(gpu, opts.probe_mib)?;
-    let mut rows = Vec::new();
-    let mut push = Push {
-        rows: &mut rows,
-        bw: bw.gb_s,
-        probe: 0.0,
-    };
+    let mut b = Bench::new(gpu, opts)?;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
-    let shapes = [(4096usize, 4096usize), (14336, 4096), (4096, 14336)];
     for bits in [4u32, 8] {
         let params = QuantParams::affine(bits, 64);
         let format = format!("b{bits} g64 bf16");
-        for &(n, k) in &shapes {
+        // The lm_head is timed as a matmul only.
+        for &(n, k) in &LLAMA_SHAPES[..3] {
             if (bits == 8 && n != k) || n * k > opts.max_elems {
                 continue;
             }
-            let (w0, wbytes) = quant_weight(gpu, &mut rng, n, k, params)?;
-            let copies = copies_for(wbytes, opts.rotate_mib);
+            let (ws, wbytes) = quant_copies(gpu, &mut rng, n, k, params, opts.rotate_mib)?;
             let same = SizedProbe::new(gpu, wbytes)?;
-            let mut ws = vec![w0];
-            for _ in 1..copies {
-                ws.push(quant_weight(gpu, &mut rng, n, k, params)?.0);
-            }
             for &m in &opts.ms {
                 let x = MlxBuffer::from_slice(gpu, &rng.f32s(m * k), &[m, k])?;
-                let bytes = wbytes + 4 * (m * k + m * n) as u64;
-                let mut names = vec!["default".to_string()];
-                let mut recs: Vec<Record<'_>> =
-                    vec![Box::new(|p, i| qmatmul::qmv(p, &x, &ws[i]).map(|_| ()))];
-                names.push(PROBE_SAME.into());
-                recs.push(same.record());
-                names.push(PROBE_FLOOR.into());
-                recs.push(floor.record());
+                let c = Case {
+                    kernel: "qmv",
+                    format: &format,
+                    n,
+                    k,
+                    m,
+                    bytes: wbytes + 4 * (m * k + m * n) as u64,
+                };
+                let (x, ws) = (&x, &ws);
+                let mut v: Vec<(String, Record<'_>)> = vec![(
+                    "default".into(),
+                    Box::new(move |p, i| qmatmul::qmv(p, x, &ws[i]).map(|_| ())),
+                )];
                 for &cfg in &opts.qmv_variants {
-                    names.push(format!("rpt{} tpr{} wg{}", cfg.rpt, cfg.tpr, cfg.wg));
-                    let (x, ws) = (&x, &ws);
-                    recs.push(Box::new(move |p, i| {
-                        qmatmul::qmv_with(p, x, &ws[i], cfg).map(|_| ())
-                    }));
+                    v.push((
+                        format!("rpt{} tpr{} wg{}", cfg.rpt, cfg.tpr, cfg.wg),
+                        Box::new(move |p, i| qmatmul::qmv_with(p, x, &ws[i], cfg).map(|_| ())),
+                    ));
                 }
-                let (meds, probe) =
-                    interleaved(gpu, &heater, copies, true, 5, opts.reps, &mut recs)?;
-                push.probe = probe;
-                for (name, ns) in names.into_iter().zip(meds) {
-                    let kernel = if name.starts_with("read") {
-                        "probe"
-                    } else {
-                        "qmv"
-                    };
-                    push.row(kernel, &format, n, k, m, name, bytes, ns);
-                }
-            }
-            if opts.qmm && bits == 4 && n == 4096 && k == 4096 {
-                let m = 512;
-                let x = MlxBuffer::from_slice(gpu, &rng.f32s(m * k), &[m, k])?;
-                let bytes = wbytes + 4 * (m * k + m * n) as u64;
-                let mut recs: Vec<Record<'_>> =
-                    vec![Box::new(|p, i| qmatmul::qmm(p, &x, &ws[i]).map(|_| ()))];
-                let (meds, probe) = interleaved(gpu, &heater, copies, true, 3, 10, &mut recs)?;
-                push.probe = probe;
-                let ns = meds.first().copied().unwrap_or(f64::NAN);
-                push.row("qmm", &format, n, k, m, "default".into(), bytes, ns);
-                if let Some(r) = push.rows.last_mut() {
-                    r.tflop_s = Some(2.0 * (m * n * k) as f64 / ns / 1e3);
-                }
+                b.matvecs(&c, ws.len(), &same, v)?;
             }
         }
     }
-    Ok(report(gpu, bw, rows))
+    if opts.qmm {
+        bench_prefill(&mut b, &mut rng, opts)?;
+    }
+    if opts.moe {
+        bench_routed(&mut b, &mut rng, opts)?;
+    }
+    Ok(b.report())
+}
+
+/// qmm (4-bit g64, `qmm`) and the dense f16 matmul (`dense`, random values in [-1, 1)) at
+/// M = `opts.mm_m` for every Llama-3.1-8B shape, as TFLOP/s. A dense weight larger than one
+/// storage binding is skipped.
+fn bench_prefill(b: &mut Bench<'_>, rng: &mut Rng, opts: &MatmulBenchOptions) -> Result<()> {
+    let gpu = b.gpu;
+    let m = opts.mm_m;
+    if m == 0 {
+        return Err(MlxError::invalid("bench: prefill M is 0"));
+    }
+    let caps = gpu.caps();
+    let max_dense = caps.max_storage_binding.min(caps.max_buffer_size);
+    for &(n, k) in &LLAMA_SHAPES {
+        if n * k > opts.max_elems {
+            continue;
+        }
+        let x = MlxBuffer::from_slice(gpu, &rng.f32s(m * k), &[m, k])?;
+        let xy = 4 * (m * k + m * n) as u64;
+        let params = QuantParams::affine(4, 64);
+        let (qs, qbytes) = quant_copies(gpu, rng, n, k, params, opts.rotate_mib)?;
+        let c = Case {
+            kernel: "qmm",
+            format: "b4 g64 bf16",
+            n,
+            k,
+            m,
+            bytes: qbytes + xy,
+        };
+        let rec: Record<'_> = Box::new(|p, i| qmatmul::qmm(p, &x, &qs[i]).map(|_| ()));
+        b.matmul(&c, qs.len(), rec)?;
+        drop(qs);
+        let dbytes = 2 * (n * k) as u64;
+        if dbytes > max_dense {
+            continue;
+        }
+        let w: Vec<half::f16> = (0..n * k)
+            .map(|_| half::f16::from_f32(rng.uniform(-1.0, 1.0)))
+            .collect();
+        // Copies of the same values at other addresses: the cache sees distinct data.
+        let ws = (0..copies_for(dbytes, opts.rotate_mib))
+            .map(|_| MlxBuffer::from_slice(gpu, &w, &[n, k]))
+            .collect::<Result<Vec<_>>>()?;
+        drop(w);
+        let c = Case {
+            kernel: "dense",
+            format: "f16",
+            bytes: dbytes + xy,
+            ..c
+        };
+        let rec: Record<'_> = Box::new(|p, i| dense::matmul(p, &x, &ws[i]).map(|_| ()));
+        b.matmul(&c, ws.len(), rec)?;
+    }
+    Ok(())
+}
+
+/// The routed decode matvec (`gqmv`: [`moe::gather_qmm`] at one token, as decode runs it) at
+/// Qwen3-30B-A3B's expert shapes, MLX 4-bit g64: gate/up (x `[1, H]` shared by the 8
+/// slots) and down (x `[1, 8, I]`). Each copy of the 128 stacked experts comes with its own 8
+/// random distinct expert ids; bytes are those of the 8 selected experts.
+fn bench_routed(b: &mut Bench<'_>, rng: &mut Rng, opts: &MatmulBenchOptions) -> Result<()> {
+    let gpu = b.gpu;
+    let params = QuantParams::affine(4, 64);
+    let cases: [(usize, usize, &[usize]); 2] = [
+        (MOE_INTER, MOE_HIDDEN, &[1, MOE_HIDDEN]),
+        (MOE_HIDDEN, MOE_INTER, &[1, MOE_TOP_K, MOE_INTER]),
+    ];
+    for (n, k, xshape) in cases {
+        if MOE_TOP_K * n * k > opts.max_elems {
+            continue;
+        }
+        let (stacks, stack_bytes) =
+            quant_copies(gpu, rng, MOE_EXPERTS * n, k, params, opts.rotate_mib)?;
+        let mut ws = Vec::new();
+        let mut ids = Vec::new();
+        for w in stacks {
+            ws.push(QuantExperts::new(w, MOE_EXPERTS)?);
+            let pick = rng.distinct(MOE_TOP_K, MOE_EXPERTS);
+            ids.push(moe::expert_ids(gpu, &pick, [1, MOE_TOP_K], MOE_EXPERTS)?);
+        }
+        let bytes = stack_bytes / MOE_EXPERTS as u64 * MOE_TOP_K as u64;
+        let same = SizedProbe::new(gpu, bytes)?;
+        let x = MlxBuffer::from_slice(gpu, &rng.f32s(xshape.iter().product()), xshape)?;
+        let c = Case {
+            kernel: "gqmv",
+            format: "b4 g64 bf16",
+            n,
+            k,
+            m: 1,
+            bytes,
+        };
+        let (x, ws, ids) = (&x, &ws, &ids);
+        let v: Vec<(String, Record<'_>)> = vec![(
+            format!("top-{MOE_TOP_K} of {MOE_EXPERTS}"),
+            Box::new(move |p, i| moe::gather_qmm(p, x, &ws[i], &ids[i]).map(|_| ())),
+        )];
+        b.matvecs(&c, ws.len(), &same, v)?;
+    }
+    Ok(())
 }
 
 /// Byte offsets of the f16 scale fields in a block of `kind` (to make them finite).
@@ -530,17 +725,7 @@ fn ggml_bytes(rng: &mut Rng, kind: GgmlType, n: usize, k: usize) -> Result<Vec<u
 /// GGML matvec (M = 1..8) for the common llama.cpp types at Llama-3.1-8B shapes, plus Q4_1
 /// and Q8_0 at SmolLM2-135M's (576 wide, 1536 MLP).
 pub fn bench_ggml(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<MatmulReport> {
-    check_ms(&opts.ms)?;
-    let heater = Heater::new(gpu)?;
-    let floor = SizedProbe::new(gpu, 4096)?;
-    heater.heat(gpu)?;
-    let bw = read_bandwidth(gpu, opts.probe_mib)?;
-    let mut rows = Vec::new();
-    let mut push = Push {
-        rows: &mut rows,
-        bw: bw.gb_s,
-        probe: 0.0,
-    };
+    let mut b = Bench::new(gpu, opts)?;
     let mut rng = Rng(0xD1B5_4A32_D192_ED03);
     let mut cases = Vec::new();
     for kind in [
@@ -568,42 +753,37 @@ pub fn bench_ggml(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<MatmulRe
         let wbytes = bytes0.len() as u64;
         let copies = copies_for(wbytes, opts.rotate_mib);
         let same = SizedProbe::new(gpu, wbytes)?;
-        let mut ws = vec![GgmlWeight::upload(gpu, kind, &[n, k], &bytes0)?];
         // Copies of the same bytes at other addresses: the cache sees distinct data.
-        for _ in 1..copies {
-            ws.push(GgmlWeight::upload(gpu, kind, &[n, k], &bytes0)?);
-        }
+        let ws = (0..copies)
+            .map(|_| GgmlWeight::upload(gpu, kind, &[n, k], &bytes0))
+            .collect::<Result<Vec<_>>>()?;
         for &m in &opts.ms {
             let x = MlxBuffer::from_slice(gpu, &rng.f32s(m * k), &[m, k])?;
-            let bytes = wbytes + 4 * (m * k + m * n) as u64;
-            let mut names = vec!["default".to_string()];
-            let mut recs: Vec<Record<'_>> = vec![Box::new(|p, i| {
-                ggml_matmul::ggml_matvec(p, &x, &ws[i]).map(|_| ())
-            })];
-            names.push(PROBE_SAME.into());
-            recs.push(same.record());
-            names.push(PROBE_FLOOR.into());
-            recs.push(floor.record());
+            let c = Case {
+                kernel: "matvec",
+                format: kind.name(),
+                n,
+                k,
+                m,
+                bytes: wbytes + 4 * (m * k + m * n) as u64,
+            };
+            let (x, ws) = (&x, &ws);
+            let mut v: Vec<(String, Record<'_>)> = vec![(
+                "default".into(),
+                Box::new(move |p, i| ggml_matmul::ggml_matvec(p, x, &ws[i]).map(|_| ())),
+            )];
             for &cfg in &opts.ggml_variants {
-                names.push(format!("{cfg}"));
-                let (x, ws) = (&x, &ws);
-                recs.push(Box::new(move |p, i| {
-                    ggml_matmul::ggml_matvec_with(p, x, &ws[i], cfg).map(|_| ())
-                }));
+                v.push((
+                    format!("{cfg}"),
+                    Box::new(move |p, i| {
+                        ggml_matmul::ggml_matvec_with(p, x, &ws[i], cfg).map(|_| ())
+                    }),
+                ));
             }
-            let (meds, probe) = interleaved(gpu, &heater, copies, true, 5, opts.reps, &mut recs)?;
-            push.probe = probe;
-            for (name, ns) in names.into_iter().zip(meds) {
-                let kernel = if name.starts_with("read") {
-                    "probe"
-                } else {
-                    "matvec"
-                };
-                push.row(kernel, kind.name(), n, k, m, name, bytes, ns);
-            }
+            b.matvecs(&c, copies, &same, v)?;
         }
     }
-    Ok(report(gpu, bw, rows))
+    Ok(b.report())
 }
 
 /// One stream measurement: a chain of dependent dispatches timed as one compute pass.
