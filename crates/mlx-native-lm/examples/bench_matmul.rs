@@ -2,7 +2,8 @@
 //! `bench_matmul [qmatmul|ggml|all|stream]` (stream: dependent qmv chains timed as one pass), variants from `QMV_VARIANTS="rpt,tpr,wg[,exp | xq << 4];..."` and
 //! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Quick runs:
 //! `BENCH_MAX_ELEMS`, `BENCH_REPS`, `BENCH_ROTATE_MIB`, `BENCH_MM_M` (prefill rows of x, 512),
-//! `BENCH_QMM=0` / `BENCH_MOE=0` (skip the prefill matmuls / the routed expert matvec).
+//! `BENCH_QMM=0` / `BENCH_MOE=0` (skip the prefill matmuls / the routed expert matvec),
+//! `QMM_EXP="1,2"` (qmm's cooperative kernel again with those measurement switches).
 //! Prints the tables and writes JSON to `$OUT/bench_<what>.json` when OUT is set.
 use mlx_native::ops::ggml_matmul::GgmlMatvecConfig;
 use mlx_native::ops::qmatmul::QmvConfig;
@@ -61,6 +62,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into_iter()
         .map(|[wg, rpw, gpl, _]| GgmlMatvecConfig { wg, rpw, gpl })
         .collect();
+    if let Ok(v) = std::env::var("QMM_EXP") {
+        opts.qmm_exps = v.split(',').map(|t| t.trim().parse().unwrap()).collect();
+    }
     let out = std::env::var("OUT").ok();
     if what == "stream" {
         let rows = mlx_native_lm::bench_matmul::bench_qmv_stream(&gpu, &opts.qmv_variants)?;

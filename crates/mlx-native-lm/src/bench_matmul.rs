@@ -58,6 +58,8 @@ pub struct MatmulBenchOptions {
     pub qmm: bool,
     /// Rows of x for the prefill matmuls.
     pub mm_m: usize,
+    /// qmm's cooperative kernel again with these measurement switches (`qmm_with`; tuning).
+    pub qmm_exps: Vec<u32>,
     /// Also time the routed decode matvec at Qwen3-30B-A3B's expert shapes.
     pub moe: bool,
     /// Skip weights of more than this many elements (quick runs on slow devices); for routed
@@ -76,6 +78,7 @@ impl Default for MatmulBenchOptions {
             ggml_variants: Vec::new(),
             qmm: true,
             mm_m: 512,
+            qmm_exps: Vec::new(),
             moe: true,
             max_elems: usize::MAX,
         }
@@ -302,21 +305,21 @@ fn interleaved(
                 let at = pass.len();
                 rec(&mut pass, next % copies)?;
                 next += 1;
-                if pass.len() != at + 1 {
-                    return Err(MlxError::invalid(
-                        "bench: a timed variant recorded other than one dispatch",
-                    ));
+                if pass.len() == at {
+                    return Err(MlxError::invalid("bench: a timed variant recorded nothing"));
                 }
+                // A variant of several dispatches (qmm's f16 copy of x, then the matmul)
+                // counts them all.
                 if round >= warm {
-                    slots.push((at, v));
+                    slots.push((at..pass.len(), v));
                 }
             }
             round += 1;
         }
         let t = pass.commit_and_wait()?;
-        for (at, v) in slots {
-            if let (Some(k), Some(s)) = (t.get(at), samples.get_mut(v)) {
-                s.push(k.nanos);
+        for (range, v) in slots {
+            if let (Some(ks), Some(s)) = (t.get(range), samples.get_mut(v)) {
+                s.push(ks.iter().map(|k| k.nanos).sum());
             }
         }
         for (at, keep) in probes {
@@ -450,11 +453,21 @@ impl<'g> Bench<'g> {
     /// Time the prefill matmul `c` (3 warm-up rounds, at most 10 timed, each after an L2
     /// flush, rotating over `copies` weight copies): a row with TFLOP/s.
     fn matmul(&mut self, c: &Case, copies: usize, rec: Record<'_>) -> Result<()> {
+        self.matmul_variant(c, "default", copies, rec)
+    }
+
+    fn matmul_variant(
+        &mut self,
+        c: &Case,
+        variant: &str,
+        copies: usize,
+        rec: Record<'_>,
+    ) -> Result<()> {
         let reps = self.reps.clamp(1, 10);
         let mut recs = [rec];
         let (meds, probe) = interleaved(self.gpu, &self.heater, copies, true, 3, reps, &mut recs)?;
         let ns = meds.first().copied().unwrap_or(f64::NAN);
-        self.row(c, c.kernel, "default".into(), ns, probe);
+        self.row(c, c.kernel, variant.into(), ns, probe);
         if let Some(r) = self.rows.last_mut() {
             r.tflop_s = Some(2.0 * (c.m * c.n * c.k) as f64 / ns / 1e3);
         }
@@ -603,6 +616,12 @@ fn bench_prefill(b: &mut Bench<'_>, rng: &mut Rng, opts: &MatmulBenchOptions) ->
         };
         let rec: Record<'_> = Box::new(|p, i| qmatmul::qmm(p, &x, &qs[i]).map(|_| ()));
         b.matmul(&c, qs.len(), rec)?;
+        let (xr, qr) = (&x, &qs);
+        for &e in &opts.qmm_exps {
+            let rec: Record<'_> =
+                Box::new(move |p, i| qmatmul::qmm_with(p, xr, &qr[i], e).map(|_| ()));
+            b.matmul_variant(&c, &format!("exp {e}"), qs.len(), rec)?;
+        }
         drop(qs);
         let dbytes = 2 * (n * k) as u64;
         if dbytes > max_dense {

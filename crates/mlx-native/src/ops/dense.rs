@@ -15,7 +15,8 @@ use crate::error::Result;
 use crate::kernels::{Kernel, Spec};
 
 use super::qmatmul::{
-    coop_entry, coop_groups, plan, MatmulPlan, COOP_SG, TILED_BLOCK, TILED_WG, VEC_RPTS, VEC_WG,
+    coop_entry, dispatch_coop, plan, CoopParams, MatmulPlan, COOP_SG, TILED_BLOCK, TILED_WG,
+    VEC_RPTS, VEC_WG,
 };
 
 #[repr(C)]
@@ -27,17 +28,6 @@ struct DenseParams {
     _pad: u32,
 }
 const _: () = assert!(std::mem::size_of::<DenseParams>() == 16);
-
-/// The params block of `matmul_coop.wgsl` (shared with qmm: the W layout fields unused).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-struct CoopParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    _pad: [u32; 5],
-}
-const _: () = assert!(std::mem::size_of::<CoopParams>() == 32);
 
 fn vec_spec(dt: DType, rpt: u32, sg: bool) -> Result<Spec> {
     Ok(Spec::new("matvec", dt, VEC_WG)
@@ -105,16 +95,18 @@ pub fn matmul(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer) -> Result<MlxBuffer
             pass.dispatch(Kernel::Dense, spec, &params, &[x, w, &y], groups)?;
         }
         MatmulPlan::Coop { tile } => {
-            let groups = coop_groups(tile, m, n, op)?;
             let spec = Spec::new(coop_entry(tile, false), w.dtype(), 4 * COOP_SG);
             let cp = CoopParams {
                 m: mu,
                 n: nu,
                 k: ku,
-                _pad: [0; 5],
+                wpr: 0,
+                gpr: 0,
+                kp: 0,
+                _pad: [0; 2],
             };
             // Bindings 1..3 (quantized W) are unused here: filled with w.
-            pass.dispatch(Kernel::MatmulCoop, spec, &cp, &[x, w, w, w, &y, w], groups)?;
+            dispatch_coop(pass, tile, spec, cp, x, [w, w, w, w], &y, op)?;
         }
     }
     Ok(y)

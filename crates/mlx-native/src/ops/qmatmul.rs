@@ -407,11 +407,66 @@ fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool, fuse: u32)
         .with_subgroups(sg))
 }
 
-/// Workgroups of the cooperative kernels for `y[M, N]`: blocks of 64 x rows by 128 W rows
-/// with 16 x 16 tiles (`coop16`), 32 by 32 with 8 x 8 tiles.
-pub(crate) fn coop_groups(tile: u32, m: usize, n: usize, op: &str) -> Result<u32> {
-    let (bm, bn) = if tile == 16 { (64, 128) } else { (32, 32) };
-    check::fits_u32(m.div_ceil(bm) * n.div_ceil(bn), op, "workgroups")
+/// The params block of `matmul_coop.wgsl` (dense W leaves `wpr` and `gpr` at 0).
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct CoopParams {
+    pub m: u32,
+    pub n: u32,
+    pub k: u32,
+    pub wpr: u32,
+    pub gpr: u32,
+    /// Row length of the f16 copy of x (set by `dispatch_coop`).
+    pub kp: u32,
+    pub _pad: [u32; 2],
+}
+const _: () = assert!(std::mem::size_of::<CoopParams>() == 32);
+
+/// K step of the 16 x 16 cooperative kernel: the f16 copy of x has rows of a multiple of it.
+const COOP16_KB: usize = 64;
+const X_TO_F16_WG: u32 = 256;
+
+/// `y = x · Wᵀ` on the cooperative kernel `spec` (tile 16 or 8); `w` holds the W bindings
+/// 1, 2, 3 and 5 (packed, scales, biases, dense). The 16 x 16 kernel reads x as f16 rows of
+/// K rounded up to its step (zeros past K), which one small dispatch writes first: its loads
+/// are then 16 bytes wide, unconditional, and need no conversion.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dispatch_coop(
+    pass: &mut Pass,
+    tile: u32,
+    spec: Spec,
+    mut params: CoopParams,
+    x: &MlxBuffer,
+    w: [&MlxBuffer; 4],
+    y: &MlxBuffer,
+    op: &str,
+) -> Result<()> {
+    let (m, n) = (params.m as usize, params.n as usize);
+    let [packed, scales, biases, dense] = w;
+    if tile != 16 {
+        let groups = check::fits_u32(m.div_ceil(32) * n.div_ceil(32), op, "workgroups")?;
+        let bufs = [x, packed, scales, biases, y, dense];
+        return pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups);
+    }
+    let kp = (params.k as usize).div_ceil(COOP16_KB) * COOP16_KB;
+    params.kp = check::fits_u32(kp, op, "K")?;
+    let pairs = m
+        .checked_mul(kp / 2)
+        .ok_or_else(|| MlxError::invalid(format!("{op}: x too large")))?;
+    check::fits_u32(pairs, op, "x elements")?;
+    let x16 = pass.alloc(DType::U32, &[m, kp / 2])?;
+    let conv = Spec::new("x_to_f16", DType::F32, X_TO_F16_WG);
+    let groups = check::fits_u32(pairs.div_ceil(X_TO_F16_WG as usize), op, "workgroups")?;
+    pass.dispatch(
+        Kernel::MatmulCoop,
+        conv,
+        &params,
+        &[x, x, x, x, x, x, &x16],
+        groups,
+    )?;
+    let groups = check::fits_u32(m.div_ceil(64) * n.div_ceil(128), op, "workgroups")?;
+    let bufs = [x, packed, scales, biases, y, dense, &x16, &x16];
+    pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups)
 }
 
 pub(crate) fn coop_entry(tile: u32, quant: bool) -> &'static str {
@@ -458,6 +513,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
             v.push((Kernel::MatmulCoop, s));
         }
     }
+    v.push((
+        Kernel::MatmulCoop,
+        Spec::new("x_to_f16", DType::F32, X_TO_F16_WG),
+    ));
     Ok(v)
 }
 
@@ -701,6 +760,19 @@ pub fn qmm(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight) -> Result<MlxBuffer>
     run(pass, "qmm", x, w, p, false)
 }
 
+/// [`qmm`] on the cooperative-matrix kernel with its measurement switches `exp` set (the
+/// `CX` constant of matmul_coop.wgsl; 0 is production): for finding what bounds it.
+#[doc(hidden)]
+pub fn qmm_with(pass: &mut Pass, x: &MlxBuffer, w: &QuantWeight, exp: u32) -> Result<MlxBuffer> {
+    let [n, k] = w.shape();
+    let (m, _) = check_x("qmm", x, k, n)?;
+    let p = matrix_plan(m, n, k, pass.caps());
+    check::ensure(matches!(p, MatmulPlan::Coop { .. }), "qmm_with", || {
+        "the device has no cooperative-matrix plan".to_string()
+    })?;
+    run_with(pass, "qmm", x, w, p, false, exp)
+}
+
 fn run(
     pass: &mut Pass,
     op: &str,
@@ -708,6 +780,18 @@ fn run(
     w: &QuantWeight,
     plan: MatmulPlan,
     f32_x: bool,
+) -> Result<MlxBuffer> {
+    run_with(pass, op, x, w, plan, f32_x, 0)
+}
+
+fn run_with(
+    pass: &mut Pass,
+    op: &str,
+    x: &MlxBuffer,
+    w: &QuantWeight,
+    plan: MatmulPlan,
+    f32_x: bool,
+    coop_exp: u32,
 ) -> Result<MlxBuffer> {
     let [n, k] = w.shape();
     let (m, yshape) = check_x(op, x, k, n)?;
@@ -740,10 +824,21 @@ fn run(
             pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, groups)?;
         }
         MatmulPlan::Coop { tile } => {
-            let spec = qspec(coop_entry(tile, true), w.params(), dt, 4 * COOP_SG)?;
-            let groups = coop_groups(tile, m, n, op)?;
-            let bufs = [x, w.packed(), w.scales(), biases, &y, w.packed()];
-            pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups)?;
+            let mut spec = qspec(coop_entry(tile, true), w.params(), dt, 4 * COOP_SG)?;
+            if coop_exp != 0 {
+                spec = spec.with_const("CX", coop_exp)?;
+            }
+            let cp = CoopParams {
+                m: params.m,
+                n: params.n,
+                k: params.k,
+                wpr: params.wpr,
+                gpr: params.gpr,
+                kp: 0,
+                _pad: [0; 2],
+            };
+            let wb = [w.packed(), w.scales(), biases, w.packed()];
+            dispatch_coop(pass, tile, spec, cp, x, wb, &y, op)?;
         }
     }
     Ok(y)

@@ -184,6 +184,25 @@ pub fn prefill_uses_coop(caps: &crate::Caps) -> bool {
         && caps.max_workgroup_storage >= COOP_SMEM
 }
 
+/// Workgroup memory of the four-subgroup prefill (`sdpa_prefill_coop4`), bytes.
+const COOP4_SMEM: u32 = 8704 * 2 + 4096 * 4 + 4608 * 2 + 4 * 4;
+/// Rows (query, head) per workgroup of the four-subgroup prefill.
+const COOP4_ROWS: usize = 64;
+
+/// The four-subgroup cooperative prefill takes head dims up to 128 (O's tiles live in
+/// registers) and K/V views that start on a multiple of 4 elements (its loads are vec4).
+fn coop4_fits(caps: &crate::Caps, head_dim: usize, k: &MlxBuffer, v: &MlxBuffer) -> bool {
+    head_dim <= 128
+        && k.elem_offset().is_multiple_of(4)
+        && v.elem_offset().is_multiple_of(4)
+        && caps.max_invocations_per_workgroup >= 4 * COOP_WG
+        && caps.max_workgroup_storage >= COOP4_SMEM
+}
+
+fn coop4_spec(dtype: DType, head_dim: usize) -> Result<Spec> {
+    Spec::new("sdpa_prefill_coop4", dtype, 4 * COOP_WG).with_const("HEAD_DIM", head_dim as u32)
+}
+
 fn coop_spec(dtype: DType, head_dim: usize) -> Result<Spec> {
     Spec::new("sdpa_prefill_coop", dtype, COOP_WG)
         .with_const("HEAD_DIM", head_dim as u32)?
@@ -202,6 +221,9 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
             }
             v.push((Kernel::Sdpa, prefill_spec(dt, d)?));
             v.push((Kernel::SdpaCoop, coop_spec(dt, d)?));
+            if d <= 128 {
+                v.push((Kernel::SdpaCoop, coop4_spec(dt, d)?));
+            }
         }
         v.push((Kernel::Sdpa, reduce_spec(d)?));
     }
@@ -432,7 +454,10 @@ pub fn sdpa_prefill(
 
     let out = pass.alloc(DType::F32, &[tokens, hd.n_heads, hd.head_dim])?;
     let coop = prefill_uses_coop(pass.caps());
-    let bm = if coop {
+    let coop4 = coop && coop4_fits(pass.caps(), hd.head_dim, k, v);
+    let bm = if coop4 {
+        COOP4_ROWS as u32
+    } else if coop {
         16
     } else {
         prefill_tile(hd.head_dim).0
@@ -459,7 +484,9 @@ pub fn sdpa_prefill(
     let wgs = check::fits_u32(hd.kv_heads * row_tiles, op, "workgroups")?;
     let sinks = opts.sinks.unwrap_or(q);
     let mask = opts.mask.unwrap_or(q);
-    let (kernel, spec) = if coop {
+    let (kernel, spec) = if coop4 {
+        (Kernel::SdpaCoop, coop4_spec(cache.dtype(), hd.head_dim)?)
+    } else if coop {
         (Kernel::SdpaCoop, coop_spec(cache.dtype(), hd.head_dim)?)
     } else {
         (Kernel::Sdpa, prefill_spec(cache.dtype(), hd.head_dim)?)

@@ -22,7 +22,8 @@ struct Params {
     k: u32,
     wpr: u32,
     gpr: u32,
-    _pad0: u32,
+    // Row length of x16 (K rounded up to KB): x_to_f16 and the 16 x 16 kernel.
+    kp: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -105,16 +106,25 @@ fn store_ct(lid: u32, o: vec3<u32>, bsz: u32) {
 
 // T = 16 (NVIDIA): a workgroup owns NB = 128 W rows x MB = 64 x rows of y; subgroup sg owns
 // W rows sn.. (64, 4 tiles) x x rows sm.. (32, 2 tiles): 8 accumulators, 6 fragment loads
-// per 8 multiply-adds. K goes in steps of KB = 64 (two chunks). Each step's global reads
-// (the quantized W words, scales, biases and x) are issued into registers before the
-// previous step's multiply-adds, so their latency hides behind them; dequantization and
-// the f16 conversion happen when the registers are written to the tiles. Tile rows are
-// padded by 8 halves so the column-major fragment loads spread over the banks.
+// per 8 multiply-adds. K goes in steps of KB = 64 (two chunks). x comes as f16 rows of kp
+// halves (x_to_f16, zeros past K). Each step's global reads (the quantized W words, scales,
+// biases and the x halves) are issued into registers one step ahead (two with CX bit 2),
+// so their latency hides behind the multiply-adds; dequantization happens when the
+// registers are written to the tiles. Tile rows are padded by 8 halves so the
+// column-major fragment loads spread over the banks.
+// Measurement switches (0 in production; `qmm_with`): bit 0 tiles written at the first
+// K step only (no global reads or dequantization after it), bit 1 no multiply-adds, bit 2
+// reads two steps ahead.
+override CX: u32 = 0u;
 const NB: u32 = 128u;
 const MB: u32 = 64u;
 const KB: u32 = 64u;
 const WTS: u32 = 136u;
 const XTS: u32 = 72u;
+
+// x as f16 pairs: written by x_to_f16 (binding 6), read by the 16 x 16 kernels (binding 7).
+@group(0) @binding(6) var<storage, read_write> xh: array<u32>;
+@group(0) @binding(7) var<storage, read> x16: array<vec4<f16>>;
 
 var<workgroup> wt16: array<f16, 8704>; // [KB][WTS]: W tile, k-major (A role: [n, k])
 var<workgroup> xt16: array<f16, 4608>; // [MB][XTS]: x tile, row-major (B role: [k, m])
@@ -129,37 +139,58 @@ struct Pre {
     ba: f32,
     sb: f32,
     bb: f32,
-    // x elements lid + WG * i (i < 8) of the step's MB x KB x tile, as vec4 of 4 columns.
-    x0: vec4<f32>,
-    x1: vec4<f32>,
-    x2: vec4<f32>,
-    x3: vec4<f32>,
-    x4: vec4<f32>,
-    x5: vec4<f32>,
-    x6: vec4<f32>,
-    x7: vec4<f32>,
+    // x16 slots lid + WG * i (i < 4) of the step: row slot / 8, halves 8 * (slot % 8)...
+    x0: X8,
+    x1: X8,
+    x2: X8,
+    x3: X8,
 }
 
-fn x_at(m: u32, k: u32) -> f32 {
-    if m < p.m && k < p.k {
-        return x[view(0u) + m * p.k + k];
+// Eight consecutive halves of x (16 bytes).
+struct X8 {
+    lo: vec4<f16>,
+    hi: vec4<f16>,
+}
+
+// x [M, K] f32 -> xh [M, kp] f16 (pairs per u32, zeros past K): one invocation per pair.
+@compute @workgroup_size(WG)
+fn x_to_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32) {
+    let i = flat_wg(wid, nwg) * WG + lid;
+    let half_row = p.kp / 2u;
+    if i >= p.m * half_row {
+        return;
     }
-    return 0.0;
+    let m = i / half_row;
+    let k = (i % half_row) * 2u;
+    let o = view(0u) + m * p.k + k;
+    var a = vec2<f32>(0.0);
+    if k < p.k {
+        a.x = x[o];
+    }
+    if k + 1u < p.k {
+        a.y = x[o + 1u];
+    }
+    xh[view(6u) + i] = pack2x16float(a);
 }
 
-// Four x columns of vec4 slot e of the tile at (m0, k0): row e / 16, columns 4 * (e % 16)...
-fn x4(e: u32, m0: u32, k0: u32) -> vec4<f32> {
-    let m = m0 + e / 16u;
-    let k = k0 + (e % 16u) * 4u;
-    return vec4<f32>(x_at(m, k), x_at(m, k + 1u), x_at(m, k + 2u), x_at(m, k + 3u));
+fn x16_at(e: u32, m0: u32, k0: u32) -> X8 {
+    let m = min(m0 + e / 8u, p.m - 1u);
+    // view(7) counts u32 words (the buffer's dtype): 2 per vec4<f16>.
+    let i = view(7u) / 2u + (m * p.kp + k0) / 4u + (e % 8u) * 2u;
+    return X8(x16[i], x16[i + 1u]);
 }
 
-fn put_x4(e: u32, v: vec4<f32>) {
-    let o = (e / 16u) * XTS + (e % 16u) * 4u;
-    xt16[o] = f16(v.x);
-    xt16[o + 1u] = f16(v.y);
-    xt16[o + 2u] = f16(v.z);
-    xt16[o + 3u] = f16(v.w);
+fn put_x8(e: u32, v: X8) {
+    let o = (e / 8u) * XTS + (e % 8u) * 8u;
+    xt16[o] = v.lo.x;
+    xt16[o + 1u] = v.lo.y;
+    xt16[o + 2u] = v.lo.z;
+    xt16[o + 3u] = v.lo.w;
+    xt16[o + 4u] = v.hi.x;
+    xt16[o + 5u] = v.hi.y;
+    xt16[o + 6u] = v.hi.z;
+    xt16[o + 7u] = v.hi.w;
 }
 
 // The BITS words of chunk c of W row n; zeros past the row's last chunk.
@@ -198,14 +229,10 @@ fn fetch(lid: u32, n0: u32, m0: u32, k0: u32, quant: bool) -> Pre {
         r.sb = chunk_scale(nb, c, false);
         r.bb = chunk_scale(nb, c, true);
     }
-    r.x0 = x4(lid, m0, k0);
-    r.x1 = x4(lid + WG, m0, k0);
-    r.x2 = x4(lid + 2u * WG, m0, k0);
-    r.x3 = x4(lid + 3u * WG, m0, k0);
-    r.x4 = x4(lid + 4u * WG, m0, k0);
-    r.x5 = x4(lid + 5u * WG, m0, k0);
-    r.x6 = x4(lid + 6u * WG, m0, k0);
-    r.x7 = x4(lid + 7u * WG, m0, k0);
+    r.x0 = x16_at(lid, m0, k0);
+    r.x1 = x16_at(lid + WG, m0, k0);
+    r.x2 = x16_at(lid + 2u * WG, m0, k0);
+    r.x3 = x16_at(lid + 3u * WG, m0, k0);
     return r;
 }
 
@@ -253,14 +280,10 @@ fn put(r: Pre, lid: u32, n0: u32, k0: u32, quant: bool) {
     } else {
         put_dense(lid, n0, k0);
     }
-    put_x4(lid, r.x0);
-    put_x4(lid + WG, r.x1);
-    put_x4(lid + 2u * WG, r.x2);
-    put_x4(lid + 3u * WG, r.x3);
-    put_x4(lid + 4u * WG, r.x4);
-    put_x4(lid + 5u * WG, r.x5);
-    put_x4(lid + 6u * WG, r.x6);
-    put_x4(lid + 7u * WG, r.x7);
+    put_x8(lid, r.x0);
+    put_x8(lid + WG, r.x1);
+    put_x8(lid + 2u * WG, r.x2);
+    put_x8(lid + 3u * WG, r.x3);
 }
 
 // Output tile of subgroup sg, staged in cs16, to y rows m.., columns n.. (lane: 8 elements,
@@ -299,16 +322,30 @@ fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, lane: u32, quant: b
     var c30 = coop_mat16x16<f32, C>();
     var c31 = coop_mat16x16<f32, C>();
     let steps = (p.k + KB - 1u) / KB;
+    let ahead2 = (CX & 4u) != 0u;
     var r = fetch(lid, n0, m0, 0u, quant);
+    var r2: Pre;
+    if ahead2 && steps > 1u {
+        r2 = fetch(lid, n0, m0, KB, quant);
+    }
     for (var s = 0u; s < steps; s++) {
         let k0 = s * KB;
         workgroupBarrier();
-        put(r, lid, n0, k0, quant);
-        workgroupBarrier();
-        if s + 1u < steps {
-            r = fetch(lid, n0, m0, k0 + KB, quant);
+        if s == 0u || (CX & 1u) == 0u {
+            put(r, lid, n0, k0, quant);
         }
-        for (var kk = 0u; kk < KB; kk += 16u) {
+        workgroupBarrier();
+        if (CX & 1u) == 0u {
+            if ahead2 {
+                r = r2;
+                if s + 2u < steps {
+                    r2 = fetch(lid, n0, m0, k0 + 2u * KB, quant);
+                }
+            } else if s + 1u < steps {
+                r = fetch(lid, n0, m0, k0 + KB, quant);
+            }
+        }
+        for (var kk = 0u; kk < KB && (CX & 2u) == 0u; kk += 16u) {
             let a0o = kk * WTS + sn;
             let a1o = kk * WTS + sn + 16u;
             let a2o = kk * WTS + sn + 32u;

@@ -256,3 +256,374 @@ fn sdpa_prefill_coop(@builtin(workgroup_id) wid: vec3<u32>,
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// sdpa_prefill_coop4: the same attention with four subgroups per workgroup (WG = 128, head
+// dims up to 128). A workgroup takes 64 (query, head) rows of one kv head (16 per
+// subgroup) and streams 64 keys at a time; each K or V tile is staged once for the four
+// subgroups, with 8- or 16-byte loads. Per subgroup: Q's fragments stay in registers
+// (loaded once), S = Q K^T goes through workgroup memory to the softmax lanes (lane l: row
+// l % 16, every other key), P (f16) back to workgroup memory, and O^T += V^T P^T
+// accumulates in cooperative-matrix registers, never stored until the end.
+// The running maximum is raised lazily: a row's exponentials use a maximum m that is
+// replaced only when a tile's maximum exceeds it by more than LAZY (so P <= e^LAZY, well
+// inside f16), and only then is O rescaled (through workgroup memory, for the whole
+// workgroup when any row needs it). After the first tile this is rare.
+const ST4: u32 = 136u; // row stride of the staged tiles (halves): 128 + 8, spreads the banks
+const PS4: u32 = 72u;  // row stride of P (halves): 64 + 8
+const LAZY: f32 = 8.0;
+
+#if DT_F32
+@group(0) @binding(1) var<storage, read> kc4: array<vec4<f32>>;
+@group(0) @binding(2) var<storage, read> vc4: array<vec4<f32>>;
+#else
+@group(0) @binding(1) var<storage, read> kc4: array<vec4<f16>>;
+@group(0) @binding(2) var<storage, read> vc4: array<vec4<f16>>;
+#endif
+
+var<workgroup> kv4: array<f16, 8704>;  // Q, then K or V: [64][ST4]
+var<workgroup> s4: array<f32, 4096>;   // per subgroup: S as 4 column-major 16x16 tiles
+var<workgroup> p4: array<f16, 4608>;   // per subgroup: P [16][PS4]
+var<workgroup> need4: array<u32, 4>;
+
+// Keys kt.. of the cache (K or V) into kv4 as [key][ST4] f16; zeros past khi.
+fn stage4(is_v: bool, rowbase: u32, kt: u32, khi: u32, lid: u32) {
+    let per_row = HEAD_DIM / 4u;
+    for (var i = lid; i < 64u * per_row; i += WG) {
+        let j = i / per_row;
+        let c = i % per_row;
+        let kp = kt + j;
+        var v = vec4<f16>(0.0);
+        if kp < khi {
+            let idx = (rowbase + kp % p.slots) * per_row + c;
+            if is_v {
+                v = vec4<f16>(vc4[view(2u) / 4u + idx]);
+            } else {
+                v = vec4<f16>(kc4[view(1u) / 4u + idx]);
+            }
+        }
+        let o = j * ST4 + c * 4u;
+        kv4[o] = v.x;
+        kv4[o + 1u] = v.y;
+        kv4[o + 2u] = v.z;
+        kv4[o + 3u] = v.w;
+    }
+}
+
+// Scale the rows of the O^T tile (column-major [d, row]) staged at s4[sb..] by each row's
+// alpha (row c's on lane c), between barriers (the tile was just stored; it is loaded back).
+fn rescale_rows(sb: u32, lane: u32, alpha: f32) {
+    workgroupBarrier();
+    for (var i = 0u; i < 8u; i++) {
+        let e = lane + 32u * i;
+        s4[sb + e] *= subgroupShuffle(alpha, e / 16u);
+    }
+    workgroupBarrier();
+}
+
+// Write the O^T tile t (dims 16t..) staged at s4[sb..] for rows r0.. (of rows_total) of kv
+// head kvh, times each row's 1/sum (row c's on lane c).
+fn write_rows(sb: u32, lane: u32, inv: f32, r0: u32, rows_total: u32, kvh: u32, t: u32) {
+    workgroupBarrier();
+    for (var i = 0u; i < 8u; i++) {
+        let e = lane + 32u * i;
+        let c = e / 16u;
+        let sc = subgroupShuffle(inv, c);
+        let g_row = r0 + c;
+        if g_row < rows_total {
+            let hh = kvh * p.group + g_row % p.group;
+            out[view(3u) + ((g_row / p.group) * p.n_heads + hh) * HEAD_DIM + t * 16u + e % 16u] =
+                s4[sb + e] * sc;
+        }
+    }
+    workgroupBarrier();
+}
+
+@compute @workgroup_size(WG)
+fn sdpa_prefill_coop4(@builtin(workgroup_id) wid: vec3<u32>,
+                      @builtin(num_workgroups) nwg: vec3<u32>,
+                      @builtin(local_invocation_index) lid: u32,
+                      @builtin(subgroup_id) sg: u32,
+                      @builtin(subgroup_invocation_id) lane: u32) {
+    let wg = flat_wg(wid, nwg);
+    let tile = wg % p.row_tiles;
+    let kvh = wg / p.row_tiles;
+    // Workgroups past the last kv head (grid folding) run no tile and write nothing.
+    let rows_total = select(0u, p.tokens * p.group, kvh < p.kv_heads);
+    let row0 = tile * 64u;
+    let row_end = max(min(row0 + 64u, rows_total), row0 + 1u);
+    let t_min = row0 / p.group;
+    let t_max = (row_end - 1u) / p.group;
+    let kv_len = select(0u, p.q0 + p.tokens, rows_total > 0u);
+    var khi = kv_len;
+    if p.causal != 0u {
+        khi = min(kv_len, p.q0 + t_max + 1u);
+    }
+    var klo = 0u;
+    if p.window > 0u {
+        klo = max(p.q0 + t_min + 1u, p.window) - p.window;
+    }
+    // Q rows [64][HEAD_DIM] into kv4, row-major.
+    for (var i = lid; i < 64u * HEAD_DIM; i += WG) {
+        let r = i / HEAD_DIM;
+        let d = i % HEAD_DIM;
+        let rg = row0 + r;
+        var v = 0.0;
+        if rg < rows_total {
+            let h = kvh * p.group + rg % p.group;
+            v = q[view(0u) + ((rg / p.group) * p.n_heads + h) * HEAD_DIM + d];
+        }
+        kv4[r * ST4 + d] = f16(v);
+    }
+    workgroupBarrier();
+    let qb = sg * 16u * ST4;
+    let q0o = qb;
+    let q1o = qb + 16u;
+    let q2o = qb + 32u;
+    let q3o = qb + 48u;
+    let q4o = qb + 64u;
+    let q5o = qb + 80u;
+    let q6o = qb + 96u;
+    let q7o = qb + 112u;
+    // Fragments past HEAD_DIM read the staged tile's padding or the next rows: never used.
+    let qf0 = coopLoadT<coop_mat16x16<f16, A>>(&kv4[q0o], ST4);
+    let qf1 = coopLoadT<coop_mat16x16<f16, A>>(&kv4[q1o], ST4);
+    let qf2 = coopLoadT<coop_mat16x16<f16, A>>(&kv4[q2o], ST4);
+    let qf3 = coopLoadT<coop_mat16x16<f16, A>>(&kv4[q3o], ST4);
+    let qf4 = coopLoadT<coop_mat16x16<f16, A>>(&kv4[q4o], ST4);
+    let qf5 = coopLoadT<coop_mat16x16<f16, A>>(&kv4[q5o], ST4);
+    let qf6 = coopLoadT<coop_mat16x16<f16, A>>(&kv4[q6o], ST4);
+    let qf7 = coopLoadT<coop_mat16x16<f16, A>>(&kv4[q7o], ST4);
+    var o0 = coop_mat16x16<f32, C>();
+    var o1 = coop_mat16x16<f32, C>();
+    var o2 = coop_mat16x16<f32, C>();
+    var o3 = coop_mat16x16<f32, C>();
+    var o4 = coop_mat16x16<f32, C>();
+    var o5 = coop_mat16x16<f32, C>();
+    var o6 = coop_mat16x16<f32, C>();
+    var o7 = coop_mat16x16<f32, C>();
+
+    let r = lane % 16u;
+    let part = lane / 16u;
+    let rg = row0 + sg * 16u + r;
+    let row_ok = rg < rows_total;
+    let tq = rg / p.group;
+    let h = kvh * p.group + rg % p.group;
+    let qpos = p.q0 + tq;
+    let rowbase = kvh * p.slots;
+    let sb = sg * 1024u;
+    let pb = sg * 16u * PS4;
+    var m = M_INIT;
+    var lsum = 0.0;
+    for (var kt = klo; kt < khi; kt += 64u) {
+        workgroupBarrier();
+        stage4(false, rowbase, kt, khi, lid);
+        workgroupBarrier();
+        // S = Q K^T, 16 keys at a time: K^T [d, key] is kv4 read column-major.
+        for (var ks = 0u; ks < 4u; ks++) {
+            let kb = ks * 16u * ST4;
+            var acc = coop_mat16x16<f32, C>();
+            let k0o = kb;
+            acc = coopMultiplyAdd(qf0, coopLoad<coop_mat16x16<f16, B>>(&kv4[k0o], ST4), acc);
+            if HEAD_DIM > 16u {
+                let k1o = kb + 16u;
+                acc = coopMultiplyAdd(qf1, coopLoad<coop_mat16x16<f16, B>>(&kv4[k1o], ST4), acc);
+            }
+            if HEAD_DIM > 32u {
+                let k2o = kb + 32u;
+                acc = coopMultiplyAdd(qf2, coopLoad<coop_mat16x16<f16, B>>(&kv4[k2o], ST4), acc);
+            }
+            if HEAD_DIM > 48u {
+                let k3o = kb + 48u;
+                acc = coopMultiplyAdd(qf3, coopLoad<coop_mat16x16<f16, B>>(&kv4[k3o], ST4), acc);
+            }
+            if HEAD_DIM > 64u {
+                let k4o = kb + 64u;
+                acc = coopMultiplyAdd(qf4, coopLoad<coop_mat16x16<f16, B>>(&kv4[k4o], ST4), acc);
+            }
+            if HEAD_DIM > 80u {
+                let k5o = kb + 80u;
+                acc = coopMultiplyAdd(qf5, coopLoad<coop_mat16x16<f16, B>>(&kv4[k5o], ST4), acc);
+            }
+            if HEAD_DIM > 96u {
+                let k6o = kb + 96u;
+                acc = coopMultiplyAdd(qf6, coopLoad<coop_mat16x16<f16, B>>(&kv4[k6o], ST4), acc);
+            }
+            if HEAD_DIM > 112u {
+                let k7o = kb + 112u;
+                acc = coopMultiplyAdd(qf7, coopLoad<coop_mat16x16<f16, B>>(&kv4[k7o], ST4), acc);
+            }
+            let so = sb + ks * 256u;
+            coopStore(acc, &s4[so], 16u);
+        }
+        workgroupBarrier();
+        // Masked logits of this lane's keys (j = part, part + 2, ...), kept in s4.
+        var tmax = M_INIT;
+        for (var j = part; j < 64u; j += 2u) {
+            let kp = kt + j;
+            var ok = row_ok && kp < khi;
+            if p.causal != 0u {
+                ok = ok && kp <= qpos;
+            }
+            if p.window > 0u {
+                ok = ok && kp + p.window > qpos;
+            }
+            let si = sb + (j / 16u) * 256u + (j % 16u) * 16u + r;
+            var s = M_INIT;
+            if ok {
+                s = logit(s4[si]);
+                if p.has_mask != 0u {
+                    s += mask[view(7u) + tq * p.mask_stride + kp];
+                }
+                s = max(s, M_INIT);
+            }
+            s4[si] = s;
+            tmax = max(tmax, s);
+        }
+        tmax = max(tmax, subgroupShuffleXor(tmax, 16u));
+        // First keys of a row: take their maximum (O and lsum are still 0). Later: keep m
+        // unless this tile exceeds it by more than LAZY, then rescale.
+        let raise = tmax > m + LAZY;
+        let mn = select(m, tmax, m == M_INIT || raise);
+        let alpha = select(1.0, exp(m - mn), m > M_INIT && raise);
+        m = mn;
+        lsum *= alpha;
+        for (var j = part; j < 64u; j += 2u) {
+            let s = s4[sb + (j / 16u) * 256u + (j % 16u) * 16u + r];
+            let pv = select(0.0, exp(s - mn), s > M_INIT);
+            lsum += pv;
+            p4[pb + r * PS4 + j] = f16(pv);
+        }
+        let any_raise = subgroupAny(alpha != 1.0);
+        if lane == 0u {
+            need4[sg] = u32(any_raise);
+        }
+        // (A barrier: every subgroup is done with K and with s4's logits.)
+        let nf = workgroupUniformLoad(&need4);
+        stage4(true, rowbase, kt, khi, lid);
+        if (nf[0] | nf[1] | nf[2] | nf[3]) != 0u {
+            // Rescale O^T [d, row] by each row's alpha, one 16x16 tile at a time through
+            // this subgroup's s4 (alpha of row c is on lane c).
+            if HEAD_DIM > 0u {
+                coopStore(o0, &s4[sb], 16u);
+                rescale_rows(sb, lane, alpha);
+                o0 = coopLoad<coop_mat16x16<f32, C>>(&s4[sb], 16u);
+            }
+            if HEAD_DIM > 16u {
+                coopStore(o1, &s4[sb], 16u);
+                rescale_rows(sb, lane, alpha);
+                o1 = coopLoad<coop_mat16x16<f32, C>>(&s4[sb], 16u);
+            }
+            if HEAD_DIM > 32u {
+                coopStore(o2, &s4[sb], 16u);
+                rescale_rows(sb, lane, alpha);
+                o2 = coopLoad<coop_mat16x16<f32, C>>(&s4[sb], 16u);
+            }
+            if HEAD_DIM > 48u {
+                coopStore(o3, &s4[sb], 16u);
+                rescale_rows(sb, lane, alpha);
+                o3 = coopLoad<coop_mat16x16<f32, C>>(&s4[sb], 16u);
+            }
+            if HEAD_DIM > 64u {
+                coopStore(o4, &s4[sb], 16u);
+                rescale_rows(sb, lane, alpha);
+                o4 = coopLoad<coop_mat16x16<f32, C>>(&s4[sb], 16u);
+            }
+            if HEAD_DIM > 80u {
+                coopStore(o5, &s4[sb], 16u);
+                rescale_rows(sb, lane, alpha);
+                o5 = coopLoad<coop_mat16x16<f32, C>>(&s4[sb], 16u);
+            }
+            if HEAD_DIM > 96u {
+                coopStore(o6, &s4[sb], 16u);
+                rescale_rows(sb, lane, alpha);
+                o6 = coopLoad<coop_mat16x16<f32, C>>(&s4[sb], 16u);
+            }
+            if HEAD_DIM > 112u {
+                coopStore(o7, &s4[sb], 16u);
+                rescale_rows(sb, lane, alpha);
+                o7 = coopLoad<coop_mat16x16<f32, C>>(&s4[sb], 16u);
+            }
+        }
+        workgroupBarrier();
+        // O^T += V^T P^T: V^T [d, key] is kv4 read column-major, P^T [key, row] is p4.
+        for (var ks = 0u; ks < 4u; ks++) {
+            let vb = ks * 16u * ST4;
+            let po = pb + ks * 16u;
+            let pf = coopLoad<coop_mat16x16<f16, B>>(&p4[po], PS4);
+            let v0o = vb;
+            o0 = coopMultiplyAdd(coopLoad<coop_mat16x16<f16, A>>(&kv4[v0o], ST4), pf, o0);
+            if HEAD_DIM > 16u {
+                let v1o = vb + 16u;
+                o1 = coopMultiplyAdd(coopLoad<coop_mat16x16<f16, A>>(&kv4[v1o], ST4), pf, o1);
+            }
+            if HEAD_DIM > 32u {
+                let v2o = vb + 32u;
+                o2 = coopMultiplyAdd(coopLoad<coop_mat16x16<f16, A>>(&kv4[v2o], ST4), pf, o2);
+            }
+            if HEAD_DIM > 48u {
+                let v3o = vb + 48u;
+                o3 = coopMultiplyAdd(coopLoad<coop_mat16x16<f16, A>>(&kv4[v3o], ST4), pf, o3);
+            }
+            if HEAD_DIM > 64u {
+                let v4o = vb + 64u;
+                o4 = coopMultiplyAdd(coopLoad<coop_mat16x16<f16, A>>(&kv4[v4o], ST4), pf, o4);
+            }
+            if HEAD_DIM > 80u {
+                let v5o = vb + 80u;
+                o5 = coopMultiplyAdd(coopLoad<coop_mat16x16<f16, A>>(&kv4[v5o], ST4), pf, o5);
+            }
+            if HEAD_DIM > 96u {
+                let v6o = vb + 96u;
+                o6 = coopMultiplyAdd(coopLoad<coop_mat16x16<f16, A>>(&kv4[v6o], ST4), pf, o6);
+            }
+            if HEAD_DIM > 112u {
+                let v7o = vb + 112u;
+                o7 = coopMultiplyAdd(coopLoad<coop_mat16x16<f16, A>>(&kv4[v7o], ST4), pf, o7);
+            }
+        }
+    }
+    var total = lsum + subgroupShuffleXor(lsum, 16u);
+    var keep = 1.0;
+    if p.has_sinks != 0u && row_ok {
+        let sk = sinks[view(5u) + h];
+        let mf = max(m, sk);
+        keep = exp(m - mf);
+        total = total * keep + exp(sk - mf);
+    }
+    let inv = select(0.0, keep / total, total > 0.0 && row_ok);
+    // O^T tiles to out, 16 dims at a time through s4; row c's 1/sum is on lane c.
+    workgroupBarrier();
+    if HEAD_DIM > 0u {
+        coopStore(o0, &s4[sb], 16u);
+        write_rows(sb, lane, inv, row0 + sg * 16u, rows_total, kvh, 0u);
+    }
+    if HEAD_DIM > 16u {
+        coopStore(o1, &s4[sb], 16u);
+        write_rows(sb, lane, inv, row0 + sg * 16u, rows_total, kvh, 1u);
+    }
+    if HEAD_DIM > 32u {
+        coopStore(o2, &s4[sb], 16u);
+        write_rows(sb, lane, inv, row0 + sg * 16u, rows_total, kvh, 2u);
+    }
+    if HEAD_DIM > 48u {
+        coopStore(o3, &s4[sb], 16u);
+        write_rows(sb, lane, inv, row0 + sg * 16u, rows_total, kvh, 3u);
+    }
+    if HEAD_DIM > 64u {
+        coopStore(o4, &s4[sb], 16u);
+        write_rows(sb, lane, inv, row0 + sg * 16u, rows_total, kvh, 4u);
+    }
+    if HEAD_DIM > 80u {
+        coopStore(o5, &s4[sb], 16u);
+        write_rows(sb, lane, inv, row0 + sg * 16u, rows_total, kvh, 5u);
+    }
+    if HEAD_DIM > 96u {
+        coopStore(o6, &s4[sb], 16u);
+        write_rows(sb, lane, inv, row0 + sg * 16u, rows_total, kvh, 6u);
+    }
+    if HEAD_DIM > 112u {
+        coopStore(o7, &s4[sb], 16u);
+        write_rows(sb, lane, inv, row0 + sg * 16u, rows_total, kvh, 7u);
+    }
+}
