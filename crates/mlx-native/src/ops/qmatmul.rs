@@ -34,7 +34,7 @@
 //! - **Cooperative matrix** (when `Caps::coop_tile(16)` or `(8)`, f16 shaders, and a fixed
 //!   subgroup size of 32): 4 subgroups per workgroup. 16 x 16 tiles: 128 W rows x 64 x rows
 //!   per workgroup, 4 x 2 tiles per subgroup, K in steps of 64 whose global reads are in
-//!   flight during the previous step's multiply-adds; 8 x 8 tiles: 32 x 32, 2 x 2 per
+//!   flight during the two previous steps' multiply-adds, x as f16 (one small dispatch); 8 x 8 tiles: 32 x 32, 2 x 2 per
 //!   subgroup. x and W go to f16 in workgroup memory, accumulate in f32. Not runnable on
 //!   lavapipe: its test runs where the adapter has cooperative matrices and is skipped
 //!   (with a note) elsewhere.

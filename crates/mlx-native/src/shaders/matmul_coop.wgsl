@@ -108,13 +108,13 @@ fn store_ct(lid: u32, o: vec3<u32>, bsz: u32) {
 // W rows sn.. (64, 4 tiles) x x rows sm.. (32, 2 tiles): 8 accumulators, 6 fragment loads
 // per 8 multiply-adds. K goes in steps of KB = 64 (two chunks). x comes as f16 rows of kp
 // halves (x_to_f16, zeros past K). Each step's global reads (the quantized W words, scales,
-// biases and the x halves) are issued into registers one step ahead (two with CX bit 2),
-// so their latency hides behind the multiply-adds; dequantization happens when the
+// biases and the x halves) are issued into registers two steps ahead (one with CX bit 2;
+// two measured 5 % faster on an H200), so their latency hides behind the multiply-adds; dequantization happens when the
 // registers are written to the tiles. Tile rows are padded by 8 halves so the
 // column-major fragment loads spread over the banks.
 // Measurement switches (0 in production; `qmm_with`): bit 0 tiles written at the first
 // K step only (no global reads or dequantization after it), bit 1 no multiply-adds, bit 2
-// reads two steps ahead.
+// reads one step ahead only, bit 3 codes not decoded (the loads and tile stores kept).
 override CX: u32 = 0u;
 const NB: u32 = 128u;
 const MB: u32 = 64u;
@@ -238,7 +238,11 @@ fn fetch(lid: u32, n0: u32, m0: u32, k0: u32, quant: bool) -> Pre {
 
 // Codes 4i..4i+3 of chunk w (its scale s, bias b) into tile column n, rows k..k+3.
 fn put_w4(w: array<u32, 8>, i: u32, s: f32, b: f32, n: u32, k: u32) {
-    let v = fma(codes4(w, i), vec4<f32>(s), vec4<f32>(b));
+    var v = fma(codes4(w, i), vec4<f32>(s), vec4<f32>(b));
+    if (CX & 8u) != 0u {
+        // Measurement: no decoding (a word's low bits and the scale as every value).
+        v = vec4<f32>(f32(w[i / 2u] & 15u) * s);
+    }
     let o = k * WTS + n;
     wt16[o] = f16(v.x);
     wt16[o + WTS] = f16(v.y);
@@ -259,17 +263,54 @@ fn put_chunk(w: array<u32, 8>, s: f32, b: f32, slot: u32) {
     put_w4(w, 7u, s, b, n, k + 28u);
 }
 
-// Dense W straight into the tile (element e: row e / KB, column e % KB: coalesced reads).
+// Element e of the dense W tile at (n0, k0): row e / KB, column e % KB (coalesced); 0 past
+// N or K.
+fn dense_or_zero(n0: u32, k0: u32, e: u32) -> f32 {
+    let n = n0 + e / KB;
+    let k = k0 + e % KB;
+    if n < p.n && k < p.k {
+        return dense_at(n * p.k + k);
+    }
+    return 0.0;
+}
+
+// Dense W straight into the tile, 16 loads in flight per invocation at a time (written out:
+// a loop of single loads would wait for each).
 fn put_dense(lid: u32, n0: u32, k0: u32) {
-    for (var e = lid; e < NB * KB; e += WG) {
-        let r = e / KB;
-        let k = e % KB;
-        let n = n0 + r;
-        var v = 0.0;
-        if n < p.n && k0 + k < p.k {
-            v = dense_at(n * p.k + k0 + k);
-        }
-        wt16[k * WTS + r] = f16(v);
+    for (var g = 0u; g < NB * KB / (16u * WG); g++) {
+        let e0 = lid + g * 16u * WG;
+        let w0 = dense_or_zero(n0, k0, e0 + 0u * WG);
+        let w1 = dense_or_zero(n0, k0, e0 + 1u * WG);
+        let w2 = dense_or_zero(n0, k0, e0 + 2u * WG);
+        let w3 = dense_or_zero(n0, k0, e0 + 3u * WG);
+        let w4 = dense_or_zero(n0, k0, e0 + 4u * WG);
+        let w5 = dense_or_zero(n0, k0, e0 + 5u * WG);
+        let w6 = dense_or_zero(n0, k0, e0 + 6u * WG);
+        let w7 = dense_or_zero(n0, k0, e0 + 7u * WG);
+        let w8 = dense_or_zero(n0, k0, e0 + 8u * WG);
+        let w9 = dense_or_zero(n0, k0, e0 + 9u * WG);
+        let w10 = dense_or_zero(n0, k0, e0 + 10u * WG);
+        let w11 = dense_or_zero(n0, k0, e0 + 11u * WG);
+        let w12 = dense_or_zero(n0, k0, e0 + 12u * WG);
+        let w13 = dense_or_zero(n0, k0, e0 + 13u * WG);
+        let w14 = dense_or_zero(n0, k0, e0 + 14u * WG);
+        let w15 = dense_or_zero(n0, k0, e0 + 15u * WG);
+        wt16[((e0 + 0u * WG) % KB) * WTS + (e0 + 0u * WG) / KB] = f16(w0);
+        wt16[((e0 + 1u * WG) % KB) * WTS + (e0 + 1u * WG) / KB] = f16(w1);
+        wt16[((e0 + 2u * WG) % KB) * WTS + (e0 + 2u * WG) / KB] = f16(w2);
+        wt16[((e0 + 3u * WG) % KB) * WTS + (e0 + 3u * WG) / KB] = f16(w3);
+        wt16[((e0 + 4u * WG) % KB) * WTS + (e0 + 4u * WG) / KB] = f16(w4);
+        wt16[((e0 + 5u * WG) % KB) * WTS + (e0 + 5u * WG) / KB] = f16(w5);
+        wt16[((e0 + 6u * WG) % KB) * WTS + (e0 + 6u * WG) / KB] = f16(w6);
+        wt16[((e0 + 7u * WG) % KB) * WTS + (e0 + 7u * WG) / KB] = f16(w7);
+        wt16[((e0 + 8u * WG) % KB) * WTS + (e0 + 8u * WG) / KB] = f16(w8);
+        wt16[((e0 + 9u * WG) % KB) * WTS + (e0 + 9u * WG) / KB] = f16(w9);
+        wt16[((e0 + 10u * WG) % KB) * WTS + (e0 + 10u * WG) / KB] = f16(w10);
+        wt16[((e0 + 11u * WG) % KB) * WTS + (e0 + 11u * WG) / KB] = f16(w11);
+        wt16[((e0 + 12u * WG) % KB) * WTS + (e0 + 12u * WG) / KB] = f16(w12);
+        wt16[((e0 + 13u * WG) % KB) * WTS + (e0 + 13u * WG) / KB] = f16(w13);
+        wt16[((e0 + 14u * WG) % KB) * WTS + (e0 + 14u * WG) / KB] = f16(w14);
+        wt16[((e0 + 15u * WG) % KB) * WTS + (e0 + 15u * WG) / KB] = f16(w15);
     }
 }
 
@@ -322,7 +363,7 @@ fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, lane: u32, quant: b
     var c30 = coop_mat16x16<f32, C>();
     var c31 = coop_mat16x16<f32, C>();
     let steps = (p.k + KB - 1u) / KB;
-    let ahead2 = (CX & 4u) != 0u;
+    let ahead2 = (CX & 4u) == 0u;
     var r = fetch(lid, n0, m0, 0u, quant);
     var r2: Pre;
     if ahead2 && steps > 1u {

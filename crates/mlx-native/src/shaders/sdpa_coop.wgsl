@@ -286,27 +286,148 @@ var<workgroup> s4: array<f32, 4096>;   // per subgroup: S as 4 column-major 16x1
 var<workgroup> p4: array<f16, 4608>;   // per subgroup: P [16][PS4]
 var<workgroup> need4: array<u32, 4>;
 
-// Keys kt.. of the cache (K or V) into kv4 as [key][ST4] f16; zeros past khi.
-fn stage4(is_v: bool, rowbase: u32, kt: u32, khi: u32, lid: u32) {
+// Vector e of the K or V tile at keys kt..: key e / (HEAD_DIM / 4), 4 dims; 0 past khi.
+fn kv_vec4(is_v: bool, rowbase: u32, kt: u32, khi: u32, e: u32) -> vec4<f16> {
     let per_row = HEAD_DIM / 4u;
-    for (var i = lid; i < 64u * per_row; i += WG) {
-        let j = i / per_row;
-        let c = i % per_row;
-        let kp = kt + j;
-        var v = vec4<f16>(0.0);
-        if kp < khi {
-            let idx = (rowbase + kp % p.slots) * per_row + c;
-            if is_v {
-                v = vec4<f16>(vc4[view(2u) / 4u + idx]);
-            } else {
-                v = vec4<f16>(kc4[view(1u) / 4u + idx]);
-            }
+    let kp = kt + e / per_row;
+    var v = vec4<f16>(0.0);
+    if kp < khi {
+        let idx = (rowbase + kp % p.slots) * per_row + e % per_row;
+        if is_v {
+            v = vec4<f16>(vc4[view(2u) / 4u + idx]);
+        } else {
+            v = vec4<f16>(kc4[view(1u) / 4u + idx]);
         }
-        let o = j * ST4 + c * 4u;
-        kv4[o] = v.x;
-        kv4[o + 1u] = v.y;
-        kv4[o + 2u] = v.z;
-        kv4[o + 3u] = v.w;
+    }
+    return v;
+}
+
+fn put_vec4(e: u32, v: vec4<f16>) {
+    let per_row = HEAD_DIM / 4u;
+    let o = (e / per_row) * ST4 + (e % per_row) * 4u;
+    kv4[o] = v.x;
+    kv4[o + 1u] = v.y;
+    kv4[o + 2u] = v.z;
+    kv4[o + 3u] = v.w;
+}
+
+// Keys kt.. of the cache (K or V) into kv4 as [key][ST4] f16; zeros past khi. Each
+// invocation takes HEAD_DIM / 8 vectors (64 keys x HEAD_DIM / 4 over WG = 128), written
+// out: every load is issued before the first store, so the tile costs one memory latency,
+// not one per loop trip.
+fn stage4(is_v: bool, rowbase: u32, kt: u32, khi: u32, lid: u32) {
+    let n = HEAD_DIM / 8u;
+    var v0 = vec4<f16>(0.0);
+    if n > 0u {
+        v0 = kv_vec4(is_v, rowbase, kt, khi, lid + 0u * WG);
+    }
+    var v1 = vec4<f16>(0.0);
+    if n > 1u {
+        v1 = kv_vec4(is_v, rowbase, kt, khi, lid + 1u * WG);
+    }
+    var v2 = vec4<f16>(0.0);
+    if n > 2u {
+        v2 = kv_vec4(is_v, rowbase, kt, khi, lid + 2u * WG);
+    }
+    var v3 = vec4<f16>(0.0);
+    if n > 3u {
+        v3 = kv_vec4(is_v, rowbase, kt, khi, lid + 3u * WG);
+    }
+    var v4 = vec4<f16>(0.0);
+    if n > 4u {
+        v4 = kv_vec4(is_v, rowbase, kt, khi, lid + 4u * WG);
+    }
+    var v5 = vec4<f16>(0.0);
+    if n > 5u {
+        v5 = kv_vec4(is_v, rowbase, kt, khi, lid + 5u * WG);
+    }
+    var v6 = vec4<f16>(0.0);
+    if n > 6u {
+        v6 = kv_vec4(is_v, rowbase, kt, khi, lid + 6u * WG);
+    }
+    var v7 = vec4<f16>(0.0);
+    if n > 7u {
+        v7 = kv_vec4(is_v, rowbase, kt, khi, lid + 7u * WG);
+    }
+    var v8 = vec4<f16>(0.0);
+    if n > 8u {
+        v8 = kv_vec4(is_v, rowbase, kt, khi, lid + 8u * WG);
+    }
+    var v9 = vec4<f16>(0.0);
+    if n > 9u {
+        v9 = kv_vec4(is_v, rowbase, kt, khi, lid + 9u * WG);
+    }
+    var v10 = vec4<f16>(0.0);
+    if n > 10u {
+        v10 = kv_vec4(is_v, rowbase, kt, khi, lid + 10u * WG);
+    }
+    var v11 = vec4<f16>(0.0);
+    if n > 11u {
+        v11 = kv_vec4(is_v, rowbase, kt, khi, lid + 11u * WG);
+    }
+    var v12 = vec4<f16>(0.0);
+    if n > 12u {
+        v12 = kv_vec4(is_v, rowbase, kt, khi, lid + 12u * WG);
+    }
+    var v13 = vec4<f16>(0.0);
+    if n > 13u {
+        v13 = kv_vec4(is_v, rowbase, kt, khi, lid + 13u * WG);
+    }
+    var v14 = vec4<f16>(0.0);
+    if n > 14u {
+        v14 = kv_vec4(is_v, rowbase, kt, khi, lid + 14u * WG);
+    }
+    var v15 = vec4<f16>(0.0);
+    if n > 15u {
+        v15 = kv_vec4(is_v, rowbase, kt, khi, lid + 15u * WG);
+    }
+    if n > 0u {
+        put_vec4(lid + 0u * WG, v0);
+    }
+    if n > 1u {
+        put_vec4(lid + 1u * WG, v1);
+    }
+    if n > 2u {
+        put_vec4(lid + 2u * WG, v2);
+    }
+    if n > 3u {
+        put_vec4(lid + 3u * WG, v3);
+    }
+    if n > 4u {
+        put_vec4(lid + 4u * WG, v4);
+    }
+    if n > 5u {
+        put_vec4(lid + 5u * WG, v5);
+    }
+    if n > 6u {
+        put_vec4(lid + 6u * WG, v6);
+    }
+    if n > 7u {
+        put_vec4(lid + 7u * WG, v7);
+    }
+    if n > 8u {
+        put_vec4(lid + 8u * WG, v8);
+    }
+    if n > 9u {
+        put_vec4(lid + 9u * WG, v9);
+    }
+    if n > 10u {
+        put_vec4(lid + 10u * WG, v10);
+    }
+    if n > 11u {
+        put_vec4(lid + 11u * WG, v11);
+    }
+    if n > 12u {
+        put_vec4(lid + 12u * WG, v12);
+    }
+    if n > 13u {
+        put_vec4(lid + 13u * WG, v13);
+    }
+    if n > 14u {
+        put_vec4(lid + 14u * WG, v14);
+    }
+    if n > 15u {
+        put_vec4(lid + 15u * WG, v15);
     }
 }
 
