@@ -465,7 +465,12 @@ pub(crate) fn dispatch_coop(
         groups,
     )?;
     let groups = check::fits_u32(m.div_ceil(64) * n.div_ceil(128), op, "workgroups")?;
-    let bufs = [x, packed, scales, biases, y, dense, &x16, &x16];
+    // Binding 0 is the packed words as vectors here (x itself is read as x16), read for 4-
+    // and 8-bit codes (a chunk is 16 or 32 bytes). A dense weight's kernel, or words shorter
+    // than one vector (3 bits, one row), read none: x16 fills it (at least 16 bytes).
+    let vec_words = spec.entry.starts_with("qmm") && packed.byte_len() >= 16;
+    let words = if vec_words { packed } else { &x16 };
+    let bufs = [words, packed, scales, biases, y, dense, &x16, &x16];
     pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups)
 }
 

@@ -193,10 +193,25 @@ fn put_x8(e: u32, v: X8) {
     xt16[o + 7u] = v.hi.w;
 }
 
+// The packed words again as 16-byte vectors (bound by the 16 x 16 kernels; binding 0's f32 x
+// belongs to the other entry points): a 4-bit chunk is one load, an 8-bit chunk two, where
+// the words' view starts on a multiple of 4. Scalar loads of a chunk's words, each touching
+// as many cache lines as the subgroup reads rows, bounded the kernel.
+@group(0) @binding(0) var<storage, read> packed4: array<vec4<u32>>;
+
 // The BITS words of chunk c of W row n; zeros past the row's last chunk.
 fn w_chunk(n: u32, c: u32) -> array<u32, 8> {
     var w: array<u32, 8>;
-    if c < p.k / 32u {
+    let vec_ok = (view(0u) & 3u) == 0u;
+    if c < p.k / 32u && BITS == 4u && vec_ok {
+        let v = packed4[(view(0u) + n * p.wpr + c * 4u) / 4u];
+        w = array<u32, 8>(v.x, v.y, v.z, v.w, 0u, 0u, 0u, 0u);
+    } else if c < p.k / 32u && BITS == 8u && vec_ok {
+        let i = (view(0u) + n * p.wpr + c * 8u) / 4u;
+        let v0 = packed4[i];
+        let v1 = packed4[i + 1u];
+        w = array<u32, 8>(v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w);
+    } else if c < p.k / 32u {
         let o = view(1u) + n * p.wpr + c * BITS;
         let l = BITS - 1u;
         w = array<u32, 8>(packed[o], packed[o + min(1u, l)], packed[o + min(2u, l)],
