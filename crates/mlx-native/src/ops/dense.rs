@@ -15,8 +15,8 @@ use crate::error::Result;
 use crate::kernels::{Kernel, Spec};
 
 use super::qmatmul::{
-    coop_entry, dispatch_coop, plan, CoopParams, MatmulPlan, COOP_SG, TILED_BLOCK, TILED_WG,
-    VEC_RPTS, VEC_WG,
+    coop_entry, coop_wg, dispatch_coop, plan, CoopParams, MatmulPlan, COOP_SG, TILED_BLOCK,
+    TILED_WG, VEC_RPTS, VEC_WG,
 };
 
 #[repr(C)]
@@ -44,10 +44,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
             }
         }
         v.push((Kernel::Dense, Spec::new("mm", dt, TILED_WG)));
-        for tile in [16, 8] {
+        for (tile, sgs) in [(16, 4), (16, 8), (8, 4)] {
             v.push((
                 Kernel::MatmulCoop,
-                Spec::new(coop_entry(tile, false), dt, 4 * COOP_SG),
+                Spec::new(coop_entry(tile, false), dt, sgs * COOP_SG),
             ));
         }
     }
@@ -95,7 +95,11 @@ pub fn matmul(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer) -> Result<MlxBuffer
             pass.dispatch(Kernel::Dense, spec, &params, &[x, w, &y], groups)?;
         }
         MatmulPlan::Coop { tile } => {
-            let spec = Spec::new(coop_entry(tile, false), w.dtype(), 4 * COOP_SG);
+            let spec = Spec::new(
+                coop_entry(tile, false),
+                w.dtype(),
+                coop_wg(tile, m, pass.caps()),
+            );
             let cp = CoopParams {
                 m: mu,
                 n: nu,

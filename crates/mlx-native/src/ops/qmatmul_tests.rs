@@ -140,6 +140,10 @@ fn plan_depends_only_on_shapes_and_caps() {
         n: 16,
         k: 16,
     }];
+    // The 16 x 16 kernel declares 43 KiB of workgroup memory (NVIDIA allows 48).
+    caps.max_workgroup_storage = 32 * 1024;
+    assert_eq!(plan(512, 4096, 4096, &caps), MatmulPlan::Tiled);
+    caps.max_workgroup_storage = 48 * 1024;
     assert_eq!(plan(512, 4096, 4096, &caps), MatmulPlan::Coop { tile: 16 });
     assert_eq!(plan(8, 4096, 4096, &caps), v(4, true));
     caps.cooperative_matrix = vec![crate::device::CoopShape { m: 8, n: 8, k: 8 }];

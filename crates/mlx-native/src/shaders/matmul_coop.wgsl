@@ -2,17 +2,19 @@
 // accumulation, for quantized W (qmm_coop*, common/quant.wgsl) and dense W (matmul_coop*).
 // Compiled only on adapters with EXPERIMENTAL_COOPERATIVE_MATRIX and SHADER_F16.
 //
-// A workgroup is 4 subgroups (WG = 4 x the subgroup size, which the host requires to be
-// fixed) and owns a (4T) x (4T) block of y; subgroup s owns the 2T x 2T sub-block
-// (s / 2, s % 2) as 2 x 2 tiles of T x T (T = 16 on NVIDIA, 8 on Apple). K goes in steps of
-// BK = 32: the workgroup converts x to f16 into xt [BM][BK] and dequantizes (or converts) W
-// into wt [BK][BN], both row-major, then each subgroup multiply-adds.
-// coopLoad/coopStore are column-major: loading a row-major [R][C] tile gives its transpose.
-// So W's tile goes in the A role and x's in the B role: Wtᵀ·xtᵀ... = (x·Wᵀ)ᵀ = yᵀ, and the
-// column-major store of yᵀ is row-major y (see ARCHITECTURE.md, "Kernels"). Tiles are
-// staged through ct [BM][BN] f32 so partial edge tiles are stored with guards.
+// Two designs, both with W in the A role and x in the B role: coopLoad/coopStore are
+// column-major, so a k-major W tile loads as [n, k], a row-major x tile as [k, m], and the
+// column-major store of yᵀ is row-major y (see ARCHITECTURE.md, "Kernels").
+//   T = 16 (NVIDIA; qmm_coop16, matmul_coop16): 4 or 8 subgroups, 128 W rows x 64 or 128 x
+//            rows per workgroup, x read as f16 (x_to_f16), reads two K steps ahead (below).
+//   T = 8 (Apple; qmm_coop8, matmul_coop8): 4 subgroups own a 32 x 32 block of y, each 2 x 2
+//            tiles; K in steps of BK = 32, x converted to f16 and W dequantized (or
+//            converted) element by element into xt [BM][BK] and wt [BK][BN]; tiles are
+//            staged through ct [BM][BN] f32 so partial edge tiles are stored with guards.
 // Pointer offsets are computed into a `let` first (naga's SPIR-V backend needs it).
-// Bindings: 0 x (f32), 1 packed, 2 scales, 3 biases (quantized), 4 y (f32), 5 w (dense).
+// Bindings: 0 x (f32; the packed words as vectors in the 16 x 16 kernels), 1 packed, 2 scales,
+// 3 biases (quantized), 4 y (f32), 5 w (dense), 6 x as f16 pairs (x_to_f16 writes), 7 the
+// same read as vectors (16 x 16 kernels).
 enable f16;
 enable wgpu_cooperative_matrix;
 
@@ -104,9 +106,10 @@ fn store_ct(lid: u32, o: vec3<u32>, bsz: u32) {
     }
 }
 
-// T = 16 (NVIDIA): a workgroup owns NB = 128 W rows x MB = 64 x rows of y; subgroup sg owns
-// W rows sn.. (64, 4 tiles) x x rows sm.. (32, 2 tiles): 8 accumulators, 6 fragment loads
-// per 8 multiply-adds. K goes in steps of KB = 64 (two chunks). x comes as f16 rows of kp
+// T = 16 (NVIDIA): a workgroup of WG = 128 or 256 (4 or 8 subgroups) owns NB = 128 W rows x
+// MB = WG / 2 (64 or 128) x rows of y; subgroup sg owns W rows sn.. (64, 4 tiles) x x rows
+// sm.. (32, 2 tiles): 8 accumulators, 6 fragment loads per 8 multiply-adds. With 8
+// subgroups each W tile (its loads and dequantization) serves twice the x rows. K goes in steps of KB = 64 (two chunks). x comes as f16 rows of kp
 // halves (x_to_f16, zeros past K). Each step's global reads (the quantized W words, scales,
 // biases and the x halves) are issued into registers two steps ahead (one with CX bit 2;
 // two measured 5 % faster on an H200), so their latency hides behind the multiply-adds; dequantization happens when the
@@ -117,7 +120,7 @@ fn store_ct(lid: u32, o: vec3<u32>, bsz: u32) {
 // reads one step ahead only, bit 3 codes not decoded (the loads and tile stores kept).
 override CX: u32 = 0u;
 const NB: u32 = 128u;
-const MB: u32 = 64u;
+override MB: u32 = WG / 2u;
 const KB: u32 = 64u;
 const WTS: u32 = 136u;
 const XTS: u32 = 72u;
@@ -127,12 +130,13 @@ const XTS: u32 = 72u;
 @group(0) @binding(7) var<storage, read> x16: array<vec4<f16>>;
 
 var<workgroup> wt16: array<f16, 8704>; // [KB][WTS]: W tile, k-major (A role: [n, k])
-var<workgroup> xt16: array<f16, 4608>; // [MB][XTS]: x tile, row-major (B role: [k, m])
-var<workgroup> cs16: array<f32, 1024>; // one 16 x 16 output tile per subgroup
+var<workgroup> xt16: array<f16, 9216>; // [MB][XTS]: x tile, row-major (B role: [k, m])
+var<workgroup> cs16: array<f32, 2048>; // one 16 x 16 output tile per subgroup
 
 // Registers carried from one K step's global reads to its tiles.
 struct Pre {
-    // Chunks of W slots lid and lid + WG (slot s: row s / 2, chunk s % 2 of the step).
+    // Chunks of W slots lid and (WG = 128) lid + WG (slot s: row s / 2, chunk s % 2 of the
+    // step).
     wa: array<u32, 8>,
     wb: array<u32, 8>,
     sa: f32,
@@ -236,13 +240,15 @@ fn fetch(lid: u32, n0: u32, m0: u32, k0: u32, quant: bool) -> Pre {
     if quant {
         let c = k0 / 32u + (lid & 1u);
         let na = min(n0 + lid / 2u, p.n - 1u);
-        let nb = min(n0 + (lid + WG) / 2u, p.n - 1u);
         r.wa = w_chunk(na, c);
-        r.wb = w_chunk(nb, c);
         r.sa = chunk_scale(na, c, false);
         r.ba = chunk_scale(na, c, true);
-        r.sb = chunk_scale(nb, c, false);
-        r.bb = chunk_scale(nb, c, true);
+        if WG == 128u {
+            let nb = min(n0 + (lid + WG) / 2u, p.n - 1u);
+            r.wb = w_chunk(nb, c);
+            r.sb = chunk_scale(nb, c, false);
+            r.bb = chunk_scale(nb, c, true);
+        }
     }
     r.x0 = x16_at(lid, m0, k0);
     r.x1 = x16_at(lid + WG, m0, k0);
@@ -332,7 +338,9 @@ fn put_dense(lid: u32, n0: u32, k0: u32) {
 fn put(r: Pre, lid: u32, n0: u32, k0: u32, quant: bool) {
     if quant {
         put_chunk(r.wa, r.sa, r.ba, lid);
-        put_chunk(r.wb, r.sb, r.bb, lid + WG);
+        if WG == 128u {
+            put_chunk(r.wb, r.sb, r.bb, lid + WG);
+        }
     } else {
         put_dense(lid, n0, k0);
     }
