@@ -100,15 +100,7 @@ pub fn matmul(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer) -> Result<MlxBuffer
                 w.dtype(),
                 coop_wg(tile, m, pass.caps()),
             );
-            let cp = CoopParams {
-                m: mu,
-                n: nu,
-                k: ku,
-                wpr: 0,
-                gpr: 0,
-                kp: 0,
-                _pad: [0; 2],
-            };
+            let cp = CoopParams::new(mu, nu, ku, 0, 0);
             // Bindings 1..3 (quantized W) are unused here: filled with w.
             dispatch_coop(pass, tile, spec, cp, x, [w, w, w, w], &y, op)?;
         }

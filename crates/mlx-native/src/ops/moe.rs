@@ -47,7 +47,7 @@ use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
 use crate::ops::activation::{glu, Act};
-use crate::ops::qmatmul::{self, plan, MatmulPlan};
+use crate::ops::qmatmul::{self, plan, CoopParams, MatmulPlan};
 use crate::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
 use crate::weights::ggml::GgmlType;
 use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
@@ -466,6 +466,39 @@ pub fn gather_qmm_with(
         GatherPath::Sorted => {
             let sorted = sort_pairs(pass, op, ids, r.pairs as usize, e)?;
             params.max_tiles = sorted.1;
+            if plan(r.pairs as usize, n, k, pass.caps()) == (MatmulPlan::Coop { tile: 16 }) {
+                // Tensor cores: each tile of <= 64 pairs of one expert is a 64-row block of
+                // the 16 x 16 cooperative kernel, x rows gathered through the pair order.
+                let x_rows = r.pairs as usize / r.x_div.max(1) as usize;
+                let (x16, kp) = qmatmul::coop_x16(pass, x, x_rows, k, op)?;
+                let mut cp =
+                    CoopParams::new(params.pairs, params.n, params.k, params.wpr, params.gpr);
+                cp.kp = kp;
+                cp.x_div = params.top_k;
+                cp.experts = params.experts;
+                cp.max_tiles = sorted.1;
+                let groups = (sorted.1 as usize).saturating_mul(n.div_ceil(128));
+                let groups = check::fits_u32(groups, op, "workgroups")?;
+                let spec = qmatmul::qspec("gqmm_coop16", qw.params(), sdt, 4 * qmatmul::COOP_SG)?;
+                // Binding 0: the packed words as 16-byte vectors (4- and 8-bit chunks).
+                let words = if qw.packed().byte_len() >= 16 {
+                    qw.packed()
+                } else {
+                    &x16
+                };
+                let bufs = [
+                    words,
+                    qw.packed(),
+                    qw.scales(),
+                    biases,
+                    &y,
+                    qw.packed(),
+                    &sorted.0,
+                    &x16,
+                ];
+                pass.dispatch(Kernel::MatmulCoop, spec, &cp, &bufs, groups)?;
+                return Ok(y);
+            }
             let groups = (sorted.1 as usize).saturating_mul(n.div_ceil(64));
             let groups = check::fits_u32(groups, op, "workgroups")?;
             let spec = qspec("gqmm", qw.params(), sdt, GQMM_WG)?;

@@ -276,7 +276,7 @@ pub(crate) const COOP_SG: u32 = 32;
 /// one output tile per subgroup for up to 8) and `coop8`.
 fn coop_workgroup_bytes(tile: u32) -> u32 {
     if tile == 16 {
-        8704 * 2 + 9216 * 2 + 2048 * 4
+        8704 * 2 + 9216 * 2 + 2048 * 4 + 2 * 128 * 4
     } else {
         2048 * 2 * 2 + 4096 * 4
     }
@@ -350,7 +350,7 @@ fn scale_dtype(params: QuantParams, dtype: DType) -> DType {
     }
 }
 
-fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result<Spec> {
+pub(crate) fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result<Spec> {
     Spec::new(entry, dt, wg)
         .with_const("BITS", params.bits)?
         .with_const("GROUP_SIZE", params.group_size)
@@ -425,9 +425,67 @@ pub(crate) struct CoopParams {
     pub gpr: u32,
     /// Row length of the f16 copy of x (set by `dispatch_coop`).
     pub kp: u32,
-    pub _pad: [u32; 2],
+    /// `gqmm_coop16` (m = pairs): a pair's x row is pair / x_div.
+    pub x_div: u32,
+    pub experts: u32,
+    /// `gqmm_coop16`: entries of the tile table.
+    pub max_tiles: u32,
+    pub _pad: [u32; 3],
 }
-const _: () = assert!(std::mem::size_of::<CoopParams>() == 32);
+const _: () = assert!(std::mem::size_of::<CoopParams>() == 48);
+
+impl CoopParams {
+    /// y[M, N] = x · Wᵀ over K; `wpr`/`gpr` the quantized W's words and groups per row.
+    pub(crate) fn new(m: u32, n: u32, k: u32, wpr: u32, gpr: u32) -> Self {
+        CoopParams {
+            m,
+            n,
+            k,
+            wpr,
+            gpr,
+            kp: 0,
+            x_div: 1,
+            experts: 0,
+            max_tiles: 0,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// x `[rows, K]` f32 as the f16 rows the 16 x 16 cooperative kernels read: rows of `kp` (K
+/// rounded up to their step) halves, zeros past K, as u32 pairs. Returns it and `kp`.
+pub(crate) fn coop_x16(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    rows: usize,
+    k: usize,
+    op: &str,
+) -> Result<(MlxBuffer, u32)> {
+    let kp = k.div_ceil(COOP16_KB) * COOP16_KB;
+    let mut params = CoopParams::new(
+        check::fits_u32(rows, op, "x rows")?,
+        0,
+        check::fits_u32(k, op, "K")?,
+        0,
+        0,
+    );
+    params.kp = check::fits_u32(kp, op, "K")?;
+    let pairs = rows
+        .checked_mul(kp / 2)
+        .ok_or_else(|| MlxError::invalid(format!("{op}: x too large")))?;
+    check::fits_u32(pairs, op, "x elements")?;
+    let x16 = pass.alloc(DType::U32, &[rows, kp / 2])?;
+    let conv = Spec::new("x_to_f16", DType::F32, X_TO_F16_WG);
+    let groups = check::fits_u32(pairs.div_ceil(X_TO_F16_WG as usize), op, "workgroups")?;
+    pass.dispatch(
+        Kernel::MatmulCoop,
+        conv,
+        &params,
+        &[x, x, x, x, x, x, &x16],
+        groups,
+    )?;
+    Ok((x16, params.kp))
+}
 
 /// K step of the 16 x 16 cooperative kernel: the f16 copy of x has rows of a multiple of it.
 const COOP16_KB: usize = 64;
@@ -455,22 +513,8 @@ pub(crate) fn dispatch_coop(
         let bufs = [x, packed, scales, biases, y, dense];
         return pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups);
     }
-    let kp = (params.k as usize).div_ceil(COOP16_KB) * COOP16_KB;
-    params.kp = check::fits_u32(kp, op, "K")?;
-    let pairs = m
-        .checked_mul(kp / 2)
-        .ok_or_else(|| MlxError::invalid(format!("{op}: x too large")))?;
-    check::fits_u32(pairs, op, "x elements")?;
-    let x16 = pass.alloc(DType::U32, &[m, kp / 2])?;
-    let conv = Spec::new("x_to_f16", DType::F32, X_TO_F16_WG);
-    let groups = check::fits_u32(pairs.div_ceil(X_TO_F16_WG as usize), op, "workgroups")?;
-    pass.dispatch(
-        Kernel::MatmulCoop,
-        conv,
-        &params,
-        &[x, x, x, x, x, x, &x16],
-        groups,
-    )?;
+    let (x16, kp) = coop_x16(pass, x, m, params.k as usize, op)?;
+    params.kp = kp;
     // x rows per workgroup: half the workgroup size (4 or 8 subgroups of 32).
     let mb = (spec.wg / 2).max(1) as usize;
     let groups = check::fits_u32(m.div_ceil(mb) * n.div_ceil(128), op, "workgroups")?;
@@ -537,6 +581,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
             let s = qspec(coop_entry(tile, true), params, dt, sgs * COOP_SG)?;
             v.push((Kernel::MatmulCoop, s));
         }
+        v.push((
+            Kernel::MatmulCoop,
+            qspec("gqmm_coop16", params, dt, 4 * COOP_SG)?,
+        ));
     }
     v.push((
         Kernel::MatmulCoop,
@@ -859,15 +907,7 @@ fn run_with(
             if coop_exp & 15 != 0 {
                 spec = spec.with_const("CX", coop_exp & 15)?;
             }
-            let cp = CoopParams {
-                m: params.m,
-                n: params.n,
-                k: params.k,
-                wpr: params.wpr,
-                gpr: params.gpr,
-                kp: 0,
-                _pad: [0; 2],
-            };
+            let cp = CoopParams::new(params.m, params.n, params.k, params.wpr, params.gpr);
             let wb = [w.packed(), w.scales(), biases, w.packed()];
             dispatch_coop(pass, tile, spec, cp, x, wb, &y, op)?;
         }

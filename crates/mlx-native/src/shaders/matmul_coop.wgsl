@@ -26,6 +26,12 @@ struct Params {
     gpr: u32,
     // Row length of x16 (K rounded up to KB): x_to_f16 and the 16 x 16 kernel.
     kp: u32,
+    // gqmm_coop16 (m = pairs): x row of a pair = pair / x_div; experts; entries of the tile
+    // table in `sorted` (moe.wgsl sort_pairs).
+    x_div: u32,
+    experts: u32,
+    max_tiles: u32,
+    _pad0: u32,
     _pad1: u32,
     _pad2: u32,
 }
@@ -127,11 +133,28 @@ const XTS: u32 = 72u;
 
 // x as f16 pairs: written by x_to_f16 (binding 6), read by the 16 x 16 kernels (binding 7).
 @group(0) @binding(6) var<storage, read_write> xh: array<u32>;
+// gqmm_coop16: the pairs sorted by expert (tile count, tile table, pair order; moe.wgsl).
+@group(0) @binding(6) var<storage, read> sorted: array<u32>;
 @group(0) @binding(7) var<storage, read> x16: array<vec4<f16>>;
 
 var<workgroup> wt16: array<f16, 8704>; // [KB][WTS]: W tile, k-major (A role: [n, k])
 var<workgroup> xt16: array<f16, 9216>; // [MB][XTS]: x tile, row-major (B role: [k, m])
 var<workgroup> cs16: array<f32, 2048>; // one 16 x 16 output tile per subgroup
+// gqmm_coop16: the pair and the x row of each tile row.
+var<workgroup> g_pair: array<u32, 128>;
+var<workgroup> g_row: array<u32, 128>;
+
+// A workgroup's block: rows m0.. of y (or, gathered, the tile's pairs), W rows ebase + n0..
+// (ebase: the expert's first row), len live rows; store: write them; zero: as zeros (an
+// expert id out of range).
+struct Blk {
+    m0: u32,
+    n0: u32,
+    ebase: u32,
+    len: u32,
+    store: bool,
+    zero: bool,
+}
 
 // Registers carried from one K step's global reads to its tiles.
 struct Pre {
@@ -178,8 +201,11 @@ fn x_to_f16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
     xh[view(6u) + i] = pack2x16float(a);
 }
 
-fn x16_at(e: u32, m0: u32, k0: u32) -> X8 {
-    let m = min(m0 + e / 8u, p.m - 1u);
+fn x16_at(e: u32, m0: u32, k0: u32, gather: bool) -> X8 {
+    var m = min(m0 + e / 8u, p.m - 1u);
+    if gather {
+        m = g_row[e / 8u];
+    }
     // view(7) counts u32 words (the buffer's dtype): 2 per vec4<f16>.
     let i = view(7u) / 2u + (m * p.kp + k0) / 4u + (e % 8u) * 2u;
     return X8(x16[i], x16[i + 1u]);
@@ -235,25 +261,27 @@ fn chunk_scale(n: u32, c: u32, bias: bool) -> f32 {
     return select(scale_at(g), bias_at(g), bias);
 }
 
-fn fetch(lid: u32, n0: u32, m0: u32, k0: u32, quant: bool) -> Pre {
+fn fetch(lid: u32, b: Blk, k0: u32, quant: bool, gather: bool) -> Pre {
     var r: Pre;
+    let n0 = b.n0;
+    let m0 = b.m0;
     if quant {
         let c = k0 / 32u + (lid & 1u);
-        let na = min(n0 + lid / 2u, p.n - 1u);
+        let na = b.ebase + min(n0 + lid / 2u, p.n - 1u);
         r.wa = w_chunk(na, c);
         r.sa = chunk_scale(na, c, false);
         r.ba = chunk_scale(na, c, true);
         if WG == 128u {
-            let nb = min(n0 + (lid + WG) / 2u, p.n - 1u);
+            let nb = b.ebase + min(n0 + (lid + WG) / 2u, p.n - 1u);
             r.wb = w_chunk(nb, c);
             r.sb = chunk_scale(nb, c, false);
             r.bb = chunk_scale(nb, c, true);
         }
     }
-    r.x0 = x16_at(lid, m0, k0);
-    r.x1 = x16_at(lid + WG, m0, k0);
-    r.x2 = x16_at(lid + 2u * WG, m0, k0);
-    r.x3 = x16_at(lid + 3u * WG, m0, k0);
+    r.x0 = x16_at(lid, m0, k0, gather);
+    r.x1 = x16_at(lid + WG, m0, k0, gather);
+    r.x2 = x16_at(lid + 2u * WG, m0, k0, gather);
+    r.x3 = x16_at(lid + 3u * WG, m0, k0, gather);
     return r;
 }
 
@@ -350,30 +378,66 @@ fn put(r: Pre, lid: u32, n0: u32, k0: u32, quant: bool) {
     put_x8(lid + 3u * WG, r.x3);
 }
 
-// Output tile of subgroup sg, staged in cs16, to y rows m.., columns n.. (lane: 8 elements,
-// consecutive lanes on consecutive columns).
-fn write_tile(sg: u32, lane: u32, n: u32, m: u32, valid: bool) {
+// Output tile of subgroup sg, staged in cs16, to block rows ml.. (local), columns n.. (lane: 8
+// elements, consecutive lanes on consecutive columns).
+fn write_tile(sg: u32, lane: u32, n: u32, ml: u32, b: Blk, gather: bool) {
     for (var t = 0u; t < 8u; t++) {
         let e = lane + 32u * t;
         let nn = n + e % 16u;
-        let mm = m + e / 16u;
-        if valid && nn < p.n && mm < p.m {
-            y[view(4u) + mm * p.n + nn] = cs16[sg * 256u + e];
+        let lr = ml + e / 16u;
+        if b.store && nn < p.n && lr < b.len {
+            var row = b.m0 + lr;
+            if gather {
+                row = g_pair[lr];
+            }
+            y[view(4u) + row * p.n + nn] = select(cs16[sg * 256u + e], 0.0, b.zero);
         }
     }
 }
 
-fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, lane: u32, quant: bool) {
-    let t = flat_wg(wid, nwg);
-    let nbm = (p.m + MB - 1u) / MB;
+// The block of workgroup t: M blocks vary fastest (plain), or tiles of one expert's pairs
+// (gathered), so neighbouring workgroups share W tiles (from L2). Workgroups past the grid
+// (folding) compute a clamped block and store nothing: no early return around
+// cooperative-matrix operations.
+fn block(t: u32, lid: u32, gather: bool) -> Blk {
+    var b: Blk;
     let nbn = (p.n + NB - 1u) / NB;
-    // M blocks vary fastest so neighbouring workgroups share W tiles (from L2). Workgroups
-    // past the grid (folding) compute the last block and store nothing: no early return
-    // around cooperative-matrix operations.
-    let valid = t < nbm * nbn;
-    let tc = min(t, nbm * nbn - 1u);
-    let m0 = (tc % nbm) * MB;
-    let n0 = (tc / nbm) * NB;
+    if gather {
+        let tile = t % p.max_tiles;
+        let bn = t / p.max_tiles;
+        let so = view(6u);
+        let ntiles = min(sorted[so], p.max_tiles);
+        let te = so + 4u + 4u * tile;
+        // Entries past the count are never read as indices: all clamped, len forced to 0.
+        let bin = min(sorted[te], p.experts);
+        let start = min(sorted[te + 1u], p.m);
+        b.store = tile < ntiles && bn < nbn;
+        b.len = select(0u, min(sorted[te + 2u], min(MB, p.m - start)), b.store);
+        b.zero = bin >= p.experts;
+        b.ebase = min(bin, p.experts - 1u) * p.n;
+        b.n0 = min(bn, nbn - 1u) * NB;
+        if lid < MB {
+            let order = so + 4u + 4u * p.max_tiles;
+            let pr = min(sorted[order + min(start + lid, p.m - 1u)], p.m - 1u);
+            g_pair[lid] = pr;
+            g_row[lid] = pr / p.x_div;
+        }
+    } else {
+        let nbm = (p.m + MB - 1u) / MB;
+        b.store = t < nbm * nbn;
+        let tc = min(t, nbm * nbn - 1u);
+        b.m0 = (tc % nbm) * MB;
+        b.n0 = (tc / nbm) * NB;
+        b.len = min(MB, p.m - b.m0);
+    }
+    return b;
+}
+
+fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, lane: u32, quant: bool,
+          gather: bool) {
+    let b = block(flat_wg(wid, nwg), lid, gather);
+    workgroupBarrier();
+    let n0 = b.n0;
     let sn = (sg % 2u) * 64u;
     let sm = (sg / 2u) * 32u;
     // cIJ: W rows sn + 16 I.., x rows sm + 16 J...
@@ -387,10 +451,10 @@ fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, lane: u32, quant: b
     var c31 = coop_mat16x16<f32, C>();
     let steps = (p.k + KB - 1u) / KB;
     let ahead2 = (CX & 4u) == 0u;
-    var r = fetch(lid, n0, m0, 0u, quant);
+    var r = fetch(lid, b, 0u, quant, gather);
     var r2: Pre;
     if ahead2 && steps > 1u {
-        r2 = fetch(lid, n0, m0, KB, quant);
+        r2 = fetch(lid, b, KB, quant, gather);
     }
     for (var s = 0u; s < steps; s++) {
         let k0 = s * KB;
@@ -403,10 +467,10 @@ fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, lane: u32, quant: b
             if ahead2 {
                 r = r2;
                 if s + 2u < steps {
-                    r2 = fetch(lid, n0, m0, k0 + 2u * KB, quant);
+                    r2 = fetch(lid, b, k0 + 2u * KB, quant, gather);
                 }
             } else if s + 1u < steps {
-                r = fetch(lid, n0, m0, k0 + KB, quant);
+                r = fetch(lid, b, k0 + KB, quant, gather);
             }
         }
         for (var kk = 0u; kk < KB && (CX & 2u) == 0u; kk += 16u) {
@@ -434,39 +498,39 @@ fn coop16(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, lane: u32, quant: b
     }
     let so = sg * 256u;
     let n = n0 + sn;
-    let m = m0 + sm;
+    let m = sm;
     // Column-major stores of yᵀ tiles: element (n, m) at cs16[so + m * 16 + n].
     coopStore(c00, &cs16[so], 16u);
     workgroupBarrier();
-    write_tile(sg, lane, n, m, valid);
+    write_tile(sg, lane, n, m, b, gather);
     workgroupBarrier();
     coopStore(c01, &cs16[so], 16u);
     workgroupBarrier();
-    write_tile(sg, lane, n, m + 16u, valid);
+    write_tile(sg, lane, n, m + 16u, b, gather);
     workgroupBarrier();
     coopStore(c10, &cs16[so], 16u);
     workgroupBarrier();
-    write_tile(sg, lane, n + 16u, m, valid);
+    write_tile(sg, lane, n + 16u, m, b, gather);
     workgroupBarrier();
     coopStore(c11, &cs16[so], 16u);
     workgroupBarrier();
-    write_tile(sg, lane, n + 16u, m + 16u, valid);
+    write_tile(sg, lane, n + 16u, m + 16u, b, gather);
     workgroupBarrier();
     coopStore(c20, &cs16[so], 16u);
     workgroupBarrier();
-    write_tile(sg, lane, n + 32u, m, valid);
+    write_tile(sg, lane, n + 32u, m, b, gather);
     workgroupBarrier();
     coopStore(c21, &cs16[so], 16u);
     workgroupBarrier();
-    write_tile(sg, lane, n + 32u, m + 16u, valid);
+    write_tile(sg, lane, n + 32u, m + 16u, b, gather);
     workgroupBarrier();
     coopStore(c30, &cs16[so], 16u);
     workgroupBarrier();
-    write_tile(sg, lane, n + 48u, m, valid);
+    write_tile(sg, lane, n + 48u, m, b, gather);
     workgroupBarrier();
     coopStore(c31, &cs16[so], 16u);
     workgroupBarrier();
-    write_tile(sg, lane, n + 48u, m + 16u, valid);
+    write_tile(sg, lane, n + 48u, m + 16u, b, gather);
 }
 
 // T = 8: the same with 8 x 8 tiles.
@@ -518,14 +582,23 @@ fn coop8(wid: vec3<u32>, nwg: vec3<u32>, lid: u32, sg: u32, quant: bool) {
 fn qmm_coop16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
               @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32,
               @builtin(subgroup_invocation_id) lane: u32) {
-    coop16(wid, nwg, lid, sg, lane, true);
+    coop16(wid, nwg, lid, sg, lane, true, false);
+}
+
+// The routed prefill matmul (moe.rs gather_qmm, sorted path): y[pair] = x[pair / x_div] ·
+// W[expert]ᵀ over tiles of <= 64 pairs of one expert (WG = 128).
+@compute @workgroup_size(WG)
+fn gqmm_coop16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+               @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32,
+               @builtin(subgroup_invocation_id) lane: u32) {
+    coop16(wid, nwg, lid, sg, lane, true, true);
 }
 
 @compute @workgroup_size(WG)
 fn matmul_coop16(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
                  @builtin(local_invocation_index) lid: u32, @builtin(subgroup_id) sg: u32,
                  @builtin(subgroup_invocation_id) lane: u32) {
-    coop16(wid, nwg, lid, sg, lane, false);
+    coop16(wid, nwg, lid, sg, lane, false, false);
 }
 
 @compute @workgroup_size(WG)
