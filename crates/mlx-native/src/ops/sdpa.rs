@@ -158,55 +158,49 @@ fn prefill_spec(dtype: DType, head_dim: usize) -> Result<Spec> {
         .with_const("BN", bn)
 }
 
-/// Workgroup memory the cooperative-matrix prefill declares (sdpa_coop.wgsl), bytes.
-const COOP_SMEM: u32 = 4096 * 2 + 8192 * 2 + 1024 * 4 + 1024 * 2 + 4096 * 4 + 16 * 4 + 64 * 4;
-/// The cooperative-matrix prefill runs one subgroup of this size per workgroup.
+/// Subgroup size of the cooperative-matrix prefill (four subgroups per workgroup).
 const COOP_WG: u32 = 32;
 
-/// Keys per tile of the cooperative-matrix prefill.
-fn coop_bn(head_dim: usize) -> u32 {
-    if head_dim > 128 {
-        32
-    } else {
-        64
-    }
-}
-
 /// True when `sdpa_prefill` takes the cooperative-matrix path on this device: 16x16 f16
-/// tiles, f16 shaders, a fixed subgroup size of 32 (one subgroup per workgroup) and room
-/// for the kernel's workgroup memory.
+/// tiles, f16 shaders, a fixed subgroup size of 32, workgroups of 4 subgroups and room for
+/// the kernel's workgroup memory (and, per call, K/V views on a multiple of 4 elements).
 pub fn prefill_uses_coop(caps: &crate::Caps) -> bool {
     caps.coop_tile(16).is_some()
         && caps.shader_f16
         && caps.subgroups
         && caps.subgroup_min_size == COOP_WG
         && caps.subgroup_max_size == COOP_WG
-        && caps.max_workgroup_storage >= COOP_SMEM
-}
-
-/// Workgroup memory of the four-subgroup prefill (`sdpa_prefill_coop4`), bytes.
-const COOP4_SMEM: u32 = 8704 * 2 + 4096 * 4 + 4608 * 2 + 4 * 4;
-/// Rows (query, head) per workgroup of the four-subgroup prefill.
-const COOP4_ROWS: usize = 64;
-
-/// The four-subgroup cooperative prefill takes head dims up to 128 (O's tiles live in
-/// registers) and K/V views that start on a multiple of 4 elements (its loads are vec4).
-fn coop4_fits(caps: &crate::Caps, head_dim: usize, k: &MlxBuffer, v: &MlxBuffer) -> bool {
-    head_dim <= 128
-        && k.elem_offset().is_multiple_of(4)
-        && v.elem_offset().is_multiple_of(4)
         && caps.max_invocations_per_workgroup >= 4 * COOP_WG
         && caps.max_workgroup_storage >= COOP4_SMEM
 }
 
-fn coop4_spec(dtype: DType, head_dim: usize) -> Result<Spec> {
-    Spec::new("sdpa_prefill_coop4", dtype, 4 * COOP_WG).with_const("HEAD_DIM", head_dim as u32)
+/// Workgroup memory of the four-subgroup prefill (`sdpa_prefill_coop4`), bytes.
+const COOP4_SMEM: u32 = 8704 * 2 + 4096 * 4 + 4608 * 2 + 4 * 4;
+/// Subgroups sharing a row group of the four-subgroup prefill (each owns head_dim / split
+/// dims, at most 128: O's tiles and Q's fragments live in registers).
+fn coop4_split(head_dim: usize) -> u32 {
+    if head_dim > 128 {
+        2
+    } else {
+        1
+    }
 }
 
-fn coop_spec(dtype: DType, head_dim: usize) -> Result<Spec> {
-    Spec::new("sdpa_prefill_coop", dtype, COOP_WG)
+/// Rows (query, head) per workgroup of the four-subgroup prefill.
+fn coop4_rows(head_dim: usize) -> u32 {
+    64 / coop4_split(head_dim)
+}
+
+/// The cooperative prefill reads K/V as vec4: their views must start on a multiple of 4
+/// elements (other views take the scalar kernel).
+fn coop4_fits(k: &MlxBuffer, v: &MlxBuffer) -> bool {
+    k.elem_offset().is_multiple_of(4) && v.elem_offset().is_multiple_of(4)
+}
+
+fn coop4_spec(dtype: DType, head_dim: usize) -> Result<Spec> {
+    Spec::new("sdpa_prefill_coop4", dtype, 4 * COOP_WG)
         .with_const("HEAD_DIM", head_dim as u32)?
-        .with_const("BN", coop_bn(head_dim))
+        .with_const("SPLIT", coop4_split(head_dim))
 }
 
 pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
@@ -220,10 +214,7 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
                 }
             }
             v.push((Kernel::Sdpa, prefill_spec(dt, d)?));
-            v.push((Kernel::SdpaCoop, coop_spec(dt, d)?));
-            if d <= 128 {
-                v.push((Kernel::SdpaCoop, coop4_spec(dt, d)?));
-            }
+            v.push((Kernel::SdpaCoop, coop4_spec(dt, d)?));
         }
         v.push((Kernel::Sdpa, reduce_spec(d)?));
     }
@@ -453,12 +444,9 @@ pub fn sdpa_prefill(
     let (k, v) = cache.buffers(layer)?;
 
     let out = pass.alloc(DType::F32, &[tokens, hd.n_heads, hd.head_dim])?;
-    let coop = prefill_uses_coop(pass.caps());
-    let coop4 = coop && coop4_fits(pass.caps(), hd.head_dim, k, v);
-    let bm = if coop4 {
-        COOP4_ROWS as u32
-    } else if coop {
-        16
+    let coop = prefill_uses_coop(pass.caps()) && coop4_fits(k, v);
+    let bm = if coop {
+        coop4_rows(hd.head_dim)
     } else {
         prefill_tile(hd.head_dim).0
     };
@@ -484,10 +472,8 @@ pub fn sdpa_prefill(
     let wgs = check::fits_u32(hd.kv_heads * row_tiles, op, "workgroups")?;
     let sinks = opts.sinks.unwrap_or(q);
     let mask = opts.mask.unwrap_or(q);
-    let (kernel, spec) = if coop4 {
+    let (kernel, spec) = if coop {
         (Kernel::SdpaCoop, coop4_spec(cache.dtype(), hd.head_dim)?)
-    } else if coop {
-        (Kernel::SdpaCoop, coop_spec(cache.dtype(), hd.head_dim)?)
     } else {
         (Kernel::Sdpa, prefill_spec(cache.dtype(), hd.head_dim)?)
     };
