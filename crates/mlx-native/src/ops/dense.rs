@@ -211,7 +211,7 @@ pub(crate) mod tests {
                 (9, 70, 37, DType::BF16),
                 (33, 65, 100, DType::F32),
                 (130, 17, 64, DType::F16),
-                // Several 64 x 128 cooperative blocks, tails in M, N and K.
+                // Several cooperative blocks (128 W rows by 128 x rows), tails in M, N, K.
                 (200, 300, 200, DType::BF16),
             ] {
                 let x = rng.normals(m * k, 1.0);

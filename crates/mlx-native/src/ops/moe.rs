@@ -468,7 +468,9 @@ pub fn gather_qmm_with(
             params.max_tiles = sorted.1;
             if plan(r.pairs as usize, n, k, pass.caps()) == (MatmulPlan::Coop { tile: 16 }) {
                 // Tensor cores: each tile of <= 64 pairs of one expert is a 64-row block of
-                // the 16 x 16 cooperative kernel, x rows gathered through the pair order.
+                // the 16 x 16 cooperative kernel (4 subgroups: 64 x rows, which must hold a
+                // whole tile), x rows gathered through the pair order.
+                const _: () = assert!(TILE_PAIRS == 64);
                 let x_rows = r.pairs as usize / r.x_div.max(1) as usize;
                 let (x16, kp) = qmatmul::coop_x16(pass, x, x_rows, k, op)?;
                 let mut cp =

@@ -486,6 +486,38 @@ fn gather_qmm_prefill_matches_f64() {
         0,
         false,
     );
+    // The cooperative path (where the device has it) over several 128-row blocks of W, with
+    // 3-bit codes (word-by-word loads) and mxfp4.
+    gather_case(
+        g,
+        &mut rng,
+        (33, 4, 8, 300, 128),
+        QuantParams::affine(4, 64),
+        DType::BF16,
+        false,
+        0,
+        false,
+    );
+    gather_case(
+        g,
+        &mut rng,
+        (20, 2, 4, 200, 96),
+        QuantParams::affine(3, 32),
+        DType::F16,
+        false,
+        0,
+        false,
+    );
+    gather_case(
+        g,
+        &mut rng,
+        (20, 2, 4, 140, 64),
+        QuantParams::mxfp4(),
+        DType::BF16,
+        false,
+        0,
+        false,
+    );
     // > 64 pairs of one expert (several tiles per run), per-pair x.
     gather_case(
         g,

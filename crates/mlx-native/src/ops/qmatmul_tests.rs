@@ -140,7 +140,7 @@ fn plan_depends_only_on_shapes_and_caps() {
         n: 16,
         k: 16,
     }];
-    // The 16 x 16 kernel declares 43 KiB of workgroup memory (NVIDIA allows 48).
+    // The 16 x 16 kernel declares 44 KiB of workgroup memory (NVIDIA allows 48).
     caps.max_workgroup_storage = 32 * 1024;
     assert_eq!(plan(512, 4096, 4096, &caps), MatmulPlan::Tiled);
     caps.max_workgroup_storage = 48 * 1024;
@@ -509,9 +509,12 @@ fn cooperative_matrix_path_where_available() {
         (64usize, 64usize, 64usize, 4u32),
         (100, 130, 320, 3),
         (17, 33, 96, 8),
-        // Several 64 x 128 blocks of the 16 x 16 kernel, tails in M and N, an odd number
-        // of chunks (the last K step half empty).
+        // Several blocks of the 16 x 16 kernel (128 W rows by 64 x rows with 4 subgroups,
+        // 128 with 8), tails in M and N, an odd number of chunks (the last K step half
+        // empty); 8-bit over several blocks.
         (200, 300, 352, 4),
+        (40, 300, 128, 4),
+        (150, 260, 192, 8),
     ] {
         run_case(
             g,

@@ -957,6 +957,10 @@ mod tests {
         softcap: Option<f32>,
         sinks: bool,
         mask: bool,
+        // The mask is 0 on keys 0..64 and +12 from key 64 on (instead of random): a later
+        // key tile dominates every row that reaches it, so the cooperative kernel's lazy
+        // maximum must rescale O.
+        jump: bool,
         dtype: DType,
     }
 
@@ -972,6 +976,7 @@ mod tests {
             softcap: None,
             sinks: false,
             mask: false,
+            jump: false,
             dtype,
         }
     }
@@ -994,10 +999,16 @@ mod tests {
         )?;
         let q = rng.normals(c.t * c.nh * c.d, 1.0);
         let sinks = rng.normals(c.nh, 2.0);
-        // Mask: random biases with some -inf entries.
+        // Mask: random biases with some -inf entries (or the jump).
         let mask: Vec<f32> = (0..c.t * kv_len)
-            .map(|_| {
-                if rng.below(9) == 0 {
+            .map(|i| {
+                if c.jump {
+                    if i % kv_len >= 64 {
+                        12.0
+                    } else {
+                        0.0
+                    }
+                } else if rng.below(9) == 0 {
                     f32::NEG_INFINITY
                 } else {
                     rng.uniform(-2.0, 1.0)
@@ -1090,6 +1101,22 @@ mod tests {
                 q0: 9,
                 t: 1,
                 ..pc(80, 12, 4, DType::F32)
+            },
+            // Logits jumping by 12 at key 64: O rescaled, with one subgroup per row group
+            // and with the head dim split over two.
+            PrefillCase {
+                q0: 30,
+                t: 130,
+                mask: true,
+                jump: true,
+                ..pc(128, 8, 2, DType::F16)
+            },
+            PrefillCase {
+                t: 100,
+                mask: true,
+                jump: true,
+                sinks: true,
+                ..pc(256, 4, 1, DType::F16)
             },
         ];
         for (i, c) in cases.iter().enumerate() {
