@@ -102,7 +102,7 @@ pub fn matmul(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer) -> Result<MlxBuffer
             );
             let cp = CoopParams::new(mu, nu, ku, 0, 0);
             // Bindings 1..3 (quantized W) are unused here: filled with w.
-            dispatch_coop(pass, tile, spec, cp, x, [w, w, w, w], &y, op)?;
+            dispatch_coop(pass, tile, spec, cp, x, [w, w, w, w], &y, None, op)?;
         }
     }
     Ok(y)

@@ -471,34 +471,14 @@ pub fn gather_qmm_with(
                 // the 16 x 16 cooperative kernel (4 subgroups: 64 x rows, which must hold a
                 // whole tile), x rows gathered through the pair order.
                 const _: () = assert!(TILE_PAIRS == 64);
-                let x_rows = r.pairs as usize / r.x_div.max(1) as usize;
-                let (x16, kp) = qmatmul::coop_x16(pass, x, x_rows, k, op)?;
                 let mut cp =
                     CoopParams::new(params.pairs, params.n, params.k, params.wpr, params.gpr);
-                cp.kp = kp;
                 cp.x_div = params.top_k;
                 cp.experts = params.experts;
                 cp.max_tiles = sorted.1;
-                let groups = (sorted.1 as usize).saturating_mul(n.div_ceil(128));
-                let groups = check::fits_u32(groups, op, "workgroups")?;
                 let spec = qmatmul::qspec("gqmm_coop16", qw.params(), sdt, 4 * qmatmul::COOP_SG)?;
-                // Binding 0: the packed words as 16-byte vectors (4- and 8-bit chunks).
-                let words = if qw.packed().byte_len() >= 16 {
-                    qw.packed()
-                } else {
-                    &x16
-                };
-                let bufs = [
-                    words,
-                    qw.packed(),
-                    qw.scales(),
-                    biases,
-                    &y,
-                    qw.packed(),
-                    &sorted.0,
-                    &x16,
-                ];
-                pass.dispatch(Kernel::MatmulCoop, spec, &cp, &bufs, groups)?;
+                let wb = [qw.packed(), qw.scales(), biases, qw.packed()];
+                qmatmul::dispatch_coop(pass, 16, spec, cp, x, wb, &y, Some(&sorted.0), op)?;
                 return Ok(y);
             }
             let groups = (sorted.1 as usize).saturating_mul(n.div_ceil(64));

@@ -494,7 +494,9 @@ const X_TO_F16_WG: u32 = 256;
 /// `y = x · Wᵀ` on the cooperative kernel `spec` (tile 16 or 8); `w` holds the W bindings
 /// 1, 2, 3 and 5 (packed, scales, biases, dense). The 16 x 16 kernel reads x as f16 rows of
 /// K rounded up to its step (zeros past K), which one small dispatch writes first: its loads
-/// are then 16 bytes wide, unconditional, and need no conversion.
+/// are then 16 bytes wide, unconditional, and need no conversion. With `sorted` (the routed
+/// prefill, `gqmm_coop16`: the pairs sorted by expert, `params` giving x_div, experts and
+/// max_tiles), M counts pairs, x has pairs / x_div rows, and a workgroup takes one tile.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dispatch_coop(
     pass: &mut Pass,
@@ -504,6 +506,7 @@ pub(crate) fn dispatch_coop(
     x: &MlxBuffer,
     w: [&MlxBuffer; 4],
     y: &MlxBuffer,
+    sorted: Option<&MlxBuffer>,
     op: &str,
 ) -> Result<()> {
     let (m, n) = (params.m as usize, params.n as usize);
@@ -513,17 +516,36 @@ pub(crate) fn dispatch_coop(
         let bufs = [x, packed, scales, biases, y, dense];
         return pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups);
     }
-    let (x16, kp) = coop_x16(pass, x, m, params.k as usize, op)?;
+    let x_rows = if sorted.is_some() {
+        m / params.x_div.max(1) as usize
+    } else {
+        m
+    };
+    let (x16, kp) = coop_x16(pass, x, x_rows, params.k as usize, op)?;
     params.kp = kp;
-    // x rows per workgroup: half the workgroup size (4 or 8 subgroups of 32).
-    let mb = (spec.wg / 2).max(1) as usize;
-    let groups = check::fits_u32(m.div_ceil(mb) * n.div_ceil(128), op, "workgroups")?;
+    // Row blocks: the tiles of the sorted pairs, or half the workgroup size in x rows (4 or
+    // 8 subgroups of 32).
+    let blocks = match sorted {
+        Some(_) => params.max_tiles as usize,
+        None => m.div_ceil((spec.wg / 2).max(1) as usize),
+    };
+    let groups = check::fits_u32(blocks.saturating_mul(n.div_ceil(128)), op, "workgroups")?;
     // Binding 0 is the packed words as vectors here (x itself is read as x16), read for 4-
     // and 8-bit codes (a chunk is 16 or 32 bytes). A dense weight's kernel, or words shorter
     // than one vector (3 bits, one row), read none: x16 fills it (at least 16 bytes).
-    let vec_words = spec.entry.starts_with("qmm") && packed.byte_len() >= 16;
+    let vec_words = !spec.entry.starts_with("matmul") && packed.byte_len() >= 16;
     let words = if vec_words { packed } else { &x16 };
-    let bufs = [words, packed, scales, biases, y, dense, &x16, &x16];
+    // Binding 6: the sorted pairs (gathered) or, unread, x16 again.
+    let bufs = [
+        words,
+        packed,
+        scales,
+        biases,
+        y,
+        dense,
+        sorted.unwrap_or(&x16),
+        &x16,
+    ];
     pass.dispatch(Kernel::MatmulCoop, spec, &params, &bufs, groups)
 }
 
@@ -909,7 +931,7 @@ fn run_with(
             }
             let cp = CoopParams::new(params.m, params.n, params.k, params.wpr, params.gpr);
             let wb = [w.packed(), w.scales(), biases, w.packed()];
-            dispatch_coop(pass, tile, spec, cp, x, wb, &y, op)?;
+            dispatch_coop(pass, tile, spec, cp, x, wb, &y, None, op)?;
         }
     }
     Ok(y)
