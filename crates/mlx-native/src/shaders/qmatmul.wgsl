@@ -339,6 +339,178 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 }
 
 // ---------------------------------------------------------------------------------------
+// qmv_stream (M = 1, x quantized: 4- and 8-bit affine codes; needs subgroups)
+//
+// The workgroup's WG invocations split K: invocation i owns chunks i and i + WG, whose x it
+// loads (with the NORM / GLU prologue) and quantizes once; then 4·RPT consecutive weight rows
+// stream past those registers, 4 rows a step, each step's weight words loaded while the two
+// steps before it are summed. Why: qmv re-loads and re-quantizes its x chunk for every chunk of
+// every row-set, and its invocations walk the chunks of a few rows in lockstep; here x costs
+// once per workgroup, every step's loads are independent of the step before, and the
+// prologues (norm, GLU) cost once per workgroup too. Row sums: a subgroup sum per step, then
+// the subgroups' partials through workgroup memory.
+#if SUBGROUPS
+
+// Row partials, [row * subgroups + subgroup] (subgroups of at least 4 invocations).
+var<workgroup> red_rows: array<f32, RPT * WG>;
+// NORM: Σx² per subgroup (subgroups of at least 4).
+var<workgroup> red_sq: array<f32, WG / 4u>;
+// The loads of one row against the invocation's two chunks: words and scale/bias.
+struct RowLoads {
+    w0: array<u32, 8>,
+    w1: array<u32, 8>,
+    sb: vec4<f32>,
+}
+
+fn row_loads(row: u32, c0: u32, c1: u32, g0: u32, g1: u32) -> RowLoads {
+    var o: RowLoads;
+    o.w0 = chunk_words(row, c0);
+    o.w1 = chunk_words(row, c1);
+    let g = row * p.gpr;
+    o.sb = vec4<f32>(scale_at(g + g0), bias_at(g + g0), scale_at(g + g1), bias_at(g + g1));
+    return o;
+}
+
+fn row_sum(l: RowLoads, x0: XChunk, x1: XChunk) -> f32 {
+    if (QX & 1u) != 0u {
+        // Loads only (measurement): a use of every load, no decoding.
+        return f32((l.w0[0] ^ l.w1[0]) & 1u) + l.sb.x + l.sb.z;
+    }
+    var t0 = dot_signed(code_bytes(l.w0), x0);
+    var t1 = dot_signed(code_bytes(l.w1), x1);
+    if XQ == 2u {
+        t0 = 256 * t0 + i32(dot_unsigned(code_bytes(l.w0), x0.l));
+        t1 = 256 * t1 + i32(dot_unsigned(code_bytes(l.w1), x1.l));
+    }
+    return (l.sb.x * (x0.d * f32(t0)) + l.sb.y * x0.s)
+         + (l.sb.z * (x1.d * f32(t1)) + l.sb.w * x1.s);
+}
+
+fn scaled(x: array<vec4<f32>, 8>, f: f32) -> array<vec4<f32>, 8> {
+    return array<vec4<f32>, 8>(x[0] * f, x[1] * f, x[2] * f, x[3] * f, x[4] * f, x[5] * f,
+                               x[6] * f, x[7] * f);
+}
+
+// x chunk c (GLU applied; zero past K), and its Σx² into `sq` (NORM), times the norm
+// weight with NORM. Each invocation loads its own chunks: staging x through workgroup
+// memory with contiguous loads measured slower (docs/PERFORMANCE.md, session 6).
+fn own_x(c: u32, chunks: u32, xbase: u32, sq: ptr<function, f32>) -> array<vec4<f32>, 8> {
+    var x = array<vec4<f32>, 8>();
+    if c < chunks {
+        x = x_row_chunk(xbase, 0u, c);
+        if (FUSE & 1u) != 0u {
+            *sq += sum_squares(x);
+            x = norm_weighted(x, c);
+        }
+    }
+    return x;
+}
+
+// Sums v (4 rows' partials) over the subgroup (of at least 4): afterwards lane l holds row
+// l & 3's total. 2 + 1 shuffles spread the rows over lane pairs, then log2(ss) - 2 more; a
+// plain vec4 subgroupAdd shuffles all four rows at every level.
+fn rows4_sum(v: vec4<f32>, sl: u32, ss: u32) -> f32 {
+    // Lane bit 1 picks rows 0-1 or 2-3, bit 0 one of the two.
+    let hi = (sl & 2u) != 0u;
+    let h = select(v.xy, v.zw, hi) + subgroupShuffleXor(select(v.zw, v.xy, hi), 2u);
+    let odd = (sl & 1u) != 0u;
+    var t = select(h.x, h.y, odd) + subgroupShuffleXor(select(h.y, h.x, odd), 1u);
+    for (var m = 4u; m < ss; m <<= 1u) {
+        t += subgroupShuffleXor(t, m);
+    }
+    return t;
+}
+
+@compute @workgroup_size(WG)
+fn qmv_stream(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+              @builtin(local_invocation_index) lid: u32,
+              @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32) {
+    let wg = flat_wg(wid, nwg);
+    let rows = 4u * RPT;
+    let row0 = wg * rows;
+    let chunks = p.k / 32u;
+    let xbase = view(0u) / 4u;
+    let nsg = WG / ss;
+    let sg = lid / ss;
+    // The invocation's chunks; one past K is chunk 0 again with a zero x (its loads hit the
+    // cache, its sum is 0).
+    let c0 = select(0u, lid, lid < chunks);
+    let has1 = lid + WG < chunks;
+    let c1 = select(0u, lid + WG, has1);
+    let g0 = (c0 * 32u) / GROUP_SIZE;
+    let g1 = (c1 * 32u) / GROUP_SIZE;
+    // Rows past N repeat the last row (their sums are dropped). The first two steps' weight
+    // loads go out before x is read, so the x prologue hides under them; from then on each
+    // step's loads go out two steps ahead of its sums (one step ahead measured slower for
+    // workgroups of few invocations).
+    let last = p.n - 1u;
+    var a0 = row_loads(min(row0, last), c0, c1, g0, g1);
+    var a1 = row_loads(min(row0 + 1u, last), c0, c1, g0, g1);
+    var a2 = row_loads(min(row0 + 2u, last), c0, c1, g0, g1);
+    var a3 = row_loads(min(row0 + 3u, last), c0, c1, g0, g1);
+    let rb = row0 + 4u * min(1u, RPT - 1u);
+    var b0 = row_loads(min(rb, last), c0, c1, g0, g1);
+    var b1 = row_loads(min(rb + 1u, last), c0, c1, g0, g1);
+    var b2 = row_loads(min(rb + 2u, last), c0, c1, g0, g1);
+    var b3 = row_loads(min(rb + 3u, last), c0, c1, g0, g1);
+    var sq = 0.0;
+    var xa = own_x(lid, chunks, xbase, &sq);
+    var xb = own_x(lid + WG, chunks, xbase, &sq);
+    if (FUSE & 1u) != 0u {
+        // RMS of x (after the GLU), from the workgroup's Σx².
+        let part = subgroupAdd(sq);
+        if sl == 0u {
+            red_sq[sg] = part;
+        }
+        workgroupBarrier();
+        var tot = 0.0;
+        for (var i = 0u; i < nsg; i++) {
+            tot += red_sq[i];
+        }
+        let f = inverseSqrt(tot / f32(p.k) + p.eps);
+        xa = scaled(xa, f);
+        xb = scaled(xb, f);
+    }
+    let x0 = quantize_x(xa);
+    let x1 = quantize_x(xb);
+    for (var s = 0u; s < RPT; s++) {
+        // The loads of two steps on first (the last steps re-load their own rows: cached).
+        let r = row0 + 4u * min(s + 2u, RPT - 1u);
+        let n0 = row_loads(min(r, last), c0, c1, g0, g1);
+        let n1 = row_loads(min(r + 1u, last), c0, c1, g0, g1);
+        let n2 = row_loads(min(r + 2u, last), c0, c1, g0, g1);
+        let n3 = row_loads(min(r + 3u, last), c0, c1, g0, g1);
+        let v = vec4<f32>(row_sum(a0, x0, x1), row_sum(a1, x0, x1), row_sum(a2, x0, x1),
+                          row_sum(a3, x0, x1));
+        let t = rows4_sum(v, sl, ss);
+        if sl < 4u {
+            red_rows[(s * 4u + sl) * nsg + sg] = t;
+        }
+        a0 = b0;
+        a1 = b1;
+        a2 = b2;
+        a3 = b3;
+        b0 = n0;
+        b1 = n1;
+        b2 = n2;
+        b3 = n3;
+    }
+    workgroupBarrier();
+    let row = row0 + lid;
+    if lid < rows && row < p.n {
+        var acc = 0.0;
+        for (var i = 0u; i < nsg; i++) {
+            acc += red_rows[lid * nsg + i];
+        }
+        if (FUSE & 4u) != 0u {
+            acc += bitcast<f32>(aux[view(6u) + row]);
+        }
+        y[view(4u) + row] = acc;
+    }
+}
+#endif
+
+// ---------------------------------------------------------------------------------------
 // qmm (tiled, scalar)
 
 const BM: u32 = 64u;
