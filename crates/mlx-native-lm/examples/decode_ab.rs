@@ -26,8 +26,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // (label, folding, what `set_qmv_stream` forces: None = the default rule, Some((0, 0))
     // = the row-set qmv kernel)
     let rowset = Some((0, 0));
-    type Variant<'a> = (&'a str, Folding, Option<(u32, u32)>);
-    let variants: [Variant; 7] = [
+    let variants: [(&str, Folding, Option<(u32, u32)>); 7] = [
         ("separate", none, None),
         ("default", default, None),
         ("default, row-set qmv (before)", default, rowset),
