@@ -4,9 +4,8 @@
 //! variant in turn, round after round, and prints each variant's minimum and median.
 //! Interleaving matters: a GPU that idles between runs clocks down, so variants measured in
 //! separate processes or one after another are not comparable.
-//! Variants: the separate dispatches (no folding), the default folding (`Folding`) and
-//! others, with the default decode matvec (`qmv_stream` where it applies) and with the
-//! row-set qmv kernel forced.
+//! Variants: the separate dispatches (no folding), the default folding (`Folding`), and
+//! qmv's x quantization (`QmvConfig::xq`) forced to each setting.
 
 use mlx_native::ops;
 use mlx_native::MlxDevice;
@@ -23,20 +22,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let ctx = 128;
     let none = Folding::NONE;
     let default = Folding::DEFAULT;
-    // (label, folding, what `set_qmv_stream` forces: None = the default rule, Some((0, 0))
-    // = the row-set qmv kernel)
-    let rowset = Some((0, 0));
-    let variants: [(&str, Folding, Option<(u32, u32)>); 7] = [
-        ("separate", none, None),
-        ("default", default, None),
-        ("default, row-set qmv (before)", default, rowset),
-        ("separate, row-set qmv", none, rowset),
+    // (label, folding, qmv's x quantization: None = the default rule; the routed matvec's
+    // rows per row-block: None = the plan's)
+    let variants: [(&str, Folding, Option<u32>, Option<u32>); 7] = [
+        ("separate", none, None, None),
+        ("default", default, None, None),
+        ("default, int8 x", default, Some(1), None),
+        ("default, gqmv rpt 2 (before)", default, None, Some(2)),
         (
             "default +norms",
             Folding {
                 norms: true,
                 ..default
             },
+            None,
             None,
         ),
         (
@@ -46,6 +45,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 ..default
             },
             None,
+            None,
         ),
         (
             "default +glu",
@@ -53,6 +53,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 glu: true,
                 ..default
             },
+            None,
             None,
         ),
     ];
@@ -68,11 +69,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut times = vec![Vec::new(); variants.len()];
     let mut dispatches = vec![0; variants.len()];
     for round in 0..rounds {
-        for (vi, &(_, fold, stream)) in variants.iter().enumerate() {
+        for (vi, &(_, fold, xq, gqmv_rpt)) in variants.iter().enumerate() {
             for l in &mut m.layers {
                 l.fold = fold;
             }
-            ops::qmatmul::set_qmv_stream(stream)?;
+            ops::qmatmul::set_qmv_xq(xq)?;
+            ops::moe::set_gqmv_rpt(gqmv_rpt)?;
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);
                 let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;
@@ -99,7 +101,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         println!(
-            "{vname:>30}: {:8.1} us min, {:8.1} us median per token, {} dispatches",
+            "{vname:>24}: {:8.1} us min, {:8.1} us median per token, {} dispatches",
             v[0],
             v[v.len() / 2],
             dispatches[vi]

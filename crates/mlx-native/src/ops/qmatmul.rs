@@ -239,108 +239,6 @@ const QMV_MIN_WARPS: usize = 1536;
 /// visible against MLX's f32 products.
 const QMV_DEFAULT_XQ: u32 = 2;
 
-/// `qmv_stream` (qmatmul.wgsl) for one x row: a workgroup of `wg` invocations owns the
-/// x chunks (two each) and streams `4 * rpt` weight rows past them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct StreamConfig {
-    wg: u32,
-    rpt: u32,
-    exp: u32,
-}
-
-/// Step counts `set_qmv_stream` may force (and the shader validation compiles).
-const STREAM_RPTS: [u32; 4] = [1, 2, 4, 8];
-/// Largest `qmv_stream` workgroup (two chunks each: K up to 16384).
-const STREAM_MAX_WG: u32 = 256;
-
-/// Workgroup memory of a `qmv_stream` workgroup (qmatmul.wgsl: red_rows, red_sq).
-fn stream_workgroup_bytes(wg: u32, rpt: u32) -> u32 {
-    rpt * wg * 4 + wg / 4 * 4
-}
-
-/// What `set_qmv_stream` forces: 0 the rule, 1 off, else `rpt | exp << 8` + 2.
-static QMV_STREAM: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-
-/// Force the streaming matvec on (`Some((rpt, exp))`, `exp` 1: loads only, which gives wrong
-/// results on purpose) or off (`Some((0, 0))`) for every M = 1 qmv
-/// it applies to; `None`: back to the default rule. For A/B timings.
-#[doc(hidden)]
-pub fn set_qmv_stream(force: Option<(u32, u32)>) -> Result<()> {
-    let v = match force {
-        None => 0,
-        Some((0, _)) => 1,
-        Some((rpt, exp)) if STREAM_RPTS.contains(&rpt) && exp <= 1 => (rpt | exp << 8) + 2,
-        Some(f) => {
-            return Err(MlxError::invalid(format!(
-                "qmv: stream steps {f:?} not in {STREAM_RPTS:?} with exp 0 or 1"
-            )))
-        }
-    };
-    QMV_STREAM.store(v, std::sync::atomic::Ordering::Relaxed);
-    Ok(())
-}
-
-/// Invocations of a `qmv_stream` workgroup for K = `32 * chunks`: two chunks each, a
-/// multiple of 32 (whole subgroups on every device `plan` gives subgroups to).
-fn stream_wg(chunks: u32) -> u32 {
-    chunks.div_ceil(2).div_ceil(32) * 32
-}
-
-/// The streaming matvec's shape for one x row of an `n x k` weight, or None where the row-set
-/// kernel (`qmv`) runs: M > 1, x not quantized (formats other than 4- and 8-bit affine, f32
-/// x), no subgroups (or subgroups under 4 invocations), K beyond two chunks per invocation of the largest workgroup, a forced
-/// row-set shape (`set_qmv_override`) or the stream forced off.
-fn stream_config(
-    m: usize,
-    k: usize,
-    xq: u32,
-    subgroups: bool,
-    caps: &Caps,
-) -> Option<StreamConfig> {
-    let forced = QMV_STREAM.load(std::sync::atomic::Ordering::Relaxed);
-    let overridden = QMV_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) != 0;
-    if forced == 1 || overridden || m != 1 || xq == 0 || !subgroups {
-        return None;
-    }
-    let chunks = u32::try_from(k / 32).ok()?;
-    let wg = stream_wg(chunks);
-    let (rpt, exp) = match forced {
-        0 => stream_default(wg),
-        f => ((f - 2) & 0xff, (f - 2) >> 8),
-    };
-    let fits = chunks >= 1
-        && wg <= STREAM_MAX_WG
-        && wg <= caps.max_invocations_per_workgroup
-        && stream_workgroup_bytes(wg, rpt) <= caps.max_workgroup_storage
-        // rows4_sum spreads 4 rows over 4 lanes.
-        && caps.subgroup_min_size >= 4;
-    fits.then_some(StreamConfig { wg, rpt, exp })
-}
-
-/// Steps (of 4 rows) and switches of a `qmv_stream` workgroup of `wg` invocations. Measured
-/// on an H200 (docs/PERFORMANCE.md, session 6): 2 steps for workgroups of up to 4 subgroups
-/// (K up to 8192; Llama's q|k|v, o and gate|up), 8 for larger ones (down, 7 subgroups).
-fn stream_default(wg: u32) -> (u32, u32) {
-    if wg <= 128 {
-        (2, 0)
-    } else {
-        (8, 0)
-    }
-}
-
-fn stream_spec(
-    params: QuantParams,
-    dt: DType,
-    cfg: StreamConfig,
-    xq: u32,
-    fuse: u32,
-) -> Result<Spec> {
-    let packed = xq << 25 | fuse << 20 | cfg.exp << 16 | cfg.wg << 5 | cfg.rpt;
-    Ok(qspec("qmv_stream", params, dt, cfg.wg)?
-        .with_const("QMV", packed)?
-        .with_subgroups(true))
-}
-
 /// Every config [`qmv_config`] can return (each with f32 x too: `set_qmv_xq`).
 fn qmv_configs() -> Vec<QmvConfig> {
     let mut v = Vec::new();
@@ -699,28 +597,6 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
                 }
             }
         }
-        if xq_applies(params) {
-            // Every workgroup size (K up to 14336) at its default; every step count and
-            // switch (benchmarks) for MLX 4-bit g64 at K = 4096, plain and with a residual.
-            let bench = params == QuantParams::affine(4, 64) && dt == DType::BF16;
-            for wg in (1..=STREAM_MAX_WG / 32).map(|i| i * 32) {
-                let mut shapes = vec![(stream_default(wg), fusion_codes())];
-                if bench && wg == stream_wg(128) {
-                    for rpt in STREAM_RPTS {
-                        shapes.extend((0..2).map(|e| ((rpt, e), vec![0, 4])));
-                    }
-                }
-                for ((rpt, exp), fuses) in shapes {
-                    for fuse in fuses {
-                        let sc = StreamConfig { wg, rpt, exp };
-                        v.push((
-                            Kernel::Qmatmul,
-                            stream_spec(params, dt, sc, QMV_DEFAULT_XQ, fuse)?,
-                        ));
-                    }
-                }
-            }
-        }
         v.push((Kernel::Qmatmul, qspec("qmm", params, dt, TILED_WG)?));
         v.push((Kernel::Qmatmul, qspec("dequant", params, dt, DEQUANT_WG)?));
         for (tile, sgs) in [(16, 4), (16, 8), (8, 4)] {
@@ -950,22 +826,8 @@ fn run_vec(
     let biases = w.biases().unwrap_or(w.scales());
     let xa = aligned_x(pass, x)?;
     let y = pass.alloc(DType::F32, run.yshape)?;
-    let xq = if xq_applies(w.params()) {
-        run.cfg.xq
-    } else {
-        0
-    };
-    let (spec, rows_per_wg) =
-        match stream_config(run.m, w.shape()[1], xq, run.subgroups, pass.caps()) {
-            Some(sc) => (
-                stream_spec(w.params(), dt, sc, xq, fusion.code())?,
-                4 * sc.rpt as usize,
-            ),
-            None => (
-                vec_spec(w.params(), dt, run.cfg, run.subgroups, fusion.code())?,
-                (run.cfg.wg / run.cfg.tpr) as usize * run.cfg.rpt as usize,
-            ),
-        };
+    let spec = vec_spec(w.params(), dt, run.cfg, run.subgroups, fusion.code())?;
+    let rows_per_wg = (run.cfg.wg / run.cfg.tpr) as usize * run.cfg.rpt as usize;
     let groups = check::fits_u32(n.div_ceil(rows_per_wg), run.op, "workgroups")?;
     // Bindings the variant does not read get x (read-only, any size).
     let normw = fusion.norm.map_or(&xa, |(b, _)| b);

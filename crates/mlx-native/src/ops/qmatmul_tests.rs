@@ -651,6 +651,7 @@ fn act_f64(act: Act, g: f64) -> f64 {
 #[test]
 fn qmv_fused_matches_the_unfused_steps_in_f64() {
     let mut rng = Rng::new(58);
+    let eps = 1e-5f32;
     for g in devices() {
         for (case, (params, dt)) in [
             (QuantParams::affine(4, 64), DType::BF16),
@@ -660,9 +661,13 @@ fn qmv_fused_matches_the_unfused_steps_in_f64() {
         .into_iter()
         .enumerate()
         {
-            let k = 3 * params.group_size as usize;
+            let gs = params.group_size as usize;
+            let k = 3 * gs;
             let n = [37, 5, 130][case];
             let q = quant(&mut rng, n, k, params, dt);
+            let w = QuantWeight::upload(g, &q).unwrap();
+            let wref = reference(&q);
+            let sq = code_part(&q, &wref);
             for (norm, glu, residual) in [
                 (true, None, false),
                 (false, None, true),
@@ -673,136 +678,76 @@ fn qmv_fused_matches_the_unfused_steps_in_f64() {
             ] {
                 let m = 1 + rng.below(3);
                 let off = [0usize, 3][rng.below(2)];
-                check_fused(g, &mut rng, &q, m, off, (norm, glu, residual));
+                let xk = if glu.is_some() { 2 * k } else { k };
+                let raw = rng.normals(off + m * xk, 1.5);
+                let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
+                let res = rng.normals(m * n, 2.0);
+                let graw = MlxBuffer::from_slice(g, &raw, &[raw.len()]).unwrap();
+                let gx = graw.view(off, &[m, xk]).unwrap();
+                let gnw = MlxBuffer::from_slice(g, &nw, &[k]).unwrap();
+                let gres = MlxBuffer::from_slice(g, &res, &[m, n]).unwrap();
+                let fusion = QmvFusion {
+                    glu,
+                    norm: norm.then_some((&gnw, eps)),
+                    residual: residual.then_some(&gres),
+                };
+                let mut pass = g.begin();
+                let y = qmv_fused(&mut pass, &gx, &w, &fusion).unwrap();
+                pass.commit_and_wait().unwrap();
+                assert_eq!(y.shape(), &[m, n]);
+                let got: Vec<f32> = y.to_vec(g).unwrap();
+                let what = format!(
+                    "{} b{} g{gs} {dt} m{m} n{n} norm={norm} glu={glu:?} residual={residual} \
+                     off={off} sg={}",
+                    params.mode,
+                    params.bits,
+                    g.caps().subgroups
+                );
+                let u = 2f64.powi(-24);
+                for i in 0..m {
+                    let row = &raw[off + i * xk..off + (i + 1) * xk];
+                    let mut xi: Vec<f64> = match glu {
+                        Some(a) => (0..k)
+                            .map(|j| act_f64(a, row[j] as f64) * row[k + j] as f64)
+                            .collect(),
+                        None => row.iter().map(|&v| v as f64).collect(),
+                    };
+                    if norm {
+                        let ms = xi.iter().map(|v| v * v).sum::<f64>() / k as f64;
+                        let inv = 1.0 / (ms + eps as f64).sqrt();
+                        for (v, &wv) in xi.iter_mut().zip(&nw) {
+                            *v *= inv * wv as f64;
+                        }
+                    }
+                    // The kernel quantizes the fused input per chunk (`xq`), before the
+                    // 1/rms it applies to the sums: the same relative error on xi.
+                    let xif: Vec<f32> = xi.iter().map(|&v| v as f32).collect();
+                    let xq = default_xq(n, k, params);
+                    let xq_tol = xq_tolerance(&xif, &sq, k, xq);
+                    for j in 0..n {
+                        let (mut dot, mut abs) = (0.0f64, 0.0f64);
+                        for l in 0..k {
+                            let p = xi[l] * wref[j * k + l];
+                            dot += p;
+                            abs += p.abs();
+                        }
+                        let r = if residual { res[i * n + j] as f64 } else { 0.0 };
+                        let want = dot + r;
+                        let mut tol =
+                            (4.0 * (k as f64).sqrt() + 10.0) * u * abs + 2.0 * u * want.abs();
+                        if xq != 0 {
+                            tol += xq_tol(0, j);
+                        }
+                        let got = got[i * n + j] as f64;
+                        assert!(
+                            got.is_finite() && (got - want).abs() <= tol,
+                            "{what}: y[{i},{j}] = {got:e}, want {want:e} (err {:e} > {tol:e})",
+                            (got - want).abs()
+                        );
+                    }
+                }
             }
         }
-    }
-}
-
-/// One fused matvec (`fusion`: norm, GLU, residual) of `m` random x rows at element `off`
-/// of their buffer, against the unfused steps in f64 (see the test above for the bound).
-fn check_fused(
-    g: &MlxDevice,
-    rng: &mut Rng,
-    q: &Quantized,
-    m: usize,
-    off: usize,
-    (norm, glu, residual): (bool, Option<Act>, bool),
-) {
-    let eps = 1e-5f32;
-    let (n, k) = (q.rows, q.cols);
-    let params = q.params;
-    let w = QuantWeight::upload(g, q).unwrap();
-    let wref = reference(q);
-    let sq = code_part(q, &wref);
-    let xk = if glu.is_some() { 2 * k } else { k };
-    let raw = rng.normals(off + m * xk, 1.5);
-    let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
-    let res = rng.normals(m * n, 2.0);
-    let graw = MlxBuffer::from_slice(g, &raw, &[raw.len()]).unwrap();
-    let gx = graw.view(off, &[m, xk]).unwrap();
-    let gnw = MlxBuffer::from_slice(g, &nw, &[k]).unwrap();
-    let gres = MlxBuffer::from_slice(g, &res, &[m, n]).unwrap();
-    let fusion = QmvFusion {
-        glu,
-        norm: norm.then_some((&gnw, eps)),
-        residual: residual.then_some(&gres),
-    };
-    let mut pass = g.begin();
-    let y = qmv_fused(&mut pass, &gx, &w, &fusion).unwrap();
-    pass.commit_and_wait().unwrap();
-    assert_eq!(y.shape(), &[m, n]);
-    let got: Vec<f32> = y.to_vec(g).unwrap();
-    let what = format!(
-        "{} b{} g{} {} m{m} n{n} k{k} norm={norm} glu={glu:?} residual={residual} off={off} \
-         sg={}",
-        params.mode,
-        params.bits,
-        params.group_size,
-        q.dtype,
-        g.caps().subgroups
-    );
-    let u = 2f64.powi(-24);
-    for i in 0..m {
-        let row = &raw[off + i * xk..off + (i + 1) * xk];
-        let mut xi: Vec<f64> = match glu {
-            Some(a) => (0..k)
-                .map(|j| act_f64(a, row[j] as f64) * row[k + j] as f64)
-                .collect(),
-            None => row.iter().map(|&v| v as f64).collect(),
-        };
-        if norm {
-            let ms = xi.iter().map(|v| v * v).sum::<f64>() / k as f64;
-            let inv = 1.0 / (ms + eps as f64).sqrt();
-            for (v, &wv) in xi.iter_mut().zip(&nw) {
-                *v *= inv * wv as f64;
-            }
-        }
-        // The kernels quantize the fused input per chunk (`xq`): qmv_stream after the
-        // norm, qmv before the 1/rms it applies to the sums: the same relative error on xi.
-        let xif: Vec<f32> = xi.iter().map(|&v| v as f32).collect();
-        let xq = default_xq(n, k, params);
-        let xq_tol = xq_tolerance(&xif, &sq, k, xq);
-        for j in 0..n {
-            let (mut dot, mut abs) = (0.0f64, 0.0f64);
-            for l in 0..k {
-                let p = xi[l] * wref[j * k + l];
-                dot += p;
-                abs += p.abs();
-            }
-            let r = if residual { res[i * n + j] as f64 } else { 0.0 };
-            let want = dot + r;
-            let mut tol = (4.0 * (k as f64).sqrt() + 10.0) * u * abs + 2.0 * u * want.abs();
-            if xq != 0 {
-                tol += xq_tol(0, j);
-            }
-            let got = got[i * n + j] as f64;
-            assert!(
-                got.is_finite() && (got - want).abs() <= tol,
-                "{what}: y[{i},{j}] = {got:e}, want {want:e} (err {:e} > {tol:e})",
-                (got - want).abs()
-            );
-        }
-    }
-}
-
-/// The streaming matvec (`qmv_stream`, M = 1 with quantized x) at every step count, with and
-/// without the fusions, where its invocations own two chunks, one (K = 2560: chunk 64 + i
-/// for i < 16 only), or most own none (K = 64), with several subgroups (K = 14336), rows
-/// past N in the last workgroup, and the row-set kernel forced for the same cases.
-#[test]
-fn qmv_stream_every_shape_against_f64() {
-    let mut rng = Rng::new(61);
-    let g = gpu();
-    let caps = g.caps();
-    let applies = caps.subgroups && caps.subgroup_min_size >= 4;
-    for (params, dt, n, k) in [
-        (QuantParams::affine(4, 64), DType::BF16, 37, 2560),
-        (QuantParams::affine(8, 32), DType::F16, 21, 4096),
-        (QuantParams::affine(4, 32), DType::F32, 9, 64),
-        (QuantParams::affine(4, 128), DType::BF16, 70, 14336),
-    ] {
-        let wg = stream_wg((k / 32) as u32);
-        assert!(stream_config(1, k, 2, true, caps).is_some() == (applies && wg <= 256));
-        let q = quant(&mut rng, n, k, params, dt);
-        for force in [
-            Some((1, 0)),
-            Some((2, 0)),
-            Some((4, 0)),
-            Some((8, 0)),
-            None,
-            Some((0, 0)),
-        ] {
-            set_qmv_stream(force).unwrap();
-            for fusion in [
-                (false, None, false),
-                (true, Some(Act::Silu), true),
-                (true, None, true),
-            ] {
-                check_fused(g, &mut rng, &q, 1, 0, fusion);
-            }
-        }
-        set_qmv_stream(None).unwrap();
     }
 }
 
@@ -1153,146 +1098,5 @@ fn fused_timing_probe() {
             "{name} {n}x{k} rpt {} tpr {} wg {} xq {} {:>12}: {:.2} us (min of 5 rounds, 100 in a pass)",
             cfg.rpt, cfg.tpr, cfg.wg, cfg.xq, names[variant], best[ci]
         );
-    }
-}
-
-/// Timing probe for a real GPU (`--ignored --nocapture`): the streaming matvec
-/// (`qmv_stream`) against the row-set kernel and a plain read of the same bytes, at
-/// Llama-3.1-8B decode shapes, each as a chain of dependent dispatches like a decode step
-/// (every matvec adds the previous one's output as its residual, so a barrier separates
-/// them). Enough weight copies cycle through the chain that none is in L2 when read again.
-/// Also the norm and GLU folded into the streaming matvec against their own dispatch first.
-/// Variants are timed in turn for several rounds (the minimum per variant is printed).
-#[test]
-#[ignore]
-fn stream_timing_probe() {
-    let g = gpu();
-    println!("{} ({})", g.caps().adapter_name, g.caps().backend);
-    let mut rng = Rng::new(99);
-    let params = QuantParams::affine(4, 64);
-    let shapes = [
-        (6144usize, 4096usize, "qkv"),
-        (4096, 4096, "o"),
-        (28672, 4096, "gate_up"),
-        (4096, 14336, "down"),
-    ];
-    let chain = 48;
-    for &(n, k, name) in &shapes {
-        let w0 = random_bf16_weight(g, &mut rng, n, k, params);
-        let bytes = (w0.packed().byte_len() + 2 * w0.scales().byte_len()) as usize;
-        let copies = (400usize << 20).div_ceil(bytes).clamp(2, chain);
-        let ws: Vec<QuantWeight> = (0..copies)
-            .map(|_| random_bf16_weight(g, &mut rng, n, k, params))
-            .collect();
-        let reads: Vec<MlxBuffer> = (0..copies)
-            .map(|i| {
-                let b = MlxBuffer::new(g, DType::U32, &[bytes / 16 * 4]).unwrap();
-                let mut p = g.begin();
-                crate::ops::fill::fill_u32_words(&mut p, &b, 0x9E37_79B9 ^ i as u32).unwrap();
-                p.commit_and_wait().unwrap();
-                b
-            })
-            .collect();
-        let read_wgs = ((bytes / 16) / (256 * 16)).max(1) as u32;
-        let sink = MlxBuffer::new(g, DType::U32, &[read_wgs as usize]).unwrap();
-        let x = MlxBuffer::from_slice(g, &rng.normals(2 * k, 1.0), &[1, 2 * k]).unwrap();
-        let xk = x.view(0, &[1, k]).unwrap();
-        let nw = MlxBuffer::from_slice(g, &rng.normals(k, 1.0), &[k]).unwrap();
-        let r0 = MlxBuffer::from_slice(g, &rng.normals(n, 1.0), &[1, n]).unwrap();
-        let base = qmv_config(n, k);
-        // (label, what set_qmv_stream forces (Some((0, 0)): the row-set kernel, None: the
-        // default), row-set exp, prologue):
-        // prologue 0 none, 1 rms_norm dispatch first, 2 norm folded, 3 glu_split dispatch
-        // first, 4 GLU folded.
-        type Case = (String, Option<(u32, u32)>, u32, u32);
-        let mut cases: Vec<Case> = vec![
-            ("rowset".into(), Some((0, 0)), 0, 0),
-            ("rowset loads only".into(), Some((0, 0)), 3, 0),
-            ("stream default".into(), None, 0, 0),
-            ("stream loads only r4".into(), Some((4, 1)), 0, 0),
-        ];
-        for rpt in STREAM_RPTS {
-            cases.push((format!("stream r{rpt}"), Some((rpt, 0)), 0, 0));
-        }
-        cases.push(("stream default, int8 x".into(), None, 0, 100));
-        if name == "down" {
-            cases.push(("glu_split + stream".into(), None, 0, 3));
-            cases.push(("stream, GLU folded".into(), None, 0, 4));
-            cases.push(("glu_split + rowset".into(), Some((0, 0)), 0, 3));
-        } else if name != "o" {
-            cases.push(("rms_norm + stream".into(), None, 0, 1));
-            cases.push(("stream, norm folded".into(), None, 0, 2));
-            cases.push(("rms_norm + rowset".into(), Some((0, 0)), 0, 1));
-        }
-        cases.push(("read same bytes".into(), Some((0, 0)), 0, 99));
-        let mut best = vec![f64::INFINITY; cases.len()];
-        for round in 0..6 {
-            for (ci, (_, stream, exp, pro)) in cases.iter().enumerate() {
-                set_qmv_stream(*stream).unwrap();
-                set_qmv_xq((*pro == 100).then_some(1)).unwrap();
-                set_qmv_override((*exp != 0).then_some(QmvConfig { exp: *exp, ..base })).unwrap();
-                let mut pass = g.begin().with_pass_timing(true);
-                let mut prev = r0.clone();
-                for i in 0..chain {
-                    let w = &ws[i % copies];
-                    if *pro == 99 {
-                        crate::ops::bandwidth::read_probe(
-                            &mut pass,
-                            &reads[i % copies],
-                            &sink,
-                            read_wgs,
-                        )
-                        .unwrap();
-                        continue;
-                    }
-                    let (xin, f) = match pro {
-                        1 => (
-                            crate::ops::rms_norm(&mut pass, &xk, &nw, 1e-5).unwrap(),
-                            QmvFusion::default(),
-                        ),
-                        2 => (
-                            xk.clone(),
-                            QmvFusion {
-                                norm: Some((&nw, 1e-5)),
-                                ..QmvFusion::default()
-                            },
-                        ),
-                        3 => (
-                            crate::ops::activation::glu_split(&mut pass, &x, Act::Silu).unwrap(),
-                            QmvFusion::default(),
-                        ),
-                        4 => (
-                            x.clone(),
-                            QmvFusion {
-                                glu: Some(Act::Silu),
-                                ..QmvFusion::default()
-                            },
-                        ),
-                        _ => (xk.clone(), QmvFusion::default()),
-                    };
-                    let f = QmvFusion {
-                        residual: Some(&prev),
-                        ..f
-                    };
-                    prev = qmv_fused(&mut pass, &xin, w, &f).unwrap();
-                }
-                let t = pass.commit_and_wait().unwrap();
-                if round > 0 {
-                    let us = t.iter().map(|k| k.nanos).sum::<f64>() / chain as f64 / 1e3;
-                    best[ci] = best[ci].min(us);
-                }
-            }
-        }
-        set_qmv_stream(None).unwrap();
-        set_qmv_xq(None).unwrap();
-        set_qmv_override(None).unwrap();
-        for (ci, (label, ..)) in cases.iter().enumerate() {
-            println!(
-                "{name} {n}x{k} ({:.1} MB, {copies} copies) {label:>22}: {:.2} us, {:.0} GB/s",
-                bytes as f64 / 1e6,
-                best[ci],
-                bytes as f64 / best[ci] / 1e3
-            );
-        }
     }
 }
