@@ -51,6 +51,7 @@ use crate::ops::qmatmul::{self, plan, CoopParams, MatmulPlan};
 use crate::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
 use crate::weights::ggml::GgmlType;
 use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
+use crate::Caps;
 
 /// Most experts the router takes (one per invocation of a workgroup of 256).
 pub const MAX_EXPERTS: usize = 256;
@@ -235,6 +236,10 @@ fn ggml_spec(kind: GgmlType, wg: u32, sg: bool) -> Result<(Kernel, Spec)> {
 pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     let mut v = vec![
         (Kernel::MoeRoute, Spec::new("route", DType::F32, WG)),
+        (
+            Kernel::MoeRoute,
+            Spec::new("route", DType::F32, WG).with_subgroups(true),
+        ),
         (Kernel::Moe, Spec::new("sort_pairs", DType::F32, WG)),
         (Kernel::Moe, Spec::new("combine", DType::F32, WG)),
     ];
@@ -260,6 +265,13 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
 
 // ---------------------------------------------------------------------------------------
 // routing
+
+/// The router kernel: subgroup reductions where every subgroup has at least 4 invocations
+/// (moe_route.wgsl keeps a partial per subgroup, at most 64).
+fn route_spec(caps: &Caps) -> Spec {
+    let sg = caps.subgroups && caps.subgroup_min_size >= 4;
+    Spec::new("route", DType::F32, WG).with_subgroups(sg)
+}
 
 /// Route each token: `logits` f32 `[T, E]` (any leading shape; E <= 256) to the chosen
 /// experts' weights (f32 `[T, top_k]`) and ids (u32 `[T, top_k]`), best first.
@@ -310,7 +322,7 @@ pub fn moe_route(
         _pad: [0; 2],
     };
     let tb = table.unwrap_or(logits);
-    let spec = Spec::new("route", DType::F32, WG);
+    let spec = route_spec(pass.caps());
     pass.dispatch(
         Kernel::MoeRoute,
         spec,

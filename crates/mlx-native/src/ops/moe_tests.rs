@@ -261,6 +261,7 @@ fn router_variants_match_f64() {
         (2, 256, 16),
         (4, 60, 1),
         (1, 16, 16),
+        (3, 13, 5),
     ] {
         let logits = rng.normals(t * e, 2.0);
         let scales: Vec<f32> = (0..e).map(|_| rng.uniform(0.5, 2.0)).collect();

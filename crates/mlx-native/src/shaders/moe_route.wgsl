@@ -35,6 +35,43 @@ fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
 
+#if SUBGROUPS
+// Per-subgroup partials (subgroups of at least 4 invocations: at most 64 of them).
+var<workgroup> part: array<f32, 64>;
+// The keys as vec4s for the rank pass.
+var<workgroup> keys4: array<vec4<f32>, 64>;
+
+// Workgroup max / sum: a subgroup reduction, then every invocation combines the subgroups'
+// partials (one barrier each way instead of a tree of 8 levels).
+fn sg_max(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
+    let m = subgroupMax(v);
+    if sl == 0u {
+        part[lid / ss] = m;
+    }
+    workgroupBarrier();
+    var r = part[0];
+    for (var i = 1u; i < 256u / ss; i++) {
+        r = max(r, part[i]);
+    }
+    workgroupBarrier();
+    return r;
+}
+
+fn sg_sum(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
+    let m = subgroupAdd(v);
+    if sl == 0u {
+        part[lid / ss] = m;
+    }
+    workgroupBarrier();
+    var r = 0.0;
+    for (var i = 0u; i < 256u / ss; i++) {
+        r += part[i];
+    }
+    workgroupBarrier();
+    return r;
+}
+#endif
+
 fn wg_max(v: f32, lid: u32) -> f32 {
     rv[lid] = v;
     workgroupBarrier();
@@ -69,6 +106,69 @@ fn better(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
     return ai != NONE && (bi == NONE || av > bv || (av == bv && ai < bi));
 }
 
+fn rank_better(q: vec4<f32>, j: u32, key: f32, lid: u32) -> u32 {
+    return u32(better(q.x, j, key, lid)) + u32(better(q.y, j + 1u, key, lid))
+         + u32(better(q.z, j + 2u, key, lid)) + u32(better(q.w, j + 3u, key, lid));
+}
+
+#if SUBGROUPS
+// The same routing with subgroup reductions, a rank pass over vec4s of keys, and each chosen
+// expert's invocation writing its own weight and id (7 barriers instead of ~22 and no
+// serial loop over the picks: the router is a chain of latencies, one token's 128 experts).
+@compute @workgroup_size(256)
+fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+         @builtin(local_invocation_index) lid: u32,
+         @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32) {
+    let t = flat_wg(wid, nwg);
+    if t >= p.t {
+        return;
+    }
+    let valid = lid < p.e;
+    var v = neg_inf();
+    if valid {
+        v = logits[view(0u) + t * p.e + lid];
+    }
+    var prob = 0.0;
+    var key = v;
+    if p.kind == 2u {
+        prob = 1.0 / (1.0 + exp(-v));
+        if valid {
+            key = prob + table[view(1u) + lid];
+        }
+    } else {
+        let mx = sg_max(v, lid, sl, ss);
+        let ex = select(0.0, exp(v - mx), valid);
+        prob = ex / sg_sum(ex, lid, sl, ss);
+    }
+    key = select(key, neg_inf(), key != key);
+    keys4[lid / 4u][lid % 4u] = key;
+    workgroupBarrier();
+    var rank = p.k;
+    if valid {
+        rank = 0u;
+        for (var j = 0u; j < p.e; j += 4u) {
+            rank += rank_better(keys4[j / 4u], j, key, lid);
+        }
+    }
+    // Keys past E are -inf with index >= E: they never rank above a valid one.
+    let picked = rank < p.k;
+    let s = sg_sum(select(0.0, prob, picked), lid, sl, ss);
+    if picked {
+        var w = prob;
+        if p.norm != 0u && s > 0.0 {
+            w = w / s;
+        }
+        if p.kind == 1u {
+            w *= table[view(1u) + lid];
+        } else if p.kind == 2u {
+            w *= p.scale;
+        }
+        let o = t * p.k + rank;
+        weights[view(2u) + o] = w;
+        ids[view(3u) + o] = lid;
+    }
+}
+#else
 @compute @workgroup_size(256)
 fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
          @builtin(local_invocation_index) lid: u32) {
@@ -133,3 +233,4 @@ fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         }
     }
 }
+#endif
