@@ -1,11 +1,12 @@
 //! A/B timing of decode variants on one synthetic model in one process:
-//! `decode_ab SHAPE [ROUNDS]`. Builds the shape (`bench_decode::shape`), prefills 128
-//! positions, then times one decode step as one compute pass (GPU timestamps) for each
+//! `decode_ab SHAPE [ROUNDS] [CONTEXT]`. Builds the shape (`bench_decode::shape`), prefills
+//! CONTEXT positions (128), then times one decode step as one compute pass (GPU timestamps) for each
 //! variant in turn, round after round, and prints each variant's minimum and median.
 //! Interleaving matters: a GPU that idles between runs clocks down, so variants measured in
 //! separate processes or one after another are not comparable.
 //! Variants: the separate dispatches (no folding), the default folding (`Folding`), and
-//! qmv's x quantization (`QmvConfig::xq`) forced to each setting.
+//! the default with the decode attention's kernels dispatched twice (what one costs inside
+//! the pass).
 
 use mlx_native::ops;
 use mlx_native::MlxDevice;
@@ -16,65 +17,45 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let name = args.next().unwrap_or_else(|| "llama-3.1-8b-mlx4".into());
     let rounds: usize = args.next().map_or(Ok(8), |s| s.parse())?;
+    let ctx: usize = args.next().map_or(Ok(128), |s| s.parse())?;
     let gpu = MlxDevice::new()?;
     let spec = shape(&name)?;
     let mut m = build(&gpu, &spec, 7)?;
-    let ctx = 128;
     let none = Folding::NONE;
     let default = Folding::DEFAULT;
-    // (label, folding, qmv's x quantization: None = the default rule; the routed matvec's
-    // rows per row-block: None = the plan's)
-    let variants: [(&str, Folding, Option<u32>, Option<u32>); 7] = [
-        ("separate", none, None, None),
-        ("default", default, None, None),
-        ("default, int8 x", default, Some(1), None),
-        ("default, gqmv rpt 2 (before)", default, None, Some(2)),
-        (
-            "default +norms",
-            Folding {
-                norms: true,
-                ..default
-            },
-            None,
-            None,
-        ),
-        (
-            "default -small norms",
-            Folding {
-                small_norms: false,
-                ..default
-            },
-            None,
-            None,
-        ),
-        (
-            "default +glu",
-            Folding {
-                glu: true,
-                ..default
-            },
-            None,
-            None,
-        ),
+    // (label, folding, extra dispatches of the decode attention's split and reduce
+    // kernels: a pass with one more of a kernel costs that kernel inside the pass)
+    // (and the decode attention's query heads per workgroup forced: 0 = the rule)
+    type Variant<'a> = (&'a str, Folding, (u16, u16), u32);
+    let variants: [Variant; 6] = [
+        ("separate", none, (0, 0), 0),
+        ("default", default, (0, 0), 0),
+        ("default, attention split x2", default, (1, 0), 0),
+        ("default, attention reduce x2", default, (0, 1), 0),
+        ("default, attention 8 heads/wg", default, (0, 0), 8),
+        ("default, attn 8 heads/wg split x2", default, (1, 0), 8),
     ];
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
     let ids: Vec<u32> = (0..ctx as u32)
         .map(|i| (i * 7 + 3) % m.cfg.vocab as u32)
         .collect();
-    let mut pass = gpu.begin();
-    m.forward(&mut pass, &ids, 0, &mut cache)?;
-    pass.commit_and_wait()?;
+    // Prefill in chunks of at most 512 tokens (the forward's step limit).
+    for (i, chunk) in ids.chunks(512).enumerate() {
+        let mut pass = gpu.begin();
+        m.forward(&mut pass, chunk, i * 512, &mut cache)?;
+        pass.commit_and_wait()?;
+    }
     let mut pos = ctx;
     let mut times = vec![Vec::new(); variants.len()];
     let mut dispatches = vec![0; variants.len()];
     for round in 0..rounds {
-        for (vi, &(_, fold, xq, gqmv_rpt)) in variants.iter().enumerate() {
+        for (vi, &(_, fold, (split, reduce), gt)) in variants.iter().enumerate() {
             for l in &mut m.layers {
                 l.fold = fold;
             }
-            ops::qmatmul::set_qmv_xq(xq)?;
-            ops::moe::set_gqmv_rpt(gqmv_rpt)?;
+            ops::sdpa::set_decode_repeat(split, reduce);
+            ops::sdpa::set_decode_gt((gt > 0).then_some(gt));
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);
                 let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;
@@ -101,7 +82,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             continue;
         }
         println!(
-            "{vname:>24}: {:8.1} us min, {:8.1} us median per token, {} dispatches",
+            "{vname:>30}: {:8.1} us min, {:8.1} us median per token, {} dispatches",
             v[0],
             v[v.len() / 2],
             dispatches[vi]

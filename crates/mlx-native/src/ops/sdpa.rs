@@ -93,6 +93,18 @@ pub fn set_decode_target_wgs(target: Option<usize>) {
     DECODE_TARGET_OVERRIDE.store(target.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Extra dispatches of the decode's split and reduce kernels (measurement: each repeat is a
+/// dependent copy of the same work, so a pass with one more of them costs one kernel more).
+static DECODE_REPEAT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Dispatch each f16/f32 decode's split kernel `1 + split` times and its reduce `1 + reduce`
+/// times (same results), for timing one kernel inside a real decode pass.
+#[doc(hidden)]
+pub fn set_decode_repeat(split: u16, reduce: u16) {
+    let v = u32::from(split) << 16 | u32::from(reduce);
+    DECODE_REPEAT.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn direct_target_wgs() -> usize {
     match DECODE_TARGET_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
         0 => DIRECT_TARGET_WGS,
@@ -100,6 +112,33 @@ fn direct_target_wgs() -> usize {
     }
 }
 const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
+
+/// Keys up to which the f16/f32 decode caps its query heads per workgroup at 4.
+const SHORT_DECODE_KEYS: usize = 2048;
+
+/// Query heads per workgroup of an f16/f32 decode over `keys` positions forced (measurement:
+/// 0 = the rule, else the value).
+static DECODE_GT_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Force the query heads per f16/f32 decode workgroup (1, 2, 4 or 8; `None`: the rule).
+#[doc(hidden)]
+pub fn set_decode_gt(gt: Option<u32>) {
+    let v = gt.filter(|g| DECODE_GTS.contains(g)).unwrap_or(0);
+    DECODE_GT_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Query heads per workgroup of the f16/f32 decode over `keys` positions: `decode_gt`, at
+/// most 4 up to SHORT_DECODE_KEYS keys. Short contexts leave few workgroups (Qwen3-30B-A3B:
+/// 4 kv heads, 4 splits of 32 keys at 128), whose latency is the kernel's time: two tiles of
+/// 4 heads double the workgroups and halve each one's work, and their second read of K/V is
+/// small.
+fn direct_decode_gt(group: usize, keys: usize) -> u32 {
+    match DECODE_GT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 if keys <= SHORT_DECODE_KEYS => decode_gt(group).min(4),
+        0 => decode_gt(group),
+        g => g,
+    }
+}
 
 /// Query heads per decode workgroup for a GQA group size.
 pub(crate) fn decode_gt(group: usize) -> u32 {
@@ -373,7 +412,7 @@ pub fn sdpa_decode(
     let slots = cache.check_range(op, layer, lo, seq_len)?;
     let (k, v) = cache.buffers(layer)?;
 
-    let gt = decode_gt(hd.group);
+    let gt = direct_decode_gt(hd.group, seq_len - lo);
     let plan = decode_plan(
         pass,
         op,
@@ -391,21 +430,26 @@ pub fn sdpa_decode(
         && caps.subgroup_max_size <= 128
         && decode_sg(cache.dtype(), hd.head_dim, caps.subgroup_min_size);
     let spec = decode_spec(cache.dtype(), hd.head_dim, gt, sg)?;
-    pass.dispatch(
-        Kernel::Sdpa,
-        spec,
-        &plan.params,
-        &[q, k, v, &plan.part_o, &plan.part_ml],
-        plan.workgroups,
-    )?;
+    let repeat = DECODE_REPEAT.load(std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..=repeat >> 16 {
+        pass.dispatch(
+            Kernel::Sdpa,
+            spec.clone(),
+            &plan.params,
+            &[q, k, v, &plan.part_o, &plan.part_ml],
+            plan.workgroups,
+        )?;
+    }
     let sinks = opts.sinks.unwrap_or(q);
-    pass.dispatch(
-        Kernel::Sdpa,
-        reduce_spec(hd.head_dim)?,
-        &plan.params,
-        &[q, q, q, &plan.part_o, &plan.part_ml, sinks, &plan.out],
-        hd.n_heads as u32,
-    )?;
+    for _ in 0..=repeat & 0xffff {
+        pass.dispatch(
+            Kernel::Sdpa,
+            reduce_spec(hd.head_dim)?,
+            &plan.params,
+            &[q, q, q, &plan.part_o, &plan.part_ml, sinks, &plan.out],
+            hd.n_heads as u32,
+        )?;
+    }
     Ok(plan.out)
 }
 
@@ -788,12 +832,13 @@ mod tests {
                 softcap: Some(5.0),
                 ..dc(256, 4, 1, 300, DType::F32)
             },
-            // GQA 7 (a partial tile of 8 heads), window longer than the sequence.
+            // GQA 7 (two tiles of 4 heads up to SHORT_DECODE_KEYS, the second partial), window
+            // longer than the sequence.
             DecodeCase {
                 window: Some(5000),
                 ..dc(128, 14, 2, 1024, DType::F16)
             },
-            // GQA 3 (partial tile of 4), MQA with 32 heads (4 tiles of 8).
+            // GQA 3 (partial tile of 4), MQA with 32 heads (8 tiles of 4 at 129 keys).
             dc(64, 12, 4, 500, DType::F16),
             DecodeCase {
                 sinks: true,
@@ -833,8 +878,13 @@ mod tests {
                 sinks: true,
                 ..dc(64, 16, 16, 4500, DType::F16)
             },
-            // GQA 16: two head tiles of 8, KT 16, 3 tiles per split.
+            // GQA 16 past SHORT_DECODE_KEYS: two head tiles of 8, KT 16, 3 tiles per split.
             dc(256, 64, 4, 2100, DType::F16),
+            // GQA 7 past SHORT_DECODE_KEYS: one partial tile of 8 heads.
+            DecodeCase {
+                sinks: true,
+                ..dc(128, 14, 2, 2090, DType::F16)
+            },
             // GQA 8 with head dim 96 (KT 32), a window of 45: two splits of one tile each
             // from position 955, the second of 13 keys.
             DecodeCase {
