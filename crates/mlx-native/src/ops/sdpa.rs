@@ -434,7 +434,7 @@ pub fn sdpa_decode(
     for _ in 0..=repeat >> 16 {
         pass.dispatch(
             Kernel::Sdpa,
-            spec.clone(),
+            spec,
             &plan.params,
             &[q, k, v, &plan.part_o, &plan.part_ml],
             plan.workgroups,
