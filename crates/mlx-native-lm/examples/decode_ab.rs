@@ -27,13 +27,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // kernels: a pass with one more of a kernel costs that kernel inside the pass)
     // (and the decode attention's query heads per workgroup forced: 0 = the rule)
     type Variant<'a> = (&'a str, Folding, (u16, u16), u32);
-    let variants: [Variant; 6] = [
+    let variants: [Variant; 7] = [
         ("separate", none, (0, 0), 0),
         ("default", default, (0, 0), 0),
         ("default, attention split x2", default, (1, 0), 0),
-        ("default, attention reduce x2", default, (0, 1), 0),
+        ("default, attention 1 head/wg", default, (0, 0), 1),
+        ("default, attention 2 heads/wg", default, (0, 0), 2),
+        ("default, attention 4 heads/wg", default, (0, 0), 4),
         ("default, attention 8 heads/wg", default, (0, 0), 8),
-        ("default, attn 8 heads/wg split x2", default, (1, 0), 8),
     ];
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;

@@ -113,11 +113,7 @@ fn direct_target_wgs() -> usize {
 }
 const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
 
-/// Keys up to which the f16/f32 decode caps its query heads per workgroup at 4.
-const SHORT_DECODE_KEYS: usize = 2048;
-
-/// Query heads per workgroup of an f16/f32 decode over `keys` positions forced (measurement:
-/// 0 = the rule, else the value).
+/// Query heads per workgroup of the f16/f32 decode forced (measurement: 0 = the rule).
 static DECODE_GT_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 /// Force the query heads per f16/f32 decode workgroup (1, 2, 4 or 8; `None`: the rule).
@@ -127,15 +123,15 @@ pub fn set_decode_gt(gt: Option<u32>) {
     DECODE_GT_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Query heads per workgroup of the f16/f32 decode over `keys` positions: `decode_gt`, at
-/// most 4 up to SHORT_DECODE_KEYS keys. Short contexts leave few workgroups (Qwen3-30B-A3B:
-/// 4 kv heads, 4 splits of 32 keys at 128), whose latency is the kernel's time: two tiles of
-/// 4 heads double the workgroups and halve each one's work, and their second read of K/V is
-/// small.
-fn direct_decode_gt(group: usize, keys: usize) -> u32 {
+/// Query heads per workgroup of the f16/f32 decode: `decode_gt`, at most 4. Eight heads a
+/// workgroup (two sets of running state) measured slower at every context: Qwen3-30B-A3B's
+/// groups of 8 as two tiles of 4 (twice the workgroups, half the work each, K/V read twice)
+/// took its decode step on an H100 from 5380 to 4550 us a token at 4096 keys, 5741 to 4840
+/// at 8192 and 4718 to 4108 at 128 (docs/PERFORMANCE.md, session 6). Eight stays for the
+/// compressed caches (ops::kv_quant, not measured) and `set_decode_gt`.
+fn direct_decode_gt(group: usize) -> u32 {
     match DECODE_GT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
-        0 if keys <= SHORT_DECODE_KEYS => decode_gt(group).min(4),
-        0 => decode_gt(group),
+        0 => decode_gt(group).min(4),
         g => g,
     }
 }
@@ -412,7 +408,7 @@ pub fn sdpa_decode(
     let slots = cache.check_range(op, layer, lo, seq_len)?;
     let (k, v) = cache.buffers(layer)?;
 
-    let gt = direct_decode_gt(hd.group, seq_len - lo);
+    let gt = direct_decode_gt(hd.group);
     let plan = decode_plan(
         pass,
         op,
@@ -832,8 +828,8 @@ mod tests {
                 softcap: Some(5.0),
                 ..dc(256, 4, 1, 300, DType::F32)
             },
-            // GQA 7 (two tiles of 4 heads up to SHORT_DECODE_KEYS, the second partial), window
-            // longer than the sequence.
+            // GQA 7 (two tiles of 4 heads, the second partial), window longer than the
+            // sequence.
             DecodeCase {
                 window: Some(5000),
                 ..dc(128, 14, 2, 1024, DType::F16)
@@ -855,8 +851,7 @@ mod tests {
     fn decode_tiles_and_splits() -> Result<()> {
         // Cases around the trip (KT = decode_kt keys) and split boundaries: lengths not a
         // multiple of KT, splits of several trips (the next trip's loads in flight) whose
-        // last one ends mid-trip, windows starting mid-trip, GQA 8 and 16 (two head tiles of
-        // 8). The per-case notes give the figures of the earlier staged-tile kernel (its
+        // last one ends mid-trip, windows starting mid-trip, GQA 8 and 16 (tiles of 4 heads). The per-case notes give the figures of the earlier staged-tile kernel (its
         // KT); the cases stay as awkward lengths for this one.
         let cases = [
             // KT 32: one full tile and one key.
@@ -878,13 +873,8 @@ mod tests {
                 sinks: true,
                 ..dc(64, 16, 16, 4500, DType::F16)
             },
-            // GQA 16 past SHORT_DECODE_KEYS: two head tiles of 8, KT 16, 3 tiles per split.
+            // GQA 16: four head tiles of 4, KT 16, 3 tiles per split.
             dc(256, 64, 4, 2100, DType::F16),
-            // GQA 7 past SHORT_DECODE_KEYS: one partial tile of 8 heads.
-            DecodeCase {
-                sinks: true,
-                ..dc(128, 14, 2, 2090, DType::F16)
-            },
             // GQA 8 with head dim 96 (KT 32), a window of 45: two splits of one tile each
             // from position 955, the second of 13 keys.
             DecodeCase {
@@ -896,6 +886,30 @@ mod tests {
             run_decode(c, 150 + i as u64)?;
         }
         Ok(())
+    }
+
+    /// Eight query heads a workgroup (two sets of running state), which only `set_decode_gt`
+    /// reaches in the f16/f32 decode: GQA 8 and a partial tile of 7, over several splits (head
+    /// dim 64 f16 takes the subgroup path on lavapipe, 128 the workgroup-memory one).
+    /// (Other tests running meanwhile take the same path; their results do not change.)
+    #[test]
+    fn decode_eight_heads_a_workgroup() -> Result<()> {
+        set_decode_gt(Some(8));
+        let r = [
+            DecodeCase {
+                sinks: true,
+                ..dc(128, 16, 2, 2090, DType::F16)
+            },
+            DecodeCase {
+                window: Some(300),
+                ..dc(64, 14, 2, 700, DType::F16)
+            },
+        ]
+        .iter()
+        .enumerate()
+        .try_for_each(|(i, c)| run_decode(c, 170 + i as u64));
+        set_decode_gt(None);
+        r
     }
 
     #[test]
