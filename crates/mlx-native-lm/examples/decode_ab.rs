@@ -24,17 +24,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let none = Folding::NONE;
     let default = Folding::DEFAULT;
     // (label, folding, extra dispatches of the decode attention's split and reduce
-    // kernels: a pass with one more of a kernel costs that kernel inside the pass)
-    // (and the decode attention's query heads per workgroup forced: 0 = the rule)
-    type Variant<'a> = (&'a str, Folding, (u16, u16), u32);
-    let variants: [Variant; 7] = [
-        ("separate", none, (0, 0), 0),
-        ("default", default, (0, 0), 0),
-        ("default, attention split x2", default, (1, 0), 0),
-        ("default, attention 1 head/wg", default, (0, 0), 1),
-        ("default, attention 2 heads/wg", default, (0, 0), 2),
-        ("default, attention 4 heads/wg", default, (0, 0), 4),
-        ("default, attention 8 heads/wg", default, (0, 0), 8),
+    // kernels: a pass with one more of a kernel costs that kernel inside the pass; the
+    // attention's query heads per workgroup forced, 0 = the rule; the one-split decode's
+    // (max keys, heads per workgroup) forced, None = the rule)
+    type Variant<'a> = (&'a str, Folding, (u16, u16), u32, Option<(u32, u32)>);
+    let variants: [Variant; 4] = [
+        ("separate", none, (0, 0), 0, None),
+        ("default", default, (0, 0), 0, None),
+        (
+            "default, split-K (before)",
+            default,
+            (0, 0),
+            0,
+            Some((0, 0)),
+        ),
+        (
+            "default, split-K, split x2",
+            default,
+            (1, 0),
+            0,
+            Some((0, 0)),
+        ),
     ];
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
@@ -51,12 +61,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut times = vec![Vec::new(); variants.len()];
     let mut dispatches = vec![0; variants.len()];
     for round in 0..rounds {
-        for (vi, &(_, fold, (split, reduce), gt)) in variants.iter().enumerate() {
+        for (vi, &(_, fold, (split, reduce), gt, single)) in variants.iter().enumerate() {
             for l in &mut m.layers {
                 l.fold = fold;
             }
             ops::sdpa::set_decode_repeat(split, reduce);
             ops::sdpa::set_decode_gt((gt > 0).then_some(gt));
+            ops::sdpa::set_decode_single(single);
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);
                 let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;

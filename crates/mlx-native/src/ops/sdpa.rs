@@ -113,6 +113,43 @@ fn direct_target_wgs() -> usize {
 }
 const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
 
+/// The f16/f32 decode runs as one split per workgroup of one query head, which normalizes
+/// its own output (no reduce dispatch), when the visible keys take at most SINGLE_SPLIT_TRIPS
+/// trips of the kernel and there are at least SINGLE_SPLIT_MIN_HEADS query heads (as many
+/// workgroups). Measured on an H200 (`decode_ab`, context 128, docs/PERFORMANCE.md session
+/// 6): Llama-3.1-8B 3425 -> 3332 us a token, Qwen3-30B-A3B 3946 -> 3809; Gemma-3-4B (8
+/// heads of 256: 8 workgroups of 8 trips) 3440 -> 3606, hence the head floor; Llama at ~300
+/// keys (10 trips) lost 45 us, hence the trip cap.
+const SINGLE_SPLIT_TRIPS: usize = 4;
+const SINGLE_SPLIT_MIN_HEADS: usize = 16;
+
+/// `(max keys, heads per workgroup)` of the one-split decode forced (measurement: 0 = the
+/// rule, else bit 31 set, `keys << 8 | gt`; keys 0 = never).
+static DECODE_SINGLE_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Force the one-split decode's reach (`Some((max_keys, gt))`, max_keys 0: never) or back to
+/// the rule (`None`), for timing probes.
+#[doc(hidden)]
+pub fn set_decode_single(force: Option<(u32, u32)>) {
+    let v = force.map_or(0, |(keys, gt)| {
+        (keys.min(0x7f_ffff) << 8 | gt.min(8)) | 1 << 31
+    });
+    DECODE_SINGLE_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Heads per workgroup of the one-split decode over `keys` visible keys (`kt` keys a trip),
+/// or None (split-K).
+fn single_split_gt(keys: usize, kt: usize, n_heads: usize, group: usize) -> Option<u32> {
+    let o = DECODE_SINGLE_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed);
+    if o == 0 {
+        let fits = keys <= SINGLE_SPLIT_TRIPS * kt && n_heads >= SINGLE_SPLIT_MIN_HEADS;
+        return fits.then_some(1);
+    }
+    let (max_keys, gt) = ((o & !(1 << 31)) >> 8, o & 0xff);
+    let gt = if DECODE_GTS.contains(&gt) { gt } else { 1 };
+    (keys <= max_keys as usize).then_some(gt.min(decode_gt(group)))
+}
+
 /// Query heads per workgroup of the f16/f32 decode forced (measurement: 0 = the rule).
 static DECODE_GT_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
@@ -408,7 +445,10 @@ pub fn sdpa_decode(
     let slots = cache.check_range(op, layer, lo, seq_len)?;
     let (k, v) = cache.buffers(layer)?;
 
-    let gt = direct_decode_gt(hd.group);
+    // Short contexts: one split per workgroup (the kernel normalizes, no reduce).
+    let kt = decode_kt(cache.dtype(), hd.head_dim);
+    let single = single_split_gt(seq_len - lo, kt, hd.n_heads, hd.group);
+    let gt = single.unwrap_or_else(|| direct_decode_gt(hd.group));
     let plan = decode_plan(
         pass,
         op,
@@ -416,8 +456,12 @@ pub fn sdpa_decode(
         hd.kv_heads,
         hd.head_dim,
         gt,
-        decode_kt(cache.dtype(), hd.head_dim),
-        direct_target_wgs(),
+        kt,
+        if single.is_some() {
+            1
+        } else {
+            direct_target_wgs()
+        },
         (lo, seq_len, slots),
         opts,
     )?;
@@ -427,16 +471,19 @@ pub fn sdpa_decode(
         && decode_sg(cache.dtype(), hd.head_dim, caps.subgroup_min_size);
     let spec = decode_spec(cache.dtype(), hd.head_dim, gt, sg)?;
     let repeat = DECODE_REPEAT.load(std::sync::atomic::Ordering::Relaxed);
+    let sinks = opts.sinks.unwrap_or(q);
     for _ in 0..=repeat >> 16 {
         pass.dispatch(
             Kernel::Sdpa,
             spec,
             &plan.params,
-            &[q, k, v, &plan.part_o, &plan.part_ml],
+            &[q, k, v, &plan.part_o, &plan.part_ml, sinks, &plan.out],
             plan.workgroups,
         )?;
     }
-    let sinks = opts.sinks.unwrap_or(q);
+    if plan.params.n_splits == 1 {
+        return Ok(plan.out);
+    }
     for _ in 0..=repeat & 0xffff {
         pass.dispatch(
             Kernel::Sdpa,
@@ -892,6 +939,41 @@ mod tests {
     /// reaches in the f16/f32 decode: GQA 8 and a partial tile of 7, over several splits (head
     /// dim 64 f16 takes the subgroup path on lavapipe, 128 the workgroup-memory one).
     /// (Other tests running meanwhile take the same path; their results do not change.)
+    /// The one-split decode (16+ query heads, at most 4 trips of keys: the kernel normalizes
+    /// its own output, no reduce): with sinks, softcap, a window, GQA 1, 4 and 8, f16 and
+    /// f32, and one key; and the same shapes one trip past the cap (split-K).
+    #[test]
+    fn decode_one_split_per_head() -> Result<()> {
+        let cases = [
+            // f16 head dim 128 (KT 32): 100 keys, sinks.
+            DecodeCase {
+                sinks: true,
+                ..dc(128, 16, 4, 100, DType::F16)
+            },
+            // f32 head dim 64 (KT 32): one key; then 7 with a softcap.
+            dc(64, 32, 8, 1, DType::F32),
+            DecodeCase {
+                softcap: Some(20.0),
+                ..dc(64, 32, 8, 7, DType::F32)
+            },
+            // f16 head dim 96 (KT 40): a window of 150 over 900 positions, GQA 1.
+            DecodeCase {
+                window: Some(150),
+                sinks: true,
+                ..dc(96, 16, 16, 900, DType::F16)
+            },
+            // f16 head dim 128: 129 keys (5 trips): split-K.
+            DecodeCase {
+                sinks: true,
+                ..dc(128, 16, 4, 129, DType::F16)
+            },
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            run_decode(c, 190 + i as u64)?;
+        }
+        Ok(())
+    }
+
     #[test]
     fn decode_eight_heads_a_workgroup() -> Result<()> {
         set_decode_gt(Some(8));

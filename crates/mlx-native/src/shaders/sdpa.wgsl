@@ -4,7 +4,8 @@
 //   sdpa_decode         one query per head (the token at position kv_hi - 1), split-K: each
 //                       workgroup takes one kv head, GT of its query heads (GQA: K/V read once
 //                       for all of them) and split_len positions, and writes a partial (max,
-//                       sum, unnormalized output) per head and split. See "Decode" below.
+//                       sum, unnormalized output) per head and split; with one split it
+//                       writes the normalized output itself. See "Decode" below.
 //   sdpa_decode_reduce  one workgroup per head combines the splits (and the sink) into out.
 //   sdpa_prefill        T queries at positions q0..q0+T, tiled flash attention with online
 //                       softmax: a workgroup takes BM (query, head) rows of one kv head and
@@ -16,8 +17,8 @@
 // and k > qp - window when window > 0.
 //
 // Bindings: 0 q f32, 1 k cache, 2 v cache, 3 part_o (decode) / out (prefill) f32,
-// 4 part_ml f32 [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out (decode_reduce) f32,
-// 7 mask f32 [T, mask_stride] (prefill).
+// 4 part_ml f32 [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out (decode_reduce, and
+// decode with one split) f32, 7 mask f32 [T, mask_stride] (prefill).
 struct Params {
     n_heads: u32,
     kv_heads: u32,
@@ -494,15 +495,32 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>,
                 for (var rr = 0u; rr < KR; rr++) {
                     a += dr_sh[o * KR + rr];
                 }
-                let po = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM + (o % C4) * 4u;
-                part_o[po] = a.x;
-                part_o[po + 1u] = a.y;
-                part_o[po + 2u] = a.z;
-                part_o[po + 3u] = a.w;
+                if p.n_splits == 1u {
+                    // One split: normalize here (the sink joins the denominator as in
+                    // combine_splits); no reduce dispatch follows.
+                    let hm = select(mx, mx2, rd > 0u)[g % 4u];
+                    var den = select(lt, lt2, rd > 0u)[g % 4u];
+                    if p.has_sinks != 0u {
+                        den += exp(sinks[view(5u) + h0 + g] - hm);
+                    }
+                    let inv = select(0.0, 1.0 / den, den > 0.0);
+                    let oo = view(6u) + (h0 + g) * HEAD_DIM + (o % C4) * 4u;
+                    out[oo] = a.x * inv;
+                    out[oo + 1u] = a.y * inv;
+                    out[oo + 2u] = a.z * inv;
+                    out[oo + 3u] = a.w * inv;
+                } else {
+                    let po = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM
+                        + (o % C4) * 4u;
+                    part_o[po] = a.x;
+                    part_o[po + 1u] = a.y;
+                    part_o[po + 2u] = a.z;
+                    part_o[po + 3u] = a.w;
+                }
             }
         }
     }
-    if lid < ng {
+    if lid < ng && p.n_splits > 1u {
         let hi = lid >= 4u;
         let o = view(4u) + ((h0 + lid) * p.n_splits + split) * 2u;
         part_ml[o] = select(mx, mx2, hi)[lid % 4u];
