@@ -254,29 +254,34 @@ fn run_route(
 #[test]
 fn router_variants_match_f64() {
     let mut rng = Rng::new(900);
-    let g = gpu();
-    for &(t, e, k) in &[
-        (3, 8, 2),
-        (5, 128, 8),
-        (2, 256, 16),
-        (4, 60, 1),
-        (1, 16, 16),
-        (3, 13, 5),
-    ] {
-        let logits = rng.normals(t * e, 2.0);
-        let scales: Vec<f32> = (0..e).map(|_| rng.uniform(0.5, 2.0)).collect();
-        let bias = rng.normals(e, 0.5);
-        for (kind, norm, table, scale) in [
-            (0u32, true, &scales, 1.0f32),
-            (0, false, &scales, 1.0),
-            (1, true, &scales, 1.0),
-            (2, true, &bias, 2.5),
+    // Both reductions: subgroups, and the workgroup-memory tree (the fallback device).
+    for g in devices() {
+        for &(t, e, k) in &[
+            (3, 8, 2),
+            (5, 128, 8),
+            (2, 256, 16),
+            (4, 60, 1),
+            (1, 16, 16),
+            (3, 13, 5),
         ] {
-            let (ids, w) = run_route(g, &logits, e, k, kind, norm, table, scale);
-            let (rids, rw) = ref_route(&logits, e, k, kind, norm, table, scale as f64);
-            let what = format!("route kind {kind} norm {norm} t{t} e{e} k{k}");
-            assert_eq!(ids, rids, "{what}: ids");
-            crate::testutil::assert_close(&w, &rw, 1e-7, 1e-5, &what);
+            let logits = rng.normals(t * e, 2.0);
+            let scales: Vec<f32> = (0..e).map(|_| rng.uniform(0.5, 2.0)).collect();
+            let bias = rng.normals(e, 0.5);
+            for (kind, norm, table, scale) in [
+                (0u32, true, &scales, 1.0f32),
+                (0, false, &scales, 1.0),
+                (1, true, &scales, 1.0),
+                (2, true, &bias, 2.5),
+            ] {
+                let (ids, w) = run_route(g, &logits, e, k, kind, norm, table, scale);
+                let (rids, rw) = ref_route(&logits, e, k, kind, norm, table, scale as f64);
+                let what = format!(
+                    "route kind {kind} norm {norm} t{t} e{e} k{k} sg={}",
+                    g.caps().subgroups
+                );
+                assert_eq!(ids, rids, "{what}: ids");
+                crate::testutil::assert_close(&w, &rw, 1e-7, 1e-5, &what);
+            }
         }
     }
 }

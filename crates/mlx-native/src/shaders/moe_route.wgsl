@@ -24,13 +24,6 @@ struct Params {
 @group(0) @binding(3) var<storage, read_write> ids: array<u32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
-const NONE: u32 = 0xffffffffu;
-const MAX_K: u32 = 16u;
-
-var<workgroup> rv: array<f32, 256>;
-var<workgroup> sel_w: array<f32, MAX_K>;
-var<workgroup> sel_i: array<u32, MAX_K>;
-
 fn neg_inf() -> f32 {
     return bitcast<f32>(0xff800000u);
 }
@@ -38,12 +31,10 @@ fn neg_inf() -> f32 {
 #if SUBGROUPS
 // Per-subgroup partials (subgroups of at least 4 invocations: at most 64 of them).
 var<workgroup> part: array<f32, 64>;
-// The keys as vec4s for the rank pass.
-var<workgroup> keys4: array<vec4<f32>, 64>;
 
 // Workgroup max / sum: a subgroup reduction, then every invocation combines the subgroups'
 // partials (one barrier each way instead of a tree of 8 levels).
-fn sg_max(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
+fn all_max(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
     let m = subgroupMax(v);
     if sl == 0u {
         part[lid / ss] = m;
@@ -57,7 +48,7 @@ fn sg_max(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
     return r;
 }
 
-fn sg_sum(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
+fn all_sum(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
     let m = subgroupAdd(v);
     if sl == 0u {
         part[lid / ss] = m;
@@ -70,9 +61,11 @@ fn sg_sum(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
     workgroupBarrier();
     return r;
 }
-#endif
+#else
+var<workgroup> rv: array<f32, 256>;
 
-fn wg_max(v: f32, lid: u32) -> f32 {
+// Workgroup max / sum through a tree in workgroup memory.
+fn all_max(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
     rv[lid] = v;
     workgroupBarrier();
     for (var s = 128u; s > 0u; s >>= 1u) {
@@ -86,7 +79,7 @@ fn wg_max(v: f32, lid: u32) -> f32 {
     return r;
 }
 
-fn wg_sum(v: f32, lid: u32) -> f32 {
+fn all_sum(v: f32, lid: u32, sl: u32, ss: u32) -> f32 {
     rv[lid] = v;
     workgroupBarrier();
     for (var s = 128u; s > 0u; s >>= 1u) {
@@ -99,26 +92,36 @@ fn wg_sum(v: f32, lid: u32) -> f32 {
     workgroupBarrier();
     return r;
 }
+#endif
 
-// (a_v, a_i) ranks above (b_v, b_i): candidates (index != NONE) above none, larger values
-// first, then lower indices.
+// The keys as vec4s for the rank pass.
+var<workgroup> keys4: array<vec4<f32>, 64>;
+
+// (a_v, a_i) ranks above (b_v, b_i): the larger value, then the lower index.
 fn better(av: f32, ai: u32, bv: f32, bi: u32) -> bool {
-    return ai != NONE && (bi == NONE || av > bv || (av == bv && ai < bi));
+    return av > bv || (av == bv && ai < bi);
 }
 
+// How many of the four keys q (experts j..j+3) rank above (key, lid).
 fn rank_better(q: vec4<f32>, j: u32, key: f32, lid: u32) -> u32 {
     return u32(better(q.x, j, key, lid)) + u32(better(q.y, j + 1u, key, lid))
          + u32(better(q.z, j + 2u, key, lid)) + u32(better(q.w, j + 3u, key, lid));
 }
 
-#if SUBGROUPS
-// The same routing with subgroup reductions, a rank pass over vec4s of keys, and each chosen
-// expert's invocation writing its own weight and id (7 barriers instead of ~22 and no
-// serial loop over the picks: the router is a chain of latencies, one token's 128 experts).
+// Max and sum over the workgroup (subgroups, else a tree), a rank pass over vec4s of keys,
+// and each picked expert's invocation writes its own weight and id: the router is a chain of
+// latencies (one token's experts), so it keeps barriers few and has no serial loop.
 @compute @workgroup_size(256)
 fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-         @builtin(local_invocation_index) lid: u32,
-         @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32) {
+         @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+         , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32
+#endif
+) {
+#if !SUBGROUPS
+    let sl = 0u;
+    let ss = 1u;
+#endif
     let t = flat_wg(wid, nwg);
     if t >= p.t {
         return;
@@ -136,11 +139,15 @@ fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
             key = prob + table[view(1u) + lid];
         }
     } else {
-        let mx = sg_max(v, lid, sl, ss);
+        let mx = all_max(v, lid, sl, ss);
         let ex = select(0.0, exp(v - mx), valid);
-        prob = ex / sg_sum(ex, lid, sl, ss);
+        prob = ex / all_sum(ex, lid, sl, ss);
     }
+    // A NaN score ranks below every number.
     key = select(key, neg_inf(), key != key);
+    // Rank of each expert = how many experts rank above it (larger key, or equal key and a
+    // lower index): the top k are the ranks below k, in order. Keys past E are -inf with
+    // indices >= E: they never rank above a valid one.
     keys4[lid / 4u][lid % 4u] = key;
     workgroupBarrier();
     var rank = p.k;
@@ -150,9 +157,8 @@ fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
             rank += rank_better(keys4[j / 4u], j, key, lid);
         }
     }
-    // Keys past E are -inf with index >= E: they never rank above a valid one.
     let picked = rank < p.k;
-    let s = sg_sum(select(0.0, prob, picked), lid, sl, ss);
+    let s = all_sum(select(0.0, prob, picked), lid, sl, ss);
     if picked {
         var w = prob;
         if p.norm != 0u && s > 0.0 {
@@ -168,69 +174,3 @@ fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: ve
         ids[view(3u) + o] = lid;
     }
 }
-#else
-@compute @workgroup_size(256)
-fn route(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-         @builtin(local_invocation_index) lid: u32) {
-    let t = flat_wg(wid, nwg);
-    if t >= p.t {
-        return;
-    }
-    let valid = lid < p.e;
-    var v = neg_inf();
-    if valid {
-        v = logits[view(0u) + t * p.e + lid];
-    }
-    var prob = 0.0;
-    var key = v;
-    if p.kind == 2u {
-        prob = 1.0 / (1.0 + exp(-v));
-        if valid {
-            key = prob + table[view(1u) + lid];
-        }
-    } else {
-        let mx = wg_max(v, lid);
-        let ex = select(0.0, exp(v - mx), valid);
-        prob = ex / wg_sum(ex, lid);
-    }
-    // A NaN score ranks below every number.
-    key = select(key, neg_inf(), key != key);
-    // Rank of each expert = how many experts rank above it (larger key, or equal key and a
-    // lower index): the top k are the ranks below k, in order. One pass over the keys in
-    // workgroup memory (every invocation reads the same element at a time: a broadcast)
-    // instead of k rounds of a tree reduction with a barrier per level.
-    rv[lid] = key;
-    workgroupBarrier();
-    if valid {
-        var rank = 0u;
-        for (var j = 0u; j < p.e; j++) {
-            rank += u32(better(rv[j], j, key, lid));
-        }
-        if rank < p.k {
-            sel_w[rank] = prob;
-            sel_i[rank] = lid;
-        }
-    }
-    workgroupBarrier();
-    if lid == 0u {
-        var s = 0.0;
-        for (var j = 0u; j < p.k; j++) {
-            s += sel_w[j];
-        }
-        let o = t * p.k;
-        for (var j = 0u; j < p.k; j++) {
-            var w = sel_w[j];
-            if p.norm != 0u && s > 0.0 {
-                w = w / s;
-            }
-            if p.kind == 1u {
-                w *= table[view(1u) + sel_i[j]];
-            } else if p.kind == 2u {
-                w *= p.scale;
-            }
-            weights[view(2u) + o + j] = w;
-            ids[view(3u) + o + j] = sel_i[j];
-        }
-    }
-}
-#endif
