@@ -1,12 +1,12 @@
 //! A/B timing of decode variants on one synthetic model in one process:
 //! `decode_ab SHAPE [ROUNDS] [CONTEXT]`. Builds the shape (`bench_decode::shape`), prefills
-//! CONTEXT positions (128), then times one decode step as one compute pass (GPU timestamps) for each
-//! variant in turn, round after round, and prints each variant's minimum and median.
+//! CONTEXT positions (128), then times one decode step as one compute pass (GPU timestamps)
+//! for each variant in turn, round after round, and prints each variant's minimum and median.
 //! Interleaving matters: a GPU that idles between runs clocks down, so variants measured in
 //! separate processes or one after another are not comparable.
-//! Variants: the separate dispatches (no folding), the default folding (`Folding`), and
-//! the default with the decode attention's kernels dispatched twice (what one costs inside
-//! the pass).
+//! Variants: the separate dispatches (no folding), the default folding (`Folding`), the
+//! default with the decode attention forced to split-K (the before of the one-split path),
+//! and that with its split kernel dispatched twice (what the kernel costs inside the pass).
 
 use mlx_native::ops;
 use mlx_native::MlxDevice;
@@ -26,25 +26,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // (label, folding, extra dispatches of the decode attention's split and reduce
     // kernels: a pass with one more of a kernel costs that kernel inside the pass; the
     // attention's query heads per workgroup forced, 0 = the rule; the one-split decode's
-    // (max keys, heads per workgroup) forced, None = the rule)
-    type Variant<'a> = (&'a str, Folding, (u16, u16), u32, Option<(u32, u32)>);
+    // max keys forced, None = the rule, 0 = split-K)
+    type Variant<'a> = (&'a str, Folding, (u16, u16), u32, Option<u32>);
     let variants: [Variant; 4] = [
         ("separate", none, (0, 0), 0, None),
         ("default", default, (0, 0), 0, None),
-        (
-            "default, split-K (before)",
-            default,
-            (0, 0),
-            0,
-            Some((0, 0)),
-        ),
-        (
-            "default, split-K, split x2",
-            default,
-            (1, 0),
-            0,
-            Some((0, 0)),
-        ),
+        ("default, split-K (before)", default, (0, 0), 0, Some(0)),
+        ("default, split-K, split x2", default, (1, 0), 0, Some(0)),
     ];
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;

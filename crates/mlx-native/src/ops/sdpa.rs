@@ -123,31 +123,27 @@ const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
 const SINGLE_SPLIT_TRIPS: usize = 7;
 const SINGLE_SPLIT_MIN_HEADS: usize = 16;
 
-/// `(max keys, heads per workgroup)` of the one-split decode forced (measurement: 0 = the
-/// rule, else bit 31 set, `keys << 8 | gt`; keys 0 = never).
+/// The one-split decode's reach forced (measurement: 0 = the rule, else max keys + 1).
 static DECODE_SINGLE_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-/// Force the one-split decode's reach (`Some((max_keys, gt))`, max_keys 0: never) or back to
-/// the rule (`None`), for timing probes.
+/// Force the one-split decode up to `max_keys` visible keys (0: never), whatever the head
+/// count, with `set_decode_gt`'s heads per workgroup if forced (else one); `None`: the rule.
+/// For timing probes.
 #[doc(hidden)]
-pub fn set_decode_single(force: Option<(u32, u32)>) {
-    let v = force.map_or(0, |(keys, gt)| {
-        (keys.min(0x7f_ffff) << 8 | gt.min(8)) | 1 << 31
-    });
+pub fn set_decode_single(max_keys: Option<u32>) {
+    let v = max_keys.map_or(0, |k| k.saturating_add(1));
     DECODE_SINGLE_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// Heads per workgroup of the one-split decode over `keys` visible keys (`kt` keys a trip),
 /// or None (split-K).
 fn single_split_gt(keys: usize, kt: usize, n_heads: usize, group: usize) -> Option<u32> {
-    let o = DECODE_SINGLE_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed);
-    if o == 0 {
-        let fits = keys <= SINGLE_SPLIT_TRIPS * kt && n_heads >= SINGLE_SPLIT_MIN_HEADS;
-        return fits.then_some(1);
-    }
-    let (max_keys, gt) = ((o & !(1 << 31)) >> 8, o & 0xff);
-    let gt = if DECODE_GTS.contains(&gt) { gt } else { 1 };
-    (keys <= max_keys as usize).then_some(gt.min(decode_gt(group)))
+    let fits = match DECODE_SINGLE_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => keys <= SINGLE_SPLIT_TRIPS * kt && n_heads >= SINGLE_SPLIT_MIN_HEADS,
+        o => keys < o as usize,
+    };
+    let forced = DECODE_GT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed);
+    fits.then(|| forced.max(1).min(decode_gt(group)))
 }
 
 /// Query heads per workgroup of the f16/f32 decode forced (measurement: 0 = the rule).
@@ -898,8 +894,9 @@ mod tests {
     fn decode_tiles_and_splits() -> Result<()> {
         // Cases around the trip (KT = decode_kt keys) and split boundaries: lengths not a
         // multiple of KT, splits of several trips (the next trip's loads in flight) whose
-        // last one ends mid-trip, windows starting mid-trip, GQA 8 and 16 (tiles of 4 heads). The per-case notes give the figures of the earlier staged-tile kernel (its
-        // KT); the cases stay as awkward lengths for this one.
+        // last one ends mid-trip, windows starting mid-trip, GQA 8 and 16 (tiles of 4 heads).
+        // The per-case notes give the figures of the earlier staged-tile kernel (its KT); the
+        // cases stay as awkward lengths for this one.
         let cases = [
             // KT 32: one full tile and one key.
             dc(128, 4, 1, 33, DType::F16),
@@ -935,10 +932,6 @@ mod tests {
         Ok(())
     }
 
-    /// Eight query heads a workgroup (two sets of running state), which only `set_decode_gt`
-    /// reaches in the f16/f32 decode: GQA 8 and a partial tile of 7, over several splits (head
-    /// dim 64 f16 takes the subgroup path on lavapipe, 128 the workgroup-memory one).
-    /// (Other tests running meanwhile take the same path; their results do not change.)
     /// The one-split decode (16+ query heads, at most 7 trips of keys: the kernel normalizes
     /// its own output, no reduce): with sinks, softcap, a window, GQA 1, 4 and 8, f16 and
     /// f32, and one key; and the same shapes one trip past the cap (split-K).
@@ -979,6 +972,10 @@ mod tests {
         Ok(())
     }
 
+    /// Eight query heads a workgroup (two sets of running state), which only `set_decode_gt`
+    /// reaches in the f16/f32 decode: GQA 8 and a partial tile of 7, over several splits (head
+    /// dim 64 f16 takes the subgroup path on lavapipe, 128 the workgroup-memory one).
+    /// (Other tests running meanwhile take the same path; their results do not change.)
     #[test]
     fn decode_eight_heads_a_workgroup() -> Result<()> {
         set_decode_gt(Some(8));
