@@ -179,6 +179,10 @@ enum BenchWhat {
         /// KV cache formats of the decode rows (f16, f32, q8, q4, tq4, tq3, tq2.5, tq2).
         #[arg(long, value_delimiter = ',', default_value = "f16")]
         kv_cache: Vec<String>,
+        /// Decode is also timed as this many layers' attention in one pass, each layer over
+        /// its own cache (Llama-3.1-8B has 32); 0 skips those rows.
+        #[arg(long, default_value_t = 32)]
+        layers: usize,
         #[arg(long)]
         json: Option<PathBuf>,
     },
@@ -456,6 +460,7 @@ fn run(cli: Cli) -> CliResult<bool> {
                 decode_ctx,
                 prefill,
                 kv_cache,
+                layers,
                 json,
             } => {
                 let formats = kv_cache
@@ -470,6 +475,7 @@ fn run(cli: Cli) -> CliResult<bool> {
                     &decode_ctx,
                     &prefill,
                     &formats,
+                    layers,
                 )
                 .map_err(err)?;
                 print!("{}", r.table());

@@ -27,11 +27,32 @@ impl<'a> Timer<'a> {
         })
     }
 
-    /// Median GPU nanoseconds of the dispatches `record` adds to a pass (summed per rep).
-    pub fn median_ns(&self, mut record: impl FnMut(&mut Pass) -> Result<()>) -> Result<f64> {
+    /// Median GPU nanoseconds of the dispatches `record` adds to a pass (summed per rep),
+    /// each dispatch timed on its own.
+    pub fn median_ns(&self, record: impl FnMut(&mut Pass) -> Result<()>) -> Result<f64> {
+        self.median(false, record)
+    }
+
+    /// Median GPU nanoseconds of one pass holding what `record` adds, timed as a whole (no
+    /// per-dispatch timestamps): dependent dispatches cost what they cost inside a decode
+    /// step, without the per-dispatch profile's own floor.
+    pub fn median_pass_ns(&self, record: impl FnMut(&mut Pass) -> Result<()>) -> Result<f64> {
+        self.median(true, record)
+    }
+
+    fn median(
+        &self,
+        whole_pass: bool,
+        mut record: impl FnMut(&mut Pass) -> Result<()>,
+    ) -> Result<f64> {
         let mut samples = Vec::with_capacity(self.reps);
         for i in 0..self.warmup + self.reps {
-            let mut pass = self.gpu.begin().with_profiling(true);
+            let pass = self.gpu.begin();
+            let mut pass = if whole_pass {
+                pass.with_pass_timing(true)
+            } else {
+                pass.with_profiling(true)
+            };
             record(&mut pass)?;
             let t = pass.commit_and_wait()?;
             if i >= self.warmup {
@@ -89,6 +110,32 @@ pub fn read_bandwidth(gpu: &MlxDevice, total_mib: u64) -> Result<Bandwidth> {
         gpu_us: ns / 1e3,
         gb_s: bytes as f64 / ns,
     })
+}
+
+/// Median GPU nanoseconds per dispatch of `count` read-probe dispatches in one pass, each over
+/// its own buffer of `bytes` (rounded down to whole vec4s): the read-only floor of a pass of
+/// dependent kernels that each stream that many bytes.
+fn read_in_pass(gpu: &MlxDevice, timer: &Timer<'_>, bytes: u64, count: usize) -> Result<f64> {
+    let words = (bytes / 16 * 4) as usize;
+    let mut bufs = Vec::with_capacity(count);
+    let mut pass = gpu.begin();
+    for i in 0..count {
+        let b = MlxBuffer::new(gpu, DType::U32, &[words])?;
+        ops::fill::fill_u32_words(&mut pass, &b, 0x2545_F491 ^ (i as u32))?;
+        bufs.push(b);
+    }
+    pass.commit_and_wait()?;
+    // ~4 vec4 a invocation (8 past 4096 workgroups): enough workgroups for any GPU even at
+    // a few MB, loads enough in flight at a hundred.
+    let wgs = (words / 4 / 1024).clamp(1, 4096) as u32;
+    let sink = MlxBuffer::new(gpu, DType::U32, &[wgs as usize])?;
+    let ns = timer.median_pass_ns(|pass| {
+        for b in &bufs {
+            ops::bandwidth::read_probe(pass, b, &sink, wgs)?;
+        }
+        Ok(())
+    })?;
+    Ok(ns / count as f64)
 }
 
 /// One kernel measurement.
@@ -298,12 +345,21 @@ pub struct AttentionReport {
 
 /// Llama-3.1-8B attention (32 query heads, 8 kv heads, head dim 128, f16 KV): decode at
 /// several contexts, causal prefill at several lengths.
+///
+/// Decode is timed two ways. "alone": one layer's attention, its dispatches timed one by one
+/// (each carries the profile's floor of a few µs). "in a pass" (when `layers` > 0): the
+/// attention of `layers` layers in one pass, each over its own layer's cache (so no layer
+/// finds its K/V in L2), per layer: what attention costs inside a decode step, the
+/// dependent dispatches' floors included. Beside it, "read, in a pass": one read-probe
+/// dispatch per layer over buffers of the same bytes, the same shape of pass with nothing
+/// but the reads.
 pub fn bench_attention(
     gpu: &MlxDevice,
     probe_mib: u64,
     decode_ctx: &[usize],
     prefill: &[usize],
     kv_formats: &[mlx_native::kv_quant::KvFormat],
+    layers: usize,
 ) -> Result<AttentionReport> {
     use mlx_native::kv_cache::KvCacheConfig;
     use mlx_native::kv_quant::{KvFormat, KvStore};
@@ -311,9 +367,10 @@ pub fn bench_attention(
     let bw = read_bandwidth(gpu, probe_mib)?;
     let timer = Timer::new(gpu)?;
     let mut rows = Vec::new();
-    // A cache of `ctx` positions in `format`, filled by its own append kernel.
-    let fill_store = |ctx: usize, format: KvFormat| -> Result<KvStore> {
-        let mut cfg = KvCacheConfig::new(1, nkv, hd, ctx);
+    // A cache of `n_layers` layers of `ctx` positions in `format`, filled by its own append
+    // kernel (every layer from the same random chunks: the bytes read are what matters).
+    let fill_store = |ctx: usize, format: KvFormat, n_layers: usize| -> Result<KvStore> {
+        let mut cfg = KvCacheConfig::new(n_layers, nkv, hd, ctx);
         cfg.max_chunk = ctx.min(512);
         let mut cache = KvStore::new(gpu, &cfg, format)?;
         let mut pos = 0;
@@ -322,7 +379,9 @@ pub fn bench_attention(
             let k = f32_tensor(gpu, &[t, nkv, hd], 10 + pos as u64)?;
             let v = f32_tensor(gpu, &[t, nkv, hd], 11 + pos as u64)?;
             let mut pass = gpu.begin();
-            cache.append(&mut pass, 0, &k, &v, pos)?;
+            for layer in 0..n_layers {
+                cache.append(&mut pass, layer, &k, &v, pos)?;
+            }
             pass.commit_and_wait()?;
             pos += t;
         }
@@ -333,28 +392,50 @@ pub fn bench_attention(
     } else {
         kv_formats.to_vec()
     };
+    let decode_row = |case: String, context: usize, ns: f64, bytes: u64| {
+        let gb_s = bytes as f64 / ns;
+        AttentionRow {
+            case,
+            context,
+            gpu_us: ns / 1e3,
+            bytes,
+            gb_s,
+            roofline_fraction: Some(gb_s / bw.gb_s),
+            tflop_s: None,
+        }
+    };
     for &format in &formats {
         for &ctx in decode_ctx {
-            let cache = fill_store(ctx, format)?;
+            let cache = fill_store(ctx, format, layers.max(1))?;
             let q = f32_tensor(gpu, &[nh, hd], 12)?;
             let opts = ops::SdpaOptions::new(hd);
-            let ns = timer.median_ns(|p| cache.sdpa_decode(p, &q, 0, ctx, &opts).map(|_| ()))?;
             // The whole layer is read: K and V of every position, in the format's bytes.
             let bytes = cache.bytes_per_layer(0);
-            let gb_s = bytes as f64 / ns;
-            rows.push(AttentionRow {
-                case: format!("decode {}", format.name()),
-                context: ctx,
-                gpu_us: ns / 1e3,
+            let ns = timer.median_ns(|p| cache.sdpa_decode(p, &q, 0, ctx, &opts).map(|_| ()))?;
+            rows.push(decode_row(
+                format!("decode {}", format.name()),
+                ctx,
+                ns,
                 bytes,
-                gb_s,
-                roofline_fraction: Some(gb_s / bw.gb_s),
-                tflop_s: None,
-            });
+            ));
+            if layers == 0 {
+                continue;
+            }
+            let ns = timer.median_pass_ns(|p| {
+                for layer in 0..layers {
+                    cache.sdpa_decode(p, &q, layer, ctx, &opts)?;
+                }
+                Ok(())
+            })? / layers as f64;
+            let case = format!("decode {}, in pass", format.name());
+            rows.push(decode_row(case, ctx, ns, bytes));
+            drop(cache);
+            let ns = read_in_pass(gpu, &timer, bytes, layers)?;
+            rows.push(decode_row("read, in pass".into(), ctx, ns, bytes));
         }
     }
     for &t in prefill {
-        let mut cache = fill_store(t, KvFormat::F16)?;
+        let mut cache = fill_store(t, KvFormat::F16, 1)?;
         let q = f32_tensor(gpu, &[t, nh, hd], 13)?;
         let opts = ops::SdpaOptions::new(hd);
         let ns = timer.median_ns(|p| cache.sdpa_prefill(p, &q, 0, 0, &opts).map(|_| ()))?;
@@ -381,12 +462,12 @@ pub fn bench_attention(
 impl AttentionReport {
     pub fn table(&self) -> String {
         let mut s = format!(
-            "device: {}\nread bandwidth: {:.1} GB/s; cooperative-matrix prefill: {}\n\n{:<18} {:>8} {:>10} {:>10} {:>9} {:>9}\n",
+            "device: {}\nread bandwidth: {:.1} GB/s; cooperative-matrix prefill: {}\n\n{:<22} {:>8} {:>10} {:>10} {:>9} {:>9}\n",
             self.adapter, self.bandwidth.gb_s, self.cooperative_matrix_prefill, "case", "context", "gpu us", "GB/s", "roofline", "TFLOP/s"
         );
         for r in &self.rows {
             s.push_str(&format!(
-                "{:<18} {:>8} {:>10.1} {:>10.1} {:>9} {:>9}\n",
+                "{:<22} {:>8} {:>10.1} {:>10.1} {:>9} {:>9}\n",
                 r.case,
                 r.context,
                 r.gpu_us,

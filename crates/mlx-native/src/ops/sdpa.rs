@@ -79,7 +79,8 @@ const _: () = assert!(std::mem::size_of::<SdpaParams>() == 80);
 /// (~4 per SM on a 132-SM GPU).
 pub(crate) const DECODE_TARGET_WGS: usize = 512;
 /// `sdpa_decode` aims for this many: on an H200, 256 beat 128, 384, 512 and 1024 at 8k
-/// and 32k keys (its registers allow about two workgroups per SM).
+/// and 32k keys, alone and in a pass of 32 layers (session 7). Its 17 KiB of workgroup
+/// memory allow two workgroups an SM there: more run in two waves (docs/PERFORMANCE.md).
 const DIRECT_TARGET_WGS: usize = 256;
 
 /// The workgroup target of the f16/f32 decode, forced (benchmarks; 0 = DIRECT_TARGET_WGS).
@@ -197,11 +198,25 @@ fn decode_sg(dtype: DType, head_dim: usize, subgroup_min: u32) -> bool {
     w.is_power_of_two() && w <= m && m > 0 && 128 % m == 0
 }
 
+/// Measurement switches of the f16/f32 decode kernel (`DX` in sdpa.wgsl; 0 in production).
+static DECODE_EXP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Set the decode kernel's measurement switches (sdpa.wgsl `DX`: bit 0 loads only, bit 1 no
+/// row-sum shuffles). Results are wrong while set: timing probes only.
+#[doc(hidden)]
+pub fn set_decode_exp(bits: u32) {
+    DECODE_EXP.store(bits, std::sync::atomic::Ordering::Relaxed);
+}
+
 fn decode_spec(dtype: DType, head_dim: usize, gt: u32, sg: bool) -> Result<Spec> {
-    Ok(Spec::new("sdpa_decode", dtype, 128)
+    let spec = Spec::new("sdpa_decode", dtype, 128)
         .with_const("HEAD_DIM", head_dim as u32)?
         .with_const("GT", gt)?
-        .with_subgroups(sg))
+        .with_subgroups(sg);
+    match DECODE_EXP.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => Ok(spec),
+        bits => spec.with_const("DX", bits),
+    }
 }
 
 fn reduce_spec(head_dim: usize) -> Result<Spec> {
@@ -1481,62 +1496,81 @@ mod tests {
     }
 
     /// Timing probe for a real GPU (`--ignored --nocapture`): f16 decode attention at
-    /// Llama-3.1-8B heads (32 q, 8 kv, 128) over 8k and 32k positions, for several workgroup
-    /// targets, interleaved round by round; one op per pass (latency, as `bench attention`
-    /// times it) and 50 in a pass (throughput).
+    /// Llama-3.1-8B heads (32 q, 8 kv, 128) over 1k, 8k and 32k positions, for several
+    /// workgroup targets and heads per workgroup, interleaved round by round. Each variant is
+    /// timed as 32 layers in one pass, every layer over its own cache (as in a decode step:
+    /// no layer finds its K/V in L2); printed per layer. PROBE_CTX, PROBE_TARGETS, PROBE_GTS
+    /// and PROBE_DX (comma-separated) replace the swept values.
     #[test]
     #[ignore]
     fn decode_timing_probe() -> Result<()> {
         let g = gpu();
         println!("{} ({})", g.caps().adapter_name, g.caps().backend);
+        let list = |name: &str, default: &[usize]| -> Vec<usize> {
+            std::env::var(name).map_or(default.to_vec(), |v| {
+                v.split(',').map(|t| t.trim().parse().unwrap()).collect()
+            })
+        };
+        let targets = list("PROBE_TARGETS", &[128, 256, 512, 1024]);
+        let gts = list("PROBE_GTS", &[4]);
+        // Measurement switches (set_decode_exp): 0 the kernel, 1 loads only, 2 no shuffles.
+        let dxs = list("PROBE_DX", &[0]);
         let mut rng = Rng::new(77);
-        let (nh, kvh, d) = (32, 8, 128);
+        let (nh, kvh, d, layers) = (32, 8, 128, 32);
         let mut cases = Vec::new();
-        for ctx in [8192usize, 32768] {
-            let mut cfg = KvCacheConfig::new(1, kvh, d, ctx);
+        for ctx in list("PROBE_CTX", &[1024, 8192, 32768]) {
+            let mut cfg = KvCacheConfig::new(layers, kvh, d, ctx);
             cfg.max_chunk = 512;
             let mut cache = KvCache::new(g, &cfg)?;
             for c in 0..ctx / 512 {
                 let k = MlxBuffer::from_slice(g, &rng.normals(512 * kvh * d, 1.0), &[512, kvh, d])?;
                 let v = MlxBuffer::from_slice(g, &rng.normals(512 * kvh * d, 1.0), &[512, kvh, d])?;
                 let mut pass = g.begin();
-                cache.append(&mut pass, 0, &k, &v, c * 512)?;
+                for l in 0..layers {
+                    cache.append(&mut pass, l, &k, &v, c * 512)?;
+                }
                 pass.commit_and_wait()?;
             }
             let q = MlxBuffer::from_slice(g, &rng.normals(nh * d, 1.0), &[nh, d])?;
             cases.push((ctx, cache, q));
         }
-        let targets = [128usize, 256, 512, 1024, 2048];
-        let mut best = vec![[f64::INFINITY; 2]; cases.len() * targets.len()];
+        let mut variants = Vec::new();
+        for &t in &targets {
+            for &gt in &gts {
+                variants.extend(dxs.iter().map(|&dx| (t, gt, dx)));
+            }
+        }
+        let mut best = vec![f64::INFINITY; cases.len() * variants.len()];
         for round in 0..6 {
             for (ci, (ctx, cache, q)) in cases.iter().enumerate() {
-                for (ti, &t) in targets.iter().enumerate() {
+                for (vi, &(t, gt, dx)) in variants.iter().enumerate() {
                     set_decode_target_wgs(Some(t));
-                    for (mi, reps) in [1usize, 50].into_iter().enumerate() {
-                        let mut pass = g.begin().with_pass_timing(true);
-                        for _ in 0..reps {
-                            sdpa_decode(&mut pass, q, cache, 0, *ctx, &SdpaOptions::new(d))?;
-                        }
-                        let times = pass.commit_and_wait()?;
-                        if round > 0 {
-                            let us = times.iter().map(|k| k.nanos).sum::<f64>() / reps as f64 / 1e3;
-                            let b = &mut best[ci * targets.len() + ti][mi];
-                            *b = b.min(us);
-                        }
+                    set_decode_gt(Some(gt as u32));
+                    set_decode_exp(dx as u32);
+                    let mut pass = g.begin().with_pass_timing(true);
+                    for l in 0..layers {
+                        sdpa_decode(&mut pass, q, cache, l, *ctx, &SdpaOptions::new(d))?;
+                    }
+                    let times = pass.commit_and_wait()?;
+                    if round > 0 {
+                        let us = times.iter().map(|k| k.nanos).sum::<f64>() / layers as f64 / 1e3;
+                        let b = &mut best[ci * variants.len() + vi];
+                        *b = b.min(us);
                     }
                 }
             }
         }
         set_decode_target_wgs(None);
+        set_decode_gt(None);
+        set_decode_exp(0);
         for (ci, (ctx, ..)) in cases.iter().enumerate() {
             // K and V, f16.
             let bytes = (2 * ctx * kvh * d * 2) as f64;
-            for (ti, t) in targets.iter().enumerate() {
-                let [one, many] = best[ci * targets.len() + ti];
+            for (vi, (t, gt, dx)) in variants.iter().enumerate() {
+                let us = best[ci * variants.len() + vi];
                 println!(
-                    "decode f16 ctx {ctx} target {t}: {one:.2} us alone ({:.0} GB/s), {many:.2} us in a pass of 50 ({:.0} GB/s)",
-                    bytes / one / 1e3,
-                    bytes / many / 1e3
+                    "decode f16 ctx {ctx} target {t} gt {gt} dx {dx}: {us:.2} us a layer in a pass of {layers} ({:.0} GB/s)",
+                    bytes / us / 1e3
                 );
             }
         }

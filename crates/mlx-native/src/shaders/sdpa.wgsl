@@ -144,6 +144,13 @@ override KR: u32 = 128u / W4;
 override KI: u32 = 4u * KR;
 // Head quads (vec4s of per-head values): 1, or 2 when GT = 8.
 override GQ: u32 = (GT + 3u) / 4u;
+// Measurement switches of the subgroup loop (0 in production; ops::sdpa::set_decode_exp),
+// results invalid when set: bit 0 loads only (the K and V words folded into the
+// accumulator, no dots or softmax), bit 1 no row-sum shuffles (a lane's partial dot taken
+// as the logit). docs/PERFORMANCE.md (session 7) has what they showed and the variants
+// measured and dropped (halves by integer operations, loads two trips ahead, a per-head
+// merge in a quarter of the workgroup memory).
+override DX: u32 = 0u;
 
 var<workgroup> dr_sh: array<vec4<f32>, 1024>;
 var<workgroup> dm_sh: array<vec4<f32>, 32>;
@@ -288,6 +295,46 @@ fn d_put(st: DState, f: vec4<f32>, r: u32, c: u32) {
 #endif
 }
 
+// Measurement (DX bit 0): quads mixed into one value that keeps their loads alive.
+fn d_mix(a: KVQ, b: KVQ) -> KVQ {
+#if DT_F32
+    return a + b;
+#else
+    return a ^ b;
+#endif
+}
+fn d_fold(a: KVQ, b: KVQ) -> vec4<f32> {
+#if DT_F32
+    return a + b;
+#else
+    return bitcast<vec4<f32>>(a ^ b) * 1e-30;
+#endif
+}
+
+// Output quad o4 of head g (workgroup-relative) from the rows' sum a: normalized into out
+// when there is one split (the sink joins the denominator as in combine_splits; no reduce
+// dispatch follows), else into the split's partial.
+fn d_emit(g: u32, o4: u32, a: vec4<f32>, hm: f32, den0: f32, h0: u32, split: u32) {
+    if p.n_splits == 1u {
+        var den = den0;
+        if p.has_sinks != 0u {
+            den += exp(sinks[view(5u) + h0 + g] - hm);
+        }
+        let inv = select(0.0, 1.0 / den, den > 0.0);
+        let oo = view(6u) + (h0 + g) * HEAD_DIM + o4 * 4u;
+        out[oo] = a.x * inv;
+        out[oo + 1u] = a.y * inv;
+        out[oo + 2u] = a.z * inv;
+        out[oo + 3u] = a.w * inv;
+    } else {
+        let po = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM + o4 * 4u;
+        part_o[po] = a.x;
+        part_o[po + 1u] = a.y;
+        part_o[po + 2u] = a.z;
+        part_o[po + 3u] = a.w;
+    }
+}
+
 #if SUBGROUPS
 // Sum over the W4 invocations of a row (adjacent lanes of one subgroup; W4 is a power of
 // two no larger than the subgroup): every lane gets the row's sum.
@@ -385,25 +432,33 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>,
         let nv1 = d_load(true, on, rowbase, tn, sn, r + KR, c, k_end);
         let nv2 = d_load(true, on, rowbase, tn, sn, r + 2u * KR, c, k_end);
         let nv3 = d_load(true, on, rowbase, tn, sn, r + 3u * KR, c, k_end);
-        let e0 = d_dots(k0, qa, qb);
-        let e1 = d_dots(k1, qa, qb);
-        let e2 = d_dots(k2, qa, qb);
-        let e3 = d_dots(k3, qa, qb);
-        var f0 = vec4<f32>(0.0);
-        var f1 = vec4<f32>(0.0);
-        var f2 = vec4<f32>(0.0);
-        var f3 = vec4<f32>(0.0);
-        if GT > 4u {
-            f0 = d_dots(k0, qa2, qb2);
-            f1 = d_dots(k1, qa2, qb2);
-            f2 = d_dots(k2, qa2, qb2);
-            f3 = d_dots(k3, qa2, qb2);
-        }
-        let ds = D4(d_rowsum(e0), d_rowsum(e1), d_rowsum(e2), d_rowsum(e3));
-        st = d_step(st, ds, ok0, ok1, ok2, ok3, v0, v1, v2, v3);
-        if GT > 4u {
-            let ds2 = D4(d_rowsum(f0), d_rowsum(f1), d_rowsum(f2), d_rowsum(f3));
-            st2 = d_step(st2, ds2, ok0, ok1, ok2, ok3, v0, v1, v2, v3);
+        if (DX & 1u) != 0u {
+            st.oa[0] += d_fold(d_mix(d_mix(k0, k1), d_mix(k2, k3)),
+                               d_mix(d_mix(v0, v1), d_mix(v2, v3)));
+        } else {
+            let e0 = d_dots(k0, qa, qb);
+            let e1 = d_dots(k1, qa, qb);
+            let e2 = d_dots(k2, qa, qb);
+            let e3 = d_dots(k3, qa, qb);
+            var f0 = vec4<f32>(0.0);
+            var f1 = vec4<f32>(0.0);
+            var f2 = vec4<f32>(0.0);
+            var f3 = vec4<f32>(0.0);
+            if GT > 4u {
+                f0 = d_dots(k0, qa2, qb2);
+                f1 = d_dots(k1, qa2, qb2);
+                f2 = d_dots(k2, qa2, qb2);
+                f3 = d_dots(k3, qa2, qb2);
+            }
+            var ds = D4(e0, e1, e2, e3);
+            if (DX & 2u) == 0u {
+                ds = D4(d_rowsum(e0), d_rowsum(e1), d_rowsum(e2), d_rowsum(e3));
+            }
+            st = d_step(st, ds, ok0, ok1, ok2, ok3, v0, v1, v2, v3);
+            if GT > 4u {
+                let ds2 = D4(d_rowsum(f0), d_rowsum(f1), d_rowsum(f2), d_rowsum(f3));
+                st2 = d_step(st2, ds2, ok0, ok1, ok2, ok3, v0, v1, v2, v3);
+            }
         }
         k0 = nk0;
         k1 = nk1;
@@ -495,28 +550,9 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>,
                 for (var rr = 0u; rr < KR; rr++) {
                     a += dr_sh[o * KR + rr];
                 }
-                if p.n_splits == 1u {
-                    // One split: normalize here (the sink joins the denominator as in
-                    // combine_splits); no reduce dispatch follows.
-                    let hm = select(mx, mx2, rd > 0u)[g % 4u];
-                    var den = select(lt, lt2, rd > 0u)[g % 4u];
-                    if p.has_sinks != 0u {
-                        den += exp(sinks[view(5u) + h0 + g] - hm);
-                    }
-                    let inv = select(0.0, 1.0 / den, den > 0.0);
-                    let oo = view(6u) + (h0 + g) * HEAD_DIM + (o % C4) * 4u;
-                    out[oo] = a.x * inv;
-                    out[oo + 1u] = a.y * inv;
-                    out[oo + 2u] = a.z * inv;
-                    out[oo + 3u] = a.w * inv;
-                } else {
-                    let po = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM
-                        + (o % C4) * 4u;
-                    part_o[po] = a.x;
-                    part_o[po + 1u] = a.y;
-                    part_o[po + 2u] = a.z;
-                    part_o[po + 3u] = a.w;
-                }
+                let hm = select(mx, mx2, rd > 0u)[g % 4u];
+                let den = select(lt, lt2, rd > 0u)[g % 4u];
+                d_emit(g, o % C4, a, hm, den, h0, split);
             }
         }
     }
