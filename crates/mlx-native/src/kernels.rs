@@ -158,6 +158,7 @@ const REDUCE: &str = include_str!("shaders/common/reduce.wgsl");
 const GGML_COMMON: &str = include_str!("shaders/ggml_common.wgsl");
 const QUANT: &str = include_str!("shaders/common/quant.wgsl");
 const QUANT_XQ: &str = include_str!("shaders/common/quant_xq.wgsl");
+const XQ_QUANTIZE: &str = include_str!("shaders/common/xq_quantize.wgsl");
 const KV_QUANT_COMMON: &str = include_str!("shaders/kv_quant_common.wgsl");
 const SPLIT_REDUCE: &str = include_str!("shaders/common/split_reduce.wgsl");
 const ACT: &str = include_str!("shaders/common/act.wgsl");
@@ -170,15 +171,16 @@ impl Kernel {
     /// Shared WGSL helpers a family needs besides the prelude.
     const fn includes(self) -> &'static [&'static str] {
         match self {
-            Kernel::Norm | Kernel::Softmax | Kernel::Select => &[REDUCE],
+            Kernel::Norm => &[REDUCE, XQ_QUANTIZE],
+            Kernel::Softmax | Kernel::Select => &[REDUCE],
             Kernel::Rope | Kernel::Kv => &[REDUCE, ROPE_TURNS],
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
             Kernel::KvQuant => &[KV_QUANT_COMMON],
             Kernel::SdpaQuant => &[KV_QUANT_COMMON, SPLIT_REDUCE],
             Kernel::Sdpa => &[SPLIT_REDUCE],
-            Kernel::Qmatmul => &[QUANT, QUANT_XQ, ACT],
-            Kernel::Activation => &[ACT],
-            Kernel::MoeQuant => &[QUANT, QUANT_XQ],
+            Kernel::Qmatmul => &[QUANT, XQ_QUANTIZE, QUANT_XQ, ACT],
+            Kernel::Activation => &[ACT, XQ_QUANTIZE],
+            Kernel::MoeQuant => &[QUANT, XQ_QUANTIZE, QUANT_XQ],
             Kernel::MatmulCoop => &[QUANT],
             Kernel::MoeGgmlDense => &[GGML_COMMON, GGML_DENSE],
             Kernel::MoeGgmlLegacy => &[GGML_COMMON, GGML_LEGACY],

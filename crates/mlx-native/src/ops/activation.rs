@@ -1,7 +1,8 @@
 //! Elementwise activations on f32 activations: `gelu` (tanh or erf), `silu`, `softcap`, and
 //! the gated products of GLU feed-forward blocks: `glu` (separate gate and up tensors) and
-//! `glu_split` (one fused `[.., 2n]` gate_up projection). Finite inputs never give NaN or
-//! infinity: see the header of `shaders/activation.wgsl`.
+//! `glu_split` (one fused `[.., 2n]` gate_up projection; `glu_split_xq` quantizes its output
+//! for the decode matvec). Finite inputs never give NaN or infinity: see the header of
+//! `shaders/activation.wgsl`.
 
 use crate::buffer::MlxBuffer;
 use crate::check;
@@ -9,6 +10,7 @@ use crate::dtype::DType;
 use crate::encoder::Pass;
 use crate::error::Result;
 use crate::kernels::{Kernel, Spec};
+use crate::ops::qmatmul::{QuantizedX, XqForm};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -56,6 +58,30 @@ impl Act {
 
 pub(crate) const ACTS: [Act; 3] = [Act::Silu, Act::GeluTanh, Act::GeluErf];
 
+/// Whether the quantizing entries (and the norms' quantized output) may take the subgroup
+/// path: subgroups of at least 4 (a chunk's parts are four lanes), no wider than `wg`.
+pub(crate) fn xq_subgroups(caps: &crate::device::Caps, wg: u32) -> bool {
+    caps.subgroups
+        && caps.subgroup_min_size >= 4
+        && caps.subgroup_max_size <= wg
+        && caps.subgroup_min_size.is_power_of_two()
+}
+
+/// Workgroup size of the quantizing entries (four invocations a 32-element chunk): small,
+/// so that a decode row's few hundred chunks spread over many SMs.
+const XQ_WG: u32 = 64;
+
+/// `sg`: a chunk's four parts exchange through subgroup shuffles (subgroups of 4 to XQ_WG
+/// invocations, [`xq_subgroups`]) instead of workgroup memory and barriers.
+fn xq_spec(entry: &'static str, act: Option<Act>, form: u32, sg: bool) -> Result<Spec> {
+    let s = Spec::new(entry, DType::F32, XQ_WG).with_subgroups(sg);
+    let s = match act {
+        Some(a) => s.with_const("ACT", a.code())?,
+        None => s,
+    };
+    s.with_const("XQ_OUT", form)
+}
+
 fn spec(entry: &'static str, act: Option<Act>) -> Result<Spec> {
     let s = Spec::new(entry, DType::F32, WG);
     match act {
@@ -72,6 +98,20 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
         }
     }
     v.push((Kernel::Activation, spec("softcap", None)?));
+    for form in super::qmatmul::XQ_FORM_CODES {
+        for sg in [false, true] {
+            for a in ACTS {
+                v.push((
+                    Kernel::Activation,
+                    xq_spec("glu_split_xq", Some(a), form, sg)?,
+                ));
+            }
+            v.push((
+                Kernel::Activation,
+                xq_spec("quantize_chunks", None, form, sg)?,
+            ));
+        }
+    }
     Ok(v)
 }
 
@@ -154,6 +194,57 @@ pub fn glu_split(pass: &mut Pass, x: &MlxBuffer, act: Act) -> Result<MlxBuffer> 
         *last = half;
     }
     run(pass, "glu_split", Some(act), [x, x], &shape, half, 0.0)
+}
+
+/// [`glu_split`] with its output quantized for the decode matvec of weights in `form`
+/// (`ops::qmatmul::qmv_xq`); the half-row must be a multiple of 32.
+pub fn glu_split_xq(pass: &mut Pass, x: &MlxBuffer, act: Act, form: XqForm) -> Result<QuantizedX> {
+    let op = "glu_split_xq";
+    check::dtype(x, &[DType::F32], op, "x")?;
+    let (rows, two_n) = check::rows(x, op, "x")?;
+    check::ensure(two_n % 2 == 0, op, || {
+        format!("x has last dimension {two_n}, expected an even size (gate and up halves)")
+    })?;
+    check::fits_u32(x.len(), op, "elements")?;
+    let half = two_n / 2;
+    let q = QuantizedX::alloc(pass, op, rows, half, form)?;
+    run_chunks(pass, "glu_split_xq", Some(act), x, &q, half)?;
+    Ok(q)
+}
+
+/// f32 `x` `[rows, K]` quantized into `q` (`ops::qmatmul::quantize_x`).
+pub(crate) fn quantize_chunks(pass: &mut Pass, x: &MlxBuffer, q: &QuantizedX) -> Result<()> {
+    run_chunks(pass, "quantize_chunks", None, x, q, q.k())
+}
+
+/// Dispatch a quantizing entry: four invocations per 32-element chunk of `q`'s `half`-wide
+/// rows, x in binding 0, the chunks in binding 3.
+fn run_chunks(
+    pass: &mut Pass,
+    entry: &'static str,
+    act: Option<Act>,
+    x: &MlxBuffer,
+    q: &QuantizedX,
+    half: usize,
+) -> Result<()> {
+    let n = check::fits_u32(q.rows() * q.k(), entry, "elements")?;
+    let params = ActivationParams {
+        n,
+        half: half as u32,
+        cap: 0.0,
+        _pad: 0,
+    };
+    let sg = xq_subgroups(pass.caps(), XQ_WG);
+    let spec = xq_spec(entry, act, q.form().code(), sg)?;
+    let out = q.buffer();
+    pass.dispatch(
+        Kernel::Activation,
+        spec,
+        &params,
+        &[x, x, out, out],
+        (n / 8).div_ceil(XQ_WG),
+    )?;
+    Ok(())
 }
 
 /// Soft-capping `cap * tanh(x / cap)` (Gemma 2 attention and final logits); `cap` must be

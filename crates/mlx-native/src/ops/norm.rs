@@ -1,4 +1,6 @@
-//! Row normalizations: `rms_norm`, `rms_norm_residual` (fused residual add), `layer_norm`.
+//! Row normalizations: `rms_norm`, `rms_norm_residual` (fused residual add), `layer_norm`;
+//! `rms_norm_xq` / `rms_norm_residual_xq` write the normalized rows quantized for the decode
+//! matvec (`ops::qmatmul::QuantizedX`).
 //! Activations are f32; weights and biases f32, f16 or bf16.
 
 use crate::buffer::MlxBuffer;
@@ -7,6 +9,7 @@ use crate::dtype::DType;
 use crate::encoder::Pass;
 use crate::error::Result;
 use crate::kernels::{Kernel, Spec};
+use crate::ops::qmatmul::{QuantizedX, XqForm, XQ_FORM_CODES};
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
@@ -57,13 +60,31 @@ fn spec(pass: &Pass, entry: &'static str, wdtype: DType, n: usize, rows: u32) ->
     Spec::new(entry, wdtype, wg).with_subgroups(sg)
 }
 
+/// The quantized-output variant: sized as for half the row (it holds 8 values an
+/// invocation), subgroups only where a chunk's four parts can be lanes of one.
+fn xq_spec(
+    pass: &Pass,
+    entry: &'static str,
+    wdtype: DType,
+    r: &Rows,
+    form: XqForm,
+) -> Result<Spec> {
+    let s = spec(pass, entry, wdtype, r.n / 2, r.rows);
+    let sg = s.subgroups && crate::ops::activation::xq_subgroups(pass.caps(), s.wg);
+    s.with_subgroups(sg).with_const("XQ_OUT", form.code())
+}
+
 pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     let mut v = Vec::new();
     for dt in super::FLOAT_DTYPES {
         for wg in super::ROW_WGS.into_iter().chain(FEW_ROWS_WGS) {
             for sg in [false, true] {
                 for entry in ["rms_norm", "rms_norm_residual"] {
-                    v.push((Kernel::Norm, Spec::new(entry, dt, wg).with_subgroups(sg)));
+                    let s = Spec::new(entry, dt, wg).with_subgroups(sg);
+                    v.push((Kernel::Norm, s));
+                    for form in XQ_FORM_CODES {
+                        v.push((Kernel::Norm, s.with_const("XQ_OUT", form)?));
+                    }
                 }
                 for affine in 0..4 {
                     let s = Spec::new("layer_norm", dt, wg).with_subgroups(sg);
@@ -86,8 +107,46 @@ pub fn rms_norm(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer, eps: f32) -> Resu
         _pad: 0,
     };
     let spec = spec(pass, "rms_norm", w.dtype(), r.n, r.rows);
-    pass.dispatch(Kernel::Norm, spec, &params, &[x, w, &y], r.rows)?;
+    // The entry also declares the residual variant's and the quantized output's bindings
+    // (3 r, 4 h, 6 yq): x fills the read-only one, y the writable ones.
+    pass.dispatch(
+        Kernel::Norm,
+        spec,
+        &params,
+        &[x, w, &y, x, &y, x, &y],
+        r.rows,
+    )?;
     Ok(y)
+}
+
+/// [`rms_norm`] with the rows written quantized for the decode matvec of weights in `form`
+/// (`ops::qmatmul::qmv_xq`); the row length must be a multiple of 32.
+pub fn rms_norm_xq(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &MlxBuffer,
+    eps: f32,
+    form: XqForm,
+) -> Result<QuantizedX> {
+    let op = "rms_norm_xq";
+    let r = rows_and_weight(op, x, Some(w))?;
+    let q = QuantizedX::alloc(pass, op, r.rows as usize, r.n, form)?;
+    let params = NormParams {
+        rows: r.rows,
+        n: r.n as u32,
+        eps,
+        _pad: 0,
+    };
+    let spec = xq_spec(pass, "rms_norm", w.dtype(), &r, form)?;
+    let yq = q.buffer();
+    pass.dispatch(
+        Kernel::Norm,
+        spec,
+        &params,
+        &[x, w, yq, x, yq, x, yq],
+        r.rows,
+    )?;
+    Ok(q)
 }
 
 /// Fused residual add and norm: returns `(h, y)` with `h = x + residual` (the new residual
@@ -116,10 +175,44 @@ pub fn rms_norm_residual(
         Kernel::Norm,
         spec,
         &params,
-        &[x, w, &y, residual, &h],
+        &[x, w, &y, residual, &h, x, &y],
         r.rows,
     )?;
     Ok((h, y))
+}
+
+/// [`rms_norm_residual`] with y written quantized for the decode matvec of weights in
+/// `form` (`ops::qmatmul::qmv_xq`): returns `(h, y)`, h = x + residual in f32.
+pub fn rms_norm_residual_xq(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    residual: &MlxBuffer,
+    w: &MlxBuffer,
+    eps: f32,
+    form: XqForm,
+) -> Result<(MlxBuffer, QuantizedX)> {
+    let op = "rms_norm_residual_xq";
+    let r = rows_and_weight(op, x, Some(w))?;
+    check::dtype(residual, &[DType::F32], op, "residual")?;
+    check::same_shape(x, residual, op, "x", "residual")?;
+    let h = pass.alloc_like(x)?;
+    let q = QuantizedX::alloc(pass, op, r.rows as usize, r.n, form)?;
+    let params = NormParams {
+        rows: r.rows,
+        n: r.n as u32,
+        eps,
+        _pad: 0,
+    };
+    let spec = xq_spec(pass, "rms_norm_residual", w.dtype(), &r, form)?;
+    let yq = q.buffer();
+    pass.dispatch(
+        Kernel::Norm,
+        spec,
+        &params,
+        &[x, w, yq, residual, &h, x, yq],
+        r.rows,
+    )?;
+    Ok((h, q))
 }
 
 /// `(x - mean) * rsqrt(var + eps) * w + b` over the last dimension; `w` and `b` optional.

@@ -309,9 +309,10 @@ pub fn plan(m: usize, n: usize, _k: usize, caps: &Caps) -> MatmulPlan {
         } else {
             1
         };
-        // Subgroups must tile a row-block of 32 exactly.
+        // Subgroups must tile a row-block of 32 exactly; the kernel sizes its partial sums
+        // for subgroups of at least 4.
         let sg = caps.subgroups
-            && caps.subgroup_min_size >= 1
+            && caps.subgroup_min_size >= 4
             && caps.subgroup_max_size <= 32
             && caps.subgroup_min_size.is_power_of_two()
             && caps.subgroup_max_size.is_power_of_two();
@@ -406,9 +407,112 @@ pub(crate) fn default_xq(params: QuantParams) -> u32 {
     forced_xq().unwrap_or(QMV_DEFAULT_XQ)
 }
 
-fn vec_spec(params: QuantParams, dt: DType, cfg: QmvConfig, sg: bool, fuse: u32) -> Result<Spec> {
+/// How a [`QuantizedX`] is encoded, fixed by the weight that consumes it: the codes' width
+/// (4 or 8 bits: it orders the bytes) and the x mode (`QmvConfig::xq`: 1 one int8 level, 2
+/// a 16-bit integer as two bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XqForm {
+    bits: u32,
+    xq: u32,
+}
+
+impl XqForm {
+    /// The form `w`'s decode matvec takes, if it takes quantized x at all (MLX affine 4- and
+    /// 8-bit codes, x quantization on).
+    pub fn of(w: &QuantWeight) -> Option<XqForm> {
+        let xq = default_xq(w.params());
+        (xq != 0).then_some(XqForm {
+            bits: w.params().bits,
+            xq,
+        })
+    }
+
+    /// The kernels' `XQ_OUT` constant: BITS << 2 | XQ.
+    pub(crate) fn code(self) -> u32 {
+        self.bits << 2 | self.xq
+    }
+}
+
+/// `XqForm::code` of every form (4- and 8-bit codes, x modes 1 and 2): the producers'
+/// kernel variants.
+pub(crate) const XQ_FORM_CODES: [u32; 4] = [4 << 2 | 1, 4 << 2 | 2, 8 << 2 | 1, 8 << 2 | 2];
+
+/// u32 words of one quantized 32-element chunk (common/xq_quantize.wgsl: h, l, d, s, hs).
+const XQ_CHUNK_WORDS: usize = 20;
+
+/// f32 activations quantized per 32-element chunk for the integer-dot decode matvec
+/// ([`qmv_xq`]) by the op that produced them ([`crate::ops::norm::rms_norm_xq`],
+/// [`crate::ops::activation::glu_split_xq`], or [`quantize_x`]). qmv with f32 x loads and
+/// quantizes every chunk again in each of its row-sets; reading chunks quantized once made
+/// a Llama-3.1-8B decode step ~10 % faster on an H200 (docs/PERFORMANCE.md, session 7).
+#[derive(Clone, Debug)]
+pub struct QuantizedX {
+    buf: MlxBuffer,
+    rows: usize,
+    k: usize,
+    form: XqForm,
+}
+
+impl QuantizedX {
+    /// Room for `rows` rows of `k` values in `form` (k a positive multiple of 32).
+    pub(crate) fn alloc(
+        pass: &mut Pass,
+        op: &str,
+        rows: usize,
+        k: usize,
+        form: XqForm,
+    ) -> Result<QuantizedX> {
+        check::ensure(k.is_multiple_of(32) && k > 0, op, || {
+            format!("rows of {k} values cannot be quantized in chunks of 32")
+        })?;
+        check::fits_u32(rows * k, op, "elements")?;
+        let buf = pass.alloc(DType::U32, &[rows, k / 32 * XQ_CHUNK_WORDS])?;
+        Ok(QuantizedX { buf, rows, k, form })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row.
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn form(&self) -> XqForm {
+        self.form
+    }
+
+    /// The chunks' words (u32).
+    pub fn buffer(&self) -> &MlxBuffer {
+        &self.buf
+    }
+}
+
+/// f32 `x` `[rows, K]` (K a multiple of 32) quantized for a matvec of weights in `form`, in
+/// one dispatch: for x that comes from no quantizing producer.
+pub fn quantize_x(pass: &mut Pass, x: &MlxBuffer, form: XqForm) -> Result<QuantizedX> {
+    let op = "quantize_x";
+    check::dtype(x, &[DType::F32], op, "x")?;
+    let (rows, k) = check::rows(x, op, "x")?;
+    let q = QuantizedX::alloc(pass, op, rows, k, form)?;
+    super::activation::quantize_chunks(pass, x, &q)?;
+    Ok(q)
+}
+
+/// The qmv variant: `xsrc` reads x as [`QuantizedX`] chunks (then there is no norm or GLU
+/// fold, which need f32 x).
+fn vec_spec(
+    params: QuantParams,
+    dt: DType,
+    cfg: QmvConfig,
+    sg: bool,
+    fuse: u32,
+    xsrc: bool,
+) -> Result<Spec> {
     let xq = if xq_applies(params) { cfg.xq } else { 0 };
-    let packed = xq << 25 | fuse << 20 | cfg.exp << 16 | cfg.tpr << 5 | cfg.rpt;
+    let xsrc = u32::from(xsrc && xq != 0 && fuse & 3 == 0);
+    let packed = xsrc << 27 | xq << 25 | fuse << 20 | cfg.exp << 16 | cfg.tpr << 5 | cfg.rpt;
     Ok(qspec("qmv", params, dt, cfg.wg)?
         .with_const("QMV", packed)?
         .with_subgroups(sg))
@@ -593,7 +697,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
         for cfg in cfgs {
             for sg in [false, true] {
                 for fuse in fusion_codes() {
-                    v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg, fuse)?));
+                    v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg, fuse, false)?));
+                    if cfg.xq != 0 && fuse & 3 == 0 && xq_applies(params) {
+                        v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg, fuse, true)?));
+                    }
                 }
             }
         }
@@ -729,6 +836,7 @@ pub fn qmv_with(
         yshape: &yshape,
         cfg: cfg.validate()?,
         subgroups: vec_subgroups(m, n, k, pass.caps()),
+        xsrc: false,
     };
     run_vec(pass, x, w, &vec, &QmvFusion::default())
 }
@@ -791,8 +899,60 @@ pub fn qmv_fused(
         yshape: &yshape,
         cfg: qmv_config(n, k),
         subgroups: vec_subgroups(m, n, k, pass.caps()),
+        xsrc: false,
     };
     run_vec(pass, x, w, &vec, fusion)
+}
+
+/// The decode matvec `y = x · Wᵀ (+ residual)` of x already quantized for W
+/// ([`QuantizedX`], whose form must be `XqForm::of(w)`): x `[M, K]`, M ≤ 8; `residual` f32
+/// `[M, N]` is added to y (as `QmvFusion::residual`). y is f32 `[M, N]`.
+pub fn qmv_xq(
+    pass: &mut Pass,
+    x: &QuantizedX,
+    w: &QuantWeight,
+    residual: Option<&MlxBuffer>,
+) -> Result<MlxBuffer> {
+    let op = "qmv_xq";
+    let [n, k] = w.shape();
+    let want = XqForm::of(w);
+    check::ensure(want == Some(x.form), op, || match want {
+        Some(f) => format!(
+            "x was quantized for {}-bit codes (x mode {}), the weight takes {}-bit (x mode {})",
+            x.form.bits, x.form.xq, f.bits, f.xq
+        ),
+        None => format!(
+            "the weight ({:?}, {} bits) takes f32 x, not quantized chunks",
+            w.params().mode,
+            w.params().bits
+        ),
+    })?;
+    check::ensure(x.k == k, op, || {
+        format!("x has {} values a row, expected K = {k}", x.k)
+    })?;
+    let m = x.rows;
+    check::ensure(m <= MAX_VEC_M && m > 0, op, || {
+        format!("x has {m} rows, expected 1 to {MAX_VEC_M}")
+    })?;
+    if let Some(r) = residual {
+        check::dtype(r, &[DType::F32], op, "residual")?;
+        check::len(r, m * n, op, "residual")?;
+    }
+    let mut cfg = qmv_config(n, k);
+    cfg.xq = x.form.xq;
+    let vec = VecRun {
+        op,
+        m,
+        yshape: &[m, n],
+        cfg,
+        subgroups: vec_subgroups(m, n, k, pass.caps()),
+        xsrc: true,
+    };
+    let fusion = QmvFusion {
+        residual,
+        ..QmvFusion::default()
+    };
+    run_vec(pass, &x.buf, w, &vec, &fusion)
 }
 
 /// Whether the matvec plan reduces with subgroups on this device.
@@ -810,6 +970,8 @@ struct VecRun<'a> {
     yshape: &'a [usize],
     cfg: QmvConfig,
     subgroups: bool,
+    /// x holds [`QuantizedX`] chunks.
+    xsrc: bool,
 }
 
 fn run_vec(
@@ -824,9 +986,21 @@ fn run_vec(
     params.eps = fusion.norm.map_or(0.0, |(_, eps)| eps);
     let dt = scale_dtype(w.params(), w.dtype());
     let biases = w.biases().unwrap_or(w.scales());
-    let xa = aligned_x(pass, x)?;
+    // Quantized chunks come in fresh allocations (16-byte aligned).
+    let xa = if run.xsrc {
+        x.clone()
+    } else {
+        aligned_x(pass, x)?
+    };
     let y = pass.alloc(DType::F32, run.yshape)?;
-    let spec = vec_spec(w.params(), dt, run.cfg, run.subgroups, fusion.code())?;
+    let spec = vec_spec(
+        w.params(),
+        dt,
+        run.cfg,
+        run.subgroups,
+        fusion.code(),
+        run.xsrc,
+    )?;
     let rows_per_wg = (run.cfg.wg / run.cfg.tpr) as usize * run.cfg.rpt as usize;
     let groups = check::fits_u32(n.div_ceil(rows_per_wg), run.op, "workgroups")?;
     // Bindings the variant does not read get x (read-only, any size).
@@ -902,6 +1076,7 @@ fn run_with(
             yshape: &yshape,
             cfg,
             subgroups,
+            xsrc: false,
         };
         return run_vec(pass, x, w, &vec, &QmvFusion::default());
     }

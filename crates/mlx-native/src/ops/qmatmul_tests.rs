@@ -152,6 +152,11 @@ fn plan_depends_only_on_shapes_and_caps() {
     caps.subgroup_max_size = 64;
     assert_eq!(plan(33, 64, 64, &caps), MatmulPlan::Tiled);
     assert_eq!(plan(1, 64, 64, &caps), v(1, false));
+    // Subgroups of fewer than 4: the kernels' partial-sum arrays are sized for 4 or more.
+    caps.subgroup_max_size = 32;
+    caps.subgroup_min_size = 2;
+    assert_eq!(plan(1, 64, 64, &caps), v(1, false));
+    caps.subgroup_min_size = 32;
     caps.subgroups = false;
     caps.subgroup_max_size = 32;
     assert_eq!(plan(1, 64, 64, &caps), v(1, false));
@@ -749,6 +754,264 @@ fn qmv_fused_matches_the_unfused_steps_in_f64() {
             }
         }
     }
+}
+
+/// x quantized once by its producer (`quantize_x`, `rms_norm_xq`, `rms_norm_residual_xq`,
+/// `glu_split_xq`) and read by `qmv_xq`. `quantize_x` makes the chunks qmv makes in-kernel,
+/// so its result equals the f32-x path's bit for bit (a wrong layout, order or unwritten
+/// chunk breaks that); every producer's matches an f64 reference of the unfused steps
+/// within qmv's x quantization tolerance. 4- and 8-bit codes, 1 and 3 rows (several
+/// workgroups of chunks at K = 4608), both reduction paths.
+#[test]
+fn qmv_of_producer_quantized_x() {
+    let mut rng = Rng::new(61);
+    let eps = 1e-5f32;
+    for g in devices() {
+        for (case, (params, dt)) in [
+            (QuantParams::affine(4, 64), DType::BF16),
+            (QuantParams::affine(8, 32), DType::F16),
+            (QuantParams::affine(4, 32), DType::F32),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let (m, n, k) = [(1, 37, 384), (3, 70, 1152), (1, 130, 4608)][case];
+            let q = quant(&mut rng, n, k, params, dt);
+            let w = QuantWeight::upload(g, &q).unwrap();
+            let form = XqForm::of(&w).unwrap();
+            let wref = reference(&q);
+            let sq = code_part(&q, &wref);
+            let x = rng.normals(m * k, 1.5);
+            let r = rng.normals(m * k, 1.0);
+            let gu = rng.normals(m * 2 * k, 1.5);
+            let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
+            let res = rng.normals(m * n, 2.0);
+            let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+            let gr = MlxBuffer::from_slice(g, &r, &[m, k]).unwrap();
+            let ggu = MlxBuffer::from_slice(g, &gu, &[m, 2 * k]).unwrap();
+            let gnw = MlxBuffer::from_slice(g, &nw, &[k]).unwrap();
+            let gres = MlxBuffer::from_slice(g, &res, &[m, n]).unwrap();
+            let what = format!(
+                "b{} g{} {dt} {m}x{n}x{k} sg={}",
+                params.bits,
+                params.group_size,
+                g.caps().subgroups
+            );
+            let mut pass = g.begin();
+            // f32 x through qmv, and x quantized by each producer.
+            let direct = qmv(&mut pass, &gx, &w).unwrap();
+            let xq = quantize_x(&mut pass, &gx, form).unwrap();
+            let from_x = qmv_xq(&mut pass, &xq, &w, None).unwrap();
+            let nq = crate::ops::rms_norm_xq(&mut pass, &gx, &gnw, eps, form).unwrap();
+            let from_norm = qmv_xq(&mut pass, &nq, &w, Some(&gres)).unwrap();
+            let (h, _) = crate::ops::rms_norm_residual(&mut pass, &gx, &gr, &gnw, eps).unwrap();
+            let (hq, rq) =
+                crate::ops::rms_norm_residual_xq(&mut pass, &gx, &gr, &gnw, eps, form).unwrap();
+            let from_res = qmv_xq(&mut pass, &rq, &w, None).unwrap();
+            let gq = crate::ops::glu_split_xq(&mut pass, &ggu, Act::Silu, form).unwrap();
+            let from_glu = qmv_xq(&mut pass, &gq, &w, None).unwrap();
+            pass.commit_and_wait().unwrap();
+            let v = |b: &MlxBuffer| -> Vec<f32> { b.to_vec(g).unwrap() };
+            // The same inputs, the same chunks: bit for bit. (The producers that compute
+            // their values may round them differently from the separate kernels, e.g. by
+            // contracting a product into an fma (lavapipe does): those are held to the f64
+            // reference below.)
+            for (a, b, name) in [
+                (&direct, &from_x, "quantize_x"),
+                (&h, &hq, "rms_norm_residual_xq's h"),
+            ] {
+                let (a, b) = (v(a), v(b));
+                assert!(a.iter().all(|t| t.is_finite()), "{what} {name}: not finite");
+                let same = a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits());
+                assert!(same, "{what} {name}: differs from the f32-x path");
+            }
+            // f64 inputs: x, the normed x (x · rsqrt(mean x² + eps) · w), the normed x + r,
+            // and the GLU's act(gate) · up.
+            let normed64 = |row: Vec<f64>| -> Vec<f32> {
+                let ms = row.iter().map(|t| t * t).sum::<f64>() / k as f64;
+                let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+                row.iter()
+                    .zip(&nw)
+                    .map(|(t, &wv)| (t * inv * f64::from(wv)) as f32)
+                    .collect()
+            };
+            let (mut xn, mut xr, mut xg) = (Vec::new(), Vec::new(), Vec::new());
+            for i in 0..m {
+                let row = &x[i * k..(i + 1) * k];
+                xn.extend(normed64(row.iter().map(|&t| f64::from(t)).collect()));
+                let sum = row.iter().zip(&r[i * k..(i + 1) * k]);
+                xr.extend(normed64(sum.map(|(&a, &b)| f64::from(a + b)).collect()));
+                for j in 0..k {
+                    let (ga, up) = (gu[i * 2 * k + j], gu[i * 2 * k + k + j]);
+                    xg.push((act_f64(Act::Silu, f64::from(ga)) * f64::from(up)) as f32);
+                }
+            }
+            let minus_res: Vec<f32> = v(&from_norm).iter().zip(&res).map(|(y, r)| y - r).collect();
+            for (got, xin, name) in [
+                (v(&from_x), &x, "quantize_x"),
+                (minus_res, &xn, "rms_norm_xq"),
+                (v(&from_res), &xr, "rms_norm_residual_xq"),
+                (v(&from_glu), &xg, "glu_split_xq"),
+            ] {
+                let what = format!("{what} {name}");
+                check_qmv(&got, xin, &wref, &sq, [m, n, k], form.xq, &what);
+            }
+        }
+    }
+}
+
+/// The chunk format itself, decoded on the CPU (h, l bytes in code order, d, s, hs) against
+/// the f64 values the producer quantized: every value within half a level (d/2) plus f32
+/// rounding, Σx within f32 rounding. Rows of 8192 and 10 rows take the norms' looping path
+/// (the row does not fit the workgroup's registers), 576 the one-round-trip path; 4- and
+/// 8-bit orders, one and two levels.
+#[test]
+fn quantized_chunks_decode_to_their_values() {
+    let mut rng = Rng::new(63);
+    let eps = 1e-5f32;
+    for (gi, g) in devices().into_iter().enumerate() {
+        for (bits, xq) in [(4u32, 2u32), (8, 2), (4, 1), (8, 1)] {
+            let form = XqForm { bits, xq };
+            for (rows, k) in [(1usize, 576usize), (10, 8192)] {
+                let x = rng.normals(rows * k, 2.0);
+                let r = rng.normals(rows * k, 1.0);
+                let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
+                let gx = MlxBuffer::from_slice(g, &x, &[rows, k]).unwrap();
+                let gr = MlxBuffer::from_slice(g, &r, &[rows, k]).unwrap();
+                let gnw = MlxBuffer::from_slice(g, &nw, &[k]).unwrap();
+                let mut pass = g.begin();
+                let plain = quantize_x(&mut pass, &gx, form).unwrap();
+                let normed = crate::ops::rms_norm_xq(&mut pass, &gx, &gnw, eps, form).unwrap();
+                let (_, res) =
+                    crate::ops::rms_norm_residual_xq(&mut pass, &gx, &gr, &gnw, eps, form).unwrap();
+                pass.commit_and_wait().unwrap();
+                let norm64 = |i: usize, add: bool| -> Vec<f64> {
+                    let row: Vec<f64> = (0..k)
+                        .map(|j| {
+                            let v = f64::from(x[i * k + j]);
+                            if add {
+                                v + f64::from(r[i * k + j])
+                            } else {
+                                v
+                            }
+                        })
+                        .collect();
+                    let inv = 1.0
+                        / (row.iter().map(|v| v * v).sum::<f64>() / k as f64 + f64::from(eps))
+                            .sqrt();
+                    row.iter()
+                        .zip(&nw)
+                        .map(|(v, &w)| v * inv * f64::from(w))
+                        .collect()
+                };
+                for (q, name) in [
+                    (&plain, "quantize_x"),
+                    (&normed, "rms_norm_xq"),
+                    (&res, "rms_norm_residual_xq"),
+                ] {
+                    let words: Vec<u32> = q.buffer().to_vec(g).unwrap();
+                    for i in 0..rows {
+                        let want: Vec<f64> = match name {
+                            "quantize_x" => x[i * k..(i + 1) * k]
+                                .iter()
+                                .map(|&v| f64::from(v))
+                                .collect(),
+                            "rms_norm_xq" => norm64(i, false),
+                            _ => norm64(i, true),
+                        };
+                        for c in 0..k / 32 {
+                            let w = &words[(i * k / 32 + c) * 20..(i * k / 32 + c + 1) * 20];
+                            let d = f64::from(f32::from_bits(w[16]));
+                            let sum = f64::from(f32::from_bits(w[17]));
+                            let vals = &want[c * 32..c * 32 + 32];
+                            let amax = vals.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+                            let what = format!(
+                                "{name} b{bits} xq{xq} {rows}x{k} row {i} chunk {c} dev {gi}"
+                            );
+                            let mut hs = 0i64;
+                            for e in 0..32 {
+                                // Element e's byte: 4-bit order pairs even/odd codes of each 8.
+                                let (word, byte) = if bits == 4 {
+                                    (2 * (e / 8) + e % 2, (e % 8) / 2)
+                                } else {
+                                    (e / 4, e % 4)
+                                };
+                                let h = ((w[word] >> (8 * byte)) & 0xff) as u8 as i8 as i64;
+                                let l = ((w[8 + word] >> (8 * byte)) & 0xff) as i64;
+                                hs += h;
+                                let t = if xq == 2 { 256 * h + l } else { h };
+                                let got = d * t as f64;
+                                let tol = d * 0.5 + amax * 1e-6;
+                                assert!(
+                                    (got - vals[e]).abs() <= tol,
+                                    "{what}: element {e} decodes to {got}, want {} (tol {tol:e})",
+                                    vals[e]
+                                );
+                            }
+                            let top = if xq == 2 { 32512.0 } else { 127.0 };
+                            assert!(
+                                (d - amax / top).abs() <= 1e-6 * amax / top + 1e-30,
+                                "{what}: d"
+                            );
+                            let s64: f64 = vals.iter().sum();
+                            let sabs: f64 = vals.iter().map(|v| v.abs()).sum();
+                            assert!(
+                                (sum - s64).abs() <= 1e-5 * sabs + 1e-30,
+                                "{what}: s {sum} vs {s64}"
+                            );
+                            if bits == 8 {
+                                assert_eq!(i64::from(w[18] as i32), hs, "{what}: hs");
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Quantized x of the wrong form, length or row count is refused with the reason.
+#[test]
+fn qmv_xq_bad_inputs_are_named() {
+    let g = gpu();
+    let mut rng = Rng::new(62);
+    let w4 = QuantWeight::upload(
+        g,
+        &quant(&mut rng, 8, 64, QuantParams::affine(4, 32), DType::F16),
+    )
+    .unwrap();
+    let w8 = QuantWeight::upload(
+        g,
+        &quant(&mut rng, 8, 64, QuantParams::affine(8, 32), DType::F16),
+    )
+    .unwrap();
+    let w3 = QuantWeight::upload(
+        g,
+        &quant(&mut rng, 8, 64, QuantParams::affine(3, 32), DType::F16),
+    )
+    .unwrap();
+    let w128 = QuantWeight::upload(
+        g,
+        &quant(&mut rng, 8, 128, QuantParams::affine(4, 32), DType::F16),
+    )
+    .unwrap();
+    assert!(XqForm::of(&w3).is_none());
+    let x = MlxBuffer::from_slice(g, &rng.normals(64, 1.0), &[1, 64]).unwrap();
+    let x9 = MlxBuffer::from_slice(g, &rng.normals(9 * 64, 1.0), &[9, 64]).unwrap();
+    let x40 = MlxBuffer::from_slice(g, &rng.normals(40, 1.0), &[1, 40]).unwrap();
+    let mut pass = g.begin();
+    let form4 = XqForm::of(&w4).unwrap();
+    let q4 = quantize_x(&mut pass, &x, form4).unwrap();
+    let err = |r: Result<MlxBuffer>| r.unwrap_err().to_string();
+    assert!(err(qmv_xq(&mut pass, &q4, &w8, None)).contains("quantized for 4-bit codes"));
+    assert!(err(qmv_xq(&mut pass, &q4, &w3, None)).contains("takes f32 x"));
+    assert!(err(qmv_xq(&mut pass, &q4, &w128, None)).contains("expected K = 128"));
+    let q9 = quantize_x(&mut pass, &x9, form4).unwrap();
+    assert!(err(qmv_xq(&mut pass, &q9, &w4, None)).contains("9 rows"));
+    let e = quantize_x(&mut pass, &x40, form4).unwrap_err().to_string();
+    assert!(e.contains("chunks of 32"), "{e}");
+    let short = MlxBuffer::from_slice(g, &[0f32; 3], &[3]).unwrap();
+    assert!(err(qmv_xq(&mut pass, &q4, &w4, Some(&short))).contains("residual"));
 }
 
 #[test]

@@ -4,8 +4,12 @@
 //   glu_split: out[r, c] = act(x[r, c]) * x[r, half + c]   (x is [rows, 2 * half]: gate
 //              first, up second, as mlx-lm splits a fused gate_up projection)
 //   softcap:   out = cap * tanh(x / cap)             (Gemma 2 logit soft-capping)
+//   glu_split_xq, quantize_chunks: glu_split's output, or x itself ([rows, half]), quantized
+//              per 32-element chunk for a matvec (common/xq_quantize.wgsl) into outq: four
+//              invocations a chunk.
 // ACT: 0 silu, 1 gelu with the tanh approximation, 2 gelu with erf (common/act.wgsl).
-// Bindings: 0 x / gate, 1 up (glu only; other entries bind any buffer there), 2 out.
+// Bindings: 0 x / gate, 1 up (glu only; other entries bind any buffer there), 2 out, 3 outq
+// (the quantized entries).
 //
 // No formula here can produce NaN or infinity for finite input: every exp argument is <= 0
 // (sigmoid and tanh are built from exp(-|z|), which at worst underflows to 0), and tanh is
@@ -18,10 +22,16 @@ struct Params {
     _pad: u32,
 }
 override ACT: u32 = 0u;
+// The quantized entries: the consuming matvec's code width and x mode, XQ_OUT = BITS << 2 |
+// XQ (common/xq_quantize.wgsl reads BITS and XQ).
+override XQ_OUT: u32 = 18u;
+override BITS: u32 = XQ_OUT >> 2u;
+override XQ: u32 = XQ_OUT & 3u;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> up: array<f32>;
 @group(0) @binding(2) var<storage, read_write> out: array<f32>;
+@group(0) @binding(3) var<storage, read_write> outq: array<u32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
 // tanh without overflow or NaN for any finite y: |y| is clamped to 10 (tanh(10) rounds to 1
@@ -81,4 +91,90 @@ fn softcap(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     if i < p.n {
         out[view(2u) + i] = p.cap * tanh_safe(x[view(0u) + i] / p.cap);
     }
+}
+
+// Part i % 4 of chunk i / 4 (values 8t..8t+7 in a, b; `on` false past the last chunk)
+// quantized with its chunk's other parts (quantize_part; every invocation calls it; `slot`
+// the invocation's place in its order) into outq.
+fn store_part(i: u32, on: bool, a: vec4<f32>, b: vec4<f32>, slot: u32) {
+    let q = quantize_part(a, b, slot);
+    if on {
+        let t = i % 4u;
+        let o = view(3u) + (i / 4u) * 4u * XQ_VEC4S;
+        outq[o + 2u * t] = q.h.x;
+        outq[o + 2u * t + 1u] = q.h.y;
+        outq[o + 8u + 2u * t] = q.l.x;
+        outq[o + 9u + 2u * t] = q.l.y;
+        if t == 0u {
+            outq[o + 16u] = q.tail.x;
+            outq[o + 17u] = q.tail.y;
+            outq[o + 18u] = q.tail.z;
+            outq[o + 19u] = q.tail.w;
+        }
+    }
+}
+
+fn x4at(i: u32) -> vec4<f32> {
+    return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
+}
+
+fn act4(v: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(act(v.x), act(v.y), act(v.z), act(v.w));
+}
+
+// Four invocations a chunk. p.n: output elements (rows * half), p.half: the output row (a
+// multiple of 32).
+@compute @workgroup_size(WG)
+fn glu_split_xq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+                , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_id) si: u32,
+                @builtin(subgroup_size) ssz: u32
+#endif
+) {
+#if SUBGROUPS
+    let slot = si * ssz + sl;
+#else
+    let slot = lid;
+#endif
+    let i = index(wid, nwg, slot);
+    let on = i < p.n / 8u;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if on {
+        let e = i * 8u;
+        let r = e / p.half;
+        let g = view(0u) + e + r * p.half;
+        let u = g + p.half;
+        a = act4(x4at(g)) * x4at(u);
+        b = act4(x4at(g + 4u)) * x4at(u + 4u);
+    }
+    store_part(i, on, a, b, slot);
+}
+
+// Four invocations a chunk. p.n: elements of x (rows of a multiple of 32).
+@compute @workgroup_size(WG)
+fn quantize_chunks(@builtin(workgroup_id) wid: vec3<u32>,
+                   @builtin(num_workgroups) nwg: vec3<u32>,
+                   @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+                   , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_id) si: u32,
+                   @builtin(subgroup_size) ssz: u32
+#endif
+) {
+#if SUBGROUPS
+    let slot = si * ssz + sl;
+#else
+    let slot = lid;
+#endif
+    let i = index(wid, nwg, slot);
+    let on = i < p.n / 8u;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if on {
+        let g = view(0u) + i * 8u;
+        a = x4at(g);
+        b = x4at(g + 4u);
+    }
+    store_part(i, on, a, b, slot);
 }

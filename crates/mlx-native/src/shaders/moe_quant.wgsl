@@ -31,7 +31,10 @@ override RPT: u32 = GQMV & 15u;
 override XQ: u32 = GQMV >> 4u;
 const TPR: u32 = 32u;
 
-@group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
+@group(0) @binding(0) var<storage, read> xv: array<vec4<u32>>;
+fn xf(i: u32) -> vec4<f32> {
+    return bitcast<vec4<f32>>(xv[i]);
+}
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read> packed4: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read> ids: array<u32>;
@@ -82,8 +85,8 @@ fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>, xq: XChunk) -> f
 }
 
 fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
-    return array<vec4<f32>, 8>(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u],
-                               xv[o + 5u], xv[o + 6u], xv[o + 7u]);
+    return array<vec4<f32>, 8>(xf(o), xf(o + 1u), xf(o + 2u), xf(o + 3u), xf(o + 4u),
+                               xf(o + 5u), xf(o + 6u), xf(o + 7u));
 }
 
 @compute @workgroup_size(64)
@@ -214,8 +217,8 @@ fn gqmm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         if lr < len {
             let o = xbase + (xrow * p.k + k0 + lk) / 4u;
-            let a = xv[o];
-            let b = xv[o + 1u];
+            let a = xf(o);
+            let b = xf(o + 1u);
             for (var i = 0u; i < 4u; i++) {
                 set_xs(lk + i, lr, a[i]);
                 set_xs(lk + 4u + i, lr, b[i]);

@@ -3,7 +3,10 @@
 //   rms_norm_residual: h = x + r; y = rms_norm(h)      (h is written too: the new residual)
 //   layer_norm:        y = (x - mean) * rsqrt(var + eps) * w + b   (w, b optional: AFFINE bits)
 // One workgroup per row.
-// Bindings rms_norm: 0 x, 1 w, 2 y.  rms_norm_residual: 0 x, 1 w, 2 y, 3 r, 4 h.
+// With XQ_OUT (the rms norms), y is written quantized per 32-element chunk for a matvec
+// (common/xq_quantize.wgsl) into yq instead: its consumer then skips that work in every
+// row-set (ops::qmatmul::QuantizedX).
+// Bindings rms_norm: 0 x, 1 w, 2 y (6 yq).  rms_norm_residual: 0 x, 1 w, 2 y (6 yq), 3 r, 4 h.
 // layer_norm: 0 x, 1 w, 2 y, 5 b.
 struct Params {
     rows: u32,
@@ -13,11 +16,18 @@ struct Params {
 }
 // Bit 0: apply weight, bit 1: apply bias (layer_norm).
 override AFFINE: u32 = 1u;
+// 0: y in f32; else the consuming matvec's code width and x mode, BITS << 2 | XQ.
+override XQ_OUT: u32 = 0u;
+override BITS: u32 = XQ_OUT >> 2u;
+override XQ: u32 = XQ_OUT & 3u;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 @group(0) @binding(3) var<storage, read> r: array<f32>;
 @group(0) @binding(4) var<storage, read_write> h: array<f32>;
+// Words, not vec4s: an f32 rms_norm binds its y here too (the variants share the layout),
+// which may be shorter than 16 bytes.
+@group(0) @binding(6) var<storage, read_write> yq: array<u32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
 #if DT_F32
@@ -89,6 +99,106 @@ fn store4h(o: u32, i: u32, v: vec4<f32>) {
     }
 }
 
+fn xr4(xo: u32, ro: u32, res: bool, e: u32) -> vec4<f32> {
+    var v = vec4<f32>(x[xo + e], x[xo + e + 1u], x[xo + e + 2u], x[xo + e + 3u]);
+    if res {
+        v += vec4<f32>(r[ro + e], r[ro + e + 1u], r[ro + e + 2u], r[ro + e + 3u]);
+    }
+    return v;
+}
+
+// XQ_OUT: the row's values (x, plus r when `res`) times inv and the weight, in y's order of
+// operations, quantized into yq: four invocations a chunk (quantize_part), p.n a multiple
+// of 32. Called by the whole workgroup (uniform control flow).
+fn store_row_xq(row: u32, xo: u32, ro: u32, res: bool, inv: f32, lid: u32) {
+    let cpr = p.n / 32u;
+    let slot = xq_slot(lid);
+    let t = slot % 4u;
+    for (var c0 = 0u; c0 < cpr; c0 += WG / 4u) {
+        let c = c0 + slot / 4u;
+        let on = c < cpr;
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        if on {
+            let e = c * 32u + 8u * t;
+            a = xr4(xo, ro, res, e) * inv * w4at(e);
+            b = xr4(xo, ro, res, e + 4u) * inv * w4at(e + 4u);
+        }
+        let q = quantize_part(a, b, slot);
+        if on {
+            let o = view(6u) + (row * cpr + c) * 4u * XQ_VEC4S;
+            yq[o + 2u * t] = q.h.x;
+            yq[o + 2u * t + 1u] = q.h.y;
+            yq[o + 8u + 2u * t] = q.l.x;
+            yq[o + 9u + 2u * t] = q.l.y;
+            if t == 0u {
+                yq[o + 16u] = q.tail.x;
+                yq[o + 17u] = q.tail.y;
+                yq[o + 18u] = q.tail.z;
+                yq[o + 19u] = q.tail.w;
+            }
+        }
+    }
+}
+
+// XQ_OUT with the row in registers (p.n <= 8 * WG, a multiple of 32): each invocation
+// loads its 8 contiguous values (a chunk part) and their weights once, then the reduction,
+// then quantize_part: one memory round trip, as the f32 norm's small-row path. `res` adds
+// r and writes the sums to h. Called by the whole workgroup.
+fn row_xq_in_registers(row: u32, xo: u32, ro: u32, ho: u32, res: bool, lid: u32) {
+    let cpr = p.n / 32u;
+    let slot = xq_slot(lid);
+    let c = slot / 4u;
+    let t = slot % 4u;
+    let on = c < cpr;
+    let e = c * 32u + 8u * t;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    var wa = vec4<f32>(0.0);
+    var wb = vec4<f32>(0.0);
+    if on {
+        a = xr4(xo, ro, res, e);
+        b = xr4(xo, ro, res, e + 4u);
+        wa = w4at(e);
+        wb = w4at(e + 4u);
+        if res {
+            for (var u = 0u; u < 4u; u++) {
+                h[ho + e + u] = a[u];
+                h[ho + e + 4u + u] = b[u];
+            }
+        }
+    }
+    let inv = inverseSqrt(wg_sum(dot(a, a) + dot(b, b), lid) / f32(p.n) + p.eps);
+    let q = quantize_part(a * inv * wa, b * inv * wb, slot);
+    if on {
+        let o = view(6u) + (row * cpr + c) * 4u * XQ_VEC4S;
+        yq[o + 2u * t] = q.h.x;
+        yq[o + 2u * t + 1u] = q.h.y;
+        yq[o + 8u + 2u * t] = q.l.x;
+        yq[o + 9u + 2u * t] = q.l.y;
+        if t == 0u {
+            yq[o + 16u] = q.tail.x;
+            yq[o + 17u] = q.tail.y;
+            yq[o + 18u] = q.tail.z;
+            yq[o + 19u] = q.tail.w;
+        }
+    }
+}
+
+// The invocation's place in quantize_part's order: subgroup-major with SUBGROUPS (a chunk's
+// four parts are adjacent lanes; reduce_init has set the sg_* privates).
+fn xq_slot(lid: u32) -> u32 {
+#if SUBGROUPS
+    return sg_index * (WG / sg_count) + sg_lane;
+#else
+    return lid;
+#endif
+}
+
+fn w4at(e: u32) -> vec4<f32> {
+    return vec4<f32>(load_w(e), load_w(e + 1u), load_w(e + 2u), load_w(e + 3u));
+}
+
 fn reduce_init(sl: u32, si: u32, sc: u32) {
     sg_lane = sl;
     sg_index = si;
@@ -111,6 +221,10 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         return;
     }
     let xo = view(0u) + row * p.n;
+    if XQ_OUT != 0u && p.n <= 8u * WG {
+        row_xq_in_registers(row, xo, 0u, 0u, false, lid);
+        return;
+    }
     if p.n <= 4u * WG {
         // The whole row in registers (4 elements per invocation), the weights loaded before
         // the reduction: one memory round trip, then one reduction (decode's one-row norms
@@ -118,6 +232,10 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         let v = x4(xo, lid);
         let wv = w4(lid);
         let inv = inverseSqrt(wg_sum(dot(v, v), lid) / f32(p.n) + p.eps);
+        if XQ_OUT != 0u {
+            store_row_xq(row, xo, 0u, false, inv, lid);
+            return;
+        }
         store4(view(2u) + row * p.n, lid, v * inv * wv);
         return;
     }
@@ -127,6 +245,10 @@ fn rms_norm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         ss += dot(v, v);
     }
     let inv = inverseSqrt(wg_sum(ss, lid) / f32(p.n) + p.eps);
+    if XQ_OUT != 0u {
+        store_row_xq(row, xo, 0u, false, inv, lid);
+        return;
+    }
     let yo = view(2u) + row * p.n;
     for (var i = lid; i < p.n; i += 4u * WG) {
         let v = x4(xo, i) * inv;
@@ -157,11 +279,19 @@ fn rms_norm_residual(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
     let xo = view(0u) + row * p.n;
     let ro = view(3u) + row * p.n;
     let ho = view(4u) + row * p.n;
+    if XQ_OUT != 0u && p.n <= 8u * WG {
+        row_xq_in_registers(row, xo, ro, ho, true, lid);
+        return;
+    }
     if p.n <= 4u * WG {
         let v = x4(xo, lid) + r4(ro, lid);
         let wv = w4(lid);
         let inv = inverseSqrt(wg_sum(dot(v, v), lid) / f32(p.n) + p.eps);
         store4h(ho, lid, v);
+        if XQ_OUT != 0u {
+            store_row_xq(row, xo, ro, true, inv, lid);
+            return;
+        }
         store4(view(2u) + row * p.n, lid, v * inv * wv);
         return;
     }
@@ -177,6 +307,10 @@ fn rms_norm_residual(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgro
         ss += dot(v, v);
     }
     let inv = inverseSqrt(wg_sum(ss, lid) / f32(p.n) + p.eps);
+    if XQ_OUT != 0u {
+        store_row_xq(row, xo, ro, true, inv, lid);
+        return;
+    }
     let yo = view(2u) + row * p.n;
     // Recomputed from x and r (not read back from h): the same values, and no dependence
     // on this invocation's own stores.

@@ -58,9 +58,19 @@ override ACT: u32 = (QMV >> 23u) & 3u;
 // the RPT rows. One level adds up to amax/254 of error per x element (llama.cpp's q8_1
 // activations); two levels amax/65024 (about f16's relative precision at amax).
 override XQ: u32 = (QMV >> 25u) & 3u;
+// Binding 0 holds x already quantized (XQ_VEC4S vec4s a chunk, by a producer such as
+// rms_norm or glu: ops::qmatmul::QuantizedX) instead of f32 x: every row-set of the matvec
+// would otherwise load and quantize each chunk again (measured on an H200, session 7: 10 %
+// of a Llama-3.1-8B decode step). Not with the NORM or GLU folds.
+override XSRC: u32 = (QMV >> 27u) & 1u;
 
 
-@group(0) @binding(0) var<storage, read> xv: array<vec4<f32>>;
+// x as words: f32 values (xf), or x chunks quantized by a producer (XSRC; common/
+// xq_quantize.wgsl), read with no float load in between.
+@group(0) @binding(0) var<storage, read> xv: array<vec4<u32>>;
+fn xf(i: u32) -> vec4<f32> {
+    return bitcast<vec4<f32>>(xv[i]);
+}
 @group(0) @binding(4) var<storage, read_write> y: array<f32>;
 @group(0) @binding(5) var<storage, read> packed4: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read> aux: array<u32>;
@@ -75,9 +85,10 @@ fn weight_at(row: u32, j: u32) -> f32 {
 // qmv
 
 // Partial sums of one x row: [row-set * RPT + r][slot], slot < TPR (fewer with subgroups).
-// WG * RPT <= 2048.
+// WG * RPT <= 2048. (Sizing it to what subgroups use, 1/8 to 1/32 of it, made Llama-3.1-8B
+// decode 22 % slower on an H200, and 12-24 KiB slower too: docs/PERFORMANCE.md, session 7.)
 var<workgroup> red: array<f32, 2048>;
-// NORM: partial Σx² of the x row, [row-set][slot] (WG <= 256 entries).
+// NORM: partial Σx² of the x row, [row-set][slot].
 var<workgroup> red_ss: array<f32, 256>;
 
 // The BITS words of chunk c of packed row `row` (4- and 8-bit: vec4 loads).
@@ -157,8 +168,8 @@ fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
         let c = vec4<f32>(f32(o & 7u) * 0.125);
         return array<vec4<f32>, 8>(c, c, c, c, c, c, c, c);
     }
-    return array<vec4<f32>, 8>(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u],
-                               xv[o + 5u], xv[o + 6u], xv[o + 7u]);
+    return array<vec4<f32>, 8>(xf(o), xf(o + 1u), xf(o + 2u), xf(o + 3u), xf(o + 4u),
+                               xf(o + 5u), xf(o + 6u), xf(o + 7u));
 }
 
 fn glu4(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
@@ -171,13 +182,13 @@ fn x_row_chunk(xbase: u32, m: u32, c: u32) -> array<vec4<f32>, 8> {
         // Rows of 2K: the gate chunk, and the up chunk K/4 vec4 further on.
         let o = xbase + m * (p.k / 2u) + c * 8u;
         let h = p.k / 4u;
-        return array<vec4<f32>, 8>(glu4(xv[o], xv[o + h]), glu4(xv[o + 1u], xv[o + h + 1u]),
-                                   glu4(xv[o + 2u], xv[o + h + 2u]),
-                                   glu4(xv[o + 3u], xv[o + h + 3u]),
-                                   glu4(xv[o + 4u], xv[o + h + 4u]),
-                                   glu4(xv[o + 5u], xv[o + h + 5u]),
-                                   glu4(xv[o + 6u], xv[o + h + 6u]),
-                                   glu4(xv[o + 7u], xv[o + h + 7u]));
+        return array<vec4<f32>, 8>(glu4(xf(o), xf(o + h)), glu4(xf(o + 1u), xf(o + h + 1u)),
+                                   glu4(xf(o + 2u), xf(o + h + 2u)),
+                                   glu4(xf(o + 3u), xf(o + h + 3u)),
+                                   glu4(xf(o + 4u), xf(o + h + 4u)),
+                                   glu4(xf(o + 5u), xf(o + h + 5u)),
+                                   glu4(xf(o + 6u), xf(o + h + 6u)),
+                                   glu4(xf(o + 7u), xf(o + h + 7u)));
     }
     return x_chunk(xbase + m * (p.k / 4u) + c * 8u);
 }
@@ -196,6 +207,11 @@ fn norm_weighted(x: array<vec4<f32>, 8>, c: u32) -> array<vec4<f32>, 8> {
                                x[3] * normw[o + 3u], x[4] * normw[o + 4u],
                                x[5] * normw[o + 5u], x[6] * normw[o + 6u],
                                x[7] * normw[o + 7u]);
+}
+
+// XSRC: the quantized chunk whose first vec4 is xv[o].
+fn load_xchunk(o: u32) -> XChunk {
+    return xchunk_from(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u]);
 }
 
 // One row's contribution of chunk c (group column gc) against the x chunk (xq when XQ).
@@ -256,14 +272,19 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         // NORM: this invocation's share of Σx².
         var ss = 0.0;
         for (var c = lane; c < chunks; c += TPR) {
-            var x = x_row_chunk(xbase, m, c);
+            var x: array<vec4<f32>, 8>;
+            if XSRC == 0u {
+                x = x_row_chunk(xbase, m, c);
+            }
             if (FUSE & 1u) != 0u {
                 ss += sum_squares(x);
                 x = norm_weighted(x, c);
             }
             let gc = (c * 32u) / GROUP_SIZE;
             var xq: XChunk;
-            if XQ != 0u {
+            if XSRC != 0u {
+                xq = load_xchunk(view(0u) / 4u + (m * chunks + c) * XQ_VEC4S);
+            } else if XQ != 0u {
                 xq = quantize_x(x);
             }
             s.x += row_chunk(r0, c, gc, x, xq);
@@ -383,8 +404,8 @@ fn qmm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     for (var k0 = 0u; k0 < p.k; k0 += BK) {
         if valid && xrow < p.m {
             let o = xbase + (xrow * p.k + k0 + lk) / 4u;
-            let a = xv[o];
-            let b = xv[o + 1u];
+            let a = xf(o);
+            let b = xf(o + 1u);
             for (var i = 0u; i < 4u; i++) {
                 set_xs(lk + i, lr, a[i]);
                 set_xs(lk + 4u + i, lr, b[i]);
