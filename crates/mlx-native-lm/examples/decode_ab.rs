@@ -27,13 +27,43 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // kernels: a pass with one more of a kernel costs that kernel inside the pass; the
     // attention's query heads per workgroup forced, 0 = the rule; the one-split decode's
     // max keys forced, None = the rule, 0 = split-K)
-    type Variant<'a> = (&'a str, Folding, (u16, u16), u32, Option<u32>);
-    let variants: [Variant; 4] = [
-        ("separate", none, (0, 0), 0, None),
-        ("default", default, (0, 0), 0, None),
-        ("default, split-K (before)", default, (0, 0), 0, Some(0)),
-        ("default, split-K, split x2", default, (1, 0), 0, Some(0)),
+    type Variant = (Folding, (u16, u16), u32, Option<u32>);
+    let mut variants: Vec<(String, Variant)> = vec![
+        ("separate".into(), (none, (0, 0), 0, None)),
+        ("default".into(), (default, (0, 0), 0, None)),
+        (
+            "default, split-K (before)".into(),
+            (default, (0, 0), 0, Some(0)),
+        ),
+        (
+            "default, split-K, split x2".into(),
+            (default, (1, 0), 0, Some(0)),
+        ),
     ];
+    // AB_XQ=1: instead, the default against its matvecs quantizing x themselves (the
+    // before of `Folding::quantized_x`), each also without the norm folds.
+    if std::env::var("AB_XQ").is_ok() {
+        let in_matvec = Folding {
+            quantized_x: false,
+            ..default
+        };
+        let no_norms = |f: Folding| Folding {
+            small_norms: false,
+            ..f
+        };
+        variants = vec![
+            (
+                "x quantized by each matvec".into(),
+                (in_matvec, (0, 0), 0, None),
+            ),
+            ("default".into(), (default, (0, 0), 0, None)),
+            (
+                "no norm folds, x by matvec".into(),
+                (no_norms(in_matvec), (0, 0), 0, None),
+            ),
+            ("no norm folds".into(), (no_norms(default), (0, 0), 0, None)),
+        ];
+    }
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
     let ids: Vec<u32> = (0..ctx as u32)
@@ -49,7 +79,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut times = vec![Vec::new(); variants.len()];
     let mut dispatches = vec![0; variants.len()];
     for round in 0..rounds {
-        for (vi, &(_, fold, (split, reduce), gt, single)) in variants.iter().enumerate() {
+        for (vi, (_, (fold, (split, reduce), gt, single))) in variants.iter().enumerate() {
+            let (fold, split, reduce, gt, single) = (*fold, *split, *reduce, *gt, *single);
             for l in &mut m.layers {
                 l.fold = fold;
             }

@@ -4,7 +4,7 @@
 
 use mlx_native::kv_quant::KvStore;
 use mlx_native::ops::kv::RopeAppend;
-use mlx_native::ops::{self, QmvFusion, RopeTable, SdpaOptions};
+use mlx_native::ops::{self, QmvFusion, QuantizedX, RopeTable, SdpaOptions};
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{MlxBuffer, MlxDevice, Pass};
 
@@ -48,6 +48,9 @@ pub struct BlockInput<'a> {
     /// At decode with the stacked q|k|v, rotate and append in one dispatch
     /// (`ops::kv::rope_append`) rather than RoPE then the cache append.
     pub rope_append: bool,
+    /// At decode, the normed x already quantized for the stacked q|k|v matvec
+    /// (`ops::rms_norm_xq`): read instead of `x` (then `norm` is None).
+    pub xq: Option<&'a QuantizedX>,
 }
 
 impl<'a> BlockInput<'a> {
@@ -58,6 +61,7 @@ impl<'a> BlockInput<'a> {
             norm: None,
             residual: None,
             rope_append: true,
+            xq: None,
         }
     }
 }
@@ -210,7 +214,10 @@ impl Attention {
                     norm: input.norm,
                     ..QmvFusion::default()
                 };
-                let mut y = w.forward_fused(pass, x, &fusion)?;
+                let mut y = match input.xq {
+                    Some(xq) => w.forward_xq(pass, xq, None)?,
+                    None => w.forward_fused(pass, x, &fusion)?,
+                };
                 if let Some(b) = bias {
                     y = ops::add(pass, &y, b)?;
                 }

@@ -6,7 +6,7 @@ use mlx_native::ops::{self, RopeTable};
 use mlx_native::{MlxBuffer, Pass};
 
 use super::attention::{BlockInput, Step};
-use super::mlp::Ffn;
+use super::mlp::{Ffn, FfnInput};
 use super::Attention;
 use crate::error::Result;
 
@@ -29,6 +29,11 @@ pub struct Folding {
     /// RoPE (with the q/k norms) and the KV-cache append in one dispatch after the stacked
     /// q|k|v matvec (`ops::kv::rope_append`), not a matvec fold but the same kind of saving.
     pub rope_append: bool,
+    /// The norms before q|k|v and gate|up and the GLU before down (where they are their own
+    /// dispatches) write their output quantized for the matvec after them
+    /// (`ops::rms_norm_xq`, `glu_split_xq`), which otherwise quantizes each x chunk again
+    /// in every row-set. Not a fold (no dispatch saved) but the matvecs' own work.
+    pub quantized_x: bool,
 }
 
 impl Folding {
@@ -38,6 +43,7 @@ impl Folding {
         norms: false,
         small_norms: false,
         rope_append: false,
+        quantized_x: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
@@ -45,17 +51,21 @@ impl Folding {
         norms: true,
         small_norms: true,
         rope_append: true,
+        quantized_x: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md). With
     /// qmv's 16-bit x, `small_norms` gains 97 us a token on Qwen3-30B-A3B and 75 on
     /// Gemma-3-4B and is neutral on Llama-3.1-8B (before it, with f32 x: +479 on Gemma);
-    /// every norm folded still loses 353 us on Llama, the GLU 297.
+    /// every norm folded still loses 353 us on Llama, the GLU 297. Quantized x from the
+    /// producers (session 7, H200): Llama-3.1-8B 3352 -> 3242 us a token, Gemma-3-4B 3462
+    /// -> 3253; Qwen3-30B-A3B (its norms folded, MoE FFN: only the LM head) unchanged.
     pub const DEFAULT: Folding = Folding {
         residual: true,
         glu: false,
         norms: false,
         small_norms: true,
         rope_append: true,
+        quantized_x: true,
     };
 
     fn any(self) -> bool {
@@ -155,48 +165,77 @@ impl DecoderLayer {
             .qkv
             .as_ref()
             .is_some_and(|(w, _)| f.norm_into(w.shape()));
-        let normed;
+        // The attention's input: raw with the norm folded into q|k|v, or normed here, into
+        // the quantized x that q|k|v reads where it takes one.
+        let qkv_form = (self.attn.qkv.as_ref())
+            .and_then(|(w, _)| w.xq_form())
+            .filter(|_| f.quantized_x);
+        let (normed, normed_q);
+        let mut xq = None;
+        let xin = if attn_norm {
+            x
+        } else if let Some(form) = qkv_form {
+            normed_q = ops::rms_norm_xq(pass, x, &self.attn_norm, eps, form)?;
+            xq = Some(&normed_q);
+            x
+        } else {
+            normed = ops::rms_norm(pass, x, &self.attn_norm, eps)?;
+            &normed
+        };
         let input = BlockInput {
-            x: if attn_norm {
-                x
-            } else {
-                normed = ops::rms_norm(pass, x, &self.attn_norm, eps)?;
-                &normed
-            },
+            x: xin,
             norm: attn_norm.then_some((&self.attn_norm, eps)),
             residual: fold_attn_residual.then_some(x),
             rope_append: f.rope_append,
+            xq,
         };
         let a = self.attn.forward(pass, &input, step, rope, cache, layer)?;
         let dense = match &self.mlp {
             Ffn::Dense(m) if m.folds() => Some(m),
             _ => None,
         };
-        // The new residual stream x, and the FFN's input: normalized here, or raw with the
-        // norm folded into gate|up.
-        let (x, h, norm) = if fold_attn_residual {
+        // The new residual stream x, and the FFN's input: normalized here (into the quantized
+        // x that a dense gate|up reads where it takes one), or raw with the norm folded into
+        // gate|up.
+        let gate_up_form = dense
+            .and_then(|m| m.gate_up.as_ref())
+            .and_then(|w| w.xq_form())
+            .filter(|_| f.quantized_x);
+        let (x, h, norm, hq) = if fold_attn_residual {
             let ffn_norm = dense
                 .and_then(|m| m.gate_up.as_ref())
                 .is_some_and(|w| f.norm_into(w.shape()));
             if ffn_norm {
-                (a.clone(), a, Some((&self.ffn_norm, eps)))
+                (a.clone(), a, Some((&self.ffn_norm, eps)), None)
+            } else if let Some(form) = gate_up_form {
+                let hq = ops::rms_norm_xq(pass, &a, &self.ffn_norm, eps, form)?;
+                (a.clone(), a, None, Some(hq))
             } else {
                 let h = ops::rms_norm(pass, &a, &self.ffn_norm, eps)?;
-                (a, h, None)
+                (a, h, None, None)
             }
         } else {
             let a = match &self.post_attn_norm {
                 Some(n) => ops::rms_norm(pass, &a, n, eps)?,
                 None => a,
             };
-            let (x, h) = ops::rms_norm_residual(pass, x, &a, &self.ffn_norm, eps)?;
-            (x, h, None)
+            if let Some(form) = gate_up_form {
+                let (x, hq) = ops::rms_norm_residual_xq(pass, x, &a, &self.ffn_norm, eps, form)?;
+                (x.clone(), x, None, Some(hq))
+            } else {
+                let (x, h) = ops::rms_norm_residual(pass, x, &a, &self.ffn_norm, eps)?;
+                (x, h, None, None)
+            }
         };
         let fold_ffn_residual = f.residual && self.post_ffn_norm.is_none();
         let m = match dense {
             Some(mlp) => {
                 let residual = fold_ffn_residual.then_some(&x);
-                let m = mlp.forward_fused(pass, &h, norm, f.glu, residual)?;
+                let input = match &hq {
+                    Some(q) => FfnInput::Quantized(q),
+                    None => FfnInput::F32(&h),
+                };
+                let m = mlp.forward_fused(pass, input, norm, f, residual)?;
                 if fold_ffn_residual {
                     return Ok(m);
                 }

@@ -1,7 +1,7 @@
 //! `Linear`: `y = x · Wᵀ` for a weight in any format we load (GGML blocks from GGUF, MLX
 //! affine-quantized, dense f32/f16/bf16), and row gathers for embedding tables.
 
-use mlx_native::ops::qmatmul::{self, QmvFusion, MAX_VEC_M};
+use mlx_native::ops::qmatmul::{self, QmvFusion, QuantizedX, XqForm, MAX_VEC_M};
 use mlx_native::ops::{activation, dense, ggml_matmul};
 use mlx_native::weights::ggml::{legacy_to_affine, GgmlType};
 use mlx_native::weights::ggml_weight::GgmlWeight;
@@ -156,6 +156,32 @@ impl Linear {
             w.dtype() == mlx_native::DType::F32 && w.elem_offset().is_multiple_of(4)
         });
         rows <= MAX_VEC_M && norm_ok
+    }
+
+    /// The form of quantized x this weight's decode matvec reads ([`XqForm::of`]), if any:
+    /// producers that write x in it (`ops::rms_norm_xq`, `glu_split_xq`) save the matvec
+    /// quantizing it again in each of its row-sets.
+    pub fn xq_form(&self) -> Option<XqForm> {
+        match self {
+            Linear::Quant(w) => XqForm::of(w),
+            _ => None,
+        }
+    }
+
+    /// The decode matvec of x already quantized for this weight ([`Linear::xq_form`]), with
+    /// `residual` added.
+    pub fn forward_xq(
+        &self,
+        pass: &mut Pass,
+        x: &QuantizedX,
+        residual: Option<&MlxBuffer>,
+    ) -> Result<MlxBuffer> {
+        match self {
+            Linear::Quant(w) => Ok(qmatmul::qmv_xq(pass, x, w, residual)?),
+            _ => Err(LmError::Config(
+                "forward_xq: quantized x is only read by MLX-quantized weights".into(),
+            )),
+        }
     }
 
     /// Whether [`Linear::forward_fused`] folds its work into one matvec at decode.

@@ -2,14 +2,24 @@
 //! GeGLU for Gemma), and the mixture of experts (Qwen3-MoE) that routes each token to its
 //! top-k experts on the GPU, reading only the selected experts' weights at decode.
 
-use mlx_native::ops::activation::{glu, glu_split, Act};
+use mlx_native::ops::activation::{glu, glu_split, glu_split_xq, Act};
 use mlx_native::ops::moe::{moe_ffn, MoeConfig, MoeExperts, RouterConfig, RouterKind};
+use mlx_native::ops::qmatmul::QuantizedX;
 use mlx_native::ops::QmvFusion;
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{MlxBuffer, MlxDevice, Pass};
 
+use super::decoder::Folding;
 use super::Linear;
 use crate::error::Result;
+
+/// A decode FFN's input: f32 rows, or rows already quantized for the stacked gate|up
+/// matvec (by the norm before it: `ops::rms_norm_xq`).
+#[derive(Clone, Copy)]
+pub enum FfnInput<'a> {
+    F32(&'a MlxBuffer),
+    Quantized(&'a QuantizedX),
+}
 
 #[derive(Clone, Debug)]
 pub struct Mlp {
@@ -46,46 +56,80 @@ impl Mlp {
     }
 
     /// `residual + mlp(rms_norm(x))` at decode (`mlp(x)` without a norm, no add without a
-    /// residual): the norm folded into the gate|up matvec, the GLU (when `fold_glu`) and the
+    /// residual): the norm folded into the gate|up matvec, the GLU (when `fold.glu`) and the
     /// residual add into the down matvec ([`Linear::forward_fused`]; separate ops where the
     /// weights do not allow it).
+    ///
+    /// `x` may come quantized for gate|up already ([`FfnInput::Quantized`]); the GLU then
+    /// writes down's input quantized too, where down takes it ([`Linear::xq_form`]).
     pub fn forward_fused(
         &self,
         pass: &mut Pass,
-        x: &MlxBuffer,
+        x: FfnInput<'_>,
         norm: Option<(&MlxBuffer, f32)>,
-        fold_glu: bool,
+        fold: Folding,
         residual: Option<&MlxBuffer>,
     ) -> Result<MlxBuffer> {
-        let (input, glu_in_down) = match &self.gate_up {
-            Some(w) => {
-                let up_fusion = QmvFusion {
-                    norm,
-                    ..QmvFusion::default()
-                };
-                let gate_up = w.forward_fused(pass, x, &up_fusion)?;
-                if fold_glu {
-                    (gate_up, Some(self.act))
-                } else {
-                    (glu_split(pass, &gate_up, self.act)?, None)
-                }
-            }
-            None => {
-                let h = match norm {
-                    Some((w, eps)) => mlx_native::ops::rms_norm(pass, x, w, eps)?,
-                    None => x.clone(),
-                };
-                let g = self.gate.forward(pass, &h)?;
-                let u = self.up.forward(pass, &h)?;
-                (glu(pass, &g, &u, self.act)?, None)
+        let x = match x {
+            FfnInput::F32(x) => x,
+            FfnInput::Quantized(xq) => {
+                let w = self.gate_up.as_ref().ok_or_else(|| {
+                    crate::LmError::Config("mlp: quantized x needs the stacked gate|up".into())
+                })?;
+                let gate_up = w.forward_xq(pass, xq, None)?;
+                return self.down_of(pass, &gate_up, fold, residual);
             }
         };
-        let down_fusion = QmvFusion {
-            glu: glu_in_down,
+        if let Some(w) = &self.gate_up {
+            let up_fusion = QmvFusion {
+                norm,
+                ..QmvFusion::default()
+            };
+            let gate_up = w.forward_fused(pass, x, &up_fusion)?;
+            return self.down_of(pass, &gate_up, fold, residual);
+        }
+        let h = match norm {
+            Some((w, eps)) => mlx_native::ops::rms_norm(pass, x, w, eps)?,
+            None => x.clone(),
+        };
+        let g = self.gate.forward(pass, &h)?;
+        let u = self.up.forward(pass, &h)?;
+        let fusion = QmvFusion {
             residual,
             ..QmvFusion::default()
         };
-        self.down.forward_fused(pass, &input, &down_fusion)
+        let h = glu(pass, &g, &u, self.act)?;
+        self.down.forward_fused(pass, &h, &fusion)
+    }
+
+    /// The down projection of the stacked gate|up output (plus `residual`): the GLU folded
+    /// into it (`fold.glu`), or its own dispatch writing down's input quantized where down
+    /// takes that (`fold.quantized_x`), or in f32.
+    fn down_of(
+        &self,
+        pass: &mut Pass,
+        gate_up: &MlxBuffer,
+        fold: Folding,
+        residual: Option<&MlxBuffer>,
+    ) -> Result<MlxBuffer> {
+        if fold.glu {
+            let fusion = QmvFusion {
+                glu: Some(self.act),
+                residual,
+                ..QmvFusion::default()
+            };
+            return self.down.forward_fused(pass, gate_up, &fusion);
+        }
+        if let Some(form) = self.down.xq_form().filter(|_| fold.quantized_x) {
+            let hq = glu_split_xq(pass, gate_up, self.act, form)?;
+            return self.down.forward_xq(pass, &hq, residual);
+        }
+        let h = glu_split(pass, gate_up, self.act)?;
+        let fusion = QmvFusion {
+            residual,
+            ..QmvFusion::default()
+        };
+        self.down.forward_fused(pass, &h, &fusion)
     }
 
     pub fn forward(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {

@@ -165,10 +165,19 @@ impl Transformer {
         self.logits_of(pass, &rows)
     }
 
-    /// The final norm and the LM head over hidden-state rows `[R, hidden]`.
+    /// The final norm and the LM head over hidden-state rows `[R, hidden]`. One row (decode)
+    /// goes to an MLX-quantized head quantized by the norm, as the layers do
+    /// (`Folding::quantized_x`).
     fn logits_of(&self, pass: &mut Pass, rows: &MlxBuffer) -> Result<MlxBuffer> {
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let quantized_x = self.layers.first().is_some_and(|l| l.fold.quantized_x);
+        let form = head.xq_form().filter(|_| quantized_x);
+        if let (Some(form), [1, _]) = (form, rows.shape()) {
+            let hq = ops::rms_norm_xq(pass, rows, &self.norm, self.cfg.norm_eps, form)?;
+            return head.forward_xq(pass, &hq, None);
+        }
         let h = ops::rms_norm(pass, rows, &self.norm, self.cfg.norm_eps)?;
-        self.head.as_ref().unwrap_or(&self.embed).forward(pass, &h)
+        head.forward(pass, &h)
     }
 
     /// Like [`Transformer::forward`] for tokens whose ids are already on the GPU (`ids`, u32
