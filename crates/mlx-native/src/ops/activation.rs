@@ -73,10 +73,11 @@ const XQ_WG: u32 = 64;
 
 /// `sg`: a chunk's four parts exchange through subgroup shuffles (subgroups of 4 to XQ_WG
 /// invocations, [`xq_subgroups`]) instead of workgroup memory and barriers.
-fn xq_spec(entry: &'static str, act: Option<Act>, form: u32, sg: bool) -> Result<Spec> {
-    let s = Spec::new(entry, DType::F32, XQ_WG).with_subgroups(sg);
+/// `quantize_chunks` of glu_split's output with `act`, or of x itself.
+fn xq_spec(act: Option<Act>, form: u32, sg: bool) -> Result<Spec> {
+    let s = Spec::new("quantize_chunks", DType::F32, XQ_WG).with_subgroups(sg);
     let s = match act {
-        Some(a) => s.with_const("ACT", a.code())?,
+        Some(a) => s.with_const("ACT", a.code())?.with_const("XQ_GLU", 1)?,
         None => s,
     };
     s.with_const("XQ_OUT", form)
@@ -100,16 +101,9 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     v.push((Kernel::Activation, spec("softcap", None)?));
     for form in super::qmatmul::XQ_FORM_CODES {
         for sg in [false, true] {
-            for a in ACTS {
-                v.push((
-                    Kernel::Activation,
-                    xq_spec("glu_split_xq", Some(a), form, sg)?,
-                ));
+            for act in ACTS.into_iter().map(Some).chain([None]) {
+                v.push((Kernel::Activation, xq_spec(act, form, sg)?));
             }
-            v.push((
-                Kernel::Activation,
-                xq_spec("quantize_chunks", None, form, sg)?,
-            ));
         }
     }
     Ok(v)
@@ -208,26 +202,25 @@ pub fn glu_split_xq(pass: &mut Pass, x: &MlxBuffer, act: Act, form: XqForm) -> R
     check::fits_u32(x.len(), op, "elements")?;
     let half = two_n / 2;
     let q = QuantizedX::alloc(pass, op, rows, half, form)?;
-    run_chunks(pass, "glu_split_xq", Some(act), x, &q, half)?;
+    run_chunks(pass, Some(act), x, &q, half)?;
     Ok(q)
 }
 
 /// f32 `x` `[rows, K]` quantized into `q` (`ops::qmatmul::quantize_x`).
 pub(crate) fn quantize_chunks(pass: &mut Pass, x: &MlxBuffer, q: &QuantizedX) -> Result<()> {
-    run_chunks(pass, "quantize_chunks", None, x, q, q.k())
+    run_chunks(pass, None, x, q, q.k())
 }
 
-/// Dispatch a quantizing entry: four invocations per 32-element chunk of `q`'s `half`-wide
-/// rows, x in binding 0, the chunks in binding 3.
+/// Dispatch `quantize_chunks` (of glu_split's output with `act`, or of x): four invocations
+/// per 32-element chunk of `q`'s `half`-wide rows, x in binding 0, the chunks in binding 3.
 fn run_chunks(
     pass: &mut Pass,
-    entry: &'static str,
     act: Option<Act>,
     x: &MlxBuffer,
     q: &QuantizedX,
     half: usize,
 ) -> Result<()> {
-    let n = check::fits_u32(q.rows() * q.k(), entry, "elements")?;
+    let n = check::fits_u32(q.rows() * q.k(), "quantize_chunks", "elements")?;
     let params = ActivationParams {
         n,
         half: half as u32,
@@ -235,7 +228,7 @@ fn run_chunks(
         _pad: 0,
     };
     let sg = xq_subgroups(pass.caps(), XQ_WG);
-    let spec = xq_spec(entry, act, q.form().code(), sg)?;
+    let spec = xq_spec(act, q.form().code(), sg)?;
     let out = q.buffer();
     pass.dispatch(
         Kernel::Activation,

@@ -128,25 +128,7 @@ pub fn rms_norm_xq(
     eps: f32,
     form: XqForm,
 ) -> Result<QuantizedX> {
-    let op = "rms_norm_xq";
-    let r = rows_and_weight(op, x, Some(w))?;
-    let q = QuantizedX::alloc(pass, op, r.rows as usize, r.n, form)?;
-    let params = NormParams {
-        rows: r.rows,
-        n: r.n as u32,
-        eps,
-        _pad: 0,
-    };
-    let spec = xq_spec(pass, "rms_norm", w.dtype(), &r, form)?;
-    let yq = q.buffer();
-    pass.dispatch(
-        Kernel::Norm,
-        spec,
-        &params,
-        &[x, w, yq, x, yq, x, yq],
-        r.rows,
-    )?;
-    Ok(q)
+    Ok(norm_xq(pass, "rms_norm_xq", x, None, w, eps, form)?.1)
 }
 
 /// Fused residual add and norm: returns `(h, y)` with `h = x + residual` (the new residual
@@ -192,10 +174,27 @@ pub fn rms_norm_residual_xq(
     form: XqForm,
 ) -> Result<(MlxBuffer, QuantizedX)> {
     let op = "rms_norm_residual_xq";
+    let (h, q) = norm_xq(pass, op, x, Some(residual), w, eps, form)?;
+    Ok((h.unwrap_or_else(|| x.clone()), q))
+}
+
+/// The quantized-output norms: of x, or (with `residual`) of x + residual, whose sum is
+/// returned too.
+fn norm_xq(
+    pass: &mut Pass,
+    op: &str,
+    x: &MlxBuffer,
+    residual: Option<&MlxBuffer>,
+    w: &MlxBuffer,
+    eps: f32,
+    form: XqForm,
+) -> Result<(Option<MlxBuffer>, QuantizedX)> {
     let r = rows_and_weight(op, x, Some(w))?;
-    check::dtype(residual, &[DType::F32], op, "residual")?;
-    check::same_shape(x, residual, op, "x", "residual")?;
-    let h = pass.alloc_like(x)?;
+    if let Some(res) = residual {
+        check::dtype(res, &[DType::F32], op, "residual")?;
+        check::same_shape(x, res, op, "x", "residual")?;
+    }
+    let h = residual.map(|_| pass.alloc_like(x)).transpose()?;
     let q = QuantizedX::alloc(pass, op, r.rows as usize, r.n, form)?;
     let params = NormParams {
         rows: r.rows,
@@ -203,15 +202,24 @@ pub fn rms_norm_residual_xq(
         eps,
         _pad: 0,
     };
-    let spec = xq_spec(pass, "rms_norm_residual", w.dtype(), &r, form)?;
+    let entry = if residual.is_some() {
+        "rms_norm_residual"
+    } else {
+        "rms_norm"
+    };
+    let spec = xq_spec(pass, entry, w.dtype(), &r, form)?;
     let yq = q.buffer();
-    pass.dispatch(
-        Kernel::Norm,
-        spec,
-        &params,
-        &[x, w, yq, residual, &h, x, yq],
-        r.rows,
-    )?;
+    // Bindings 0 x, 1 w, 2 y (unused: yq fills it), 3 r, 4 h, 6 yq.
+    let bufs = [
+        x,
+        w,
+        yq,
+        residual.unwrap_or(x),
+        h.as_ref().unwrap_or(yq),
+        x,
+        yq,
+    ];
+    pass.dispatch(Kernel::Norm, spec, &params, &bufs, r.rows)?;
     Ok((h, q))
 }
 

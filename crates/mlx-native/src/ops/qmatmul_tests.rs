@@ -928,24 +928,13 @@ fn quantized_chunks_decode_to_their_values() {
                             let what = format!(
                                 "{name} b{bits} xq{xq} {rows}x{k} row {i} chunk {c} dev {gi}"
                             );
-                            let mut hs = 0i64;
-                            for e in 0..32 {
-                                // Element e's byte: 4-bit order pairs even/odd codes of each 8.
-                                let (word, byte) = if bits == 4 {
-                                    (2 * (e / 8) + e % 2, (e % 8) / 2)
-                                } else {
-                                    (e / 4, e % 4)
-                                };
-                                let h = ((w[word] >> (8 * byte)) & 0xff) as u8 as i8 as i64;
-                                let l = ((w[8 + word] >> (8 * byte)) & 0xff) as i64;
-                                hs += h;
-                                let t = if xq == 2 { 256 * h + l } else { h };
+                            let (ts, hs) = chunk_levels(w, bits, xq);
+                            for (e, (&t, &v)) in ts.iter().zip(vals).enumerate() {
                                 let got = d * t as f64;
                                 let tol = d * 0.5 + amax * 1e-6;
                                 assert!(
-                                    (got - vals[e]).abs() <= tol,
-                                    "{what}: element {e} decodes to {got}, want {} (tol {tol:e})",
-                                    vals[e]
+                                    (got - v).abs() <= tol,
+                                    "{what}: element {e} decodes to {got}, want {v} (tol {tol:e})"
                                 );
                             }
                             let top = if xq == 2 { 32512.0 } else { 127.0 };
@@ -968,6 +957,31 @@ fn quantized_chunks_decode_to_their_values() {
             }
         }
     }
+}
+
+/// A quantized chunk's 32 integer levels (t = 256·h + l, or h with one level) and Σh, read
+/// from its words as the format says: h bytes in words 0..8, l in 8..16, element e's byte
+/// in code order (4-bit codes: word 2·(e/8) + e%2 holds the even or odd elements of each 8).
+fn chunk_levels(w: &[u32], bits: u32, xq: u32) -> (Vec<i64>, i64) {
+    let mut hs = 0;
+    let ts = (0..32usize)
+        .map(|e| {
+            let (word, byte) = if bits == 4 {
+                (2 * (e / 8) + e % 2, (e % 8) / 2)
+            } else {
+                (e / 4, e % 4)
+            };
+            let h = i64::from(((w[word] >> (8 * byte)) & 0xff) as u8 as i8);
+            let l = i64::from((w[8 + word] >> (8 * byte)) & 0xff);
+            hs += h;
+            if xq == 2 {
+                256 * h + l
+            } else {
+                h
+            }
+        })
+        .collect();
+    (ts, hs)
 }
 
 /// Quantized x of the wrong form, length or row count is refused with the reason.

@@ -4,7 +4,7 @@
 //   glu_split: out[r, c] = act(x[r, c]) * x[r, half + c]   (x is [rows, 2 * half]: gate
 //              first, up second, as mlx-lm splits a fused gate_up projection)
 //   softcap:   out = cap * tanh(x / cap)             (Gemma 2 logit soft-capping)
-//   glu_split_xq, quantize_chunks: glu_split's output, or x itself ([rows, half]), quantized
+//   quantize_chunks: glu_split's output (XQ_GLU), or x itself ([rows, half]), quantized
 //              per 32-element chunk for a matvec (common/xq_quantize.wgsl) into outq: four
 //              invocations a chunk.
 // ACT: 0 silu, 1 gelu with the tanh approximation, 2 gelu with erf (common/act.wgsl).
@@ -27,6 +27,8 @@ override ACT: u32 = 0u;
 override XQ_OUT: u32 = 18u;
 override BITS: u32 = XQ_OUT >> 2u;
 override XQ: u32 = XQ_OUT & 3u;
+// quantize_chunks: 1 quantizes glu_split's output (glu_split_xq), 0 x itself.
+override XQ_GLU: u32 = 0u;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(1) var<storage, read> up: array<f32>;
@@ -101,15 +103,15 @@ fn store_part(i: u32, on: bool, a: vec4<f32>, b: vec4<f32>, slot: u32) {
     if on {
         let t = i % 4u;
         let o = view(3u) + (i / 4u) * 4u * XQ_VEC4S;
-        outq[o + 2u * t] = q.h.x;
-        outq[o + 2u * t + 1u] = q.h.y;
-        outq[o + 8u + 2u * t] = q.l.x;
-        outq[o + 9u + 2u * t] = q.l.y;
+        let off = part_offsets(t);
+        let val = part_values(q);
+        for (var j = 0u; j < 4u; j++) {
+            outq[o + off[j]] = val[j];
+        }
         if t == 0u {
-            outq[o + 16u] = q.tail.x;
-            outq[o + 17u] = q.tail.y;
-            outq[o + 18u] = q.tail.z;
-            outq[o + 19u] = q.tail.w;
+            for (var j = 0u; j < 4u; j++) {
+                outq[o + 16u + j] = q.tail[j];
+            }
         }
     }
 }
@@ -122,37 +124,9 @@ fn act4(v: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(act(v.x), act(v.y), act(v.z), act(v.w));
 }
 
-// Four invocations a chunk. p.n: output elements (rows * half), p.half: the output row (a
-// multiple of 32).
-@compute @workgroup_size(WG)
-fn glu_split_xq(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
-                @builtin(local_invocation_index) lid: u32
-#if SUBGROUPS
-                , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_id) si: u32,
-                @builtin(subgroup_size) ssz: u32
-#endif
-) {
-#if SUBGROUPS
-    let slot = si * ssz + sl;
-#else
-    let slot = lid;
-#endif
-    let i = index(wid, nwg, slot);
-    let on = i < p.n / 8u;
-    var a = vec4<f32>(0.0);
-    var b = vec4<f32>(0.0);
-    if on {
-        let e = i * 8u;
-        let r = e / p.half;
-        let g = view(0u) + e + r * p.half;
-        let u = g + p.half;
-        a = act4(x4at(g)) * x4at(u);
-        b = act4(x4at(g + 4u)) * x4at(u + 4u);
-    }
-    store_part(i, on, a, b, slot);
-}
-
-// Four invocations a chunk. p.n: elements of x (rows of a multiple of 32).
+// Four invocations a chunk. glu_split_xq (XQ_GLU 1): x is [rows, 2 * half], the values
+// act(gate) * up; quantize_chunks (0): x's own values. p.n: values to quantize (rows *
+// half), p.half: a row's (a multiple of 32).
 @compute @workgroup_size(WG)
 fn quantize_chunks(@builtin(workgroup_id) wid: vec3<u32>,
                    @builtin(num_workgroups) nwg: vec3<u32>,
@@ -172,9 +146,16 @@ fn quantize_chunks(@builtin(workgroup_id) wid: vec3<u32>,
     var a = vec4<f32>(0.0);
     var b = vec4<f32>(0.0);
     if on {
-        let g = view(0u) + i * 8u;
-        a = x4at(g);
-        b = x4at(g + 4u);
+        let e = i * 8u;
+        if XQ_GLU != 0u {
+            let g = view(0u) + e + (e / p.half) * p.half;
+            let u = g + p.half;
+            a = act4(x4at(g)) * x4at(u);
+            b = act4(x4at(g + 4u)) * x4at(u + 4u);
+        } else {
+            a = x4at(view(0u) + e);
+            b = x4at(view(0u) + e + 4u);
+        }
     }
     store_part(i, on, a, b, slot);
 }

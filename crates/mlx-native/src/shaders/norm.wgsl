@@ -126,17 +126,7 @@ fn store_row_xq(row: u32, xo: u32, ro: u32, res: bool, inv: f32, lid: u32) {
         }
         let q = quantize_part(a, b, slot);
         if on {
-            let o = view(6u) + (row * cpr + c) * 4u * XQ_VEC4S;
-            yq[o + 2u * t] = q.h.x;
-            yq[o + 2u * t + 1u] = q.h.y;
-            yq[o + 8u + 2u * t] = q.l.x;
-            yq[o + 9u + 2u * t] = q.l.y;
-            if t == 0u {
-                yq[o + 16u] = q.tail.x;
-                yq[o + 17u] = q.tail.y;
-                yq[o + 18u] = q.tail.z;
-                yq[o + 19u] = q.tail.w;
-            }
+            store_yq(row * cpr + c, t, q);
         }
     }
 }
@@ -171,16 +161,21 @@ fn row_xq_in_registers(row: u32, xo: u32, ro: u32, ho: u32, res: bool, lid: u32)
     let inv = inverseSqrt(wg_sum(dot(a, a) + dot(b, b), lid) / f32(p.n) + p.eps);
     let q = quantize_part(a * inv * wa, b * inv * wb, slot);
     if on {
-        let o = view(6u) + (row * cpr + c) * 4u * XQ_VEC4S;
-        yq[o + 2u * t] = q.h.x;
-        yq[o + 2u * t + 1u] = q.h.y;
-        yq[o + 8u + 2u * t] = q.l.x;
-        yq[o + 9u + 2u * t] = q.l.y;
-        if t == 0u {
-            yq[o + 16u] = q.tail.x;
-            yq[o + 17u] = q.tail.y;
-            yq[o + 18u] = q.tail.z;
-            yq[o + 19u] = q.tail.w;
+        store_yq(row * cpr + c, t, q);
+    }
+}
+
+// Part t of chunk `chunk` (counted over all rows) into yq.
+fn store_yq(chunk: u32, t: u32, q: XqPart) {
+    let o = view(6u) + chunk * 4u * XQ_VEC4S;
+    let off = part_offsets(t);
+    let val = part_values(q);
+    for (var j = 0u; j < 4u; j++) {
+        yq[o + off[j]] = val[j];
+    }
+    if t == 0u {
+        for (var j = 0u; j < 4u; j++) {
+            yq[o + 16u + j] = q.tail[j];
         }
     }
 }

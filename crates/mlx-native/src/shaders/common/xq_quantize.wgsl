@@ -132,6 +132,15 @@ struct XqPart {
     tail: vec4<u32>,
 }
 
+// Where part t's four words go in its chunk (h, then l), and their values: every part
+// writes these; part 0 also writes the tail (words 16..19).
+fn part_offsets(t: u32) -> vec4<u32> {
+    return vec4<u32>(2u * t, 2u * t + 1u, 8u + 2u * t, 9u + 2u * t);
+}
+fn part_values(q: XqPart) -> vec4<u32> {
+    return vec4<u32>(q.h.x, q.h.y, q.l.x, q.l.y);
+}
+
 // The two words of eight values' low bytes (p: values 0..3, q: 4..7) in code order.
 fn part_words(p: vec4<u32>, q: vec4<u32>) -> vec2<u32> {
     if BITS == 4u {
