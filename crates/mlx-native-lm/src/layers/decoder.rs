@@ -197,6 +197,7 @@ impl DecoderLayer {
         // The new residual stream x, and the FFN's input: normalized here (into the quantized
         // x that a dense gate|up reads where it takes one), or raw with the norm folded into
         // gate|up.
+        let fold_ffn_residual = f.residual && self.post_ffn_norm.is_none();
         let gate_up_form = dense
             .and_then(|m| m.gate_up.as_ref())
             .and_then(|w| w.xq_form())
@@ -205,8 +206,16 @@ impl DecoderLayer {
             let ffn_norm = dense
                 .and_then(|m| m.gate_up.as_ref())
                 .is_some_and(|w| f.norm_into(w.shape()));
+            let moe_form = match &self.mlp {
+                Ffn::Moe(moe) => moe.xq_form().filter(|_| f.quantized_x && fold_ffn_residual),
+                Ffn::Dense(_) => None,
+            };
             if ffn_norm {
                 (a.clone(), a, Some((&self.ffn_norm, eps)), None)
+            } else if let Some(form) = moe_form {
+                // The router reads f32, the experts the quantized rows.
+                let (h, hq) = ops::rms_norm_and_xq(pass, &a, &self.ffn_norm, eps, form)?;
+                (a, h, None, Some(hq))
             } else if let Some(form) = gate_up_form {
                 let hq = ops::rms_norm_xq(pass, &a, &self.ffn_norm, eps, form)?;
                 (a.clone(), a, None, Some(hq))
@@ -227,7 +236,6 @@ impl DecoderLayer {
                 (x, h, None, None)
             }
         };
-        let fold_ffn_residual = f.residual && self.post_ffn_norm.is_none();
         let m = match dense {
             Some(mlp) => {
                 let residual = fold_ffn_residual.then_some(&x);
@@ -244,7 +252,7 @@ impl DecoderLayer {
             None => match &self.mlp {
                 // The residual rides in the experts' weighted sum.
                 Ffn::Moe(moe) if fold_ffn_residual => {
-                    return moe.forward_residual(pass, &h, Some(&x));
+                    return moe.forward_with(pass, &h, hq.as_ref(), Some(&x));
                 }
                 ffn => ffn.forward(pass, &h)?,
             },

@@ -3,7 +3,9 @@
 //! top-k experts on the GPU, reading only the selected experts' weights at decode.
 
 use mlx_native::ops::activation::{glu, glu_split, glu_split_xq, Act};
-use mlx_native::ops::moe::{moe_ffn, MoeConfig, MoeExperts, RouterConfig, RouterKind};
+use mlx_native::ops::moe::{
+    experts_xq_form, moe_ffn, moe_ffn_xq, MoeConfig, MoeExperts, RouterConfig, RouterKind,
+};
 use mlx_native::ops::qmatmul::QuantizedX;
 use mlx_native::ops::QmvFusion;
 use mlx_native::weights::quant_weight::QuantWeight;
@@ -178,6 +180,18 @@ impl MoeMlp {
         x: &MlxBuffer,
         residual: Option<&MlxBuffer>,
     ) -> Result<MlxBuffer> {
+        self.forward_with(pass, x, None, residual)
+    }
+
+    /// [`MoeMlp::forward_residual`] at decode with x also quantized for the experts
+    /// (`xq`: `ops::rms_norm_and_xq` in [`MoeMlp::xq_form`]): the router still reads f32 x.
+    pub fn forward_with(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        xq: Option<&QuantizedX>,
+        residual: Option<&MlxBuffer>,
+    ) -> Result<MlxBuffer> {
         // f32 x: a rounded x can flip a top-k choice (Linear::forward_f32_x).
         let logits = self.router.forward_f32_x(pass, x)?;
         let cfg = MoeConfig {
@@ -189,7 +203,15 @@ impl MoeMlp {
             },
             act: self.act,
         };
-        Ok(moe_ffn(pass, x, &logits, &self.experts, &cfg, residual)?)
+        Ok(match xq {
+            Some(q) => moe_ffn_xq(pass, q, &logits, &self.experts, &cfg, residual)?,
+            None => moe_ffn(pass, x, &logits, &self.experts, &cfg, residual)?,
+        })
+    }
+
+    /// The form of quantized x the gate and up experts read at decode, if they read one.
+    pub fn xq_form(&self) -> Option<mlx_native::ops::XqForm> {
+        experts_xq_form(&self.experts).map(|(gate_up, _)| gate_up)
     }
 }
 

@@ -73,12 +73,23 @@ const XQ_WG: u32 = 64;
 
 /// `sg`: a chunk's four parts exchange through subgroup shuffles (subgroups of 4 to XQ_WG
 /// invocations, [`xq_subgroups`]) instead of workgroup memory and barriers.
-/// `quantize_chunks` of glu_split's output with `act`, or of x itself.
-fn xq_spec(act: Option<Act>, form: u32, sg: bool) -> Result<Spec> {
+/// What `quantize_chunks` quantizes (its XQ_GLU).
+#[derive(Clone, Copy)]
+enum ChunkSource {
+    /// x itself.
+    X,
+    /// glu_split's output: x is [rows, 2 * half].
+    GluSplit(Act),
+    /// glu's: act(gate) * up, both [rows, half].
+    Glu(Act),
+}
+
+fn xq_spec(src: ChunkSource, form: u32, sg: bool) -> Result<Spec> {
     let s = Spec::new("quantize_chunks", DType::F32, XQ_WG).with_subgroups(sg);
-    let s = match act {
-        Some(a) => s.with_const("ACT", a.code())?.with_const("XQ_GLU", 1)?,
-        None => s,
+    let s = match src {
+        ChunkSource::X => s,
+        ChunkSource::GluSplit(a) => s.with_const("ACT", a.code())?.with_const("XQ_GLU", 1)?,
+        ChunkSource::Glu(a) => s.with_const("ACT", a.code())?.with_const("XQ_GLU", 2)?,
     };
     s.with_const("XQ_OUT", form)
 }
@@ -101,8 +112,11 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
     v.push((Kernel::Activation, spec("softcap", None)?));
     for form in super::qmatmul::XQ_FORM_CODES {
         for sg in [false, true] {
-            for act in ACTS.into_iter().map(Some).chain([None]) {
-                v.push((Kernel::Activation, xq_spec(act, form, sg)?));
+            v.push((Kernel::Activation, xq_spec(ChunkSource::X, form, sg)?));
+            for a in ACTS {
+                for src in [ChunkSource::GluSplit(a), ChunkSource::Glu(a)] {
+                    v.push((Kernel::Activation, xq_spec(src, form, sg)?));
+                }
             }
         }
     }
@@ -202,21 +216,40 @@ pub fn glu_split_xq(pass: &mut Pass, x: &MlxBuffer, act: Act, form: XqForm) -> R
     check::fits_u32(x.len(), op, "elements")?;
     let half = two_n / 2;
     let q = QuantizedX::alloc(pass, op, rows, half, form)?;
-    run_chunks(pass, Some(act), x, &q, half)?;
+    run_chunks(pass, ChunkSource::GluSplit(act), [x, x], &q, half)?;
+    Ok(q)
+}
+
+/// [`glu`] with its output quantized for the decode matvec of weights in `form`: `gate` and
+/// `up` f32 of one shape whose last dimension is a multiple of 32.
+pub fn glu_xq(
+    pass: &mut Pass,
+    gate: &MlxBuffer,
+    up: &MlxBuffer,
+    act: Act,
+    form: XqForm,
+) -> Result<QuantizedX> {
+    let op = "glu_xq";
+    check::dtype(gate, &[DType::F32], op, "gate")?;
+    check::dtype(up, &[DType::F32], op, "up")?;
+    let (rows, n) = check::rows(gate, op, "gate")?;
+    check::same_shape(gate, up, op, "gate", "up")?;
+    let q = QuantizedX::alloc(pass, op, rows, n, form)?;
+    run_chunks(pass, ChunkSource::Glu(act), [gate, up], &q, n)?;
     Ok(q)
 }
 
 /// f32 `x` `[rows, K]` quantized into `q` (`ops::qmatmul::quantize_x`).
 pub(crate) fn quantize_chunks(pass: &mut Pass, x: &MlxBuffer, q: &QuantizedX) -> Result<()> {
-    run_chunks(pass, None, x, q, q.k())
+    run_chunks(pass, ChunkSource::X, [x, x], q, q.k())
 }
 
-/// Dispatch `quantize_chunks` (of glu_split's output with `act`, or of x): four invocations
-/// per 32-element chunk of `q`'s `half`-wide rows, x in binding 0, the chunks in binding 3.
+/// Dispatch `quantize_chunks` of `src`: four invocations per 32-element chunk of `q`'s
+/// `half`-wide rows, the inputs in bindings 0 and 1, the chunks in binding 3.
 fn run_chunks(
     pass: &mut Pass,
-    act: Option<Act>,
-    x: &MlxBuffer,
+    src: ChunkSource,
+    [x, up]: [&MlxBuffer; 2],
     q: &QuantizedX,
     half: usize,
 ) -> Result<()> {
@@ -228,13 +261,13 @@ fn run_chunks(
         _pad: 0,
     };
     let sg = xq_subgroups(pass.caps(), XQ_WG);
-    let spec = xq_spec(act, q.form().code(), sg)?;
+    let spec = xq_spec(src, q.form().code(), sg)?;
     let out = q.buffer();
     pass.dispatch(
         Kernel::Activation,
         spec,
         &params,
-        &[x, x, out, out],
+        &[x, up, out, out],
         (n / 8).div_ceil(XQ_WG),
     )?;
     Ok(())

@@ -19,7 +19,7 @@ pub mod sdpa;
 pub mod select;
 pub mod softmax;
 
-pub use activation::{gelu, glu, glu_split, glu_split_xq, silu, softcap, Act, GeluApprox};
+pub use activation::{gelu, glu, glu_split, glu_split_xq, glu_xq, silu, softcap, Act, GeluApprox};
 pub use dense::matmul;
 pub use elementwise::{add, add_scaled, mul, scale};
 pub use embedding::{embedding, embedding_scaled};
@@ -32,7 +32,9 @@ pub use moe::{
     expert_ids, gather_matmul, gather_qmm, ggml_gather_matvec, moe_combine, moe_ffn, moe_glu,
     moe_route, MoeConfig, MoeExperts, RouterConfig, RouterKind,
 };
-pub use norm::{layer_norm, rms_norm, rms_norm_residual, rms_norm_residual_xq, rms_norm_xq};
+pub use norm::{
+    layer_norm, rms_norm, rms_norm_and_xq, rms_norm_residual, rms_norm_residual_xq, rms_norm_xq,
+};
 pub use qmatmul::{
     dequantize, gather_rows_quantized, qmatmul, qmm, qmv, qmv_fused, qmv_xq, quantize_x, QmvFusion,
     QuantizedX, XqForm,

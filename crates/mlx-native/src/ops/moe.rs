@@ -47,10 +47,11 @@ use crate::encoder::Pass;
 use crate::error::{MlxError, Result};
 use crate::kernels::{Kernel, Spec};
 use crate::ops::activation::{glu, Act};
-use crate::ops::qmatmul::{self, plan, CoopParams, MatmulPlan};
+use crate::ops::qmatmul::{self, plan, CoopParams, MatmulPlan, QuantizedX, XqForm};
 use crate::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
 use crate::weights::ggml::GgmlType;
 use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
+use crate::weights::quant_weight::QuantWeight;
 use crate::Caps;
 
 /// Most experts the router takes (one per invocation of a workgroup of 256).
@@ -209,9 +210,17 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
         .with_const("GROUP_SIZE", params.group_size)
 }
 
-fn gqmv_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool, xq: u32) -> Result<Spec> {
+/// `xsrc`: x comes as [`QuantizedX`] chunks in the `xq` form.
+fn gqmv_spec(
+    params: QuantParams,
+    dt: DType,
+    rpt: u32,
+    sg: bool,
+    xq: u32,
+    xsrc: bool,
+) -> Result<Spec> {
     Ok(qspec("gqmv", params, dt, GQMV_WG)?
-        .with_const("GQMV", xq << 4 | rpt)?
+        .with_const("GQMV", u32::from(xsrc) << 6 | xq << 4 | rpt)?
         .with_subgroups(sg))
 }
 
@@ -247,7 +256,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
         for rpt in RPTS {
             for sg in [false, true] {
                 for xq in [0, qmatmul::default_xq(params)] {
-                    v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq)?));
+                    v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq, false)?));
+                    if xq != 0 {
+                        v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq, true)?));
+                    }
                 }
             }
         }
@@ -453,27 +465,8 @@ pub fn gather_qmm_with(
     let biases = qw.biases().unwrap_or(qw.scales());
     match path {
         GatherPath::Vector => {
-            let (mut rpt, sg) = match plan(1, n, k, pass.caps()) {
-                MatmulPlan::Vector { rpt, subgroups } => (rpt, subgroups),
-                _ => (1, false),
-            };
             let xq = qmatmul::default_xq(qw.params());
-            if xq != 0 {
-                // The most rows per row-block: each lane quantizes its x chunk once for all
-                // of them. Measured on an H200: a Qwen3-30B-A3B decode step 5406 -> 4705 us
-                // against the plan's 2 rows (experts of 768 and 2048 rows).
-                rpt = 4;
-            }
-            let forced = GQMV_RPT.load(std::sync::atomic::Ordering::Relaxed);
-            if forced != 0 {
-                rpt = forced;
-            }
-            let spec = gqmv_spec(qw.params(), sdt, rpt, sg, xq)?;
-            let per_wg = 2 * rpt as usize;
-            let groups = (r.pairs as usize).saturating_mul(n.div_ceil(per_wg));
-            let groups = check::fits_u32(groups, op, "workgroups")?;
-            let bufs = [&xa, qw.packed(), qw.scales(), biases, &y, qw.packed(), ids];
-            pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
+            dispatch_gqmv(pass, op, &xa, (xq, false), qw, ids, &params, &y)?;
         }
         GatherPath::Sorted => {
             let sorted = sort_pairs(pass, op, ids, r.pairs as usize, e)?;
@@ -509,6 +502,117 @@ pub fn gather_qmm_with(
             pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
         }
     }
+    Ok(y)
+}
+
+/// The decode kernel of the routed product (one workgroup per pair and 2·RPT rows): x f32
+/// (`xq`: its in-kernel quantization), or already quantized chunks in that form (`xsrc`).
+#[allow(clippy::too_many_arguments)]
+fn dispatch_gqmv(
+    pass: &mut Pass,
+    op: &str,
+    x: &MlxBuffer,
+    (xq, xsrc): (u32, bool),
+    qw: &QuantWeight,
+    ids: &MlxBuffer,
+    params: &GatherParams,
+    y: &MlxBuffer,
+) -> Result<()> {
+    let (n, k) = (params.n as usize, params.k as usize);
+    let sdt = match qw.mode() {
+        QuantMode::Affine => qw.dtype(),
+        QuantMode::Mxfp4 => DType::U8,
+    };
+    let (mut rpt, sg) = match plan(1, n, k, pass.caps()) {
+        MatmulPlan::Vector { rpt, subgroups } => (rpt, subgroups),
+        _ => (1, false),
+    };
+    if xq != 0 {
+        // The most rows per row-block: each lane quantizes (or loads) its x chunk once for
+        // all of them. Measured on an H200: a Qwen3-30B-A3B decode step 5406 -> 4705 us
+        // against the plan's 2 rows (experts of 768 and 2048 rows).
+        rpt = 4;
+    }
+    let forced = GQMV_RPT.load(std::sync::atomic::Ordering::Relaxed);
+    if forced != 0 {
+        rpt = forced;
+    }
+    let spec = gqmv_spec(qw.params(), sdt, rpt, sg, xq, xsrc)?;
+    let per_wg = 2 * rpt as usize;
+    let groups = (params.pairs as usize).saturating_mul(n.div_ceil(per_wg));
+    let groups = check::fits_u32(groups, op, "workgroups")?;
+    let biases = qw.biases().unwrap_or(qw.scales());
+    let bufs = [x, qw.packed(), qw.scales(), biases, y, qw.packed(), ids];
+    pass.dispatch(Kernel::MoeQuant, spec, params, &bufs, groups)
+}
+
+/// The decode form of [`gather_qmm`] over x already quantized for the experts
+/// ([`QuantizedX`] of `XqForm::of(w.weight())`): `x` `[T, K]` (every slot of a token reads
+/// its row) or `[T * k, K]` (a row per pair), `ids` u32 `[T, k]`, T * k pairs of at most
+/// [`MAX_VEC_M`](qmatmul::MAX_VEC_M) tokens; returns f32 `[T, k, N]`.
+pub fn gather_qmv_xq(
+    pass: &mut Pass,
+    x: &QuantizedX,
+    w: &QuantExperts,
+    ids: &MlxBuffer,
+) -> Result<MlxBuffer> {
+    let op = "gather_qmv_xq";
+    let [e, n, k] = w.shape();
+    let qw = w.weight();
+    check::dtype(ids, &[DType::U32], op, "ids")?;
+    let &[tokens, top_k] = ids.shape() else {
+        return Err(MlxError::invalid(format!(
+            "{op}: ids has shape {:?}, expected [T, top_k]",
+            ids.shape()
+        )));
+    };
+    check::ensure(tokens > 0 && top_k > 0, op, || "ids is empty".into())?;
+    check::ensure(XqForm::of(qw) == Some(x.form()), op, || {
+        format!(
+            "x was quantized as {:?}, the experts take {:?}",
+            x.form(),
+            XqForm::of(qw)
+        )
+    })?;
+    check::ensure(x.k() == k, op, || {
+        format!("x has {} values a row, the experts' K is {k}", x.k())
+    })?;
+    let x_div = if x.rows() == tokens {
+        top_k
+    } else if x.rows() == tokens * top_k {
+        1
+    } else {
+        return Err(MlxError::invalid(format!(
+            "{op}: x has {} rows, expected {tokens} or {} (ids {:?})",
+            x.rows(),
+            tokens * top_k,
+            ids.shape()
+        )));
+    };
+    let pairs = check::fits_u32(tokens * top_k, op, "pairs")?;
+    check::fits_u32((tokens * top_k).saturating_mul(n), op, "output elements")?;
+    let l = qw.layout();
+    let params = GatherParams {
+        pairs,
+        n: n as u32,
+        k: k as u32,
+        wpr: check::fits_u32(l.words_per_row, op, "words per row")?,
+        gpr: check::fits_u32(l.groups_per_row, op, "groups per row")?,
+        top_k: x_div as u32,
+        experts: check::fits_u32(e, op, "experts")?,
+        max_tiles: 0,
+    };
+    let y = pass.alloc(DType::F32, &[tokens, top_k, n])?;
+    dispatch_gqmv(
+        pass,
+        op,
+        x.buffer(),
+        (x.form().xq(), true),
+        qw,
+        ids,
+        &params,
+        &y,
+    )?;
     Ok(y)
 }
 
@@ -711,6 +815,56 @@ pub fn moe_ffn(
     let up = gather_matmul(pass, &x2, &experts.up, &ids)?;
     let act = moe_glu(pass, &gate, &up, cfg.act)?;
     let y = gather_matmul(pass, &act, &experts.down, &ids)?;
+    moe_combine(pass, &y, &weights, shared)
+}
+
+/// The form of quantized x the decode expert matvecs of `experts` read, if they all read
+/// one ([`gather_qmv_xq`]: MLX 4- or 8-bit experts, gate and up alike).
+pub fn experts_xq_form(experts: &MoeExperts) -> Option<(XqForm, XqForm)> {
+    let form = |w: &ExpertWeight| match w {
+        ExpertWeight::Mlx(q) => XqForm::of(q.weight()),
+        ExpertWeight::Ggml(_) => None,
+    };
+    let (g, u, d) = (
+        form(&experts.gate)?,
+        form(&experts.up)?,
+        form(&experts.down)?,
+    );
+    (g == u).then_some((g, d))
+}
+
+/// [`moe_ffn`] at decode with x also quantized for the gate and up experts (`xq`, of the
+/// gate form of [`experts_xq_form`]; the router reads f32 `x`): the gate/up products read
+/// it ([`gather_qmv_xq`]) and the GLU writes the down experts' input quantized too, so no
+/// expert matvec quantizes x in each of its row-blocks.
+pub fn moe_ffn_xq(
+    pass: &mut Pass,
+    xq: &QuantizedX,
+    router_logits: &MlxBuffer,
+    experts: &MoeExperts,
+    cfg: &MoeConfig<'_>,
+    shared: Option<&MlxBuffer>,
+) -> Result<MlxBuffer> {
+    let op = "moe_ffn_xq";
+    let (ExpertWeight::Mlx(gw), ExpertWeight::Mlx(uw), ExpertWeight::Mlx(dw)) =
+        (&experts.gate, &experts.up, &experts.down)
+    else {
+        return Err(MlxError::invalid(format!(
+            "{op}: quantized x is read by MLX-quantized experts only"
+        )));
+    };
+    let (_, down_form) = experts_xq_form(experts)
+        .ok_or_else(|| MlxError::invalid(format!("{op}: these experts take f32 x")))?;
+    let [e, _, _] = experts.gate.shape();
+    check::shape(router_logits, &[xq.rows(), e], op, "router_logits")?;
+    let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
+    let gate = gather_qmv_xq(pass, xq, gw, &ids)?;
+    let up = gather_qmv_xq(pass, xq, uw, &ids)?;
+    let [t, k, i] = [gate.shape()[0], gate.shape()[1], gate.shape()[2]];
+    let gate2 = gate.reshape(&[t * k, i])?;
+    let up2 = up.reshape(&[t * k, i])?;
+    let act = super::activation::glu_xq(pass, &gate2, &up2, cfg.act, down_form)?;
+    let y = gather_qmv_xq(pass, &act, dw, &ids)?;
     moe_combine(pass, &y, &weights, shared)
 }
 

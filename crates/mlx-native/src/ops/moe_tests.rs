@@ -20,6 +20,7 @@
 //!   more (`xq_bound`); in moe_ffn propagated like the other errors.
 use super::*;
 use crate::ops::qmatmul::tests::{code_part, xq_tolerance};
+use crate::ops::qmatmul::XqForm;
 use crate::testutil::{devices, gpu, Rng};
 use crate::weights::ggml::dequantize as ggml_dequantize;
 use crate::weights::ggml_weight::tests::random_tensor;
@@ -882,12 +883,24 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
                 && gather_path(t) == GatherPath::Sorted
                 && plan(t * k, i, h, g.caps()) == (MatmulPlan::Coop { tile: 16 });
             let coop = if coop16 { 2f64.powi(-10) } else { 0.0 };
-            for (j, (&gv, (&wv, &m))) in got.iter().zip(want.iter().zip(&mag)).enumerate() {
-                let tol = (f + coop) * m + extra[j] + 1e-6;
-                assert!(
-                    (gv as f64 - wv).abs() <= tol,
-                    "{name} t{t} k{k}: element {j}: got {gv}, want {wv} (tol {tol:e})"
-                );
+            // Decode with x quantized by its producer (moe_ffn_xq): the same chunks, the
+            // same bound.
+            let mut outs = vec![("f32 x", got)];
+            if let (1, Some((form, _))) = (t, experts_xq_form(experts)) {
+                let mut pass = g.begin();
+                let xq = qmatmul::quantize_x(&mut pass, &gx, form).unwrap();
+                let out = moe_ffn_xq(&mut pass, &xq, &gl, experts, &cfg, Some(&gs)).unwrap();
+                pass.commit_and_wait().unwrap();
+                outs.push(("quantized x", out.to_vec::<f32>(g).unwrap()));
+            }
+            for (how, got) in outs {
+                for (j, (&gv, (&wv, &m))) in got.iter().zip(want.iter().zip(&mag)).enumerate() {
+                    let tol = (f + coop) * m + extra[j] + 1e-6;
+                    assert!(
+                        (gv as f64 - wv).abs() <= tol,
+                        "{name} t{t} k{k} {how}: element {j}: got {gv}, want {wv} (tol {tol:e})"
+                    );
+                }
             }
         }
     }
@@ -895,6 +908,50 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
 
 // ---------------------------------------------------------------------------------------
 // bad input
+
+/// `gather_qmv_xq` over `quantize_x`'s chunks equals `gather_qmm` (whose decode kernel
+/// quantizes x in-kernel) bit for bit, on both reduction paths, with outputs poisoned; 4-
+/// and 8-bit experts, x as one row per token and one per pair. (`moe_ffn_xq` is held to f64
+/// in `moe_ffn_layer_matches_f64_in_one_submit`.)
+#[test]
+fn gather_qmv_xq_equals_the_in_kernel_quantization() {
+    let mut rng = Rng::new(911);
+    for no_sg in [false, true] {
+        let g = MlxDevice::with_options(crate::DeviceOptions {
+            poison_allocations: true,
+            disable_subgroups: no_sg,
+            ..crate::DeviceOptions::default()
+        })
+        .unwrap();
+        let g = &g;
+        let (e, n, kk, top) = (16, 96, 128, 4);
+        for params in [QuantParams::affine(4, 32), QuantParams::affine(8, 64)] {
+            let (wq, _) = quant_experts(&mut rng, e, n, kk, params, DType::BF16);
+            let w = QuantExperts::upload(g, &wq).unwrap();
+            let form = XqForm::of(w.weight()).unwrap();
+            let ids = random_ids(&mut rng, 1, top, e);
+            let gids = MlxBuffer::from_slice(g, &ids, &[1, top]).unwrap();
+            for rows in [1, top] {
+                let x = rng.normals(rows * kk, 1.0);
+                let shape: &[usize] = if rows == 1 { &[1, kk] } else { &[1, top, kk] };
+                let gx = MlxBuffer::from_slice(g, &x, shape).unwrap();
+                let flat = gx.reshape(&[rows, kk]).unwrap();
+                let mut pass = g.begin();
+                let xq = qmatmul::quantize_x(&mut pass, &flat, form).unwrap();
+                let direct = gather_qmm(&mut pass, &gx, &w, &gids).unwrap();
+                let from_q = gather_qmv_xq(&mut pass, &xq, &w, &gids).unwrap();
+                pass.commit_and_wait().unwrap();
+                let d: Vec<f32> = direct.to_vec(g).unwrap();
+                let q: Vec<f32> = from_q.to_vec(g).unwrap();
+                let what = format!("b{} rows {rows} subgroups off {no_sg}", params.bits);
+                assert_eq!(from_q.shape(), &[1, top, n], "{what}");
+                assert!(d.iter().all(|v| v.is_finite()), "{what}");
+                let same = d.iter().zip(&q).all(|(p, r)| p.to_bits() == r.to_bits());
+                assert!(same, "{what}: differs from gather_qmm");
+            }
+        }
+    }
+}
 
 #[test]
 fn bad_inputs_are_named() {

@@ -83,7 +83,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
                     let s = Spec::new(entry, dt, wg).with_subgroups(sg);
                     v.push((Kernel::Norm, s));
                     for form in XQ_FORM_CODES {
-                        v.push((Kernel::Norm, s.with_const("XQ_OUT", form)?));
+                        let q = s.with_const("XQ_OUT", form)?;
+                        for keep_y in [0, 1] {
+                            v.push((Kernel::Norm, q.with_const("XQ_Y", keep_y)?));
+                        }
                     }
                 }
                 for affine in 0..4 {
@@ -128,7 +131,21 @@ pub fn rms_norm_xq(
     eps: f32,
     form: XqForm,
 ) -> Result<QuantizedX> {
-    Ok(norm_xq(pass, "rms_norm_xq", x, None, w, eps, form)?.1)
+    Ok(norm_xq(pass, "rms_norm_xq", x, None, w, eps, form, false)?.2)
+}
+
+/// [`rms_norm`] written both in f32 and quantized for the decode matvec of weights in
+/// `form` (an MoE layer: the router reads f32, the experts the quantized rows). Returns
+/// `(y, y quantized)`.
+pub fn rms_norm_and_xq(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &MlxBuffer,
+    eps: f32,
+    form: XqForm,
+) -> Result<(MlxBuffer, QuantizedX)> {
+    let (_, y, q) = norm_xq(pass, "rms_norm_and_xq", x, None, w, eps, form, true)?;
+    Ok((y.unwrap_or_else(|| x.clone()), q))
 }
 
 /// Fused residual add and norm: returns `(h, y)` with `h = x + residual` (the new residual
@@ -174,12 +191,13 @@ pub fn rms_norm_residual_xq(
     form: XqForm,
 ) -> Result<(MlxBuffer, QuantizedX)> {
     let op = "rms_norm_residual_xq";
-    let (h, q) = norm_xq(pass, op, x, Some(residual), w, eps, form)?;
+    let (h, _, q) = norm_xq(pass, op, x, Some(residual), w, eps, form, false)?;
     Ok((h.unwrap_or_else(|| x.clone()), q))
 }
 
 /// The quantized-output norms: of x, or (with `residual`) of x + residual, whose sum is
-/// returned too.
+/// returned too; with `keep_y` the f32 rows as well. Returns (sum, f32 rows, quantized).
+#[allow(clippy::too_many_arguments)]
 fn norm_xq(
     pass: &mut Pass,
     op: &str,
@@ -188,13 +206,15 @@ fn norm_xq(
     w: &MlxBuffer,
     eps: f32,
     form: XqForm,
-) -> Result<(Option<MlxBuffer>, QuantizedX)> {
+    keep_y: bool,
+) -> Result<(Option<MlxBuffer>, Option<MlxBuffer>, QuantizedX)> {
     let r = rows_and_weight(op, x, Some(w))?;
     if let Some(res) = residual {
         check::dtype(res, &[DType::F32], op, "residual")?;
         check::same_shape(x, res, op, "x", "residual")?;
     }
     let h = residual.map(|_| pass.alloc_like(x)).transpose()?;
+    let y = keep_y.then(|| pass.alloc_like(x)).transpose()?;
     let q = QuantizedX::alloc(pass, op, r.rows as usize, r.n, form)?;
     let params = NormParams {
         rows: r.rows,
@@ -208,19 +228,20 @@ fn norm_xq(
         "rms_norm"
     };
     let spec = xq_spec(pass, entry, w.dtype(), &r, form)?;
+    let spec = spec.with_const("XQ_Y", u32::from(keep_y))?;
     let yq = q.buffer();
-    // Bindings 0 x, 1 w, 2 y (unused: yq fills it), 3 r, 4 h, 6 yq.
+    // Bindings 0 x, 1 w, 2 y (yq fills it when unused), 3 r, 4 h, 6 yq.
     let bufs = [
         x,
         w,
-        yq,
+        y.as_ref().unwrap_or(yq),
         residual.unwrap_or(x),
         h.as_ref().unwrap_or(yq),
         x,
         yq,
     ];
     pass.dispatch(Kernel::Norm, spec, &params, &bufs, r.rows)?;
-    Ok((h, q))
+    Ok((h, y, q))
 }
 
 /// `(x - mean) * rsqrt(var + eps) * w + b` over the last dimension; `w` and `b` optional.

@@ -427,6 +427,11 @@ impl XqForm {
         })
     }
 
+    /// The x mode (`QmvConfig::xq`: 1 one int8 level, 2 two bytes).
+    pub fn xq(self) -> u32 {
+        self.xq
+    }
+
     /// The kernels' `XQ_OUT` constant: BITS << 2 | XQ.
     pub(crate) fn code(self) -> u32 {
         self.bits << 2 | self.xq

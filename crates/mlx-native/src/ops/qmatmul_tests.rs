@@ -959,6 +959,45 @@ fn quantized_chunks_decode_to_their_values() {
     }
 }
 
+/// `rms_norm_and_xq` (an MoE layer's norm: f32 for the router, chunks for the experts):
+/// its f32 rows match `rms_norm`'s within f32 rounding of the sum of squares, and its chunks
+/// are exactly `quantize_x` of those rows. One row of 2048 (registers) and 10 of 8192
+/// (looping), both reduction paths.
+#[test]
+fn rms_norm_and_xq_keeps_both_forms() {
+    let mut rng = Rng::new(64);
+    for g in devices() {
+        for (rows, k) in [(1usize, 2048usize), (10, 8192)] {
+            let form = XqForm { bits: 4, xq: 2 };
+            let x = rng.normals(rows * k, 1.5);
+            let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
+            let gx = MlxBuffer::from_slice(g, &x, &[rows, k]).unwrap();
+            let gnw = MlxBuffer::from_slice(g, &nw, &[k]).unwrap();
+            let mut pass = g.begin();
+            let (y, yq) = crate::ops::rms_norm_and_xq(&mut pass, &gx, &gnw, 1e-5, form).unwrap();
+            let plain = crate::ops::rms_norm(&mut pass, &gx, &gnw, 1e-5).unwrap();
+            let again = quantize_x(&mut pass, &y, form).unwrap();
+            pass.commit_and_wait().unwrap();
+            let what = format!("{rows}x{k} sg={}", g.caps().subgroups);
+            let (y, plain): (Vec<f32>, Vec<f32>) = (y.to_vec(g).unwrap(), plain.to_vec(g).unwrap());
+            for (j, (a, b)) in y.iter().zip(&plain).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs() + 1e-7,
+                    "{what}: y[{j}] {a} vs {b}"
+                );
+            }
+            let (q, r): (Vec<u32>, Vec<u32>) = (
+                yq.buffer().to_vec(g).unwrap(),
+                again.buffer().to_vec(g).unwrap(),
+            );
+            assert_eq!(
+                q, r,
+                "{what}: chunks differ from quantize_x of the f32 rows"
+            );
+        }
+    }
+}
+
 /// A quantized chunk's 32 integer levels (t = 256·h + l, or h with one level) and Σh, read
 /// from its words as the format says: h bytes in words 0..8, l in 8..16, element e's byte
 /// in code order (4-bit codes: word 2·(e/8) + e%2 holds the even or odd elements of each 8).

@@ -27,7 +27,8 @@ override ACT: u32 = 0u;
 override XQ_OUT: u32 = 18u;
 override BITS: u32 = XQ_OUT >> 2u;
 override XQ: u32 = XQ_OUT & 3u;
-// quantize_chunks: 1 quantizes glu_split's output (glu_split_xq), 0 x itself.
+// quantize_chunks: 1 quantizes glu_split's output (glu_split_xq), 2 glu's (gate in binding 0,
+// up in 1: glu_xq), 0 x itself.
 override XQ_GLU: u32 = 0u;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
@@ -120,12 +121,16 @@ fn x4at(i: u32) -> vec4<f32> {
     return vec4<f32>(x[i], x[i + 1u], x[i + 2u], x[i + 3u]);
 }
 
+fn up4at(i: u32) -> vec4<f32> {
+    return vec4<f32>(up[i], up[i + 1u], up[i + 2u], up[i + 3u]);
+}
+
 fn act4(v: vec4<f32>) -> vec4<f32> {
     return vec4<f32>(act(v.x), act(v.y), act(v.z), act(v.w));
 }
 
 // Four invocations a chunk. glu_split_xq (XQ_GLU 1): x is [rows, 2 * half], the values
-// act(gate) * up; quantize_chunks (0): x's own values. p.n: values to quantize (rows *
+// act(gate) * up; glu_xq (2): act(x) * up, both [rows, half]; quantize_x (0): x's own. p.n: values to quantize (rows *
 // half), p.half: a row's (a multiple of 32).
 @compute @workgroup_size(WG)
 fn quantize_chunks(@builtin(workgroup_id) wid: vec3<u32>,
@@ -147,7 +152,12 @@ fn quantize_chunks(@builtin(workgroup_id) wid: vec3<u32>,
     var b = vec4<f32>(0.0);
     if on {
         let e = i * 8u;
-        if XQ_GLU != 0u {
+        if XQ_GLU == 2u {
+            let g = view(0u) + e;
+            let u = view(1u) + e;
+            a = act4(x4at(g)) * up4at(u);
+            b = act4(x4at(g + 4u)) * up4at(u + 4u);
+        } else if XQ_GLU != 0u {
             let g = view(0u) + e + (e / p.half) * p.half;
             let u = g + p.half;
             a = act4(x4at(g)) * x4at(u);

@@ -25,10 +25,12 @@ struct Params {
 
 // gqmv: rows per row-block RPT (1, 2 or 4) and XQ, x chunks as integers for packed byte
 // dot products (common/quant_xq.wgsl; 4- and 8-bit affine codes only: 0 off, 1 int8,
-// 2 16-bit), packed as GQMV = XQ << 4 | RPT (a spec has three constants).
+// 2 16-bit), and XSRC: binding 0 holds x already quantized in XQ's form (ops::qmatmul::
+// QuantizedX), packed as GQMV = XSRC << 6 | XQ << 4 | RPT (a spec has three constants).
 override GQMV: u32 = 1u;
 override RPT: u32 = GQMV & 15u;
-override XQ: u32 = GQMV >> 4u;
+override XQ: u32 = (GQMV >> 4u) & 3u;
+override XSRC: u32 = (GQMV >> 6u) & 1u;
 const TPR: u32 = 32u;
 
 @group(0) @binding(0) var<storage, read> xv: array<vec4<u32>>;
@@ -121,13 +123,21 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let r2 = ebase + min(n0 + 2u, p.n - 1u);
     let r3 = ebase + min(n0 + 3u, p.n - 1u);
     var s = vec4<f32>(0.0);
+    // XSRC: the pair's x row as quantized chunks (the same row index as xo's).
+    let qo = view(0u) / 4u + (pair / p.top_k) * chunks * XQ_VEC4S;
     for (var c = lane; c < chunks; c += TPR) {
-        let x = x_chunk(xo + c * 8u);
-        let gc = (c * 32u) / GROUP_SIZE;
+        var x: array<vec4<f32>, 8>;
         var xq: XChunk;
-        if XQ != 0u {
-            xq = quantize_x(x);
+        if XSRC != 0u {
+            let o = qo + c * XQ_VEC4S;
+            xq = xchunk_from(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u]);
+        } else {
+            x = x_chunk(xo + c * 8u);
+            if XQ != 0u {
+                xq = quantize_x(x);
+            }
         }
+        let gc = (c * 32u) / GROUP_SIZE;
         s.x += row_chunk(r0, c, gc, x, xq);
         if RPT > 1u {
             s.y += row_chunk(r1, c, gc, x, xq);

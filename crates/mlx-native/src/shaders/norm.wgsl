@@ -20,6 +20,8 @@ override AFFINE: u32 = 1u;
 override XQ_OUT: u32 = 0u;
 override BITS: u32 = XQ_OUT >> 2u;
 override XQ: u32 = XQ_OUT & 3u;
+// With XQ_OUT: 1 writes y in f32 too (a router beside quantized experts reads it).
+override XQ_Y: u32 = 0u;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
@@ -123,6 +125,7 @@ fn store_row_xq(row: u32, xo: u32, ro: u32, res: bool, inv: f32, lid: u32) {
             let e = c * 32u + 8u * t;
             a = xr4(xo, ro, res, e) * inv * w4at(e);
             b = xr4(xo, ro, res, e + 4u) * inv * w4at(e + 4u);
+            store_y8(row, e, a, b);
         }
         let q = quantize_part(a, b, slot);
         if on {
@@ -159,9 +162,25 @@ fn row_xq_in_registers(row: u32, xo: u32, ro: u32, ho: u32, res: bool, lid: u32)
         }
     }
     let inv = inverseSqrt(wg_sum(dot(a, a) + dot(b, b), lid) / f32(p.n) + p.eps);
-    let q = quantize_part(a * inv * wa, b * inv * wb, slot);
+    let ya = a * inv * wa;
+    let yb = b * inv * wb;
+    if on {
+        store_y8(row, e, ya, yb);
+    }
+    let q = quantize_part(ya, yb, slot);
     if on {
         store_yq(row * cpr + c, t, q);
+    }
+}
+
+// XQ_Y: the 8 normed values at element e of the row into y as well.
+fn store_y8(row: u32, e: u32, a: vec4<f32>, b: vec4<f32>) {
+    if XQ_Y != 0u {
+        let o = view(2u) + row * p.n + e;
+        for (var u = 0u; u < 4u; u++) {
+            y[o + u] = a[u];
+            y[o + 4u + u] = b[u];
+        }
     }
 }
 
