@@ -7,6 +7,8 @@
 //! Variants: the separate dispatches (no folding), the default folding (`Folding`), the
 //! default with the decode attention forced to split-K (the before of the one-split path),
 //! and that with its split kernel dispatched twice (what the kernel costs inside the pass).
+//! With `AB_XQ=1`: the default against its matvecs quantizing x themselves (the before of
+//! `Folding::quantized_x`), each also without the norm folds.
 
 use mlx_native::ops;
 use mlx_native::MlxDevice;

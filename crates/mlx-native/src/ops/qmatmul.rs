@@ -445,11 +445,13 @@ pub(crate) const XQ_FORM_CODES: [u32; 4] = [4 << 2 | 1, 4 << 2 | 2, 8 << 2 | 1, 
 /// u32 words of one quantized 32-element chunk (common/xq_quantize.wgsl: h, l, d, s, hs).
 const XQ_CHUNK_WORDS: usize = 20;
 
-/// f32 activations quantized per 32-element chunk for the integer-dot decode matvec
-/// ([`qmv_xq`]) by the op that produced them ([`crate::ops::norm::rms_norm_xq`],
-/// [`crate::ops::activation::glu_split_xq`], or [`quantize_x`]). qmv with f32 x loads and
-/// quantizes every chunk again in each of its row-sets; reading chunks quantized once made
-/// a Llama-3.1-8B decode step ~10 % faster on an H200 (docs/PERFORMANCE.md, session 7).
+/// f32 activations quantized per 32-element chunk for the integer-dot decode matvecs
+/// ([`qmv_xq`], `ops::moe::gather_qmv_xq`) by the op that produced them
+/// ([`crate::ops::norm::rms_norm_xq`] and its residual / f32-too variants,
+/// [`crate::ops::activation::glu_split_xq`], `glu_xq`, or [`quantize_x`]). A matvec with
+/// f32 x loads and quantizes every chunk again in each of its row-sets; reading chunks
+/// quantized once made decode steps on an H200 3.8 % (Llama-3.1-8B), 6.8 % (Gemma-3-4B) and
+/// 4.9 % (Qwen3-30B-A3B) faster (docs/PERFORMANCE.md, session 7).
 #[derive(Clone, Debug)]
 pub struct QuantizedX {
     buf: MlxBuffer,

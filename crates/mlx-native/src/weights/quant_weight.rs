@@ -17,7 +17,7 @@ use crate::weights::quant::{QuantLayout, QuantMode, QuantParams, Quantized, Scal
 
 const OP: &str = "QuantWeight";
 
-/// A quantized `[N, K]` weight on the GPU; `y = x · Wᵀ` via [`crate::ops::qmatmul`].
+/// A quantized `[N, K]` weight on the GPU; `y = x · Wᵀ` via [`crate::ops::qmatmul()`].
 #[derive(Clone, Debug)]
 pub struct QuantWeight {
     packed: MlxBuffer,
