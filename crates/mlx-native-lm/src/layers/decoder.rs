@@ -70,7 +70,7 @@ impl Folding {
     };
 
     fn any(self) -> bool {
-        self.residual || self.glu || self.norms || self.small_norms
+        self.residual || self.glu || self.norms || self.small_norms || self.quantized_x
     }
 
     /// Whether to fold a pre-norm into a matvec of `shape` ([N, K]).

@@ -788,6 +788,24 @@ pub fn moe_ffn(
     shared: Option<&MlxBuffer>,
 ) -> Result<MlxBuffer> {
     let op = "moe_ffn";
+    let [e, _, h] = check_experts(op, experts)?;
+    check::dtype(x, &[DType::F32], op, "x")?;
+    let (t, xh) = check::rows(x, op, "x")?;
+    check::ensure(xh == h, op, || {
+        format!("x has {xh} columns, expected the experts' hidden size {h}")
+    })?;
+    check::shape(router_logits, &[t, e], op, "router_logits")?;
+    let x2 = x.reshape(&[t, h])?;
+    let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
+    let gate = gather_matmul(pass, &x2, &experts.gate, &ids)?;
+    let up = gather_matmul(pass, &x2, &experts.up, &ids)?;
+    let act = moe_glu(pass, &gate, &up, cfg.act)?;
+    let y = gather_matmul(pass, &act, &experts.down, &ids)?;
+    moe_combine(pass, &y, &weights, shared)
+}
+
+/// The experts' `[E, I, H]` (gate's), with up's and down's shapes checked against it.
+fn check_experts(op: &str, experts: &MoeExperts) -> Result<[usize; 3]> {
     let [e, i, h] = experts.gate.shape();
     check::ensure(experts.up.shape() == [e, i, h], op, || {
         format!(
@@ -803,19 +821,7 @@ pub fn moe_ffn(
             experts.gate.shape()
         )
     })?;
-    check::dtype(x, &[DType::F32], op, "x")?;
-    let (t, xh) = check::rows(x, op, "x")?;
-    check::ensure(xh == h, op, || {
-        format!("x has {xh} columns, expected the experts' hidden size {h}")
-    })?;
-    check::shape(router_logits, &[t, e], op, "router_logits")?;
-    let x2 = x.reshape(&[t, h])?;
-    let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
-    let gate = gather_matmul(pass, &x2, &experts.gate, &ids)?;
-    let up = gather_matmul(pass, &x2, &experts.up, &ids)?;
-    let act = moe_glu(pass, &gate, &up, cfg.act)?;
-    let y = gather_matmul(pass, &act, &experts.down, &ids)?;
-    moe_combine(pass, &y, &weights, shared)
+    Ok([e, i, h])
 }
 
 /// The form of quantized x the decode expert matvecs of `experts` read, if they all read
@@ -855,7 +861,13 @@ pub fn moe_ffn_xq(
     };
     let (_, down_form) = experts_xq_form(experts)
         .ok_or_else(|| MlxError::invalid(format!("{op}: these experts take f32 x")))?;
-    let [e, _, _] = experts.gate.shape();
+    let [e, _, h] = check_experts(op, experts)?;
+    check::ensure(xq.k() == h, op, || {
+        format!(
+            "x has {} values a row, expected the experts' hidden size {h}",
+            xq.k()
+        )
+    })?;
     check::shape(router_logits, &[xq.rows(), e], op, "router_logits")?;
     let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
     let gate = gather_qmv_xq(pass, xq, gw, &ids)?;

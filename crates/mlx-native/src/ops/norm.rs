@@ -69,8 +69,16 @@ fn xq_spec(
     r: &Rows,
     form: XqForm,
 ) -> Result<Spec> {
-    let s = spec(pass, entry, wdtype, r.n / 2, r.rows);
+    let mut s = spec(pass, entry, wdtype, r.n / 2, r.rows);
     let sg = s.subgroups && crate::ops::activation::xq_subgroups(pass.caps(), s.wg);
+    if !sg {
+        // The workgroup-memory exchange takes 20 bytes an invocation beside the reduction's
+        // 4 KiB: a narrower workgroup where the device allows less (the row then loops).
+        let limit = pass.caps().max_workgroup_storage;
+        while s.wg > 64 && 20 * s.wg + 4096 > limit {
+            s.wg /= 2;
+        }
+    }
     s.with_subgroups(sg).with_const("XQ_OUT", form.code())
 }
 
