@@ -50,7 +50,7 @@ use crate::ops::activation::{glu, Act};
 use crate::ops::qmatmul::{self, plan, CoopParams, MatmulPlan, QuantizedX, XqForm};
 use crate::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts};
 use crate::weights::ggml::GgmlType;
-use crate::weights::quant::{QuantMode, QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
+use crate::weights::quant::{QuantParams, AFFINE_BITS, AFFINE_GROUP_SIZES};
 use crate::weights::quant_weight::QuantWeight;
 use crate::Caps;
 
@@ -439,11 +439,7 @@ pub fn gather_qmm_with(
     let [e, n, k] = w.shape();
     let r = check_routed(op, x, ids, [e, n, k])?;
     let qw = w.weight();
-    let l = qw.layout();
-    let sdt = match qw.mode() {
-        QuantMode::Affine => qw.dtype(),
-        QuantMode::Mxfp4 => DType::U8,
-    };
+    let sdt = qmatmul::scale_dtype(qw.params(), qw.dtype());
     // The kernels read x as vec4: it must start on a 16-byte boundary of its binding.
     let align = pass.caps().storage_offset_alignment;
     let xa = if x.elem_offset().is_multiple_of(4) && align.is_multiple_of(16) {
@@ -452,16 +448,7 @@ pub fn gather_qmm_with(
         super::layout::copy(pass, x)?
     };
     let y = pass.alloc(DType::F32, &[r.tokens, r.top_k, n])?;
-    let mut params = GatherParams {
-        pairs: r.pairs,
-        n: n as u32,
-        k: k as u32,
-        wpr: check::fits_u32(l.words_per_row, op, "words per row")?,
-        gpr: check::fits_u32(l.groups_per_row, op, "groups per row")?,
-        top_k: r.x_div,
-        experts: check::fits_u32(e, op, "experts")?,
-        max_tiles: 0,
-    };
+    let mut params = gather_params(op, qw, [e, n, k], r.pairs, r.x_div)?;
     let biases = qw.biases().unwrap_or(qw.scales());
     match path {
         GatherPath::Vector => {
@@ -505,6 +492,28 @@ pub fn gather_qmm_with(
     Ok(y)
 }
 
+/// The routed kernels' params for experts `[E, N, K]` of `qw`'s layout: `pairs` products,
+/// x row `pair / x_div`.
+fn gather_params(
+    op: &str,
+    qw: &QuantWeight,
+    [e, n, k]: [usize; 3],
+    pairs: u32,
+    x_div: u32,
+) -> Result<GatherParams> {
+    let l = qw.layout();
+    Ok(GatherParams {
+        pairs,
+        n: n as u32,
+        k: k as u32,
+        wpr: check::fits_u32(l.words_per_row, op, "words per row")?,
+        gpr: check::fits_u32(l.groups_per_row, op, "groups per row")?,
+        top_k: x_div,
+        experts: check::fits_u32(e, op, "experts")?,
+        max_tiles: 0,
+    })
+}
+
 /// The decode kernel of the routed product (one workgroup per pair and 2·RPT rows): x f32
 /// (`xq`: its in-kernel quantization), or already quantized chunks in that form (`xsrc`).
 #[allow(clippy::too_many_arguments)]
@@ -519,10 +528,7 @@ fn dispatch_gqmv(
     y: &MlxBuffer,
 ) -> Result<()> {
     let (n, k) = (params.n as usize, params.k as usize);
-    let sdt = match qw.mode() {
-        QuantMode::Affine => qw.dtype(),
-        QuantMode::Mxfp4 => DType::U8,
-    };
+    let sdt = qmatmul::scale_dtype(qw.params(), qw.dtype());
     let (mut rpt, sg) = match plan(1, n, k, pass.caps()) {
         MatmulPlan::Vector { rpt, subgroups } => (rpt, subgroups),
         _ => (1, false),
@@ -591,17 +597,7 @@ pub fn gather_qmv_xq(
     };
     let pairs = check::fits_u32(tokens * top_k, op, "pairs")?;
     check::fits_u32((tokens * top_k).saturating_mul(n), op, "output elements")?;
-    let l = qw.layout();
-    let params = GatherParams {
-        pairs,
-        n: n as u32,
-        k: k as u32,
-        wpr: check::fits_u32(l.words_per_row, op, "words per row")?,
-        gpr: check::fits_u32(l.groups_per_row, op, "groups per row")?,
-        top_k: x_div as u32,
-        experts: check::fits_u32(e, op, "experts")?,
-        max_tiles: 0,
-    };
+    let params = gather_params(op, qw, [e, n, k], pairs, x_div as u32)?;
     let y = pass.alloc(DType::F32, &[tokens, top_k, n])?;
     dispatch_gqmv(
         pass,
@@ -861,7 +857,7 @@ pub fn moe_ffn_xq(
     };
     let (_, down_form) = experts_xq_form(experts)
         .ok_or_else(|| MlxError::invalid(format!("{op}: these experts take f32 x")))?;
-    let [e, _, h] = check_experts(op, experts)?;
+    let [e, i, h] = check_experts(op, experts)?;
     check::ensure(xq.k() == h, op, || {
         format!(
             "x has {} values a row, expected the experts' hidden size {h}",
@@ -872,9 +868,10 @@ pub fn moe_ffn_xq(
     let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
     let gate = gather_qmv_xq(pass, xq, gw, &ids)?;
     let up = gather_qmv_xq(pass, xq, uw, &ids)?;
-    let [t, k, i] = [gate.shape()[0], gate.shape()[1], gate.shape()[2]];
-    let gate2 = gate.reshape(&[t * k, i])?;
-    let up2 = up.reshape(&[t * k, i])?;
+    // [T, k, I] as one row per pair.
+    let pairs = gate.len() / i;
+    let gate2 = gate.reshape(&[pairs, i])?;
+    let up2 = up.reshape(&[pairs, i])?;
     let act = super::activation::glu_xq(pass, &gate2, &up2, cfg.act, down_form)?;
     let y = gather_qmv_xq(pass, &act, dw, &ids)?;
     moe_combine(pass, &y, &weights, shared)

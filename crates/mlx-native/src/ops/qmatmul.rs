@@ -309,8 +309,9 @@ pub fn plan(m: usize, n: usize, _k: usize, caps: &Caps) -> MatmulPlan {
         } else {
             1
         };
-        // Subgroups must tile a row-block of 32 exactly; the kernel sizes its partial sums
-        // for subgroups of at least 4.
+        // Subgroups must tile a row-block of 32 exactly. At least 4 invocations: kept from a
+        // session-7 experiment that sized the partial sums for it (reverted); devices with
+        // smaller subgroups take the workgroup-memory path, which serves any size.
         let sg = caps.subgroups
             && caps.subgroup_min_size >= 4
             && caps.subgroup_max_size <= 32
@@ -344,7 +345,7 @@ fn matrix_plan(m: usize, n: usize, k: usize, caps: &Caps) -> MatmulPlan {
 }
 
 /// The dtype that selects the scales' WGSL type: U8 for MXFP4's e8m0 bytes.
-fn scale_dtype(params: QuantParams, dtype: DType) -> DType {
+pub(crate) fn scale_dtype(params: QuantParams, dtype: DType) -> DType {
     match params.mode {
         QuantMode::Affine => dtype,
         QuantMode::Mxfp4 => DType::U8,
