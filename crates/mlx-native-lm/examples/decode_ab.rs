@@ -66,6 +66,50 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("no norm folds".into(), (no_norms(default), (0, 0), 0, None)),
         ];
     }
+    // AB_BOUND=1: the default against it with later pre-norms and GLUs not dispatched
+    // (`decoder::set_bound_skip`; timing only): the bound of folding them away.
+    let bound = std::env::var("AB_BOUND").is_ok();
+    if bound {
+        variants = ["default", "no later norms", "no later GLUs", "neither"]
+            .iter()
+            .map(|l| (l.to_string(), (default, (0, 0), 0, None)))
+            .collect();
+    }
+    // AB_NORM_OUT=1: the default against it without `Folding::norm_out` (the pre-norms as
+    // their own dispatches).
+    if std::env::var("AB_NORM_OUT").is_ok() {
+        let before = Folding {
+            norm_out: false,
+            ..default
+        };
+        variants = vec![
+            ("norms dispatched".into(), (before, (0, 0), 0, None)),
+            ("default (norm_out)".into(), (default, (0, 0), 0, None)),
+        ];
+    }
+    // AB_NORM_OUT=2: what norm_out's parts cost (`qmatmul::set_norm_out_probe`, timing only).
+    let probes: Vec<u32> = match std::env::var("AB_NORM_OUT").as_deref() {
+        Ok("2") => {
+            let before = Folding {
+                norm_out: false,
+                ..default
+            };
+            let mut p = vec![(String::from("norms dispatched"), before, 0u32)];
+            p.push(("o/down in norm_out's shape".into(), before, 1 << 17));
+            p.push(("o/down rpt 8 tpr 128 in 32 rows".into(), before, 1 << 17 | 8 | 128 << 8));
+            p.push(("norm_out".into(), default, 0));
+            p.push(("norm_out, no chunk stores".into(), default, 1 << 16));
+            for (rpt, tpr) in [(4u32, 64u32), (2, 64), (2, 32), (1, 32)] {
+                p.push((format!("norm_out rpt {rpt} tpr {tpr}"), default, rpt | tpr << 8));
+            }
+            variants = p
+                .iter()
+                .map(|(l, f, _)| (l.clone(), (*f, (0, 0), 0, None)))
+                .collect();
+            p.into_iter().map(|(_, _, b)| b).collect()
+        }
+        _ => Vec::new(),
+    };
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
     let ids: Vec<u32> = (0..ctx as u32)
@@ -89,6 +133,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ops::sdpa::set_decode_repeat(split, reduce);
             ops::sdpa::set_decode_gt((gt > 0).then_some(gt));
             ops::sdpa::set_decode_single(single);
+            if bound {
+                mlx_native_lm::layers::decoder::set_bound_skip(vi as u32);
+            }
+            if let Some(&p) = probes.get(vi) {
+                ops::qmatmul::set_norm_out_probe(p);
+            }
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);
                 let logits = m.forward(&mut pass, &[5], pos, &mut cache)?;

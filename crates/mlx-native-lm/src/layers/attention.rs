@@ -4,7 +4,7 @@
 
 use mlx_native::kv_quant::KvStore;
 use mlx_native::ops::kv::RopeAppend;
-use mlx_native::ops::{self, QmvFusion, QuantizedX, RopeTable, SdpaOptions};
+use mlx_native::ops::{self, MatvecX, NormOut, QmvFusion, QuantizedX, RopeTable, SdpaOptions};
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{MlxBuffer, MlxDevice, Pass};
 
@@ -49,8 +49,12 @@ pub struct BlockInput<'a> {
     /// (`ops::kv::rope_append`) rather than RoPE then the cache append.
     pub rope_append: bool,
     /// At decode, the normed x already quantized for the stacked q|k|v matvec
-    /// (`ops::rms_norm_xq`): read instead of `x` (then `norm` is None).
+    /// (`ops::rms_norm_xq`, or a matvec with the norm pending): read instead of `x` (then
+    /// `norm` is None).
     pub xq: Option<&'a QuantizedX>,
+    /// At decode, o also writes the input of the matvec after this RMS norm, where it can
+    /// ([`Linear::can_norm_out`]; [`Attention::forward_out`] returns it).
+    pub norm_out: Option<NormOut<'a>>,
 }
 
 impl<'a> BlockInput<'a> {
@@ -62,6 +66,7 @@ impl<'a> BlockInput<'a> {
             residual: None,
             rope_append: true,
             xq: None,
+            norm_out: None,
         }
     }
 }
@@ -167,7 +172,7 @@ impl Attention {
         cache: &mut KvStore,
         layer: usize,
         input: &BlockInput<'_>,
-    ) -> Result<MlxBuffer> {
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let v = y.view((nh + nkv) * hd, &[1, nkv, hd])?;
         let (q, k) = if self.q_norm.is_none() && self.k_norm.is_none() {
@@ -198,6 +203,20 @@ impl Attention {
         cache: &mut KvStore,
         layer: usize,
     ) -> Result<MlxBuffer> {
+        Ok(self.forward_out(pass, input, step, rope, cache, layer)?.0)
+    }
+
+    /// [`Attention::forward`], and the input of the matvec after `input.norm_out` where o
+    /// wrote it.
+    pub fn forward_out(
+        &self,
+        pass: &mut Pass,
+        input: &BlockInput<'_>,
+        step: &Step<'_>,
+        rope: &RopeTable,
+        cache: &mut KvStore,
+        layer: usize,
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
         let normed;
         let x = match (input.norm, &self.qkv, step.tokens) {
             (Some((w, eps)), None, _) | (Some((w, eps)), Some(_), 2..) => {
@@ -258,7 +277,8 @@ impl Attention {
         self.attend(pass, &q, step, cache, layer, input)
     }
 
-    /// Attention of `q` over the cache, then o (with the block's residual added).
+    /// Attention of `q` over the cache, then o (with the block's residual added, and the
+    /// next norm's matvec input written where `input.norm_out` asks and o can).
     fn attend(
         &self,
         pass: &mut Pass,
@@ -267,7 +287,7 @@ impl Attention {
         cache: &mut KvStore,
         layer: usize,
         input: &BlockInput<'_>,
-    ) -> Result<MlxBuffer> {
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
         let opts = SdpaOptions {
             scale: self.scale,
             window: self.window,
@@ -279,10 +299,12 @@ impl Attention {
             cache.sdpa_prefill(pass, q, layer, step.pos0, &opts)?
         };
         let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
-        let fusion = QmvFusion {
-            residual: input.residual,
-            ..QmvFusion::default()
-        };
-        self.o.forward_fused(pass, &attn, &fusion)
+        let norm_out = input.norm_out.as_ref().filter(|o| step.tokens == 1 && self.o.can_norm_out(o, pass.caps()));
+        if let Some(out) = norm_out {
+            let (y, q) = self.o.forward_norm_out(pass, MatvecX::F32(&attn), input.residual, out)?;
+            return Ok((y, Some(q)));
+        }
+        let fusion = QmvFusion::residual(input.residual);
+        Ok((self.o.forward_fused(pass, &attn, &fusion)?, None))
     }
 }

@@ -2,13 +2,46 @@
 //! after each of them (four norms per layer).
 
 use mlx_native::kv_quant::KvStore;
-use mlx_native::ops::{self, RopeTable};
+use mlx_native::ops::{self, NormOut, QuantizedX, RopeTable};
 use mlx_native::{MlxBuffer, Pass};
 
 use super::attention::{BlockInput, Step};
 use super::mlp::{Ffn, FfnInput};
 use super::Attention;
 use crate::error::Result;
+
+/// Measurement only (timing, wrong results): `bits & 1` reuses the first pre-norm's
+/// quantized output instead of dispatching the later ones, `bits & 2` the first GLU's: what
+/// those dispatches cost inside a decode pass, the bound of folding them away.
+#[doc(hidden)]
+pub fn set_bound_skip(bits: u32) {
+    BOUND_SKIP.store(bits, std::sync::atomic::Ordering::Relaxed);
+    if let Ok(mut s) = BOUND_STASH.lock() {
+        *s = [None, None, None];
+    }
+}
+static BOUND_SKIP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+static BOUND_STASH: std::sync::Mutex<[Option<ops::QuantizedX>; 3]> =
+    std::sync::Mutex::new([None, None, None]);
+
+/// `make()`, or under [`set_bound_skip`]'s `bit` the stashed first result (slot `slot`).
+pub(crate) fn bound_reuse(
+    bit: u32,
+    slot: usize,
+    make: impl FnOnce() -> Result<ops::QuantizedX>,
+) -> Result<ops::QuantizedX> {
+    if BOUND_SKIP.load(std::sync::atomic::Ordering::Relaxed) & bit == 0 {
+        return make();
+    }
+    if let Some(q) = BOUND_STASH.lock().ok().and_then(|s| s[slot].clone()) {
+        return Ok(q);
+    }
+    let q = make()?;
+    if let Ok(mut s) = BOUND_STASH.lock() {
+        s[slot] = Some(q.clone());
+    }
+    Ok(q)
+}
 
 /// Which of a decode step's small ops ride in the matvecs (`ops::qmv_fused`) instead of
 /// running as their own dispatches. Each saves a dispatch and the barrier before it, but
@@ -35,6 +68,12 @@ pub struct Folding {
     /// `glu_xq`), which otherwise quantize each x chunk again in every row-set. Not a fold
     /// (no dispatch saved) but the matvecs' own work.
     pub quantized_x: bool,
+    /// The pre-norms of a Llama-style layer split across the boundary (needs `quantized_x`
+    /// and `residual`): o and down write the residual stream and also the next matvec's
+    /// quantized input before the norm's 1/rms (`ops::qmv_norm_out`), which that matvec
+    /// applies; the norm dispatches go. Across layers too: the model passes each layer
+    /// the next one's norm ([`LayerLink`]).
+    pub norm_out: bool,
 }
 
 impl Folding {
@@ -45,6 +84,7 @@ impl Folding {
         small_norms: false,
         rope_append: false,
         quantized_x: false,
+        norm_out: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
@@ -53,6 +93,7 @@ impl Folding {
         small_norms: true,
         rope_append: true,
         quantized_x: true,
+        norm_out: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md). With
     /// qmv's 16-bit x, `small_norms` gains 97 us a token on Qwen3-30B-A3B and 75 on
@@ -67,10 +108,16 @@ impl Folding {
         small_norms: true,
         rope_append: true,
         quantized_x: true,
+        norm_out: true,
     };
 
     fn any(self) -> bool {
-        self.residual || self.glu || self.norms || self.small_norms || self.quantized_x
+        self.residual
+            || self.glu
+            || self.norms
+            || self.small_norms
+            || self.quantized_x
+            || self.norm_out
     }
 
     /// Whether to fold a pre-norm into a matvec of `shape` ([N, K]).
@@ -111,6 +158,17 @@ pub struct DecoderLayer {
     pub fold: Folding,
 }
 
+/// What passes between decode layers besides the residual stream ([`Folding::norm_out`]).
+#[derive(Default)]
+pub struct LayerLink<'a> {
+    /// This layer's input, normed and quantized for its q|k|v but for the norm's 1/rms
+    /// (written by the layer before: [`DecoderLayer::input_norm_out`]).
+    pub xq_in: Option<&'a QuantizedX>,
+    /// The RMS norm after this layer (the next layer's input norm, or the model's final
+    /// norm) and the form its matvec reads: down writes that input where it can.
+    pub next: Option<NormOut<'a>>,
+}
+
 impl DecoderLayer {
     /// `x [T, hidden]` (the residual stream) -> the new residual stream.
     pub fn forward(
@@ -122,11 +180,43 @@ impl DecoderLayer {
         cache: &mut KvStore,
         layer: usize,
     ) -> Result<MlxBuffer> {
+        let link = LayerLink::default();
+        Ok(self.forward_step(pass, x, &link, step, ropes, cache, layer)?.0)
+    }
+
+    /// What the layer before should write for this layer's q|k|v at decode, if this layer
+    /// reads it ([`Folding::norm_out`]): its input norm, and the q|k|v matvec's form.
+    pub fn input_norm_out(&self) -> Option<NormOut<'_>> {
+        let f = self.fold;
+        if !(f.norm_out && f.quantized_x && self.attn.folds_norm()) {
+            return None;
+        }
+        let form = self.attn.qkv.as_ref().and_then(|(w, _)| w.xq_form())?;
+        Some(NormOut {
+            weight: &self.attn_norm,
+            eps: self.eps,
+            form,
+        })
+    }
+
+    /// [`DecoderLayer::forward`] with what passes between decode layers (`link`): returns
+    /// the new residual stream and, where down wrote it, the input of `link.next`'s matvec.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_step(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        link: &LayerLink<'_>,
+        step: &Step<'_>,
+        ropes: &[RopeTable],
+        cache: &mut KvStore,
+        layer: usize,
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
         let rope = ropes.get(self.rope).ok_or_else(|| {
             crate::LmError::Config(format!("layer {layer}: no RoPE table {}", self.rope))
         })?;
         if self.fold.any() && step.tokens == 1 && self.attn.folds_norm() {
-            return self.forward_folded(pass, x, step, rope, cache, layer);
+            return self.forward_folded(pass, x, link, step, rope, cache, layer);
         }
         let h = ops::rms_norm(pass, x, &self.attn_norm, self.eps)?;
         let input = BlockInput {
@@ -143,82 +233,101 @@ impl DecoderLayer {
         if let Some(n) = &self.post_ffn_norm {
             m = ops::rms_norm(pass, &m, n, self.eps)?;
         }
-        Ok(ops::add(pass, &x, &m)?)
+        Ok((ops::add(pass, &x, &m)?, None))
     }
 
     /// Decode with MLX-quantized stacked projections, with the folds of `self.fold`
     /// (`ops::qmv_fused`). Gemma's post-norms sit between a matvec and its residual add, so
     /// those adds stay separate; an MoE FFN keeps its own norm and add.
+    #[allow(clippy::too_many_arguments)]
     fn forward_folded(
         &self,
         pass: &mut Pass,
         x: &MlxBuffer,
+        link: &LayerLink<'_>,
         step: &Step<'_>,
         rope: &RopeTable,
         cache: &mut KvStore,
         layer: usize,
-    ) -> Result<MlxBuffer> {
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
         let f = self.fold;
         let eps = self.eps;
         let fold_attn_residual = f.residual && self.post_attn_norm.is_none();
-        let attn_norm = self
-            .attn
-            .qkv
-            .as_ref()
-            .is_some_and(|(w, _)| f.norm_into(w.shape()));
-        // The attention's input: raw with the norm folded into q|k|v, or normed here, into
-        // the quantized x that q|k|v reads where it takes one.
+        // The attention's input: quantized by the layer before with the norm pending; raw
+        // with the norm folded into q|k|v; or normed here, into the quantized x that q|k|v
+        // reads where it takes one.
         let qkv_form = (self.attn.qkv.as_ref())
             .and_then(|(w, _)| w.xq_form())
             .filter(|_| f.quantized_x);
+        let pending = link.xq_in.filter(|q| Some(q.form()) == qkv_form);
+        let attn_norm = pending.is_none()
+            && (self.attn.qkv.as_ref()).is_some_and(|(w, _)| f.norm_into(w.shape()));
         let (normed, normed_q);
         let mut xq = None;
-        let xin = if attn_norm {
+        let xin = if let Some(q) = pending {
+            xq = Some(q);
+            x
+        } else if attn_norm {
             x
         } else if let Some(form) = qkv_form {
-            normed_q = ops::rms_norm_xq(pass, x, &self.attn_norm, eps, form)?;
+            normed_q = bound_reuse(1, 0, || {
+                Ok(ops::rms_norm_xq(pass, x, &self.attn_norm, eps, form)?)
+            })?;
             xq = Some(&normed_q);
             x
         } else {
             normed = ops::rms_norm(pass, x, &self.attn_norm, eps)?;
             &normed
         };
+        let dense = match &self.mlp {
+            Ffn::Dense(m) if m.folds() => Some(m),
+            _ => None,
+        };
+        let fold_ffn_residual = f.residual && self.post_ffn_norm.is_none();
+        let gate_up_form = dense
+            .and_then(|m| m.gate_up.as_ref())
+            .and_then(|w| w.xq_form())
+            .filter(|_| f.quantized_x);
+        let ffn_norm = dense
+            .and_then(|m| m.gate_up.as_ref())
+            .is_some_and(|w| f.norm_into(w.shape()));
+        let moe_form = match &self.mlp {
+            Ffn::Moe(moe) => moe.xq_form().filter(|_| f.quantized_x && fold_ffn_residual),
+            Ffn::Dense(_) => None,
+        };
+        // o writes gate|up's input with the FFN norm pending, where it can.
+        let o_norm_out = gate_up_form
+            .filter(|_| f.norm_out && fold_attn_residual && !ffn_norm)
+            .map(|form| NormOut {
+                weight: &self.ffn_norm,
+                eps,
+                form,
+            });
         let input = BlockInput {
             x: xin,
             norm: attn_norm.then_some((&self.attn_norm, eps)),
             residual: fold_attn_residual.then_some(x),
             rope_append: f.rope_append,
             xq,
+            norm_out: o_norm_out,
         };
-        let a = self.attn.forward(pass, &input, step, rope, cache, layer)?;
-        let dense = match &self.mlp {
-            Ffn::Dense(m) if m.folds() => Some(m),
-            _ => None,
-        };
-        // The new residual stream x, and the FFN's input: normalized here (into the quantized
-        // x that a dense gate|up reads where it takes one), or raw with the norm folded into
-        // gate|up.
-        let fold_ffn_residual = f.residual && self.post_ffn_norm.is_none();
-        let gate_up_form = dense
-            .and_then(|m| m.gate_up.as_ref())
-            .and_then(|w| w.xq_form())
-            .filter(|_| f.quantized_x);
+        let (a, aq) = self.attn.forward_out(pass, &input, step, rope, cache, layer)?;
+        // The new residual stream x, and the FFN's input: quantized by o, normalized here
+        // (into the quantized x that a dense gate|up reads where it takes one), or raw with
+        // the norm folded into gate|up.
         let (x, h, norm, hq) = if fold_attn_residual {
-            let ffn_norm = dense
-                .and_then(|m| m.gate_up.as_ref())
-                .is_some_and(|w| f.norm_into(w.shape()));
-            let moe_form = match &self.mlp {
-                Ffn::Moe(moe) => moe.xq_form().filter(|_| f.quantized_x && fold_ffn_residual),
-                Ffn::Dense(_) => None,
-            };
-            if ffn_norm {
+            if let Some(q) = aq {
+                (a.clone(), a, None, Some(q))
+            } else if ffn_norm {
                 (a.clone(), a, Some((&self.ffn_norm, eps)), None)
             } else if let Some(form) = moe_form {
                 // The router reads f32, the experts the quantized rows.
                 let (h, hq) = ops::rms_norm_and_xq(pass, &a, &self.ffn_norm, eps, form)?;
                 (a, h, None, Some(hq))
             } else if let Some(form) = gate_up_form {
-                let hq = ops::rms_norm_xq(pass, &a, &self.ffn_norm, eps, form)?;
+                let hq = bound_reuse(1, 1, || {
+                    Ok(ops::rms_norm_xq(pass, &a, &self.ffn_norm, eps, form)?)
+                })?;
                 (a.clone(), a, None, Some(hq))
             } else {
                 let h = ops::rms_norm(pass, &a, &self.ffn_norm, eps)?;
@@ -244,16 +353,18 @@ impl DecoderLayer {
                     Some(q) => FfnInput::Quantized(q),
                     None => FfnInput::F32(&h),
                 };
-                let m = mlp.forward_fused(pass, input, norm, f, residual)?;
+                // down writes the next norm's matvec input where it is the residual stream.
+                let next = link.next.as_ref().filter(|_| f.norm_out && fold_ffn_residual);
+                let (m, mq) = mlp.forward_fused(pass, input, norm, f, residual, next)?;
                 if fold_ffn_residual {
-                    return Ok(m);
+                    return Ok((m, mq));
                 }
                 m
             }
             None => match &self.mlp {
                 // The residual rides in the experts' weighted sum.
                 Ffn::Moe(moe) if fold_ffn_residual => {
-                    return moe.forward_with(pass, &h, hq.as_ref(), Some(&x));
+                    return Ok((moe.forward_with(pass, &h, hq.as_ref(), Some(&x))?, None));
                 }
                 ffn => ffn.forward(pass, &h)?,
             },
@@ -262,6 +373,6 @@ impl DecoderLayer {
             Some(n) => ops::rms_norm(pass, &m, n, eps)?,
             None => m,
         };
-        Ok(ops::add(pass, &x, &m)?)
+        Ok((ops::add(pass, &x, &m)?, None))
     }
 }

@@ -1,7 +1,9 @@
 //! `Linear`: `y = x · Wᵀ` for a weight in any format we load (GGML blocks from GGUF, MLX
 //! affine-quantized, dense f32/f16/bf16), and row gathers for embedding tables.
 
-use mlx_native::ops::qmatmul::{self, QmvFusion, QuantizedX, XqForm, MAX_VEC_M};
+use mlx_native::ops::qmatmul::{
+    self, MatvecX, NormOut, QmvFusion, QuantizedX, XqForm, MAX_VEC_M,
+};
 use mlx_native::ops::{activation, dense, ggml_matmul};
 use mlx_native::weights::ggml::{legacy_to_affine, GgmlType};
 use mlx_native::weights::ggml_weight::GgmlWeight;
@@ -180,6 +182,41 @@ impl Linear {
             Linear::Quant(w) => Ok(qmatmul::qmv_xq(pass, x, w, residual)?),
             _ => Err(LmError::Config(
                 "forward_xq: quantized x is only read by MLX-quantized weights".into(),
+            )),
+        }
+    }
+
+    /// Whether this weight's decode matvec can also write the input of the matvec after the
+    /// RMS norm `out` ([`Linear::forward_norm_out`]): an MLX-quantized weight whose own x form
+    /// is `out.form`, an f32 norm weight of its output width, a device that fits the
+    /// kernel's workgroup.
+    pub fn can_norm_out(&self, out: &NormOut<'_>, caps: &mlx_native::Caps) -> bool {
+        match self {
+            Linear::Quant(w) => {
+                XqForm::of(w) == Some(out.form)
+                    && out.weight.dtype() == mlx_native::DType::F32
+                    && out.weight.len() == w.shape()[0]
+                    && out.weight.elem_offset().is_multiple_of(4)
+                    && qmatmul::norm_out_fits_weight(w, caps)
+            }
+            _ => false,
+        }
+    }
+
+    /// The decode matvec plus `residual` ([`qmatmul::qmv_norm_out`]), also written as the
+    /// input of the matvec after the RMS norm `out`, whose norm is then pending (that
+    /// matvec finishes it). Only where [`Linear::can_norm_out`].
+    pub fn forward_norm_out(
+        &self,
+        pass: &mut Pass,
+        x: MatvecX<'_>,
+        residual: Option<&MlxBuffer>,
+        out: &NormOut<'_>,
+    ) -> Result<(MlxBuffer, QuantizedX)> {
+        match self {
+            Linear::Quant(w) => Ok(qmatmul::qmv_norm_out(pass, x, w, residual, out)?),
+            _ => Err(LmError::Config(
+                "forward_norm_out: only MLX-quantized weights write quantized x".into(),
             )),
         }
     }

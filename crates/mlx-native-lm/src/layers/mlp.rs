@@ -6,7 +6,7 @@ use mlx_native::ops::activation::{glu, glu_split, glu_split_xq, Act};
 use mlx_native::ops::moe::{
     experts_xq_form, moe_ffn, moe_ffn_xq, MoeConfig, MoeExperts, RouterConfig, RouterKind,
 };
-use mlx_native::ops::qmatmul::QuantizedX;
+use mlx_native::ops::qmatmul::{MatvecX, NormOut, QuantizedX};
 use mlx_native::ops::QmvFusion;
 use mlx_native::weights::quant_weight::QuantWeight;
 use mlx_native::{MlxBuffer, MlxDevice, Pass};
@@ -16,12 +16,8 @@ use super::Linear;
 use crate::error::Result;
 
 /// A decode FFN's input: f32 rows, or rows already quantized for the stacked gate|up
-/// matvec (by the norm before it: `ops::rms_norm_xq`).
-#[derive(Clone, Copy)]
-pub enum FfnInput<'a> {
-    F32(&'a MlxBuffer),
-    Quantized(&'a QuantizedX),
-}
+/// matvec (by the norm before it, `ops::rms_norm_xq`, or by o with the norm pending).
+pub type FfnInput<'a> = MatvecX<'a>;
 
 #[derive(Clone, Debug)]
 pub struct Mlp {
@@ -63,7 +59,9 @@ impl Mlp {
     /// weights do not allow it).
     ///
     /// `x` may come quantized for gate|up already ([`FfnInput::Quantized`]); the GLU then
-    /// writes down's input quantized too, where down takes it ([`Linear::xq_form`]).
+    /// writes down's input quantized too, where down takes it ([`Linear::xq_form`]), and
+    /// down may write the input of the matvec after the next norm (`norm_out`, returned
+    /// beside y where down could: [`Linear::can_norm_out`]).
     pub fn forward_fused(
         &self,
         pass: &mut Pass,
@@ -71,7 +69,8 @@ impl Mlp {
         norm: Option<(&MlxBuffer, f32)>,
         fold: Folding,
         residual: Option<&MlxBuffer>,
-    ) -> Result<MlxBuffer> {
+        norm_out: Option<&NormOut<'_>>,
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
         let x = match x {
             FfnInput::F32(x) => x,
             FfnInput::Quantized(xq) => {
@@ -79,7 +78,7 @@ impl Mlp {
                     crate::LmError::Config("mlp: quantized x needs the stacked gate|up".into())
                 })?;
                 let gate_up = w.forward_xq(pass, xq, None)?;
-                return self.down_of(pass, &gate_up, fold, residual);
+                return self.down_of(pass, &gate_up, fold, residual, norm_out);
             }
         };
         if let Some(w) = &self.gate_up {
@@ -88,7 +87,7 @@ impl Mlp {
                 ..QmvFusion::default()
             };
             let gate_up = w.forward_fused(pass, x, &up_fusion)?;
-            return self.down_of(pass, &gate_up, fold, residual);
+            return self.down_of(pass, &gate_up, fold, residual, norm_out);
         }
         let h = match norm {
             Some((w, eps)) => mlx_native::ops::rms_norm(pass, x, w, eps)?,
@@ -101,7 +100,7 @@ impl Mlp {
             ..QmvFusion::default()
         };
         let h = glu(pass, &g, &u, self.act)?;
-        self.down.forward_fused(pass, &h, &fusion)
+        Ok((self.down.forward_fused(pass, &h, &fusion)?, None))
     }
 
     /// The down projection of the stacked gate|up output (plus `residual`): the GLU folded
@@ -113,25 +112,33 @@ impl Mlp {
         gate_up: &MlxBuffer,
         fold: Folding,
         residual: Option<&MlxBuffer>,
-    ) -> Result<MlxBuffer> {
+        norm_out: Option<&NormOut<'_>>,
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
         if fold.glu {
             let fusion = QmvFusion {
                 glu: Some(self.act),
                 residual,
                 ..QmvFusion::default()
             };
-            return self.down.forward_fused(pass, gate_up, &fusion);
+            return Ok((self.down.forward_fused(pass, gate_up, &fusion)?, None));
         }
         if let Some(form) = self.down.xq_form().filter(|_| fold.quantized_x) {
-            let hq = glu_split_xq(pass, gate_up, self.act, form)?;
-            return self.down.forward_xq(pass, &hq, residual);
+            let hq = super::decoder::bound_reuse(2, 2, || {
+                Ok(glu_split_xq(pass, gate_up, self.act, form)?)
+            })?;
+            if let Some(out) = norm_out.filter(|o| self.down.can_norm_out(o, pass.caps())) {
+                let hx = MatvecX::Quantized(&hq);
+                let (y, q) = self.down.forward_norm_out(pass, hx, residual, out)?;
+                return Ok((y, Some(q)));
+            }
+            return Ok((self.down.forward_xq(pass, &hq, residual)?, None));
         }
         let h = glu_split(pass, gate_up, self.act)?;
         let fusion = QmvFusion {
             residual,
             ..QmvFusion::default()
         };
-        self.down.forward_fused(pass, &h, &fusion)
+        Ok((self.down.forward_fused(pass, &h, &fusion)?, None))
     }
 
     pub fn forward(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {

@@ -7,12 +7,13 @@ pub mod mlx;
 
 use mlx_native::kv_cache::KvCacheConfig;
 use mlx_native::kv_quant::{KvFormat, KvStore};
-use mlx_native::ops::{self, RopeTable};
+use mlx_native::ops::{self, NormOut, QuantizedX, RopeTable};
 use mlx_native::{DType, MlxBuffer, MlxDevice, Pass};
 
 use crate::config::ModelConfig;
 use crate::error::{LmError, Result};
 use crate::layers::attention::Step;
+use crate::layers::decoder::LayerLink;
 use crate::layers::{DecoderLayer, Linear};
 
 /// What a model path holds.
@@ -156,20 +157,27 @@ impl Transformer {
         // submitted, and a queued write lands after all earlier submissions.
         let ids = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
         ids.write(&self.gpu, tokens)?;
-        let x = self.hidden_states(pass, &ids, pos0, cache)?;
-        let rows = if all_rows {
-            x
-        } else {
-            x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?
-        };
-        self.logits_of(pass, &rows)
+        let (x, xq) = self.hidden_states(pass, &ids, pos0, cache)?;
+        if all_rows {
+            return self.logits_of(pass, &x, None);
+        }
+        let rows = x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?;
+        self.logits_of(pass, &rows, xq.as_ref())
     }
 
     /// The final norm and the LM head over hidden-state rows `[R, hidden]`. One row (decode)
     /// goes to an MLX-quantized head quantized by the norm, as the layers do
-    /// (`Folding::quantized_x`).
-    fn logits_of(&self, pass: &mut Pass, rows: &MlxBuffer) -> Result<MlxBuffer> {
+    /// (`Folding::quantized_x`), or by the last layer's down with the norm pending (`xq`).
+    fn logits_of(
+        &self,
+        pass: &mut Pass,
+        rows: &MlxBuffer,
+        xq: Option<&QuantizedX>,
+    ) -> Result<MlxBuffer> {
         let head = self.head.as_ref().unwrap_or(&self.embed);
+        if let Some(q) = xq {
+            return head.forward_xq(pass, q, None);
+        }
         let quantized_x = self.layers.first().is_some_and(|l| l.fold.quantized_x);
         let form = head.xq_form().filter(|_| quantized_x);
         if let (Some(form), [1, _]) = (form, rows.shape()) {
@@ -199,22 +207,39 @@ impl Transformer {
             )));
         }
         let ids = ids.reshape(&[t])?;
-        let x = self.hidden_states(pass, &ids, pos0, cache)?;
+        let (x, xq) = self.hidden_states(pass, &ids, pos0, cache)?;
         self.logits_of(
             pass,
             &x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?,
+            xq.as_ref(),
         )
     }
 
+    /// The final norm as the last layer's down may write its matvec's input at decode
+    /// ([`Folding::norm_out`](crate::layers::decoder::Folding)): the LM head's form.
+    fn final_norm_out(&self) -> Option<NormOut<'_>> {
+        let last = self.layers.last()?;
+        if !(last.fold.norm_out && last.fold.quantized_x) {
+            return None;
+        }
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        Some(NormOut {
+            weight: &self.norm,
+            eps: self.cfg.norm_eps,
+            form: head.xq_form()?,
+        })
+    }
+
     /// Embedding and every layer for `ids` at positions `pos0..`: the last hidden states
-    /// `[T, hidden]`, before the final norm.
+    /// `[T, hidden]`, before the final norm, and at decode the LM head's input where the
+    /// last layer wrote it (the final norm pending).
     fn hidden_states(
         &self,
         pass: &mut Pass,
         ids: &MlxBuffer,
         pos0: usize,
         cache: &mut KvStore,
-    ) -> Result<MlxBuffer> {
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
         let t = ids.len();
         let end = pos0 + t;
         if end > cache.capacity()
@@ -238,10 +263,23 @@ impl Transformer {
             pos0,
             tokens: t,
         };
+        // At decode each layer may write the next one's q|k|v input (or the head's) with
+        // the norm pending, and the next reads it.
+        let mut xq: Option<QuantizedX> = None;
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(pass, &x, &step, &self.ropes, cache, i)?;
+            let next = match self.layers.get(i + 1) {
+                Some(l) => l.input_norm_out(),
+                None => self.final_norm_out(),
+            };
+            let link = LayerLink {
+                xq_in: xq.as_ref(),
+                next: next.filter(|_| t == 1),
+            };
+            let (nx, nq) = layer.forward_step(pass, &x, &link, &step, &self.ropes, cache, i)?;
+            x = nx;
+            xq = nq;
         }
-        Ok(x)
+        Ok((x, xq))
     }
 
     /// Logits of the last token of `tokens`, run from position 0 in a fresh cache (tests,

@@ -36,8 +36,8 @@ pub use norm::{
     layer_norm, rms_norm, rms_norm_and_xq, rms_norm_residual, rms_norm_residual_xq, rms_norm_xq,
 };
 pub use qmatmul::{
-    dequantize, gather_rows_quantized, qmatmul, qmm, qmv, qmv_fused, qmv_xq, quantize_x, QmvFusion,
-    QuantizedX, XqForm,
+    dequantize, gather_rows_quantized, qmatmul, qmm, qmv, qmv_fused, qmv_norm_out, qmv_xq,
+    quantize_x, MatvecX, NormOut, QmvFusion, QuantizedX, XqForm,
 };
 pub use rope::{norm_rope, rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};

@@ -583,6 +583,9 @@ pub fn gather_qmv_xq(
     check::ensure(x.k() == k, op, || {
         format!("x has {} values a row, the experts' K is {k}", x.k())
     })?;
+    check::ensure(x.pending_norm().is_none(), op, || {
+        "x still needs its RMS norm (a NormOut matvec's chunks): only qmv_xq finishes it".into()
+    })?;
     let x_div = if x.rows() == tokens {
         top_k
     } else if x.rows() == tokens * top_k {

@@ -68,8 +68,11 @@ struct QmatmulParams {
     rows: u32,
     use_ids: u32,
     eps: f32,
+    /// qmv with a [`NormOut`]: the chunks' first word, counted from y's.
+    xo: u32,
+    _pad: [u32; 3],
 }
-const _: () = assert!(std::mem::size_of::<QmatmulParams>() == 32);
+const _: () = assert!(std::mem::size_of::<QmatmulParams>() == 48);
 
 /// Largest M the matrix-vector kernels take.
 pub const MAX_VEC_M: usize = 8;
@@ -267,6 +270,77 @@ fn qmv_configs() -> Vec<QmvConfig> {
     v.dedup();
     v
 }
+
+/// The qmv shape of a matvec that writes the next norm's chunks ([`NormOut`]): its default
+/// rows per row-set and invocations per row-set, with workgroups of 32 rows (one chunk:
+/// the chunk is quantized where its values are). Without subgroups the partial sums take
+/// TPR slots a row, so rows of 32 invocations keep them in the kernel's 2048.
+fn norm_out_config(n: usize, k: usize, subgroups: bool) -> QmvConfig {
+    let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
+    let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
+    if rpt != 0 && tpr != 0 {
+        return QmvConfig {
+            rpt,
+            tpr,
+            wg: NORM_OUT_ROWS / rpt * tpr,
+            ..qmv_config(n, k)
+        };
+    }
+    norm_out_shape(qmv_config(n, k), subgroups)
+}
+
+/// Measurement only (timing; bit 16 gives wrong results): `rpt | tpr << 8` forces the
+/// [`NormOut`] matvecs' shape (workgroups of 32 rows), bit 16 skips writing their chunks,
+/// bit 17 gives that shape to every matvec with a residual (without chunks).
+#[doc(hidden)]
+pub fn set_norm_out_probe(bits: u32) {
+    NORM_OUT_PROBE.store(bits, std::sync::atomic::Ordering::Relaxed);
+}
+static NORM_OUT_PROBE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn norm_out_probe(bit: u32) -> bool {
+    NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed) >> bit & 1 != 0
+}
+
+fn norm_out_shape(base: QmvConfig, subgroups: bool) -> QmvConfig {
+    let rpt = base.rpt.min(NORM_OUT_MAX_RPT);
+    let sets = NORM_OUT_ROWS / rpt;
+    let mut tpr = if subgroups { base.tpr } else { 32 };
+    while sets * tpr > NORM_OUT_MAX_WG && tpr > 32 {
+        tpr /= 2;
+    }
+    QmvConfig {
+        rpt,
+        tpr,
+        wg: sets * tpr,
+        ..base
+    }
+}
+
+/// Rows per row-set of a [`NormOut`] matvec, at most. Measured on an H200 (Llama-3.1-8B's
+/// o and down, 4096 rows, `decode_ab`, µs a token): the default shape's 8 rows and 128
+/// invocations in workgroups of 32 rows (4 row-sets, 512 invocations) made the step 3246 ->
+/// 3563 without chunks; 4 rows (8 row-sets of 128, 1024 invocations, twice the warps) gave
+/// 3137 with them (docs/PERFORMANCE.md, session 8).
+const NORM_OUT_MAX_RPT: u32 = 4;
+
+/// Rows of a [`NormOut`] matvec's workgroup, and its largest workgroup.
+const NORM_OUT_ROWS: u32 = 32;
+const NORM_OUT_MAX_WG: u32 = 1024;
+
+/// Every (shape, subgroups) a [`NormOut`] matvec can dispatch.
+fn norm_out_configs() -> Vec<(QmvConfig, bool)> {
+    let mut v = Vec::new();
+    for base in qmv_configs().into_iter().filter(|c| c.xq != 0) {
+        for sg in [false, true] {
+            let c = (norm_out_shape(base, sg), sg);
+            if !v.contains(&c) {
+                v.push(c);
+            }
+        }
+    }
+    v
+}
 /// Workgroup size and output tile of the scalar tiled kernels.
 pub(crate) const TILED_WG: u32 = 256;
 pub(crate) const TILED_BLOCK: usize = 64;
@@ -372,7 +446,15 @@ pub struct QmvFusion<'a> {
     pub residual: Option<&'a MlxBuffer>,
 }
 
-impl QmvFusion<'_> {
+impl<'a> QmvFusion<'a> {
+    /// Only a residual added (or nothing).
+    pub fn residual(residual: Option<&'a MlxBuffer>) -> Self {
+        QmvFusion {
+            residual,
+            ..QmvFusion::default()
+        }
+    }
+
     /// The kernel's FUSE and ACT bits (qmatmul.wgsl).
     fn code(&self) -> u32 {
         let fuse = u32::from(self.norm.is_some())
@@ -453,12 +535,17 @@ const XQ_CHUNK_WORDS: usize = 20;
 /// f32 x loads and quantizes every chunk again in each of its row-sets; reading chunks
 /// quantized once made decode steps on an H200 3.8 % (Llama-3.1-8B), 6.8 % (Gemma-3-4B) and
 /// 4.9 % (Qwen3-30B-A3B) faster (docs/PERFORMANCE.md, session 7).
+///
+/// Chunks written by a matvec with a [`NormOut`] hold x·g before the RMS norm's 1/rms (and
+/// each chunk's Σx²): [`QuantizedX::pending_norm`] is then the norm's eps, and the matvec
+/// that reads them ([`qmv_xq`]) finishes the norm.
 #[derive(Clone, Debug)]
 pub struct QuantizedX {
     buf: MlxBuffer,
     rows: usize,
     k: usize,
     form: XqForm,
+    pending_norm: Option<f32>,
 }
 
 impl QuantizedX {
@@ -475,7 +562,13 @@ impl QuantizedX {
         })?;
         check::fits_u32(rows * k, op, "elements")?;
         let buf = pass.alloc(DType::U32, &[rows, k / 32 * XQ_CHUNK_WORDS])?;
-        Ok(QuantizedX { buf, rows, k, form })
+        Ok(QuantizedX {
+            buf,
+            rows,
+            k,
+            form,
+            pending_norm: None,
+        })
     }
 
     pub fn rows(&self) -> usize {
@@ -495,6 +588,28 @@ impl QuantizedX {
     pub fn buffer(&self) -> &MlxBuffer {
         &self.buf
     }
+
+    /// The eps of an RMS norm the chunks still need ([`NormOut`]): they hold x·g, unscaled,
+    /// and each chunk's Σx² in its last word. None for normed or plain x.
+    pub fn pending_norm(&self) -> Option<f32> {
+        self.pending_norm
+    }
+}
+
+/// The RMS norm after a decode matvec, split across the boundary ([`qmv_norm_out`]): the
+/// matvec writes its output y (the residual stream, plus the residual) and also y·weight
+/// quantized in `form` for the matvec after the norm, with each chunk's Σy²; that matvec
+/// ([`qmv_xq`]) sums them over its row and scales its sums by 1/rms. The norm's own dispatch
+/// goes (on an H200 a Llama-3.1-8B decode step ran 18 % faster with its pre-norms not
+/// dispatched at all, the bound; docs/PERFORMANCE.md, session 8).
+#[derive(Clone, Copy, Debug)]
+pub struct NormOut<'a> {
+    /// The norm's weight, f32 `[N]` (N the matvec's output width).
+    pub weight: &'a MlxBuffer,
+    pub eps: f32,
+    /// What the next matvec reads ([`XqForm::of`] its weight); must be this matvec's own
+    /// (the kernel quantizes with its own code width and x mode).
+    pub form: XqForm,
 }
 
 /// f32 `x` `[rows, K]` (K a multiple of 32) quantized for a matvec of weights in `form`, in
@@ -508,8 +623,9 @@ pub fn quantize_x(pass: &mut Pass, x: &MlxBuffer, form: XqForm) -> Result<Quanti
     Ok(q)
 }
 
-/// The qmv variant: `xsrc` reads x as [`QuantizedX`] chunks (then there is no norm or GLU
-/// fold, which need f32 x).
+/// The qmv variant: `xsrc` reads x as [`QuantizedX`] chunks (then there is no GLU fold, which
+/// needs f32 x, and the norm fold means a pending norm: `QuantizedX::pending_norm`);
+/// `xqo` writes the next norm's chunks too ([`NormOut`]).
 fn vec_spec(
     params: QuantParams,
     dt: DType,
@@ -517,10 +633,18 @@ fn vec_spec(
     sg: bool,
     fuse: u32,
     xsrc: bool,
+    xqo: bool,
 ) -> Result<Spec> {
     let xq = if xq_applies(params) { cfg.xq } else { 0 };
-    let xsrc = u32::from(xsrc && xq != 0 && fuse & 3 == 0);
-    let packed = xsrc << 27 | xq << 25 | fuse << 20 | cfg.exp << 16 | cfg.tpr << 5 | cfg.rpt;
+    let xsrc = u32::from(xsrc && xq != 0 && fuse & 2 == 0);
+    let xqo = u32::from(xqo && xq != 0);
+    let packed = xqo << 28
+        | xsrc << 27
+        | xq << 25
+        | fuse << 20
+        | cfg.exp << 16
+        | cfg.tpr << 5
+        | cfg.rpt;
     Ok(qspec("qmv", params, dt, cfg.wg)?
         .with_const("QMV", packed)?
         .with_subgroups(sg))
@@ -705,10 +829,26 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
         for cfg in cfgs {
             for sg in [false, true] {
                 for fuse in fusion_codes() {
-                    v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg, fuse, false)?));
-                    if cfg.xq != 0 && fuse & 3 == 0 && xq_applies(params) {
-                        v.push((Kernel::Qmatmul, vec_spec(params, dt, cfg, sg, fuse, true)?));
+                    let spec = vec_spec(params, dt, cfg, sg, fuse, false, false)?;
+                    v.push((Kernel::Qmatmul, spec));
+                    // Quantized x: plain, with the residual, or with a pending norm.
+                    if cfg.xq != 0 && fuse & 2 == 0 && xq_applies(params) {
+                        let spec = vec_spec(params, dt, cfg, sg, fuse, true, false)?;
+                        v.push((Kernel::Qmatmul, spec));
                     }
+                }
+                if cfg.xq != 0 && xq_applies(params) {
+                    // A pending norm with a residual.
+                    let spec = vec_spec(params, dt, cfg, sg, 5, true, false)?;
+                    v.push((Kernel::Qmatmul, spec));
+                }
+            }
+        }
+        if xq_applies(params) {
+            for (cfg, sg) in norm_out_configs() {
+                for (fuse, xsrc) in [(0, false), (4, false), (0, true), (4, true)] {
+                    let spec = vec_spec(params, dt, cfg, sg, fuse, xsrc, true)?;
+                    v.push((Kernel::Qmatmul, spec));
                 }
             }
         }
@@ -742,6 +882,8 @@ fn params_for(w: &QuantWeight, m: usize) -> Result<QmatmulParams> {
         rows: 0,
         use_ids: 0,
         eps: 0.0,
+        xo: 0,
+        _pad: [0; 3],
     })
 }
 
@@ -780,6 +922,8 @@ fn aligned_x(pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {
         rows: n,
         use_ids: 0,
         eps: 0.0,
+        xo: 0,
+        _pad: [0; 3],
     };
     let spec = Spec::new("copy_x", DType::F32, DEQUANT_WG);
     let bufs = [&out, &out, &out, &out, &out, &out, x];
@@ -841,12 +985,13 @@ pub fn qmv_with(
     let vec = VecRun {
         op: "qmv",
         m,
-        yshape: &yshape,
+        yshape,
         cfg: cfg.validate()?,
         subgroups: vec_subgroups(m, n, k, pass.caps()),
-        xsrc: false,
+        xsrc: None,
+        norm_out: None,
     };
-    run_vec(pass, x, w, &vec, &QmvFusion::default())
+    Ok(run_vec(pass, x, w, &vec, &QmvFusion::default())?.0)
 }
 
 /// [`qmv`] with work folded in around it ([`QmvFusion`]): the decode path's RMS norm before
@@ -858,7 +1003,18 @@ pub fn qmv_fused(
     w: &QuantWeight,
     fusion: &QmvFusion<'_>,
 ) -> Result<MlxBuffer> {
-    let op = "qmv_fused";
+    let run = fused_run(pass, "qmv_fused", x, w, fusion)?;
+    Ok(run_vec(pass, x, w, &run, fusion)?.0)
+}
+
+/// Validates [`qmv_fused`]'s input; its dispatch shape.
+fn fused_run<'a>(
+    pass: &Pass,
+    op: &'a str,
+    x: &MlxBuffer,
+    w: &QuantWeight,
+    fusion: &QmvFusion<'_>,
+) -> Result<VecRun<'a>> {
     let [n, k] = w.shape();
     check::dtype(x, &[DType::F32], op, "x")?;
     let (m, xk) = check::rows(x, op, "x")?;
@@ -880,48 +1036,75 @@ pub fn qmv_fused(
     if let Some((nw, _)) = fusion.norm {
         check::dtype(nw, &[DType::F32], op, "norm weight")?;
         check::len(nw, k, op, "norm weight")?;
-        // Read as vec4: the view must start on 16 bytes of its binding.
-        let align = pass.caps().storage_offset_alignment;
-        check::ensure(
-            nw.elem_offset().is_multiple_of(4) && align.is_multiple_of(16),
-            op,
-            || {
-                format!(
-                    "the norm weight view starts at element {}, not a multiple of 4",
-                    nw.elem_offset()
-                )
-            },
-        )?;
+        vec4_view(pass, nw, op, "the norm weight")?;
     }
-    if let Some(r) = fusion.residual {
-        check::dtype(r, &[DType::F32], op, "residual")?;
-        check::len(r, m * n, op, "residual")?;
-    }
+    check_residual(fusion.residual, m * n, op)?;
     let mut yshape = x.shape().to_vec();
     if let Some(last) = yshape.last_mut() {
         *last = n;
     }
-    let vec = VecRun {
+    let sg = vec_subgroups(m, n, k, pass.caps());
+    let probe = fusion.residual.is_some() && norm_out_probe(17) && n.is_multiple_of(32);
+    Ok(VecRun {
         op,
         m,
-        yshape: &yshape,
-        cfg: qmv_config(n, k),
+        yshape,
+        cfg: if probe {
+            norm_out_config(n, k, sg)
+        } else {
+            qmv_config(n, k)
+        },
         subgroups: vec_subgroups(m, n, k, pass.caps()),
-        xsrc: false,
-    };
-    run_vec(pass, x, w, &vec, fusion)
+        xsrc: None,
+        norm_out: None,
+    })
+}
+
+/// A view read as vec4 must start on 16 bytes of its binding.
+fn vec4_view(pass: &Pass, b: &MlxBuffer, op: &str, what: &str) -> Result<()> {
+    let align = pass.caps().storage_offset_alignment;
+    check::ensure(
+        b.elem_offset().is_multiple_of(4) && align.is_multiple_of(16),
+        op,
+        || {
+            format!(
+                "{what} view starts at element {}, not a multiple of 4",
+                b.elem_offset()
+            )
+        },
+    )
+}
+
+fn check_residual(residual: Option<&MlxBuffer>, len: usize, op: &str) -> Result<()> {
+    if let Some(r) = residual {
+        check::dtype(r, &[DType::F32], op, "residual")?;
+        check::len(r, len, op, "residual")?;
+    }
+    Ok(())
 }
 
 /// The decode matvec `y = x · Wᵀ (+ residual)` of x already quantized for W
 /// ([`QuantizedX`], whose form must be `XqForm::of(w)`): x `[M, K]`, M ≤ 8; `residual` f32
-/// `[M, N]` is added to y (as `QmvFusion::residual`). y is f32 `[M, N]`.
+/// `[M, N]` is added to y (as `QmvFusion::residual`). y is f32 `[M, N]`. Chunks with a
+/// pending norm ([`QuantizedX::pending_norm`]) get it here.
 pub fn qmv_xq(
     pass: &mut Pass,
     x: &QuantizedX,
     w: &QuantWeight,
     residual: Option<&MlxBuffer>,
 ) -> Result<MlxBuffer> {
-    let op = "qmv_xq";
+    let run = xq_run(pass, "qmv_xq", x, w, residual)?;
+    Ok(run_vec(pass, &x.buf, w, &run, &QmvFusion::residual(residual))?.0)
+}
+
+/// Validates [`qmv_xq`]'s input; its dispatch shape.
+fn xq_run<'a>(
+    pass: &Pass,
+    op: &'a str,
+    x: &'a QuantizedX,
+    w: &QuantWeight,
+    residual: Option<&MlxBuffer>,
+) -> Result<VecRun<'a>> {
     let [n, k] = w.shape();
     let want = XqForm::of(w);
     check::ensure(want == Some(x.form), op, || match want {
@@ -942,25 +1125,93 @@ pub fn qmv_xq(
     check::ensure(m <= MAX_VEC_M && m > 0, op, || {
         format!("x has {m} rows, expected 1 to {MAX_VEC_M}")
     })?;
-    if let Some(r) = residual {
-        check::dtype(r, &[DType::F32], op, "residual")?;
-        check::len(r, m * n, op, "residual")?;
-    }
-    let mut cfg = qmv_config(n, k);
+    check_residual(residual, m * n, op)?;
+    let sg = vec_subgroups(m, n, k, pass.caps());
+    let probe = residual.is_some() && norm_out_probe(17) && n.is_multiple_of(32);
+    let mut cfg = if probe {
+        norm_out_config(n, k, sg)
+    } else {
+        qmv_config(n, k)
+    };
     cfg.xq = x.form.xq;
-    let vec = VecRun {
+    Ok(VecRun {
         op,
         m,
-        yshape: &[m, n],
+        yshape: vec![m, n],
         cfg,
         subgroups: vec_subgroups(m, n, k, pass.caps()),
-        xsrc: true,
+        xsrc: Some(x),
+        norm_out: None,
+    })
+}
+
+/// A decode matvec's x: f32 rows, or rows already quantized for its weight.
+#[derive(Clone, Copy, Debug)]
+pub enum MatvecX<'a> {
+    F32(&'a MlxBuffer),
+    Quantized(&'a QuantizedX),
+}
+
+/// [`qmv_fused`] (f32 x, only the residual fold) or [`qmv_xq`] (quantized x) that also
+/// writes its output, y plus the residual, as the quantized input of the matvec after the
+/// RMS norm `out` ([`NormOut`]). Returns y and those chunks, whose norm is pending.
+pub fn qmv_norm_out(
+    pass: &mut Pass,
+    x: MatvecX<'_>,
+    w: &QuantWeight,
+    residual: Option<&MlxBuffer>,
+    out: &NormOut<'_>,
+) -> Result<(MlxBuffer, QuantizedX)> {
+    let op = "qmv_norm_out";
+    let fusion = QmvFusion::residual(residual);
+    let (mut run, xbuf) = match x {
+        MatvecX::F32(x) => (fused_run(pass, op, x, w, &fusion)?, x),
+        MatvecX::Quantized(q) => (xq_run(pass, op, q, w, residual)?, &q.buf),
     };
-    let fusion = QmvFusion {
-        residual,
-        ..QmvFusion::default()
-    };
-    run_vec(pass, &x.buf, w, &vec, &fusion)
+    let [n, k] = w.shape();
+    check::ensure(XqForm::of(w) == Some(out.form), op, || {
+        format!(
+            "the chunks are quantized as the matvec's own x ({:?}), not as {:?}",
+            XqForm::of(w),
+            out.form
+        )
+    })?;
+    check::ensure(n.is_multiple_of(32), op, || {
+        format!("N = {n} is not a multiple of 32 (a chunk)")
+    })?;
+    check::dtype(out.weight, &[DType::F32], op, "norm weight")?;
+    check::len(out.weight, n, op, "norm weight")?;
+    vec4_view(pass, out.weight, op, "the norm weight")?;
+    run.cfg = norm_out_config(n, k, run.subgroups);
+    run.cfg.xq = out.form.xq;
+    let caps = pass.caps();
+    check::ensure(norm_out_fits(run.cfg, run.subgroups, caps), op, || {
+        format!(
+            "a workgroup of {} invocations does not fit the device ({} invocations, {} bytes \
+             of workgroup memory)",
+            run.cfg.wg, caps.max_invocations_per_workgroup, caps.max_workgroup_storage
+        )
+    })?;
+    run.norm_out = Some(*out);
+    let (y, chunks) = run_vec(pass, xbuf, w, &run, &fusion)?;
+    let mut q = chunks.ok_or_else(|| MlxError::invalid(format!("{op}: no chunks written")))?;
+    q.pending_norm = Some(out.eps);
+    Ok((y, q))
+}
+
+/// Whether a [`NormOut`] matvec of `w` runs on this device (its workgroup of 32 rows).
+pub fn norm_out_fits_weight(w: &QuantWeight, caps: &Caps) -> bool {
+    let [n, k] = w.shape();
+    let sg = vec_subgroups(1, n, k, caps);
+    norm_out_fits(norm_out_config(n, k, sg), sg, caps)
+}
+
+fn norm_out_fits(cfg: QmvConfig, subgroups: bool, caps: &Caps) -> bool {
+    // red and red_ss, yrows, and without subgroups quantize_part's exchange (20 bytes an
+    // invocation).
+    let exchange = if subgroups { 0 } else { 20 * cfg.wg };
+    let bytes = 2048 * 4 + 256 * 4 + 64 * 4 + exchange;
+    cfg.wg <= caps.max_invocations_per_workgroup && bytes <= caps.max_workgroup_storage
 }
 
 /// Whether the matvec plan reduces with subgroups on this device.
@@ -975,57 +1226,90 @@ fn vec_subgroups(m: usize, n: usize, k: usize, caps: &Caps) -> bool {
 struct VecRun<'a> {
     op: &'a str,
     m: usize,
-    yshape: &'a [usize],
+    yshape: Vec<usize>,
     cfg: QmvConfig,
     subgroups: bool,
-    /// x holds [`QuantizedX`] chunks.
-    xsrc: bool,
+    /// x holds these [`QuantizedX`] chunks.
+    xsrc: Option<&'a QuantizedX>,
+    /// Write the next norm's chunks too.
+    norm_out: Option<NormOut<'a>>,
 }
 
+/// One qmv dispatch: y, and the [`NormOut`] chunks when the run asks for them.
 fn run_vec(
     pass: &mut Pass,
     x: &MlxBuffer,
     w: &QuantWeight,
     run: &VecRun<'_>,
     fusion: &QmvFusion<'_>,
-) -> Result<MlxBuffer> {
+) -> Result<(MlxBuffer, Option<QuantizedX>)> {
     let [n, _] = w.shape();
     let mut params = params_for(w, run.m)?;
-    params.eps = fusion.norm.map_or(0.0, |(_, eps)| eps);
+    // A norm folded into f32 x, or one pending in quantized x.
+    let pending = run.xsrc.and_then(|q| q.pending_norm);
+    params.eps = fusion.norm.map_or(pending.unwrap_or(0.0), |(_, eps)| eps);
+    let fuse = fusion.code() | u32::from(pending.is_some());
     let dt = scale_dtype(w.params(), w.dtype());
     let biases = w.biases().unwrap_or(w.scales());
     // Quantized chunks come in fresh allocations (16-byte aligned).
-    let xa = if run.xsrc {
+    let xa = if run.xsrc.is_some() {
         x.clone()
     } else {
         aligned_x(pass, x)?
     };
-    let y = pass.alloc(DType::F32, run.yshape)?;
+    let ylen = run.m * n;
+    // With chunks: one allocation, y then the chunks, bound whole at y's binding.
+    let (yall, y, chunks) = match &run.norm_out {
+        Some(out) => {
+            let words = run.m * (n / 32) * XQ_CHUNK_WORDS;
+            let all = pass.alloc(DType::F32, &[ylen + words])?;
+            let y = all.view(0, &run.yshape)?;
+            let c = all.view(ylen, &[words])?.bitcast(DType::U32, &[run.m, words / run.m])?;
+            params.xo = check::fits_u32(ylen, run.op, "y")?;
+            let q = QuantizedX {
+                buf: c,
+                rows: run.m,
+                k: n,
+                form: out.form,
+                pending_norm: None,
+            };
+            (all, y, Some(q))
+        }
+        None => {
+            let y = pass.alloc(DType::F32, &run.yshape)?;
+            (y.clone(), y, None)
+        }
+    };
     let spec = vec_spec(
         w.params(),
         dt,
         run.cfg,
         run.subgroups,
-        fusion.code(),
-        run.xsrc,
+        fuse,
+        run.xsrc.is_some(),
+        run.norm_out.is_some() && !norm_out_probe(16),
     )?;
     let rows_per_wg = (run.cfg.wg / run.cfg.tpr) as usize * run.cfg.rpt as usize;
     let groups = check::fits_u32(n.div_ceil(rows_per_wg), run.op, "workgroups")?;
     // Bindings the variant does not read get x (read-only, any size).
-    let normw = fusion.norm.map_or(&xa, |(b, _)| b);
+    let normw = match (&run.norm_out, fusion.norm) {
+        (Some(out), _) => out.weight,
+        (None, Some((b, _))) => b,
+        (None, None) => &xa,
+    };
     let resid = fusion.residual.unwrap_or(&xa);
     let bufs = [
         &xa,
         w.packed(),
         w.scales(),
         biases,
-        &y,
+        &yall,
         w.packed(),
         resid,
         normw,
     ];
     pass.dispatch(Kernel::Qmatmul, spec, &params, &bufs, groups)?;
-    Ok(y)
+    Ok((y, chunks))
 }
 
 /// Matrix-matrix `y = x · Wᵀ` for any M (the prefill path): cooperative matrices when the
@@ -1081,12 +1365,13 @@ fn run_with(
         let vec = VecRun {
             op,
             m,
-            yshape: &yshape,
+            yshape,
             cfg,
             subgroups,
-            xsrc: false,
+            xsrc: None,
+            norm_out: None,
         };
-        return run_vec(pass, x, w, &vec, &QmvFusion::default());
+        return Ok(run_vec(pass, x, w, &vec, &QmvFusion::default())?.0);
     }
     let params = params_for(w, m)?;
     let dt = scale_dtype(w.params(), w.dtype());

@@ -860,6 +860,131 @@ fn qmv_of_producer_quantized_x() {
     }
 }
 
+/// The RMS norm split across two matvecs ([`qmv_norm_out`], then [`qmv_xq`] of its chunks):
+/// the producer's y (plus its residual) matches an f64 product; its chunks decode to y·g
+/// (half a level) with Σy² of each chunk in the last word; the consumer matches the f64
+/// product of the normed y (y · rsqrt(mean y² + eps) · g, from the GPU's own y). f32 and
+/// quantized producer input, with and without residuals (the consumer's too), 4- and 8-bit
+/// codes, 1 and 3 rows, a 4096-wide norm (the Llama shape's 8-row row-sets), both
+/// reduction paths. Allocations are poisoned, so an unwritten chunk word fails.
+#[test]
+fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
+    let mut rng = Rng::new(66);
+    let eps = 1e-5f32;
+    let poisoned: Vec<MlxDevice> = devices()
+        .iter()
+        .map(|d| {
+            MlxDevice::with_options(crate::DeviceOptions {
+                poison_allocations: true,
+                disable_subgroups: !d.caps().subgroups,
+                ..crate::DeviceOptions::default()
+            })
+            .unwrap()
+        })
+        .collect();
+    for g in &poisoned {
+        for case in 0..3 {
+            let (params, dt) = [
+                (QuantParams::affine(4, 64), DType::BF16),
+                (QuantParams::affine(8, 32), DType::F16),
+                (QuantParams::affine(4, 32), DType::F32),
+            ][case];
+            // (rows, producer N = the norm's width, producer K, consumer N)
+            let (m, n1, k1, n2) = [(1, 512, 384, 70), (3, 1024, 576, 37), (1, 4096, 256, 130)][case];
+            let qp = quant(&mut rng, n1, k1, params, dt);
+            let qc = quant(&mut rng, n2, n1, params, dt);
+            let (wp, wc) = (QuantWeight::upload(g, &qp).unwrap(), QuantWeight::upload(g, &qc).unwrap());
+            let form = XqForm::of(&wp).unwrap();
+            let (wpref, wcref) = (reference(&qp), reference(&qc));
+            let (sqp, sqc) = (code_part(&qp, &wpref), code_part(&qc, &wcref));
+            let x = rng.normals(m * k1, 1.5);
+            let r = rng.normals(m * n1, 1.0);
+            let r2 = rng.normals(m * n2, 1.0);
+            let nw: Vec<f32> = (0..n1).map(|_| rng.uniform(0.5, 1.5)).collect();
+            let gx = MlxBuffer::from_slice(g, &x, &[m, k1]).unwrap();
+            let gr = MlxBuffer::from_slice(g, &r, &[m, n1]).unwrap();
+            let gr2 = MlxBuffer::from_slice(g, &r2, &[m, n2]).unwrap();
+            let gnw = MlxBuffer::from_slice(g, &nw, &[n1]).unwrap();
+            let (with_res, quantized_in) = [(true, false), (true, true), (false, false)][case];
+            let what = format!(
+                "b{} g{} {dt} {m}x{n1}x{k1} -> {n2} sg={}",
+                params.bits,
+                params.group_size,
+                g.caps().subgroups
+            );
+            let out = NormOut {
+                weight: &gnw,
+                eps,
+                form,
+            };
+            let mut pass = g.begin();
+            let resid = with_res.then_some(&gr);
+            let xq;
+            let xin = if quantized_in {
+                xq = quantize_x(&mut pass, &gx, form).unwrap();
+                MatvecX::Quantized(&xq)
+            } else {
+                MatvecX::F32(&gx)
+            };
+            let (y, chunks) = qmv_norm_out(&mut pass, xin, &wp, resid, &out).unwrap();
+            assert_eq!(chunks.pending_norm(), Some(eps));
+            let z = qmv_xq(&mut pass, &chunks, &wc, with_res.then_some(&gr2)).unwrap();
+            pass.commit_and_wait().unwrap();
+            let yv: Vec<f32> = y.to_vec(g).unwrap();
+            let minus_r: Vec<f32> = if with_res {
+                yv.iter().zip(&r).map(|(a, b)| a - b).collect()
+            } else {
+                yv.clone()
+            };
+            check_qmv(&minus_r, &x, &wpref, &sqp, [m, n1, k1], form.xq, &format!("{what} y"));
+            // The chunks: y·g to half a level, Σy² per chunk.
+            let cw: Vec<u32> = chunks.buffer().to_vec(g).unwrap();
+            for i in 0..m {
+                for c in 0..n1 / 32 {
+                    let w = &cw[(i * n1 / 32 + c) * 20..(i * n1 / 32 + c + 1) * 20];
+                    let ys = &yv[i * n1 + 32 * c..i * n1 + 32 * c + 32];
+                    let vals: Vec<f64> = ys
+                        .iter()
+                        .zip(&nw[32 * c..32 * c + 32])
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .collect();
+                    let d = f64::from(f32::from_bits(w[16]));
+                    let amax = vals.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+                    let (ts, _) = chunk_levels(w, params.bits, form.xq);
+                    for (e, (&t, &v)) in ts.iter().zip(&vals).enumerate() {
+                        let got = d * t as f64;
+                        assert!(
+                            (got - v).abs() <= d * 0.5 + amax * 1e-6,
+                            "{what} row {i} chunk {c} element {e}: {got} vs {v}"
+                        );
+                    }
+                    let ss = f64::from(f32::from_bits(w[19]));
+                    let ss64: f64 = ys.iter().map(|&a| f64::from(a) * f64::from(a)).sum();
+                    assert!(
+                        (ss - ss64).abs() <= 1e-5 * ss64,
+                        "{what} row {i} chunk {c}: Σy² {ss} vs {ss64}"
+                    );
+                }
+            }
+            // The consumer against the f64 norm of the GPU's y.
+            let mut xn = Vec::new();
+            for i in 0..m {
+                let row = &yv[i * n1..(i + 1) * n1];
+                let ms = row.iter().map(|&t| f64::from(t).powi(2)).sum::<f64>() / n1 as f64;
+                let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+                xn.extend(row.iter().zip(&nw).map(|(&t, &wv)| (f64::from(t) * inv * f64::from(wv)) as f32));
+            }
+            let zv: Vec<f32> = z.to_vec(g).unwrap();
+            let zv: Vec<f32> = if with_res {
+                zv.iter().zip(&r2).map(|(a, b)| a - b).collect()
+            } else {
+                zv
+            };
+            check_qmv(&zv, &xn, &wcref, &sqc, [m, n2, n1], form.xq, &format!("{what} z"));
+        }
+    }
+}
+
 /// The chunk format itself, decoded on the CPU (h, l bytes in code order, d, s, hs) against
 /// the f64 values the producer quantized: every value within half a level (d/2) plus f32
 /// rounding, Σx within f32 rounding. Rows of 8192 and 10 rows take the norms' looping path
@@ -1065,6 +1190,36 @@ fn qmv_xq_bad_inputs_are_named() {
     assert!(e.contains("chunks of 32"), "{e}");
     let short = MlxBuffer::from_slice(g, &[0f32; 3], &[3]).unwrap();
     assert!(err(qmv_xq(&mut pass, &q4, &w4, Some(&short))).contains("residual"));
+    // NormOut: chunks in another form than the matvec's own, a norm weight of the wrong
+    // width, N not a whole number of chunks.
+    let nw32 = MlxBuffer::from_slice(g, &[1f32; 32], &[32]).unwrap();
+    let nw8 = MlxBuffer::from_slice(g, &[1f32; 8], &[8]).unwrap();
+    let w40 = QuantWeight::upload(
+        g,
+        &quant(&mut rng, 40, 64, QuantParams::affine(4, 32), DType::F16),
+    )
+    .unwrap();
+    let nw40 = MlxBuffer::from_slice(g, &[1f32; 40], &[40]).unwrap();
+    let out = |weight, form| NormOut {
+        weight,
+        eps: 1e-5,
+        form,
+    };
+    let err2 = |r: Result<(MlxBuffer, QuantizedX)>| r.unwrap_err().to_string();
+    let form8 = XqForm::of(&w8).unwrap();
+    let xf = MatvecX::F32(&x);
+    let e = err2(qmv_norm_out(&mut pass, xf, &w8, None, &out(&nw8, form4)));
+    assert!(e.contains("quantized as the matvec's own"), "{e}");
+    let w8x32 = QuantWeight::upload(
+        g,
+        &quant(&mut rng, 32, 64, QuantParams::affine(8, 32), DType::F16),
+    )
+    .unwrap();
+    let e = err2(qmv_norm_out(&mut pass, xf, &w8x32, None, &out(&nw8, form8)));
+    assert!(e.contains("norm weight"), "{e}");
+    assert!(qmv_norm_out(&mut pass, xf, &w8x32, None, &out(&nw32, form8)).is_ok());
+    let e = err2(qmv_norm_out(&mut pass, xf, &w40, None, &out(&nw40, form4)));
+    assert!(e.contains("multiple of 32"), "{e}");
 }
 
 #[test]

@@ -11,7 +11,7 @@
 //   dequant  y[i, :] = W[ids[i], :] (use_ids) or W[i, :]: one invocation per chunk.
 //   copy_x   y = xraw: realigns an x view whose offset is not a multiple of 4.
 // Bindings: 0 x (f32 seen as vec4: its offset is a multiple of 4), 1 packed words, 2 scales,
-// 3 biases (affine), 4 y (f32), 5 packed words again as vec4 (qmv, BITS 4 and 8),
+// 3 biases (affine), 4 y (f32 as bits; qmv with XQO: then the next norm's chunks), 5 packed words again as vec4 (qmv, BITS 4 and 8),
 // 6 aux, u32 words: ids (dequant), the f32 bits of the unaligned x (copy_x) or of the
 // residual (qmv with RESIDUAL), 7 the norm weight (f32 as vec4; qmv with NORM). Eight
 // storage bindings at most: wgpu's default limit per shader stage.
@@ -29,12 +29,17 @@ struct Params {
     use_ids: u32,
     // qmv with NORM: the RMS norm's epsilon.
     eps: f32,
+    // qmv with XQO: the chunks' first word, counted from y's.
+    xo: u32,
+    _pad0: u32,
+    _pad1: u32,
+    _pad2: u32,
 }
 
 // qmv: weight rows per row-set RPT (1, 2, 4, 8 or 16) and invocations per row-set TPR (a
 // power of two, 32 <= TPR <= WG), packed with the switches below as
-// QMV = XQ << 25 | ACT << 23 | FUSE << 20 | QX << 16 | TPR << 5 | RPT (a spec has three constants); a
-// workgroup holds WG / TPR row-sets.
+// QMV = XQO << 28 | XSRC << 27 | XQ << 25 | ACT << 23 | FUSE << 20 | QX << 16 | TPR << 5 | RPT
+// (a spec has three constants); a workgroup holds WG / TPR row-sets.
 override QMV: u32 = 4104u;
 override RPT: u32 = QMV & 31u;
 override TPR: u32 = (QMV >> 5u) & 2047u;
@@ -64,6 +69,13 @@ override XQ: u32 = (QMV >> 25u) & 3u;
 // Llama-3.1-8B decode step as a bound, 4 % after the producers' own cost). Not with the
 // NORM or GLU folds.
 override XSRC: u32 = (QMV >> 27u) & 1u;
+// The RMS norm after this matvec, split across the boundary (`ops::qmatmul::NormOut`): y
+// (plus the residual) is written as it is and also as chunks of y·g (g the norm's weight,
+// binding 7), each with Σy² over its 32 values in its last word, for the matvec after the
+// norm. That one (XSRC with NORM) sums those words over its row, as the folded norm sums
+// Σx², and scales its row sums by 1/rms: the norm's dispatch, and the barrier before it, go.
+// A chunk is 32 rows of this matvec, so a workgroup holds whole chunks (32 | WG / TPR * RPT).
+override XQO: u32 = (QMV >> 28u) & 1u;
 
 
 // x as words: f32 values (xf), or x chunks quantized by a producer (XSRC; common/
@@ -72,7 +84,7 @@ override XSRC: u32 = (QMV >> 27u) & 1u;
 fn xf(i: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>(xv[i]);
 }
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+@group(0) @binding(4) var<storage, read_write> y: array<u32>;
 @group(0) @binding(5) var<storage, read> packed4: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read> aux: array<u32>;
 @group(0) @binding(7) var<storage, read> normw: array<vec4<f32>>;
@@ -91,6 +103,8 @@ fn weight_at(row: u32, j: u32) -> f32 {
 var<workgroup> red: array<f32, 2048>;
 // NORM: partial Σx² of the x row, [row-set][slot].
 var<workgroup> red_ss: array<f32, 256>;
+// XQO: the workgroup's rows of y (at most 64: two chunks).
+var<workgroup> yrows: array<f32, 64>;
 
 // The BITS words of chunk c of packed row `row` (4- and 8-bit: vec4 loads).
 fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
@@ -223,11 +237,68 @@ fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>, xq: XChunk) -> f
     return chunk_sum(chunk_words(row, c), x, row * p.gpr + gc);
 }
 
+// XQO: the norm weights of this invocation's part of the workgroup's chunks (`slot` in
+// quantize_part's order: chunk slot / 4, part slot % 4), loaded before the matvec so the
+// epilogue does not wait on them. Zeros for invocations without a part.
+fn norm_part_weights(row0: u32, slot: u32) -> array<vec4<f32>, 2> {
+    var w = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    if slot / 4u < (WG / TPR) * RPT / 32u {
+        let g = view(7u) / 4u + (row0 + 8u * slot) / 4u;
+        w = array<vec4<f32>, 2>(normw[g], normw[g + 1u]);
+    }
+    return w;
+}
+
+// XQO: the workgroup's chunks of y·g (g: norm_part_weights), rows row0.. of x row m, from
+// yrows: quantize_part's four invocations a chunk, each also summing its 8 values' squares,
+// combined into the chunk's Σy² (the tail's last word). Called by the whole workgroup.
+fn store_norm_chunks(row0: u32, m: u32, slot: u32, g: array<vec4<f32>, 2>) {
+    let c = slot / 4u;
+    let t = slot % 4u;
+    let on = c < (WG / TPR) * RPT / 32u;
+    var ya = vec4<f32>(0.0);
+    var yb = vec4<f32>(0.0);
+    let e = 8u * slot;
+    if on {
+        ya = vec4<f32>(yrows[e], yrows[e + 1u], yrows[e + 2u], yrows[e + 3u]);
+        yb = vec4<f32>(yrows[e + 4u], yrows[e + 5u], yrows[e + 6u], yrows[e + 7u]);
+    }
+    let q = quantize_part(ya * g[0], yb * g[1], slot);
+#if SUBGROUPS
+    var sq = dot(ya, ya) + dot(yb, yb);
+    sq += subgroupShuffleXor(sq, 1u);
+    sq += subgroupShuffleXor(sq, 2u);
+#else
+    var sq = 0.0;
+    if on && t == 0u {
+        for (var j = 0u; j < 32u; j++) {
+            let v = yrows[e + j];
+            sq += v * v;
+        }
+    }
+#endif
+    if on {
+        let o = view(4u) + p.xo + (m * (p.n / 32u) + row0 / 32u + c) * 4u * XQ_VEC4S;
+        let off = part_offsets(t);
+        let val = part_values(q);
+        for (var j = 0u; j < 4u; j++) {
+            y[o + off[j]] = val[j];
+        }
+        if t == 0u {
+            y[o + 16u] = q.tail[0];
+            y[o + 17u] = q.tail[1];
+            y[o + 18u] = q.tail[2];
+            y[o + 19u] = bitcast<u32>(sq);
+        }
+    }
+}
+
 @compute @workgroup_size(WG)
 fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
        @builtin(local_invocation_index) lid: u32
 #if SUBGROUPS
-       , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32
+       , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32,
+       @builtin(subgroup_id) si: u32
 #endif
 ) {
     let sets = WG / TPR;
@@ -240,9 +311,12 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
 #if SUBGROUPS
     let slots = TPR / ss;
     let slot = lane / ss;
+    // XQO: the invocation's place in quantize_part's order (a chunk's parts adjacent lanes).
+    let part_slot = si * ss + sl;
 #else
     let slots = TPR;
     let slot = lane;
+    let part_slot = lid;
 #endif
     // Rows past N repeat the last row (their sums are dropped).
     let last = p.n - 1u;
@@ -262,6 +336,10 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let r13 = min(row0 + 13u, last);
     let r14 = min(row0 + 14u, last);
     let r15 = min(row0 + 15u, last);
+    var gpart = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
+    if XQO != 0u {
+        gpart = norm_part_weights(wg * sets * RPT, part_slot);
+    }
     for (var m = 0u; m < p.m; m++) {
         // One scalar accumulator per weight row, written out (no indexed private arrays);
         // each x chunk is loaded once for the RPT rows, whose RPT weight loads are
@@ -277,14 +355,19 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             if XSRC == 0u {
                 x = x_row_chunk(xbase, m, c);
             }
-            if (FUSE & 1u) != 0u {
+            if (FUSE & 1u) != 0u && XSRC == 0u {
                 ss += sum_squares(x);
                 x = norm_weighted(x, c);
             }
             let gc = (c * 32u) / GROUP_SIZE;
             var xq: XChunk;
             if XSRC != 0u {
-                xq = load_xchunk(view(0u) / 4u + (m * chunks + c) * XQ_VEC4S);
+                let o = view(0u) / 4u + (m * chunks + c) * XQ_VEC4S;
+                xq = load_xchunk(o);
+                if (FUSE & 1u) != 0u {
+                    // The producer's Σx² of the chunk (XQO).
+                    ss += bitcast<f32>(xv[o + 4u].w);
+                }
             } else if XQ != 0u {
                 xq = quantize_x(x);
             }
@@ -354,7 +437,14 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             if (FUSE & 4u) != 0u {
                 acc += bitcast<f32>(aux[view(6u) + m * p.n + frow]);
             }
-            y[view(4u) + m * p.n + frow] = acc;
+            y[view(4u) + m * p.n + frow] = bitcast<u32>(acc);
+            if XQO != 0u {
+                yrows[lid] = acc;
+            }
+        }
+        if XQO != 0u {
+            workgroupBarrier();
+            store_norm_chunks(wg * sets * RPT, m, part_slot, gpart);
         }
         workgroupBarrier();
     }
@@ -445,7 +535,7 @@ fn qmm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             for (var j = 0u; j < 4u; j++) {
                 let n = n0 + tx * 4u + j;
                 if n < p.n {
-                    y[view(4u) + m * p.n + n] = acc[i][j];
+                    y[view(4u) + m * p.n + n] = bitcast<u32>(acc[i][j]);
                 }
             }
         }
@@ -473,12 +563,12 @@ fn dequant(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: 
     if row >= p.n {
         // An out-of-range id gives a row of NaN rather than another row's values.
         for (var j = 0u; j < 32u; j++) {
-            y[o + j] = bitcast<f32>(0x7fc00000u);
+            y[o + j] = 0x7fc00000u;
         }
         return;
     }
     for (var j = 0u; j < 32u; j++) {
-        y[o + j] = weight_at(row, c * 32u + j);
+        y[o + j] = bitcast<u32>(weight_at(row, c * 32u + j));
     }
 }
 
@@ -487,6 +577,6 @@ fn copy_x(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: v
           @builtin(local_invocation_index) lid: u32) {
     let i = flat_wg(wid, nwg) * WG + lid;
     if i < p.rows {
-        y[view(4u) + i] = bitcast<f32>(aux[view(6u) + i]);
+        y[view(4u) + i] = aux[view(6u) + i];
     }
 }
