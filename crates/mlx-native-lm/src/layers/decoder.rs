@@ -74,6 +74,10 @@ pub struct Folding {
     /// applies; the norm dispatches go. Across layers too: the model passes each layer
     /// the next one's norm ([`LayerLink`]).
     pub norm_out: bool,
+    /// The GLU applied by the stacked gate|up matvec to its own rows (needs `quantized_x`):
+    /// each workgroup takes 32 gate rows and the same 32 up rows and writes down's input
+    /// quantized (`ops::qmv_glu_out`); the GLU's dispatch goes.
+    pub glu_out: bool,
 }
 
 impl Folding {
@@ -85,6 +89,7 @@ impl Folding {
         rope_append: false,
         quantized_x: false,
         norm_out: false,
+        glu_out: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
@@ -94,6 +99,7 @@ impl Folding {
         rope_append: true,
         quantized_x: true,
         norm_out: true,
+        glu_out: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md). With
     /// qmv's 16-bit x, `small_norms` gains 97 us a token on Qwen3-30B-A3B and 75 on
@@ -109,6 +115,7 @@ impl Folding {
         rope_append: true,
         quantized_x: true,
         norm_out: true,
+        glu_out: true,
     };
 
     fn any(self) -> bool {
@@ -118,6 +125,7 @@ impl Folding {
             || self.small_norms
             || self.quantized_x
             || self.norm_out
+            || self.glu_out
     }
 
     /// Whether to fold a pre-norm into a matvec of `shape` ([N, K]).
@@ -288,16 +296,19 @@ impl DecoderLayer {
             .and_then(|m| m.gate_up.as_ref())
             .and_then(|w| w.xq_form())
             .filter(|_| f.quantized_x);
-        let ffn_norm = dense
-            .and_then(|m| m.gate_up.as_ref())
-            .is_some_and(|w| f.norm_into(w.shape()));
+        // The FFN norm folded into gate|up: every norm (`norms`), or a small gate|up's
+        // (`small_norms`) unless o writes gate|up's input (`norm_out`, no norm work in
+        // gate|up's row-sets).
+        let o_writes = gate_up_form.is_some() && f.norm_out && fold_attn_residual;
+        let ffn_norm = (dense.and_then(|m| m.gate_up.as_ref()))
+            .is_some_and(|w| f.norms || (!o_writes && f.norm_into(w.shape())));
         let moe_form = match &self.mlp {
             Ffn::Moe(moe) => moe.xq_form().filter(|_| f.quantized_x && fold_ffn_residual),
             Ffn::Dense(_) => None,
         };
         // o writes gate|up's input with the FFN norm pending, where it can.
         let o_norm_out = gate_up_form
-            .filter(|_| f.norm_out && fold_attn_residual && !ffn_norm)
+            .filter(|_| o_writes && !ffn_norm)
             .map(|form| NormOut {
                 weight: &self.ffn_norm,
                 eps,

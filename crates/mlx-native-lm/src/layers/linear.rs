@@ -221,6 +221,37 @@ impl Linear {
         }
     }
 
+    /// Whether this stacked gate|up weight's decode matvec can apply the GLU to its own rows
+    /// and write down's input in `form` ([`Linear::forward_glu_out`]): an MLX-quantized weight
+    /// whose own x form is `form`, on a device that fits the kernel's workgroup.
+    pub fn can_glu_out(&self, form: XqForm, caps: &mlx_native::Caps) -> bool {
+        match self {
+            Linear::Quant(w) => {
+                XqForm::of(w) == Some(form)
+                    && w.shape()[0].is_multiple_of(64)
+                    && qmatmul::glu_out_fits_weight(w, caps)
+            }
+            _ => false,
+        }
+    }
+
+    /// act(gate)·up of this stacked gate|up weight's decode matvec, quantized in `form` for
+    /// the down matvec ([`qmatmul::qmv_glu_out`]). Only where [`Linear::can_glu_out`].
+    pub fn forward_glu_out(
+        &self,
+        pass: &mut Pass,
+        x: MatvecX<'_>,
+        act: activation::Act,
+        form: XqForm,
+    ) -> Result<QuantizedX> {
+        match self {
+            Linear::Quant(w) => Ok(qmatmul::qmv_glu_out(pass, x, w, act, form)?),
+            _ => Err(LmError::Config(
+                "forward_glu_out: only MLX-quantized weights write quantized x".into(),
+            )),
+        }
+    }
+
     /// Whether [`Linear::forward_fused`] folds its work into one matvec at decode.
     pub fn fuses(&self) -> bool {
         matches!(self, Linear::Quant(_))

@@ -77,11 +77,19 @@ impl Mlp {
                 let w = self.gate_up.as_ref().ok_or_else(|| {
                     crate::LmError::Config("mlp: quantized x needs the stacked gate|up".into())
                 })?;
+                if let Some(hq) = self.glu_out(pass, w, FfnInput::Quantized(xq), fold)? {
+                    return self.down_xq(pass, &hq, residual, norm_out);
+                }
                 let gate_up = w.forward_xq(pass, xq, None)?;
                 return self.down_of(pass, &gate_up, fold, residual, norm_out);
             }
         };
         if let Some(w) = &self.gate_up {
+            if norm.is_none() {
+                if let Some(hq) = self.glu_out(pass, w, FfnInput::F32(x), fold)? {
+                    return self.down_xq(pass, &hq, residual, norm_out);
+                }
+            }
             let up_fusion = QmvFusion {
                 norm,
                 ..QmvFusion::default()
@@ -126,12 +134,7 @@ impl Mlp {
             let hq = super::decoder::bound_reuse(2, 2, || {
                 Ok(glu_split_xq(pass, gate_up, self.act, form)?)
             })?;
-            if let Some(out) = norm_out.filter(|o| self.down.can_norm_out(o, pass.caps())) {
-                let hx = MatvecX::Quantized(&hq);
-                let (y, q) = self.down.forward_norm_out(pass, hx, residual, out)?;
-                return Ok((y, Some(q)));
-            }
-            return Ok((self.down.forward_xq(pass, &hq, residual)?, None));
+            return self.down_xq(pass, &hq, residual, norm_out);
         }
         let h = glu_split(pass, gate_up, self.act)?;
         let fusion = QmvFusion {
@@ -139,6 +142,42 @@ impl Mlp {
             ..QmvFusion::default()
         };
         Ok((self.down.forward_fused(pass, &h, &fusion)?, None))
+    }
+
+    /// With `fold.glu_out`, the stacked gate|up matvec `w` of x with the GLU applied to its
+    /// own rows, writing down's input quantized ([`Linear::forward_glu_out`]), where down
+    /// reads that form and the device fits the kernel; else None.
+    fn glu_out(
+        &self,
+        pass: &mut Pass,
+        w: &Linear,
+        x: FfnInput<'_>,
+        fold: Folding,
+    ) -> Result<Option<QuantizedX>> {
+        let form = self.down.xq_form().filter(|_| fold.glu_out && fold.quantized_x);
+        match form {
+            Some(form) if w.can_glu_out(form, pass.caps()) => {
+                Ok(Some(w.forward_glu_out(pass, x, self.act, form)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// down of its quantized input (plus `residual`), writing the next norm's matvec input
+    /// too where `norm_out` asks and down can.
+    fn down_xq(
+        &self,
+        pass: &mut Pass,
+        hq: &QuantizedX,
+        residual: Option<&MlxBuffer>,
+        norm_out: Option<&NormOut<'_>>,
+    ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
+        if let Some(out) = norm_out.filter(|o| self.down.can_norm_out(o, pass.caps())) {
+            let hx = MatvecX::Quantized(hq);
+            let (y, q) = self.down.forward_norm_out(pass, hx, residual, out)?;
+            return Ok((y, Some(q)));
+        }
+        Ok((self.down.forward_xq(pass, hq, residual)?, None))
     }
 
     pub fn forward(&self, pass: &mut Pass, x: &MlxBuffer) -> Result<MlxBuffer> {

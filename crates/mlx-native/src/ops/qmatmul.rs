@@ -256,18 +256,21 @@ fn qmv_configs() -> Vec<QmvConfig> {
                     xq,
                 });
             }
-            for rpt in [8, 16] {
-                v.push(QmvConfig {
+            // 8 and 16: the large matvecs; 4: quantized x (`xsrc_config`).
+            for rpt in [4, 8, 16] {
+                let c = QmvConfig {
                     rpt,
                     tpr,
                     wg: 128,
                     exp: 0,
                     xq,
-                });
+                };
+                if !v.contains(&c) {
+                    v.push(c);
+                }
             }
         }
     }
-    v.dedup();
     v
 }
 
@@ -278,7 +281,7 @@ fn qmv_configs() -> Vec<QmvConfig> {
 fn norm_out_config(n: usize, k: usize, subgroups: bool) -> QmvConfig {
     let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
     let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
-    if rpt != 0 && tpr != 0 {
+    if rpt != 0 && tpr != 0 && !norm_out_probe(18) {
         return QmvConfig {
             rpt,
             tpr,
@@ -291,7 +294,10 @@ fn norm_out_config(n: usize, k: usize, subgroups: bool) -> QmvConfig {
 
 /// Measurement only (timing; bit 16 gives wrong results): `rpt | tpr << 8` forces the
 /// [`NormOut`] matvecs' shape (workgroups of 32 rows), bit 16 skips writing their chunks,
-/// bit 17 gives that shape to every matvec with a residual (without chunks).
+/// bit 17 gives that shape to every matvec with a residual (without chunks), bit 18 gives
+/// the forced shape to the GLU-writing matvecs instead (64 rows a workgroup), bit 19 to the
+/// matvecs of quantized x that write no chunks (workgroups of 128 invocations or TPR) of
+/// N >= 65536 (bit 20) or N < 65536 (bit 21).
 #[doc(hidden)]
 pub fn set_norm_out_probe(bits: u32) {
     NORM_OUT_PROBE.store(bits, std::sync::atomic::Ordering::Relaxed);
@@ -303,16 +309,35 @@ fn norm_out_probe(bit: u32) -> bool {
 }
 
 fn norm_out_shape(base: QmvConfig, subgroups: bool) -> QmvConfig {
-    let rpt = base.rpt.min(NORM_OUT_MAX_RPT);
-    let sets = NORM_OUT_ROWS / rpt;
+    rows_shape(base, base.rpt.min(NORM_OUT_MAX_RPT), NORM_OUT_ROWS, subgroups)
+}
+
+/// A qmv shape of `rows` rows a workgroup from `rpt` rows per row-set and the default
+/// invocations per row-set (32 without subgroups), within the kernel's limits: at most
+/// NORM_OUT_MAX_WG invocations, and partial sums that fit its arrays (`red_ss`: row-sets x
+/// slots <= 256, slots = TPR / 4 at worst with subgroups, TPR without; `red`: rows x slots
+/// <= 2048), by more rows per row-set or fewer invocations.
+fn rows_shape(base: QmvConfig, rpt: u32, rows: u32, subgroups: bool) -> QmvConfig {
+    let mut rpt = rpt.clamp(1, 16);
     let mut tpr = if subgroups { base.tpr } else { 32 };
-    while sets * tpr > NORM_OUT_MAX_WG && tpr > 32 {
-        tpr /= 2;
+    let div = if subgroups { 4 } else { 1 };
+    let fits = |rpt: u32, tpr: u32| {
+        let sets = rows / rpt;
+        sets * tpr <= NORM_OUT_MAX_WG && sets * tpr / div <= 256 && rows * tpr / div <= 2048
+    };
+    while !fits(rpt, tpr) {
+        if tpr > 32 {
+            tpr /= 2;
+        } else if rpt < 16 {
+            rpt *= 2;
+        } else {
+            break;
+        }
     }
     QmvConfig {
         rpt,
         tpr,
-        wg: sets * tpr,
+        wg: rows / rpt * tpr,
         ..base
     }
 }
@@ -330,16 +355,67 @@ const NORM_OUT_MAX_WG: u32 = 1024;
 
 /// Every (shape, subgroups) a [`NormOut`] matvec can dispatch.
 fn norm_out_configs() -> Vec<(QmvConfig, bool)> {
+    out_configs(norm_out_shape)
+}
+
+/// Every (shape, subgroups) that `shape` makes of the default shapes.
+fn out_configs(shape: fn(QmvConfig, bool) -> QmvConfig) -> Vec<(QmvConfig, bool)> {
     let mut v = Vec::new();
     for base in qmv_configs().into_iter().filter(|c| c.xq != 0) {
         for sg in [false, true] {
-            let c = (norm_out_shape(base, sg), sg);
+            let c = (shape(base, sg), sg);
             if !v.contains(&c) {
                 v.push(c);
             }
         }
     }
     v
+}
+
+/// The qmv shape of a stacked gate|up matvec that applies the GLU to its own rows
+/// ([`qmv_glu_out`]): workgroups of 32 gate and the same 32 up rows (one chunk of the
+/// GLU's output), the default rows and invocations per row-set where they give that
+/// (Llama-3.1-8B's 28672 x 4096: 16 rows, 32 invocations, 4 row-sets: its default shape).
+fn glu_out_shape(base: QmvConfig, subgroups: bool) -> QmvConfig {
+    let base = QmvConfig {
+        tpr: GLU_OUT_TPR,
+        ..base
+    };
+    rows_shape(base, GLU_OUT_RPT, 2 * NORM_OUT_ROWS, subgroups)
+}
+
+/// The qmv shape of a matvec of quantized x ([`qmv_xq`]): with no x quantization to share
+/// among a row-set's rows, more and shorter row-sets (4 rows, up to 128 invocations) than
+/// the f32-x default, except for LM heads (N >= 65536) whose default already has thousands
+/// of warps. Measured on an H200 (`decode_ab`, µs a token): Llama-3.1-8B's q|k|v (6144 x
+/// 4096) from (16, 128) to (4, 128): 2798 -> 2718; Gemma-3-4B's (4096 x 2560) from (8, 64):
+/// 2868 -> 2891 (within its noise); either head in these shapes was slower or no faster
+/// (docs/PERFORMANCE.md, session 8).
+fn xsrc_config(n: usize, k: usize) -> QmvConfig {
+    let base = qmv_config(n, k);
+    if n >= 65536 || QMV_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+        return base;
+    }
+    let chunks = (k / 32) as u32;
+    let tpr = [128, 64, 32].into_iter().find(|&t| t <= chunks).unwrap_or(32);
+    QmvConfig {
+        rpt: 4,
+        tpr,
+        wg: 128,
+        ..base
+    }
+}
+
+/// Rows and invocations per row-set of a GLU-writing gate|up matvec (8 row-sets, 256
+/// invocations). Measured on an H200 (`decode_ab`, µs a token, against the GLU as its own
+/// dispatch): Gemma-3-4B (20480 x 2560) 3185 -> 2972, where its default shape (16, 64) in
+/// 64-row workgroups gave 3318 and (16, 32) 3234; Llama-3.1-8B (28672 x 4096) 2992 -> 2852,
+/// where its default (16, 32) gave 2986 (docs/PERFORMANCE.md, session 8).
+const GLU_OUT_RPT: u32 = 8;
+const GLU_OUT_TPR: u32 = 32;
+
+fn glu_out_configs() -> Vec<(QmvConfig, bool)> {
+    out_configs(glu_out_shape)
 }
 /// Workgroup size and output tile of the scalar tiled kernels.
 pub(crate) const TILED_WG: u32 = 256;
@@ -625,7 +701,8 @@ pub fn quantize_x(pass: &mut Pass, x: &MlxBuffer, form: XqForm) -> Result<Quanti
 
 /// The qmv variant: `xsrc` reads x as [`QuantizedX`] chunks (then there is no GLU fold, which
 /// needs f32 x, and the norm fold means a pending norm: `QuantizedX::pending_norm`);
-/// `xqo` writes the next norm's chunks too ([`NormOut`]).
+/// `xqo` writes chunks for the next matvec: 1 the next norm's too ([`NormOut`]), 2 the
+/// GLU's of a stacked gate|up instead of y ([`qmv_glu_out`]).
 fn vec_spec(
     params: QuantParams,
     dt: DType,
@@ -633,11 +710,11 @@ fn vec_spec(
     sg: bool,
     fuse: u32,
     xsrc: bool,
-    xqo: bool,
+    xqo: u32,
 ) -> Result<Spec> {
     let xq = if xq_applies(params) { cfg.xq } else { 0 };
     let xsrc = u32::from(xsrc && xq != 0 && fuse & 2 == 0);
-    let xqo = u32::from(xqo && xq != 0);
+    let xqo = if xq != 0 { xqo } else { 0 };
     let packed = xqo << 28
         | xsrc << 27
         | xq << 25
@@ -829,17 +906,17 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
         for cfg in cfgs {
             for sg in [false, true] {
                 for fuse in fusion_codes() {
-                    let spec = vec_spec(params, dt, cfg, sg, fuse, false, false)?;
+                    let spec = vec_spec(params, dt, cfg, sg, fuse, false, 0)?;
                     v.push((Kernel::Qmatmul, spec));
                     // Quantized x: plain, with the residual, or with a pending norm.
                     if cfg.xq != 0 && fuse & 2 == 0 && xq_applies(params) {
-                        let spec = vec_spec(params, dt, cfg, sg, fuse, true, false)?;
+                        let spec = vec_spec(params, dt, cfg, sg, fuse, true, 0)?;
                         v.push((Kernel::Qmatmul, spec));
                     }
                 }
                 if cfg.xq != 0 && xq_applies(params) {
                     // A pending norm with a residual.
-                    let spec = vec_spec(params, dt, cfg, sg, 5, true, false)?;
+                    let spec = vec_spec(params, dt, cfg, sg, 5, true, 0)?;
                     v.push((Kernel::Qmatmul, spec));
                 }
             }
@@ -847,8 +924,18 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
         if xq_applies(params) {
             for (cfg, sg) in norm_out_configs() {
                 for (fuse, xsrc) in [(0, false), (4, false), (0, true), (4, true)] {
-                    let spec = vec_spec(params, dt, cfg, sg, fuse, xsrc, true)?;
+                    let spec = vec_spec(params, dt, cfg, sg, fuse, xsrc, 1)?;
                     v.push((Kernel::Qmatmul, spec));
+                }
+            }
+            for (cfg, sg) in glu_out_configs() {
+                for act in ACTS {
+                    // f32 x, quantized x, quantized x with a pending norm.
+                    for (fuse, xsrc) in [(0, false), (0, true), (1, true)] {
+                        let fuse = fuse | act.code() << 3;
+                        let spec = vec_spec(params, dt, cfg, sg, fuse, xsrc, 2)?;
+                        v.push((Kernel::Qmatmul, spec));
+                    }
                 }
             }
         }
@@ -989,7 +1076,7 @@ pub fn qmv_with(
         cfg: cfg.validate()?,
         subgroups: vec_subgroups(m, n, k, pass.caps()),
         xsrc: None,
-        norm_out: None,
+        out: None,
     };
     Ok(run_vec(pass, x, w, &vec, &QmvFusion::default())?.0)
 }
@@ -1056,7 +1143,7 @@ fn fused_run<'a>(
         },
         subgroups: vec_subgroups(m, n, k, pass.caps()),
         xsrc: None,
-        norm_out: None,
+        out: None,
     })
 }
 
@@ -1093,7 +1180,16 @@ pub fn qmv_xq(
     w: &QuantWeight,
     residual: Option<&MlxBuffer>,
 ) -> Result<MlxBuffer> {
-    let run = xq_run(pass, "qmv_xq", x, w, residual)?;
+    let mut run = xq_run(pass, "qmv_xq", x, w, residual)?;
+    let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
+    let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
+    let n = w.shape()[0];
+    let class = (norm_out_probe(20) && n >= 65536) || (norm_out_probe(21) && n < 65536);
+    if rpt != 0 && tpr != 0 && norm_out_probe(19) && class {
+        run.cfg.rpt = rpt;
+        run.cfg.tpr = tpr;
+        run.cfg.wg = tpr.max(128);
+    }
     Ok(run_vec(pass, &x.buf, w, &run, &QmvFusion::residual(residual))?.0)
 }
 
@@ -1131,7 +1227,7 @@ fn xq_run<'a>(
     let mut cfg = if probe {
         norm_out_config(n, k, sg)
     } else {
-        qmv_config(n, k)
+        xsrc_config(n, k)
     };
     cfg.xq = x.form.xq;
     Ok(VecRun {
@@ -1141,7 +1237,7 @@ fn xq_run<'a>(
         cfg,
         subgroups: vec_subgroups(m, n, k, pass.caps()),
         xsrc: Some(x),
-        norm_out: None,
+        out: None,
     })
 }
 
@@ -1185,28 +1281,86 @@ pub fn qmv_norm_out(
     run.cfg = norm_out_config(n, k, run.subgroups);
     run.cfg.xq = out.form.xq;
     let caps = pass.caps();
-    check::ensure(norm_out_fits(run.cfg, run.subgroups, caps), op, || {
+    check::ensure(out_fits(run.cfg, run.subgroups, caps), op, || {
         format!(
             "a workgroup of {} invocations does not fit the device ({} invocations, {} bytes \
              of workgroup memory)",
             run.cfg.wg, caps.max_invocations_per_workgroup, caps.max_workgroup_storage
         )
     })?;
-    run.norm_out = Some(*out);
+    run.out = Some(ChunksOut::Norm(*out));
     let (y, chunks) = run_vec(pass, xbuf, w, &run, &fusion)?;
     let mut q = chunks.ok_or_else(|| MlxError::invalid(format!("{op}: no chunks written")))?;
     q.pending_norm = Some(out.eps);
     Ok((y, q))
 }
 
+/// The GLU after a stacked gate|up matvec, applied by the matvec to its own rows: `w` holds
+/// rows `[gate | up]` (2I of them), x is f32 or quantized for `w` (a pending norm is
+/// applied); returns act(gate)·up `[M, I]` quantized in `form` for the down matvec (which
+/// must be `w`'s own form), and writes no f32 output. The GLU's dispatch goes.
+pub fn qmv_glu_out(
+    pass: &mut Pass,
+    x: MatvecX<'_>,
+    w: &QuantWeight,
+    act: Act,
+    form: XqForm,
+) -> Result<QuantizedX> {
+    let op = "qmv_glu_out";
+    let none = QmvFusion::default();
+    let (mut run, xbuf) = match x {
+        MatvecX::F32(x) => (fused_run(pass, op, x, w, &none)?, x),
+        MatvecX::Quantized(q) => (xq_run(pass, op, q, w, None)?, &q.buf),
+    };
+    let [n, _] = w.shape();
+    check::ensure(XqForm::of(w) == Some(form), op, || {
+        format!(
+            "the chunks are quantized as the matvec's own x ({:?}), not as {form:?}",
+            XqForm::of(w)
+        )
+    })?;
+    check::ensure(n.is_multiple_of(64), op, || {
+        format!("N = {n} is not [gate | up] of a multiple of 32 rows each")
+    })?;
+    run.cfg = QmvConfig {
+        xq: form.xq,
+        ..glu_out_shape(run.cfg, run.subgroups)
+    };
+    let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
+    let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
+    if rpt != 0 && tpr != 0 && norm_out_probe(18) {
+        run.cfg.rpt = rpt;
+        run.cfg.tpr = tpr;
+        run.cfg.wg = 2 * NORM_OUT_ROWS / rpt * tpr;
+    }
+    let caps = pass.caps();
+    check::ensure(out_fits(run.cfg, run.subgroups, caps), op, || {
+        format!(
+            "a workgroup of {} invocations does not fit the device ({} invocations, {} bytes \
+             of workgroup memory)",
+            run.cfg.wg, caps.max_invocations_per_workgroup, caps.max_workgroup_storage
+        )
+    })?;
+    run.out = Some(ChunksOut::Glu(form, act));
+    let (_, chunks) = run_vec(pass, xbuf, w, &run, &none)?;
+    chunks.ok_or_else(|| MlxError::invalid(format!("{op}: no chunks written")))
+}
+
+/// Whether [`qmv_glu_out`] of `w` runs on this device (its workgroup of 64 rows).
+pub fn glu_out_fits_weight(w: &QuantWeight, caps: &Caps) -> bool {
+    let [n, k] = w.shape();
+    let sg = vec_subgroups(1, n, k, caps);
+    out_fits(glu_out_shape(qmv_config(n, k), sg), sg, caps)
+}
+
 /// Whether a [`NormOut`] matvec of `w` runs on this device (its workgroup of 32 rows).
 pub fn norm_out_fits_weight(w: &QuantWeight, caps: &Caps) -> bool {
     let [n, k] = w.shape();
     let sg = vec_subgroups(1, n, k, caps);
-    norm_out_fits(norm_out_config(n, k, sg), sg, caps)
+    out_fits(norm_out_config(n, k, sg), sg, caps)
 }
 
-fn norm_out_fits(cfg: QmvConfig, subgroups: bool, caps: &Caps) -> bool {
+fn out_fits(cfg: QmvConfig, subgroups: bool, caps: &Caps) -> bool {
     // red and red_ss, yrows, and without subgroups quantize_part's exchange (20 bytes an
     // invocation).
     let exchange = if subgroups { 0 } else { 20 * cfg.wg };
@@ -1231,11 +1385,31 @@ struct VecRun<'a> {
     subgroups: bool,
     /// x holds these [`QuantizedX`] chunks.
     xsrc: Option<&'a QuantizedX>,
-    /// Write the next norm's chunks too.
-    norm_out: Option<NormOut<'a>>,
+    /// Chunks for the next matvec: the next norm's too, or the GLU's instead of y.
+    out: Option<ChunksOut<'a>>,
 }
 
-/// One qmv dispatch: y, and the [`NormOut`] chunks when the run asks for them.
+/// What a qmv writes for the matvec after it, as that matvec's quantized x.
+#[derive(Clone, Copy)]
+enum ChunksOut<'a> {
+    /// y and y·g before the norm's 1/rms ([`qmv_norm_out`]).
+    Norm(NormOut<'a>),
+    /// act(gate)·up of a stacked gate|up's rows, no y ([`qmv_glu_out`]).
+    Glu(XqForm, Act),
+}
+
+impl ChunksOut<'_> {
+    /// The kernel's XQO.
+    fn code(self) -> u32 {
+        match self {
+            ChunksOut::Norm(_) => 1,
+            ChunksOut::Glu(..) => 2,
+        }
+    }
+}
+
+/// One qmv dispatch: y (or, with the GLU's chunks, their buffer), and the chunks when the
+/// run asks for them.
 fn run_vec(
     pass: &mut Pass,
     x: &MlxBuffer,
@@ -1248,7 +1422,11 @@ fn run_vec(
     // A norm folded into f32 x, or one pending in quantized x.
     let pending = run.xsrc.and_then(|q| q.pending_norm);
     params.eps = fusion.norm.map_or(pending.unwrap_or(0.0), |(_, eps)| eps);
-    let fuse = fusion.code() | u32::from(pending.is_some());
+    let glu_act = match run.out {
+        Some(ChunksOut::Glu(_, act)) => act.code() << 3,
+        _ => 0,
+    };
+    let fuse = fusion.code() | u32::from(pending.is_some()) | glu_act;
     let dt = scale_dtype(w.params(), w.dtype());
     let biases = w.biases().unwrap_or(w.scales());
     // Quantized chunks come in fresh allocations (16-byte aligned).
@@ -1259,8 +1437,20 @@ fn run_vec(
     };
     let ylen = run.m * n;
     // With chunks: one allocation, y then the chunks, bound whole at y's binding.
-    let (yall, y, chunks) = match &run.norm_out {
-        Some(out) => {
+    let (yall, y, chunks) = match &run.out {
+        Some(ChunksOut::Glu(form, _)) => {
+            let words = run.m * (n / 64) * XQ_CHUNK_WORDS;
+            let c = pass.alloc(DType::U32, &[run.m, words / run.m])?;
+            let q = QuantizedX {
+                buf: c.clone(),
+                rows: run.m,
+                k: n / 2,
+                form: *form,
+                pending_norm: None,
+            };
+            (c.clone(), c, Some(q))
+        }
+        Some(ChunksOut::Norm(out)) => {
             let words = run.m * (n / 32) * XQ_CHUNK_WORDS;
             let all = pass.alloc(DType::F32, &[ylen + words])?;
             let y = all.view(0, &run.yshape)?;
@@ -1287,15 +1477,21 @@ fn run_vec(
         run.subgroups,
         fuse,
         run.xsrc.is_some(),
-        run.norm_out.is_some() && !norm_out_probe(16),
+        run.out.map_or(0, |o| {
+            if norm_out_probe(16) {
+                0
+            } else {
+                o.code()
+            }
+        }),
     )?;
     let rows_per_wg = (run.cfg.wg / run.cfg.tpr) as usize * run.cfg.rpt as usize;
     let groups = check::fits_u32(n.div_ceil(rows_per_wg), run.op, "workgroups")?;
     // Bindings the variant does not read get x (read-only, any size).
-    let normw = match (&run.norm_out, fusion.norm) {
-        (Some(out), _) => out.weight,
-        (None, Some((b, _))) => b,
-        (None, None) => &xa,
+    let normw = match (&run.out, fusion.norm) {
+        (Some(ChunksOut::Norm(out)), _) => out.weight,
+        (_, Some((b, _))) => b,
+        _ => &xa,
     };
     let resid = fusion.residual.unwrap_or(&xa);
     let bufs = [
@@ -1369,7 +1565,7 @@ fn run_with(
             cfg,
             subgroups,
             xsrc: None,
-            norm_out: None,
+            out: None,
         };
         return Ok(run_vec(pass, x, w, &vec, &QmvFusion::default())?.0);
     }

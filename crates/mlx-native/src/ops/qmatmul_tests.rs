@@ -860,6 +860,23 @@ fn qmv_of_producer_quantized_x() {
     }
 }
 
+/// Every shape a chunk-writing matvec can take keeps the kernel's limits: whole chunks a
+/// workgroup (32 rows with a norm, 32 gate and 32 up rows with the GLU), at most 1024
+/// invocations, partial sums inside `red` (2048) and `red_ss` (256) at the smallest
+/// subgroup the plan takes (4) or without subgroups (one slot an invocation).
+#[test]
+fn chunk_writing_shapes_fit_the_kernel() {
+    for (configs, rows) in [(norm_out_configs(), 32), (glu_out_configs(), 64)] {
+        for (c, sg) in configs {
+            let sets = c.wg / c.tpr;
+            let slots = if sg { c.tpr / 4 } else { c.tpr };
+            assert_eq!(sets * c.rpt, rows, "{c:?} sg={sg}");
+            assert!(c.wg <= 1024 && c.wg.is_multiple_of(c.tpr), "{c:?} sg={sg}");
+            assert!(rows * slots <= 2048 && sets * slots <= 256, "{c:?} sg={sg}");
+        }
+    }
+}
+
 /// The RMS norm split across two matvecs ([`qmv_norm_out`], then [`qmv_xq`] of its chunks):
 /// the producer's y (plus its residual) matches an f64 product; its chunks decode to y·g
 /// (half a level) with Σy² of each chunk in the last word; the consumer matches the f64
@@ -981,6 +998,112 @@ fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
                 zv
             };
             check_qmv(&zv, &xn, &wcref, &sqc, [m, n2, n1], form.xq, &format!("{what} z"));
+        }
+    }
+}
+
+/// The GLU applied by a stacked gate|up matvec to its own rows ([`qmv_glu_out`]), read by
+/// the down matvec ([`qmv_xq`]): the chunks decode to act(gate)·up of the GPU's own gate|up
+/// product (`qmv_xq` / `qmv` of the same x, the same per-row sums) to half a level, and
+/// down matches the f64 product of those values. f32 x, quantized x, and quantized x with a
+/// pending norm (from [`qmv_norm_out`]); SiLU and both GELUs; 4- and 8-bit codes; 1 and 3
+/// rows; both reduction paths; allocations poisoned.
+#[test]
+fn qmv_glu_out_feeds_the_down_matvec() {
+    let mut rng = Rng::new(67);
+    let poisoned: Vec<MlxDevice> = devices()
+        .iter()
+        .map(|d| {
+            MlxDevice::with_options(crate::DeviceOptions {
+                poison_allocations: true,
+                disable_subgroups: !d.caps().subgroups,
+                ..crate::DeviceOptions::default()
+            })
+            .unwrap()
+        })
+        .collect();
+    for g in &poisoned {
+        for case in 0..3 {
+            let (params, dt, act) = [
+                (QuantParams::affine(4, 64), DType::BF16, Act::Silu),
+                (QuantParams::affine(8, 32), DType::F16, Act::GeluTanh),
+                (QuantParams::affine(4, 32), DType::F32, Act::GeluErf),
+            ][case];
+            // (rows, I, K, down's N)
+            let (m, i, k, n2) = [(1, 64, 384, 70), (3, 512, 576, 37), (1, 1024, 256, 130)][case];
+            let qgu = quant(&mut rng, 2 * i, k, params, dt);
+            let qd = quant(&mut rng, n2, i, params, dt);
+            let wgu = QuantWeight::upload(g, &qgu).unwrap();
+            let wd = QuantWeight::upload(g, &qd).unwrap();
+            let form = XqForm::of(&wgu).unwrap();
+            let wdref = reference(&qd);
+            let sqd = code_part(&qd, &wdref);
+            let x = rng.normals(m * k, 1.5);
+            let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+            let what = format!(
+                "b{} {dt} {act:?} {m}x{k} -> 2x{i} -> {n2} sg={}",
+                params.bits,
+                g.caps().subgroups
+            );
+            let mut pass = g.begin();
+            // The input: f32, quantized, or quantized with a pending norm (a producer
+            // [K, 256] of another x).
+            let (xq, pre);
+            let (xin, gate_up) = match case {
+                0 => (MatvecX::F32(&gx), qmv(&mut pass, &gx, &wgu).unwrap()),
+                1 => {
+                    let qp = quant(&mut rng, k, 256, params, dt);
+                    let wp = QuantWeight::upload(g, &qp).unwrap();
+                    let x0 = MlxBuffer::from_slice(g, &rng.normals(m * 256, 1.0), &[m, 256]).unwrap();
+                    let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
+                    pre = MlxBuffer::from_slice(g, &nw, &[k]).unwrap();
+                    let out = NormOut {
+                        weight: &pre,
+                        eps: 1e-5,
+                        form,
+                    };
+                    let (_, q) = qmv_norm_out(&mut pass, MatvecX::F32(&x0), &wp, None, &out).unwrap();
+                    xq = q;
+                    let gu = qmv_xq(&mut pass, &xq, &wgu, None).unwrap();
+                    (MatvecX::Quantized(&xq), gu)
+                }
+                _ => {
+                    xq = quantize_x(&mut pass, &gx, form).unwrap();
+                    let gu = qmv_xq(&mut pass, &xq, &wgu, None).unwrap();
+                    (MatvecX::Quantized(&xq), gu)
+                }
+            };
+            let h = qmv_glu_out(&mut pass, xin, &wgu, act, form).unwrap();
+            assert_eq!((h.rows(), h.k(), h.pending_norm()), (m, i, None));
+            let z = qmv_xq(&mut pass, &h, &wd, None).unwrap();
+            pass.commit_and_wait().unwrap();
+            let gu: Vec<f32> = gate_up.to_vec(g).unwrap();
+            let hv: Vec<f32> = (0..m * i)
+                .map(|e| {
+                    let (r, j) = (e / i, e % i);
+                    let gate = f64::from(gu[r * 2 * i + j]);
+                    (act_f64(act, gate) * f64::from(gu[r * 2 * i + i + j])) as f32
+                })
+                .collect();
+            let cw: Vec<u32> = h.buffer().to_vec(g).unwrap();
+            for r in 0..m {
+                for c in 0..i / 32 {
+                    let w = &cw[(r * i / 32 + c) * 20..(r * i / 32 + c + 1) * 20];
+                    let vals = &hv[r * i + 32 * c..r * i + 32 * c + 32];
+                    let d = f64::from(f32::from_bits(w[16]));
+                    let amax = vals.iter().fold(0.0f64, |a, &v| a.max(f64::from(v).abs()));
+                    let (ts, _) = chunk_levels(w, params.bits, form.xq);
+                    for (e, (&t, &v)) in ts.iter().zip(vals).enumerate() {
+                        let got = d * t as f64;
+                        assert!(
+                            (got - f64::from(v)).abs() <= d * 0.5 + amax * 1e-5,
+                            "{what} row {r} chunk {c} element {e}: {got} vs {v}"
+                        );
+                    }
+                }
+            }
+            let zv: Vec<f32> = z.to_vec(g).unwrap();
+            check_qmv(&zv, &hv, &wdref, &sqd, [m, n2, i], form.xq, &format!("{what} down"));
         }
     }
 }
@@ -1220,6 +1343,12 @@ fn qmv_xq_bad_inputs_are_named() {
     assert!(qmv_norm_out(&mut pass, xf, &w8x32, None, &out(&nw32, form8)).is_ok());
     let e = err2(qmv_norm_out(&mut pass, xf, &w40, None, &out(&nw40, form4)));
     assert!(e.contains("multiple of 32"), "{e}");
+    // GLU out: another form, rows that are not [gate | up] of whole chunks.
+    let err3 = |r: Result<QuantizedX>| r.unwrap_err().to_string();
+    let e = err3(qmv_glu_out(&mut pass, xf, &w8x32, Act::Silu, form4));
+    assert!(e.contains("quantized as the matvec's own"), "{e}");
+    let e = err3(qmv_glu_out(&mut pass, xf, &w8x32, Act::Silu, form8));
+    assert!(e.contains("[gate | up]"), "{e}");
 }
 
 #[test]

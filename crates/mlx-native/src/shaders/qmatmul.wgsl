@@ -75,7 +75,11 @@ override XSRC: u32 = (QMV >> 27u) & 1u;
 // norm. That one (XSRC with NORM) sums those words over its row, as the folded norm sums
 // Σx², and scales its row sums by 1/rms: the norm's dispatch, and the barrier before it, go.
 // A chunk is 32 rows of this matvec, so a workgroup holds whole chunks (32 | WG / TPR * RPT).
-override XQO: u32 = (QMV >> 28u) & 1u;
+// XQO 2: the GLU after a stacked gate|up matvec (rows [gate | up], N = 2I), applied to the
+// matvec's own rows: a workgroup takes gate rows 32w.. and up rows I + 32w.. (64 rows), and
+// writes one chunk of act(gate)·up (ACT) for the down matvec, and no y. The GLU's dispatch,
+// and its barrier, go.
+override XQO: u32 = (QMV >> 28u) & 3u;
 
 
 // x as words: f32 values (xf), or x chunks quantized by a producer (XSRC; common/
@@ -103,7 +107,7 @@ fn weight_at(row: u32, j: u32) -> f32 {
 var<workgroup> red: array<f32, 2048>;
 // NORM: partial Σx² of the x row, [row-set][slot].
 var<workgroup> red_ss: array<f32, 256>;
-// XQO: the workgroup's rows of y (at most 64: two chunks).
+// XQO: the workgroup's rows of y (at most 64: two chunks, or 32 gate and 32 up rows).
 var<workgroup> yrows: array<f32, 64>;
 
 // The BITS words of chunk c of packed row `row` (4- and 8-bit: vec4 loads).
@@ -237,6 +241,56 @@ fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>, xq: XChunk) -> f
     return chunk_sum(chunk_words(row, c), x, row * p.gpr + gc);
 }
 
+// Global row of the workgroup's row j (of WG / TPR * RPT): consecutive, or with XQO 2 the
+// first half gate rows and the second the same up rows.
+fn wg_row(wg: u32, j: u32) -> u32 {
+    let rows = (WG / TPR) * RPT;
+    if XQO == 2u {
+        let half = rows / 2u;
+        return select(p.n / 2u + wg * half + j - half, wg * half + j, j < half);
+    }
+    return wg * rows + j;
+}
+
+// Part t (4 words) of a chunk whose first word is o, and part 0 the tail with `last` as
+// its last word.
+fn store_chunk_part(o: u32, t: u32, q: XqPart, last: u32) {
+    let off = part_offsets(t);
+    let val = part_values(q);
+    for (var j = 0u; j < 4u; j++) {
+        y[o + off[j]] = val[j];
+    }
+    if t == 0u {
+        y[o + 16u] = q.tail[0];
+        y[o + 17u] = q.tail[1];
+        y[o + 18u] = q.tail[2];
+        y[o + 19u] = last;
+    }
+}
+
+// XQO 2: the workgroup's chunk of act(gate)·up for x row m, from yrows (gate rows, then up
+// rows): invocations 0..3 (in quantize_part's order) hold its parts. Called by the whole
+// workgroup.
+fn store_glu_chunk(wg: u32, m: u32, slot: u32) {
+    let t = slot % 4u;
+    let on = slot < 4u;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if on {
+        let e = 8u * t;
+        let u = e + 32u;
+        a = glu4(vec4<f32>(yrows[e], yrows[e + 1u], yrows[e + 2u], yrows[e + 3u]),
+                 vec4<f32>(yrows[u], yrows[u + 1u], yrows[u + 2u], yrows[u + 3u]));
+        b = glu4(vec4<f32>(yrows[e + 4u], yrows[e + 5u], yrows[e + 6u], yrows[e + 7u]),
+                 vec4<f32>(yrows[u + 4u], yrows[u + 5u], yrows[u + 6u], yrows[u + 7u]));
+    }
+    let q = quantize_part(a, b, slot);
+    if on {
+        let o = view(4u) + p.xo + (m * (p.n / 64u) + wg) * 4u * XQ_VEC4S;
+        store_chunk_part(o, t, q, 0u);
+    }
+}
+
 // XQO: the norm weights of this invocation's part of the workgroup's chunks (`slot` in
 // quantize_part's order: chunk slot / 4, part slot % 4), loaded before the matvec so the
 // epilogue does not wait on them. Zeros for invocations without a part.
@@ -279,17 +333,7 @@ fn store_norm_chunks(row0: u32, m: u32, slot: u32, g: array<vec4<f32>, 2>) {
 #endif
     if on {
         let o = view(4u) + p.xo + (m * (p.n / 32u) + row0 / 32u + c) * 4u * XQ_VEC4S;
-        let off = part_offsets(t);
-        let val = part_values(q);
-        for (var j = 0u; j < 4u; j++) {
-            y[o + off[j]] = val[j];
-        }
-        if t == 0u {
-            y[o + 16u] = q.tail[0];
-            y[o + 17u] = q.tail[1];
-            y[o + 18u] = q.tail[2];
-            y[o + 19u] = bitcast<u32>(sq);
-        }
+        store_chunk_part(o, t, q, bitcast<u32>(sq));
     }
 }
 
@@ -305,7 +349,7 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let rs = lid / TPR;
     let lane = lid % TPR;
     let wg = flat_wg(wid, nwg);
-    let row0 = (wg * sets + rs) * RPT;
+    let row0 = wg_row(wg, rs * RPT);
     let chunks = p.k / 32u;
     let xbase = view(0u) / 4u;
 #if SUBGROUPS
@@ -337,7 +381,7 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let r14 = min(row0 + 14u, last);
     let r15 = min(row0 + 15u, last);
     var gpart = array<vec4<f32>, 2>(vec4<f32>(0.0), vec4<f32>(0.0));
-    if XQO != 0u {
+    if XQO == 1u {
         gpart = norm_part_weights(wg * sets * RPT, part_slot);
     }
     for (var m = 0u; m < p.m; m++) {
@@ -420,7 +464,7 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
         workgroupBarrier();
         // Invocation j < sets * RPT (<= WG: RPT <= TPR) sums row j of the workgroup.
-        let frow = wg * sets * RPT + lid;
+        let frow = wg_row(wg, lid);
         if lid < sets * RPT && frow < p.n {
             var acc = 0.0;
             for (var i = 0u; i < slots; i++) {
@@ -437,14 +481,19 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             if (FUSE & 4u) != 0u {
                 acc += bitcast<f32>(aux[view(6u) + m * p.n + frow]);
             }
-            y[view(4u) + m * p.n + frow] = bitcast<u32>(acc);
+            if XQO != 2u {
+                y[view(4u) + m * p.n + frow] = bitcast<u32>(acc);
+            }
             if XQO != 0u {
                 yrows[lid] = acc;
             }
         }
-        if XQO != 0u {
+        if XQO == 1u {
             workgroupBarrier();
             store_norm_chunks(wg * sets * RPT, m, part_slot, gpart);
+        } else if XQO == 2u {
+            workgroupBarrier();
+            store_glu_chunk(wg, m, part_slot);
         }
         workgroupBarrier();
     }
