@@ -68,9 +68,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // AB_BOUND=1: the default against it with later pre-norms and GLUs not dispatched
     // (`decoder::set_bound_skip`; timing only): the bound of folding them away.
+    // AB_BOUND=2: o reading the attention output as chunks (bit 4), no RoPE + append (8).
     let bound = std::env::var("AB_BOUND").is_ok();
+    let bound_bits: Vec<u32> = if std::env::var("AB_BOUND").as_deref() == Ok("2") {
+        vec![0, 4, 8, 12]
+    } else {
+        vec![0, 1, 2, 3]
+    };
     if bound {
-        variants = ["default", "no later norms", "no later GLUs", "neither"]
+        let labels = if bound_bits[1] == 4 {
+            ["default", "o of chunks", "no rope_append", "both"]
+        } else {
+            ["default", "no later norms", "no later GLUs", "neither"]
+        };
+        variants = labels
             .iter()
             .map(|l| (l.to_string(), (default, (0, 0), 0, None)))
             .collect();
@@ -174,7 +185,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ops::sdpa::set_decode_gt((gt > 0).then_some(gt));
             ops::sdpa::set_decode_single(single);
             if bound {
-                mlx_native_lm::layers::decoder::set_bound_skip(vi as u32);
+                mlx_native_lm::layers::decoder::set_bound_skip(bound_bits[vi]);
             }
             if let Some(&p) = probes.get(vi) {
                 ops::qmatmul::set_norm_out_probe(p);

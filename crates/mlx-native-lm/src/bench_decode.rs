@@ -1900,7 +1900,9 @@ mod tests {
                 );
                 assert!(c.bytes_per_token > r.weights.as_ref().unwrap().per_token());
             }
-            assert!(r.dispatches_per_token.unwrap() >= 8 * spec.n_layers);
+            // At least q|k|v, RoPE + append, attention, o, gate|up (or the router and
+            // experts) and down a layer, however much else is folded.
+            assert!(r.dispatches_per_token.unwrap() >= 6 * spec.n_layers);
             assert!(r.prefill_tok_s.unwrap() > 0.0);
         }
     }

@@ -301,7 +301,17 @@ impl Attention {
         let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
         let norm_out = input.norm_out.as_ref().filter(|o| step.tokens == 1 && self.o.can_norm_out(o, pass.caps()));
         if let Some(out) = norm_out {
-            let (y, q) = self.o.forward_norm_out(pass, MatvecX::F32(&attn), input.residual, out)?;
+            // Measurement (`decoder::set_bound_skip` bit 4): o reads the attention output's
+            // words as if they were quantized chunks (the bound of attention writing them).
+            let fake;
+            let x = match self.o.xq_form() {
+                Some(form) if super::decoder::bound_bit(4) => {
+                    fake = QuantizedX::reinterpret(&attn, 1, attn.len(), form)?;
+                    MatvecX::Quantized(&fake)
+                }
+                _ => MatvecX::F32(&attn),
+            };
+            let (y, q) = self.o.forward_norm_out(pass, x, input.residual, out)?;
             return Ok((y, Some(q)));
         }
         let fusion = QmvFusion::residual(input.residual);

@@ -12,10 +12,13 @@ use crate::error::Result;
 
 /// Measurement only (timing, wrong results): `bits & 1` reuses the first pre-norm's
 /// quantized output instead of dispatching the later ones, `bits & 2` the first GLU's: what
-/// those dispatches cost inside a decode pass, the bound of folding them away.
+/// those dispatches cost inside a decode pass, the bound of folding them away (overstated:
+/// the matvec after then no longer waits on the one before). `bits & 4`: o reads the
+/// attention output as chunks; `bits & 8`: no RoPE and cache append ([`bound_bit`]).
 #[doc(hidden)]
 pub fn set_bound_skip(bits: u32) {
     BOUND_SKIP.store(bits, std::sync::atomic::Ordering::Relaxed);
+    ops::kv::set_rope_append_skip(bits & 8 != 0);
     if let Ok(mut s) = BOUND_STASH.lock() {
         *s = [None, None, None];
     }
@@ -23,6 +26,12 @@ pub fn set_bound_skip(bits: u32) {
 static BOUND_SKIP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 static BOUND_STASH: std::sync::Mutex<[Option<ops::QuantizedX>; 3]> =
     std::sync::Mutex::new([None, None, None]);
+
+/// Whether [`set_bound_skip`] has `bit` (4: o reads the attention output as chunks; 8:
+/// no RoPE + cache append, `ops::kv::set_rope_append_skip`).
+pub(crate) fn bound_bit(bit: u32) -> bool {
+    BOUND_SKIP.load(std::sync::atomic::Ordering::Relaxed) & bit != 0
+}
 
 /// `make()`, or under [`set_bound_skip`]'s `bit` the stashed first result (slot `slot`).
 pub(crate) fn bound_reuse(

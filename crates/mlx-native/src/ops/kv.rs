@@ -188,6 +188,15 @@ pub struct RopeAppend<'a> {
 /// written into `k_cache`, `v_cache` (`[1, kv_heads, slots, head_dim]`, f16 or f32) at
 /// positions `start..start + T`, slot `position % slots`, like [`kv_append`]; returns q, f32
 /// `[T, n_heads, head_dim]`. The same arithmetic as `rope` / `norm_rope` then `kv_append`.
+/// Measurement only (timing, wrong results): `rope_append` dispatches nothing and returns
+/// q|k|v's q rows unrotated, so attention still waits on the q|k|v matvec: what the
+/// rotation and append cost inside a decode pass, the bound of folding them elsewhere.
+#[doc(hidden)]
+pub fn set_rope_append_skip(on: bool) {
+    ROPE_APPEND_SKIP.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+static ROPE_APPEND_SKIP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 pub fn rope_append(
     pass: &mut Pass,
     args: &RopeAppend<'_>,
@@ -239,6 +248,10 @@ pub fn rope_append(
         eps: args.qk_norm.map_or(0.0, |(_, _, eps)| eps),
         ..base
     };
+    if ROPE_APPEND_SKIP.load(std::sync::atomic::Ordering::Relaxed) {
+        // Measurement: q unrotated, the cache not written (see set_rope_append_skip).
+        return qkv.view(0, &[tokens, args.n_heads, head_dim]);
+    }
     let q = pass.alloc(DType::F32, &[tokens, args.n_heads, head_dim])?;
     let spec = rope_append_spec(
         k_cache.dtype(),

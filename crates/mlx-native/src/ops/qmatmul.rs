@@ -665,6 +665,23 @@ impl QuantizedX {
         &self.buf
     }
 
+    /// Measurement only (timing, wrong results): `buf`'s words read as chunks of `rows` rows
+    /// of `k` values in `form`, so a matvec of them still waits on whatever wrote `buf`.
+    #[doc(hidden)]
+    pub fn reinterpret(buf: &MlxBuffer, rows: usize, k: usize, form: XqForm) -> Result<Self> {
+        let words = rows * k / 32 * XQ_CHUNK_WORDS;
+        check::ensure(buf.byte_len() >= 4 * words as u64, "reinterpret", || {
+            format!("{} bytes hold fewer than {words} words", buf.byte_len())
+        })?;
+        Ok(QuantizedX {
+            buf: buf.clone(),
+            rows,
+            k,
+            form,
+            pending_norm: None,
+        })
+    }
+
     /// The eps of an RMS norm the chunks still need ([`NormOut`]): they hold x·g, unscaled,
     /// and each chunk's Σx² in its last word. None for normed or plain x.
     pub fn pending_norm(&self) -> Option<f32> {
