@@ -353,6 +353,12 @@ impl DecoderLayer {
                 let h = ops::rms_norm(pass, &a, &self.ffn_norm, eps)?;
                 (a, h, None, None)
             }
+        } else if let (Some(pn), Some(form), true) = (&self.post_attn_norm, gate_up_form, f.norm_out) {
+            // Gemma: the post-norm, the residual add and the FFN norm in one dispatch.
+            let post = (pn, eps);
+            let (x, hq) =
+                ops::rms_norm_post_residual_xq(pass, x, &a, post, &self.ffn_norm, eps, form)?;
+            (x.clone(), x, None, Some(hq))
         } else {
             let a = match &self.post_attn_norm {
                 Some(n) => ops::rms_norm(pass, &a, n, eps)?,
@@ -389,6 +395,21 @@ impl DecoderLayer {
                 ffn => ffn.forward(pass, &h)?,
             },
         };
+        // Gemma: the post-norm, the residual add and the next norm (the next layer's or the
+        // final one) in one dispatch, writing the next matvec's input.
+        if let (Some(pn), Some(next), true) = (&self.post_ffn_norm, &link.next, f.norm_out) {
+            let post = (pn, eps);
+            let (h, q) = ops::rms_norm_post_residual_xq(
+                pass,
+                &x,
+                &m,
+                post,
+                next.weight,
+                next.eps,
+                next.form,
+            )?;
+            return Ok((h, Some(q)));
+        }
         let m = match &self.post_ffn_norm {
             Some(n) => ops::rms_norm(pass, &m, n, eps)?,
             None => m,

@@ -33,7 +33,8 @@ pub use moe::{
     moe_route, MoeConfig, MoeExperts, RouterConfig, RouterKind,
 };
 pub use norm::{
-    layer_norm, rms_norm, rms_norm_and_xq, rms_norm_residual, rms_norm_residual_xq, rms_norm_xq,
+    layer_norm, rms_norm, rms_norm_and_xq, rms_norm_post_residual_xq, rms_norm_residual,
+    rms_norm_residual_xq, rms_norm_xq,
 };
 pub use qmatmul::{
     dequantize, gather_rows_quantized, qmatmul, qmm, qmv, qmv_fused, qmv_glu_out, qmv_norm_out, qmv_xq,

@@ -17,7 +17,8 @@ struct NormParams {
     rows: u32,
     n: u32,
     eps: f32,
-    _pad: u32,
+    /// The post-norm's eps (`rms_norm_post_residual_xq`).
+    post_eps: f32,
 }
 const _: () = assert!(std::mem::size_of::<NormParams>() == 16);
 
@@ -95,6 +96,9 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
                         for keep_y in [0, 1] {
                             v.push((Kernel::Norm, q.with_const("XQ_Y", keep_y)?));
                         }
+                        if entry == "rms_norm_residual" {
+                            v.push((Kernel::Norm, q.with_const("POST", 1)?));
+                        }
                     }
                 }
                 for affine in 0..4 {
@@ -115,7 +119,7 @@ pub fn rms_norm(pass: &mut Pass, x: &MlxBuffer, w: &MlxBuffer, eps: f32) -> Resu
         rows: r.rows,
         n: r.n as u32,
         eps,
-        _pad: 0,
+        post_eps: 0.0,
     };
     let spec = spec(pass, "rms_norm", w.dtype(), r.n, r.rows);
     // The entry also declares the residual variant's and the quantized output's bindings
@@ -175,7 +179,7 @@ pub fn rms_norm_residual(
         rows: r.rows,
         n: r.n as u32,
         eps,
-        _pad: 0,
+        post_eps: 0.0,
     };
     let spec = spec(pass, op, w.dtype(), r.n, r.rows);
     pass.dispatch(
@@ -203,6 +207,53 @@ pub fn rms_norm_residual_xq(
     Ok((h.unwrap_or_else(|| x.clone()), q))
 }
 
+/// Gemma's post-norm, its residual add and the next pre-norm in one dispatch: h = x +
+/// rms_norm(r, post_w, post_eps), y = rms_norm(h, w, eps) written quantized for the decode
+/// matvec of weights in `form`. Returns `(h, y)`. The weights share a dtype. One dispatch
+/// where a row fits the workgroup's registers (8 values an invocation: 8192 on most
+/// devices), else the post-norm and then [`rms_norm_residual_xq`]. It replaces three
+/// dispatches between Gemma 3's down and the next q|k|v (the post-norm, the add and the
+/// input norm) and two between o and gate|up.
+pub fn rms_norm_post_residual_xq(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    r: &MlxBuffer,
+    post: (&MlxBuffer, f32),
+    w: &MlxBuffer,
+    eps: f32,
+    form: XqForm,
+) -> Result<(MlxBuffer, QuantizedX)> {
+    let op = "rms_norm_post_residual_xq";
+    let rows = rows_and_weight(op, x, Some(w))?;
+    let (pw, post_eps) = post;
+    check::len(pw, rows.n, op, "post-norm weight")?;
+    check::ensure(pw.dtype() == w.dtype(), op, || {
+        format!("the post-norm weight is {}, the norm weight {}", pw.dtype(), w.dtype())
+    })?;
+    check::dtype(r, &[DType::F32], op, "residual")?;
+    check::same_shape(x, r, op, "x", "residual")?;
+    let spec = xq_spec(pass, "rms_norm_residual", w.dtype(), &rows, form)?;
+    if rows.n > 8 * spec.wg as usize {
+        // The row does not fit the workgroup's registers: the two norms apart.
+        let rn = rms_norm(pass, r, pw, post_eps)?;
+        return rms_norm_residual_xq(pass, x, &rn, w, eps, form);
+    }
+    let spec = spec.with_const("POST", 1)?;
+    let h = pass.alloc_like(x)?;
+    let q = QuantizedX::alloc(pass, op, rows.rows as usize, rows.n, form)?;
+    let params = NormParams {
+        rows: rows.rows,
+        n: rows.n as u32,
+        eps,
+        post_eps,
+    };
+    let yq = q.buffer();
+    // Bindings 0 x, 1 w, 2 y (yq: unused), 3 r, 4 h, 5 the post-norm's weight, 6 yq.
+    let bufs = [x, w, yq, r, &h, pw, yq];
+    pass.dispatch(Kernel::Norm, spec, &params, &bufs, rows.rows)?;
+    Ok((h, q))
+}
+
 /// The quantized-output norms: of x, or (with `residual`) of x + residual, whose sum is
 /// returned too; with `keep_y` the f32 rows as well. Returns (sum, f32 rows, quantized).
 #[allow(clippy::too_many_arguments)]
@@ -228,7 +279,7 @@ fn norm_xq(
         rows: r.rows,
         n: r.n as u32,
         eps,
-        _pad: 0,
+        post_eps: 0.0,
     };
     let entry = if residual.is_some() {
         "rms_norm_residual"
@@ -278,7 +329,7 @@ pub fn layer_norm(
         rows: r.rows,
         n: r.n as u32,
         eps,
-        _pad: 0,
+        post_eps: 0.0,
     };
     let spec = spec(pass, op, wdtype, r.n, r.rows).with_const("AFFINE", affine)?;
     // Absent weight/bias slots are filled with x: the kernel never reads them.

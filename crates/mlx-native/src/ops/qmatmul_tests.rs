@@ -1207,6 +1207,87 @@ fn quantized_chunks_decode_to_their_values() {
     }
 }
 
+/// Gemma's post-norm, residual add and next norm in one dispatch
+/// (`ops::rms_norm_post_residual_xq`): h = x + rms_norm(r) matches f64 to f32 rounding and
+/// the chunks decode to rms_norm(h) (f64, from the GPU's h) within half a level. Rows of
+/// 576 and 2560 (one dispatch) and 10240 (wider than any workgroup's registers: the
+/// separate norms), two eps, both reduction paths, allocations poisoned.
+#[test]
+fn rms_norm_post_residual_xq_matches_f64() {
+    let mut rng = Rng::new(68);
+    let (eps, post_eps) = (1e-6f32, 1e-5f32);
+    let poisoned: Vec<MlxDevice> = devices()
+        .iter()
+        .map(|d| {
+            MlxDevice::with_options(crate::DeviceOptions {
+                poison_allocations: true,
+                disable_subgroups: !d.caps().subgroups,
+                ..crate::DeviceOptions::default()
+            })
+            .unwrap()
+        })
+        .collect();
+    for g in &poisoned {
+        for (rows, k, bits) in [(1usize, 576usize, 4u32), (3, 2560, 8), (1, 10240, 4)] {
+            let form = XqForm { bits, xq: 2 };
+            let x = rng.normals(rows * k, 2.0);
+            let r = rng.normals(rows * k, 30.0);
+            let pw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
+            let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
+            let up = |v: &[f32], s: &[usize]| MlxBuffer::from_slice(g, v, s).unwrap();
+            let (gx, gr) = (up(&x, &[rows, k]), up(&r, &[rows, k]));
+            let (gpw, gnw) = (up(&pw, &[k]), up(&nw, &[k]));
+            let mut pass = g.begin();
+            let (h, q) = crate::ops::rms_norm_post_residual_xq(
+                &mut pass,
+                &gx,
+                &gr,
+                (&gpw, post_eps),
+                &gnw,
+                eps,
+                form,
+            )
+            .unwrap();
+            pass.commit_and_wait().unwrap();
+            let what = format!("{rows}x{k} b{bits} sg={}", g.caps().subgroups);
+            let hv: Vec<f32> = h.to_vec(g).unwrap();
+            let words: Vec<u32> = q.buffer().to_vec(g).unwrap();
+            for i in 0..rows {
+                let rr = &r[i * k..(i + 1) * k];
+                let ms = rr.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / k as f64;
+                let inv_r = 1.0 / (ms + f64::from(post_eps)).sqrt();
+                for j in 0..k {
+                    let want = f64::from(x[i * k + j]) + f64::from(rr[j]) * inv_r * f64::from(pw[j]);
+                    let got = f64::from(hv[i * k + j]);
+                    assert!(
+                        (got - want).abs() <= 1e-5 * (want.abs() + 1.0),
+                        "{what}: h[{i}, {j}] {got} vs {want}"
+                    );
+                }
+                let hr = &hv[i * k..(i + 1) * k];
+                let ms = hr.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / k as f64;
+                let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+                for c in 0..k / 32 {
+                    let w = &words[(i * k / 32 + c) * 20..(i * k / 32 + c + 1) * 20];
+                    let vals: Vec<f64> = (0..32)
+                        .map(|e| f64::from(hr[32 * c + e]) * inv * f64::from(nw[32 * c + e]))
+                        .collect();
+                    let amax = vals.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+                    let d = f64::from(f32::from_bits(w[16]));
+                    let (ts, _) = chunk_levels(w, bits, 2);
+                    for (e, (&t, &v)) in ts.iter().zip(&vals).enumerate() {
+                        let got = d * t as f64;
+                        assert!(
+                            (got - v).abs() <= d * 0.5 + amax * 1e-5,
+                            "{what} row {i} chunk {c} element {e}: {got} vs {v}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// `rms_norm_and_xq` (an MoE layer's norm: f32 for the router, chunks for the experts):
 /// its f32 rows match `rms_norm`'s within f32 rounding of the sum of squares, and its chunks
 /// are exactly `quantize_x` of those rows. One row of 2048 (registers) and 10 of 8192

@@ -6,13 +6,18 @@
 // With XQ_OUT (the rms norms), y is written quantized per 32-element chunk for a matvec
 // (common/xq_quantize.wgsl) into yq instead: its consumer then skips that work in every
 // row-set (ops::qmatmul::QuantizedX).
-// Bindings rms_norm: 0 x, 1 w, 2 y (6 yq).  rms_norm_residual: 0 x, 1 w, 2 y (6 yq), 3 r, 4 h.
+// With POST (rms_norm_residual with XQ_OUT, the row in registers), r is RMS-normalized first
+// with its own weight (binding 5) and eps: h = x + rms_norm(r) (Gemma's post-norm, its
+// residual add and the next pre-norm in one dispatch).
+// Bindings rms_norm: 0 x, 1 w, 2 y (6 yq).  rms_norm_residual: 0 x, 1 w, 2 y (6 yq), 3 r, 4 h
+// (5 the post-norm's weight).
 // layer_norm: 0 x, 1 w, 2 y, 5 b.
 struct Params {
     rows: u32,
     n: u32,
     eps: f32,
-    _pad: u32,
+    // POST: the post-norm's eps.
+    post_eps: f32,
 }
 // Bit 0: apply weight, bit 1: apply bias (layer_norm).
 override AFFINE: u32 = 1u;
@@ -22,6 +27,7 @@ override BITS: u32 = XQ_OUT >> 2u;
 override XQ: u32 = XQ_OUT & 3u;
 // With XQ_OUT: 1 writes y in f32 too (a router beside quantized experts reads it).
 override XQ_Y: u32 = 0u;
+override POST: u32 = 0u;
 
 @group(0) @binding(0) var<storage, read> x: array<f32>;
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
@@ -149,16 +155,30 @@ fn row_xq_in_registers(row: u32, xo: u32, ro: u32, ho: u32, res: bool, lid: u32)
     var b = vec4<f32>(0.0);
     var wa = vec4<f32>(0.0);
     var wb = vec4<f32>(0.0);
+    let post = res && POST != 0u;
     if on {
-        a = xr4(xo, ro, res, e);
-        b = xr4(xo, ro, res, e + 4u);
+        if post {
+            // r alone first, normalized below.
+            a = vec4<f32>(r[ro + e], r[ro + e + 1u], r[ro + e + 2u], r[ro + e + 3u]);
+            b = vec4<f32>(r[ro + e + 4u], r[ro + e + 5u], r[ro + e + 6u], r[ro + e + 7u]);
+        } else {
+            a = xr4(xo, ro, res, e);
+            b = xr4(xo, ro, res, e + 4u);
+        }
         wa = w4at(e);
         wb = w4at(e + 4u);
-        if res {
-            for (var u = 0u; u < 4u; u++) {
-                h[ho + e + u] = a[u];
-                h[ho + e + 4u + u] = b[u];
-            }
+    }
+    if post {
+        let inv_r = inverseSqrt(wg_sum(dot(a, a) + dot(b, b), lid) / f32(p.n) + p.post_eps);
+        if on {
+            a = xr4(xo, ro, false, e) + a * inv_r * b4at(e);
+            b = xr4(xo, ro, false, e + 4u) + b * inv_r * b4at(e + 4u);
+        }
+    }
+    if on && res {
+        for (var u = 0u; u < 4u; u++) {
+            h[ho + e + u] = a[u];
+            h[ho + e + 4u + u] = b[u];
         }
     }
     let inv = inverseSqrt(wg_sum(dot(a, a) + dot(b, b), lid) / f32(p.n) + p.eps);
@@ -211,6 +231,11 @@ fn xq_slot(lid: u32) -> u32 {
 
 fn w4at(e: u32) -> vec4<f32> {
     return vec4<f32>(load_w(e), load_w(e + 1u), load_w(e + 2u), load_w(e + 3u));
+}
+
+// POST: the post-norm's weight (binding 5) at elements e..e + 3.
+fn b4at(e: u32) -> vec4<f32> {
+    return vec4<f32>(load_b(e), load_b(e + 1u), load_b(e + 2u), load_b(e + 3u));
 }
 
 fn reduce_init(sl: u32, si: u32, sc: u32) {
