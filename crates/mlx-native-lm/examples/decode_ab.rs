@@ -95,7 +95,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..default
         };
         variants = vec![
-            ("norms and GLU dispatched".into(), (with(false, false), (0, 0), 0, None)),
+            (
+                "norms and GLU dispatched".into(),
+                (with(false, false), (0, 0), 0, None),
+            ),
             ("norm_out".into(), (with(true, false), (0, 0), 0, None)),
             ("glu_out".into(), (with(false, true), (0, 0), 0, None)),
             ("both (default)".into(), (default, (0, 0), 0, None)),
@@ -111,7 +114,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             let mut p = vec![(String::from("norms dispatched"), before, 0u32)];
             p.push(("o/down in norm_out's shape".into(), before, 1 << 17));
-            p.push(("o/down rpt 8 tpr 128 in 32 rows".into(), before, 1 << 17 | 8 | 128 << 8));
+            p.push((
+                "o/down rpt 8 tpr 128 in 32 rows".into(),
+                before,
+                1 << 17 | 8 | 128 << 8,
+            ));
             let norm_out = Folding {
                 glu_out: false,
                 ..default
@@ -119,7 +126,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             p.push(("norm_out".into(), norm_out, 0));
             p.push(("norm_out, no chunk stores".into(), norm_out, 1 << 16));
             for (rpt, tpr) in [(4u32, 64u32), (2, 64)] {
-                p.push((format!("norm_out rpt {rpt} tpr {tpr}"), norm_out, rpt | tpr << 8));
+                p.push((
+                    format!("norm_out rpt {rpt} tpr {tpr}"),
+                    norm_out,
+                    rpt | tpr << 8,
+                ));
             }
             variants = p
                 .iter()
@@ -136,7 +147,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let mut p = vec![(String::from("GLU dispatched"), off, 0u32)];
             p.push(("glu_out".into(), default, 0));
             for (rpt, tpr) in [(16u32, 32u32), (8, 64), (8, 32), (4, 64), (16, 128)] {
-                p.push((format!("glu_out rpt {rpt} tpr {tpr}"), default, 1 << 18 | rpt | tpr << 8));
+                p.push((
+                    format!("glu_out rpt {rpt} tpr {tpr}"),
+                    default,
+                    1 << 18 | rpt | tpr << 8,
+                ));
             }
             variants = p
                 .iter()

@@ -299,7 +299,10 @@ impl Attention {
             cache.sdpa_prefill(pass, q, layer, step.pos0, &opts)?
         };
         let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
-        let norm_out = input.norm_out.as_ref().filter(|o| step.tokens == 1 && self.o.can_norm_out(o, pass.caps()));
+        let norm_out = input
+            .norm_out
+            .as_ref()
+            .filter(|o| step.tokens == 1 && self.o.can_norm_out(o, pass.caps()));
         if let Some(out) = norm_out {
             // Measurement (`decoder::set_bound_skip` bit 4): o reads the attention output's
             // words as if they were quantized chunks (the bound of attention writing them).

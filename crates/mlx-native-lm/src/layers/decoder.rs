@@ -198,7 +198,9 @@ impl DecoderLayer {
         layer: usize,
     ) -> Result<MlxBuffer> {
         let link = LayerLink::default();
-        Ok(self.forward_step(pass, x, &link, step, ropes, cache, layer)?.0)
+        Ok(self
+            .forward_step(pass, x, &link, step, ropes, cache, layer)?
+            .0)
     }
 
     /// What the layer before should write for this layer's q|k|v at decode, if this layer
@@ -331,7 +333,9 @@ impl DecoderLayer {
             xq,
             norm_out: o_norm_out,
         };
-        let (a, aq) = self.attn.forward_out(pass, &input, step, rope, cache, layer)?;
+        let (a, aq) = self
+            .attn
+            .forward_out(pass, &input, step, rope, cache, layer)?;
         // The new residual stream x, and the FFN's input: quantized by o, normalized here
         // (into the quantized x that a dense gate|up reads where it takes one), or raw with
         // the norm folded into gate|up.
@@ -353,7 +357,9 @@ impl DecoderLayer {
                 let h = ops::rms_norm(pass, &a, &self.ffn_norm, eps)?;
                 (a, h, None, None)
             }
-        } else if let (Some(pn), Some(form), true) = (&self.post_attn_norm, gate_up_form, f.norm_out) {
+        } else if let (Some(pn), Some(form), true) =
+            (&self.post_attn_norm, gate_up_form, f.norm_out)
+        {
             // Gemma: the post-norm, the residual add and the FFN norm in one dispatch.
             let post = (pn, eps);
             let (x, hq) =
@@ -380,7 +386,10 @@ impl DecoderLayer {
                     None => FfnInput::F32(&h),
                 };
                 // down writes the next norm's matvec input where it is the residual stream.
-                let next = link.next.as_ref().filter(|_| f.norm_out && fold_ffn_residual);
+                let next = link
+                    .next
+                    .as_ref()
+                    .filter(|_| f.norm_out && fold_ffn_residual);
                 let (m, mq) = mlp.forward_fused(pass, input, norm, f, residual, next)?;
                 if fold_ffn_residual {
                     return Ok((m, mq));

@@ -1,9 +1,7 @@
 //! `Linear`: `y = x · Wᵀ` for a weight in any format we load (GGML blocks from GGUF, MLX
 //! affine-quantized, dense f32/f16/bf16), and row gathers for embedding tables.
 
-use mlx_native::ops::qmatmul::{
-    self, MatvecX, NormOut, QmvFusion, QuantizedX, XqForm, MAX_VEC_M,
-};
+use mlx_native::ops::qmatmul::{self, MatvecX, NormOut, QmvFusion, QuantizedX, XqForm, MAX_VEC_M};
 use mlx_native::ops::{activation, dense, ggml_matmul};
 use mlx_native::weights::ggml::{legacy_to_affine, GgmlType};
 use mlx_native::weights::ggml_weight::GgmlWeight;

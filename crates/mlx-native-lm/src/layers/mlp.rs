@@ -154,7 +154,10 @@ impl Mlp {
         x: FfnInput<'_>,
         fold: Folding,
     ) -> Result<Option<QuantizedX>> {
-        let form = self.down.xq_form().filter(|_| fold.glu_out && fold.quantized_x);
+        let form = self
+            .down
+            .xq_form()
+            .filter(|_| fold.glu_out && fold.quantized_x);
         match form {
             Some(form) if w.can_glu_out(form, pass.caps()) => {
                 Ok(Some(w.forward_glu_out(pass, x, self.act, form)?))

@@ -37,8 +37,8 @@ pub use norm::{
     rms_norm_residual_xq, rms_norm_xq,
 };
 pub use qmatmul::{
-    dequantize, gather_rows_quantized, qmatmul, qmm, qmv, qmv_fused, qmv_glu_out, qmv_norm_out, qmv_xq,
-    quantize_x, MatvecX, NormOut, QmvFusion, QuantizedX, XqForm,
+    dequantize, gather_rows_quantized, qmatmul, qmm, qmv, qmv_fused, qmv_glu_out, qmv_norm_out,
+    qmv_xq, quantize_x, MatvecX, NormOut, QmvFusion, QuantizedX, XqForm,
 };
 pub use rope::{norm_rope, rope, RopeConfig, RopeScaling, RopeStyle, RopeTable};
 pub use sdpa::{sdpa_decode, sdpa_prefill, SdpaOptions};

@@ -228,7 +228,11 @@ pub fn rms_norm_post_residual_xq(
     let (pw, post_eps) = post;
     check::len(pw, rows.n, op, "post-norm weight")?;
     check::ensure(pw.dtype() == w.dtype(), op, || {
-        format!("the post-norm weight is {}, the norm weight {}", pw.dtype(), w.dtype())
+        format!(
+            "the post-norm weight is {}, the norm weight {}",
+            pw.dtype(),
+            w.dtype()
+        )
     })?;
     check::dtype(r, &[DType::F32], op, "residual")?;
     check::same_shape(x, r, op, "x", "residual")?;

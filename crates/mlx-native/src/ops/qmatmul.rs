@@ -309,7 +309,12 @@ fn norm_out_probe(bit: u32) -> bool {
 }
 
 fn norm_out_shape(base: QmvConfig, subgroups: bool) -> QmvConfig {
-    rows_shape(base, base.rpt.min(NORM_OUT_MAX_RPT), NORM_OUT_ROWS, subgroups)
+    rows_shape(
+        base,
+        base.rpt.min(NORM_OUT_MAX_RPT),
+        NORM_OUT_ROWS,
+        subgroups,
+    )
 }
 
 /// A qmv shape of `rows` rows a workgroup from `rpt` rows per row-set and the default
@@ -397,7 +402,10 @@ fn xsrc_config(n: usize, k: usize) -> QmvConfig {
         return base;
     }
     let chunks = (k / 32) as u32;
-    let tpr = [128, 64, 32].into_iter().find(|&t| t <= chunks).unwrap_or(32);
+    let tpr = [128, 64, 32]
+        .into_iter()
+        .find(|&t| t <= chunks)
+        .unwrap_or(32);
     QmvConfig {
         rpt: 4,
         tpr,
@@ -732,13 +740,8 @@ fn vec_spec(
     let xq = if xq_applies(params) { cfg.xq } else { 0 };
     let xsrc = u32::from(xsrc && xq != 0 && fuse & 2 == 0);
     let xqo = if xq != 0 { xqo } else { 0 };
-    let packed = xqo << 28
-        | xsrc << 27
-        | xq << 25
-        | fuse << 20
-        | cfg.exp << 16
-        | cfg.tpr << 5
-        | cfg.rpt;
+    let packed =
+        xqo << 28 | xsrc << 27 | xq << 25 | fuse << 20 | cfg.exp << 16 | cfg.tpr << 5 | cfg.rpt;
     Ok(qspec("qmv", params, dt, cfg.wg)?
         .with_const("QMV", packed)?
         .with_subgroups(sg))
@@ -1471,7 +1474,9 @@ fn run_vec(
             let words = run.m * (n / 32) * XQ_CHUNK_WORDS;
             let all = pass.alloc(DType::F32, &[ylen + words])?;
             let y = all.view(0, &run.yshape)?;
-            let c = all.view(ylen, &[words])?.bitcast(DType::U32, &[run.m, words / run.m])?;
+            let c = all
+                .view(ylen, &[words])?
+                .bitcast(DType::U32, &[run.m, words / run.m])?;
             params.xo = check::fits_u32(ylen, run.op, "y")?;
             let q = QuantizedX {
                 buf: c,
@@ -1494,13 +1499,8 @@ fn run_vec(
         run.subgroups,
         fuse,
         run.xsrc.is_some(),
-        run.out.map_or(0, |o| {
-            if norm_out_probe(16) {
-                0
-            } else {
-                o.code()
-            }
-        }),
+        run.out
+            .map_or(0, |o| if norm_out_probe(16) { 0 } else { o.code() }),
     )?;
     let rows_per_wg = (run.cfg.wg / run.cfg.tpr) as usize * run.cfg.rpt as usize;
     let groups = check::fits_u32(n.div_ceil(rows_per_wg), run.op, "workgroups")?;

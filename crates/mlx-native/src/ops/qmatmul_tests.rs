@@ -907,10 +907,14 @@ fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
                 (QuantParams::affine(4, 32), DType::F32),
             ][case];
             // (rows, producer N = the norm's width, producer K, consumer N)
-            let (m, n1, k1, n2) = [(1, 512, 384, 70), (3, 1024, 576, 37), (1, 4096, 256, 130)][case];
+            let (m, n1, k1, n2) =
+                [(1, 512, 384, 70), (3, 1024, 576, 37), (1, 4096, 256, 130)][case];
             let qp = quant(&mut rng, n1, k1, params, dt);
             let qc = quant(&mut rng, n2, n1, params, dt);
-            let (wp, wc) = (QuantWeight::upload(g, &qp).unwrap(), QuantWeight::upload(g, &qc).unwrap());
+            let (wp, wc) = (
+                QuantWeight::upload(g, &qp).unwrap(),
+                QuantWeight::upload(g, &qc).unwrap(),
+            );
             let form = XqForm::of(&wp).unwrap();
             let (wpref, wcref) = (reference(&qp), reference(&qc));
             let (sqp, sqc) = (code_part(&qp, &wpref), code_part(&qc, &wcref));
@@ -953,7 +957,15 @@ fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
             } else {
                 yv.clone()
             };
-            check_qmv(&minus_r, &x, &wpref, &sqp, [m, n1, k1], form.xq, &format!("{what} y"));
+            check_qmv(
+                &minus_r,
+                &x,
+                &wpref,
+                &sqp,
+                [m, n1, k1],
+                form.xq,
+                &format!("{what} y"),
+            );
             // The chunks: y·g to half a level, Σy² per chunk.
             let cw: Vec<u32> = chunks.buffer().to_vec(g).unwrap();
             for i in 0..m {
@@ -989,7 +1001,11 @@ fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
                 let row = &yv[i * n1..(i + 1) * n1];
                 let ms = row.iter().map(|&t| f64::from(t).powi(2)).sum::<f64>() / n1 as f64;
                 let inv = 1.0 / (ms + f64::from(eps)).sqrt();
-                xn.extend(row.iter().zip(&nw).map(|(&t, &wv)| (f64::from(t) * inv * f64::from(wv)) as f32));
+                xn.extend(
+                    row.iter()
+                        .zip(&nw)
+                        .map(|(&t, &wv)| (f64::from(t) * inv * f64::from(wv)) as f32),
+                );
             }
             let zv: Vec<f32> = z.to_vec(g).unwrap();
             let zv: Vec<f32> = if with_res {
@@ -997,7 +1013,15 @@ fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
             } else {
                 zv
             };
-            check_qmv(&zv, &xn, &wcref, &sqc, [m, n2, n1], form.xq, &format!("{what} z"));
+            check_qmv(
+                &zv,
+                &xn,
+                &wcref,
+                &sqc,
+                [m, n2, n1],
+                form.xq,
+                &format!("{what} z"),
+            );
         }
     }
 }
@@ -1054,7 +1078,8 @@ fn qmv_glu_out_feeds_the_down_matvec() {
                 1 => {
                     let qp = quant(&mut rng, k, 256, params, dt);
                     let wp = QuantWeight::upload(g, &qp).unwrap();
-                    let x0 = MlxBuffer::from_slice(g, &rng.normals(m * 256, 1.0), &[m, 256]).unwrap();
+                    let x0 =
+                        MlxBuffer::from_slice(g, &rng.normals(m * 256, 1.0), &[m, 256]).unwrap();
                     let nw: Vec<f32> = (0..k).map(|_| rng.uniform(0.5, 1.5)).collect();
                     pre = MlxBuffer::from_slice(g, &nw, &[k]).unwrap();
                     let out = NormOut {
@@ -1062,7 +1087,8 @@ fn qmv_glu_out_feeds_the_down_matvec() {
                         eps: 1e-5,
                         form,
                     };
-                    let (_, q) = qmv_norm_out(&mut pass, MatvecX::F32(&x0), &wp, None, &out).unwrap();
+                    let (_, q) =
+                        qmv_norm_out(&mut pass, MatvecX::F32(&x0), &wp, None, &out).unwrap();
                     xq = q;
                     let gu = qmv_xq(&mut pass, &xq, &wgu, None).unwrap();
                     (MatvecX::Quantized(&xq), gu)
@@ -1103,7 +1129,15 @@ fn qmv_glu_out_feeds_the_down_matvec() {
                 }
             }
             let zv: Vec<f32> = z.to_vec(g).unwrap();
-            check_qmv(&zv, &hv, &wdref, &sqd, [m, n2, i], form.xq, &format!("{what} down"));
+            check_qmv(
+                &zv,
+                &hv,
+                &wdref,
+                &sqd,
+                [m, n2, i],
+                form.xq,
+                &format!("{what} down"),
+            );
         }
     }
 }
@@ -1257,7 +1291,8 @@ fn rms_norm_post_residual_xq_matches_f64() {
                 let ms = rr.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / k as f64;
                 let inv_r = 1.0 / (ms + f64::from(post_eps)).sqrt();
                 for j in 0..k {
-                    let want = f64::from(x[i * k + j]) + f64::from(rr[j]) * inv_r * f64::from(pw[j]);
+                    let want =
+                        f64::from(x[i * k + j]) + f64::from(rr[j]) * inv_r * f64::from(pw[j]);
                     let got = f64::from(hv[i * k + j]);
                     assert!(
                         (got - want).abs() <= 1e-5 * (want.abs() + 1.0),
