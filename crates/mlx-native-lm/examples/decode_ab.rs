@@ -104,6 +104,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("both (default)".into(), (default, (0, 0), 0, None)),
         ];
     }
+    // AB_OXQ=1: the default against the attention output in f32 (`Folding::o_xq` off).
+    if std::env::var("AB_OXQ").is_ok() {
+        let before = Folding {
+            o_xq: false,
+            ..default
+        };
+        variants = vec![
+            ("o quantizes its x".into(), (before, (0, 0), 0, None)),
+            ("default (o_xq)".into(), (default, (0, 0), 0, None)),
+        ];
+    }
     // AB_NORM_OUT=2: what norm_out's parts cost (`qmatmul::set_norm_out_probe`, timing only).
     let probes: Vec<u32> = match std::env::var("AB_NORM_OUT").as_deref() {
         Ok("2") => {

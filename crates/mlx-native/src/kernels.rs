@@ -177,7 +177,7 @@ impl Kernel {
             Kernel::GgmlDense | Kernel::GgmlLegacy | Kernel::GgmlK => &[GGML_COMMON],
             Kernel::KvQuant => &[KV_QUANT_COMMON],
             Kernel::SdpaQuant => &[KV_QUANT_COMMON, SPLIT_REDUCE],
-            Kernel::Sdpa => &[SPLIT_REDUCE],
+            Kernel::Sdpa => &[SPLIT_REDUCE, XQ_QUANTIZE],
             Kernel::Qmatmul => &[QUANT, XQ_QUANTIZE, QUANT_XQ, ACT],
             Kernel::Activation => &[ACT, XQ_QUANTIZE],
             Kernel::MoeQuant => &[QUANT, XQ_QUANTIZE, QUANT_XQ],

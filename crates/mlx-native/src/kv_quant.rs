@@ -726,6 +726,26 @@ impl KvStore {
         }
     }
 
+    /// See [`crate::ops::sdpa::sdpa_decode_xq`]: the output also quantized in `form` for o's
+    /// matvec, where the cache is plain and the head dim a multiple of 32; None otherwise
+    /// (then [`KvStore::sdpa_decode`]).
+    pub fn sdpa_decode_xq(
+        &self,
+        pass: &mut Pass,
+        q: &MlxBuffer,
+        layer: usize,
+        seq_len: usize,
+        opts: &SdpaOptions<'_>,
+        form: crate::ops::XqForm,
+    ) -> Result<Option<(MlxBuffer, crate::ops::QuantizedX)>> {
+        match self {
+            KvStore::Plain(c) if q.shape().last().is_some_and(|d| d % 32 == 0) => Ok(Some(
+                crate::ops::sdpa::sdpa_decode_xq(pass, q, c, layer, seq_len, opts, form)?,
+            )),
+            _ => Ok(None),
+        }
+    }
+
     /// See [`crate::ops::sdpa_prefill`]. `&mut`: a compressed cache reuses a scratch layer.
     pub fn sdpa_prefill(
         &mut self,

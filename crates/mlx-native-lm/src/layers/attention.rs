@@ -55,6 +55,9 @@ pub struct BlockInput<'a> {
     /// At decode, o also writes the input of the matvec after this RMS norm, where it can
     /// ([`Linear::can_norm_out`]; [`Attention::forward_out`] returns it).
     pub norm_out: Option<NormOut<'a>>,
+    /// At decode, the attention writes its output quantized for o where the cache and o
+    /// allow it (`KvStore::sdpa_decode_xq`; `Folding::o_xq`).
+    pub o_xq: bool,
 }
 
 impl<'a> BlockInput<'a> {
@@ -67,6 +70,7 @@ impl<'a> BlockInput<'a> {
             rope_append: true,
             xq: None,
             norm_out: None,
+            o_xq: false,
         }
     }
 }
@@ -293,12 +297,25 @@ impl Attention {
             window: self.window,
             ..SdpaOptions::new(self.head_dim)
         };
-        let attn = if step.tokens == 1 {
-            cache.sdpa_decode(pass, q, layer, step.pos0 + 1, &opts)?
-        } else {
-            cache.sdpa_prefill(pass, q, layer, step.pos0, &opts)?
+        // At decode, the attention output quantized for o too, where it can be.
+        let o_form = self.o.xq_form().filter(|_| input.o_xq && step.tokens == 1);
+        let mut attn_q = None;
+        let attn = match o_form {
+            Some(form) => match cache.sdpa_decode_xq(pass, q, layer, step.pos0 + 1, &opts, form)? {
+                Some((a, c)) => {
+                    attn_q = Some(c);
+                    a
+                }
+                None => cache.sdpa_decode(pass, q, layer, step.pos0 + 1, &opts)?,
+            },
+            None if step.tokens == 1 => cache.sdpa_decode(pass, q, layer, step.pos0 + 1, &opts)?,
+            None => cache.sdpa_prefill(pass, q, layer, step.pos0, &opts)?,
         };
         let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
+        let attn_x = match &attn_q {
+            Some(c) => MatvecX::Quantized(c),
+            None => MatvecX::F32(&attn),
+        };
         let norm_out = input
             .norm_out
             .as_ref()
@@ -312,10 +329,13 @@ impl Attention {
                     fake = QuantizedX::reinterpret(&attn, 1, attn.len(), form)?;
                     MatvecX::Quantized(&fake)
                 }
-                _ => MatvecX::F32(&attn),
+                _ => attn_x,
             };
             let (y, q) = self.o.forward_norm_out(pass, x, input.residual, out)?;
             return Ok((y, Some(q)));
+        }
+        if let Some(c) = &attn_q {
+            return Ok((self.o.forward_xq(pass, c, input.residual)?, None));
         }
         let fusion = QmvFusion::residual(input.residual);
         Ok((self.o.forward_fused(pass, &attn, &fusion)?, None))

@@ -87,6 +87,10 @@ pub struct Folding {
     /// each workgroup takes 32 gate rows and the same 32 up rows and writes down's input
     /// quantized (`ops::qmv_glu_out`); the GLU's dispatch goes.
     pub glu_out: bool,
+    /// The decode attention writes its output quantized for o (needs `quantized_x`; plain
+    /// caches, head dims of whole chunks: `KvStore::sdpa_decode_xq`), which then quantizes
+    /// no x in its row-sets.
+    pub o_xq: bool,
 }
 
 impl Folding {
@@ -99,6 +103,7 @@ impl Folding {
         quantized_x: false,
         norm_out: false,
         glu_out: false,
+        o_xq: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
@@ -109,6 +114,7 @@ impl Folding {
         quantized_x: true,
         norm_out: true,
         glu_out: true,
+        o_xq: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md). With
     /// qmv's 16-bit x, `small_norms` gains 97 us a token on Qwen3-30B-A3B and 75 on
@@ -125,6 +131,7 @@ impl Folding {
         quantized_x: true,
         norm_out: true,
         glu_out: true,
+        o_xq: true,
     };
 
     fn any(self) -> bool {
@@ -135,6 +142,7 @@ impl Folding {
             || self.quantized_x
             || self.norm_out
             || self.glu_out
+            || self.o_xq
     }
 
     /// Whether to fold a pre-norm into a matvec of `shape` ([N, K]).
@@ -332,6 +340,7 @@ impl DecoderLayer {
             rope_append: f.rope_append,
             xq,
             norm_out: o_norm_out,
+            o_xq: f.o_xq && f.quantized_x,
         };
         let (a, aq) = self
             .attn

@@ -599,6 +599,15 @@ impl XqForm {
         self.xq
     }
 
+    /// The form of a kernel's `XQ_OUT` code (tests).
+    #[cfg(test)]
+    pub(crate) fn from_code(code: u32) -> XqForm {
+        XqForm {
+            bits: code >> 2,
+            xq: code & 3,
+        }
+    }
+
     /// The kernels' `XQ_OUT` constant: BITS << 2 | XQ.
     pub(crate) fn code(self) -> u32 {
         self.bits << 2 | self.xq
@@ -610,7 +619,7 @@ impl XqForm {
 pub(crate) const XQ_FORM_CODES: [u32; 4] = [4 << 2 | 1, 4 << 2 | 2, 8 << 2 | 1, 8 << 2 | 2];
 
 /// u32 words of one quantized 32-element chunk (common/xq_quantize.wgsl: h, l, d, s, hs).
-const XQ_CHUNK_WORDS: usize = 20;
+pub(crate) const XQ_CHUNK_WORDS: usize = 20;
 
 /// f32 activations quantized per 32-element chunk for the integer-dot decode matvecs
 /// ([`qmv_xq`], `ops::moe::gather_qmv_xq`) by the op that produced them
@@ -671,6 +680,17 @@ impl QuantizedX {
     /// The chunks' words (u32).
     pub fn buffer(&self) -> &MlxBuffer {
         &self.buf
+    }
+
+    /// Chunks another op wrote into `buf` (u32 `[rows, k / 32 * 20]`).
+    pub(crate) fn from_words(buf: MlxBuffer, rows: usize, k: usize, form: XqForm) -> Self {
+        QuantizedX {
+            buf,
+            rows,
+            k,
+            form,
+            pending_norm: None,
+        }
     }
 
     /// Measurement only (timing, wrong results): `buf`'s words read as chunks of `rows` rows

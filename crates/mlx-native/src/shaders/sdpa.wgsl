@@ -18,7 +18,8 @@
 //
 // Bindings: 0 q f32, 1 k cache, 2 v cache, 3 part_o (decode) / out (prefill) f32,
 // 4 part_ml f32 [n_heads, n_splits, 2], 5 sinks f32 [n_heads], 6 out (decode_reduce, and
-// decode with one split) f32, 7 mask f32 [T, mask_stride] (prefill).
+// decode with one split) f32 as bits (then XQ_OUT's chunks), 7 mask f32 [T, mask_stride]
+// (prefill).
 struct Params {
     n_heads: u32,
     kv_heads: u32,
@@ -39,7 +40,8 @@ struct Params {
     scale: f32,
     softcap: f32,
     row_tiles: u32,
-    _pad: u32,
+    // XQ_OUT: the chunks' first word, counted from out's.
+    xo: u32,
 }
 
 override HEAD_DIM: u32 = 128u;
@@ -49,6 +51,12 @@ override GT: u32 = 8u;
 override BM: u32 = 32u;
 override BN: u32 = 32u;
 override C4: u32 = HEAD_DIM / 4u;
+// Decode (one split) and decode_reduce: the normalized output also written quantized per
+// 32-element chunk for o's matvec (common/xq_quantize.wgsl: BITS << 2 | XQ of o's weights;
+// ops::qmatmul::QuantizedX), which then quantizes no x in its row-sets. 0: f32 only.
+override XQ_OUT: u32 = 0u;
+override BITS: u32 = XQ_OUT >> 2u;
+override XQ: u32 = XQ_OUT & 3u;
 
 const M_INIT: f32 = -3.0e38;
 
@@ -56,7 +64,7 @@ const M_INIT: f32 = -3.0e38;
 @group(0) @binding(3) var<storage, read_write> part_o: array<f32>;
 @group(0) @binding(4) var<storage, read_write> part_ml: array<f32>;
 @group(0) @binding(5) var<storage, read> sinks: array<f32>;
-@group(0) @binding(6) var<storage, read_write> out: array<f32>;
+@group(0) @binding(6) var<storage, read_write> out: array<u32>;
 @group(0) @binding(7) var<storage, read> mask: array<f32>;
 @group(1) @binding(0) var<uniform> p: Params;
 
@@ -322,10 +330,10 @@ fn d_emit(g: u32, o4: u32, a: vec4<f32>, hm: f32, den0: f32, h0: u32, split: u32
         }
         let inv = select(0.0, 1.0 / den, den > 0.0);
         let oo = view(6u) + (h0 + g) * HEAD_DIM + o4 * 4u;
-        out[oo] = a.x * inv;
-        out[oo + 1u] = a.y * inv;
-        out[oo + 2u] = a.z * inv;
-        out[oo + 3u] = a.w * inv;
+        out[oo] = bitcast<u32>(a.x * inv);
+        out[oo + 1u] = bitcast<u32>(a.y * inv);
+        out[oo + 2u] = bitcast<u32>(a.z * inv);
+        out[oo + 3u] = bitcast<u32>(a.w * inv);
     } else {
         let po = view(3u) + ((h0 + g) * p.n_splits + split) * HEAD_DIM + o4 * 4u;
         part_o[po] = a.x;
@@ -556,6 +564,9 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>,
             }
         }
     }
+    if XQ_OUT != 0u && p.n_splits == 1u {
+        store_out_chunks(h0, ng, me);
+    }
     if lid < ng && p.n_splits > 1u {
         let hi = lid >= 4u;
         let o = view(4u) + ((h0 + lid) * p.n_splits + split) * 2u;
@@ -576,10 +587,53 @@ fn sdpa_decode_reduce(@builtin(workgroup_id) wid: vec3<u32>,
     let t = combine_splits(h, lid);
     if lid < C4 {
         let o = view(6u) + h * HEAD_DIM + lid * 4u;
-        out[o] = t.x;
-        out[o + 1u] = t.y;
-        out[o + 2u] = t.z;
-        out[o + 3u] = t.w;
+        out[o] = bitcast<u32>(t.x);
+        out[o + 1u] = bitcast<u32>(t.y);
+        out[o + 2u] = bitcast<u32>(t.z);
+        out[o + 3u] = bitcast<u32>(t.w);
+    }
+    if XQ_OUT != 0u {
+        // `slot` in quantize_part's order: the reduce has no subgroup path, its exchange
+        // is the workgroup-memory one.
+        store_out_chunks(h, 1u, lid);
+    }
+}
+
+// XQ_OUT: heads h0..h0 + ng of out (written by this workgroup) quantized into chunks after
+// them: four invocations a chunk, 8 values each, read back from out (storageBarrier makes
+// the workgroup's own stores visible). `slot` in quantize_part's order. Called by the
+// whole workgroup.
+fn store_out_chunks(h0: u32, ng: u32, slot: u32) {
+    storageBarrier();
+    workgroupBarrier();
+    let parts = ng * HEAD_DIM / 8u;
+    for (var base = 0u; base < parts; base += 128u) {
+        let part = base + slot;
+        let on = part < parts;
+        var a = vec4<f32>(0.0);
+        var b = vec4<f32>(0.0);
+        let e = view(6u) + h0 * HEAD_DIM + 8u * part;
+        if on {
+            a = bitcast<vec4<f32>>(vec4<u32>(out[e], out[e + 1u], out[e + 2u], out[e + 3u]));
+            b = bitcast<vec4<f32>>(vec4<u32>(out[e + 4u], out[e + 5u], out[e + 6u],
+                                             out[e + 7u]));
+        }
+        let q = quantize_part(a, b, slot);
+        if on {
+            let chunk = (h0 * HEAD_DIM) / 32u + part / 4u;
+            let o = view(6u) + p.xo + chunk * 4u * XQ_VEC4S;
+            let t = part % 4u;
+            let off = part_offsets(t);
+            let val = part_values(q);
+            for (var j = 0u; j < 4u; j++) {
+                out[o + off[j]] = val[j];
+            }
+            if t == 0u {
+                for (var j = 0u; j < 4u; j++) {
+                    out[o + 16u + j] = q.tail[j];
+                }
+            }
+        }
     }
 }
 
