@@ -1320,14 +1320,7 @@ pub fn qmv_norm_out(
     vec4_view(pass, out.weight, op, "the norm weight")?;
     run.cfg = norm_out_config(n, k, run.subgroups);
     run.cfg.xq = out.form.xq;
-    let caps = pass.caps();
-    check::ensure(out_fits(run.cfg, run.subgroups, caps), op, || {
-        format!(
-            "a workgroup of {} invocations does not fit the device ({} invocations, {} bytes \
-             of workgroup memory)",
-            run.cfg.wg, caps.max_invocations_per_workgroup, caps.max_workgroup_storage
-        )
-    })?;
+    check_fits(pass, &run, op)?;
     run.out = Some(ChunksOut::Norm(*out));
     let (y, chunks) = run_vec(pass, xbuf, w, &run, &fusion)?;
     let mut q = chunks.ok_or_else(|| MlxError::invalid(format!("{op}: no chunks written")))?;
@@ -1373,14 +1366,7 @@ pub fn qmv_glu_out(
         run.cfg.tpr = tpr;
         run.cfg.wg = 2 * NORM_OUT_ROWS / rpt * tpr;
     }
-    let caps = pass.caps();
-    check::ensure(out_fits(run.cfg, run.subgroups, caps), op, || {
-        format!(
-            "a workgroup of {} invocations does not fit the device ({} invocations, {} bytes \
-             of workgroup memory)",
-            run.cfg.wg, caps.max_invocations_per_workgroup, caps.max_workgroup_storage
-        )
-    })?;
+    check_fits(pass, &run, op)?;
     run.out = Some(ChunksOut::Glu(form, act));
     let (_, chunks) = run_vec(pass, xbuf, w, &run, &none)?;
     chunks.ok_or_else(|| MlxError::invalid(format!("{op}: no chunks written")))
@@ -1398,6 +1384,18 @@ pub fn norm_out_fits_weight(w: &QuantWeight, caps: &Caps) -> bool {
     let [n, k] = w.shape();
     let sg = vec_subgroups(1, n, k, caps);
     out_fits(norm_out_config(n, k, sg), sg, caps)
+}
+
+/// A chunk-writing run's workgroup fits the device, or the error says why.
+fn check_fits(pass: &Pass, run: &VecRun<'_>, op: &str) -> Result<()> {
+    let caps = pass.caps();
+    check::ensure(out_fits(run.cfg, run.subgroups, caps), op, || {
+        format!(
+            "a workgroup of {} invocations does not fit the device ({} invocations, {} bytes \
+             of workgroup memory)",
+            run.cfg.wg, caps.max_invocations_per_workgroup, caps.max_workgroup_storage
+        )
+    })
 }
 
 fn out_fits(cfg: QmvConfig, subgroups: bool, caps: &Caps) -> bool {

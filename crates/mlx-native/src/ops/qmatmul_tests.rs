@@ -888,17 +888,7 @@ fn chunk_writing_shapes_fit_the_kernel() {
 fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
     let mut rng = Rng::new(66);
     let eps = 1e-5f32;
-    let poisoned: Vec<MlxDevice> = devices()
-        .iter()
-        .map(|d| {
-            MlxDevice::with_options(crate::DeviceOptions {
-                poison_allocations: true,
-                disable_subgroups: !d.caps().subgroups,
-                ..crate::DeviceOptions::default()
-            })
-            .unwrap()
-        })
-        .collect();
+    let poisoned = poisoned_devices();
     for g in &poisoned {
         for case in 0..3 {
             let (params, dt) = [
@@ -1035,17 +1025,7 @@ fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
 #[test]
 fn qmv_glu_out_feeds_the_down_matvec() {
     let mut rng = Rng::new(67);
-    let poisoned: Vec<MlxDevice> = devices()
-        .iter()
-        .map(|d| {
-            MlxDevice::with_options(crate::DeviceOptions {
-                poison_allocations: true,
-                disable_subgroups: !d.caps().subgroups,
-                ..crate::DeviceOptions::default()
-            })
-            .unwrap()
-        })
-        .collect();
+    let poisoned = poisoned_devices();
     for g in &poisoned {
         for case in 0..3 {
             let (params, dt, act) = [
@@ -1140,6 +1120,21 @@ fn qmv_glu_out_feeds_the_down_matvec() {
             );
         }
     }
+}
+
+/// [`devices`] again, each with its allocations poisoned (an unwritten output fails).
+fn poisoned_devices() -> Vec<MlxDevice> {
+    devices()
+        .iter()
+        .map(|d| {
+            MlxDevice::with_options(crate::DeviceOptions {
+                poison_allocations: true,
+                disable_subgroups: !d.caps().subgroups,
+                ..crate::DeviceOptions::default()
+            })
+            .unwrap()
+        })
+        .collect()
 }
 
 /// The chunk format itself, decoded on the CPU (h, l bytes in code order, d, s, hs) against
@@ -1250,17 +1245,7 @@ fn quantized_chunks_decode_to_their_values() {
 fn rms_norm_post_residual_xq_matches_f64() {
     let mut rng = Rng::new(68);
     let (eps, post_eps) = (1e-6f32, 1e-5f32);
-    let poisoned: Vec<MlxDevice> = devices()
-        .iter()
-        .map(|d| {
-            MlxDevice::with_options(crate::DeviceOptions {
-                poison_allocations: true,
-                disable_subgroups: !d.caps().subgroups,
-                ..crate::DeviceOptions::default()
-            })
-            .unwrap()
-        })
-        .collect();
+    let poisoned = poisoned_devices();
     for g in &poisoned {
         for (rows, k, bits) in [(1usize, 576usize, 4u32), (3, 2560, 8), (1, 10240, 4)] {
             let form = XqForm { bits, xq: 2 };

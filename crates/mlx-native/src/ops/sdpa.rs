@@ -227,8 +227,8 @@ fn decode_spec(dtype: DType, head_dim: usize, gt: u32, sg: bool, xq_out: u32) ->
 }
 
 fn reduce_spec(head_dim: usize, xq_out: u32) -> Result<Spec> {
-    let spec = Spec::new("sdpa_decode_reduce", DType::F32, 128)
-        .with_const("HEAD_DIM", head_dim as u32)?;
+    let spec =
+        Spec::new("sdpa_decode_reduce", DType::F32, 128).with_const("HEAD_DIM", head_dim as u32)?;
     if xq_out != 0 {
         return spec.with_const("XQ_OUT", xq_out);
     }
@@ -476,7 +476,8 @@ pub fn sdpa_decode_xq(
     form: XqForm,
 ) -> Result<(MlxBuffer, QuantizedX)> {
     let (out, chunks) = decode_impl(pass, q, cache, layer, seq_len, opts, Some(form))?;
-    chunks.ok_or_else(|| MlxError::invalid("sdpa_decode_xq: no chunks written"))
+    chunks
+        .ok_or_else(|| MlxError::invalid("sdpa_decode_xq: no chunks written"))
         .map(|c| (out, c))
 }
 
@@ -966,10 +967,7 @@ mod tests {
                 ..dc(256, 64, 4, 700, DType::F16)
             },
         ];
-        let forms = [
-            XqForm::from_code(4 << 2 | 2),
-            XqForm::from_code(8 << 2 | 1),
-        ];
+        let forms = [XqForm::from_code(4 << 2 | 2), XqForm::from_code(8 << 2 | 1)];
         for base in devices() {
             let g = &MlxDevice::with_options(crate::DeviceOptions {
                 poison_allocations: true,
@@ -978,7 +976,17 @@ mod tests {
             })?;
             for (i, c) in cases.iter().enumerate() {
                 let mut rng = Rng::new(300 + i as u64);
-                let f = filled(g, &mut rng, c.kvh, c.d, c.dtype, c.len + 3, None, 512, c.len)?;
+                let f = filled(
+                    g,
+                    &mut rng,
+                    c.kvh,
+                    c.d,
+                    c.dtype,
+                    c.len + 3,
+                    None,
+                    512,
+                    c.len,
+                )?;
                 let gq = MlxBuffer::from_slice(g, &rng.normals(c.nh * c.d, 1.0), &[c.nh, c.d])?;
                 let gs = MlxBuffer::from_slice(g, &rng.normals(c.nh, 2.0), &[c.nh])?;
                 let mut opts = SdpaOptions::new(c.d);
@@ -989,11 +997,8 @@ mod tests {
                     let plain = sdpa_decode(&mut pass, &gq, &f.cache, 0, c.len, &opts)?;
                     let (out, chunks) =
                         sdpa_decode_xq(&mut pass, &gq, &f.cache, 0, c.len, &opts, form)?;
-                    let again = crate::ops::quantize_x(
-                        &mut pass,
-                        &out.reshape(&[1, c.nh * c.d])?,
-                        form,
-                    )?;
+                    let again =
+                        crate::ops::quantize_x(&mut pass, &out.reshape(&[1, c.nh * c.d])?, form)?;
                     pass.commit_and_wait()?;
                     let what = format!(
                         "d={} heads {}/{} len {} {} {form:?} sg={}",
@@ -1011,7 +1016,10 @@ mod tests {
                     assert_eq!(chunks.k(), c.nh * c.d, "{what}");
                     let (w, want): (Vec<u32>, Vec<u32>) =
                         (chunks.buffer().to_vec(g)?, again.buffer().to_vec(g)?);
-                    assert_eq!(w, want, "{what}: chunks differ from quantize_x of the output");
+                    assert_eq!(
+                        w, want,
+                        "{what}: chunks differ from quantize_x of the output"
+                    );
                 }
             }
         }
