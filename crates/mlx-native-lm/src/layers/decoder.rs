@@ -121,7 +121,10 @@ impl Folding {
     /// Gemma-3-4B and is neutral on Llama-3.1-8B (before it, with f32 x: +479 on Gemma);
     /// every norm folded still loses 353 us on Llama, the GLU 297. Quantized x from the
     /// producers (session 7, H200): Llama-3.1-8B 3326 -> 3171 us a token, Gemma-3-4B 3389
-    /// -> 3223, Qwen3-30B-A3B (the MoE experts' input) 3809 -> 3629.
+    /// -> 3223, Qwen3-30B-A3B (the MoE experts' input) 3809 -> 3629. Session 8 (H200,
+    /// `decode_ab`): `norm_out` Llama 3196 -> 2997, with `glu_out` 3177 -> 2951, Gemma's
+    /// post-norms 2889 -> 2544, `o_xq` Llama 2679 -> 2585; the session's start and end
+    /// alternated in `bench decode`: Llama 3269 -> 2671, Gemma 3231 -> 2532.
     pub const DEFAULT: Folding = Folding {
         residual: true,
         glu: false,

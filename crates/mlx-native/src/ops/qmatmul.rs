@@ -28,6 +28,12 @@
 //!   bounds the rest is not known (no shader-level profile was taken).
 //!   Before (f32 x): codes turned into floats by the 2^23 mantissa trick, constant indices
 //!   only (private arrays indexed dynamically spilled to local memory).
+//! - **Chunks for the next matvec** (decode): a qmv of x quantized by its producer
+//!   ([`QuantizedX`], [`qmv_xq`]) runs shorter row-sets (nothing to share among rows); a
+//!   qmv can write the next matvec's quantized input itself: the next RMS norm's, before its
+//!   1/rms, which that matvec applies ([`NormOut`], [`qmv_norm_out`]: workgroups of 32 rows,
+//!   one chunk), or the GLU of a stacked gate|up's own rows ([`qmv_glu_out`]: 32 gate and
+//!   the same 32 up rows a workgroup). The norm's and the GLU's dispatches go.
 //! - **qmm** (prefill, M > 8): 64 x 64 output tiles per workgroup of 256 (4 x 4 outputs per
 //!   invocation), K in steps of 32, x and dequantized W tiles in 16 KiB of workgroup memory
 //!   (lavapipe allows 32 KiB). Neighbouring workgroups share a W tile (M blocks vary fastest).
