@@ -284,18 +284,41 @@ fn qmv_configs() -> Vec<QmvConfig> {
 /// rows per row-set and invocations per row-set, with workgroups of 32 rows (one chunk:
 /// the chunk is quantized where its values are). Without subgroups the partial sums take
 /// TPR slots a row, so rows of 32 invocations keep them in the kernel's 2048.
-fn norm_out_config(n: usize, k: usize, subgroups: bool) -> QmvConfig {
+fn norm_out_config(n: usize, k: usize, subgroups: bool, max_wg: u32) -> QmvConfig {
+    let base = qmv_config(n, k);
+    if !norm_out_probe(18) {
+        if let Some(c) = probe_shape(base, Some(NORM_OUT_ROWS), subgroups) {
+            return c;
+        }
+    }
+    norm_out_shape(base, subgroups, max_wg)
+}
+
+/// The largest workgroup a chunk-writing matvec takes on this device.
+fn out_max_wg(caps: &Caps) -> u32 {
+    caps.max_invocations_per_workgroup.min(NORM_OUT_MAX_WG)
+}
+
+/// The shape [`set_norm_out_probe`] forces on `base` (workgroups of `rows` rows, or of 128
+/// invocations or TPR), if one is forced and it keeps the kernel's limits (at most 1024
+/// invocations, the partial sums inside `red` and `red_ss` as in [`rows_shape`]); a shape
+/// that does not is ignored rather than run with clamped indices.
+fn probe_shape(base: QmvConfig, rows: Option<u32>, subgroups: bool) -> Option<QmvConfig> {
     let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
     let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
-    if rpt != 0 && tpr != 0 && !norm_out_probe(18) {
-        return QmvConfig {
-            rpt,
-            tpr,
-            wg: NORM_OUT_ROWS / rpt * tpr,
-            ..qmv_config(n, k)
-        };
+    if !matches!(rpt, 1 | 2 | 4 | 8 | 16) || !tpr.is_power_of_two() || !(32..=256).contains(&tpr) {
+        return None;
     }
-    norm_out_shape(qmv_config(n, k), subgroups)
+    let wg = rows.map_or(tpr.max(128), |r| r / rpt * tpr);
+    let sets = wg / tpr;
+    let slots = if subgroups { tpr / 4 } else { tpr };
+    let ok = wg <= NORM_OUT_MAX_WG && sets * slots <= 256 && sets * rpt * slots <= 2048;
+    ok.then_some(QmvConfig {
+        rpt,
+        tpr,
+        wg,
+        ..base
+    })
 }
 
 /// Measurement only (timing; bit 16 gives wrong results): `rpt | tpr << 8` forces the
@@ -314,27 +337,28 @@ fn norm_out_probe(bit: u32) -> bool {
     NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed) >> bit & 1 != 0
 }
 
-fn norm_out_shape(base: QmvConfig, subgroups: bool) -> QmvConfig {
+fn norm_out_shape(base: QmvConfig, subgroups: bool, max_wg: u32) -> QmvConfig {
     rows_shape(
         base,
         base.rpt.min(NORM_OUT_MAX_RPT),
         NORM_OUT_ROWS,
         subgroups,
+        max_wg,
     )
 }
 
 /// A qmv shape of `rows` rows a workgroup from `rpt` rows per row-set and the default
 /// invocations per row-set (32 without subgroups), within the kernel's limits: at most
-/// NORM_OUT_MAX_WG invocations, and partial sums that fit its arrays (`red_ss`: row-sets x
+/// `max_wg` invocations (the device's, at most NORM_OUT_MAX_WG), and partial sums that fit its arrays (`red_ss`: row-sets x
 /// slots <= 256, slots = TPR / 4 at worst with subgroups, TPR without; `red`: rows x slots
 /// <= 2048), by more rows per row-set or fewer invocations.
-fn rows_shape(base: QmvConfig, rpt: u32, rows: u32, subgroups: bool) -> QmvConfig {
+fn rows_shape(base: QmvConfig, rpt: u32, rows: u32, subgroups: bool, max_wg: u32) -> QmvConfig {
     let mut rpt = rpt.clamp(1, 16);
     let mut tpr = if subgroups { base.tpr } else { 32 };
     let div = if subgroups { 4 } else { 1 };
     let fits = |rpt: u32, tpr: u32| {
         let sets = rows / rpt;
-        sets * tpr <= NORM_OUT_MAX_WG && sets * tpr / div <= 256 && rows * tpr / div <= 2048
+        sets * tpr <= max_wg && sets * tpr / div <= 256 && rows * tpr / div <= 2048
     };
     while !fits(rpt, tpr) {
         if tpr > 32 {
@@ -370,11 +394,11 @@ fn norm_out_configs() -> Vec<(QmvConfig, bool)> {
 }
 
 /// Every (shape, subgroups) that `shape` makes of the default shapes.
-fn out_configs(shape: fn(QmvConfig, bool) -> QmvConfig) -> Vec<(QmvConfig, bool)> {
+fn out_configs(shape: fn(QmvConfig, bool, u32) -> QmvConfig) -> Vec<(QmvConfig, bool)> {
     let mut v = Vec::new();
     for base in qmv_configs().into_iter().filter(|c| c.xq != 0) {
         for sg in [false, true] {
-            let c = (shape(base, sg), sg);
+            let c = (shape(base, sg, NORM_OUT_MAX_WG), sg);
             if !v.contains(&c) {
                 v.push(c);
             }
@@ -387,12 +411,12 @@ fn out_configs(shape: fn(QmvConfig, bool) -> QmvConfig) -> Vec<(QmvConfig, bool)
 /// ([`qmv_glu_out`]): workgroups of 32 gate and the same 32 up rows (one chunk of the
 /// GLU's output), the default rows and invocations per row-set where they give that
 /// (Llama-3.1-8B's 28672 x 4096: 16 rows, 32 invocations, 4 row-sets: its default shape).
-fn glu_out_shape(base: QmvConfig, subgroups: bool) -> QmvConfig {
+fn glu_out_shape(base: QmvConfig, subgroups: bool, max_wg: u32) -> QmvConfig {
     let base = QmvConfig {
         tpr: GLU_OUT_TPR,
         ..base
     };
-    rows_shape(base, GLU_OUT_RPT, 2 * NORM_OUT_ROWS, subgroups)
+    rows_shape(base, GLU_OUT_RPT, 2 * NORM_OUT_ROWS, subgroups, max_wg)
 }
 
 /// The qmv shape of a matvec of quantized x ([`qmv_xq`]): with no x quantization to share
@@ -1183,7 +1207,7 @@ fn fused_run<'a>(
         m,
         yshape,
         cfg: if probe {
-            norm_out_config(n, k, sg)
+            norm_out_config(n, k, sg, out_max_wg(pass.caps()))
         } else {
             qmv_config(n, k)
         },
@@ -1227,14 +1251,12 @@ pub fn qmv_xq(
     residual: Option<&MlxBuffer>,
 ) -> Result<MlxBuffer> {
     let mut run = xq_run(pass, "qmv_xq", x, w, residual)?;
-    let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
-    let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
     let n = w.shape()[0];
     let class = (norm_out_probe(20) && n >= 65536) || (norm_out_probe(21) && n < 65536);
-    if rpt != 0 && tpr != 0 && norm_out_probe(19) && class {
-        run.cfg.rpt = rpt;
-        run.cfg.tpr = tpr;
-        run.cfg.wg = tpr.max(128);
+    if norm_out_probe(19) && class {
+        if let Some(c) = probe_shape(run.cfg, None, run.subgroups) {
+            run.cfg = c;
+        }
     }
     Ok(run_vec(pass, &x.buf, w, &run, &QmvFusion::residual(residual))?.0)
 }
@@ -1271,7 +1293,7 @@ fn xq_run<'a>(
     let sg = vec_subgroups(m, n, k, pass.caps());
     let probe = residual.is_some() && norm_out_probe(17) && n.is_multiple_of(32);
     let mut cfg = if probe {
-        norm_out_config(n, k, sg)
+        norm_out_config(n, k, sg, out_max_wg(pass.caps()))
     } else {
         xsrc_config(n, k)
     };
@@ -1324,7 +1346,7 @@ pub fn qmv_norm_out(
     check::dtype(out.weight, &[DType::F32], op, "norm weight")?;
     check::len(out.weight, n, op, "norm weight")?;
     vec4_view(pass, out.weight, op, "the norm weight")?;
-    run.cfg = norm_out_config(n, k, run.subgroups);
+    run.cfg = norm_out_config(n, k, run.subgroups, out_max_wg(pass.caps()));
     run.cfg.xq = out.form.xq;
     check_fits(pass, &run, op)?;
     run.out = Some(ChunksOut::Norm(*out));
@@ -1363,14 +1385,12 @@ pub fn qmv_glu_out(
     })?;
     run.cfg = QmvConfig {
         xq: form.xq,
-        ..glu_out_shape(run.cfg, run.subgroups)
+        ..glu_out_shape(run.cfg, run.subgroups, out_max_wg(pass.caps()))
     };
-    let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
-    let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
-    if rpt != 0 && tpr != 0 && norm_out_probe(18) {
-        run.cfg.rpt = rpt;
-        run.cfg.tpr = tpr;
-        run.cfg.wg = 2 * NORM_OUT_ROWS / rpt * tpr;
+    if norm_out_probe(18) {
+        if let Some(c) = probe_shape(run.cfg, Some(2 * NORM_OUT_ROWS), run.subgroups) {
+            run.cfg = c;
+        }
     }
     check_fits(pass, &run, op)?;
     run.out = Some(ChunksOut::Glu(form, act));
@@ -1382,14 +1402,18 @@ pub fn qmv_glu_out(
 pub fn glu_out_fits_weight(w: &QuantWeight, caps: &Caps) -> bool {
     let [n, k] = w.shape();
     let sg = vec_subgroups(1, n, k, caps);
-    out_fits(glu_out_shape(qmv_config(n, k), sg), sg, caps)
+    out_fits(
+        glu_out_shape(qmv_config(n, k), sg, out_max_wg(caps)),
+        sg,
+        caps,
+    )
 }
 
 /// Whether a [`NormOut`] matvec of `w` runs on this device (its workgroup of 32 rows).
 pub fn norm_out_fits_weight(w: &QuantWeight, caps: &Caps) -> bool {
     let [n, k] = w.shape();
     let sg = vec_subgroups(1, n, k, caps);
-    out_fits(norm_out_config(n, k, sg), sg, caps)
+    out_fits(norm_out_config(n, k, sg, out_max_wg(caps)), sg, caps)
 }
 
 /// A chunk-writing run's workgroup fits the device, or the error says why.

@@ -861,18 +861,27 @@ fn qmv_of_producer_quantized_x() {
 }
 
 /// Every shape a chunk-writing matvec can take keeps the kernel's limits: whole chunks a
-/// workgroup (32 rows with a norm, 32 gate and 32 up rows with the GLU), at most 1024
-/// invocations, partial sums inside `red` (2048) and `red_ss` (256) at the smallest
+/// workgroup (32 rows with a norm, 32 gate and 32 up rows with the GLU), at most the
+/// device's invocations (1024, 512, 256), partial sums inside `red` (2048) and `red_ss` (256) at the smallest
 /// subgroup the plan takes (4) or without subgroups (one slot an invocation).
 #[test]
 fn chunk_writing_shapes_fit_the_kernel() {
-    for (configs, rows) in [(norm_out_configs(), 32), (glu_out_configs(), 64)] {
-        for (c, sg) in configs {
-            let sets = c.wg / c.tpr;
-            let slots = if sg { c.tpr / 4 } else { c.tpr };
-            assert_eq!(sets * c.rpt, rows, "{c:?} sg={sg}");
-            assert!(c.wg <= 1024 && c.wg.is_multiple_of(c.tpr), "{c:?} sg={sg}");
-            assert!(rows * slots <= 2048 && sets * slots <= 256, "{c:?} sg={sg}");
+    let shapes: [(fn(QmvConfig, bool, u32) -> QmvConfig, u32); 2] =
+        [(norm_out_shape, 32), (glu_out_shape, 64)];
+    for (shape, rows) in shapes {
+        // The kernel's own limit, and devices that allow fewer invocations a workgroup.
+        for max_wg in [1024, 512, 256] {
+            for base in qmv_configs() {
+                for sg in [false, true] {
+                    let c = shape(base, sg, max_wg);
+                    let sets = c.wg / c.tpr;
+                    let slots = if sg { c.tpr / 4 } else { c.tpr };
+                    let what = format!("{c:?} sg={sg} max {max_wg}");
+                    assert_eq!(sets * c.rpt, rows, "{what}");
+                    assert!(c.wg <= max_wg && c.wg.is_multiple_of(c.tpr), "{what}");
+                    assert!(rows * slots <= 2048 && sets * slots <= 256, "{what}");
+                }
+            }
         }
     }
 }
