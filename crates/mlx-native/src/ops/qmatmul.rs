@@ -394,7 +394,10 @@ fn norm_out_configs() -> Vec<(QmvConfig, bool)> {
 }
 
 /// Every (shape, subgroups) that `shape` makes of the default shapes.
-fn out_configs(shape: fn(QmvConfig, bool, u32) -> QmvConfig) -> Vec<(QmvConfig, bool)> {
+/// A chunk-writing shape rule: (default shape, subgroups, largest workgroup) -> shape.
+pub(crate) type OutShape = fn(QmvConfig, bool, u32) -> QmvConfig;
+
+fn out_configs(shape: OutShape) -> Vec<(QmvConfig, bool)> {
     let mut v = Vec::new();
     for base in qmv_configs().into_iter().filter(|c| c.xq != 0) {
         for sg in [false, true] {

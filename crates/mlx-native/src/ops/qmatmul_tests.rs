@@ -866,8 +866,7 @@ fn qmv_of_producer_quantized_x() {
 /// subgroup the plan takes (4) or without subgroups (one slot an invocation).
 #[test]
 fn chunk_writing_shapes_fit_the_kernel() {
-    let shapes: [(fn(QmvConfig, bool, u32) -> QmvConfig, u32); 2] =
-        [(norm_out_shape, 32), (glu_out_shape, 64)];
+    let shapes: [(OutShape, u32); 2] = [(norm_out_shape, 32), (glu_out_shape, 64)];
     for (shape, rows) in shapes {
         // The kernel's own limit, and devices that allow fewer invocations a workgroup.
         for max_wg in [1024, 512, 256] {
