@@ -115,78 +115,53 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ("default (o_xq)".into(), (default, (0, 0), 0, None)),
         ];
     }
-    // AB_NORM_OUT=2: what norm_out's parts cost (`qmatmul::set_norm_out_probe`, timing only).
-    let probes: Vec<u32> = match std::env::var("AB_NORM_OUT").as_deref() {
+    // AB_NORM_OUT=2: what norm_out's parts cost; 3: the GLU-writing gate|up in other shapes
+    // (`qmatmul::set_norm_out_probe`, timing only). (label, folding, probe bits)
+    let probed: Vec<(String, Folding, u32)> = match std::env::var("AB_NORM_OUT").as_deref() {
         Ok("2") => {
             let before = Folding {
                 norm_out: false,
                 glu_out: false,
                 ..default
             };
-            let mut p = vec![(String::from("norms dispatched"), before, 0u32)];
-            p.push(("o/down in norm_out's shape".into(), before, 1 << 17));
-            p.push((
-                "o/down rpt 8 tpr 128 in 32 rows".into(),
-                before,
-                1 << 17 | 8 | 128 << 8,
-            ));
             let norm_out = Folding {
                 glu_out: false,
                 ..default
             };
-            p.push(("norm_out".into(), norm_out, 0));
-            p.push(("norm_out, no chunk stores".into(), norm_out, 1 << 16));
+            let mut p = vec![
+                (String::from("norms dispatched"), before, 0u32),
+                ("norm_out".into(), norm_out, 0),
+                ("norm_out, no chunk stores".into(), norm_out, 1 << 16),
+            ];
             for (rpt, tpr) in [(4u32, 64u32), (2, 64)] {
-                p.push((
-                    format!("norm_out rpt {rpt} tpr {tpr}"),
-                    norm_out,
-                    rpt | tpr << 8,
-                ));
+                let label = format!("norm_out rpt {rpt} tpr {tpr}");
+                p.push((label, norm_out, rpt | tpr << 8));
             }
-            variants = p
-                .iter()
-                .map(|(l, f, _)| (l.clone(), (*f, (0, 0), 0, None)))
-                .collect();
-            p.into_iter().map(|(_, _, b)| b).collect()
+            p
         }
-        // AB_NORM_OUT=3: the GLU-writing gate|up in other shapes.
         Ok("3") => {
             let off = Folding {
                 glu_out: false,
                 ..default
             };
-            let mut p = vec![(String::from("GLU dispatched"), off, 0u32)];
-            p.push(("glu_out".into(), default, 0));
+            let mut p = vec![
+                (String::from("GLU dispatched"), off, 0u32),
+                ("glu_out".into(), default, 0),
+            ];
             for (rpt, tpr) in [(16u32, 32u32), (8, 64), (8, 32), (4, 64), (16, 128)] {
-                p.push((
-                    format!("glu_out rpt {rpt} tpr {tpr}"),
-                    default,
-                    1 << 18 | rpt | tpr << 8,
-                ));
+                let label = format!("glu_out rpt {rpt} tpr {tpr}");
+                p.push((label, default, 1 << 18 | rpt | tpr << 8));
             }
-            variants = p
-                .iter()
-                .map(|(l, f, _)| (l.clone(), (*f, (0, 0), 0, None)))
-                .collect();
-            p.into_iter().map(|(_, _, b)| b).collect()
-        }
-        // AB_NORM_OUT=4: the matvecs of quantized x that write no chunks in other shapes.
-        Ok("4") => {
-            let mut p = vec![(String::from("default"), default, 0u32)];
-            for (class, name) in [(1u32 << 20, "head"), (1 << 21, "others")] {
-                for (rpt, tpr) in [(8u32, 128u32), (4, 64), (4, 128)] {
-                    let bits = 1 << 19 | class | rpt | tpr << 8;
-                    p.push((format!("{name} rpt {rpt} tpr {tpr}"), default, bits));
-                }
-            }
-            variants = p
-                .iter()
-                .map(|(l, f, _)| (l.clone(), (*f, (0, 0), 0, None)))
-                .collect();
-            p.into_iter().map(|(_, _, b)| b).collect()
+            p
         }
         _ => Vec::new(),
     };
+    if !probed.is_empty() {
+        variants = (probed.iter())
+            .map(|(l, f, _)| (l.clone(), (*f, (0, 0), 0, None)))
+            .collect();
+    }
+    let probes: Vec<u32> = probed.iter().map(|&(_, _, b)| b).collect();
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
     let ids: Vec<u32> = (0..ctx as u32)

@@ -299,17 +299,17 @@ impl Attention {
         };
         // At decode, the attention output quantized for o too, where it can be.
         let o_form = self.o.xq_form().filter(|_| input.o_xq && step.tokens == 1);
-        let mut attn_q = None;
-        let attn = match o_form {
-            Some(form) => match cache.sdpa_decode_xq(pass, q, layer, step.pos0 + 1, &opts, form)? {
-                Some((a, c)) => {
-                    attn_q = Some(c);
-                    a
-                }
-                None => cache.sdpa_decode(pass, q, layer, step.pos0 + 1, &opts)?,
-            },
-            None if step.tokens == 1 => cache.sdpa_decode(pass, q, layer, step.pos0 + 1, &opts)?,
-            None => cache.sdpa_prefill(pass, q, layer, step.pos0, &opts)?,
+        let with_q = match o_form {
+            Some(form) => cache.sdpa_decode_xq(pass, q, layer, step.pos0 + 1, &opts, form)?,
+            None => None,
+        };
+        let (attn, attn_q) = match with_q {
+            Some((a, c)) => (a, Some(c)),
+            None if step.tokens == 1 => (
+                cache.sdpa_decode(pass, q, layer, step.pos0 + 1, &opts)?,
+                None,
+            ),
+            None => (cache.sdpa_prefill(pass, q, layer, step.pos0, &opts)?, None),
         };
         let attn = attn.reshape(&[step.tokens, self.n_heads * self.head_dim])?;
         let attn_x = match &attn_q {

@@ -97,7 +97,8 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
                             v.push((Kernel::Norm, q.with_const("XQ_Y", keep_y)?));
                         }
                         if entry == "rms_norm_residual" {
-                            v.push((Kernel::Norm, q.with_const("POST", 1)?));
+                            let post = q.with_const("XQ_Y", 0)?.with_const("POST", 1)?;
+                            v.push((Kernel::Norm, post));
                         }
                     }
                 }
@@ -143,7 +144,7 @@ pub fn rms_norm_xq(
     eps: f32,
     form: XqForm,
 ) -> Result<QuantizedX> {
-    Ok(norm_xq(pass, "rms_norm_xq", x, None, w, eps, form, false)?.2)
+    Ok(norm_xq(pass, "rms_norm_xq", x, None, w, eps, form, false, None)?.2)
 }
 
 /// [`rms_norm`] written both in f32 and quantized for the decode matvec of weights in
@@ -156,7 +157,7 @@ pub fn rms_norm_and_xq(
     eps: f32,
     form: XqForm,
 ) -> Result<(MlxBuffer, QuantizedX)> {
-    let (_, y, q) = norm_xq(pass, "rms_norm_and_xq", x, None, w, eps, form, true)?;
+    let (_, y, q) = norm_xq(pass, "rms_norm_and_xq", x, None, w, eps, form, true, None)?;
     Ok((y.unwrap_or_else(|| x.clone()), q))
 }
 
@@ -203,7 +204,7 @@ pub fn rms_norm_residual_xq(
     form: XqForm,
 ) -> Result<(MlxBuffer, QuantizedX)> {
     let op = "rms_norm_residual_xq";
-    let (h, _, q) = norm_xq(pass, op, x, Some(residual), w, eps, form, false)?;
+    let (h, _, q) = norm_xq(pass, op, x, Some(residual), w, eps, form, false, None)?;
     Ok((h.unwrap_or_else(|| x.clone()), q))
 }
 
@@ -224,42 +225,15 @@ pub fn rms_norm_post_residual_xq(
     form: XqForm,
 ) -> Result<(MlxBuffer, QuantizedX)> {
     let op = "rms_norm_post_residual_xq";
-    let rows = rows_and_weight(op, x, Some(w))?;
-    let (pw, post_eps) = post;
-    check::len(pw, rows.n, op, "post-norm weight")?;
-    check::ensure(pw.dtype() == w.dtype(), op, || {
-        format!(
-            "the post-norm weight is {}, the norm weight {}",
-            pw.dtype(),
-            w.dtype()
-        )
-    })?;
-    check::dtype(r, &[DType::F32], op, "residual")?;
-    check::same_shape(x, r, op, "x", "residual")?;
-    let spec = xq_spec(pass, "rms_norm_residual", w.dtype(), &rows, form)?;
-    if rows.n > 8 * spec.wg as usize {
-        // The row does not fit the workgroup's registers: the two norms apart.
-        let rn = rms_norm(pass, r, pw, post_eps)?;
-        return rms_norm_residual_xq(pass, x, &rn, w, eps, form);
-    }
-    let spec = spec.with_const("POST", 1)?;
-    let h = pass.alloc_like(x)?;
-    let q = QuantizedX::alloc(pass, op, rows.rows as usize, rows.n, form)?;
-    let params = NormParams {
-        rows: rows.rows,
-        n: rows.n as u32,
-        eps,
-        post_eps,
-    };
-    let yq = q.buffer();
-    // Bindings 0 x, 1 w, 2 y (yq: unused), 3 r, 4 h, 5 the post-norm's weight, 6 yq.
-    let bufs = [x, w, yq, r, &h, pw, yq];
-    pass.dispatch(Kernel::Norm, spec, &params, &bufs, rows.rows)?;
-    Ok((h, q))
+    let (h, _, q) = norm_xq(pass, op, x, Some(r), w, eps, form, false, Some(post))?;
+    Ok((h.unwrap_or_else(|| x.clone()), q))
 }
 
 /// The quantized-output norms: of x, or (with `residual`) of x + residual, whose sum is
-/// returned too; with `keep_y` the f32 rows as well. Returns (sum, f32 rows, quantized).
+/// returned too; with `keep_y` the f32 rows as well; with `post` (and a residual) the
+/// residual RMS-normalized first with that weight and eps, in the same dispatch where the
+/// row fits the workgroup's registers, else by its own `rms_norm` first. Returns (sum, f32
+/// rows, quantized).
 #[allow(clippy::too_many_arguments)]
 fn norm_xq(
     pass: &mut Pass,
@@ -270,11 +244,41 @@ fn norm_xq(
     eps: f32,
     form: XqForm,
     keep_y: bool,
+    post: Option<(&MlxBuffer, f32)>,
 ) -> Result<(Option<MlxBuffer>, Option<MlxBuffer>, QuantizedX)> {
     let r = rows_and_weight(op, x, Some(w))?;
     if let Some(res) = residual {
         check::dtype(res, &[DType::F32], op, "residual")?;
         check::same_shape(x, res, op, "x", "residual")?;
+    }
+    if let Some((pw, _)) = post {
+        check::len(pw, r.n, op, "post-norm weight")?;
+        check::ensure(pw.dtype() == w.dtype(), op, || {
+            format!(
+                "the post-norm weight is {}, the norm weight {}",
+                pw.dtype(),
+                w.dtype()
+            )
+        })?;
+    }
+    let entry = if residual.is_some() {
+        "rms_norm_residual"
+    } else {
+        "rms_norm"
+    };
+    let mut spec = xq_spec(pass, entry, w.dtype(), &r, form)?;
+    let post = match (post, residual) {
+        // The post-norm in the kernel needs the row in registers (8 values an invocation).
+        (Some((pw, pe)), Some(res)) if r.n > 8 * spec.wg as usize => {
+            let rn = rms_norm(pass, res, pw, pe)?;
+            return norm_xq(pass, op, x, Some(&rn), w, eps, form, keep_y, None);
+        }
+        (Some(p), Some(_)) => Some(p),
+        _ => None,
+    };
+    spec = spec.with_const("XQ_Y", u32::from(keep_y))?;
+    if post.is_some() {
+        spec = spec.with_const("POST", 1)?;
     }
     let h = residual.map(|_| pass.alloc_like(x)).transpose()?;
     let y = keep_y.then(|| pass.alloc_like(x)).transpose()?;
@@ -283,24 +287,18 @@ fn norm_xq(
         rows: r.rows,
         n: r.n as u32,
         eps,
-        post_eps: 0.0,
+        post_eps: post.map_or(0.0, |(_, pe)| pe),
     };
-    let entry = if residual.is_some() {
-        "rms_norm_residual"
-    } else {
-        "rms_norm"
-    };
-    let spec = xq_spec(pass, entry, w.dtype(), &r, form)?;
-    let spec = spec.with_const("XQ_Y", u32::from(keep_y))?;
     let yq = q.buffer();
-    // Bindings 0 x, 1 w, 2 y (yq fills it when unused), 3 r, 4 h, 6 yq.
+    // Bindings 0 x, 1 w, 2 y (yq fills it when unused), 3 r, 4 h, 5 the post-norm's weight
+    // (x when there is none), 6 yq.
     let bufs = [
         x,
         w,
         y.as_ref().unwrap_or(yq),
         residual.unwrap_or(x),
         h.as_ref().unwrap_or(yq),
-        x,
+        post.map_or(x, |(pw, _)| pw),
         yq,
     ];
     pass.dispatch(Kernel::Norm, spec, &params, &bufs, r.rows)?;

@@ -287,7 +287,7 @@ fn qmv_configs() -> Vec<QmvConfig> {
 fn norm_out_config(n: usize, k: usize, subgroups: bool, max_wg: u32) -> QmvConfig {
     let base = qmv_config(n, k);
     if !norm_out_probe(18) {
-        if let Some(c) = probe_shape(base, Some(NORM_OUT_ROWS), subgroups) {
+        if let Some(c) = probe_shape(base, NORM_OUT_ROWS, subgroups) {
             return c;
         }
     }
@@ -299,17 +299,17 @@ fn out_max_wg(caps: &Caps) -> u32 {
     caps.max_invocations_per_workgroup.min(NORM_OUT_MAX_WG)
 }
 
-/// The shape [`set_norm_out_probe`] forces on `base` (workgroups of `rows` rows, or of 128
-/// invocations or TPR), if one is forced and it keeps the kernel's limits (at most 1024
+/// The shape [`set_norm_out_probe`] forces on `base` (workgroups of `rows` rows), if one is
+/// forced and it keeps the kernel's limits (at most 1024
 /// invocations, the partial sums inside `red` and `red_ss` as in [`rows_shape`]); a shape
 /// that does not is ignored rather than run with clamped indices.
-fn probe_shape(base: QmvConfig, rows: Option<u32>, subgroups: bool) -> Option<QmvConfig> {
+fn probe_shape(base: QmvConfig, rows: u32, subgroups: bool) -> Option<QmvConfig> {
     let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
     let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
     if !matches!(rpt, 1 | 2 | 4 | 8 | 16) || !tpr.is_power_of_two() || !(32..=256).contains(&tpr) {
         return None;
     }
-    let wg = rows.map_or(tpr.max(128), |r| r / rpt * tpr);
+    let wg = rows / rpt * tpr;
     let sets = wg / tpr;
     let slots = if subgroups { tpr / 4 } else { tpr };
     let ok = wg <= NORM_OUT_MAX_WG && sets * slots <= 256 && sets * rpt * slots <= 2048;
@@ -323,10 +323,9 @@ fn probe_shape(base: QmvConfig, rows: Option<u32>, subgroups: bool) -> Option<Qm
 
 /// Measurement only (timing; bit 16 gives wrong results): `rpt | tpr << 8` forces the
 /// [`NormOut`] matvecs' shape (workgroups of 32 rows), bit 16 skips writing their chunks,
-/// bit 17 gives that shape to every matvec with a residual (without chunks), bit 18 gives
-/// the forced shape to the GLU-writing matvecs instead (64 rows a workgroup), bit 19 to the
-/// matvecs of quantized x that write no chunks (workgroups of 128 invocations or TPR) of
-/// N >= 65536 (bit 20) or N < 65536 (bit 21).
+/// bit 18 gives the forced shape to the GLU-writing matvecs instead (64 rows a workgroup).
+/// (Session 8's switches that reshaped every matvec with a residual, or of quantized x, were
+/// removed once measured: docs/PERFORMANCE.md.)
 #[doc(hidden)]
 pub fn set_norm_out_probe(bits: u32) {
     NORM_OUT_PROBE.store(bits, std::sync::atomic::Ordering::Relaxed);
@@ -1203,17 +1202,11 @@ fn fused_run<'a>(
     if let Some(last) = yshape.last_mut() {
         *last = n;
     }
-    let sg = vec_subgroups(m, n, k, pass.caps());
-    let probe = fusion.residual.is_some() && norm_out_probe(17) && n.is_multiple_of(32);
     Ok(VecRun {
         op,
         m,
         yshape,
-        cfg: if probe {
-            norm_out_config(n, k, sg, out_max_wg(pass.caps()))
-        } else {
-            qmv_config(n, k)
-        },
+        cfg: qmv_config(n, k),
         subgroups: vec_subgroups(m, n, k, pass.caps()),
         xsrc: None,
         out: None,
@@ -1253,14 +1246,7 @@ pub fn qmv_xq(
     w: &QuantWeight,
     residual: Option<&MlxBuffer>,
 ) -> Result<MlxBuffer> {
-    let mut run = xq_run(pass, "qmv_xq", x, w, residual)?;
-    let n = w.shape()[0];
-    let class = (norm_out_probe(20) && n >= 65536) || (norm_out_probe(21) && n < 65536);
-    if norm_out_probe(19) && class {
-        if let Some(c) = probe_shape(run.cfg, None, run.subgroups) {
-            run.cfg = c;
-        }
-    }
+    let run = xq_run(pass, "qmv_xq", x, w, residual)?;
     Ok(run_vec(pass, &x.buf, w, &run, &QmvFusion::residual(residual))?.0)
 }
 
@@ -1293,13 +1279,7 @@ fn xq_run<'a>(
         format!("x has {m} rows, expected 1 to {MAX_VEC_M}")
     })?;
     check_residual(residual, m * n, op)?;
-    let sg = vec_subgroups(m, n, k, pass.caps());
-    let probe = residual.is_some() && norm_out_probe(17) && n.is_multiple_of(32);
-    let mut cfg = if probe {
-        norm_out_config(n, k, sg, out_max_wg(pass.caps()))
-    } else {
-        xsrc_config(n, k)
-    };
+    let mut cfg = xsrc_config(n, k);
     cfg.xq = x.form.xq;
     Ok(VecRun {
         op,
@@ -1391,7 +1371,7 @@ pub fn qmv_glu_out(
         ..glu_out_shape(run.cfg, run.subgroups, out_max_wg(pass.caps()))
     };
     if norm_out_probe(18) {
-        if let Some(c) = probe_shape(run.cfg, Some(2 * NORM_OUT_ROWS), run.subgroups) {
+        if let Some(c) = probe_shape(run.cfg, 2 * NORM_OUT_ROWS, run.subgroups) {
             run.cfg = c;
         }
     }
