@@ -115,7 +115,12 @@ pub fn read_bandwidth(gpu: &MlxDevice, total_mib: u64) -> Result<Bandwidth> {
 /// Median GPU nanoseconds per dispatch of `count` read-probe dispatches in one pass, each over
 /// its own buffer of `bytes` (rounded down to whole vec4s): the read-only floor of a pass of
 /// dependent kernels that each stream that many bytes.
-fn read_in_pass(gpu: &MlxDevice, timer: &Timer<'_>, bytes: u64, count: usize) -> Result<f64> {
+pub(crate) fn read_in_pass(
+    gpu: &MlxDevice,
+    timer: &Timer<'_>,
+    bytes: u64,
+    count: usize,
+) -> Result<f64> {
     let words = (bytes / 16 * 4) as usize;
     let mut bufs = Vec::with_capacity(count);
     let mut pass = gpu.begin();

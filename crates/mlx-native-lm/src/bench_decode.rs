@@ -1046,6 +1046,8 @@ pub struct DecodeOptions {
     pub prefill_reps: usize,
     /// Time each projection role over all layers (GPU timestamps).
     pub per_linear: bool,
+    /// Time the floor of the token's dispatch structure ([`ShapeReport::structure_floor`]).
+    pub structure_floor: bool,
     /// Bytes the bandwidth probe reads (MiB).
     pub probe_mib: u64,
     pub seed: u64,
@@ -1075,6 +1077,7 @@ impl Default for DecodeOptions {
             prefill_tokens: 512,
             prefill_reps: 2,
             per_linear: true,
+            structure_floor: true,
             probe_mib: 1024,
             seed: 0x5EED,
             verbose: true,
@@ -1174,6 +1177,10 @@ pub struct ShapeReport {
     pub linears: Vec<LinearRow>,
     /// Kernels by GPU time in one decode step at the first context, largest first.
     pub top_kernels: Vec<KernelShare>,
+    /// The floor of this token's dispatch structure at the first context: the GPU time of a
+    /// pass of as many dependent dispatches that only read, each weight-reading dispatch
+    /// over its bytes and every other one 4 KiB ([`structure_floor`]).
+    pub structure_floor: Option<StructureFloor>,
     /// Sum of per-dispatch GPU timestamps of one profiled prefill chunk.
     pub prefill_gpu_us: Option<f64>,
     /// Kernels by GPU time in that prefill chunk, largest first.
@@ -1200,6 +1207,7 @@ impl ShapeReport {
             checks: None,
             linears: Vec::new(),
             top_kernels: Vec::new(),
+            structure_floor: None,
             prefill_gpu_us: None,
             prefill_kernels: Vec::new(),
         }
@@ -1618,6 +1626,16 @@ pub fn bench_shape(
     drop(cache);
     report.roofline_fraction = report.contexts.first().map(|r| r.roofline_fraction);
     report.top_kernels = top_kernels(&first_profile);
+    if let (true, true, Some(n), Some(row)) = (
+        opts.structure_floor,
+        profile,
+        report.dispatches_per_token,
+        report.contexts.first(),
+    ) {
+        let kv = row.kv_bytes;
+        report.structure_floor = Some(structure_floor(&m, n, kv, row.roofline_tok_s)?);
+        say("structure floor timed");
+    }
 
     if opts.prefill_tokens > 0 {
         let n = opts.prefill_tokens.min(PREFILL_CHUNK);
@@ -1659,6 +1677,97 @@ pub fn bench_shape(
     }
     report.weights = Some(wb);
     Ok(report)
+}
+
+/// What a token's dispatch structure costs by itself.
+#[derive(Clone, Debug, Serialize)]
+pub struct StructureFloor {
+    /// Dispatches a token takes (the profiled step's count).
+    pub dispatches: usize,
+    /// Those that read weights or the KV cache, with their bytes, in the estimate.
+    pub reading_dispatches: usize,
+    /// GPU µs of the floor: each reading dispatch's bytes read by the probe as one of a chain
+    /// of dependent dispatches, every other dispatch a 4 KiB read, summed.
+    pub gpu_us: f64,
+    /// The decode rate at that GPU time over the roofline rate.
+    pub roofline_fraction: f64,
+}
+
+/// Bytes each weight- or cache-reading dispatch of one decode token reads, as decode
+/// dispatches them: q|k|v (or q, k, v), the attention (this layer's share of `kv_bytes`),
+/// o, gate|up (or gate, up) and down; for a MoE layer the router and the routed experts'
+/// gate, up and down; the LM head. Norms, RoPE, sampling and the like read next to nothing.
+fn reading_dispatch_bytes(m: &Transformer, kv_bytes: u64) -> Vec<u64> {
+    let mut out = Vec::new();
+    let kv_layer = kv_bytes / m.layers.len().max(1) as u64;
+    for l in &m.layers {
+        let a = &l.attn;
+        match &a.qkv {
+            Some((w, _)) => out.push(linear_bytes(w)),
+            None => out.extend([&a.q, &a.k, &a.v].map(linear_bytes)),
+        }
+        out.push(kv_layer);
+        out.push(linear_bytes(&a.o));
+        match &l.mlp {
+            Ffn::Dense(f) => {
+                match &f.gate_up {
+                    Some(w) => out.push(linear_bytes(w)),
+                    None => out.extend([&f.gate, &f.up].map(linear_bytes)),
+                }
+                out.push(linear_bytes(&f.down));
+            }
+            Ffn::Moe(f) => {
+                out.push(linear_bytes(&f.router));
+                let e = &f.experts;
+                let n = e.gate.shape()[0].max(1) as u64;
+                for w in [&e.gate, &e.up, &e.down] {
+                    out.push(expert_bytes(w) * f.top_k as u64 / n);
+                }
+            }
+        }
+    }
+    out.push(
+        m.head
+            .as_ref()
+            .map_or_else(|| linear_bytes(&m.embed), linear_bytes),
+    );
+    out
+}
+
+/// The floor of a token's dispatch structure (`dispatches` dependent dispatches, their reads
+/// from [`reading_dispatch_bytes`]): each distinct byte count timed by the read probe as a
+/// chain of dependent dispatches over buffers of that size (`bench::read_in_pass`), then
+/// summed over the token's dispatches. How fast decode would be if every kernel read its
+/// bytes as fast as a pure read does inside a pass: what is left above it is the kernels'.
+fn structure_floor(
+    m: &Transformer,
+    dispatches: usize,
+    kv_bytes: u64,
+    roofline_tok_s: f64,
+) -> Result<StructureFloor> {
+    const SMALL: u64 = 4096;
+    let reads = reading_dispatch_bytes(m, kv_bytes);
+    let small = dispatches.saturating_sub(reads.len());
+    let mut sizes: Vec<u64> = reads.iter().map(|&b| b.max(SMALL) / 16 * 16).collect();
+    sizes.extend(std::iter::repeat_n(SMALL, small));
+    let mut distinct = sizes.clone();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let timer = crate::bench::Timer::new(&m.gpu)?;
+    let mut us = 0.0;
+    for b in distinct {
+        let count = sizes.iter().filter(|&&s| s == b).count();
+        // Enough buffers to average over and to exceed L2; at most ~2 GiB of them.
+        let bufs = count.clamp(4, 32).min(((2u64 << 30) / b).max(4) as usize);
+        let per = crate::bench::read_in_pass(&m.gpu, &timer, b, bufs)? / 1e3;
+        us += per * count as f64;
+    }
+    Ok(StructureFloor {
+        dispatches,
+        reading_dispatches: reads.len(),
+        gpu_us: us,
+        roofline_fraction: (1e6 / us) / roofline_tok_s,
+    })
 }
 
 /// The git commit this binary was built from: `MLX_NATIVE_GIT_COMMIT` at build time, else
@@ -1784,6 +1893,15 @@ impl DecodeReport {
                     k.label, k.count, k.gpu_us
                 ));
             }
+            if let Some(f) = &r.structure_floor {
+                s.push_str(&format!(
+                    "  structure floor: {} dispatches ({} reading) as pure reads: {:.0} us a token ({:.1}% of the roofline)\n",
+                    f.dispatches,
+                    f.reading_dispatches,
+                    f.gpu_us,
+                    100.0 * f.roofline_fraction
+                ));
+            }
             if let Some(us) = r.prefill_gpu_us {
                 s.push_str(&format!(
                     "  prefill of {} tokens: {:.0} us of GPU time (profiled)\n",
@@ -1862,6 +1980,7 @@ mod tests {
             prefill_tokens: 16,
             prefill_reps: 1,
             per_linear: true,
+            structure_floor: true,
             probe_mib: 4,
             seed: 11,
             verbose: false,

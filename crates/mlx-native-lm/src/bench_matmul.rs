@@ -805,6 +805,140 @@ pub fn bench_ggml(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<MatmulRe
     Ok(b.report())
 }
 
+/// Median of `reps` (after one warm-up) GPU times of one pass holding what `record` adds,
+/// in µs.
+fn pass_median_us(
+    gpu: &MlxDevice,
+    reps: usize,
+    mut record: impl FnMut(&mut Pass) -> Result<Vec<MlxBuffer>>,
+) -> Result<f64> {
+    let mut per = Vec::new();
+    for rep in 0..=reps {
+        let mut pass = gpu.begin().with_pass_timing(true);
+        // Outputs live until the pass is done: none is handed to a later dispatch.
+        let outs = record(&mut pass)?;
+        let t = pass.commit_and_wait()?;
+        drop(outs);
+        if let (true, Some(t)) = (rep > 0, t.first()) {
+            per.push(t.nanos / 1e3);
+        }
+    }
+    per.sort_by(f64::total_cmp);
+    per.get(per.len() / 2)
+        .copied()
+        .ok_or_else(|| MlxError::invalid("bench: no samples"))
+}
+
+/// Matvecs that do not wait on each other: every dispatch reads the same x and writes its own
+/// y, so there is no barrier between them and the GPU overlaps one's tail with the next
+/// one's start. This is the kernel's streaming rate, the analogue of the read probe's 1 GiB
+/// figure (which is also free of launch gaps). Beside each shape, the read probe in the same
+/// arrangement over buffers of the same bytes (each dispatch its own sink). Copies rotate
+/// (8, or 2 of the lm_head), more than the L2 cache.
+fn independent_streams(
+    gpu: &MlxDevice,
+    variants: &[QmvConfig],
+    bw_gb_s: f64,
+    rng: &mut Rng,
+) -> Result<Vec<StreamRow>> {
+    let params = QuantParams::affine(4, 64);
+    let mut rows = Vec::new();
+    let max_binding = gpu.caps().max_storage_binding;
+    for &(n, k) in &LLAMA_SHAPES {
+        if (n * k / 2) as u64 > max_binding {
+            continue;
+        }
+        let copies = if n * k > 64 << 20 { 2 } else { 8 };
+        let steps = if copies == 2 { 8 } else { 32 };
+        let mut ws = Vec::new();
+        let mut bytes = 0;
+        for _ in 0..copies {
+            let (w, b) = quant_weight(gpu, rng, n, k, params)?;
+            ws.push(w);
+            bytes = b;
+        }
+        let x = MlxBuffer::from_slice(gpu, &rng.f32s(k), &[1, k])?;
+        let mut push = |what: String, us: f64| {
+            let per = us / steps as f64;
+            let gb_s = bytes as f64 / (per * 1e3);
+            rows.push(StreamRow {
+                what,
+                dispatches: steps,
+                bytes,
+                us_per_dispatch: per,
+                gb_s,
+                roofline_fraction: gb_s / bw_gb_s,
+            });
+        };
+        let mut cfgs: Vec<Option<QmvConfig>> = vec![None];
+        cfgs.extend(variants.iter().map(|&c| Some(c)));
+        for cfg in cfgs {
+            let us = pass_median_us(gpu, 5, |pass| {
+                (0..steps)
+                    .map(|i| match cfg {
+                        None => qmatmul::qmv(pass, &x, &ws[i % copies]),
+                        Some(c) => qmatmul::qmv_with(pass, &x, &ws[i % copies], c),
+                    })
+                    .collect()
+            })?;
+            push(
+                format!(
+                    "qmv 4-bit g64 {n}x{k} independent, {}",
+                    cfg.map_or("default".into(), |c| format!(
+                        "rpt{} tpr{} wg{} exp{} xq{}",
+                        c.rpt, c.tpr, c.wg, c.exp, c.xq
+                    ))
+                ),
+                us,
+            );
+        }
+        // x quantized once by a producer, as decode's matvecs read it (`qmv_xq`); variants
+        // through the override, which that path follows.
+        let form = qmatmul::XqForm::of(&ws[0])
+            .ok_or_else(|| MlxError::invalid("bench: no quantized-x form for 4-bit g64"))?;
+        let mut pass = gpu.begin();
+        let xq = qmatmul::quantize_x(&mut pass, &x, form)?;
+        pass.commit_and_wait()?;
+        let mut cfgs: Vec<Option<QmvConfig>> = vec![None];
+        cfgs.extend(variants.iter().map(|&c| Some(c)));
+        for cfg in cfgs {
+            qmatmul::set_qmv_override(cfg)?;
+            let us = pass_median_us(gpu, 5, |pass| {
+                (0..steps)
+                    .map(|i| qmatmul::qmv_xq(pass, &xq, &ws[i % copies], None))
+                    .collect()
+            });
+            qmatmul::set_qmv_override(None)?;
+            push(
+                format!(
+                    "qmv_xq 4-bit g64 {n}x{k} independent, {}",
+                    cfg.map_or("default".into(), |c| format!(
+                        "rpt{} tpr{} wg{} exp{}",
+                        c.rpt, c.tpr, c.wg, c.exp
+                    ))
+                ),
+                us?,
+            );
+        }
+        drop(ws);
+        let probes = (0..copies)
+            .map(|_| SizedProbe::new(gpu, bytes))
+            .collect::<Result<Vec<_>>>()?;
+        let us = pass_median_us(gpu, 5, |pass| {
+            (0..steps)
+                .map(|i| {
+                    let p = &probes[i % copies];
+                    let sink = MlxBuffer::new(gpu, DType::U32, &[p.wgs as usize])?;
+                    mlx_native::ops::bandwidth::read_probe(pass, &p.src, &sink, p.wgs)?;
+                    Ok(sink)
+                })
+                .collect()
+        })?;
+        push(format!("read probe, {bytes} bytes, independent"), us);
+    }
+    Ok(rows)
+}
+
 /// One stream measurement: a chain of dependent dispatches timed as one compute pass.
 #[derive(Clone, Debug, Serialize)]
 pub struct StreamRow {
@@ -887,6 +1021,7 @@ pub fn bench_qmv_stream(gpu: &MlxDevice, variants: &[QmvConfig]) -> Result<Vec<S
             });
         }
     }
+    rows.extend(independent_streams(gpu, variants, bw.gb_s, &mut rng)?);
     // The floor: the same chain of scales alone (one 4096-row each).
     let x0 = MlxBuffer::from_slice(gpu, &vec![1.0f32; 4096], &[1, 4096])?;
     let mut per = Vec::new();

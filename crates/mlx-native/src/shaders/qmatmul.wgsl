@@ -44,8 +44,9 @@ override QMV: u32 = 4104u;
 override RPT: u32 = QMV & 31u;
 override TPR: u32 = (QMV >> 5u) & 2047u;
 // Measurement switches (0 in production; `QmvConfig::exp`): bit 0 skip code decoding (the
-// weight words' bits as floats), bit 1 no x loads, bit 2 no scale/bias loads, bit 3 4-bit
-// codes decoded as 1 + q/16 straight from their bits (see chunk_sum).
+// weight words' bits as floats; with XQ no dot products), bit 1 no x loads, bit 2 no
+// scale/bias loads (with XQ too), bit 3 4-bit codes decoded as 1 + q/16 straight from
+// their bits (see chunk_sum).
 override QX: u32 = (QMV >> 16u) & 15u;
 // Fusions (`QmvFusion`), each saving a dispatch and its barrier on the decode path:
 //   bit 0 NORM      x -> x * rsqrt(mean(x^2) + eps) * w (binding 7): every row-set sees
@@ -236,7 +237,16 @@ fn load_xchunk(o: u32) -> XChunk {
 // One row's contribution of chunk c (group column gc) against the x chunk (xq when XQ).
 fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>, xq: XChunk) -> f32 {
     if XQ != 0u {
-        return chunk_sum_xq(chunk_words(row, c), xq, row * p.gpr + gc);
+        let w = chunk_words(row, c);
+        if (QX & 1u) != 0u {
+            // Measurement: no dot products (the words still feed the result).
+            return bitcast<f32>((w[0] ^ w[1] ^ w[2] ^ w[3]) & 0x3F7FFFFFu) * xq.d;
+        }
+        if (QX & 4u) != 0u {
+            // Measurement: no scale or bias loads.
+            return xq.d * f32(chunk_dot_xq(w, xq)) + xq.s;
+        }
+        return chunk_sum_xq(w, xq, row * p.gpr + gc);
     }
     return chunk_sum(chunk_words(row, c), x, row * p.gpr + gc);
 }

@@ -43,14 +43,20 @@ fn dot_unsigned(c: array<u32, 8>, l: array<u32, 8>) -> u32 {
           + (dot4U8Packed(c[6], l[6]) + dot4U8Packed(c[7], l[7])));
 }
 
-// chunk_sum against a quantized x chunk: scale·d·Σ t·q + bias·Σx.
-fn chunk_sum_xq(w: array<u32, 8>, xq: XChunk, g: u32) -> f32 {
+// Σ t·q of a chunk's codes against a quantized x chunk (t the chunk's integer levels).
+fn chunk_dot_xq(w: array<u32, 8>, xq: XChunk) -> i32 {
     let cb = code_bytes(w);
     var t = dot_signed(cb, xq);
     if XQ == 2u {
         // |256·Σh·q| < 2^31 for 8-bit codes (256·32·127·255), Σl·q < 2^21.
         t = 256 * t + i32(dot_unsigned(cb, xq.l));
     }
+    return t;
+}
+
+// chunk_sum against a quantized x chunk: scale·d·Σ t·q + bias·Σx.
+fn chunk_sum_xq(w: array<u32, 8>, xq: XChunk, g: u32) -> f32 {
+    let t = chunk_dot_xq(w, xq);
 #if DT_U8
     // Never dispatched: mxfp4 codes are not integers (QmvConfig::xq is 0 for them).
     return 0.0;
