@@ -161,7 +161,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|(l, f, _)| (l.clone(), (*f, (0, 0), 0, None)))
             .collect();
     }
-    let probes: Vec<u32> = probed.iter().map(|&(_, _, b)| b).collect();
+    let mut probes: Vec<u32> = probed.iter().map(|&(_, _, b)| b).collect();
+    // AB_XSRC=1: the matvecs of quantized x in other shapes (`set_xsrc_probe`: q|k|v and the
+    // like, then the LM head) and the norm-writing o and down (`set_norm_out_probe`).
+    // (label, other matvecs' shape, the head's, norm_out's) as rpt | tpr << 8 | wg << 16.
+    let shape = |rpt: u32, tpr: u32, wg: u32| rpt | tpr << 8 | wg << 16;
+    let xsrc: Vec<(String, u32, u32, u32)> = if std::env::var("AB_XSRC").is_ok() {
+        vec![
+            ("default".into(), 0, 0, 0),
+            ("head 16x32 (before)".into(), 0, shape(16, 32, 128), 0),
+            ("head 4x32".into(), 0, shape(4, 32, 128), 0),
+            ("head 8x64".into(), 0, shape(8, 64, 128), 0),
+            ("qkv 4x128".into(), shape(4, 128, 128), 0, 0),
+            ("qkv 4x64".into(), shape(4, 64, 128), 0, 0),
+            ("norm_out 4x128 (before)".into(), 0, 0, 4 | 128 << 8),
+            ("norm_out 1x32".into(), 0, 0, 1 | 32 << 8),
+            ("norm_out 2x32".into(), 0, 0, 2 | 32 << 8),
+            ("default again".into(), 0, 0, 0),
+        ]
+    } else {
+        Vec::new()
+    };
+    if !xsrc.is_empty() {
+        variants = (xsrc.iter())
+            .map(|(l, ..)| (l.clone(), (default, (0, 0), 0, None)))
+            .collect();
+        probes = xsrc.iter().map(|&(.., n)| n).collect();
+    }
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
     let ids: Vec<u32> = (0..ctx as u32)
@@ -190,6 +216,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             if let Some(&p) = probes.get(vi) {
                 ops::qmatmul::set_norm_out_probe(p);
+            }
+            if let Some(&(_, other, head, _)) = xsrc.get(vi) {
+                ops::qmatmul::set_xsrc_probe(false, other);
+                ops::qmatmul::set_xsrc_probe(true, head);
             }
             for _ in 0..steps_per_round {
                 let mut pass = gpu.begin().with_pass_timing(true);

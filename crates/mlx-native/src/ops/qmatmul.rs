@@ -332,6 +332,19 @@ pub fn set_norm_out_probe(bits: u32) {
 }
 static NORM_OUT_PROBE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
+/// Measurement only: `rpt | tpr << 8 | wg << 16` forces the shape of the matvecs of
+/// quantized x ([`qmv_xq`] and the pending-norm paths) other than LM heads (`head` false) or
+/// of the LM heads (N >= 65536); 0 gives the rule back. A shape the kernel cannot take is
+/// ignored.
+#[doc(hidden)]
+pub fn set_xsrc_probe(head: bool, bits: u32) {
+    XSRC_PROBE[usize::from(head)].store(bits, std::sync::atomic::Ordering::Relaxed);
+}
+static XSRC_PROBE: [std::sync::atomic::AtomicU32; 2] = [
+    std::sync::atomic::AtomicU32::new(0),
+    std::sync::atomic::AtomicU32::new(0),
+];
+
 fn norm_out_probe(bit: u32) -> bool {
     NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed) >> bit & 1 != 0
 }
@@ -381,7 +394,10 @@ fn rows_shape(base: QmvConfig, rpt: u32, rows: u32, subgroups: bool, max_wg: u32
 /// invocations in workgroups of 32 rows (4 row-sets, 512 invocations) made the step 3246 ->
 /// 3563 without chunks; 4 rows (8 row-sets of 128, 1024 invocations, twice the warps) gave
 /// 3137 with them (docs/PERFORMANCE.md, session 8).
-const NORM_OUT_MAX_RPT: u32 = 4;
+/// Session 9 (same tool, `AB_XSRC=1`): 2 rows x 64 (16 row-sets, 1024 invocations) against
+/// 4 x 128, -48 to -86 on Llama-3.1-8B MLX 4-bit, -54 on its Q4_0, Gemma-3-4B and
+/// Qwen3-30B-A3B within their noise; 1 x 32 and 2 x 32 were slower (+170, +400).
+const NORM_OUT_MAX_RPT: u32 = 2;
 
 /// Rows of a [`NormOut`] matvec's workgroup, and its largest workgroup.
 const NORM_OUT_ROWS: u32 = 32;
@@ -422,24 +438,58 @@ fn glu_out_shape(base: QmvConfig, subgroups: bool, max_wg: u32) -> QmvConfig {
 }
 
 /// The qmv shape of a matvec of quantized x ([`qmv_xq`]): with no x quantization to share
-/// among a row-set's rows, more and shorter row-sets (4 rows, up to 128 invocations) than
-/// the f32-x default, except for LM heads (N >= 65536) whose default already has thousands
-/// of warps. Measured on an H200 (`decode_ab`, µs a token): Llama-3.1-8B's q|k|v (6144 x
-/// 4096) from (16, 128) to (4, 128): 2798 -> 2718; Gemma-3-4B's (4096 x 2560) from (8, 64):
-/// 2868 -> 2891 (within its noise); either head in these shapes was slower or no faster
-/// (docs/PERFORMANCE.md, session 8).
+/// among a row-set's rows, 4 rows a row-set, and the fewest invocations a row-set (32, 64,
+/// 128) that still give QMV_MIN_WARPS warps; LM heads (N >= 65536, thousands of warps at
+/// any shape) 8 rows and 32 invocations. Measured on an H200 (`decode_ab` `AB_XSRC=1`, µs a
+/// token, each against the rule with that one part as before): Llama-3.1-8B's q|k|v (6144 x
+/// 4096) at (4, 32) instead of (4, 128) -70; its head at (8, 32) instead of the f32-x
+/// default's (16, 32) -36, Gemma-3-4B's -34; Gemma-3-4B's q|k|v (4096 x 2560) and
+/// Qwen3-30B-A3B's keep (4, 64): (4, 32) there made the step slower (+140, +105). Alone,
+/// matvecs that do not wait on each other (`bench_matmul stream`), (8, 32) streams the
+/// 128256 x 4096 head at up to 100 % of the read probe's bandwidth, (16, 32) at 78 %
+/// (docs/PERFORMANCE.md, session 9).
+/// Rows per row-set of a matvec of quantized x, and of an LM head's (N >= 65536).
+const XSRC_RPT: u32 = 4;
+const XSRC_HEAD_RPT: u32 = 8;
+
 fn xsrc_config(n: usize, k: usize) -> QmvConfig {
     let base = qmv_config(n, k);
-    if n >= 65536 || QMV_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) != 0 {
+    let head = n >= 65536;
+    let probe = XSRC_PROBE[usize::from(head)].load(std::sync::atomic::Ordering::Relaxed);
+    if probe != 0 {
+        let forced = QmvConfig {
+            rpt: probe & 0xff,
+            tpr: (probe >> 8) & 0xff,
+            wg: probe >> 16,
+            ..base
+        };
+        if let Ok(c) = forced.validate() {
+            return c;
+        }
+    }
+    if QMV_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) != 0 {
         return base;
     }
+    if head {
+        return QmvConfig {
+            rpt: XSRC_HEAD_RPT,
+            tpr: 32,
+            wg: 128,
+            ..base
+        };
+    }
     let chunks = (k / 32) as u32;
-    let tpr = [128, 64, 32]
+    let warps = |tpr: u32| n / XSRC_RPT as usize * (tpr as usize / 32);
+    let fit = [32, 64, 128]
         .into_iter()
-        .find(|&t| t <= chunks)
+        .filter(|&t| t == 32 || t <= chunks);
+    let tpr = fit
+        .clone()
+        .find(|&t| warps(t) >= QMV_MIN_WARPS)
+        .or_else(|| fit.max())
         .unwrap_or(32);
     QmvConfig {
-        rpt: 4,
+        rpt: XSRC_RPT,
         tpr,
         wg: 128,
         ..base
