@@ -41,6 +41,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "default, split-K, split x2".into(),
             (default, (1, 0), 0, Some(0)),
         ),
+        ("default, attention x2".into(), (default, (1, 0), 0, None)),
     ];
     // AB_XQ=1: instead, the default against its matvecs quantizing x themselves (the
     // before of `Folding::quantized_x`), each also without the norm folds.
@@ -148,7 +149,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (String::from("GLU dispatched"), off, 0u32),
                 ("glu_out".into(), default, 0),
             ];
-            for (rpt, tpr) in [(16u32, 32u32), (8, 64), (8, 32), (4, 64), (16, 128)] {
+            for (rpt, tpr) in [(16u32, 32u32), (4, 32), (2, 32), (2, 64), (4, 64)] {
                 let label = format!("glu_out rpt {rpt} tpr {tpr}");
                 p.push((label, default, 1 << 18 | rpt | tpr << 8));
             }
