@@ -189,6 +189,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .collect();
         probes = xsrc.iter().map(|&(.., n)| n).collect();
     }
+    // AB_SKIP=1: the default against it without each kind of dispatch (by kernel label,
+    // `mlx_native::set_skip_dispatches`; timing only): what each costs inside the pass.
+    let mut skips: Vec<Option<String>> = Vec::new();
+    if std::env::var("AB_SKIP").is_ok() {
+        let mut cache = m.new_cache(ctx + 8)?;
+        let mut pass = gpu.begin();
+        m.forward(&mut pass, &[5], 0, &mut cache)?;
+        let mut labels: Vec<(String, usize)> = Vec::new();
+        for l in pass.labels() {
+            match labels.iter_mut().find(|(s, _)| **s == *l) {
+                Some(e) => e.1 += 1,
+                None => labels.push((l.to_string(), 1)),
+            }
+        }
+        drop(pass);
+        labels.retain(|(_, n)| *n > 1);
+        skips.push(None);
+        variants = vec![("default".into(), (default, (0, 0), 0, None))];
+        for (l, n) in labels {
+            variants.push((format!("without {l} (x{n})"), (default, (0, 0), 0, None)));
+            skips.push(Some(l));
+        }
+    }
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
     let ids: Vec<u32> = (0..ctx as u32)
@@ -217,6 +240,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
             if let Some(&p) = probes.get(vi) {
                 ops::qmatmul::set_norm_out_probe(p);
+            }
+            if let Some(skip) = skips.get(vi) {
+                mlx_native::set_skip_dispatches(skip.as_deref());
             }
             if let Some(&(_, other, head, _)) = xsrc.get(vi) {
                 ops::qmatmul::set_xsrc_probe(false, other);

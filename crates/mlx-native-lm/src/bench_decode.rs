@@ -1691,6 +1691,8 @@ pub struct StructureFloor {
     pub gpu_us: f64,
     /// The decode rate at that GPU time over the roofline rate.
     pub roofline_fraction: f64,
+    /// Its parts: (bytes a dispatch reads, dispatches of that size, probe µs a dispatch).
+    pub parts: Vec<(u64, usize, f64)>,
 }
 
 /// Bytes each weight- or cache-reading dispatch of one decode token reads, as decode
@@ -1755,18 +1757,21 @@ fn structure_floor(
     distinct.dedup();
     let timer = crate::bench::Timer::new(&m.gpu)?;
     let mut us = 0.0;
+    let mut parts = Vec::new();
     for b in distinct {
         let count = sizes.iter().filter(|&&s| s == b).count();
         // Enough buffers to average over and to exceed L2; at most ~2 GiB of them.
         let bufs = count.clamp(4, 32).min(((2u64 << 30) / b).max(4) as usize);
         let per = crate::bench::read_in_pass(&m.gpu, &timer, b, bufs)? / 1e3;
         us += per * count as f64;
+        parts.push((b, count, per));
     }
     Ok(StructureFloor {
         dispatches,
         reading_dispatches: reads.len(),
         gpu_us: us,
         roofline_fraction: (1e6 / us) / roofline_tok_s,
+        parts,
     })
 }
 

@@ -55,6 +55,32 @@ pub struct KernelTiming {
     pub nanos: f64,
 }
 
+/// Measurement only: dispatches whose kernel label contains this text are not recorded
+/// (`set_skip_dispatches`). A decode pass without them is the bound of what they cost in it.
+static SKIP: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+static SKIP_ON: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Measurement only (timing; results are wrong on purpose): from now on, dispatches whose
+/// kernel label (`Spec::label`) contains `pattern` are dropped instead of recorded; `None`
+/// records everything again. What a pass loses without them is what they cost inside it
+/// (the kernels after them no longer wait for them either).
+#[doc(hidden)]
+pub fn set_skip_dispatches(pattern: Option<&str>) {
+    if let Ok(mut s) = SKIP.write() {
+        *s = pattern.map(str::to_string);
+        SKIP_ON.store(s.is_some(), std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+fn skipped(label: &str) -> bool {
+    SKIP_ON.load(std::sync::atomic::Ordering::Relaxed)
+        && SKIP
+            .read()
+            .ok()
+            .and_then(|s| s.as_deref().map(|p| label.contains(p)))
+            .unwrap_or(false)
+}
+
 struct Step {
     pipeline: wgpu::ComputePipeline,
     buffers: wgpu::BindGroup,
@@ -209,6 +235,9 @@ impl Pass {
         workgroups: u32,
     ) -> Result<()> {
         let pipe = self.gpu.pipeline(kernel, spec)?;
+        if skipped(&pipe.label) {
+            return Ok(());
+        }
         if buffers.len() != pipe.slots || buffers.len() > MAX_BUFFERS {
             return Err(MlxError::invalid(format!(
                 "{}: {} buffers given, the kernel takes {}",

@@ -32,7 +32,7 @@ pub mod weights;
 pub use buffer::MlxBuffer;
 pub use device::{Caps, DeviceOptions, MlxDevice};
 pub use dtype::{DType, Element};
-pub use encoder::{KernelTiming, Pass, Readback};
+pub use encoder::{set_skip_dispatches, KernelTiming, Pass, Readback};
 pub use error::{MlxError, Result};
 pub use kernels::{Kernel, KernelRegistry, Spec};
 pub use kv_cache::{KvCache, KvCacheConfig};
