@@ -1809,3 +1809,41 @@ fn fused_timing_probe() {
         );
     }
 }
+
+/// The shapes the quantized-x rule picks (`xsrc_config`) on matrices shaped to reach each:
+/// an LM head (N >= 65536: 8 rows x 32), a tall matrix with warps enough at 32 invocations a
+/// row-set (4 x 32), a shorter one that needs 64 (4 x 64), and one that reaches them at no
+/// width (the widest its K allows: 4 x 128). Each against the f64 product,
+/// 1 and 3 rows of x, poisoned allocations, both reduction paths.
+#[test]
+fn qmv_xq_in_the_rule_shapes_matches_f64() {
+    let mut rng = Rng::new(71);
+    for g in &poisoned_devices() {
+        for (n, k, want) in [
+            (65_600, 64, (8, 32)),
+            (6144, 128, (4, 32)),
+            (3072, 2048, (4, 64)),
+            (512, 4096, (4, 128)),
+        ] {
+            let c = xsrc_config(n, k);
+            assert_eq!((c.rpt, c.tpr, c.wg), (want.0, want.1, 128), "{n}x{k}");
+            let params = QuantParams::affine(4, 64);
+            let q = quant(&mut rng, n, k, params, DType::BF16);
+            let w = QuantWeight::upload(g, &q).unwrap();
+            let form = XqForm::of(&w).unwrap();
+            let wref = reference(&q);
+            let sq = code_part(&q, &wref);
+            for m in [1, 3] {
+                let x = rng.normals(m * k, 1.5);
+                let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+                let mut pass = g.begin();
+                let xq = quantize_x(&mut pass, &gx, form).unwrap();
+                let y = qmv_xq(&mut pass, &xq, &w, None).unwrap();
+                pass.commit_and_wait().unwrap();
+                let got: Vec<f32> = y.to_vec(g).unwrap();
+                let what = format!("{m}x{n}x{k} sg={}", g.caps().subgroups);
+                check_qmv(&got, &x, &wref, &sq, [m, n, k], form.xq, &what);
+            }
+        }
+    }
+}
