@@ -1,5 +1,6 @@
 //! Decode-matvec sweep for the GPU machine:
-//! `bench_matmul [qmatmul|ggml|all|stream]` (stream: dependent qmv chains timed as one pass), variants from `QMV_VARIANTS="rpt,tpr,wg[,exp | xq << 4];..."` and
+//! `bench_matmul [qmatmul|ggml|all|stream]` (stream: dependent qmv chains timed as one pass, then
+//! matvecs that do not wait on each other, f32 and pre-quantized x, beside the read probe), variants from `QMV_VARIANTS="rpt,tpr,wg[,exp | xq << 4];..."` and
 //! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Quick runs:
 //! `BENCH_MAX_ELEMS`, `BENCH_REPS`, `BENCH_ROTATE_MIB`, `BENCH_MM_M` (prefill rows of x, 512),
 //! `BENCH_QMM=0` / `BENCH_MOE=0` (skip the prefill matmuls / the routed expert matvec),

@@ -8,7 +8,11 @@
 //! default with the decode attention forced to split-K (the before of the one-split path),
 //! and that with its split kernel dispatched twice (what the kernel costs inside the pass).
 //! With `AB_XQ=1`: the default against its matvecs quantizing x themselves (the before of
-//! `Folding::quantized_x`), each also without the norm folds.
+//! `Folding::quantized_x`), each also without the norm folds. Other lists (comments below):
+//! `AB_BOUND`, `AB_NORM_OUT`, `AB_OXQ`, `AB_XSRC` (matvec shapes), `AB_SKIP` (each kind of
+//! dispatch dropped). Each step advances the position: after ~100 steps the context passes
+//! the one-split attention's reach (224 keys) and the attention runs split-K (one more
+//! dispatch a layer than `bench decode` counts at context 128).
 
 use mlx_native::ops;
 use mlx_native::MlxDevice;
@@ -167,7 +171,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // like, then the LM head) and the norm-writing o and down (`set_norm_out_probe`).
     // (label, other matvecs' shape, the head's, norm_out's) as rpt | tpr << 8 | wg << 16.
     let shape = |rpt: u32, tpr: u32, wg: u32| rpt | tpr << 8 | wg << 16;
-    let xsrc: Vec<(String, u32, u32, u32)> = if std::env::var("AB_XSRC").is_ok() {
+    let mut xsrc: Vec<(String, u32, u32, u32)> = if std::env::var("AB_XSRC").is_ok() {
         vec![
             ("default".into(), 0, 0, 0),
             ("head 16x32 (before)".into(), 0, shape(16, 32, 128), 0),
@@ -193,6 +197,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // `mlx_native::set_skip_dispatches`; timing only): what each costs inside the pass.
     let mut skips: Vec<Option<String>> = Vec::new();
     if std::env::var("AB_SKIP").is_ok() {
+        // Its own list: no other list's probes apply to its variants.
+        probes.clear();
+        xsrc.clear();
         let mut cache = m.new_cache(ctx + 8)?;
         let mut pass = gpu.begin();
         m.forward(&mut pass, &[5], 0, &mut cache)?;

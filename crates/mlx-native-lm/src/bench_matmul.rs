@@ -845,7 +845,8 @@ fn independent_streams(
     let mut rows = Vec::new();
     let max_binding = gpu.caps().max_storage_binding;
     for &(n, k) in &LLAMA_SHAPES {
-        if (n * k / 2) as u64 > max_binding {
+        // Packed words, bf16 scales and biases: what the read probe binds as one buffer.
+        if (n * k / 2 + n * k / 64 * 4) as u64 > max_binding {
             continue;
         }
         let copies = if n * k > 64 << 20 { 2 } else { 8 };

@@ -416,9 +416,12 @@ fn out_configs(shape: OutShape) -> Vec<(QmvConfig, bool)> {
     let mut v = Vec::new();
     for base in qmv_configs().into_iter().filter(|c| c.xq != 0) {
         for sg in [false, true] {
-            let c = (shape(base, sg, NORM_OUT_MAX_WG), sg);
-            if !v.contains(&c) {
-                v.push(c);
+            // The kernel's limit and smaller devices' (`out_max_wg`): each gives its shapes.
+            for max_wg in [NORM_OUT_MAX_WG, 512, 256] {
+                let c = (shape(base, sg, max_wg), sg);
+                if !v.contains(&c) {
+                    v.push(c);
+                }
             }
         }
     }
@@ -437,21 +440,21 @@ fn glu_out_shape(base: QmvConfig, subgroups: bool, max_wg: u32) -> QmvConfig {
     rows_shape(base, GLU_OUT_RPT, 2 * NORM_OUT_ROWS, subgroups, max_wg)
 }
 
-/// The qmv shape of a matvec of quantized x ([`qmv_xq`]): with no x quantization to share
-/// among a row-set's rows, 4 rows a row-set, and the fewest invocations a row-set (32, 64,
-/// 128) that still give QMV_MIN_WARPS warps; LM heads (N >= 65536, thousands of warps at
-/// any shape) 8 rows and 32 invocations. Measured on an H200 (`decode_ab` `AB_XSRC=1`, µs a
-/// token, each against the rule with that one part as before): Llama-3.1-8B's q|k|v (6144 x
-/// 4096) at (4, 32) instead of (4, 128) -70; its head at (8, 32) instead of the f32-x
-/// default's (16, 32) -36, Gemma-3-4B's -34; Gemma-3-4B's q|k|v (4096 x 2560) and
-/// Qwen3-30B-A3B's keep (4, 64): (4, 32) there made the step slower (+140, +105). Alone,
-/// matvecs that do not wait on each other (`bench_matmul stream`), (8, 32) streams the
-/// 128256 x 4096 head at up to 100 % of the read probe's bandwidth, (16, 32) at 78 %
-/// (docs/PERFORMANCE.md, session 9).
 /// Rows per row-set of a matvec of quantized x, and of an LM head's (N >= 65536).
 const XSRC_RPT: u32 = 4;
 const XSRC_HEAD_RPT: u32 = 8;
 
+/// The qmv shape of a matvec of quantized x ([`qmv_xq`]): with no x quantization to share
+/// among a row-set's rows, 4 rows a row-set, and the fewest invocations a row-set (32, 64,
+/// 128; more than 32 only where K has that many chunks) that still give QMV_MIN_WARPS warps,
+/// else the widest of those; LM heads (N >= 65536, thousands of warps at any shape) 8 rows
+/// and 32 invocations. Measured on an H200 (`decode_ab` `AB_XSRC=1`, µs a token, each
+/// against the rule with that one part as before): Llama-3.1-8B's q|k|v (6144 x 4096) at
+/// (4, 32) instead of (4, 128) -70; its head at (8, 32) instead of the f32-x default's
+/// (16, 32) -36, Gemma-3-4B's -34; Gemma-3-4B's q|k|v (4096 x 2560) and Qwen3-30B-A3B's
+/// keep (4, 64): (4, 32) there made the step slower (+140, +105). Alone, matvecs that do not
+/// wait on each other (`bench_matmul stream`), (8, 32) streams the 128256 x 4096 head at up
+/// to 100 % of the read probe's bandwidth, (16, 32) at 78 % (docs/PERFORMANCE.md, session 9).
 fn xsrc_config(n: usize, k: usize) -> QmvConfig {
     let base = qmv_config(n, k);
     let head = n >= 65536;

@@ -240,7 +240,8 @@ fn row_chunk(row: u32, c: u32, gc: u32, x: array<vec4<f32>, 8>, xq: XChunk) -> f
         let w = chunk_words(row, c);
         if (QX & 1u) != 0u {
             // Measurement: no dot products (the words still feed the result).
-            return bitcast<f32>((w[0] ^ w[1] ^ w[2] ^ w[3]) & 0x3F7FFFFFu) * xq.d;
+            let f = (w[0] ^ w[1] ^ w[2] ^ w[3]) ^ (w[4] ^ w[5] ^ w[6] ^ w[7]);
+            return bitcast<f32>(f & 0x3F7FFFFFu) * xq.d;
         }
         if (QX & 4u) != 0u {
             // Measurement: no scale or bias loads.
