@@ -10,7 +10,7 @@
 //! With `AB_XQ=1`: the default against its matvecs quantizing x themselves (the before of
 //! `Folding::quantized_x`), each also without the norm folds. Other lists (comments below):
 //! `AB_BOUND`, `AB_NORM_OUT`, `AB_OXQ`, `AB_XSRC` (matvec shapes), `AB_SKIP` (each kind of
-//! dispatch dropped). Each step advances the position: after ~100 steps the context passes
+//! dispatch dropped), `AB_MOE` (the experts' gate and up in one dispatch or two). Each step advances the position: after ~100 steps the context passes
 //! the one-split attention's reach (224 keys) and the attention runs split-K (one more
 //! dispatch a layer than `bench decode` counts at context 128).
 
@@ -219,6 +219,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             skips.push(Some(l));
         }
     }
+    // AB_MOE=1: MoE experts' gate and up routed in one dispatch (the stacked weight, the
+    // default) against two (`MoeExperts::gate_up` taken out: gate and up stay its views).
+    let mut gu_off: Vec<bool> = Vec::new();
+    if std::env::var("AB_MOE").is_ok() {
+        probes.clear();
+        xsrc.clear();
+        skips.clear();
+        variants = vec![
+            (
+                "gate, up in two dispatches".into(),
+                (default, (0, 0), 0, None),
+            ),
+            (
+                "stacked gate|up (default)".into(),
+                (default, (0, 0), 0, None),
+            ),
+        ];
+        gu_off = vec![true, false];
+    }
+    let mut stacked: Vec<Option<mlx_native::weights::quant_weight::QuantWeight>> =
+        m.layers.iter().map(|_| None).collect();
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;
     let ids: Vec<u32> = (0..ctx as u32)
@@ -236,8 +257,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for round in 0..rounds {
         for (vi, (_, (fold, (split, reduce), gt, single))) in variants.iter().enumerate() {
             let (fold, split, reduce, gt, single) = (*fold, *split, *reduce, *gt, *single);
-            for l in &mut m.layers {
+            for (l, saved) in m.layers.iter_mut().zip(&mut stacked) {
                 l.fold = fold;
+                if let mlx_native_lm::layers::mlp::Ffn::Moe(f) = &mut l.mlp {
+                    match gu_off.get(vi) {
+                        Some(true) => {
+                            if let Some(w) = f.experts.gate_up.take() {
+                                *saved = Some(w);
+                            }
+                        }
+                        _ => {
+                            if let Some(w) = saved.take() {
+                                f.experts.gate_up = Some(w);
+                            }
+                        }
+                    }
+                }
             }
             ops::sdpa::set_decode_repeat(split, reduce);
             ops::sdpa::set_decode_gt((gt > 0).then_some(gt));

@@ -820,7 +820,9 @@ pub fn build(gpu: &MlxDevice, spec: &ShapeSpec, seed: u64) -> Result<Transformer
                         gate: exp(Role::Gate, moe.ffn, h)?,
                         up: exp(Role::Up, moe.ffn, h)?,
                         down: exp(Role::Down, h, moe.ffn)?,
-                    },
+                        gate_up: None,
+                    }
+                    .stack_gate_up(gpu)?,
                     top_k: moe.top_k,
                     norm_topk_prob: moe.norm_topk_prob,
                     act: cfg.act,

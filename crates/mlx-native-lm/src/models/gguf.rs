@@ -172,6 +172,7 @@ pub fn load(gpu: &MlxDevice, f: &GgufFile, quiet: bool) -> Result<Transformer> {
                         gate: experts(&p("ffn_gate_exps.weight"), moe.ffn, h)?,
                         up: experts(&p("ffn_up_exps.weight"), moe.ffn, h)?,
                         down: experts(&p("ffn_down_exps.weight"), h, moe.ffn)?,
+                        gate_up: None,
                     },
                     top_k: moe.top_k,
                     norm_topk_prob: moe.norm_topk_prob,

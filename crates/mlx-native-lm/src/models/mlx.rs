@@ -315,11 +315,14 @@ pub fn load(gpu: &MlxDevice, folder: &MlxFolder, quiet: bool) -> Result<Transfor
                 };
                 Ffn::Moe(MoeMlp {
                     router: linear(&p("mlp.gate"), moe.experts, h)?,
+                    // Gate and up stacked: decode routes both in one dispatch.
                     experts: MoeExperts {
                         gate: experts("mlp.switch_mlp.gate_proj", moe.ffn, h)?,
                         up: experts("mlp.switch_mlp.up_proj", moe.ffn, h)?,
                         down: experts("mlp.switch_mlp.down_proj", h, moe.ffn)?,
-                    },
+                        gate_up: None,
+                    }
+                    .stack_gate_up(gpu)?,
                     top_k: moe.top_k,
                     norm_topk_prob: moe.norm_topk_prob,
                     act: cfg.act,

@@ -211,16 +211,19 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
 }
 
 /// `xsrc`: x comes as [`QuantizedX`] chunks in the `xq` form.
+/// The routed matvec's spec: `xsrc` x already quantized, `gu` the stacked gate|up weight
+/// (`MoeExperts::gate_up`).
 fn gqmv_spec(
     params: QuantParams,
     dt: DType,
     rpt: u32,
     sg: bool,
     xq: u32,
-    xsrc: bool,
+    (xsrc, gu): (bool, bool),
 ) -> Result<Spec> {
+    let mode = u32::from(gu) << 7 | u32::from(xsrc) << 6;
     Ok(qspec("gqmv", params, dt, GQMV_WG)?
-        .with_const("GQMV", u32::from(xsrc) << 6 | xq << 4 | rpt)?
+        .with_const("GQMV", mode | xq << 4 | rpt)?
         .with_subgroups(sg))
 }
 
@@ -256,9 +259,13 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
         for rpt in RPTS {
             for sg in [false, true] {
                 for xq in [0, qmatmul::default_xq(params)] {
-                    v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq, false)?));
-                    if xq != 0 {
-                        v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq, true)?));
+                    let modes: &[(bool, bool)] = if xq != 0 {
+                        &[(false, false), (true, false), (true, true)]
+                    } else {
+                        &[(false, false)]
+                    };
+                    for &mode in modes {
+                        v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq, mode)?));
                     }
                 }
             }
@@ -453,7 +460,7 @@ pub fn gather_qmm_with(
     match path {
         GatherPath::Vector => {
             let xq = qmatmul::default_xq(qw.params());
-            dispatch_gqmv(pass, op, &xa, (xq, false), qw, ids, &params, &y)?;
+            dispatch_gqmv(pass, op, &xa, (xq, false, false), qw, ids, &params, &y)?;
         }
         GatherPath::Sorted => {
             let sorted = sort_pairs(pass, op, ids, r.pairs as usize, e)?;
@@ -521,7 +528,7 @@ fn dispatch_gqmv(
     pass: &mut Pass,
     op: &str,
     x: &MlxBuffer,
-    (xq, xsrc): (u32, bool),
+    (xq, xsrc, gu): (u32, bool, bool),
     qw: &QuantWeight,
     ids: &MlxBuffer,
     params: &GatherParams,
@@ -543,7 +550,7 @@ fn dispatch_gqmv(
     if forced != 0 {
         rpt = forced;
     }
-    let spec = gqmv_spec(qw.params(), sdt, rpt, sg, xq, xsrc)?;
+    let spec = gqmv_spec(qw.params(), sdt, rpt, sg, xq, (xsrc, gu))?;
     let per_wg = 2 * rpt as usize;
     let groups = (params.pairs as usize).saturating_mul(n.div_ceil(per_wg));
     let groups = check::fits_u32(groups, op, "workgroups")?;
@@ -552,18 +559,15 @@ fn dispatch_gqmv(
     pass.dispatch(Kernel::MoeQuant, spec, params, &bufs, groups)
 }
 
-/// The decode form of [`gather_qmm`] over x already quantized for the experts
-/// ([`QuantizedX`] of `XqForm::of(w.weight())`): `x` `[T, K]` (every slot of a token reads
-/// its row) or `[T * k, K]` (a row per pair), `ids` u32 `[T, k]`, T * k pairs of at most
-/// [`MAX_VEC_M`](qmatmul::MAX_VEC_M) tokens; returns f32 `[T, k, N]`.
-pub fn gather_qmv_xq(
-    pass: &mut Pass,
+/// [`gather_qmv_xq`]'s checks of x (its form, K, rows, no pending norm) and ids against the
+/// experts `w`: (pairs, x rows' divisor, tokens, top_k).
+fn gather_xq_checks(
+    op: &str,
     x: &QuantizedX,
     w: &QuantExperts,
     ids: &MlxBuffer,
-) -> Result<MlxBuffer> {
-    let op = "gather_qmv_xq";
-    let [e, n, k] = w.shape();
+) -> Result<(u32, u32, usize, usize)> {
+    let [_, n, k] = w.shape();
     let qw = w.weight();
     check::dtype(ids, &[DType::U32], op, "ids")?;
     let &[tokens, top_k] = ids.shape() else {
@@ -600,14 +604,71 @@ pub fn gather_qmv_xq(
     };
     let pairs = check::fits_u32(tokens * top_k, op, "pairs")?;
     check::fits_u32((tokens * top_k).saturating_mul(n), op, "output elements")?;
-    let params = gather_params(op, qw, [e, n, k], pairs, x_div as u32)?;
+    Ok((pairs, x_div as u32, tokens, top_k))
+}
+
+/// The decode form of [`gather_qmm`] over x already quantized for the experts
+/// ([`QuantizedX`] of `XqForm::of(w.weight())`): `x` `[T, K]` (every slot of a token reads
+/// its row) or `[T * k, K]` (a row per pair), `ids` u32 `[T, k]`, T * k pairs of at most
+/// [`MAX_VEC_M`](qmatmul::MAX_VEC_M) tokens; returns f32 `[T, k, N]`.
+pub fn gather_qmv_xq(
+    pass: &mut Pass,
+    x: &QuantizedX,
+    w: &QuantExperts,
+    ids: &MlxBuffer,
+) -> Result<MlxBuffer> {
+    let op = "gather_qmv_xq";
+    let [e, n, k] = w.shape();
+    let qw = w.weight();
+    let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, w, ids)?;
+    let params = gather_params(op, qw, [e, n, k], pairs, x_div)?;
     let y = pass.alloc(DType::F32, &[tokens, top_k, n])?;
     dispatch_gqmv(
         pass,
         op,
         x.buffer(),
-        (x.form().xq(), true),
+        (x.form().xq(), true, false),
         qw,
+        ids,
+        &params,
+        &y,
+    )?;
+    Ok(y)
+}
+
+/// [`gather_qmv_xq`] of the gate and up experts at once, over their stacked weight
+/// ([`MoeExperts::gate_up`]): returns f32 `[T, k, 2I]`, each pair's gate row then its up
+/// row (what [`crate::ops::glu_split_xq`] takes). One dispatch instead of two.
+pub fn gather_qmv_xq_gate_up(
+    pass: &mut Pass,
+    x: &QuantizedX,
+    experts: &MoeExperts,
+    ids: &MlxBuffer,
+) -> Result<MlxBuffer> {
+    let op = "gather_qmv_xq_gate_up";
+    let [e, i, k] = experts.gate.shape();
+    let fused = experts.gate_up.as_ref().ok_or_else(|| {
+        MlxError::invalid(format!("{op}: the experts' gate and up are not stacked"))
+    })?;
+    check::ensure(fused.shape() == [2 * e * i, k], op, || {
+        format!(
+            "the stacked weight is {:?}, expected [{}, {k}] (gate {:?})",
+            fused.shape(),
+            2 * e * i,
+            experts.gate.shape()
+        )
+    })?;
+    // The same checks as one expert stack of 2I rows: ids, x's form, K, rows.
+    let tmp = QuantExperts::new(fused.clone(), e)?;
+    let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, &tmp, ids)?;
+    let params = gather_params(op, fused, [e, 2 * i, k], pairs, x_div)?;
+    let y = pass.alloc(DType::F32, &[tokens, top_k, 2 * i])?;
+    dispatch_gqmv(
+        pass,
+        op,
+        x.buffer(),
+        (x.form().xq(), true, true),
+        fused,
         ids,
         &params,
         &y,
@@ -763,6 +824,35 @@ pub struct MoeExperts {
     pub gate: ExpertWeight,
     pub up: ExpertWeight,
     pub down: ExpertWeight,
+    /// MLX experts: gate's rows, then up's, in one weight (`[2 * E * I, H]`) whose views
+    /// `gate` and `up` are ([`MoeExperts::stack_gate_up`]), so decode routes both in one
+    /// dispatch ([`gather_qmv_xq_gate_up`]).
+    pub gate_up: Option<QuantWeight>,
+}
+
+impl MoeExperts {
+    /// The experts, with gate and up stacked into one weight (`gate_up`) where both are
+    /// MLX-quantized alike and their buffers copy at 4-byte granularity: `gate` and `up`
+    /// become views into it (no second copy). Otherwise unchanged.
+    pub fn stack_gate_up(self, gpu: &MlxDevice) -> Result<Self> {
+        let (ExpertWeight::Mlx(g), ExpertWeight::Mlx(u)) = (&self.gate, &self.up) else {
+            return Ok(self);
+        };
+        let e = g.shape()[0];
+        let Some((fused, views)) = QuantWeight::concat_rows(gpu, &[g.weight(), u.weight()])? else {
+            return Ok(self);
+        };
+        let mut views = views.into_iter();
+        let (Some(gv), Some(uv)) = (views.next(), views.next()) else {
+            return Ok(self);
+        };
+        Ok(MoeExperts {
+            gate: ExpertWeight::Mlx(QuantExperts::new(gv, e)?),
+            up: ExpertWeight::Mlx(QuantExperts::new(uv, e)?),
+            down: self.down,
+            gate_up: Some(fused),
+        })
+    }
 }
 
 /// One MoE FFN layer's settings.
@@ -869,13 +959,21 @@ pub fn moe_ffn_xq(
     })?;
     check::shape(router_logits, &[xq.rows(), e], op, "router_logits")?;
     let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
-    let gate = gather_qmv_xq(pass, xq, gw, &ids)?;
-    let up = gather_qmv_xq(pass, xq, uw, &ids)?;
-    // [T, k, I] as one row per pair.
-    let pairs = gate.len() / i;
-    let gate2 = gate.reshape(&[pairs, i])?;
-    let up2 = up.reshape(&[pairs, i])?;
-    let act = super::activation::glu_xq(pass, &gate2, &up2, cfg.act, down_form)?;
+    let act = if experts.gate_up.is_some() {
+        // [T, k, 2I] as one row per pair: its gate half, then its up half.
+        let gu = gather_qmv_xq_gate_up(pass, xq, experts, &ids)?;
+        let pairs = gu.len() / (2 * i);
+        let gu2 = gu.reshape(&[pairs, 2 * i])?;
+        super::activation::glu_split_xq(pass, &gu2, cfg.act, down_form)?
+    } else {
+        let gate = gather_qmv_xq(pass, xq, gw, &ids)?;
+        let up = gather_qmv_xq(pass, xq, uw, &ids)?;
+        // [T, k, I] as one row per pair.
+        let pairs = gate.len() / i;
+        let gate2 = gate.reshape(&[pairs, i])?;
+        let up2 = up.reshape(&[pairs, i])?;
+        super::activation::glu_xq(pass, &gate2, &up2, cfg.act, down_form)?
+    };
     let y = gather_qmv_xq(pass, &act, dw, &ids)?;
     moe_combine(pass, &y, &weights, shared)
 }

@@ -798,11 +798,16 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
         code_parts(&uq, &ud),
         code_parts(&dq, &dd),
     );
-    let mlx = MoeExperts {
+    let mlx_experts = || MoeExperts {
         gate: ExpertWeight::Mlx(QuantExperts::upload(g, &gq).unwrap()),
         up: ExpertWeight::Mlx(QuantExperts::upload(g, &uq).unwrap()),
         down: ExpertWeight::Mlx(QuantExperts::upload(g, &dq).unwrap()),
+        gate_up: None,
     };
+    let mlx = mlx_experts();
+    // The same experts with gate and up stacked: decode routes both in one dispatch.
+    let stacked = mlx_experts().stack_gate_up(g).unwrap();
+    assert!(stacked.gate_up.is_some(), "these experts stack");
     // GGML Q8_0 experts (K = h or i, multiples of 32).
     let gb = random_tensor(&mut rng, GgmlType::Q8_0, e * i, h);
     let ub = random_tensor(&mut rng, GgmlType::Q8_0, e * i, h);
@@ -818,6 +823,7 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
         gate: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, i, h], &gb).unwrap()),
         up: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, i, h], &ub).unwrap()),
         down: ExpertWeight::Ggml(GgmlExperts::upload(g, GgmlType::Q8_0, [e, h, i], &db).unwrap()),
+        gate_up: None,
     };
     let ggml_ref = (
         deq(&gb, e * i * h),
@@ -826,6 +832,7 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
     );
     for (name, experts, (wg, wu, wdn)) in [
         ("mlx", &mlx, (&gd, &ud, &dd)),
+        ("mlx stacked", &stacked, (&gd, &ud, &dd)),
         ("ggml q8_0", &ggml, (&ggml_ref.0, &ggml_ref.1, &ggml_ref.2)),
     ] {
         for &(t, k) in &[(1usize, 4usize), (12, 2)] {
@@ -862,7 +869,8 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
             let got = out.to_vec::<f32>(g).unwrap();
             let f = 4.0 * (4.0 * (h.max(i) as f64).sqrt() + 2.0) * 2f64.powi(-24);
             // One token decodes through gqmv, which quantizes x for these 4-bit experts.
-            let extra = if name == "mlx" && t == 1 && int_x(params) {
+            let mlx = name.starts_with("mlx");
+            let extra = if mlx && t == 1 && int_x(params) {
                 ffn_xq_extra(
                     &x,
                     &ids,
@@ -879,7 +887,7 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
             };
             // Prefill of MLX experts on tensor cores rounds x, W and the GLU output to f16:
             // 2·2^-11 relative per matmul level, which `mag` propagates.
-            let coop16 = name == "mlx"
+            let coop16 = mlx
                 && gather_path(t) == GatherPath::Sorted
                 && plan(t * k, i, h, g.caps()) == (MatmulPlan::Coop { tile: 16 });
             let coop = if coop16 { 2f64.powi(-10) } else { 0.0 };
@@ -948,6 +956,71 @@ fn gather_qmv_xq_equals_the_in_kernel_quantization() {
                 assert!(d.iter().all(|v| v.is_finite()), "{what}");
                 let same = d.iter().zip(&q).all(|(p, r)| p.to_bits() == r.to_bits());
                 assert!(same, "{what}: differs from gather_qmm");
+            }
+        }
+    }
+}
+
+/// The stacked gate|up matvec (`gather_qmv_xq_gate_up`, one dispatch over
+/// `MoeExperts::gate_up`) equals `gather_qmv_xq` of gate and of up, each pair's gate row
+/// then its up row, bit for bit: both reduction paths, poisoned outputs, 4- and 8-bit
+/// experts, an id past the experts (rows of zeros), x as one row per token and per pair.
+#[test]
+fn stacked_gate_up_equals_the_two_matvecs() {
+    let mut rng = Rng::new(913);
+    for no_sg in [false, true] {
+        let g = MlxDevice::with_options(crate::DeviceOptions {
+            poison_allocations: true,
+            disable_subgroups: no_sg,
+            ..crate::DeviceOptions::default()
+        })
+        .unwrap();
+        let g = &g;
+        let (e, i, h, top) = (8, 96, 128, 4);
+        for params in [QuantParams::affine(4, 32), QuantParams::affine(8, 32)] {
+            let (gq, _) = quant_experts(&mut rng, e, i, h, params, DType::BF16);
+            let (uq, _) = quant_experts(&mut rng, e, i, h, params, DType::BF16);
+            let (dq, _) = quant_experts(&mut rng, e, h, i, params, DType::BF16);
+            let up = |q| ExpertWeight::Mlx(QuantExperts::upload(g, q).unwrap());
+            let experts = MoeExperts {
+                gate: up(&gq),
+                up: up(&uq),
+                down: up(&dq),
+                gate_up: None,
+            }
+            .stack_gate_up(g)
+            .unwrap();
+            let (ExpertWeight::Mlx(gw), ExpertWeight::Mlx(uw)) = (&experts.gate, &experts.up)
+            else {
+                panic!("MLX experts");
+            };
+            let form = XqForm::of(gw.weight()).unwrap();
+            let mut ids = random_ids(&mut rng, 1, top, e);
+            ids[1] = e as u32 + 3;
+            let gids = MlxBuffer::from_slice(g, &ids, &[1, top]).unwrap();
+            for rows in [1, top] {
+                let x = rng.normals(rows * h, 1.0);
+                let gx = MlxBuffer::from_slice(g, &x, &[rows, h]).unwrap();
+                let mut pass = g.begin();
+                let xq = qmatmul::quantize_x(&mut pass, &gx, form).unwrap();
+                let gate = gather_qmv_xq(&mut pass, &xq, gw, &gids).unwrap();
+                let upo = gather_qmv_xq(&mut pass, &xq, uw, &gids).unwrap();
+                let gu = gather_qmv_xq_gate_up(&mut pass, &xq, &experts, &gids).unwrap();
+                pass.commit_and_wait().unwrap();
+                let what = format!("b{} rows {rows} subgroups off {no_sg}", params.bits);
+                assert_eq!(gu.shape(), &[1, top, 2 * i], "{what}");
+                let (a, b): (Vec<f32>, Vec<f32>) =
+                    (gate.to_vec(g).unwrap(), upo.to_vec(g).unwrap());
+                let c: Vec<f32> = gu.to_vec(g).unwrap();
+                for p in 0..top {
+                    let want = a[p * i..(p + 1) * i].iter().chain(&b[p * i..(p + 1) * i]);
+                    let got = &c[p * 2 * i..(p + 1) * 2 * i];
+                    let same = got
+                        .iter()
+                        .zip(want)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                    assert!(same, "{what}: pair {p} differs from the two matvecs");
+                }
             }
         }
     }

@@ -25,12 +25,16 @@ struct Params {
 
 // gqmv: rows per row-block RPT (1, 2 or 4) and XQ, x chunks as integers for packed byte
 // dot products (common/quant_xq.wgsl; 4- and 8-bit affine codes only: 0 off, 1 int8,
-// 2 16-bit), and XSRC: binding 0 holds x already quantized in XQ's form (ops::qmatmul::
-// QuantizedX), packed as GQMV = XSRC << 6 | XQ << 4 | RPT (a spec has three constants).
+// 2 16-bit), XSRC: binding 0 holds x already quantized in XQ's form (ops::qmatmul::
+// QuantizedX), and GU: the weight is the experts' gate rows then their up rows stacked
+// ([2 * E * I, K], ops::moe::MoeExperts::gate_up), N = 2I, and a pair's output row n < I is
+// its expert's gate row n, row I + n its up row n: the gate and up matvecs in one dispatch.
+// Packed as GQMV = GU << 7 | XSRC << 6 | XQ << 4 | RPT (a spec has three constants).
 override GQMV: u32 = 1u;
 override RPT: u32 = GQMV & 15u;
 override XQ: u32 = (GQMV >> 4u) & 3u;
 override XSRC: u32 = (GQMV >> 6u) & 1u;
+override GU: u32 = (GQMV >> 7u) & 1u;
 const TPR: u32 = 32u;
 
 @group(0) @binding(0) var<storage, read> xv: array<vec4<u32>>;
@@ -47,6 +51,16 @@ fn xf(i: u32) -> vec4<f32> {
 // gqmv (the chunk helpers are qmatmul.wgsl's qmv's and common/quant.wgsl's)
 
 var<workgroup> red: array<f32, 256>;
+
+// The packed row of expert e's output row n: e's block of N rows, or with GU its gate row
+// (n < N/2, in the gate half) or its up row (in the up half, E * N/2 rows further).
+fn expert_row(e: u32, n: u32) -> u32 {
+    if GU != 0u {
+        let half = p.n / 2u;
+        return select(e * half + n, (p.experts + e) * half + (n - half), n >= half);
+    }
+    return e * p.n + n;
+}
 
 fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
     var w: array<u32, 8>;
@@ -108,7 +122,7 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let n0 = (g % nrb) * per_wg + block * RPT;
     let e = ids[view(6u) + pair];
     let valid = e < p.experts;
-    let ebase = min(e, p.experts - 1u) * p.n;
+    let ec = min(e, p.experts - 1u);
     let chunks = p.k / 32u;
     let xo = view(0u) / 4u + (pair / p.top_k) * (p.k / 4u);
 #if SUBGROUPS
@@ -118,10 +132,10 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let slots = TPR;
     let slot = lane;
 #endif
-    let r0 = ebase + min(n0, p.n - 1u);
-    let r1 = ebase + min(n0 + 1u, p.n - 1u);
-    let r2 = ebase + min(n0 + 2u, p.n - 1u);
-    let r3 = ebase + min(n0 + 3u, p.n - 1u);
+    let r0 = expert_row(ec, min(n0, p.n - 1u));
+    let r1 = expert_row(ec, min(n0 + 1u, p.n - 1u));
+    let r2 = expert_row(ec, min(n0 + 2u, p.n - 1u));
+    let r3 = expert_row(ec, min(n0 + 3u, p.n - 1u));
     var s = vec4<f32>(0.0);
     // XSRC: the pair's x row as quantized chunks (the same row index as xo's).
     let qo = view(0u) / 4u + (pair / p.top_k) * chunks * XQ_VEC4S;
