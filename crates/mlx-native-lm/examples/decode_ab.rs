@@ -171,7 +171,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // like, then the LM head) and the norm-writing o and down (`set_norm_out_probe`).
     // (label, other matvecs' shape, the head's, norm_out's) as rpt | tpr << 8 | wg << 16.
     let shape = |rpt: u32, tpr: u32, wg: u32| rpt | tpr << 8 | wg << 16;
-    let mut xsrc: Vec<(String, u32, u32, u32)> = if std::env::var("AB_XSRC").is_ok() {
+    // AB_XSRC=2: the other matvecs of quantized x (Qwen3-30B-A3B's q|k|v and o) in fewer
+    // rows a row-set.
+    let mut xsrc: Vec<(String, u32, u32, u32)> = if std::env::var("AB_XSRC").as_deref() == Ok("2") {
+        let mut v = vec![("default".into(), 0, 0, 0)];
+        for (rpt, tpr) in [
+            (4u32, 128u32),
+            (2, 128),
+            (2, 64),
+            (1, 128),
+            (4, 64),
+            (8, 32),
+        ] {
+            v.push((format!("others {rpt}x{tpr}"), shape(rpt, tpr, 128), 0, 0));
+        }
+        v.push(("default again".into(), 0, 0, 0));
+        v
+    } else if std::env::var("AB_XSRC").is_ok() {
         vec![
             ("default".into(), 0, 0, 0),
             ("head 16x32 (before)".into(), 0, shape(16, 32, 128), 0),
