@@ -917,6 +917,17 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
 // ---------------------------------------------------------------------------------------
 // bad input
 
+/// A device whose allocations are poisoned (an unwritten output fails), with or without
+/// subgroups (both reduction paths).
+fn poisoned(no_subgroups: bool) -> MlxDevice {
+    MlxDevice::with_options(crate::DeviceOptions {
+        poison_allocations: true,
+        disable_subgroups: no_subgroups,
+        ..crate::DeviceOptions::default()
+    })
+    .unwrap()
+}
+
 /// `gather_qmv_xq` over `quantize_x`'s chunks equals `gather_qmm` (whose decode kernel
 /// quantizes x in-kernel) bit for bit, on both reduction paths, with outputs poisoned; 4-
 /// and 8-bit experts, x as one row per token and one per pair. (`moe_ffn_xq` is held to f64
@@ -925,13 +936,7 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
 fn gather_qmv_xq_equals_the_in_kernel_quantization() {
     let mut rng = Rng::new(911);
     for no_sg in [false, true] {
-        let g = MlxDevice::with_options(crate::DeviceOptions {
-            poison_allocations: true,
-            disable_subgroups: no_sg,
-            ..crate::DeviceOptions::default()
-        })
-        .unwrap();
-        let g = &g;
+        let g = &poisoned(no_sg);
         let (e, n, kk, top) = (16, 96, 128, 4);
         for params in [QuantParams::affine(4, 32), QuantParams::affine(8, 64)] {
             let (wq, _) = quant_experts(&mut rng, e, n, kk, params, DType::BF16);
@@ -969,13 +974,7 @@ fn gather_qmv_xq_equals_the_in_kernel_quantization() {
 fn stacked_gate_up_equals_the_two_matvecs() {
     let mut rng = Rng::new(913);
     for no_sg in [false, true] {
-        let g = MlxDevice::with_options(crate::DeviceOptions {
-            poison_allocations: true,
-            disable_subgroups: no_sg,
-            ..crate::DeviceOptions::default()
-        })
-        .unwrap();
-        let g = &g;
+        let g = &poisoned(no_sg);
         let (e, i, h, top) = (8, 96, 128, 4);
         for params in [QuantParams::affine(4, 32), QuantParams::affine(8, 32)] {
             let (gq, _) = quant_experts(&mut rng, e, i, h, params, DType::BF16);
