@@ -254,7 +254,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ];
         gu_off = vec![true, false];
     }
-    let mut stacked: Vec<Option<mlx_native::weights::quant_weight::QuantWeight>> =
+    let mut stacked: Vec<Option<mlx_native::weights::expert_weight::QuantExperts>> =
         m.layers.iter().map(|_| None).collect();
     let steps_per_round = 4;
     let mut cache = m.new_cache(ctx + rounds * variants.len() * steps_per_round + 8)?;

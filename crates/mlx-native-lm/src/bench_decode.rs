@@ -1706,7 +1706,7 @@ pub struct StructureFloor {
 /// Bytes each weight- or cache-reading dispatch of one decode token reads, as decode
 /// dispatches them: q|k|v (or q, k, v), the attention (this layer's share of `kv_bytes`),
 /// o, gate|up (or gate, up) and down; for a MoE layer the router and the routed experts'
-/// gate, up and down; the LM head. Norms, RoPE, sampling and the like read next to nothing.
+/// gate|up (or gate, up) and down; the LM head. Norms, RoPE, sampling and the like read next to nothing.
 fn reading_dispatch_bytes(m: &Transformer, kv_bytes: u64) -> Vec<u64> {
     let mut out = Vec::new();
     let kv_layer = kv_bytes / m.layers.len().max(1) as u64;
@@ -1730,9 +1730,14 @@ fn reading_dispatch_bytes(m: &Transformer, kv_bytes: u64) -> Vec<u64> {
                 out.push(linear_bytes(&f.router));
                 let e = &f.experts;
                 let n = e.gate.shape()[0].max(1) as u64;
-                for w in [&e.gate, &e.up, &e.down] {
-                    out.push(expert_bytes(w) * f.top_k as u64 / n);
+                let routed = |w| expert_bytes(w) * f.top_k as u64 / n;
+                // Stacked gate|up experts are one dispatch at decode.
+                if e.gate_up.is_some() {
+                    out.push(routed(&e.gate) + routed(&e.up));
+                } else {
+                    out.extend([routed(&e.gate), routed(&e.up)]);
                 }
+                out.push(routed(&e.down));
             }
         }
     }

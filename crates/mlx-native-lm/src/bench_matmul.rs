@@ -860,20 +860,9 @@ fn independent_streams(
         }
         let x = MlxBuffer::from_slice(gpu, &rng.f32s(k), &[1, k])?;
         let mut push = |what: String, us: f64| {
-            let per = us / steps as f64;
-            let gb_s = bytes as f64 / (per * 1e3);
-            rows.push(StreamRow {
-                what,
-                dispatches: steps,
-                bytes,
-                us_per_dispatch: per,
-                gb_s,
-                roofline_fraction: gb_s / bw_gb_s,
-            });
+            rows.push(StreamRow::new(what, steps, bytes, us, bw_gb_s));
         };
-        let mut cfgs: Vec<Option<QmvConfig>> = vec![None];
-        cfgs.extend(variants.iter().map(|&c| Some(c)));
-        for cfg in cfgs {
+        for cfg in with_default(variants) {
             let us = pass_median_us(gpu, 5, |pass| {
                 (0..steps)
                     .map(|i| match cfg {
@@ -883,13 +872,7 @@ fn independent_streams(
                     .collect()
             })?;
             push(
-                format!(
-                    "qmv 4-bit g64 {n}x{k} independent, {}",
-                    cfg.map_or("default".into(), |c| format!(
-                        "rpt{} tpr{} wg{} exp{} xq{}",
-                        c.rpt, c.tpr, c.wg, c.exp, c.xq
-                    ))
-                ),
+                format!("qmv 4-bit g64 {n}x{k} independent, {}", shape_label(cfg)),
                 us,
             );
         }
@@ -900,9 +883,7 @@ fn independent_streams(
         let mut pass = gpu.begin();
         let xq = qmatmul::quantize_x(&mut pass, &x, form)?;
         pass.commit_and_wait()?;
-        let mut cfgs: Vec<Option<QmvConfig>> = vec![None];
-        cfgs.extend(variants.iter().map(|&c| Some(c)));
-        for cfg in cfgs {
+        for cfg in with_default(variants) {
             qmatmul::set_qmv_override(cfg)?;
             let us = pass_median_us(gpu, 5, |pass| {
                 (0..steps)
@@ -911,13 +892,7 @@ fn independent_streams(
             });
             qmatmul::set_qmv_override(None)?;
             push(
-                format!(
-                    "qmv_xq 4-bit g64 {n}x{k} independent, {}",
-                    cfg.map_or("default".into(), |c| format!(
-                        "rpt{} tpr{} wg{} exp{}",
-                        c.rpt, c.tpr, c.wg, c.exp
-                    ))
-                ),
+                format!("qmv_xq 4-bit g64 {n}x{k} independent, {}", shape_label(cfg)),
                 us?,
             );
         }
@@ -940,7 +915,8 @@ fn independent_streams(
     Ok(rows)
 }
 
-/// One stream measurement: a chain of dependent dispatches timed as one compute pass.
+/// One stream measurement: dispatches timed as one compute pass (a chain of dependent ones,
+/// or matvecs that do not wait on each other).
 #[derive(Clone, Debug, Serialize)]
 pub struct StreamRow {
     pub what: String,
@@ -952,6 +928,23 @@ pub struct StreamRow {
     pub us_per_dispatch: f64,
     pub gb_s: f64,
     pub roofline_fraction: f64,
+}
+
+impl StreamRow {
+    /// A row of `dispatches` dispatches that each read `bytes`, taking `pass_us` as one pass,
+    /// against the read bandwidth `bw_gb_s`.
+    fn new(what: String, dispatches: usize, bytes: u64, pass_us: f64, bw_gb_s: f64) -> Self {
+        let per = pass_us / dispatches as f64;
+        let gb_s = bytes as f64 / (per * 1e3);
+        StreamRow {
+            what,
+            dispatches,
+            bytes,
+            us_per_dispatch: per,
+            gb_s,
+            roofline_fraction: gb_s / bw_gb_s,
+        }
+    }
 }
 
 /// Matvecs as decode runs them: `y = W x` feeding the next matvec's x, one compute pass, no
@@ -975,13 +968,9 @@ pub fn bench_qmv_stream(gpu: &MlxDevice, variants: &[QmvConfig]) -> Result<Vec<S
         }
         let x0: Vec<f32> = (0..k).map(|_| rng.uniform(-1.0, 1.0)).collect();
         let x0 = MlxBuffer::from_slice(gpu, &x0, &[1, k])?;
-        let mut cfgs: Vec<Option<QmvConfig>> = vec![None];
-        cfgs.extend(variants.iter().map(|&c| Some(c)));
         let steps = 64;
-        for cfg in cfgs {
-            let mut per = Vec::new();
-            for rep in 0..6 {
-                let mut pass = gpu.begin().with_pass_timing(true);
+        for cfg in with_default(variants) {
+            let us = pass_median_us(gpu, 5, |pass| {
                 let mut x = x0.clone();
                 for i in 0..steps {
                     let w = if i % 2 == 0 {
@@ -991,62 +980,48 @@ pub fn bench_qmv_stream(gpu: &MlxDevice, variants: &[QmvConfig]) -> Result<Vec<S
                     };
                     // Values may overflow along the chain: timing does not depend on them.
                     x = match cfg {
-                        None => qmatmul::qmv(&mut pass, &x, w)?,
-                        Some(c) => qmatmul::qmv_with(&mut pass, &x, w, c)?,
+                        None => qmatmul::qmv(pass, &x, w)?,
+                        Some(c) => qmatmul::qmv_with(pass, &x, w, c)?,
                     };
                 }
-                let t = pass.commit_and_wait()?;
-                if let (true, Some(t)) = (rep > 0, t.first()) {
-                    per.push(t.nanos / 1e3 / steps as f64);
-                }
-            }
-            if per.is_empty() {
-                continue;
-            }
-            per.sort_by(f64::total_cmp);
-            let us = per[per.len() / 2];
-            let gb_s = bytes as f64 / (us * 1e3);
-            rows.push(StreamRow {
-                what: format!(
-                    "qmv 4-bit g64 {n}x{k} / {k}x{n}, {}",
-                    cfg.map_or("default".into(), |c| format!(
-                        "rpt{} tpr{} wg{} exp{} xq{}",
-                        c.rpt, c.tpr, c.wg, c.exp, c.xq
-                    ))
-                ),
-                dispatches: steps,
-                bytes,
-                us_per_dispatch: us,
-                gb_s,
-                roofline_fraction: gb_s / bw.gb_s,
-            });
+                Ok(vec![x])
+            })?;
+            let what = format!("qmv 4-bit g64 {n}x{k} / {k}x{n}, {}", shape_label(cfg));
+            rows.push(StreamRow::new(what, steps, bytes, us, bw.gb_s));
         }
     }
     rows.extend(independent_streams(gpu, variants, bw.gb_s, &mut rng)?);
     // The floor: the same chain of scales alone (one 4096-row each).
     let x0 = MlxBuffer::from_slice(gpu, &vec![1.0f32; 4096], &[1, 4096])?;
-    let mut per = Vec::new();
-    for rep in 0..6 {
-        let mut pass = gpu.begin().with_pass_timing(true);
+    let us = pass_median_us(gpu, 5, |pass| {
         let mut x = x0.clone();
         for _ in 0..128 {
-            x = mlx_native::ops::scale(&mut pass, &x, 0.999)?;
+            x = mlx_native::ops::scale(pass, &x, 0.999)?;
         }
-        let t = pass.commit_and_wait()?;
-        if let (true, Some(t)) = (rep > 0, t.first()) {
-            per.push(t.nanos / 1e3 / 128.0);
-        }
-    }
-    if !per.is_empty() {
-        per.sort_by(f64::total_cmp);
-        rows.push(StreamRow {
-            what: "scale [4096] chain (the per-dispatch floor)".into(),
-            dispatches: 128,
-            bytes: 4096 * 8,
-            us_per_dispatch: per[per.len() / 2],
-            gb_s: 0.0,
-            roofline_fraction: 0.0,
-        });
-    }
+        Ok(vec![x])
+    })?;
+    let what = "scale [4096] chain (the per-dispatch floor)".to_string();
+    rows.push(StreamRow {
+        gb_s: 0.0,
+        roofline_fraction: 0.0,
+        ..StreamRow::new(what, 128, 4096 * 8, us, 1.0)
+    });
     Ok(rows)
+}
+
+/// The default shape (None), then `variants`.
+fn with_default(variants: &[QmvConfig]) -> Vec<Option<QmvConfig>> {
+    std::iter::once(None)
+        .chain(variants.iter().map(|&c| Some(c)))
+        .collect()
+}
+
+/// A stream row's name for a forced shape (None: the rule's).
+fn shape_label(cfg: Option<QmvConfig>) -> String {
+    cfg.map_or("default".into(), |c| {
+        format!(
+            "rpt{} tpr{} wg{} exp{} xq{}",
+            c.rpt, c.tpr, c.wg, c.exp, c.xq
+        )
+    })
 }

@@ -210,9 +210,8 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
         .with_const("GROUP_SIZE", params.group_size)
 }
 
-/// `xsrc`: x comes as [`QuantizedX`] chunks in the `xq` form.
-/// The routed matvec's spec: `xsrc` x already quantized, `gu` the stacked gate|up weight
-/// (`MoeExperts::gate_up`).
+/// The routed matvec's spec: `xsrc` x comes as [`QuantizedX`] chunks in the `xq` form, `gu`
+/// the weight is the stacked gate|up (`MoeExperts::gate_up`).
 fn gqmv_spec(
     params: QuantParams,
     dt: DType,
@@ -646,23 +645,21 @@ pub fn gather_qmv_xq_gate_up(
     ids: &MlxBuffer,
 ) -> Result<MlxBuffer> {
     let op = "gather_qmv_xq_gate_up";
-    let [e, i, k] = experts.gate.shape();
-    let fused = experts.gate_up.as_ref().ok_or_else(|| {
+    let stacked = experts.gate_up.as_ref().ok_or_else(|| {
         MlxError::invalid(format!("{op}: the experts' gate and up are not stacked"))
     })?;
-    check::ensure(fused.shape() == [2 * e * i, k], op, || {
+    let [e, two_i, k] = stacked.shape();
+    check::ensure([e, two_i / 2, k] == experts.gate.shape(), op, || {
         format!(
-            "the stacked weight is {:?}, expected [{}, {k}] (gate {:?})",
-            fused.shape(),
-            2 * e * i,
+            "the stacked weight is {:?}, gate {:?}",
+            stacked.shape(),
             experts.gate.shape()
         )
     })?;
-    // The same checks as one expert stack of 2I rows: ids, x's form, K, rows.
-    let tmp = QuantExperts::new(fused.clone(), e)?;
-    let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, &tmp, ids)?;
-    let params = gather_params(op, fused, [e, 2 * i, k], pairs, x_div)?;
-    let y = pass.alloc(DType::F32, &[tokens, top_k, 2 * i])?;
+    let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, stacked, ids)?;
+    let fused = stacked.weight();
+    let params = gather_params(op, fused, [e, two_i, k], pairs, x_div)?;
+    let y = pass.alloc(DType::F32, &[tokens, top_k, two_i])?;
     dispatch_gqmv(
         pass,
         op,
@@ -824,10 +821,12 @@ pub struct MoeExperts {
     pub gate: ExpertWeight,
     pub up: ExpertWeight,
     pub down: ExpertWeight,
-    /// MLX experts: gate's rows, then up's, in one weight (`[2 * E * I, H]`) whose views
-    /// `gate` and `up` are ([`MoeExperts::stack_gate_up`]), so decode routes both in one
-    /// dispatch ([`gather_qmv_xq_gate_up`]).
-    pub gate_up: Option<QuantWeight>,
+    /// MLX experts: gate's rows, then up's, in one weight whose views `gate` and `up` are
+    /// ([`MoeExperts::stack_gate_up`]), so decode routes both in one dispatch
+    /// ([`gather_qmv_xq_gate_up`]). Held as E experts of 2I rows (`[E, 2I, H]`), though an
+    /// expert's rows are not adjacent: the first E·I rows are the gates, the rest the ups
+    /// (the kernel's GU mode maps them).
+    pub gate_up: Option<QuantExperts>,
 }
 
 impl MoeExperts {
@@ -850,7 +849,7 @@ impl MoeExperts {
             gate: ExpertWeight::Mlx(QuantExperts::new(gv, e)?),
             up: ExpertWeight::Mlx(QuantExperts::new(uv, e)?),
             down: self.down,
-            gate_up: Some(fused),
+            gate_up: Some(QuantExperts::new(fused, e)?),
         })
     }
 }
