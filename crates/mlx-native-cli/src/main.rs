@@ -62,6 +62,10 @@ struct SamplingArgs {
     /// KV cache format: f16, f32, q8, q4 (affine), tq4, tq3, tq2.5, tq2 (TurboQuant).
     #[arg(long, default_value = "f16")]
     kv_cache: String,
+    /// Record every decode step instead of replaying a recorded one (the before of graph
+    /// replay; the tokens are the same).
+    #[arg(long)]
+    no_replay: bool,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +239,7 @@ fn options(s: &SamplingArgs) -> CliResult<GenerateOptions> {
         repeat_last_n: 64,
         seed,
         stop: s.stop.clone(),
+        replay: !s.no_replay,
     })
 }
 

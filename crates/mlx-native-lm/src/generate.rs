@@ -7,12 +7,13 @@ use std::time::Instant;
 
 use mlx_native::kv_quant::KvStore;
 use mlx_native::ops::sample::{repetition_penalty, sample, Sampling};
-use mlx_native::{MlxBuffer, Readback};
+use mlx_native::{MlxBuffer, Pass, Readback, TokenVars};
 
 use crate::chat::{ChatTemplate, Message, GEMMA_TEMPLATE};
 use crate::config::Family;
 use crate::error::{LmError, Result};
 use crate::models::{Transformer, PREFILL_CHUNK};
+use crate::replay::DecodeLoop;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
 /// How to generate.
@@ -28,6 +29,9 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
     /// KV cache format (`--kv-cache`): f16 (default), f32, q8, q4, tq4, tq3, tq2.5, tq2.
     pub kv_format: mlx_native::kv_quant::KvFormat,
+    /// Replay a recorded decode step per token instead of recording each one
+    /// ([`crate::replay::DecodeLoop`]; where the cache allows it).
+    pub replay: bool,
 }
 
 impl Default for GenerateOptions {
@@ -40,6 +44,7 @@ impl Default for GenerateOptions {
             seed: 0,
             stop: Vec::new(),
             kv_format: mlx_native::kv_quant::KvFormat::F16,
+            replay: true,
         }
     }
 }
@@ -198,6 +203,7 @@ impl Engine {
             return Ok(self.finish(prompt_ids, text, stop_reason, generated, t0, 0.0, &cache));
         }
         let mut pos = 0;
+        let mut steps = DecodeLoop::new(&self.model.gpu, opts.replay)?;
         let mut cur = self.launch(
             Feed::Host(prompt_ids),
             &mut pos,
@@ -205,23 +211,24 @@ impl Engine {
             opts,
             &history,
             &mut rng,
+            &mut steps,
         )?;
         loop {
             let more = generated.len() + 1 < opts.max_tokens && pos < ctx;
             let next = if pipelined && more {
                 Some(self.launch(
-                    Feed::Gpu(&cur.1),
+                    Feed::Gpu,
                     &mut pos,
                     &mut cache,
                     opts,
                     &history,
                     &mut rng,
+                    &mut steps,
                 )?)
             } else {
                 None
             };
             let id = cur
-                .0
                 .wait::<u32>()?
                 .first()
                 .copied()
@@ -268,6 +275,7 @@ impl Engine {
                     opts,
                     &history,
                     &mut rng,
+                    &mut steps,
                 )?,
             };
         }
@@ -283,7 +291,9 @@ impl Engine {
     }
 
     /// Record and submit the forward pass of `feed` at `*pos` (advanced past it), then
-    /// sampling; returns the sampled id's pending readback and the id on the GPU.
+    /// sampling, the sampled id left in `steps.ids()` for a following `Feed::Gpu` step
+    /// (which `steps` replays where it can); returns the sampled id's pending readback.
+    #[allow(clippy::too_many_arguments)]
     fn launch(
         &self,
         feed: Feed<'_>,
@@ -292,29 +302,34 @@ impl Engine {
         opts: &GenerateOptions,
         history: &[u32],
         rng: &mut Rng,
-    ) -> Result<(Readback, MlxBuffer)> {
+        steps: &mut DecodeLoop,
+    ) -> Result<Readback> {
         let gpu = &self.model.gpu;
-        let mut pass = gpu.begin();
-        let logits = match feed {
-            Feed::Gpu(ids) => {
-                let l = self.model.forward_ids(&mut pass, ids, *pos, cache)?;
+        let tokens = match feed {
+            Feed::Gpu => {
+                let coin = rng.uniform().min(0.999_999);
+                let tail = |pass: &mut Pass, logits: &MlxBuffer| {
+                    Ok(sample(pass, logits, &opts.sampling, coin)?)
+                };
+                let at = TokenVars { pos: *pos, coin };
+                let rb = steps.step(&self.model, cache, at, &tail, true)?;
                 *pos += 1;
-                l
+                return rb.ok_or_else(|| LmError::Invalid("decode step: no readback".into()));
             }
-            Feed::Host(tokens) => {
-                // Prefill in chunks; all but the last chunk only fill the cache.
-                let mut logits = None;
-                for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-                    if i > 0 {
-                        pass.commit()?;
-                        pass = gpu.begin();
-                    }
-                    logits = Some(self.model.forward(&mut pass, chunk, *pos, cache)?);
-                    *pos += chunk.len();
-                }
-                logits.ok_or_else(|| LmError::Invalid("nothing to evaluate".into()))?
-            }
+            Feed::Host(tokens) => tokens,
         };
+        // Prefill in chunks; all but the last chunk only fill the cache.
+        let mut pass = gpu.begin();
+        let mut logits = None;
+        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            if i > 0 {
+                pass.commit()?;
+                pass = gpu.begin();
+            }
+            logits = Some(self.model.forward(&mut pass, chunk, *pos, cache)?);
+            *pos += chunk.len();
+        }
+        let logits = logits.ok_or_else(|| LmError::Invalid("nothing to evaluate".into()))?;
         if opts.repetition_penalty != 1.0 {
             let mut recent: Vec<u32> = history
                 .iter()
@@ -333,8 +348,8 @@ impl Engine {
             &opts.sampling,
             rng.uniform().min(0.999_999),
         )?;
-        let rb = pass.commit_with_readback(&next)?;
-        Ok((rb, next))
+        pass.copy_after(&next, steps.ids())?;
+        Ok(pass.commit_with_readback(&next)?)
     }
 
     /// Where one decode step's GPU time goes: `tokens` (the prompt and what was generated)
@@ -414,8 +429,8 @@ impl Engine {
 enum Feed<'a> {
     /// Known on the host (the prompt, or an id already read back).
     Host(&'a [u32]),
-    /// The previous step's sampled id, still on the GPU.
-    Gpu(&'a MlxBuffer),
+    /// The previous step's sampled id, still on the GPU (in the decode loop's `ids`).
+    Gpu,
 }
 
 /// Load a GGUF file or an mlx-lm folder with its tokenizer and chat template.

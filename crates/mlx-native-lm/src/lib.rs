@@ -14,6 +14,7 @@ pub mod kv_quality;
 pub mod layers;
 pub mod mlx_config;
 pub mod models;
+pub mod replay;
 pub mod tokenizer;
 
 pub use error::{LmError, Result};

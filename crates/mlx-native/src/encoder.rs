@@ -2,8 +2,8 @@
 //!
 //! Each dispatch is a `Step`: a pipeline, a cached bind group of storage buffers, and the
 //! offsets of its parameter block and view offsets in the pass's uniform arena. Recording
-//! first and encoding at commit keeps the hot loop free of wgpu lifetimes and is what graph
-//! replay builds on.
+//! first and encoding at commit keeps the hot loop free of wgpu lifetimes, and a recorded
+//! pass can be kept and replayed per token instead ([`Pass::capture`], [`crate::Graph`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -81,15 +81,25 @@ fn skipped(label: &str) -> bool {
             .unwrap_or(false)
 }
 
-struct Step {
-    pipeline: wgpu::ComputePipeline,
-    buffers: wgpu::BindGroup,
-    params_layout: wgpu::BindGroupLayout,
-    params_off: u32,
-    views_off: u32,
-    grid: [u32; 3],
-    label: Arc<str>,
+pub(crate) struct Step {
+    pub(crate) pipeline: wgpu::ComputePipeline,
+    pub(crate) buffers: wgpu::BindGroup,
+    pub(crate) params_layout: wgpu::BindGroupLayout,
+    pub(crate) params_off: u32,
+    pub(crate) views_off: u32,
+    pub(crate) grid: [u32; 3],
+    pub(crate) label: Arc<str>,
 }
+
+/// A buffer-to-buffer copy encoded after the compute pass: (source, offset, destination,
+/// offset, bytes).
+pub(crate) type Copy = (
+    Arc<crate::buffer_pool::RawBuffer>,
+    u64,
+    Arc<crate::buffer_pool::RawBuffer>,
+    u64,
+    u64,
+);
 
 /// A recording of GPU work: encoder, registry and pool in one handle.
 pub struct Pass {
@@ -103,6 +113,12 @@ pub struct Pass {
     profile: bool,
     /// Time the whole pass with two timestamps instead of each dispatch.
     time_pass: bool,
+    /// Copies between storage buffers, encoded after the compute pass (before `readbacks`).
+    copies: Vec<Copy>,
+    /// Recording for replay ([`Pass::capture`]).
+    capture: Option<crate::graph::Capture>,
+    /// The step the latest `dispatch` recorded (None when it was skipped).
+    last: Option<usize>,
     /// Copies into MAP_READ staging buffers, encoded after the compute pass.
     readbacks: Vec<(
         std::sync::Arc<crate::buffer_pool::RawBuffer>,
@@ -121,8 +137,96 @@ impl Pass {
             arena: Vec::new(),
             profile: false,
             time_pass: false,
+            copies: Vec::new(),
+            capture: None,
+            last: None,
             readbacks: Vec::new(),
         }
+    }
+
+    /// Record this pass to be kept and replayed ([`Pass::into_graph`]): `at` is the token
+    /// it is recorded for. Ops whose parameters follow the token (positions, the attention's
+    /// range, the sampler's draw) say how ([`Pass::vary_last`]); ops that cannot be replayed
+    /// refuse ([`Pass::refuse_replay`]), and `into_graph` then fails.
+    pub fn capture(mut self, at: crate::graph::TokenVars) -> Self {
+        self.capture = Some(crate::graph::Capture::new(at));
+        self
+    }
+
+    /// Whether this pass is recorded for replay: ops record how their parameters vary only
+    /// then.
+    pub fn is_capturing(&self) -> bool {
+        self.capture.is_some()
+    }
+
+    /// For ops, while capturing: how the parameters (`P`, the type the latest dispatch was
+    /// given) and the workgroup count of the latest dispatch follow the token. `f` gets the
+    /// tokens since the capture and the new token's values, and returns the new parameters
+    /// and workgroups, or `None` when the recorded structure no longer fits (the graph must
+    /// be recorded again). Does nothing when not capturing or when that dispatch was skipped.
+    pub fn vary_last<P, F>(&mut self, f: F)
+    where
+        P: Pod,
+        F: Fn(&crate::graph::Advance) -> Result<Option<(P, u32)>> + Send + 'static,
+    {
+        if let (Some(c), Some(step)) = (self.capture.as_mut(), self.last) {
+            c.vary(step, f);
+        }
+    }
+
+    /// For ops, while capturing: this pass cannot be replayed (`why` names the op and the
+    /// reason); [`Pass::into_graph`] then returns that as its error.
+    pub fn refuse_replay(&mut self, why: &str) {
+        if let Some(c) = self.capture.as_mut() {
+            c.refuse(why);
+        }
+    }
+
+    /// Why this captured pass cannot be replayed, if an op refused.
+    pub fn replay_refused(&self) -> Option<&str> {
+        self.capture.as_ref().and_then(|c| c.refused())
+    }
+
+    /// Copy `src` into `dst` (the same number of bytes, 4-byte aligned) after the pass's
+    /// dispatches, in the same submission: e.g. a decode step's sampled id into the buffer the
+    /// next step embeds from.
+    pub fn copy_after(&mut self, src: &MlxBuffer, dst: &MlxBuffer) -> Result<()> {
+        let (n, m) = (src.byte_len(), dst.byte_len());
+        if n != m
+            || n == 0
+            || !n.is_multiple_of(4)
+            || !src.offset.is_multiple_of(4)
+            || !dst.offset.is_multiple_of(4)
+        {
+            return Err(MlxError::invalid(format!(
+                "copy_after: {n} bytes at offset {} into {m} bytes at offset {}: expected equal, \
+                 nonzero, 4-byte aligned sizes and offsets",
+                src.offset, dst.offset
+            )));
+        }
+        self.copies
+            .push((src.raw.clone(), src.offset, dst.raw.clone(), dst.offset, n));
+        Ok(())
+    }
+
+    /// The recording as a [`crate::Graph`] (see [`Pass::capture`]), not yet submitted.
+    pub fn into_graph(self) -> Result<crate::Graph> {
+        let capture = self.capture.ok_or_else(|| {
+            MlxError::invalid("into_graph: the pass was not recorded with Pass::capture")
+        })?;
+        if self.profile || self.time_pass || !self.readbacks.is_empty() {
+            return Err(MlxError::invalid(
+                "into_graph: a captured pass takes no profiling, pass timing or readbacks",
+            ));
+        }
+        crate::graph::Graph::new(
+            self.gpu,
+            self.steps,
+            self.arena,
+            capture,
+            self.copies,
+            self.keep,
+        )
     }
 
     /// Time the whole pass (one compute pass between two timestamps, when the device has
@@ -139,31 +243,23 @@ impl Pass {
     /// (later submissions keep running), so the host can record and submit the next step
     /// while this one executes.
     pub fn commit_with_readback(mut self, buf: &MlxBuffer) -> Result<Readback> {
-        let start = buf.offset;
-        let len = buf.byte_len();
-        let a0 = start / 4 * 4;
-        let size = ((start + len).div_ceil(4) * 4 - a0).max(4);
-        let staging = self
-            .gpu
-            .inner
-            .device
-            .create_buffer(&wgpu::BufferDescriptor {
-                label: Some("mlx-native readback"),
-                size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
-        self.readbacks
-            .push((buf.raw.clone(), a0, staging.clone(), size));
+        let staged = Staged::new(&self.gpu, buf);
+        self.readbacks.push((
+            buf.raw.clone(),
+            staged.a0,
+            staged.staging.clone(),
+            staged.size,
+        ));
         let gpu = self.gpu.clone();
         let (_, index) = self.submit_indexed()?;
-        Ok(Readback {
-            gpu,
-            staging,
-            index,
-            lo: (start - a0) as usize,
-            len: len as usize,
-        })
+        Ok(staged.into_readback(gpu, index))
+    }
+
+    /// The parameter bytes (params and view offsets) and workgroup grid of every step
+    /// recorded so far (tests: see [`crate::Graph::params_at`]).
+    #[doc(hidden)]
+    pub fn params_now(&self) -> Vec<crate::graph::StepParams> {
+        crate::graph::steps_params(&self.steps, &self.arena)
     }
 
     /// Time every dispatch with GPU timestamps (when the device has them).
@@ -234,6 +330,7 @@ impl Pass {
         buffers: &[&MlxBuffer],
         workgroups: u32,
     ) -> Result<()> {
+        self.last = None;
         let pipe = self.gpu.pipeline(kernel, spec)?;
         if skipped(&pipe.label) {
             return Ok(());
@@ -326,6 +423,7 @@ impl Pass {
             grid,
             label: pipe.label,
         });
+        self.last = Some(self.steps.len() - 1);
         Ok(())
     }
 
@@ -350,61 +448,16 @@ impl Pass {
     }
 
     fn submit_indexed(self) -> Result<(Option<PendingTimings>, Option<wgpu::SubmissionIndex>)> {
-        if self.steps.is_empty() && self.readbacks.is_empty() {
+        if self.steps.is_empty() && self.readbacks.is_empty() && self.copies.is_empty() {
             return Ok((None, None));
         }
         let inner = &self.gpu.inner;
         let dev = &inner.device;
-        // At least 16 bytes: a pass of readbacks only has no params.
-        let arena_size = (self.arena.len() as u64).div_ceil(16).max(1) * 16;
-        let uniforms = dev.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("mlx-native params"),
-            size: arena_size,
-            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
+        let uniforms = uniform_buffer(dev, self.arena.len());
         let mut arena = self.arena;
-        arena.resize(arena_size as usize, 0);
+        arena.resize(uniforms.size() as usize, 0);
         inner.queue.write_buffer(&uniforms, 0, &arena);
-
-        // One params bind group per distinct layout in this pass.
-        let mut params_groups: Vec<(wgpu::BindGroupLayout, wgpu::BindGroup)> = Vec::new();
-        let mut step_groups = Vec::with_capacity(self.steps.len());
-        for s in &self.steps {
-            let idx = match params_groups
-                .iter()
-                .position(|(l, _)| *l == s.params_layout)
-            {
-                Some(i) => i,
-                None => {
-                    let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
-                        label: Some("mlx-native params"),
-                        layout: &s.params_layout,
-                        entries: &[
-                            wgpu::BindGroupEntry {
-                                binding: 0,
-                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                    buffer: &uniforms,
-                                    offset: 0,
-                                    size: wgpu::BufferSize::new(MAX_PARAMS_BYTES as u64),
-                                }),
-                            },
-                            wgpu::BindGroupEntry {
-                                binding: 1,
-                                resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                                    buffer: &uniforms,
-                                    offset: 0,
-                                    size: wgpu::BufferSize::new(VIEWS_BYTES),
-                                }),
-                            },
-                        ],
-                    });
-                    params_groups.push((s.params_layout.clone(), bg));
-                    params_groups.len() - 1
-                }
-            };
-            step_groups.push(idx);
-        }
+        let (params_groups, step_groups) = params_groups(dev, &self.steps, &uniforms);
 
         let mut enc = dev.create_command_encoder(&wgpu::CommandEncoderDescriptor {
             label: Some("mlx-native pass"),
@@ -438,9 +491,12 @@ impl Pass {
                         end_of_pass_write_index: Some(2 * pi as u32 + 1),
                     }),
                 });
-                for i in a..b {
-                    encode_step(&mut cp, &self.steps[i], &params_groups[step_groups[i]].1);
-                }
+                encode_steps(
+                    &mut cp,
+                    &self.steps[a..b],
+                    &params_groups,
+                    &step_groups[a..b],
+                );
             }
             let bytes = 16 * u64::from(n);
             let resolve = dev.create_buffer(&wgpu::BufferDescriptor {
@@ -472,10 +528,9 @@ impl Pass {
                 label: Some("mlx-native"),
                 timestamp_writes: None,
             });
-            for (i, s) in self.steps.iter().enumerate() {
-                encode_step(&mut cp, s, &params_groups[step_groups[i]].1);
-            }
+            encode_steps(&mut cp, &self.steps, &params_groups, &step_groups);
         }
+        encode_copies(&mut enc, &self.copies);
         for (raw, a0, staging, size) in &self.readbacks {
             enc.copy_buffer_to_buffer(&raw.buffer, *a0, staging, 0, *size);
         }
@@ -488,6 +543,69 @@ impl Pass {
         drop(self.keep);
         self.gpu.take_uncaptured()?;
         Ok((pending, Some(index)))
+    }
+}
+
+/// A host-readable copy of a buffer's bytes: the staging buffer and the word-aligned range
+/// copied into it.
+pub(crate) struct Staged {
+    staging: wgpu::Buffer,
+    a0: u64,
+    size: u64,
+    lo: usize,
+    len: usize,
+}
+
+impl Staged {
+    fn new(gpu: &MlxDevice, buf: &MlxBuffer) -> Self {
+        let start = buf.offset;
+        let len = buf.byte_len();
+        let a0 = start / 4 * 4;
+        let size = ((start + len).div_ceil(4) * 4 - a0).max(4);
+        let staging = gpu.inner.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("mlx-native readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        Staged {
+            staging,
+            a0,
+            size,
+            lo: (start - a0) as usize,
+            len: len as usize,
+        }
+    }
+
+    fn into_readback(self, gpu: MlxDevice, index: Option<wgpu::SubmissionIndex>) -> Readback {
+        Readback {
+            gpu,
+            staging: self.staging,
+            index,
+            lo: self.lo,
+            len: self.len,
+        }
+    }
+}
+
+/// Encode a copy of `buf` into a new staging buffer; submit `enc`, then
+/// `into_readback` with the submission's index.
+pub(crate) fn stage_readback(
+    gpu: &MlxDevice,
+    enc: &mut wgpu::CommandEncoder,
+    buf: &MlxBuffer,
+) -> StagedCopy {
+    let s = Staged::new(gpu, buf);
+    enc.copy_buffer_to_buffer(&buf.raw.buffer, s.a0, &s.staging, 0, s.size);
+    StagedCopy(s)
+}
+
+/// A readback encoded in a command buffer not yet submitted.
+pub(crate) struct StagedCopy(Staged);
+
+impl StagedCopy {
+    pub(crate) fn into_readback(self, gpu: MlxDevice, index: wgpu::SubmissionIndex) -> Readback {
+        self.0.into_readback(gpu, Some(index))
     }
 }
 
@@ -543,11 +661,77 @@ impl Readback {
     }
 }
 
-fn encode_step(cp: &mut wgpu::ComputePass<'_>, s: &Step, params: &wgpu::BindGroup) {
-    cp.set_pipeline(&s.pipeline);
-    cp.set_bind_group(0, &s.buffers, &[]);
-    cp.set_bind_group(1, params, &[s.params_off, s.views_off]);
-    cp.dispatch_workgroups(s.grid[0], s.grid[1], s.grid[2]);
+/// The uniform buffer of a pass's parameter arena of `len` bytes (at least 16).
+pub(crate) fn uniform_buffer(dev: &wgpu::Device, len: usize) -> wgpu::Buffer {
+    dev.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("mlx-native params"),
+        size: (len as u64).div_ceil(16).max(1) * 16,
+        usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    })
+}
+
+/// The params bind groups of `steps` over `uniforms` (one per distinct layout, read at the
+/// steps' dynamic offsets) and each step's index into them.
+pub(crate) fn params_groups(
+    dev: &wgpu::Device,
+    steps: &[Step],
+    uniforms: &wgpu::Buffer,
+) -> (Vec<(wgpu::BindGroupLayout, wgpu::BindGroup)>, Vec<usize>) {
+    let mut groups: Vec<(wgpu::BindGroupLayout, wgpu::BindGroup)> = Vec::new();
+    let mut of_step = Vec::with_capacity(steps.len());
+    for s in steps {
+        let idx = match groups.iter().position(|(l, _)| *l == s.params_layout) {
+            Some(i) => i,
+            None => {
+                let entry = |binding, size| wgpu::BindGroupEntry {
+                    binding,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer: uniforms,
+                        offset: 0,
+                        size: wgpu::BufferSize::new(size),
+                    }),
+                };
+                let bg = dev.create_bind_group(&wgpu::BindGroupDescriptor {
+                    label: Some("mlx-native params"),
+                    layout: &s.params_layout,
+                    entries: &[entry(0, MAX_PARAMS_BYTES as u64), entry(1, VIEWS_BYTES)],
+                });
+                groups.push((s.params_layout.clone(), bg));
+                groups.len() - 1
+            }
+        };
+        of_step.push(idx);
+    }
+    (groups, of_step)
+}
+
+/// Encode `steps` (the pipeline set only where it changes).
+pub(crate) fn encode_steps(
+    cp: &mut wgpu::ComputePass<'_>,
+    steps: &[Step],
+    groups: &[(wgpu::BindGroupLayout, wgpu::BindGroup)],
+    of_step: &[usize],
+) {
+    let mut current: Option<&wgpu::ComputePipeline> = None;
+    for (s, &g) in steps.iter().zip(of_step) {
+        if current != Some(&s.pipeline) {
+            cp.set_pipeline(&s.pipeline);
+            current = Some(&s.pipeline);
+        }
+        cp.set_bind_group(0, &s.buffers, &[]);
+        if let Some((_, params)) = groups.get(g) {
+            cp.set_bind_group(1, params, &[s.params_off, s.views_off]);
+        }
+        cp.dispatch_workgroups(s.grid[0], s.grid[1], s.grid[2]);
+    }
+}
+
+/// Encode buffer-to-buffer copies.
+pub(crate) fn encode_copies(enc: &mut wgpu::CommandEncoder, copies: &[Copy]) {
+    for (src, so, dst, d_o, n) in copies {
+        enc.copy_buffer_to_buffer(&src.buffer, *so, &dst.buffer, *d_o, *n);
+    }
 }
 
 struct PendingTimings {

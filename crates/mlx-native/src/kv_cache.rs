@@ -226,6 +226,25 @@ impl KvCache {
         Ok(out)
     }
 
+    /// Account for `tokens` positions at `start_pos` written to every layer by a replayed
+    /// step ([`crate::Graph`]): the same checks as [`KvCache::append`] (capacity, gaps,
+    /// rings), done before the replay is submitted, then the new lengths.
+    pub fn advance(&mut self, start_pos: usize, tokens: usize) -> Result<()> {
+        let (capacity, max_chunk) = (self.capacity, self.max_chunk);
+        let op = "KvCache::advance";
+        // All layers checked before any changes.
+        let ends = self
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, l)| check_append(op, i, start_pos, tokens, l.ring(), capacity, max_chunk))
+            .collect::<Result<Vec<_>>>()?;
+        for (l, end) in self.layers.iter_mut().zip(ends) {
+            l.len = end;
+        }
+        Ok(())
+    }
+
     /// Positions `layer` holds (the next position to append).
     pub fn len(&self, layer: usize) -> usize {
         self.layers.get(layer).map_or(0, |l| l.len)

@@ -662,6 +662,17 @@ impl KvStore {
         }
     }
 
+    /// [`KvCache::advance`] for a replayed step; a compressed cache is never replayed (its
+    /// ops refuse capture), so it reports that.
+    pub fn advance(&mut self, start_pos: usize, tokens: usize) -> Result<()> {
+        match self {
+            KvStore::Plain(c) => c.advance(start_pos, tokens),
+            KvStore::Compressed(_) => Err(MlxError::Unsupported(
+                "KvStore::advance: a compressed KV cache is not replayed".into(),
+            )),
+        }
+    }
+
     /// Positions the cache holds.
     pub fn capacity(&self) -> usize {
         match self {

@@ -157,7 +157,7 @@ impl Transformer {
         // submitted, and a queued write lands after all earlier submissions.
         let ids = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
         ids.write(&self.gpu, tokens)?;
-        let (x, xq) = self.hidden_states(pass, &ids, pos0, cache)?;
+        let (x, xq) = self.hidden_states(pass, &ids, None, pos0, cache)?;
         if all_rows {
             return self.logits_of(pass, &x, None);
         }
@@ -207,12 +207,38 @@ impl Transformer {
             )));
         }
         let ids = ids.reshape(&[t])?;
-        let (x, xq) = self.hidden_states(pass, &ids, pos0, cache)?;
+        let (x, xq) = self.hidden_states(pass, &ids, None, pos0, cache)?;
         self.logits_of(
             pass,
             &x.view((t - 1) * self.cfg.hidden, &[1, self.cfg.hidden])?,
             xq.as_ref(),
         )
+    }
+
+    /// One decode step of the token id in `ids` (u32 `[1]`, on the GPU) at position `pos`,
+    /// whose value the caller has written into `positions` (u32 `[1]`): a step kept for
+    /// replay ([`crate::replay::DecodeLoop`]) reads both from buffers it owns. Returns the
+    /// logits `[1, vocab]`.
+    pub fn forward_token_at(
+        &self,
+        pass: &mut Pass,
+        ids: &MlxBuffer,
+        positions: &MlxBuffer,
+        pos: usize,
+        cache: &mut KvStore,
+    ) -> Result<MlxBuffer> {
+        for (b, name) in [(ids, "ids"), (positions, "positions")] {
+            if b.dtype() != DType::U32 || b.len() != 1 {
+                return Err(LmError::Invalid(format!(
+                    "forward_token_at: {name} is {} {:?}, expected u32 [1]",
+                    b.dtype(),
+                    b.shape()
+                )));
+            }
+        }
+        let ids = ids.reshape(&[1])?;
+        let (x, xq) = self.hidden_states(pass, &ids, Some(positions), pos, cache)?;
+        self.logits_of(pass, &x, xq.as_ref())
     }
 
     /// The final norm as the last layer's down may write its matvec's input at decode
@@ -233,10 +259,12 @@ impl Transformer {
     /// Embedding and every layer for `ids` at positions `pos0..`: the last hidden states
     /// `[T, hidden]`, before the final norm, and at decode the LM head's input where the
     /// last layer wrote it (the final norm pending).
+    /// `positions`: the tokens' positions already on the GPU (else written here).
     fn hidden_states(
         &self,
         pass: &mut Pass,
         ids: &MlxBuffer,
+        positions: Option<&MlxBuffer>,
         pos0: usize,
         cache: &mut KvStore,
     ) -> Result<(MlxBuffer, Option<QuantizedX>)> {
@@ -251,9 +279,15 @@ impl Transformer {
                 cache.capacity()
             )));
         }
-        let positions: Vec<u32> = (pos0..end).map(|p| p as u32).collect();
-        let pos_buf = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
-        pos_buf.write(&self.gpu, &positions)?;
+        let pos_buf = match positions {
+            Some(p) => p.clone(),
+            None => {
+                let positions: Vec<u32> = (pos0..end).map(|p| p as u32).collect();
+                let b = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
+                b.write(&self.gpu, &positions)?;
+                b
+            }
+        };
         let mut x = self.embed.gather(pass, ids)?;
         if let Some(s) = self.cfg.embed_scale {
             x = ops::scale(pass, &x, s)?;

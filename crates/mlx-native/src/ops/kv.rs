@@ -166,7 +166,21 @@ pub fn kv_append(
         &params,
         &[k_new, v_new, k_cache, v_cache],
         items.div_ceil(WG),
-    )
+    )?;
+    follow_start(pass, params, items.div_ceil(WG));
+    Ok(())
+}
+
+/// While a pass is captured for replay: the rows are written at the position that follows
+/// the token (the slot is `start % slots`, taken in the kernel).
+fn follow_start(pass: &mut Pass, params: KvParams, workgroups: u32) {
+    pass.vary_last(move |a| {
+        let start = (params.start as usize)
+            .checked_add(a.steps)
+            .and_then(|s| u32::try_from(s).ok())
+            .ok_or_else(|| crate::MlxError::invalid("kv append: the position passes u32"))?;
+        Ok(Some((KvParams { start, ..params }, workgroups)))
+    });
 }
 
 /// The stacked q|k|v rows of a step and what [`rope_append`] does to them.
@@ -271,6 +285,7 @@ pub fn rope_append(
         kw,
     ];
     pass.dispatch(Kernel::Kv, spec, &params, &bufs, rows)?;
+    follow_start(pass, params, rows);
     Ok(q)
 }
 

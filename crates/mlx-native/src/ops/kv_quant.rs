@@ -252,6 +252,7 @@ pub fn kv_quant_append(
     side: &MlxBuffer,
     start: usize,
 ) -> Result<()> {
+    pass.refuse_replay("kv_quant_append (a compressed KV cache)");
     let op = "kv_quant_append";
     let m = mode(format, op)?;
     check::dtype(k_new, &[DType::F32], op, "k_new")?;
@@ -395,6 +396,8 @@ pub fn sdpa_decode_quant(
     let (k, v) = cache.buffers(layer)?;
     let side = cache.side(layer)?;
 
+    // Its split plan and the cache's centering are not followed per token.
+    pass.refuse_replay("sdpa_decode_quant (a compressed KV cache)");
     let gt = decode_gt(n_heads / kv_heads, head_dim);
     let plan = decode_plan(
         pass,

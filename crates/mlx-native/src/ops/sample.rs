@@ -157,6 +157,16 @@ pub fn sample(
         &[&vals, &idx, &vals, &idx, &out],
         1,
     )?;
+    // Replayed per token with that token's draw.
+    pass.vary_last(move |a| {
+        let uniform = a.coin;
+        if !(0.0..1.0).contains(&uniform) {
+            return Err(crate::MlxError::invalid(format!(
+                "sample: uniform is {uniform}, expected a value in [0, 1)"
+            )));
+        }
+        Ok(Some((SampleParams { uniform, ..params }, 1)))
+    });
     Ok(out)
 }
 

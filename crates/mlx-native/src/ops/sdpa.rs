@@ -385,11 +385,82 @@ fn window_u32(opts: &SdpaOptions<'_>) -> u32 {
     opts.window.map_or(0, |w| w.min(u32::MAX as usize) as u32)
 }
 
+/// What a decode split plan depends on besides the key range.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PlanShape {
+    pub n_heads: usize,
+    pub kv_heads: usize,
+    pub gt: u32,
+    pub kt: usize,
+    pub target_wgs: usize,
+    pub window: u32,
+    pub has_sinks: u32,
+    pub scale: f32,
+    pub softcap: f32,
+}
+
+impl PlanShape {
+    fn g_tiles(&self) -> usize {
+        (self.n_heads / self.kv_heads).div_ceil(self.gt as usize)
+    }
+
+    /// The most splits a plan of this shape takes at any length.
+    fn max_splits(&self) -> usize {
+        self.target_wgs
+            .div_ceil(self.kv_heads * self.g_tiles())
+            .max(1)
+    }
+
+    /// Split the visible keys `lo..seq_len` (`range` = (lo, seq_len, ring slots)) into about
+    /// `target_wgs` workgroups of whole `kt`-key tiles (the kernel's tile), `gt` query heads
+    /// per workgroup: a split takes `ceil(tiles / want)` tiles, `want` being the splits that
+    /// bring the grid to the target (at least 1, at most one per tile). Returns the params
+    /// and the workgroups.
+    fn params(
+        &self,
+        op: &str,
+        (lo, seq_len, slots): (usize, usize, usize),
+    ) -> Result<(SdpaParams, u32)> {
+        let group = self.n_heads / self.kv_heads;
+        let g_tiles = self.g_tiles();
+        let kv_len = seq_len.saturating_sub(lo);
+        let tiles = kv_len.div_ceil(self.kt);
+        let want = self
+            .target_wgs
+            .div_ceil(self.kv_heads * g_tiles)
+            .clamp(1, tiles.max(1));
+        let split_len = tiles.div_ceil(want).max(1) * self.kt;
+        let n_splits = kv_len.div_ceil(split_len);
+        let params = SdpaParams {
+            n_heads: self.n_heads as u32,
+            kv_heads: self.kv_heads as u32,
+            group: group as u32,
+            slots: slots as u32,
+            kv_lo: lo as u32,
+            kv_hi: check::fits_u32(seq_len, op, "seq_len")?,
+            split_len: split_len as u32,
+            n_splits: n_splits as u32,
+            g_tiles: g_tiles as u32,
+            window: self.window,
+            has_sinks: self.has_sinks,
+            scale: self.scale,
+            softcap: self.softcap,
+            ..SdpaParams::default()
+        };
+        let wgs = check::fits_u32(self.kv_heads * g_tiles * n_splits, op, "workgroups")?;
+        Ok((params, wgs))
+    }
+}
+
 /// A split-K decode dispatch: its params, grid and scratch, shared by every decode kernel
 /// (f16/f32 caches here, compressed caches in `kv_quant`).
 pub(crate) struct DecodePlan {
     pub params: SdpaParams,
     pub workgroups: u32,
+    pub shape: PlanShape,
+    /// Splits `part_o` and `part_ml` hold (the plan's, or while the pass is captured for
+    /// replay, the most any length takes).
+    pub splits_held: usize,
     /// Per-split partial outputs `[n_heads, n_splits, head_dim]` and (max, sum) pairs.
     pub part_o: MlxBuffer,
     pub part_ml: MlxBuffer,
@@ -397,10 +468,7 @@ pub(crate) struct DecodePlan {
     pub out: MlxBuffer,
 }
 
-/// Split the visible keys `lo..seq_len` (`range` = (lo, seq_len, ring slots)) into about
-/// `target_wgs` workgroups of whole `kt`-key tiles (the kernel's tile), `gt` query
-/// heads per workgroup: a split takes `ceil(tiles / want)` tiles, `want` being the splits
-/// that bring the grid to the target (at least 1, at most one per tile).
+/// The plan of [`PlanShape::params`] and its scratch.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn decode_plan(
     pass: &mut Pass,
@@ -414,37 +482,64 @@ pub(crate) fn decode_plan(
     range: (usize, usize, usize),
     opts: &SdpaOptions<'_>,
 ) -> Result<DecodePlan> {
-    let (lo, seq_len, slots) = range;
-    let group = n_heads / kv_heads;
-    let g_tiles = group.div_ceil(gt as usize);
-    let kv_len = seq_len - lo;
-    let tiles = kv_len.div_ceil(kt);
-    let want = target_wgs.div_ceil(kv_heads * g_tiles).clamp(1, tiles);
-    let split_len = tiles.div_ceil(want) * kt;
-    let n_splits = kv_len.div_ceil(split_len);
-    let params = SdpaParams {
-        n_heads: n_heads as u32,
-        kv_heads: kv_heads as u32,
-        group: group as u32,
-        slots: slots as u32,
-        kv_lo: lo as u32,
-        kv_hi: check::fits_u32(seq_len, op, "seq_len")?,
-        split_len: split_len as u32,
-        n_splits: n_splits as u32,
-        g_tiles: g_tiles as u32,
+    let shape = PlanShape {
+        n_heads,
+        kv_heads,
+        gt,
+        kt,
+        target_wgs,
         window: window_u32(opts),
         has_sinks: u32::from(opts.sinks.is_some()),
         scale: opts.scale,
         softcap: opts.softcap.unwrap_or(0.0),
-        ..SdpaParams::default()
+    };
+    let (params, workgroups) = shape.params(op, range)?;
+    let splits_held = if pass.is_capturing() {
+        shape.max_splits().max(params.n_splits as usize)
+    } else {
+        params.n_splits as usize
     };
     Ok(DecodePlan {
         params,
-        workgroups: check::fits_u32(kv_heads * g_tiles * n_splits, op, "workgroups")?,
-        part_o: pass.alloc(DType::F32, &[n_heads, n_splits, head_dim])?,
-        part_ml: pass.alloc(DType::F32, &[n_heads, n_splits, 2])?,
+        workgroups,
+        shape,
+        splits_held,
+        part_o: pass.alloc(DType::F32, &[n_heads, splits_held, head_dim])?,
+        part_ml: pass.alloc(DType::F32, &[n_heads, splits_held, 2])?,
         out: pass.alloc(DType::F32, &[n_heads, head_dim])?,
     })
+}
+
+/// While a pass is captured for replay: the decode's params and workgroups as the key range
+/// grows with the token (`single`: whether the plan is the one-split kernel). None (record
+/// again) when the rule would pick the other kernel, or the splits outgrow the scratch or
+/// cross between one (no reduce recorded) and several.
+fn follow_plan(
+    plan: &DecodePlan,
+    recorded: &SdpaParams,
+    (lo0, seq0, slots): (usize, usize, usize),
+    window: Option<usize>,
+    (single, workgroups): (bool, Option<u32>),
+) -> impl Fn(&crate::graph::Advance) -> Result<Option<(SdpaParams, u32)>> + Send + 'static {
+    let (shape, held, xo) = (plan.shape, plan.splits_held, recorded.xo);
+    let one = recorded.n_splits == 1;
+    let group = shape.n_heads / shape.kv_heads;
+    move |a| {
+        let seq = seq0 + a.steps;
+        let lo = window.map_or(lo0, |w| seq.saturating_sub(w));
+        if single_split_gt(seq - lo, shape.kt, shape.n_heads, group).is_some() != single {
+            return Ok(None);
+        }
+        let (params, wgs) = shape.params("sdpa_decode", (lo, seq, slots))?;
+        let n = params.n_splits as usize;
+        if n > held || (n == 1) != one {
+            return Ok(None);
+        }
+        Ok(Some((
+            SdpaParams { xo, ..params },
+            workgroups.unwrap_or(wgs),
+        )))
+    }
 }
 
 /// Attention of one query token per head over positions `0..seq_len` of `layer`
@@ -563,6 +658,7 @@ fn decode_impl(
     };
     let repeat = DECODE_REPEAT.load(std::sync::atomic::Ordering::Relaxed);
     let sinks = opts.sinks.unwrap_or(q);
+    let range = (lo, seq_len, slots);
     for _ in 0..=repeat >> 16 {
         pass.dispatch(
             Kernel::Sdpa,
@@ -571,6 +667,8 @@ fn decode_impl(
             &[q, k, v, &plan.part_o, &plan.part_ml, sinks, &outs],
             plan.workgroups,
         )?;
+        let follow = (single.is_some(), None);
+        pass.vary_last(follow_plan(&plan, &params, range, opts.window, follow));
     }
     if params.n_splits == 1 {
         return Ok((out, chunks));
@@ -583,6 +681,8 @@ fn decode_impl(
             &[q, q, q, &plan.part_o, &plan.part_ml, sinks, &outs],
             hd.n_heads as u32,
         )?;
+        let follow = (single.is_some(), Some(hd.n_heads as u32));
+        pass.vary_last(follow_plan(&plan, &params, range, opts.window, follow));
     }
     Ok((out, chunks))
 }
@@ -1171,6 +1271,74 @@ mod tests {
         .try_for_each(|(i, c)| run_decode(c, 170 + i as u64));
         set_decode_gt(None);
         r
+    }
+
+    /// A captured decode's params follow the token: at every length from 1 to past 2k keys
+    /// the replayed params and grids (split and reduce) equal a fresh recording's, with a
+    /// new capture only where the kernel or the reduce's presence changes (the one-split
+    /// kernel up to 7 trips for Llama-3.1-8B's 32 heads; a window; an f32 cache).
+    #[test]
+    fn decode_params_follow_the_token() -> Result<()> {
+        use crate::graph::TokenVars;
+        let g = gpu();
+        let mut rng = Rng::new(41);
+        for (nh, kvh, window, dtype, recaptures) in [
+            (32, 8, None, DType::F16, 1..=1),
+            (16, 16, None, DType::F32, 1..=1),
+            (8, 2, Some(300), DType::F16, 1..=1),
+            (2, 1, None, DType::F16, 1..=1),
+        ] {
+            let d = 128;
+            let mut cfg = KvCacheConfig::new(1, kvh, d, 2200);
+            cfg.dtype = dtype;
+            cfg.windows = vec![window];
+            let mut cache = KvCache::new(g, &cfg)?;
+            let q = MlxBuffer::from_slice(g, &rng.normals(nh * d, 1.0), &[nh, d])?;
+            let opts = SdpaOptions {
+                window,
+                ..SdpaOptions::new(d)
+            };
+            let mut graph: Option<crate::Graph> = None;
+            let mut captures = 0;
+            let lens = (1..400).chain((400..2200).step_by(37));
+            for seq in lens {
+                let have = cache.len(0);
+                cache.advance(have, seq - have)?;
+                let at = TokenVars {
+                    pos: seq - 1,
+                    coin: 0.0,
+                };
+                // The attention's steps (not the poisoning fills of its scratch).
+                let attention = |v: Vec<crate::graph::StepParams>| {
+                    v.into_iter()
+                        .filter(|s| s.0.starts_with("sdpa"))
+                        .collect::<Vec<_>>()
+                };
+                let mut fresh = g.begin();
+                sdpa_decode(&mut fresh, &q, &cache, 0, seq, &opts)?;
+                let want = attention(fresh.params_now());
+                let got = match graph.as_mut() {
+                    Some(gr) => gr.params_at(at)?.map(attention),
+                    None => None,
+                };
+                match got {
+                    Some(got) => assert_eq!(got, want, "{nh}/{kvh} {window:?}: {seq} keys"),
+                    None => {
+                        let mut pass = g.begin().capture(at);
+                        sdpa_decode(&mut pass, &q, &cache, 0, seq, &opts)?;
+                        assert_eq!(attention(pass.params_now()), want);
+                        graph = Some(pass.into_graph()?);
+                        captures += 1;
+                    }
+                }
+            }
+            println!("{nh}/{kvh} {window:?} {dtype}: {captures} captures");
+            assert!(
+                recaptures.contains(&(captures - 1)),
+                "{nh}/{kvh} {window:?}: {captures} captures"
+            );
+        }
+        Ok(())
     }
 
     #[test]
