@@ -36,7 +36,7 @@ use mlx_native::weights::expert_weight::{ExpertWeight, GgmlExperts, QuantExperts
 use mlx_native::weights::ggml::GgmlType;
 use mlx_native::weights::quant::QuantParams;
 use mlx_native::weights::quant_weight::QuantWeight;
-use mlx_native::{DType, MlxBuffer, MlxDevice, Pass};
+use mlx_native::{DType, MlxBuffer, MlxDevice, Pass, TokenVars};
 use serde::Serialize;
 
 use crate::bench::{read_bandwidth, Bandwidth};
@@ -45,6 +45,7 @@ use crate::error::{LmError, Result};
 use crate::layers::mlp::{Ffn, MoeMlp};
 use crate::layers::{Attention, DecoderLayer, Linear, Mlp};
 use crate::models::{Transformer, PREFILL_CHUNK};
+use crate::replay::DecodeLoop;
 
 /// Which weight a tensor is, for the per-role type table and the per-linear timings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -1120,6 +1121,20 @@ pub struct ContextRow {
     pub record_us: f64,
     /// CPU time of `Pass::commit` (encoding into wgpu and submitting), median.
     pub submit_us: f64,
+    /// The same steps replayed from one recording (`replay::DecodeLoop`), the id read back
+    /// after each: wall clock tok/s (median step).
+    pub replay_tok_s: f64,
+    /// Replayed steps submitted back to back (as `overlapped_tok_s`).
+    pub replay_overlapped_tok_s: f64,
+    pub replay_overlapped_roofline_fraction: f64,
+    /// CPU time to submit one replayed step (position written, cache lengths advanced,
+    /// params set, encoded, submitted), median: what replaces `record_us + submit_us`.
+    pub replay_us: f64,
+    /// Its parts (medians): parameters set and uploaded, steps encoded into a wgpu command
+    /// buffer, submitted.
+    pub replay_split_us: [f64; 3],
+    /// Steps the replay rows recorded again (the attention's plan changed shape).
+    pub replay_recorded: usize,
 }
 
 /// GPU time of one projection role over all layers.
@@ -1300,6 +1315,86 @@ fn overlapped_decode(
     let t = secs(t0);
     let last = ids.to_vec::<u32>(&m.gpu)?.first().copied().unwrap_or(0);
     Ok((t, last))
+}
+
+/// What the replayed rows measured.
+struct ReplayTimes {
+    /// Median wall clock of a step with its id read back.
+    wall: f64,
+    /// Seconds of `n` steps submitted back to back.
+    overlapped: f64,
+    /// Median CPU time of a replayed step's submission, and of its parts.
+    host: f64,
+    split: [f64; 3],
+    recorded: usize,
+}
+
+/// `n` greedy steps replayed from one recording with the id read back after each, then `n`
+/// submitted back to back (each after one recording that is not timed); returns the times
+/// and the last id.
+fn replayed_decode(
+    m: &Transformer,
+    cache: &mut KvStore,
+    first: u32,
+    pos: &mut usize,
+    n: usize,
+) -> Result<(ReplayTimes, u32)> {
+    let mut steps = DecodeLoop::new(&m.gpu, true)?;
+    steps.ids().write(&m.gpu, &[first])?;
+    let tail = |pass: &mut Pass, logits: &MlxBuffer| -> Result<MlxBuffer> {
+        Ok(ops::argmax(pass, logits)?.reshape(&[1])?)
+    };
+    let mut splits = Vec::new();
+    let mut step = |cache: &mut KvStore, pos: &mut usize, readback: bool| {
+        let at = TokenVars {
+            pos: *pos,
+            coin: 0.0,
+        };
+        let t0 = Instant::now();
+        let rb = steps.step(m, cache, at, &tail, readback)?;
+        let host = secs(t0);
+        splits.push(steps.host_split());
+        *pos += 1;
+        let id = match rb {
+            Some(rb) => rb.wait::<u32>()?.first().copied(),
+            None => None,
+        };
+        Ok::<_, LmError>((host, id, secs(t0)))
+    };
+    // The recording, then the timed replays.
+    step(cache, pos, true)?;
+    let (mut walls, mut hosts) = (Vec::new(), Vec::new());
+    let mut last = first;
+    for _ in 0..n {
+        let (host, id, wall) = step(cache, pos, true)?;
+        last = id.unwrap_or(last);
+        walls.push(wall);
+        hosts.push(host);
+    }
+    m.gpu.wait_idle()?;
+    let t0 = Instant::now();
+    for _ in 0..n {
+        hosts.push(step(cache, pos, false)?.0);
+    }
+    m.gpu.wait_idle()?;
+    let overlapped = secs(t0);
+    let last = steps
+        .ids()
+        .to_vec::<u32>(&m.gpu)?
+        .first()
+        .copied()
+        .unwrap_or(last);
+    let part = |i: usize| median(splits.iter().skip(1).map(|s| s[i]).collect());
+    Ok((
+        ReplayTimes {
+            wall: median(walls),
+            overlapped,
+            host: median(hosts),
+            split: [part(0), part(1), part(2)],
+            recorded: steps.stats().recorded.saturating_sub(1),
+        },
+        last,
+    ))
 }
 
 /// A profiled decode step: per-dispatch timings and the dispatch count.
@@ -1527,7 +1622,9 @@ pub fn bench_shape(
     let mut report = ShapeReport::skipped(spec, opts.kv_format, "ok".into());
     report.load_secs = Some(load_secs);
 
-    let per_ctx_steps = opts.warmup + 2 * opts.steps + opts.profiled_steps + 5 + 2;
+    // Warm-up, timed, overlapped, replayed (one recording, read back, overlapped), profiled,
+    // pass-timed and checked steps.
+    let per_ctx_steps = opts.warmup + 4 * opts.steps + 1 + opts.profiled_steps + 5 + 2;
     let max_ctx = opts.contexts.iter().copied().max().unwrap_or(0);
     let mut cache = m.new_cache_with(
         max_ctx + opts.contexts.len() * per_ctx_steps + 2,
@@ -1593,6 +1690,17 @@ pub fn bench_shape(
             }
         }
         let gpu_pass_us = (!pass_us.is_empty()).then(|| median(pass_us));
+        // After the GPU timings, which therefore stay at the positions they had before
+        // replay was measured.
+        let replay = match cache {
+            KvStore::Plain(_) => {
+                let (r, next) = replayed_decode(&m, &mut cache, id, &mut pos, opts.steps)?;
+                id = next;
+                Some(r)
+            }
+            // Compressed caches are not replayed.
+            KvStore::Compressed(_) => None,
+        };
         if ci == 0 {
             report.dispatches_per_token = Some(dispatches);
             report.checks = Some(check_logits(&m, &mut cache, pos)?);
@@ -1618,10 +1726,24 @@ pub fn bench_shape(
             overlapped_roofline_fraction: (opts.steps as f64 / ov_secs) / roofline,
             record_us: median(times.iter().map(|t| t.record).collect()) * 1e6,
             submit_us: median(times.iter().map(|t| t.submit).collect()) * 1e6,
+            replay_tok_s: replay.as_ref().map_or(0.0, |r| 1.0 / r.wall),
+            replay_overlapped_tok_s: replay
+                .as_ref()
+                .map_or(0.0, |r| opts.steps as f64 / r.overlapped),
+            replay_overlapped_roofline_fraction: replay
+                .as_ref()
+                .map_or(0.0, |r| opts.steps as f64 / r.overlapped / roofline),
+            replay_us: replay.as_ref().map_or(0.0, |r| r.host * 1e6),
+            replay_split_us: replay
+                .as_ref()
+                .map_or([0.0; 3], |r| r.split.map(|x| x * 1e6)),
+            replay_recorded: replay.as_ref().map_or(0, |r| r.recorded),
         };
         say(&format!(
-            "context {start}: {:.1} tok/s, overlapped {:.1} tok/s, gpu {:?} us (profiled), {:?} us (one pass)",
-            row.decode_tok_s, row.overlapped_tok_s, row.gpu_us_per_token, row.gpu_pass_us_per_token
+            "context {start}: {:.1} tok/s, overlapped {:.1} tok/s, gpu {:?} us (profiled), {:?} us (one pass); replayed {:.1} tok/s, overlapped {:.1} tok/s, host {:.0} us a step (params {:.0}, encode {:.0}, submit {:.0})",
+            row.decode_tok_s, row.overlapped_tok_s, row.gpu_us_per_token, row.gpu_pass_us_per_token,
+            row.replay_tok_s, row.replay_overlapped_tok_s, row.replay_us, row.replay_split_us[0],
+            row.replay_split_us[1], row.replay_split_us[2]
         ));
         report.contexts.push(row);
     }
@@ -1942,9 +2064,10 @@ impl DecodeReport {
             }
         }
         s.push_str(&format!(
-            "\n{:<18} {:>5} {:>5} {:>5} {:>8} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>8} {:>4} {:>6} {:>6} {:>5}\n",
+            "\n{:<18} {:>5} {:>5} {:>5} {:>8} {:>7} {:>8} {:>8} {:>6} {:>7} {:>6} {:>8} {:>4} {:>6} {:>6} {:>7} {:>7} {:>6} {:>6} {:>5}\n",
             "shape", "kv", "ctx", "MB/t", "roof t/s", "tok/s", "wall us", "gpu us", "roof%", "ovl t/s",
-            "ovl%", "pf tok/s", "disp", "rec us", "sub us", "check"
+            "ovl%", "pf tok/s", "disp", "rec us", "sub us", "rpl t/s", "rpl ovl", "rpl%", "rpl us",
+            "check"
         ));
         for r in &self.shapes {
             if r.contexts.is_empty() {
@@ -1961,7 +2084,7 @@ impl DecodeReport {
             for (i, c) in r.contexts.iter().enumerate() {
                 let first = i == 0;
                 s.push_str(&format!(
-                    "{:<18} {:>5} {:>5} {:>5.0} {:>8.1} {:>7.1} {:>8.1} {:>8} {:>5.1}% {:>7.1} {:>5.1}% {:>8} {:>4} {:>6.0} {:>6.0} {:>5}\n",
+                    "{:<18} {:>5} {:>5} {:>5.0} {:>8.1} {:>7.1} {:>8.1} {:>8} {:>5.1}% {:>7.1} {:>5.1}% {:>8} {:>4} {:>6.0} {:>6.0} {:>7.1} {:>7.1} {:>5.1}% {:>6.0} {:>5}\n",
                     if first { r.shape.as_str() } else { "" },
                     if first { r.kv_cache.as_str() } else { "" },
                     c.context,
@@ -1980,6 +2103,10 @@ impl DecodeReport {
                     },
                     c.record_us,
                     c.submit_us,
+                    c.replay_tok_s,
+                    c.replay_overlapped_tok_s,
+                    100.0 * c.replay_overlapped_roofline_fraction,
+                    c.replay_us,
                     if first { check } else { "" },
                 ));
             }

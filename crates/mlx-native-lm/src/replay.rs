@@ -62,6 +62,11 @@ impl DecodeLoop {
         self.stats
     }
 
+    /// [`Graph::host_split`] of the kept step's latest replay (zeros before one).
+    pub fn host_split(&self) -> [f64; 3] {
+        self.graph.as_ref().map_or([0.0; 3], Graph::host_split)
+    }
+
     /// Forget the kept step (a new sequence or cache).
     pub fn reset(&mut self) {
         self.graph = None;

@@ -104,6 +104,8 @@ pub struct Graph {
     copies: Vec<encoder::Copy>,
     _keep: Vec<Arc<RawBuffer>>,
     stale: bool,
+    /// Host seconds of the latest replay's parts (see [`Graph::host_split`]).
+    split: [f64; 3],
 }
 
 impl Graph {
@@ -135,6 +137,7 @@ impl Graph {
             copies,
             _keep: keep,
             stale: false,
+            split: [0.0; 3],
         })
     }
 
@@ -196,11 +199,13 @@ impl Graph {
     /// functions), with a copy of `readback` to the host at the end of the submission when
     /// given; or [`Replayed::Stale`], submitting nothing.
     pub fn replay(&mut self, at: TokenVars, readback: Option<&MlxBuffer>) -> Result<Replayed> {
+        let t0 = std::time::Instant::now();
         if !self.apply(at)? {
             return Ok(Replayed::Stale);
         }
         let inner = &self.gpu.inner;
         inner.queue.write_buffer(&self.uniforms, 0, &self.arena);
+        let t1 = std::time::Instant::now();
         let mut enc = inner
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -218,12 +223,25 @@ impl Graph {
             Some(buf) => Some(encoder::stage_readback(&self.gpu, &mut enc, buf)),
             None => None,
         };
-        let index = inner.queue.submit(Some(enc.finish()));
+        let cb = enc.finish();
+        let t2 = std::time::Instant::now();
+        let index = inner.queue.submit(Some(cb));
         inner.count_submit_and_map(1, u64::from(staged.is_some()));
+        self.split = [
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            t2.elapsed().as_secs_f64(),
+        ];
         self.gpu.take_uncaptured()?;
         Ok(Replayed::Submitted(
             staged.map(|s| s.into_readback(self.gpu.clone(), index)),
         ))
+    }
+
+    /// Host seconds of the latest replay: setting and uploading the parameters, encoding
+    /// the steps into a wgpu command buffer, and submitting it (measurement).
+    pub fn host_split(&self) -> [f64; 3] {
+        self.split
     }
 
     /// The parameter bytes and workgroup grid of every step as the next replay would submit
