@@ -10,7 +10,9 @@
 //! With `AB_XQ=1`: the default against its matvecs quantizing x themselves (the before of
 //! `Folding::quantized_x`), each also without the norm folds. Other lists (comments below):
 //! `AB_BOUND`, `AB_NORM_OUT`, `AB_OXQ`, `AB_XSRC` (matvec shapes), `AB_SKIP` (each kind of
-//! dispatch dropped), `AB_MOE` (the experts' gate and up in one dispatch or two). Each step advances the position: after ~100 steps the context passes
+//! dispatch dropped), `AB_MOE` (the experts' gate and up in one dispatch or two),
+//! `AB_COMBINE` (an MoE layer's down and weighted sum in one dispatch or two). Each step
+//! advances the position: after ~100 steps the context passes
 //! the one-split attention's reach (224 keys) and the attention runs split-K (one more
 //! dispatch a layer than `bench decode` counts at context 128).
 
@@ -253,6 +255,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ),
         ];
         gu_off = vec![true, false];
+    }
+    // AB_COMBINE=1: an MoE layer's down experts and weighted sum in one dispatch (the
+    // default, `Folding::moe_combine`) against the two.
+    if std::env::var("AB_COMBINE").is_ok() {
+        probes.clear();
+        xsrc.clear();
+        skips.clear();
+        gu_off.clear();
+        let apart = Folding {
+            moe_combine: false,
+            ..default
+        };
+        variants = vec![
+            ("down, combine apart".into(), (apart, (0, 0), 0, None)),
+            ("down+combine (default)".into(), (default, (0, 0), 0, None)),
+        ];
     }
     let mut stacked: Vec<Option<mlx_native::weights::expert_weight::QuantExperts>> =
         m.layers.iter().map(|_| None).collect();

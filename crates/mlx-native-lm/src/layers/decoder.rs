@@ -91,6 +91,10 @@ pub struct Folding {
     /// caches, head dims of whole chunks: `KvStore::sdpa_decode_xq`), which then quantizes
     /// no x in its row-sets.
     pub o_xq: bool,
+    /// An MoE layer's down experts and their weighted sum, with the residual, in one
+    /// dispatch (needs `quantized_x` and `residual`; `ops::moe::gather_qmv_xq_combine`): the
+    /// combine's dispatch goes.
+    pub moe_combine: bool,
 }
 
 impl Folding {
@@ -104,6 +108,7 @@ impl Folding {
         norm_out: false,
         glu_out: false,
         o_xq: false,
+        moe_combine: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
@@ -115,6 +120,7 @@ impl Folding {
         norm_out: true,
         glu_out: true,
         o_xq: true,
+        moe_combine: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md). With
     /// qmv's 16-bit x, `small_norms` gains 97 us a token on Qwen3-30B-A3B and 75 on
@@ -135,6 +141,7 @@ impl Folding {
         norm_out: true,
         glu_out: true,
         o_xq: true,
+        moe_combine: true,
     };
 
     fn any(self) -> bool {
@@ -146,6 +153,7 @@ impl Folding {
             || self.norm_out
             || self.glu_out
             || self.o_xq
+            || self.moe_combine
     }
 
     /// Whether to fold a pre-norm into a matvec of `shape` ([N, K]).
@@ -411,6 +419,11 @@ impl DecoderLayer {
             None => match &self.mlp {
                 // The residual rides in the experts' weighted sum.
                 Ffn::Moe(moe) if fold_ffn_residual => {
+                    if let (Some(q), true) = (&hq, f.moe_combine) {
+                        // x (o's output, read by nothing after this) takes the sum in place.
+                        moe.forward_into(pass, &h, q, &x)?;
+                        return Ok((x, None));
+                    }
                     return Ok((moe.forward_with(pass, &h, hq.as_ref(), Some(&x))?, None));
                 }
                 ffn => ffn.forward(pass, &h)?,

@@ -4,7 +4,8 @@
 
 use mlx_native::ops::activation::{glu, glu_split, glu_split_xq, Act};
 use mlx_native::ops::moe::{
-    experts_xq_form, moe_ffn, moe_ffn_xq, MoeConfig, MoeExperts, RouterConfig, RouterKind,
+    experts_xq_form, moe_ffn, moe_ffn_xq, moe_ffn_xq_into, MoeConfig, MoeExperts, RouterConfig,
+    RouterKind,
 };
 use mlx_native::ops::qmatmul::{MatvecX, NormOut, QuantizedX};
 use mlx_native::ops::QmvFusion;
@@ -243,7 +244,36 @@ impl MoeMlp {
     ) -> Result<MlxBuffer> {
         // f32 x: a rounded x can flip a top-k choice (Linear::forward_f32_x).
         let logits = self.router.forward_f32_x(pass, x)?;
-        let cfg = MoeConfig {
+        let cfg = self.config();
+        Ok(match xq {
+            Some(q) => moe_ffn_xq(pass, q, &logits, &self.experts, &cfg, residual)?,
+            None => moe_ffn(pass, x, &logits, &self.experts, &cfg, residual)?,
+        })
+    }
+
+    /// Decode with x quantized for the experts (`xq`; the router reads f32 `x`): the FFN's
+    /// output added into `acc` (the residual stream, f32 `[T, H]`) in place, the down
+    /// experts and the weighted sum in one dispatch (`ops::moe::moe_ffn_xq_into`).
+    pub fn forward_into(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        xq: &QuantizedX,
+        acc: &MlxBuffer,
+    ) -> Result<()> {
+        let logits = self.router.forward_f32_x(pass, x)?;
+        Ok(moe_ffn_xq_into(
+            pass,
+            xq,
+            &logits,
+            &self.experts,
+            &self.config(),
+            acc,
+        )?)
+    }
+
+    fn config(&self) -> MoeConfig<'static> {
+        MoeConfig {
             router: RouterConfig {
                 top_k: self.top_k,
                 kind: RouterKind::SoftmaxTopK {
@@ -251,11 +281,7 @@ impl MoeMlp {
                 },
             },
             act: self.act,
-        };
-        Ok(match xq {
-            Some(q) => moe_ffn_xq(pass, q, &logits, &self.experts, &cfg, residual)?,
-            None => moe_ffn(pass, x, &logits, &self.experts, &cfg, residual)?,
-        })
+        }
     }
 
     /// The form of quantized x the gate and up experts read at decode, if they read one.

@@ -64,6 +64,8 @@ pub const MAX_VEC_TOKENS: usize = 8;
 const TILE_PAIRS: usize = 64;
 const WG: u32 = 256;
 const GQMV_WG: u32 = 64;
+/// gqmv_combine: 8 row-blocks of 32 invocations (moe_quant.wgsl's CB).
+const GQMV_COMBINE_WG: u32 = 256;
 const GQMM_WG: u32 = 256;
 const RPTS: [u32; 3] = [1, 2, 4];
 
@@ -226,6 +228,14 @@ fn gqmv_spec(
         .with_subgroups(sg))
 }
 
+/// The routed matvec with the weighted sum over a token's slots (`gqmv_combine`): x as
+/// [`QuantizedX`] chunks in the `xq` form.
+fn gqmv_combine_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool, xq: u32) -> Result<Spec> {
+    Ok(qspec("gqmv_combine", params, dt, GQMV_COMBINE_WG)?
+        .with_const("GQMV", 1 << 6 | xq << 4 | rpt)?
+        .with_subgroups(sg))
+}
+
 fn ggml_spec(kind: GgmlType, wg: u32, sg: bool) -> Result<(Kernel, Spec)> {
     let entry = "moe_matvec";
     let (kernel, spec) = match kind {
@@ -265,6 +275,10 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
                     };
                     for &mode in modes {
                         v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq, mode)?));
+                    }
+                    if xq != 0 {
+                        let spec = gqmv_combine_spec(params, dt, rpt, sg, xq)?;
+                        v.push((Kernel::MoeQuant, spec));
                     }
                 }
             }
@@ -673,6 +687,61 @@ pub fn gather_qmv_xq_gate_up(
     Ok(y)
 }
 
+/// The down experts of decode tokens and their weighted sum in one dispatch
+/// ([`gather_qmv_xq`] then [`moe_combine`]), added into `acc` in place: `acc[t, :] +=
+/// Σ_j weights[t, j] · (x[t·k + j, :] · W[ids[t, j]]ᵀ)`. `x`: a row per pair (`[T·k, K]`,
+/// quantized for `w`), `ids` u32 and `weights` f32 `[T, k]`, `acc` f32 `[T, N]` (the
+/// residual stream the FFN's output joins).
+pub fn gather_qmv_xq_combine(
+    pass: &mut Pass,
+    x: &QuantizedX,
+    w: &QuantExperts,
+    (ids, weights): (&MlxBuffer, &MlxBuffer),
+    acc: &MlxBuffer,
+) -> Result<()> {
+    let op = "gather_qmv_xq_combine";
+    let [e, n, k] = w.shape();
+    let qw = w.weight();
+    let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, w, ids)?;
+    check::ensure(x_div == 1, op, || {
+        format!("x has {} rows, expected one per pair ({pairs})", x.rows())
+    })?;
+    check::dtype(weights, &[DType::F32], op, "weights")?;
+    check::shape(weights, &[tokens, top_k], op, "weights")?;
+    check::dtype(acc, &[DType::F32], op, "acc")?;
+    check::shape(acc, &[tokens, n], op, "acc")?;
+    let params = gather_params(op, qw, [e, n, k], pairs, top_k as u32)?;
+    let sdt = qmatmul::scale_dtype(qw.params(), qw.dtype());
+    let sg = matches!(
+        plan(1, n, k, pass.caps()),
+        MatmulPlan::Vector {
+            subgroups: true,
+            ..
+        }
+    );
+    // As the routed matvec of quantized x: 4 rows a row-block.
+    let rpt = 4;
+    let spec = gqmv_combine_spec(qw.params(), sdt, rpt, sg, x.form().xq())?;
+    let groups = check::fits_u32(
+        tokens.saturating_mul(n.div_ceil(rpt as usize)),
+        op,
+        "workgroups",
+    )?;
+    let biases = qw.biases().unwrap_or(qw.scales());
+    let wbits = weights.bitcast(DType::U32, weights.shape())?;
+    let bufs = [
+        x.buffer(),
+        qw.packed(),
+        qw.scales(),
+        biases,
+        acc,
+        qw.packed(),
+        ids,
+        &wbits,
+    ];
+    pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)
+}
+
 /// Sort the pairs by expert on the GPU: returns the `sorted` buffer (tile count, tile table,
 /// pair order) and its number of tile entries.
 fn sort_pairs(
@@ -940,7 +1009,28 @@ pub fn moe_ffn_xq(
     shared: Option<&MlxBuffer>,
 ) -> Result<MlxBuffer> {
     let op = "moe_ffn_xq";
-    let (ExpertWeight::Mlx(gw), ExpertWeight::Mlx(uw), ExpertWeight::Mlx(dw)) =
+    let (act, ids, weights) = experts_act_xq(pass, op, xq, router_logits, experts, cfg)?;
+    let ExpertWeight::Mlx(dw) = &experts.down else {
+        return Err(MlxError::invalid(format!(
+            "{op}: quantized x is read by MLX-quantized experts only"
+        )));
+    };
+    let y = gather_qmv_xq(pass, &act, dw, &ids)?;
+    moe_combine(pass, &y, &weights, shared)
+}
+
+/// What [`moe_ffn_xq`] does before the down experts: the route, then the gate and up
+/// experts and their GLU, written quantized for down (a row per pair). Returns those rows,
+/// the expert ids and their weights.
+fn experts_act_xq(
+    pass: &mut Pass,
+    op: &str,
+    xq: &QuantizedX,
+    router_logits: &MlxBuffer,
+    experts: &MoeExperts,
+    cfg: &MoeConfig<'_>,
+) -> Result<(QuantizedX, MlxBuffer, MlxBuffer)> {
+    let (ExpertWeight::Mlx(gw), ExpertWeight::Mlx(uw), ExpertWeight::Mlx(_)) =
         (&experts.gate, &experts.up, &experts.down)
     else {
         return Err(MlxError::invalid(format!(
@@ -973,8 +1063,28 @@ pub fn moe_ffn_xq(
         let up2 = up.reshape(&[pairs, i])?;
         super::activation::glu_xq(pass, &gate2, &up2, cfg.act, down_form)?
     };
-    let y = gather_qmv_xq(pass, &act, dw, &ids)?;
-    moe_combine(pass, &y, &weights, shared)
+    Ok((act, ids, weights))
+}
+
+/// [`moe_ffn_xq`] with its output added into `acc` (f32 `[T, H]`, the residual stream) in
+/// place, the down experts and the weighted sum in one dispatch
+/// ([`gather_qmv_xq_combine`]).
+pub fn moe_ffn_xq_into(
+    pass: &mut Pass,
+    xq: &QuantizedX,
+    router_logits: &MlxBuffer,
+    experts: &MoeExperts,
+    cfg: &MoeConfig<'_>,
+    acc: &MlxBuffer,
+) -> Result<()> {
+    let op = "moe_ffn_xq_into";
+    let (act, ids, weights) = experts_act_xq(pass, op, xq, router_logits, experts, cfg)?;
+    let ExpertWeight::Mlx(dw) = &experts.down else {
+        return Err(MlxError::invalid(format!(
+            "{op}: quantized x is read by MLX-quantized experts only"
+        )));
+    };
+    gather_qmv_xq_combine(pass, &act, dw, (&ids, &weights), acc)
 }
 
 #[cfg(test)]

@@ -1025,6 +1025,112 @@ fn stacked_gate_up_equals_the_two_matvecs() {
     }
 }
 
+/// `gather_qmv_xq_combine` adds Σ_j w_j · y_j into the accumulator, y the down experts'
+/// products of `gather_qmv_xq` (held to f64 above) and the sum and add done here in f64:
+/// tokens 1 and 2, top_k 2, 8 and 10 (more slots than the kernel's 8 row-blocks), an
+/// expert id out of range (its slot adds nothing), 4- and 8-bit, N not a multiple of the
+/// 4 rows a row-block, both reduction paths, poisoned allocations. Tolerance: the kernel
+/// sums the same f32 partials in another order (weighted before the reduction): 1e-5 of
+/// Σ_j |w_j·y_j| plus |acc|·2^-23.
+#[test]
+fn down_and_combine_in_one_dispatch_match_the_two() {
+    let mut rng = Rng::new(917);
+    for no_sg in [false, true] {
+        let g = &poisoned(no_sg);
+        let (e, n, k) = (12, 100, 128);
+        for params in [QuantParams::affine(4, 32), QuantParams::affine(8, 64)] {
+            let (dq, _) = quant_experts(&mut rng, e, n, k, params, DType::BF16);
+            let w = QuantExperts::upload(g, &dq).unwrap();
+            let form = XqForm::of(w.weight()).unwrap();
+            for (t, top) in [(1, 2), (1, 8), (2, 10)] {
+                let mut ids = random_ids(&mut rng, t, top, e);
+                ids[1] = e as u32 + 5;
+                let wts: Vec<f32> = (0..t * top).map(|_| rng.uniform(0.05, 1.0)).collect();
+                let acc0 = rng.normals(t * n, 1.0);
+                let x = rng.normals(t * top * k, 1.0);
+                let gids = MlxBuffer::from_slice(g, &ids, &[t, top]).unwrap();
+                let gw = MlxBuffer::from_slice(g, &wts, &[t, top]).unwrap();
+                let gx = MlxBuffer::from_slice(g, &x, &[t * top, k]).unwrap();
+                let acc = MlxBuffer::from_slice(g, &acc0, &[t, n]).unwrap();
+                let mut pass = g.begin();
+                let xq = qmatmul::quantize_x(&mut pass, &gx, form).unwrap();
+                let y = gather_qmv_xq(&mut pass, &xq, &w, &gids).unwrap();
+                gather_qmv_xq_combine(&mut pass, &xq, &w, (&gids, &gw), &acc).unwrap();
+                pass.commit_and_wait().unwrap();
+                let y: Vec<f32> = y.to_vec(g).unwrap();
+                let got: Vec<f32> = acc.to_vec(g).unwrap();
+                let what = format!("b{} T {t} top {top} subgroups off {no_sg}", params.bits);
+                for ti in 0..t {
+                    for ni in 0..n {
+                        let (mut want, mut mag) = (f64::from(acc0[ti * n + ni]), 0.0);
+                        for j in 0..top {
+                            let p = ti * top + j;
+                            let v = f64::from(wts[p]) * f64::from(y[p * n + ni]);
+                            want += v;
+                            mag += v.abs();
+                        }
+                        let o = got[ti * n + ni];
+                        let tol = 1e-5 * mag + want.abs() * 2f64.powi(-23);
+                        assert!(
+                            (f64::from(o) - want).abs() <= tol,
+                            "{what}: [{ti}, {ni}] {o} vs {want} (tol {tol})"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The fused down-and-combine names what it refuses: x a row per token, weights of another
+/// shape, an accumulator of another width.
+#[test]
+fn down_and_combine_bad_inputs_are_named() {
+    let g = gpu();
+    let mut rng = Rng::new(918);
+    let (dq, _) = quant_experts(&mut rng, 4, 8, 64, QuantParams::affine(4, 64), DType::F32);
+    let w = QuantExperts::upload(g, &dq).unwrap();
+    let form = XqForm::of(w.weight()).unwrap();
+    let ids = MlxBuffer::from_slice(g, &[0u32, 1], &[1, 2]).unwrap();
+    let wts = MlxBuffer::from_slice(g, &[0.5f32, 0.5], &[1, 2]).unwrap();
+    let wts_bad = MlxBuffer::from_slice(g, &[0.5f32, 0.5, 0.1], &[1, 3]).unwrap();
+    let acc = MlxBuffer::from_slice(g, &[0f32; 8], &[1, 8]).unwrap();
+    let acc_bad = MlxBuffer::from_slice(g, &[0f32; 7], &[1, 7]).unwrap();
+    let x_token = MlxBuffer::from_slice(g, &rng.normals(64, 1.0), &[1, 64]).unwrap();
+    let x_pairs = MlxBuffer::from_slice(g, &rng.normals(128, 1.0), &[2, 64]).unwrap();
+    let mut pass = g.begin();
+    let qt = qmatmul::quantize_x(&mut pass, &x_token, form).unwrap();
+    let qp = qmatmul::quantize_x(&mut pass, &x_pairs, form).unwrap();
+    let err = |r: Result<()>| r.unwrap_err().to_string();
+    let e1 = err(gather_qmv_xq_combine(
+        &mut pass,
+        &qt,
+        &w,
+        (&ids, &wts),
+        &acc,
+    ));
+    assert!(
+        e1.contains("x has 1 rows, expected one per pair (2)"),
+        "{e1}"
+    );
+    let e2 = err(gather_qmv_xq_combine(
+        &mut pass,
+        &qp,
+        &w,
+        (&ids, &wts_bad),
+        &acc,
+    ));
+    assert!(e2.starts_with("gather_qmv_xq_combine: weights"), "{e2}");
+    let e3 = err(gather_qmv_xq_combine(
+        &mut pass,
+        &qp,
+        &w,
+        (&ids, &wts),
+        &acc_bad,
+    ));
+    assert!(e3.starts_with("gather_qmv_xq_combine: acc"), "{e3}");
+}
+
 #[test]
 fn bad_inputs_are_named() {
     let g = gpu();

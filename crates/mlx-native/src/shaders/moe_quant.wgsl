@@ -9,8 +9,11 @@
 //         (tile of <= 64 pairs of one expert, 64 outputs): 64 x 64 tiles as in qmm, x rows
 //         gathered through the pair order.
 // Expert ids >= E never index the weights (clamped) and give rows of zeros.
+//   gqmv_combine  decode: gqmv of the down experts with the weighted sum over a token's
+//         slots added into an accumulator (below).
 // Bindings: 0 x (f32 as vec4: offset a multiple of 4), 1 packed, 2 scales, 3 biases, 4 y f32
-// [P, N], 5 packed as vec4, 6 ids u32 [P] (gqmv), 7 sorted u32 (gqmm: see moe.wgsl).
+// [P, N] (gqmv_combine: the accumulator [T, N]), 5 packed as vec4, 6 ids u32 [P] (gqmv),
+// 7 sorted u32 (gqmm: see moe.wgsl; gqmv_combine: the slots' weights f32 [P] as bits).
 struct Params {
     pairs: u32,
     n: u32,
@@ -183,6 +186,98 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             t += red[o + i];
         }
         y[view(4u) + pair * p.n + n] = select(0.0, t, valid);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// gqmv_combine: the down experts of one decode token and the weighted sum over its top_k
+// slots in one dispatch (gather_qmv_xq then moe_combine): acc[t, n] += Σ_j w[t, j] ·
+// (x[t * top_k + j, :] · W[ids[t, j], n, :]). A workgroup takes RPT output rows n0.. of
+// token t; its 8 row-blocks of 32 invocations take the slots j = block, block + 8, ...,
+// each scaling its lanes' partial sums by the slot's weight, so one reduction over blocks
+// and lanes gives the sum. x comes as quantized chunks (XSRC), a row per slot. Binding 4 is
+// acc (read and written), binding 7 the weights f32 [T, top_k] as bits.
+
+const CB: u32 = 8u;
+var<workgroup> red_c: array<f32, 1024>;
+
+@compute @workgroup_size(256)
+fn gqmv_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+                @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+                , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32
+#endif
+) {
+    let block = lid / TPR;
+    let lane = lid % TPR;
+    let nrb = (p.n + RPT - 1u) / RPT;
+    let g = flat_wg(wid, nwg);
+    let tokens = p.pairs / p.top_k;
+    let t = min(g / nrb, tokens - 1u);
+    let live = g / nrb < tokens;
+    let n0 = (g % nrb) * RPT;
+    let chunks = p.k / 32u;
+#if SUBGROUPS
+    // A subgroup wider than a row-block sums two blocks' slots at once: the other block's
+    // entries keep their zero, and the sum is over every block anyway.
+    let slots = max(TPR / ss, 1u);
+    let slot = lane / ss;
+#else
+    let slots = TPR;
+    let slot = lane;
+#endif
+    var s = vec4<f32>(0.0);
+    for (var j = block; j < p.top_k; j += CB) {
+        let pair = t * p.top_k + j;
+        let e = ids[view(6u) + pair];
+        let wj = bitcast<f32>(sorted[view(7u) + pair]);
+        if e < p.experts {
+            let r0 = expert_row(e, min(n0, p.n - 1u));
+            let r1 = expert_row(e, min(n0 + 1u, p.n - 1u));
+            let r2 = expert_row(e, min(n0 + 2u, p.n - 1u));
+            let r3 = expert_row(e, min(n0 + 3u, p.n - 1u));
+            let qo = view(0u) / 4u + pair * chunks * XQ_VEC4S;
+            var sj = vec4<f32>(0.0);
+            for (var c = lane; c < chunks; c += TPR) {
+                let o = qo + c * XQ_VEC4S;
+                let xq = xchunk_from(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u]);
+                var x: array<vec4<f32>, 8>;
+                let gc = (c * 32u) / GROUP_SIZE;
+                sj.x += row_chunk(r0, c, gc, x, xq);
+                if RPT > 1u {
+                    sj.y += row_chunk(r1, c, gc, x, xq);
+                }
+                if RPT > 2u {
+                    sj.z += row_chunk(r2, c, gc, x, xq);
+                    sj.w += row_chunk(r3, c, gc, x, xq);
+                }
+            }
+            s += wj * sj;
+        }
+    }
+    for (var r = 0u; r < RPT; r++) {
+#if SUBGROUPS
+        let v = subgroupAdd(s[r]);
+        if sl == 0u {
+            red_c[(block * RPT + r) * TPR + slot] = v;
+        }
+#else
+        red_c[(block * RPT + r) * TPR + slot] = s[r];
+#endif
+    }
+    workgroupBarrier();
+    // One invocation per row: the blocks' and lanes' partials, then the accumulator.
+    let n = n0 + lid;
+    if live && lid < RPT && n < p.n {
+        var v = 0.0;
+        for (var b = 0u; b < CB; b++) {
+            let o = (b * RPT + lid) * TPR;
+            for (var i = 0u; i < slots; i++) {
+                v += red_c[o + i];
+            }
+        }
+        let a = view(4u) + t * p.n + n;
+        y[a] = y[a] + v;
     }
 }
 
