@@ -95,6 +95,11 @@ pub struct Folding {
     /// dispatch (needs `quantized_x` and `residual`; `ops::moe::gather_qmv_xq_combine`): the
     /// combine's dispatch goes.
     pub moe_combine: bool,
+    /// An MoE layer's FFN norm split across o (needs `norm_out`'s conditions and
+    /// `moe_combine`): o writes the experts' quantized input with the norm pending, which
+    /// the routed matvecs finish, and the router folds the norm into its f32 matvec; the
+    /// norm's dispatch goes.
+    pub moe_norm_out: bool,
 }
 
 impl Folding {
@@ -109,6 +114,7 @@ impl Folding {
         glu_out: false,
         o_xq: false,
         moe_combine: false,
+        moe_norm_out: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
@@ -121,6 +127,7 @@ impl Folding {
         glu_out: true,
         o_xq: true,
         moe_combine: true,
+        moe_norm_out: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md). With
     /// qmv's 16-bit x, `small_norms` gains 97 us a token on Qwen3-30B-A3B and 75 on
@@ -142,6 +149,7 @@ impl Folding {
         glu_out: true,
         o_xq: true,
         moe_combine: true,
+        moe_norm_out: true,
     };
 
     fn any(self) -> bool {
@@ -154,6 +162,7 @@ impl Folding {
             || self.glu_out
             || self.o_xq
             || self.moe_combine
+            || self.moe_norm_out
     }
 
     /// Whether to fold a pre-norm into a matvec of `shape` ([N, K]).
@@ -336,9 +345,10 @@ impl DecoderLayer {
             Ffn::Moe(moe) => moe.xq_form().filter(|_| f.quantized_x && fold_ffn_residual),
             Ffn::Dense(_) => None,
         };
-        // o writes gate|up's input with the FFN norm pending, where it can.
-        let o_norm_out = gate_up_form
-            .filter(|_| o_writes && !ffn_norm)
+        // o writes gate|up's (or the experts') input with the FFN norm pending, where it can.
+        let moe_o_writes = f.moe_norm_out && f.moe_combine && f.norm_out && fold_attn_residual;
+        let o_norm_out = (gate_up_form.filter(|_| o_writes && !ffn_norm))
+            .or(moe_form.filter(|_| moe_o_writes))
             .map(|form| NormOut {
                 weight: &self.ffn_norm,
                 eps,
@@ -420,9 +430,17 @@ impl DecoderLayer {
                 // The residual rides in the experts' weighted sum.
                 Ffn::Moe(moe) if fold_ffn_residual => {
                     if let (Some(q), true) = (&hq, f.moe_combine) {
+                        // Chunks from o carry the FFN norm pending; the router folds it.
+                        let norm = q.pending_norm().map(|_| (&self.ffn_norm, eps));
                         // x (o's output, read by nothing after this) takes the sum in place.
-                        moe.forward_into(pass, &h, q, &x)?;
+                        moe.forward_into(pass, (&h, norm), q, &x)?;
                         return Ok((x, None));
+                    }
+                    if hq.as_ref().is_some_and(|q| q.pending_norm().is_some()) {
+                        return Err(crate::LmError::Invalid(format!(
+                            "layer {layer}: the experts' input has its norm pending, which \
+                             only the fused down-and-combine path finishes"
+                        )));
                     }
                     return Ok((moe.forward_with(pass, &h, hq.as_ref(), Some(&x))?, None));
                 }

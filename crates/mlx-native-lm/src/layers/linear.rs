@@ -120,6 +120,27 @@ impl Linear {
         }
     }
 
+    /// [`Linear::forward_f32_x`] of `rms_norm(x)` (`norm`: weight and eps), the norm folded
+    /// into an MLX-quantized weight's matvec where it can be ([`qmatmul::qmv_fused_f32_x`]).
+    pub fn forward_f32_x_normed(
+        &self,
+        pass: &mut Pass,
+        x: &MlxBuffer,
+        norm: (&MlxBuffer, f32),
+    ) -> Result<MlxBuffer> {
+        let fusion = QmvFusion {
+            norm: Some(norm),
+            ..QmvFusion::default()
+        };
+        if let Linear::Quant(w) = self {
+            if Self::folds(x, &fusion) {
+                return Ok(qmatmul::qmv_fused_f32_x(pass, x, w, &fusion)?);
+            }
+        }
+        let h = mlx_native::ops::rms_norm(pass, x, norm.0, norm.1)?;
+        self.forward_f32_x(pass, &h)
+    }
+
     /// `forward` with the work of `fusion` around it (a GLU on x, an RMS norm on x, a residual
     /// added to y; [`QmvFusion`]). Folded into one matvec ([`qmatmul::qmv_fused`]) for an
     /// MLX-quantized weight and at most 8 rows; otherwise run as the separate ops, so the

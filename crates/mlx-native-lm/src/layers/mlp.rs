@@ -251,17 +251,21 @@ impl MoeMlp {
         })
     }
 
-    /// Decode with x quantized for the experts (`xq`; the router reads f32 `x`): the FFN's
+    /// Decode with x quantized for the experts (`xq`; the router reads f32 `x`, normed here
+    /// first with `norm` when `xq` carries that norm pending, from o's `NormOut`): the FFN's
     /// output added into `acc` (the residual stream, f32 `[T, H]`) in place, the down
     /// experts and the weighted sum in one dispatch (`ops::moe::moe_ffn_xq_into`).
     pub fn forward_into(
         &self,
         pass: &mut Pass,
-        x: &MlxBuffer,
+        (x, norm): (&MlxBuffer, Option<(&MlxBuffer, f32)>),
         xq: &QuantizedX,
         acc: &MlxBuffer,
     ) -> Result<()> {
-        let logits = self.router.forward_f32_x(pass, x)?;
+        let logits = match norm {
+            Some(n) => self.router.forward_f32_x_normed(pass, x, n)?,
+            None => self.router.forward_f32_x(pass, x)?,
+        };
         Ok(moe_ffn_xq_into(
             pass,
             xq,

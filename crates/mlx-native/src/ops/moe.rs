@@ -167,8 +167,11 @@ struct GatherParams {
     top_k: u32,
     experts: u32,
     max_tiles: u32,
+    /// gqmv over chunks with a pending norm: its epsilon.
+    eps: f32,
+    _pad: [u32; 3],
 }
-const _: () = assert!(std::mem::size_of::<GatherParams>() == 32);
+const _: () = assert!(std::mem::size_of::<GatherParams>() == 48);
 
 /// ggml_common.wgsl's `Params`, with the fields this file gives other meanings.
 #[repr(C)]
@@ -213,16 +216,17 @@ fn qspec(entry: &'static str, params: QuantParams, dt: DType, wg: u32) -> Result
 }
 
 /// The routed matvec's spec: `xsrc` x comes as [`QuantizedX`] chunks in the `xq` form, `gu`
-/// the weight is the stacked gate|up (`MoeExperts::gate_up`).
+/// the weight is the stacked gate|up (`MoeExperts::gate_up`), `pend` the chunks carry a
+/// pending norm ([`QuantizedX::pending_norm`]).
 fn gqmv_spec(
     params: QuantParams,
     dt: DType,
     rpt: u32,
     sg: bool,
     xq: u32,
-    (xsrc, gu): (bool, bool),
+    (xsrc, gu, pend): (bool, bool, bool),
 ) -> Result<Spec> {
-    let mode = u32::from(gu) << 7 | u32::from(xsrc) << 6;
+    let mode = u32::from(pend) << 8 | u32::from(gu) << 7 | u32::from(xsrc) << 6;
     Ok(qspec("gqmv", params, dt, GQMV_WG)?
         .with_const("GQMV", mode | xq << 4 | rpt)?
         .with_subgroups(sg))
@@ -268,10 +272,16 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
         for rpt in RPTS {
             for sg in [false, true] {
                 for xq in [0, qmatmul::default_xq(params)] {
-                    let modes: &[(bool, bool)] = if xq != 0 {
-                        &[(false, false), (true, false), (true, true)]
+                    let modes: &[(bool, bool, bool)] = if xq != 0 {
+                        &[
+                            (false, false, false),
+                            (true, false, false),
+                            (true, true, false),
+                            (true, false, true),
+                            (true, true, true),
+                        ]
                     } else {
-                        &[(false, false)]
+                        &[(false, false, false)]
                     };
                     for &mode in modes {
                         v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq, mode)?));
@@ -473,7 +483,8 @@ pub fn gather_qmm_with(
     match path {
         GatherPath::Vector => {
             let xq = qmatmul::default_xq(qw.params());
-            dispatch_gqmv(pass, op, &xa, (xq, false, false), qw, ids, &params, &y)?;
+            let mode = (xq, false, false, false);
+            dispatch_gqmv(pass, op, &xa, mode, qw, ids, &params, &y)?;
         }
         GatherPath::Sorted => {
             let sorted = sort_pairs(pass, op, ids, r.pairs as usize, e)?;
@@ -531,6 +542,8 @@ fn gather_params(
         top_k: x_div,
         experts: check::fits_u32(e, op, "experts")?,
         max_tiles: 0,
+        eps: 0.0,
+        _pad: [0; 3],
     })
 }
 
@@ -541,7 +554,7 @@ fn dispatch_gqmv(
     pass: &mut Pass,
     op: &str,
     x: &MlxBuffer,
-    (xq, xsrc, gu): (u32, bool, bool),
+    (xq, xsrc, gu, pend): (u32, bool, bool, bool),
     qw: &QuantWeight,
     ids: &MlxBuffer,
     params: &GatherParams,
@@ -563,7 +576,7 @@ fn dispatch_gqmv(
     if forced != 0 {
         rpt = forced;
     }
-    let spec = gqmv_spec(qw.params(), sdt, rpt, sg, xq, (xsrc, gu))?;
+    let spec = gqmv_spec(qw.params(), sdt, rpt, sg, xq, (xsrc, gu, pend))?;
     let per_wg = 2 * rpt as usize;
     let groups = (params.pairs as usize).saturating_mul(n.div_ceil(per_wg));
     let groups = check::fits_u32(groups, op, "workgroups")?;
@@ -572,7 +585,7 @@ fn dispatch_gqmv(
     pass.dispatch(Kernel::MoeQuant, spec, params, &bufs, groups)
 }
 
-/// [`gather_qmv_xq`]'s checks of x (its form, K, rows, no pending norm) and ids against the
+/// [`gather_qmv_xq`]'s checks of x (its form, K, rows) and ids against the
 /// experts `w`: (pairs, x rows' divisor, tokens, top_k).
 fn gather_xq_checks(
     op: &str,
@@ -600,9 +613,7 @@ fn gather_xq_checks(
     check::ensure(x.k() == k, op, || {
         format!("x has {} values a row, the experts' K is {k}", x.k())
     })?;
-    check::ensure(x.pending_norm().is_none(), op, || {
-        "x still needs its RMS norm (a NormOut matvec's chunks): only qmv_xq finishes it".into()
-    })?;
+
     let x_div = if x.rows() == tokens {
         top_k
     } else if x.rows() == tokens * top_k {
@@ -634,18 +645,13 @@ pub fn gather_qmv_xq(
     let [e, n, k] = w.shape();
     let qw = w.weight();
     let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, w, ids)?;
-    let params = gather_params(op, qw, [e, n, k], pairs, x_div)?;
+    let params = GatherParams {
+        eps: x.pending_norm().unwrap_or(0.0),
+        ..gather_params(op, qw, [e, n, k], pairs, x_div)?
+    };
     let y = pass.alloc(DType::F32, &[tokens, top_k, n])?;
-    dispatch_gqmv(
-        pass,
-        op,
-        x.buffer(),
-        (x.form().xq(), true, false),
-        qw,
-        ids,
-        &params,
-        &y,
-    )?;
+    let mode = (x.form().xq(), true, false, x.pending_norm().is_some());
+    dispatch_gqmv(pass, op, x.buffer(), mode, qw, ids, &params, &y)?;
     Ok(y)
 }
 
@@ -672,18 +678,13 @@ pub fn gather_qmv_xq_gate_up(
     })?;
     let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, stacked, ids)?;
     let fused = stacked.weight();
-    let params = gather_params(op, fused, [e, two_i, k], pairs, x_div)?;
+    let params = GatherParams {
+        eps: x.pending_norm().unwrap_or(0.0),
+        ..gather_params(op, fused, [e, two_i, k], pairs, x_div)?
+    };
     let y = pass.alloc(DType::F32, &[tokens, top_k, two_i])?;
-    dispatch_gqmv(
-        pass,
-        op,
-        x.buffer(),
-        (x.form().xq(), true, true),
-        fused,
-        ids,
-        &params,
-        &y,
-    )?;
+    let mode = (x.form().xq(), true, true, x.pending_norm().is_some());
+    dispatch_gqmv(pass, op, x.buffer(), mode, fused, ids, &params, &y)?;
     Ok(y)
 }
 
@@ -705,6 +706,9 @@ pub fn gather_qmv_xq_combine(
     let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, w, ids)?;
     check::ensure(x_div == 1, op, || {
         format!("x has {} rows, expected one per pair ({pairs})", x.rows())
+    })?;
+    check::ensure(x.pending_norm().is_none(), op, || {
+        "x still needs its RMS norm (a NormOut matvec's chunks)".into()
     })?;
     check::dtype(weights, &[DType::F32], op, "weights")?;
     check::shape(weights, &[tokens, top_k], op, "weights")?;

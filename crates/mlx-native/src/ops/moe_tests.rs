@@ -1131,6 +1131,91 @@ fn down_and_combine_bad_inputs_are_named() {
     assert!(e3.starts_with("gather_qmv_xq_combine: acc"), "{e3}");
 }
 
+/// The routed matvecs finish a producer's pending RMS norm ([`qmatmul::qmv_norm_out`]'s
+/// chunks of y·g with their Σy²), as `qmv_xq` does: the stacked gate|up and a plain routed
+/// matvec against the f64 products of the normed y (y read back, normed here), within the
+/// product rule plus the 16-bit x bound (`xq_bound`) and the f32 1/rms (2e-6 of Σ|x·w|).
+/// 4- and 8-bit, an id out of range, both reduction paths, poisoned.
+#[test]
+fn routed_matvecs_finish_a_pending_norm() {
+    let mut rng = Rng::new(921);
+    for no_sg in [false, true] {
+        let g = &poisoned(no_sg);
+        let (e, i, h, top, k0) = (6, 64, 128, 3, 256);
+        for (params, dt) in [
+            (QuantParams::affine(4, 64), DType::BF16),
+            (QuantParams::affine(8, 32), DType::F16),
+        ] {
+            let (gq, gdeq) = quant_experts(&mut rng, e, i, h, params, dt);
+            let (uq, udeq) = quant_experts(&mut rng, e, i, h, params, dt);
+            let (dq, _) = quant_experts(&mut rng, e, h, i, params, dt);
+            let up = |q| ExpertWeight::Mlx(QuantExperts::upload(g, q).unwrap());
+            let experts = MoeExperts {
+                gate: up(&gq),
+                up: up(&uq),
+                down: up(&dq),
+                gate_up: None,
+            }
+            .stack_gate_up(g)
+            .unwrap();
+            let ExpertWeight::Mlx(gw) = &experts.gate else {
+                panic!("MLX experts");
+            };
+            let form = XqForm::of(gw.weight()).unwrap();
+            // The producer: a matvec [h, k0] writing y and its chunks with the norm pending.
+            let wv: Vec<f32> = (rng.normals(h * k0, 0.3).into_iter())
+                .map(|v| round_to_dtype(v, dt).unwrap())
+                .collect();
+            let wp = quantize_as(&wv, h, k0, params, dt).unwrap();
+            let wp = QuantWeight::upload(g, &wp).unwrap();
+            let x0 = MlxBuffer::from_slice(g, &rng.normals(k0, 1.0), &[1, k0]).unwrap();
+            let nw: Vec<f32> = (0..h).map(|_| rng.uniform(0.5, 1.5)).collect();
+            let gnw = MlxBuffer::from_slice(g, &nw, &[h]).unwrap();
+            let eps = 1e-5;
+            let out = qmatmul::NormOut {
+                weight: &gnw,
+                eps,
+                form,
+            };
+            let mut ids = random_ids(&mut rng, 1, top, e);
+            ids[2] = e as u32 + 1;
+            let gids = MlxBuffer::from_slice(g, &ids, &[1, top]).unwrap();
+            let mut pass = g.begin();
+            let xin = qmatmul::MatvecX::F32(&x0);
+            let (y, chunks) = qmatmul::qmv_norm_out(&mut pass, xin, &wp, None, &out).unwrap();
+            assert_eq!(chunks.pending_norm(), Some(eps));
+            let gu = gather_qmv_xq_gate_up(&mut pass, &chunks, &experts, &gids).unwrap();
+            let gate = gather_qmv_xq(&mut pass, &chunks, gw, &gids).unwrap();
+            pass.commit_and_wait().unwrap();
+            let y: Vec<f32> = y.to_vec(g).unwrap();
+            let ms = y.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / h as f64;
+            let inv = 1.0 / (ms + f64::from(eps)).sqrt();
+            let xn: Vec<f32> = (y.iter().zip(&nw))
+                .map(|(&v, &w)| (f64::from(v) * f64::from(w) * inv) as f32)
+                .collect();
+            let what = format!("b{} {dt} subgroups off {no_sg}", params.bits);
+            let check = |got: &[f32], deq: &[f64], qs: &[Quantized], what: &str| {
+                let want = ref_gather(&xn, deq, &ids, top, i, h);
+                let mut extra = xq_bound(&xn, &code_parts(qs, deq), &ids, top, i, h);
+                for (x, m) in extra.iter_mut().zip(&want.1) {
+                    *x += 2e-6 * m;
+                }
+                assert_product_with(got, &want, h, 2.0, &extra, what);
+            };
+            let gate: Vec<f32> = gate.to_vec(g).unwrap();
+            check(&gate, &gdeq, &gq, &format!("{what}: gate"));
+            let gu: Vec<f32> = gu.to_vec(g).unwrap();
+            let half = |u: usize| -> Vec<f32> {
+                (0..top)
+                    .flat_map(|p| gu[p * 2 * i + u * i..p * 2 * i + (u + 1) * i].to_vec())
+                    .collect()
+            };
+            check(&half(0), &gdeq, &gq, &format!("{what}: stacked gate"));
+            check(&half(1), &udeq, &uq, &format!("{what}: stacked up"));
+        }
+    }
+}
+
 #[test]
 fn bad_inputs_are_named() {
     let g = gpu();

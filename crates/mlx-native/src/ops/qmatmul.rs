@@ -1219,6 +1219,19 @@ pub fn qmv_fused(
     Ok(run_vec(pass, x, w, &run, fusion)?.0)
 }
 
+/// [`qmv_fused`] with x kept in f32 in the kernel (as [`qmatmul_f32_x`]): for outputs that
+/// make discrete choices (routers), with the norm before them folded in.
+pub fn qmv_fused_f32_x(
+    pass: &mut Pass,
+    x: &MlxBuffer,
+    w: &QuantWeight,
+    fusion: &QmvFusion<'_>,
+) -> Result<MlxBuffer> {
+    let mut run = fused_run(pass, "qmv_fused_f32_x", x, w, fusion)?;
+    run.cfg.xq = 0;
+    Ok(run_vec(pass, x, w, &run, fusion)?.0)
+}
+
 /// Validates [`qmv_fused`]'s input; its dispatch shape.
 fn fused_run<'a>(
     pass: &Pass,

@@ -24,6 +24,8 @@ struct Params {
     experts: u32,
     // gqmm: tile entries in `sorted`; the pair order starts at word 4 + 4 * max_tiles
     max_tiles: u32,
+    // gqmv with PEND: the RMS norm's epsilon.
+    eps: f32,
 }
 
 // gqmv: rows per row-block RPT (1, 2 or 4) and XQ, x chunks as integers for packed byte
@@ -32,8 +34,13 @@ struct Params {
 // QuantizedX), and GU: the weight is the experts' gate rows then their up rows stacked
 // ([2 * E * I, K], ops::moe::MoeExperts::gate_up), N = 2I, and a pair's output row n < I is
 // its expert's gate row n, row I + n its up row n: the gate and up matvecs in one dispatch.
-// Packed as GQMV = GU << 7 | XSRC << 6 | XQ << 4 | RPT (a spec has three constants).
+// PEND: x's chunks carry an RMS norm still to finish (a matvec's NormOut chunks of y·g, each
+// with its Σy² in its last word: ops::qmatmul::QuantizedX::pending_norm): the row's sums of
+// those words give 1/rms, which scales every output, as qmatmul.wgsl's XSRC with NORM does.
+// Packed as GQMV = PEND << 8 | GU << 7 | XSRC << 6 | XQ << 4 | RPT (a spec has three
+// constants).
 override GQMV: u32 = 1u;
+override PEND: u32 = (GQMV >> 8u) & 1u;
 override RPT: u32 = GQMV & 15u;
 override XQ: u32 = (GQMV >> 4u) & 3u;
 override XSRC: u32 = (GQMV >> 6u) & 1u;
@@ -54,6 +61,8 @@ fn xf(i: u32) -> vec4<f32> {
 // gqmv (the chunk helpers are qmatmul.wgsl's qmv's and common/quant.wgsl's)
 
 var<workgroup> red: array<f32, 256>;
+// PEND: each row-block's partial Σy² of its x row, [block][slot].
+var<workgroup> red_ss: array<f32, 64>;
 
 // The packed row of expert e's output row n: e's block of N rows, or with GU its gate row
 // (n < N/2, in the gate half) or its up row (in the up half, E * N/2 rows further).
@@ -140,6 +149,7 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
     let r2 = expert_row(ec, min(n0 + 2u, p.n - 1u));
     let r3 = expert_row(ec, min(n0 + 3u, p.n - 1u));
     var s = vec4<f32>(0.0);
+    var sq_part = 0.0;
     // XSRC: the pair's x row as quantized chunks (the same row index as xo's).
     let qo = view(0u) / 4u + (pair / p.top_k) * chunks * XQ_VEC4S;
     for (var c = lane; c < chunks; c += TPR) {
@@ -148,6 +158,9 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         if XSRC != 0u {
             let o = qo + c * XQ_VEC4S;
             xq = xchunk_from(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u]);
+            if PEND != 0u {
+                sq_part += bitcast<f32>(xv[o + 4u].w);
+            }
         } else {
             x = x_chunk(xo + c * 8u);
             if XQ != 0u {
@@ -174,6 +187,16 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         red[(block * RPT + r) * TPR + slot] = s[r];
 #endif
     }
+    if PEND != 0u {
+#if SUBGROUPS
+        let u = subgroupAdd(sq_part);
+        if sl == 0u {
+            red_ss[block * TPR + slot] = u;
+        }
+#else
+        red_ss[block * TPR + slot] = sq_part;
+#endif
+    }
     workgroupBarrier();
     // One invocation per (row-block, r).
     let fb = lid / RPT;
@@ -184,6 +207,13 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
         let o = (fb * RPT + fr) * TPR;
         for (var i = 0u; i < slots; i++) {
             t += red[o + i];
+        }
+        if PEND != 0u {
+            var sq = 0.0;
+            for (var i = 0u; i < slots; i++) {
+                sq += red_ss[fb * TPR + i];
+            }
+            t *= inverseSqrt(sq / f32(p.k) + p.eps);
         }
         y[view(4u) + pair * p.n + n] = select(0.0, t, valid);
     }
