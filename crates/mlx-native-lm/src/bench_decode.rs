@@ -1329,9 +1329,9 @@ struct ReplayTimes {
     recorded: usize,
 }
 
-/// `n` greedy steps replayed from one recording with the id read back after each, then `n`
-/// submitted back to back (each after one recording that is not timed); returns the times
-/// and the last id.
+/// `n` greedy steps replayed from one recording (made first, not timed; a step whose plan
+/// changed shape is recorded again and counted) with the id read back after each, then `n`
+/// submitted back to back; returns the times and the last id.
 fn replayed_decode(
     m: &Transformer,
     cache: &mut KvStore,

@@ -204,6 +204,11 @@ impl Pass {
                 src.offset, dst.offset
             )));
         }
+        if src.raw.id == dst.raw.id {
+            return Err(MlxError::invalid(
+                "copy_after: source and destination are the same buffer",
+            ));
+        }
         self.copies
             .push((src.raw.clone(), src.offset, dst.raw.clone(), dst.offset, n));
         Ok(())

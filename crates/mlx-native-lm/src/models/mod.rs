@@ -282,6 +282,8 @@ impl Transformer {
         let pos_buf = match positions {
             Some(p) => p.clone(),
             None => {
+                // Written here from the host: a replay would not write them again.
+                pass.refuse_replay("a forward pass whose positions are written at record time");
                 let positions: Vec<u32> = (pos0..end).map(|p| p as u32).collect();
                 let b = MlxBuffer::pooled(&self.gpu, DType::U32, &[t])?;
                 b.write(&self.gpu, &positions)?;

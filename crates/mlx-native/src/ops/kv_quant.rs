@@ -306,6 +306,7 @@ pub fn kv_quant_dequant(
     tokens: usize,
     exact_from: usize,
 ) -> Result<(MlxBuffer, MlxBuffer)> {
+    pass.refuse_replay("kv_quant_dequant (a compressed KV cache)");
     let op = "kv_quant_dequant";
     let m = mode(format, op)?;
     let (kv_heads, slots, row_words) = cache_dims(op, format, k_cache, v_cache)?;
@@ -459,6 +460,7 @@ pub fn sdpa_prefill_quant(
     q_start_pos: usize,
     opts: &SdpaOptions<'_>,
 ) -> Result<MlxBuffer> {
+    pass.refuse_replay("sdpa_prefill_quant (a compressed KV cache)");
     let op = "sdpa_prefill";
     let tokens = match *q.shape() {
         [t, _, _] => t,

@@ -699,6 +699,8 @@ pub fn sdpa_prefill(
     q_start_pos: usize,
     opts: &SdpaOptions<'_>,
 ) -> Result<MlxBuffer> {
+    // Its query offset and key range are not followed per token.
+    pass.refuse_replay("sdpa_prefill");
     let op = "sdpa_prefill";
     let (tokens, n_heads) = match *q.shape() {
         [t, h, _] => (t, h),

@@ -248,8 +248,9 @@ fn gqmv_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
     let n0 = (g % nrb) * RPT;
     let chunks = p.k / 32u;
 #if SUBGROUPS
-    // A subgroup wider than a row-block sums two blocks' slots at once: the other block's
-    // entries keep their zero, and the sum is over every block anyway.
+    // A subgroup wider than a row-block sums several blocks' partials at once (the sum is
+    // over every block anyway): its first lane stores them, the other blocks' first lanes a
+    // zero (workgroup memory is not zeroed at launch).
     let slots = max(TPR / ss, 1u);
     let slot = lane / ss;
 #else
@@ -290,6 +291,8 @@ fn gqmv_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
         let v = subgroupAdd(s[r]);
         if sl == 0u {
             red_c[(block * RPT + r) * TPR + slot] = v;
+        } else if lane == 0u {
+            red_c[(block * RPT + r) * TPR] = 0.0;
         }
 #else
         red_c[(block * RPT + r) * TPR + slot] = s[r];
