@@ -11,8 +11,8 @@
 //! `Folding::quantized_x`), each also without the norm folds. Other lists (comments below):
 //! `AB_BOUND`, `AB_NORM_OUT`, `AB_OXQ`, `AB_XSRC` (matvec shapes), `AB_SKIP` (each kind of
 //! dispatch dropped), `AB_MOE` (the experts' gate and up in one dispatch or two),
-//! `AB_COMBINE` (an MoE layer's down and weighted sum in one dispatch or two, and its FFN
-//! norm split across o). Each step
+//! `AB_COMBINE` (an MoE layer's down and weighted sum in one dispatch or two, its FFN norm
+//! split across o, its GLU in gate|up). Each step
 //! advances the position: after ~100 steps the context passes
 //! the one-split attention's reach (224 keys) and the attention runs split-K (one more
 //! dispatch a layer than `bench decode` counts at context 128).
@@ -259,7 +259,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     // AB_COMBINE=1: an MoE layer's down experts and weighted sum in one dispatch
     // (`Folding::moe_combine`) against the two, and with the FFN norm split across o
-    // (`Folding::moe_norm_out`; the default).
+    // (`Folding::moe_norm_out`), and the GLU in the stacked gate|up (`moe_glu_out`; the
+    // default).
     if std::env::var("AB_COMBINE").is_ok() {
         probes.clear();
         xsrc.clear();
@@ -268,17 +269,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let apart = Folding {
             moe_combine: false,
             moe_norm_out: false,
+            moe_glu_out: false,
             ..default
         };
         let combined = Folding {
             moe_norm_out: false,
+            moe_glu_out: false,
+            ..default
+        };
+        let norm_in_o = Folding {
+            moe_glu_out: false,
             ..default
         };
         variants = vec![
             ("down, combine apart".into(), (apart, (0, 0), 0, None)),
             ("down+combine".into(), (combined, (0, 0), 0, None)),
             (
-                "down+combine, norm in o (default)".into(),
+                "down+combine, norm in o".into(),
+                (norm_in_o, (0, 0), 0, None),
+            ),
+            (
+                "+ GLU in gate|up (default)".into(),
                 (default, (0, 0), 0, None),
             ),
         ];

@@ -180,7 +180,7 @@ impl Kernel {
             Kernel::Sdpa => &[SPLIT_REDUCE, XQ_QUANTIZE],
             Kernel::Qmatmul => &[QUANT, XQ_QUANTIZE, QUANT_XQ, ACT],
             Kernel::Activation => &[ACT, XQ_QUANTIZE],
-            Kernel::MoeQuant => &[QUANT, XQ_QUANTIZE, QUANT_XQ],
+            Kernel::MoeQuant => &[QUANT, XQ_QUANTIZE, QUANT_XQ, ACT],
             Kernel::MatmulCoop => &[QUANT],
             Kernel::MoeGgmlDense => &[GGML_COMMON, GGML_DENSE],
             Kernel::MoeGgmlLegacy => &[GGML_COMMON, GGML_LEGACY],

@@ -6,7 +6,7 @@ use mlx_native::ops::{self, NormOut, QuantizedX, RopeTable};
 use mlx_native::{MlxBuffer, Pass};
 
 use super::attention::{BlockInput, Step};
-use super::mlp::{Ffn, FfnInput};
+use super::mlp::{Ffn, FfnInput, MoeFold};
 use super::Attention;
 use crate::error::Result;
 
@@ -100,6 +100,9 @@ pub struct Folding {
     /// the routed matvecs finish, and the router folds the norm into its f32 matvec; the
     /// norm's dispatch goes.
     pub moe_norm_out: bool,
+    /// An MoE layer's GLU applied by the stacked gate|up experts to their own rows (needs
+    /// `moe_combine`; `ops::moe::gather_qmv_xq_glu`): the GLU's dispatch goes.
+    pub moe_glu_out: bool,
 }
 
 impl Folding {
@@ -115,6 +118,7 @@ impl Folding {
         o_xq: false,
         moe_combine: false,
         moe_norm_out: false,
+        moe_glu_out: false,
     };
     pub const ALL: Folding = Folding {
         residual: true,
@@ -128,6 +132,7 @@ impl Folding {
         o_xq: true,
         moe_combine: true,
         moe_norm_out: true,
+        moe_glu_out: true,
     };
     /// What the loaders use: the folds that measured faster (docs/PERFORMANCE.md). With
     /// qmv's 16-bit x, `small_norms` gains 97 us a token on Qwen3-30B-A3B and 75 on
@@ -150,6 +155,7 @@ impl Folding {
         o_xq: true,
         moe_combine: true,
         moe_norm_out: true,
+        moe_glu_out: true,
     };
 
     fn any(self) -> bool {
@@ -163,6 +169,7 @@ impl Folding {
             || self.o_xq
             || self.moe_combine
             || self.moe_norm_out
+            || self.moe_glu_out
     }
 
     /// Whether to fold a pre-norm into a matvec of `shape` ([N, K]).
@@ -431,9 +438,12 @@ impl DecoderLayer {
                 Ffn::Moe(moe) if fold_ffn_residual => {
                     if let (Some(q), true) = (&hq, f.moe_combine) {
                         // Chunks from o carry the FFN norm pending; the router folds it.
-                        let norm = q.pending_norm().map(|_| (&self.ffn_norm, eps));
+                        let fold = MoeFold {
+                            norm: q.pending_norm().map(|_| (&self.ffn_norm, eps)),
+                            glu_out: f.moe_glu_out,
+                        };
                         // x (o's output, read by nothing after this) takes the sum in place.
-                        moe.forward_into(pass, (&h, norm), q, &x)?;
+                        moe.forward_into(pass, &h, q, &x, fold)?;
                         return Ok((x, None));
                     }
                     if hq.as_ref().is_some_and(|q| q.pending_norm().is_some()) {

@@ -258,20 +258,25 @@ impl MoeMlp {
     pub fn forward_into(
         &self,
         pass: &mut Pass,
-        (x, norm): (&MlxBuffer, Option<(&MlxBuffer, f32)>),
+        x: &MlxBuffer,
         xq: &QuantizedX,
         acc: &MlxBuffer,
+        fold: MoeFold<'_>,
     ) -> Result<()> {
-        let logits = match norm {
+        let logits = match fold.norm {
             Some(n) => self.router.forward_f32_x_normed(pass, x, n)?,
             None => self.router.forward_f32_x(pass, x)?,
+        };
+        let cfg = MoeConfig {
+            glu_out: fold.glu_out,
+            ..self.config()
         };
         Ok(moe_ffn_xq_into(
             pass,
             xq,
             &logits,
             &self.experts,
-            &self.config(),
+            &cfg,
             acc,
         )?)
     }
@@ -285,6 +290,7 @@ impl MoeMlp {
                 },
             },
             act: self.act,
+            glu_out: false,
         }
     }
 
@@ -292,6 +298,14 @@ impl MoeMlp {
     pub fn xq_form(&self) -> Option<mlx_native::ops::XqForm> {
         experts_xq_form(&self.experts).map(|(gate_up, _)| gate_up)
     }
+}
+
+/// What [`MoeMlp::forward_into`] folds: the FFN norm the router applies (x's chunks carry
+/// it pending), and the GLU into the stacked gate|up (`ops::moe::gather_qmv_xq_glu`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct MoeFold<'a> {
+    pub norm: Option<(&'a MlxBuffer, f32)>,
+    pub glu_out: bool,
 }
 
 /// The FFN of one layer: dense or mixture of experts. (One per layer, built once and never

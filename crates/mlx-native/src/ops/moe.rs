@@ -66,6 +66,9 @@ const WG: u32 = 256;
 const GQMV_WG: u32 = 64;
 /// gqmv_combine: 8 row-blocks of 32 invocations (moe_quant.wgsl's CB).
 const GQMV_COMBINE_WG: u32 = 256;
+/// gqmv_glu: 16 row-blocks of 32 invocations (32 gate rows and 32 up rows of 4 a block).
+const GQMV_GLU_WG: u32 = 512;
+const ACTS: [Act; 3] = [Act::Silu, Act::GeluTanh, Act::GeluErf];
 const GQMM_WG: u32 = 256;
 const RPTS: [u32; 3] = [1, 2, 4];
 
@@ -232,6 +235,21 @@ fn gqmv_spec(
         .with_subgroups(sg))
 }
 
+/// The stacked gate|up matvec with the GLU on its own rows (`gqmv_glu`): x as
+/// [`QuantizedX`] chunks in the `xq` form, with a pending norm (`pend`) or not.
+fn gqmv_glu_spec(
+    params: QuantParams,
+    dt: DType,
+    sg: bool,
+    (xq, pend): (u32, bool),
+    act: Act,
+) -> Result<Spec> {
+    let mode = act.code() << 9 | u32::from(pend) << 8 | 1 << 7 | 1 << 6 | xq << 4 | 4;
+    Ok(qspec("gqmv_glu", params, dt, GQMV_GLU_WG)?
+        .with_const("GQMV", mode)?
+        .with_subgroups(sg))
+}
+
 /// The routed matvec with the weighted sum over a token's slots (`gqmv_combine`): x as
 /// [`QuantizedX`] chunks in the `xq` form.
 fn gqmv_combine_spec(params: QuantParams, dt: DType, rpt: u32, sg: bool, xq: u32) -> Result<Spec> {
@@ -286,9 +304,15 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
                     for &mode in modes {
                         v.push((Kernel::MoeQuant, gqmv_spec(params, dt, rpt, sg, xq, mode)?));
                     }
-                    if xq != 0 {
+                    if xq != 0 && rpt == 4 {
                         let spec = gqmv_combine_spec(params, dt, rpt, sg, xq)?;
                         v.push((Kernel::MoeQuant, spec));
+                        for pend in [false, true] {
+                            for act in ACTS {
+                                let spec = gqmv_glu_spec(params, dt, sg, (xq, pend), act)?;
+                                v.push((Kernel::MoeQuant, spec));
+                            }
+                        }
                     }
                 }
             }
@@ -688,6 +712,78 @@ pub fn gather_qmv_xq_gate_up(
     Ok(y)
 }
 
+/// Whether [`gather_qmv_xq_glu`] runs for these experts on this device: MLX experts with
+/// gate and up stacked, I a multiple of 32, down reading x in the gate|up experts' own form
+/// (the chunks are quantized in it), and workgroups of 512 invocations.
+pub fn can_glu_out(experts: &MoeExperts, caps: &Caps) -> bool {
+    let (Some(stacked), Some((gate_up, down))) = (&experts.gate_up, experts_xq_form(experts))
+    else {
+        return false;
+    };
+    let [_, two_i, _] = stacked.shape();
+    gate_up == down
+        && XqForm::of(stacked.weight()) == Some(gate_up)
+        && two_i % 64 == 0
+        && caps.max_invocations_per_workgroup >= GQMV_GLU_WG
+}
+
+/// The stacked gate|up experts of decode tokens with the GLU applied to their own rows
+/// ([`gather_qmv_xq_gate_up`] then [`crate::ops::activation::glu_split_xq`] in one
+/// dispatch): returns `act(gate) · up` as a row per pair (`[T·k, I]`), quantized in the
+/// experts' form for down ([`gather_qmv_xq`] or [`gather_qmv_xq_combine`]). `x` may carry a
+/// pending norm. Where [`can_glu_out`] holds.
+pub fn gather_qmv_xq_glu(
+    pass: &mut Pass,
+    x: &QuantizedX,
+    experts: &MoeExperts,
+    ids: &MlxBuffer,
+    act: Act,
+) -> Result<QuantizedX> {
+    let op = "gather_qmv_xq_glu";
+    check::ensure(can_glu_out(experts, pass.caps()), op, || {
+        "needs MLX experts with gate and up stacked, I a multiple of 32, down reading the \
+         gate|up form, and workgroups of 512 invocations"
+            .into()
+    })?;
+    let stacked = experts.gate_up.as_ref().ok_or_else(|| {
+        MlxError::invalid(format!("{op}: the experts' gate and up are not stacked"))
+    })?;
+    let [e, two_i, k] = stacked.shape();
+    let (pairs, x_div, _, _) = gather_xq_checks(op, x, stacked, ids)?;
+    let fused = stacked.weight();
+    let params = GatherParams {
+        eps: x.pending_norm().unwrap_or(0.0),
+        ..gather_params(op, fused, [e, two_i, k], pairs, x_div)?
+    };
+    let i = two_i / 2;
+    let out = pass.alloc(
+        DType::U32,
+        &[pairs as usize, i / 32 * qmatmul::XQ_CHUNK_WORDS],
+    )?;
+    let caps = pass.caps();
+    let sg = caps.subgroups && caps.subgroup_min_size >= 4 && caps.subgroup_max_size <= 32;
+    let spec = gqmv_glu_spec(
+        fused.params(),
+        qmatmul::scale_dtype(fused.params(), fused.dtype()),
+        sg,
+        (x.form().xq(), x.pending_norm().is_some()),
+        act,
+    )?;
+    let groups = check::fits_u32((pairs as usize) * (i / 32), op, "workgroups")?;
+    let biases = fused.biases().unwrap_or(fused.scales());
+    let bufs = [
+        x.buffer(),
+        fused.packed(),
+        fused.scales(),
+        biases,
+        &out,
+        fused.packed(),
+        ids,
+    ];
+    pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
+    Ok(QuantizedX::from_words(out, pairs as usize, i, x.form()))
+}
+
 /// The down experts of decode tokens and their weighted sum in one dispatch
 /// ([`gather_qmv_xq`] then [`moe_combine`]), added into `acc` in place: `acc[t, :] +=
 /// Σ_j weights[t, j] · (x[t·k + j, :] · W[ids[t, j]]ᵀ)`. `x`: a row per pair (`[T·k, K]`,
@@ -933,6 +1029,10 @@ pub struct MoeConfig<'a> {
     pub router: RouterConfig<'a>,
     /// The gate activation (SwiGLU: [`Act::Silu`]).
     pub act: Act,
+    /// At decode with quantized x ([`moe_ffn_xq`], [`moe_ffn_xq_into`]): the GLU applied by
+    /// the stacked gate|up matvec to its own rows ([`gather_qmv_xq_glu`]) where
+    /// [`can_glu_out`] holds, instead of its own dispatch.
+    pub glu_out: bool,
 }
 
 /// A whole MoE FFN layer: `x` f32 `[T, H]`, `router_logits` f32 `[T, E]` (x times the
@@ -1052,7 +1152,9 @@ fn experts_act_xq(
     })?;
     check::shape(router_logits, &[xq.rows(), e], op, "router_logits")?;
     let (weights, ids) = moe_route(pass, router_logits, &cfg.router)?;
-    let act = if experts.gate_up.is_some() {
+    let act = if cfg.glu_out && can_glu_out(experts, pass.caps()) {
+        gather_qmv_xq_glu(pass, xq, experts, &ids, cfg.act)?
+    } else if experts.gate_up.is_some() {
         // [T, k, 2I] as one row per pair: its gate half, then its up half.
         let gu = gather_qmv_xq_gate_up(pass, xq, experts, &ids)?;
         let pairs = gu.len() / (2 * i);

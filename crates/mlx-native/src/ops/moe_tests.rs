@@ -850,6 +850,7 @@ fn moe_ffn_layer_matches_f64_in_one_submit() {
                     },
                 },
                 act: Act::Silu,
+                glu_out: true,
             };
             let before = g.submit_and_map_counts();
             let mut pass = g.begin();
@@ -1212,6 +1213,84 @@ fn routed_matvecs_finish_a_pending_norm() {
             };
             check(&half(0), &gdeq, &gq, &format!("{what}: stacked gate"));
             check(&half(1), &udeq, &uq, &format!("{what}: stacked up"));
+        }
+    }
+}
+
+/// `gather_qmv_xq_glu` (the GLU on the stacked gate|up's own rows) writes the chunks that
+/// `gather_qmv_xq_gate_up` then `glu_split_xq` write, word for word: the same row sums in
+/// the same order, the same activation and the same cooperative quantization. x plain and
+/// with a pending norm (`qmv_norm_out`'s chunks); SiLU and GELU (tanh); 4- and 8-bit; an id
+/// out of range; two tokens; both reduction paths; poisoned allocations.
+#[test]
+fn gate_up_glu_in_one_dispatch_matches_the_two() {
+    let mut rng = Rng::new(931);
+    for no_sg in [false, true] {
+        let g = &poisoned(no_sg);
+        let (e, i, h, top, t) = (6, 128, 128, 3, 2);
+        for (params, dt, act) in [
+            (QuantParams::affine(4, 32), DType::BF16, Act::Silu),
+            (QuantParams::affine(8, 64), DType::F16, Act::GeluTanh),
+        ] {
+            let (gq, _) = quant_experts(&mut rng, e, i, h, params, dt);
+            let (uq, _) = quant_experts(&mut rng, e, i, h, params, dt);
+            let (dq, _) = quant_experts(&mut rng, e, h, i, params, dt);
+            let up = |q| ExpertWeight::Mlx(QuantExperts::upload(g, q).unwrap());
+            let experts = MoeExperts {
+                gate: up(&gq),
+                up: up(&uq),
+                down: up(&dq),
+                gate_up: None,
+            }
+            .stack_gate_up(g)
+            .unwrap();
+            assert!(can_glu_out(&experts, g.caps()));
+            let form = experts_xq_form(&experts).unwrap().0;
+            let mut ids = random_ids(&mut rng, t, top, e);
+            ids[1] = e as u32 + 2;
+            let gids = MlxBuffer::from_slice(g, &ids, &[t, top]).unwrap();
+            let x = MlxBuffer::from_slice(g, &rng.normals(t * h, 1.0), &[t, h]).unwrap();
+            // A producer writing the chunks with the norm pending: [h, 64] over x0.
+            let wv: Vec<f32> = (rng.normals(h * 64, 0.3).into_iter())
+                .map(|v| round_to_dtype(v, dt).unwrap())
+                .collect();
+            let wp = QuantWeight::upload(g, &quantize_as(&wv, h, 64, params, dt).unwrap()).unwrap();
+            let x0 = MlxBuffer::from_slice(g, &rng.normals(t * 64, 1.0), &[t, 64]).unwrap();
+            let nw: Vec<f32> = (0..h).map(|_| rng.uniform(0.5, 1.5)).collect();
+            let gnw = MlxBuffer::from_slice(g, &nw, &[h]).unwrap();
+            let out = qmatmul::NormOut {
+                weight: &gnw,
+                eps: 1e-6,
+                form,
+            };
+            for pending in [false, true] {
+                let mut pass = g.begin();
+                let xq = if pending {
+                    let xin = qmatmul::MatvecX::F32(&x0);
+                    qmatmul::qmv_norm_out(&mut pass, xin, &wp, None, &out)
+                        .unwrap()
+                        .1
+                } else {
+                    qmatmul::quantize_x(&mut pass, &x, form).unwrap()
+                };
+                let fused = gather_qmv_xq_glu(&mut pass, &xq, &experts, &gids, act).unwrap();
+                let gu = gather_qmv_xq_gate_up(&mut pass, &xq, &experts, &gids).unwrap();
+                let gu2 = gu.reshape(&[t * top, 2 * i]).unwrap();
+                let apart =
+                    crate::ops::activation::glu_split_xq(&mut pass, &gu2, act, form).unwrap();
+                pass.commit_and_wait().unwrap();
+                let what = format!(
+                    "b{} {act:?} pending {pending} subgroups off {no_sg}",
+                    params.bits
+                );
+                assert_eq!((fused.rows(), fused.k()), (t * top, i), "{what}");
+                let a: Vec<u32> = fused.buffer().to_vec(g).unwrap();
+                let b: Vec<u32> = apart.buffer().to_vec(g).unwrap();
+                assert_eq!(a.len(), b.len(), "{what}");
+                for (w, (x, y)) in a.iter().zip(&b).enumerate() {
+                    assert_eq!(x, y, "{what}: word {w} (chunk {})", w / 20);
+                }
+            }
         }
     }
 }

@@ -37,10 +37,12 @@ struct Params {
 // PEND: x's chunks carry an RMS norm still to finish (a matvec's NormOut chunks of y·g, each
 // with its Σy² in its last word: ops::qmatmul::QuantizedX::pending_norm): the row's sums of
 // those words give 1/rms, which scales every output, as qmatmul.wgsl's XSRC with NORM does.
-// Packed as GQMV = PEND << 8 | GU << 7 | XSRC << 6 | XQ << 4 | RPT (a spec has three
-// constants).
+// ACT (gqmv_glu): the gate's activation (common/act.wgsl: 0 SiLU, 1 GELU tanh, 2 GELU erf).
+// Packed as GQMV = ACT << 9 | PEND << 8 | GU << 7 | XSRC << 6 | XQ << 4 | RPT (a spec has
+// three constants).
 override GQMV: u32 = 1u;
 override PEND: u32 = (GQMV >> 8u) & 1u;
+override ACT: u32 = (GQMV >> 9u) & 3u;
 override RPT: u32 = GQMV & 15u;
 override XQ: u32 = (GQMV >> 4u) & 3u;
 override XSRC: u32 = (GQMV >> 6u) & 1u;
@@ -51,7 +53,8 @@ const TPR: u32 = 32u;
 fn xf(i: u32) -> vec4<f32> {
     return bitcast<vec4<f32>>(xv[i]);
 }
-@group(0) @binding(4) var<storage, read_write> y: array<f32>;
+// y's words: f32 bits (gqmv, gqmm, gqmv_combine) or quantized chunks (gqmv_glu).
+@group(0) @binding(4) var<storage, read_write> y: array<u32>;
 @group(0) @binding(5) var<storage, read> packed4: array<vec4<u32>>;
 @group(0) @binding(6) var<storage, read> ids: array<u32>;
 @group(0) @binding(7) var<storage, read> sorted: array<u32>;
@@ -215,7 +218,7 @@ fn gqmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             }
             t *= inverseSqrt(sq / f32(p.k) + p.eps);
         }
-        y[view(4u) + pair * p.n + n] = select(0.0, t, valid);
+        y[view(4u) + pair * p.n + n] = bitcast<u32>(select(0.0, t, valid));
     }
 }
 
@@ -310,7 +313,147 @@ fn gqmv_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
             }
         }
         let a = view(4u) + t * p.n + n;
-        y[a] = y[a] + v;
+        y[a] = bitcast<u32>(bitcast<f32>(y[a]) + v);
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// gqmv_glu: the stacked gate|up experts (GU) with the GLU applied to their own rows, writing
+// down's input quantized (qmatmul.wgsl's XQO 2 for routed experts): a workgroup takes one
+// pair and gate rows 32w..32w+31 of its expert with the same up rows (16 row-blocks of RPT =
+// 4 rows: blocks 0..7 gate, 8..15 up), and writes chunk w of the pair's act(gate)·up row in
+// this kernel's own form (BITS, XQ). With PEND, x's pending norm is finished first. The
+// GLU's dispatch, and its barrier, go.
+
+const GLU_BLOCKS: u32 = 16u;
+var<workgroup> red_g: array<f32, 2048>;
+var<workgroup> red_gs: array<f32, 512>;
+var<workgroup> yrows: array<f32, 64>;
+
+fn glu4(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
+    return vec4<f32>(act(g.x), act(g.y), act(g.z), act(g.w)) * u;
+}
+
+@compute @workgroup_size(512)
+fn gqmv_glu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
+            @builtin(local_invocation_index) lid: u32
+#if SUBGROUPS
+            , @builtin(subgroup_invocation_id) sl: u32, @builtin(subgroup_size) ss: u32,
+            @builtin(subgroup_id) si: u32
+#endif
+) {
+    let block = lid / TPR;
+    let lane = lid % TPR;
+    let half = p.n / 2u;
+    let cpr = half / 32u;
+    let g = flat_wg(wid, nwg);
+    let pair = min(g / cpr, p.pairs - 1u);
+    let live = g / cpr < p.pairs;
+    let w = g % cpr;
+    // Row-block b's first row of the pair's [gate | up] output row.
+    let n0 = select(w * 32u + 4u * block, half + w * 32u + 4u * (block - 8u), block >= 8u);
+    let e = ids[view(6u) + pair];
+    let valid = e < p.experts;
+    let ec = min(e, p.experts - 1u);
+    let chunks = p.k / 32u;
+#if SUBGROUPS
+    let slots = max(TPR / ss, 1u);
+    let slot = lane / ss;
+    let part_slot = si * ss + sl;
+#else
+    let slots = TPR;
+    let slot = lane;
+    let part_slot = lid;
+#endif
+    let r0 = expert_row(ec, n0);
+    let r1 = expert_row(ec, n0 + 1u);
+    let r2 = expert_row(ec, n0 + 2u);
+    let r3 = expert_row(ec, n0 + 3u);
+    var s = vec4<f32>(0.0);
+    var sq_part = 0.0;
+    let qo = view(0u) / 4u + (pair / p.top_k) * chunks * XQ_VEC4S;
+    for (var c = lane; c < chunks; c += TPR) {
+        let o = qo + c * XQ_VEC4S;
+        let xq = xchunk_from(xv[o], xv[o + 1u], xv[o + 2u], xv[o + 3u], xv[o + 4u]);
+        if PEND != 0u {
+            sq_part += bitcast<f32>(xv[o + 4u].w);
+        }
+        var x: array<vec4<f32>, 8>;
+        let gc = (c * 32u) / GROUP_SIZE;
+        s.x += row_chunk(r0, c, gc, x, xq);
+        s.y += row_chunk(r1, c, gc, x, xq);
+        s.z += row_chunk(r2, c, gc, x, xq);
+        s.w += row_chunk(r3, c, gc, x, xq);
+    }
+    for (var r = 0u; r < 4u; r++) {
+#if SUBGROUPS
+        let v = subgroupAdd(s[r]);
+        if sl == 0u {
+            red_g[(block * 4u + r) * TPR + slot] = v;
+        } else if lane == 0u {
+            red_g[(block * 4u + r) * TPR] = 0.0;
+        }
+#else
+        red_g[(block * 4u + r) * TPR + slot] = s[r];
+#endif
+    }
+    if PEND != 0u {
+#if SUBGROUPS
+        let u = subgroupAdd(sq_part);
+        if sl == 0u {
+            red_gs[block * TPR + slot] = u;
+        } else if lane == 0u {
+            red_gs[block * TPR] = 0.0;
+        }
+#else
+        red_gs[block * TPR + slot] = sq_part;
+#endif
+    }
+    workgroupBarrier();
+    // Row j of the workgroup's 64 (32 gate, then 32 up) into yrows.
+    if lid < 64u {
+        var t = 0.0;
+        for (var i = 0u; i < slots; i++) {
+            t += red_g[lid * TPR + i];
+        }
+        if PEND != 0u {
+            // Every block summed the same x row: block 0's partials.
+            var sq = 0.0;
+            for (var i = 0u; i < slots; i++) {
+                sq += red_gs[i];
+            }
+            t *= inverseSqrt(sq / f32(p.k) + p.eps);
+        }
+        yrows[lid] = select(0.0, t, valid);
+    }
+    workgroupBarrier();
+    // The chunk: quantize_part's four invocations (every invocation calls it).
+    let t = part_slot % 4u;
+    let on = part_slot < 4u;
+    var a = vec4<f32>(0.0);
+    var b = vec4<f32>(0.0);
+    if on {
+        let e8 = 8u * t;
+        let u8 = e8 + 32u;
+        a = glu4(vec4<f32>(yrows[e8], yrows[e8 + 1u], yrows[e8 + 2u], yrows[e8 + 3u]),
+                 vec4<f32>(yrows[u8], yrows[u8 + 1u], yrows[u8 + 2u], yrows[u8 + 3u]));
+        b = glu4(vec4<f32>(yrows[e8 + 4u], yrows[e8 + 5u], yrows[e8 + 6u], yrows[e8 + 7u]),
+                 vec4<f32>(yrows[u8 + 4u], yrows[u8 + 5u], yrows[u8 + 6u], yrows[u8 + 7u]));
+    }
+    let q = quantize_part(a, b, part_slot);
+    if on && live {
+        let o = view(4u) + (pair * cpr + w) * 4u * XQ_VEC4S;
+        let off = part_offsets(t);
+        let val = part_values(q);
+        for (var j = 0u; j < 4u; j++) {
+            y[o + off[j]] = val[j];
+        }
+        if t == 0u {
+            y[o + 16u] = q.tail[0];
+            y[o + 17u] = q.tail[1];
+            y[o + 18u] = q.tail[2];
+            y[o + 19u] = 0u;
+        }
     }
 }
 
@@ -407,7 +550,7 @@ fn gqmm(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec
             for (var j = 0u; j < 4u; j++) {
                 let n = n0 + tx * 4u + j;
                 if n < p.n {
-                    y[view(4u) + pair * p.n + n] = select(0.0, acc[i][j], valid);
+                    y[view(4u) + pair * p.n + n] = bitcast<u32>(select(0.0, acc[i][j], valid));
                 }
             }
         }
