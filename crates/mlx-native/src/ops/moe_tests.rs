@@ -200,6 +200,33 @@ fn quant_experts(
     (qs, deq)
 }
 
+/// Quantized experts and their f64 dequantization (`quant_experts`).
+type HostExperts = (Vec<Quantized>, Vec<f64>);
+
+/// MLX experts of `params` in `dt` (gate and up `[E, I, H]`, down `[E, H, I]`) with gate
+/// and up stacked, and the gate's and up's quantized experts with their f64 dequantization.
+fn stacked_experts(
+    g: &MlxDevice,
+    rng: &mut Rng,
+    [e, i, h]: [usize; 3],
+    params: QuantParams,
+    dt: DType,
+) -> (MoeExperts, [HostExperts; 2]) {
+    let gate = quant_experts(rng, e, i, h, params, dt);
+    let upq = quant_experts(rng, e, i, h, params, dt);
+    let (dq, _) = quant_experts(rng, e, h, i, params, dt);
+    let up = |q| ExpertWeight::Mlx(QuantExperts::upload(g, q).unwrap());
+    let experts = MoeExperts {
+        gate: up(&gate.0),
+        up: up(&upq.0),
+        down: up(&dq),
+        gate_up: None,
+    }
+    .stack_gate_up(g)
+    .unwrap();
+    (experts, [gate, upq])
+}
+
 fn random_ids(rng: &mut Rng, t: usize, k: usize, e: usize) -> Vec<u32> {
     // Distinct experts per token, as a router gives.
     let mut v = Vec::new();
@@ -978,18 +1005,7 @@ fn stacked_gate_up_equals_the_two_matvecs() {
         let g = &poisoned(no_sg);
         let (e, i, h, top) = (8, 96, 128, 4);
         for params in [QuantParams::affine(4, 32), QuantParams::affine(8, 32)] {
-            let (gq, _) = quant_experts(&mut rng, e, i, h, params, DType::BF16);
-            let (uq, _) = quant_experts(&mut rng, e, i, h, params, DType::BF16);
-            let (dq, _) = quant_experts(&mut rng, e, h, i, params, DType::BF16);
-            let up = |q| ExpertWeight::Mlx(QuantExperts::upload(g, q).unwrap());
-            let experts = MoeExperts {
-                gate: up(&gq),
-                up: up(&uq),
-                down: up(&dq),
-                gate_up: None,
-            }
-            .stack_gate_up(g)
-            .unwrap();
+            let (experts, _) = stacked_experts(g, &mut rng, [e, i, h], params, DType::BF16);
             let (ExpertWeight::Mlx(gw), ExpertWeight::Mlx(uw)) = (&experts.gate, &experts.up)
             else {
                 panic!("MLX experts");
@@ -1147,18 +1163,8 @@ fn routed_matvecs_finish_a_pending_norm() {
             (QuantParams::affine(4, 64), DType::BF16),
             (QuantParams::affine(8, 32), DType::F16),
         ] {
-            let (gq, gdeq) = quant_experts(&mut rng, e, i, h, params, dt);
-            let (uq, udeq) = quant_experts(&mut rng, e, i, h, params, dt);
-            let (dq, _) = quant_experts(&mut rng, e, h, i, params, dt);
-            let up = |q| ExpertWeight::Mlx(QuantExperts::upload(g, q).unwrap());
-            let experts = MoeExperts {
-                gate: up(&gq),
-                up: up(&uq),
-                down: up(&dq),
-                gate_up: None,
-            }
-            .stack_gate_up(g)
-            .unwrap();
+            let (experts, [(gq, gdeq), (uq, udeq)]) =
+                stacked_experts(g, &mut rng, [e, i, h], params, dt);
             let ExpertWeight::Mlx(gw) = &experts.gate else {
                 panic!("MLX experts");
             };
@@ -1232,18 +1238,7 @@ fn gate_up_glu_in_one_dispatch_matches_the_two() {
             (QuantParams::affine(4, 32), DType::BF16, Act::Silu),
             (QuantParams::affine(8, 64), DType::F16, Act::GeluTanh),
         ] {
-            let (gq, _) = quant_experts(&mut rng, e, i, h, params, dt);
-            let (uq, _) = quant_experts(&mut rng, e, i, h, params, dt);
-            let (dq, _) = quant_experts(&mut rng, e, h, i, params, dt);
-            let up = |q| ExpertWeight::Mlx(QuantExperts::upload(g, q).unwrap());
-            let experts = MoeExperts {
-                gate: up(&gq),
-                up: up(&uq),
-                down: up(&dq),
-                gate_up: None,
-            }
-            .stack_gate_up(g)
-            .unwrap();
+            let (experts, _) = stacked_experts(g, &mut rng, [e, i, h], params, dt);
             assert!(can_glu_out(&experts, g.caps()));
             let form = experts_xq_form(&experts).unwrap().0;
             let mut ids = random_ids(&mut rng, t, top, e);

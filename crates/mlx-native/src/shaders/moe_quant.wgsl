@@ -328,11 +328,6 @@ fn gqmv_combine(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) 
 const GLU_BLOCKS: u32 = 16u;
 var<workgroup> red_g: array<f32, 2048>;
 var<workgroup> red_gs: array<f32, 512>;
-var<workgroup> yrows: array<f32, 64>;
-
-fn glu4(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(act(g.x), act(g.y), act(g.z), act(g.w)) * u;
-}
 
 @compute @workgroup_size(512)
 fn gqmv_glu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
@@ -427,34 +422,8 @@ fn gqmv_glu(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg:
         yrows[lid] = select(0.0, t, valid);
     }
     workgroupBarrier();
-    // The chunk: quantize_part's four invocations (every invocation calls it).
-    let t = part_slot % 4u;
-    let on = part_slot < 4u;
-    var a = vec4<f32>(0.0);
-    var b = vec4<f32>(0.0);
-    if on {
-        let e8 = 8u * t;
-        let u8 = e8 + 32u;
-        a = glu4(vec4<f32>(yrows[e8], yrows[e8 + 1u], yrows[e8 + 2u], yrows[e8 + 3u]),
-                 vec4<f32>(yrows[u8], yrows[u8 + 1u], yrows[u8 + 2u], yrows[u8 + 3u]));
-        b = glu4(vec4<f32>(yrows[e8 + 4u], yrows[e8 + 5u], yrows[e8 + 6u], yrows[e8 + 7u]),
-                 vec4<f32>(yrows[u8 + 4u], yrows[u8 + 5u], yrows[u8 + 6u], yrows[u8 + 7u]));
-    }
-    let q = quantize_part(a, b, part_slot);
-    if on && live {
-        let o = view(4u) + (pair * cpr + w) * 4u * XQ_VEC4S;
-        let off = part_offsets(t);
-        let val = part_values(q);
-        for (var j = 0u; j < 4u; j++) {
-            y[o + off[j]] = val[j];
-        }
-        if t == 0u {
-            y[o + 16u] = q.tail[0];
-            y[o + 17u] = q.tail[1];
-            y[o + 18u] = q.tail[2];
-            y[o + 19u] = 0u;
-        }
-    }
+    // The chunk (common/glu_chunk.wgsl; every invocation calls it).
+    store_glu_chunk_at(view(4u) + (pair * cpr + w) * 4u * XQ_VEC4S, part_slot, live);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -108,8 +108,7 @@ fn weight_at(row: u32, j: u32) -> f32 {
 var<workgroup> red: array<f32, 2048>;
 // NORM: partial Σx² of the x row, [row-set][slot].
 var<workgroup> red_ss: array<f32, 256>;
-// XQO: the workgroup's rows of y (at most 64: two chunks, or 32 gate and 32 up rows).
-var<workgroup> yrows: array<f32, 64>;
+// XQO: the workgroup's rows of y are `yrows` (common/glu_chunk.wgsl).
 
 // The BITS words of chunk c of packed row `row` (4- and 8-bit: vec4 loads).
 fn chunk_words(row: u32, c: u32) -> array<u32, 8> {
@@ -192,10 +191,6 @@ fn x_chunk(o: u32) -> array<vec4<f32>, 8> {
                                xf(o + 5u), xf(o + 6u), xf(o + 7u));
 }
 
-fn glu4(g: vec4<f32>, u: vec4<f32>) -> vec4<f32> {
-    return vec4<f32>(act(g.x), act(g.y), act(g.z), act(g.w)) * u;
-}
-
 // Chunk c of x row m (x rows start at vec4 `xbase`), with the GLU prologue applied.
 fn x_row_chunk(xbase: u32, m: u32, c: u32) -> array<vec4<f32>, 8> {
     if (FUSE & 2u) != 0u {
@@ -263,43 +258,9 @@ fn wg_row(wg: u32, j: u32) -> u32 {
     return wg * rows + j;
 }
 
-// Part t (4 words) of a chunk whose first word is o, and part 0 the tail with `last` as
-// its last word.
-fn store_chunk_part(o: u32, t: u32, q: XqPart, last: u32) {
-    let off = part_offsets(t);
-    let val = part_values(q);
-    for (var j = 0u; j < 4u; j++) {
-        y[o + off[j]] = val[j];
-    }
-    if t == 0u {
-        y[o + 16u] = q.tail[0];
-        y[o + 17u] = q.tail[1];
-        y[o + 18u] = q.tail[2];
-        y[o + 19u] = last;
-    }
-}
-
-// XQO 2: the workgroup's chunk of act(gate)·up for x row m, from yrows (gate rows, then up
-// rows): invocations 0..3 (in quantize_part's order) hold its parts. Called by the whole
-// workgroup.
+// XQO 2: the workgroup's chunk of act(gate)·up for x row m (common/glu_chunk.wgsl).
 fn store_glu_chunk(wg: u32, m: u32, slot: u32) {
-    let t = slot % 4u;
-    let on = slot < 4u;
-    var a = vec4<f32>(0.0);
-    var b = vec4<f32>(0.0);
-    if on {
-        let e = 8u * t;
-        let u = e + 32u;
-        a = glu4(vec4<f32>(yrows[e], yrows[e + 1u], yrows[e + 2u], yrows[e + 3u]),
-                 vec4<f32>(yrows[u], yrows[u + 1u], yrows[u + 2u], yrows[u + 3u]));
-        b = glu4(vec4<f32>(yrows[e + 4u], yrows[e + 5u], yrows[e + 6u], yrows[e + 7u]),
-                 vec4<f32>(yrows[u + 4u], yrows[u + 5u], yrows[u + 6u], yrows[u + 7u]));
-    }
-    let q = quantize_part(a, b, slot);
-    if on {
-        let o = view(4u) + p.xo + (m * (p.n / 64u) + wg) * 4u * XQ_VEC4S;
-        store_chunk_part(o, t, q, 0u);
-    }
+    store_glu_chunk_at(view(4u) + p.xo + (m * (p.n / 64u) + wg) * 4u * XQ_VEC4S, slot, true);
 }
 
 // XQO: the norm weights of this invocation's part of the workgroup's chunks (`slot` in
