@@ -12,7 +12,7 @@
 //! `AB_BOUND`, `AB_NORM_OUT`, `AB_OXQ`, `AB_XSRC` (matvec shapes), `AB_SKIP` (each kind of
 //! dispatch dropped), `AB_MOE` (the experts' gate and up in one dispatch or two),
 //! `AB_COMBINE` (an MoE layer's down and weighted sum in one dispatch or two, its FFN norm
-//! split across o, its GLU in gate|up). Each step
+//! split across o, its GLU in gate|up), `AB_GT` (the attention's query heads a workgroup). Each step
 //! advances the position: after ~100 steps the context passes
 //! the one-split attention's reach (224 keys) and the attention runs split-K (one more
 //! dispatch a layer than `bench decode` counts at context 128).
@@ -293,6 +293,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 (default, (0, 0), 0, None),
             ),
         ];
+    }
+    // AB_GT=1: the decode attention's query heads a workgroup forced to 1, 2, 4 and 8 (the
+    // one-split kernel at short contexts takes the rule's, one).
+    if std::env::var("AB_GT").is_ok() {
+        probes.clear();
+        xsrc.clear();
+        skips.clear();
+        gu_off.clear();
+        variants = [1u32, 2, 4, 8]
+            .into_iter()
+            .map(|gt| {
+                (
+                    format!("{gt} heads a workgroup"),
+                    (default, (0, 0), gt, None),
+                )
+            })
+            .collect();
+        variants.insert(0, ("the rule".into(), (default, (0, 0), 0, None)));
     }
     let mut stacked: Vec<Option<mlx_native::weights::expert_weight::QuantExperts>> =
         m.layers.iter().map(|_| None).collect();

@@ -113,12 +113,17 @@ impl DecodeLoop {
         if let Some(g) = self.graph.as_mut() {
             // The appends' checks (capacity, rings), as recording would make them.
             cache.advance(pos, 1)?;
-            match g.replay(at, readback.then_some(&self.ids))? {
-                Replayed::Submitted(rb) => {
+            match g.replay(at, readback.then_some(&self.ids)) {
+                Ok(Replayed::Submitted(rb)) => {
                     self.stats.replayed += 1;
                     return Ok(rb);
                 }
-                Replayed::Stale => self.graph = None,
+                Ok(Replayed::Stale) => self.graph = None,
+                Err(e) => {
+                    // Nothing was submitted: the lengths go back to before this step.
+                    let _ = cache.advance(pos, 0);
+                    return Err(e.into());
+                }
             }
         }
         let capture = self.replay && matches!(cache, KvStore::Plain(_));
@@ -223,5 +228,50 @@ mod tests {
             }
             assert_eq!(ids_r, ids_s, "{name}");
         }
+    }
+
+    /// A kept step is not replayed over another cache than it was recorded for: the loop
+    /// records again, and the logits are that cache's.
+    #[test]
+    fn a_kept_step_follows_its_cache() {
+        let g = MlxDevice::new().unwrap();
+        let m = build(&g, &shape("tiny-llama-mlx").unwrap(), 4).unwrap();
+        let tail = |pass: &mut Pass, logits: &MlxBuffer| -> Result<MlxBuffer> {
+            Ok(ops::argmax(pass, logits)?.reshape(&[1])?)
+        };
+        let mut steps = DecodeLoop::new(&g, true).unwrap();
+        let mut caches = Vec::new();
+        for prompt in [[3u32, 1, 4], [2, 7, 1]] {
+            let mut cache = m.new_cache(16).unwrap();
+            let mut pass = g.begin();
+            m.forward(&mut pass, &prompt, 0, &mut cache).unwrap();
+            pass.commit().unwrap();
+            caches.push(cache);
+        }
+        let at = |pos| TokenVars { pos, coin: 0.0 };
+        let mut got = Vec::new();
+        for (c, pos) in [(0, 3), (0, 4), (1, 3)] {
+            steps.ids().write(&g, &[5u32]).unwrap();
+            let rb = steps
+                .step(&m, &mut caches[c], at(pos), &tail, true)
+                .unwrap();
+            got.push(rb.unwrap().wait::<u32>().unwrap()[0]);
+        }
+        // Recorded, replayed over the same cache, recorded again over the other one.
+        assert_eq!(
+            steps.stats(),
+            LoopStats {
+                recorded: 2,
+                replayed: 1
+            }
+        );
+        assert_eq!((caches[0].len(0), caches[1].len(0)), (5, 4));
+        let mut want = m.new_cache(16).unwrap();
+        let mut pass = g.begin();
+        m.forward(&mut pass, &[2, 7, 1], 0, &mut want).unwrap();
+        let l = m.forward(&mut pass, &[5], 3, &mut want).unwrap();
+        let id = ops::argmax(&mut pass, &l).unwrap();
+        pass.commit().unwrap();
+        assert_eq!(got[2], id.to_vec::<u32>(&g).unwrap()[0]);
     }
 }
