@@ -43,12 +43,12 @@ pub struct DecodeLoop {
 
 /// The identity [`DecodeLoop`] checks before it replays: the model's address and a plain
 /// cache's first K buffer.
-fn owner_of(m: &Transformer, cache: &KvStore) -> Option<(usize, MlxBuffer)> {
+fn owner_of<'c>(m: &Transformer, cache: &'c KvStore) -> Option<(usize, &'c MlxBuffer)> {
     match cache {
         KvStore::Plain(c) => c
             .buffers(0)
             .ok()
-            .map(|(k, _)| (m as *const Transformer as usize, k.clone())),
+            .map(|(k, _)| (m as *const Transformer as usize, k)),
         KvStore::Compressed(_) => None,
     }
 }
@@ -104,7 +104,7 @@ impl DecodeLoop {
         let pos = at.pos;
         self.positions.write(&self.gpu, &[pos as u32])?;
         let same = match (&self.owner, owner_of(m, cache)) {
-            (Some((a, k)), Some((b, l))) => *a == b && k.same_storage(&l),
+            (Some((a, k)), Some((b, l))) => *a == b && k.same_storage(l),
             _ => false,
         };
         if !same {
@@ -139,7 +139,7 @@ impl DecodeLoop {
             let mut g = pass.into_graph()?;
             let submitted = g.replay(at, readback.then_some(&self.ids))?;
             self.graph = Some(g);
-            self.owner = owner_of(m, cache);
+            self.owner = owner_of(m, cache).map(|(a, k)| (a, k.clone()));
             return match submitted {
                 Replayed::Submitted(rb) => Ok(rb),
                 Replayed::Stale => Err(crate::LmError::Invalid(

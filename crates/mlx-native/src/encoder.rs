@@ -120,12 +120,7 @@ pub struct Pass {
     /// The step the latest `dispatch` recorded (None when it was skipped).
     last: Option<usize>,
     /// Copies into MAP_READ staging buffers, encoded after the compute pass.
-    readbacks: Vec<(
-        std::sync::Arc<crate::buffer_pool::RawBuffer>,
-        u64,
-        wgpu::Buffer,
-        u64,
-    )>,
+    readbacks: Vec<(MlxBuffer, Staged)>,
 }
 
 impl Pass {
@@ -249,12 +244,7 @@ impl Pass {
     /// while this one executes.
     pub fn commit_with_readback(mut self, buf: &MlxBuffer) -> Result<Readback> {
         let staged = Staged::new(&self.gpu, buf);
-        self.readbacks.push((
-            buf.raw.clone(),
-            staged.a0,
-            staged.staging.clone(),
-            staged.size,
-        ));
+        self.readbacks.push((buf.clone(), staged.clone()));
         let gpu = self.gpu.clone();
         let (_, index) = self.submit_indexed()?;
         Ok(staged.into_readback(gpu, index))
@@ -458,9 +448,8 @@ impl Pass {
         }
         let inner = &self.gpu.inner;
         let dev = &inner.device;
-        let uniforms = uniform_buffer(dev, self.arena.len());
         let mut arena = self.arena;
-        arena.resize(uniforms.size() as usize, 0);
+        let uniforms = uniform_buffer(dev, &mut arena);
         inner.queue.write_buffer(&uniforms, 0, &arena);
         let (params_groups, step_groups) = params_groups(dev, &self.steps, &uniforms);
 
@@ -536,8 +525,8 @@ impl Pass {
             encode_steps(&mut cp, &self.steps, &params_groups, &step_groups);
         }
         encode_copies(&mut enc, &self.copies);
-        for (raw, a0, staging, size) in &self.readbacks {
-            enc.copy_buffer_to_buffer(&raw.buffer, *a0, staging, 0, *size);
+        for (buf, staged) in &self.readbacks {
+            staged.encode(&mut enc, buf);
         }
         let index = inner.queue.submit(Some(enc.finish()));
         inner.count_submit_and_map(
@@ -553,6 +542,7 @@ impl Pass {
 
 /// A host-readable copy of a buffer's bytes: the staging buffer and the word-aligned range
 /// copied into it.
+#[derive(Clone)]
 pub(crate) struct Staged {
     staging: wgpu::Buffer,
     a0: u64,
@@ -562,7 +552,7 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
-    fn new(gpu: &MlxDevice, buf: &MlxBuffer) -> Self {
+    pub(crate) fn new(gpu: &MlxDevice, buf: &MlxBuffer) -> Self {
         let start = buf.offset;
         let len = buf.byte_len();
         let a0 = start / 4 * 4;
@@ -582,7 +572,17 @@ impl Staged {
         }
     }
 
-    fn into_readback(self, gpu: MlxDevice, index: Option<wgpu::SubmissionIndex>) -> Readback {
+    /// Encode the copy of `buf` (the buffer this was made for) into the staging buffer.
+    pub(crate) fn encode(&self, enc: &mut wgpu::CommandEncoder, buf: &MlxBuffer) {
+        enc.copy_buffer_to_buffer(&buf.raw.buffer, self.a0, &self.staging, 0, self.size);
+    }
+
+    /// The download, once the submission `index` that holds the copy is made.
+    pub(crate) fn into_readback(
+        self,
+        gpu: MlxDevice,
+        index: Option<wgpu::SubmissionIndex>,
+    ) -> Readback {
         Readback {
             gpu,
             staging: self.staging,
@@ -590,27 +590,6 @@ impl Staged {
             lo: self.lo,
             len: self.len,
         }
-    }
-}
-
-/// Encode a copy of `buf` into a new staging buffer; submit `enc`, then
-/// `into_readback` with the submission's index.
-pub(crate) fn stage_readback(
-    gpu: &MlxDevice,
-    enc: &mut wgpu::CommandEncoder,
-    buf: &MlxBuffer,
-) -> StagedCopy {
-    let s = Staged::new(gpu, buf);
-    enc.copy_buffer_to_buffer(&buf.raw.buffer, s.a0, &s.staging, 0, s.size);
-    StagedCopy(s)
-}
-
-/// A readback encoded in a command buffer not yet submitted.
-pub(crate) struct StagedCopy(Staged);
-
-impl StagedCopy {
-    pub(crate) fn into_readback(self, gpu: MlxDevice, index: wgpu::SubmissionIndex) -> Readback {
-        self.0.into_readback(gpu, Some(index))
     }
 }
 
@@ -666,11 +645,14 @@ impl Readback {
     }
 }
 
-/// The uniform buffer of a pass's parameter arena of `len` bytes (at least 16).
-pub(crate) fn uniform_buffer(dev: &wgpu::Device, len: usize) -> wgpu::Buffer {
+/// The uniform buffer of a pass's parameter arena, the arena padded to its size (a multiple
+/// of 16 bytes, at least 16: a pass of readbacks only has no params).
+pub(crate) fn uniform_buffer(dev: &wgpu::Device, arena: &mut Vec<u8>) -> wgpu::Buffer {
+    let size = (arena.len() as u64).div_ceil(16).max(1) * 16;
+    arena.resize(size as usize, 0);
     dev.create_buffer(&wgpu::BufferDescriptor {
         label: Some("mlx-native params"),
-        size: (len as u64).div_ceil(16).max(1) * 16,
+        size,
         usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     })

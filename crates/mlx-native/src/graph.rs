@@ -22,7 +22,7 @@ use bytemuck::Pod;
 use crate::buffer::MlxBuffer;
 use crate::buffer_pool::RawBuffer;
 use crate::device::MlxDevice;
-use crate::encoder::{self, fold_grid, Step};
+use crate::encoder::{self, fold_grid, Staged, Step};
 use crate::error::{MlxError, Result};
 
 /// The per-token values a pass is captured with and a graph replayed with.
@@ -44,7 +44,9 @@ pub struct Advance {
     pub coin: f32,
 }
 
-type VaryFn = Box<dyn Fn(&Advance) -> Result<Option<(Vec<u8>, u32)>> + Send>;
+/// A varying step's function: writes its parameters for the token into the step's arena
+/// slot and returns its workgroups, or `None` when the recorded structure no longer fits.
+type VaryFn = Box<dyn Fn(&Advance, &mut [u8]) -> Result<Option<u32>> + Send>;
 
 /// What a capture collects beside the steps.
 pub(crate) struct Capture {
@@ -69,7 +71,16 @@ impl Capture {
     {
         self.varies.push((
             step,
-            Box::new(move |a| Ok(f(a)?.map(|(p, wgs)| (bytemuck::bytes_of(&p).to_vec(), wgs)))),
+            Box::new(move |a, slot| {
+                let Some((p, wgs)) = f(a)? else {
+                    return Ok(None);
+                };
+                let bytes = bytemuck::bytes_of(&p);
+                slot.get_mut(..bytes.len())
+                    .ok_or_else(|| MlxError::Gpu("graph: params past their slot".into()))?
+                    .copy_from_slice(bytes);
+                Ok(Some(wgs))
+            }),
         ));
     }
 
@@ -123,8 +134,7 @@ impl Graph {
             )));
         }
         let dev = &gpu.inner.device;
-        let uniforms = encoder::uniform_buffer(dev, arena.len());
-        arena.resize(uniforms.size() as usize, 0);
+        let uniforms = encoder::uniform_buffer(dev, &mut arena);
         let (groups, of_step) = encoder::params_groups(dev, &steps, &uniforms);
         Ok(Graph {
             gpu,
@@ -176,10 +186,6 @@ impl Graph {
         };
         let max_wg = self.gpu.caps().max_workgroups_per_dimension;
         for (i, f) in &self.capture.varies {
-            let Some((bytes, wgs)) = f(&adv)? else {
-                self.stale = true;
-                return Ok(false);
-            };
             let step = self
                 .steps
                 .get_mut(*i)
@@ -187,9 +193,12 @@ impl Graph {
             let off = step.params_off as usize;
             let slot = self
                 .arena
-                .get_mut(off..off + bytes.len())
+                .get_mut(off..off + encoder::MAX_PARAMS_BYTES)
                 .ok_or_else(|| MlxError::Gpu(format!("graph: step {i}'s params out of range")))?;
-            slot.copy_from_slice(&bytes);
+            let Some(wgs) = f(&adv, slot)? else {
+                self.stale = true;
+                return Ok(false);
+            };
             step.grid = fold_grid(wgs, max_wg);
         }
         Ok(true)
@@ -219,10 +228,11 @@ impl Graph {
             encoder::encode_steps(&mut cp, &self.steps, &self.groups, &self.of_step);
         }
         encoder::encode_copies(&mut enc, &self.copies);
-        let staged = match readback {
-            Some(buf) => Some(encoder::stage_readback(&self.gpu, &mut enc, buf)),
-            None => None,
-        };
+        let staged = readback.map(|buf| {
+            let s = Staged::new(&self.gpu, buf);
+            s.encode(&mut enc, buf);
+            s
+        });
         let cb = enc.finish();
         let t2 = std::time::Instant::now();
         let index = inner.queue.submit(Some(cb));
@@ -234,7 +244,7 @@ impl Graph {
         ];
         self.gpu.take_uncaptured()?;
         Ok(Replayed::Submitted(
-            staged.map(|s| s.into_readback(self.gpu.clone(), index)),
+            staged.map(|s| s.into_readback(self.gpu.clone(), Some(index))),
         ))
     }
 
