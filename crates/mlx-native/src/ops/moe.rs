@@ -604,20 +604,20 @@ fn dispatch_gqmv(
     let per_wg = 2 * rpt as usize;
     let groups = (params.pairs as usize).saturating_mul(n.div_ceil(per_wg));
     let groups = check::fits_u32(groups, op, "workgroups")?;
-    let biases = qw.biases().unwrap_or(qw.scales());
-    let bufs = [x, qw.packed(), qw.scales(), biases, y, qw.packed(), ids];
+    let bufs = gqmv_buffers(x, qw, y, ids);
     pass.dispatch(Kernel::MoeQuant, spec, params, &bufs, groups)
 }
 
-/// [`gather_qmv_xq`]'s checks of x (its form, K, rows) and ids against the
-/// experts `w`: (pairs, x rows' divisor, tokens, top_k).
-fn gather_xq_checks(
+/// The routed matvecs of quantized x: x's checks (its form, K, rows) and ids' against the
+/// experts `w`, then the kernel's params (x's pending norm's eps in them), the tokens and
+/// top_k.
+fn xq_gather(
     op: &str,
     x: &QuantizedX,
     w: &QuantExperts,
     ids: &MlxBuffer,
-) -> Result<(u32, u32, usize, usize)> {
-    let [_, n, k] = w.shape();
+) -> Result<(GatherParams, usize, usize)> {
+    let [e, n, k] = w.shape();
     let qw = w.weight();
     check::dtype(ids, &[DType::U32], op, "ids")?;
     let &[tokens, top_k] = ids.shape() else {
@@ -652,7 +652,39 @@ fn gather_xq_checks(
     };
     let pairs = check::fits_u32(tokens * top_k, op, "pairs")?;
     check::fits_u32((tokens * top_k).saturating_mul(n), op, "output elements")?;
-    Ok((pairs, x_div as u32, tokens, top_k))
+    let params = GatherParams {
+        eps: x.pending_norm().unwrap_or(0.0),
+        ..gather_params(op, qw, [e, n, k], pairs, x_div as u32)?
+    };
+    Ok((params, tokens, top_k))
+}
+
+/// The experts' stacked gate|up weight (`[E, 2I, K]`), checked against gate's shape.
+fn stacked_gate_up<'a>(op: &str, experts: &'a MoeExperts) -> Result<&'a QuantExperts> {
+    let stacked = experts.gate_up.as_ref().ok_or_else(|| {
+        MlxError::invalid(format!("{op}: the experts' gate and up are not stacked"))
+    })?;
+    let [e, two_i, k] = stacked.shape();
+    check::ensure([e, two_i / 2, k] == experts.gate.shape(), op, || {
+        format!(
+            "the stacked weight is {:?}, gate {:?}",
+            stacked.shape(),
+            experts.gate.shape()
+        )
+    })?;
+    Ok(stacked)
+}
+
+/// The routed matvecs' bindings 0..6: x, the weight (packed, scales, biases), the output,
+/// the packed words as vec4, the expert ids.
+fn gqmv_buffers<'a>(
+    x: &'a MlxBuffer,
+    qw: &'a QuantWeight,
+    y: &'a MlxBuffer,
+    ids: &'a MlxBuffer,
+) -> [&'a MlxBuffer; 7] {
+    let biases = qw.biases().unwrap_or(qw.scales());
+    [x, qw.packed(), qw.scales(), biases, y, qw.packed(), ids]
 }
 
 /// The decode form of [`gather_qmm`] over x already quantized for the experts
@@ -666,16 +698,10 @@ pub fn gather_qmv_xq(
     ids: &MlxBuffer,
 ) -> Result<MlxBuffer> {
     let op = "gather_qmv_xq";
-    let [e, n, k] = w.shape();
-    let qw = w.weight();
-    let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, w, ids)?;
-    let params = GatherParams {
-        eps: x.pending_norm().unwrap_or(0.0),
-        ..gather_params(op, qw, [e, n, k], pairs, x_div)?
-    };
-    let y = pass.alloc(DType::F32, &[tokens, top_k, n])?;
+    let (params, tokens, top_k) = xq_gather(op, x, w, ids)?;
+    let y = pass.alloc(DType::F32, &[tokens, top_k, params.n as usize])?;
     let mode = (x.form().xq(), true, false, x.pending_norm().is_some());
-    dispatch_gqmv(pass, op, x.buffer(), mode, qw, ids, &params, &y)?;
+    dispatch_gqmv(pass, op, x.buffer(), mode, w.weight(), ids, &params, &y)?;
     Ok(y)
 }
 
@@ -689,26 +715,20 @@ pub fn gather_qmv_xq_gate_up(
     ids: &MlxBuffer,
 ) -> Result<MlxBuffer> {
     let op = "gather_qmv_xq_gate_up";
-    let stacked = experts.gate_up.as_ref().ok_or_else(|| {
-        MlxError::invalid(format!("{op}: the experts' gate and up are not stacked"))
-    })?;
-    let [e, two_i, k] = stacked.shape();
-    check::ensure([e, two_i / 2, k] == experts.gate.shape(), op, || {
-        format!(
-            "the stacked weight is {:?}, gate {:?}",
-            stacked.shape(),
-            experts.gate.shape()
-        )
-    })?;
-    let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, stacked, ids)?;
-    let fused = stacked.weight();
-    let params = GatherParams {
-        eps: x.pending_norm().unwrap_or(0.0),
-        ..gather_params(op, fused, [e, two_i, k], pairs, x_div)?
-    };
-    let y = pass.alloc(DType::F32, &[tokens, top_k, two_i])?;
+    let stacked = stacked_gate_up(op, experts)?;
+    let (params, tokens, top_k) = xq_gather(op, x, stacked, ids)?;
+    let y = pass.alloc(DType::F32, &[tokens, top_k, params.n as usize])?;
     let mode = (x.form().xq(), true, true, x.pending_norm().is_some());
-    dispatch_gqmv(pass, op, x.buffer(), mode, fused, ids, &params, &y)?;
+    dispatch_gqmv(
+        pass,
+        op,
+        x.buffer(),
+        mode,
+        stacked.weight(),
+        ids,
+        &params,
+        &y,
+    )?;
     Ok(y)
 }
 
@@ -745,21 +765,11 @@ pub fn gather_qmv_xq_glu(
          gate|up form, and workgroups of 512 invocations"
             .into()
     })?;
-    let stacked = experts.gate_up.as_ref().ok_or_else(|| {
-        MlxError::invalid(format!("{op}: the experts' gate and up are not stacked"))
-    })?;
-    let [e, two_i, k] = stacked.shape();
-    let (pairs, x_div, _, _) = gather_xq_checks(op, x, stacked, ids)?;
+    let stacked = stacked_gate_up(op, experts)?;
+    let (params, _, _) = xq_gather(op, x, stacked, ids)?;
     let fused = stacked.weight();
-    let params = GatherParams {
-        eps: x.pending_norm().unwrap_or(0.0),
-        ..gather_params(op, fused, [e, two_i, k], pairs, x_div)?
-    };
-    let i = two_i / 2;
-    let out = pass.alloc(
-        DType::U32,
-        &[pairs as usize, i / 32 * qmatmul::XQ_CHUNK_WORDS],
-    )?;
+    let (pairs, i) = (params.pairs as usize, params.n as usize / 2);
+    let out = pass.alloc(DType::U32, &[pairs, i / 32 * qmatmul::XQ_CHUNK_WORDS])?;
     let caps = pass.caps();
     let sg = caps.subgroups && caps.subgroup_min_size >= 4 && caps.subgroup_max_size <= 32;
     let spec = gqmv_glu_spec(
@@ -769,19 +779,10 @@ pub fn gather_qmv_xq_glu(
         (x.form().xq(), x.pending_norm().is_some()),
         act,
     )?;
-    let groups = check::fits_u32((pairs as usize) * (i / 32), op, "workgroups")?;
-    let biases = fused.biases().unwrap_or(fused.scales());
-    let bufs = [
-        x.buffer(),
-        fused.packed(),
-        fused.scales(),
-        biases,
-        &out,
-        fused.packed(),
-        ids,
-    ];
+    let groups = check::fits_u32(pairs * (i / 32), op, "workgroups")?;
+    let bufs = gqmv_buffers(x.buffer(), fused, &out, ids);
     pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)?;
-    Ok(QuantizedX::from_words(out, pairs as usize, i, x.form()))
+    Ok(QuantizedX::from_words(out, pairs, i, x.form()))
 }
 
 /// The down experts of decode tokens and their weighted sum in one dispatch
@@ -797,11 +798,15 @@ pub fn gather_qmv_xq_combine(
     acc: &MlxBuffer,
 ) -> Result<()> {
     let op = "gather_qmv_xq_combine";
-    let [e, n, k] = w.shape();
+    let [_, n, k] = w.shape();
     let qw = w.weight();
-    let (pairs, x_div, tokens, top_k) = gather_xq_checks(op, x, w, ids)?;
-    check::ensure(x_div == 1, op, || {
-        format!("x has {} rows, expected one per pair ({pairs})", x.rows())
+    let (params, tokens, top_k) = xq_gather(op, x, w, ids)?;
+    check::ensure(params.top_k == 1, op, || {
+        format!(
+            "x has {} rows, expected one per pair ({})",
+            x.rows(),
+            params.pairs
+        )
     })?;
     check::ensure(x.pending_norm().is_none(), op, || {
         "x still needs its RMS norm (a NormOut matvec's chunks)".into()
@@ -810,7 +815,11 @@ pub fn gather_qmv_xq_combine(
     check::shape(weights, &[tokens, top_k], op, "weights")?;
     check::dtype(acc, &[DType::F32], op, "acc")?;
     check::shape(acc, &[tokens, n], op, "acc")?;
-    let params = gather_params(op, qw, [e, n, k], pairs, top_k as u32)?;
+    // The kernel reads a token's slots as top_k (x comes a row per pair).
+    let params = GatherParams {
+        top_k: top_k as u32,
+        ..params
+    };
     let sdt = qmatmul::scale_dtype(qw.params(), qw.dtype());
     let sg = matches!(
         plan(1, n, k, pass.caps()),
@@ -827,18 +836,9 @@ pub fn gather_qmv_xq_combine(
         op,
         "workgroups",
     )?;
-    let biases = qw.biases().unwrap_or(qw.scales());
     let wbits = weights.bitcast(DType::U32, weights.shape())?;
-    let bufs = [
-        x.buffer(),
-        qw.packed(),
-        qw.scales(),
-        biases,
-        acc,
-        qw.packed(),
-        ids,
-        &wbits,
-    ];
+    let [b0, b1, b2, b3, b4, b5, b6] = gqmv_buffers(x.buffer(), qw, acc, ids);
+    let bufs = [b0, b1, b2, b3, b4, b5, b6, &wbits];
     pass.dispatch(Kernel::MoeQuant, spec, &params, &bufs, groups)
 }
 
