@@ -518,7 +518,6 @@ fn follow_plan(
     plan: &DecodePlan,
     recorded: &SdpaParams,
     (lo0, seq0, slots): (usize, usize, usize),
-    window: Option<usize>,
     (single, workgroups): (bool, Option<u32>),
 ) -> impl Fn(&crate::graph::Advance) -> Result<Option<(SdpaParams, u32)>> + Send + 'static {
     let (shape, held, xo) = (plan.shape, plan.splits_held, recorded.xo);
@@ -526,7 +525,11 @@ fn follow_plan(
     let group = shape.n_heads / shape.kv_heads;
     move |a| {
         let seq = seq0 + a.steps;
-        let lo = window.map_or(lo0, |w| seq.saturating_sub(w));
+        // A window (the plan's, 0 none) moves the range's start with the token.
+        let lo = match shape.window {
+            0 => lo0,
+            w => seq.saturating_sub(w as usize),
+        };
         if single_split_gt(seq - lo, shape.kt, shape.n_heads, group).is_some() != single {
             return Ok(None);
         }
@@ -668,7 +671,7 @@ fn decode_impl(
             plan.workgroups,
         )?;
         let follow = (single.is_some(), None);
-        pass.vary_last(follow_plan(&plan, &params, range, opts.window, follow));
+        pass.vary_last(follow_plan(&plan, &params, range, follow));
     }
     if params.n_splits == 1 {
         return Ok((out, chunks));
@@ -682,7 +685,7 @@ fn decode_impl(
             hd.n_heads as u32,
         )?;
         let follow = (single.is_some(), Some(hd.n_heads as u32));
-        pass.vary_last(follow_plan(&plan, &params, range, opts.window, follow));
+        pass.vary_last(follow_plan(&plan, &params, range, follow));
     }
     Ok((out, chunks))
 }
