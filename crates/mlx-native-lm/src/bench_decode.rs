@@ -1357,19 +1357,16 @@ fn replayed_decode(
             splits.push(steps.host_split());
         }
         *pos += 1;
-        let id = match rb {
-            Some(rb) => rb.wait::<u32>()?.first().copied(),
-            None => None,
-        };
-        Ok::<_, LmError>((host, id, secs(t0)))
+        if let Some(rb) = rb {
+            rb.wait_bytes()?;
+        }
+        Ok::<_, LmError>((host, secs(t0)))
     };
     // The recording, then the timed replays.
     step(cache, pos, true)?;
     let (mut walls, mut hosts) = (Vec::new(), Vec::new());
-    let mut last = first;
     for _ in 0..n {
-        let (host, id, wall) = step(cache, pos, true)?;
-        last = id.unwrap_or(last);
+        let (host, wall) = step(cache, pos, true)?;
         walls.push(wall);
         hosts.push(host);
     }
@@ -1387,7 +1384,7 @@ fn replayed_decode(
         .to_vec::<u32>(&m.gpu)?
         .first()
         .copied()
-        .unwrap_or(last);
+        .unwrap_or(first);
     let part = |i: usize| median(splits.iter().skip(1).map(|s| s[i]).collect());
     Ok((
         ReplayTimes {
