@@ -85,31 +85,43 @@ pub(crate) const DECODE_TARGET_WGS: usize = 512;
 /// memory allow two workgroups an SM there: more run in two waves (docs/PERFORMANCE.md).
 const DIRECT_TARGET_WGS: usize = 256;
 
-/// The workgroup target of the f16/f32 decode, forced (benchmarks; 0 = DIRECT_TARGET_WGS).
-static DECODE_TARGET_OVERRIDE: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(0);
+thread_local! {
+    /// The workgroup target of the f16/f32 decode, forced (benchmarks; 0 = DIRECT_TARGET_WGS).
+    /// This and the other measurement switches below are per thread: a switch applies to the
+    /// passes its own thread records. (As process-wide values, a test forcing eight heads a
+    /// workgroup changed the plan under another test running beside it.)
+    static DECODE_TARGET_OVERRIDE: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 /// Force the number of workgroups the f16/f32 decode aims for (`None`: the default), for
 /// timing probes.
 #[doc(hidden)]
 pub fn set_decode_target_wgs(target: Option<usize>) {
-    DECODE_TARGET_OVERRIDE.store(target.unwrap_or(0), std::sync::atomic::Ordering::Relaxed);
+    DECODE_TARGET_OVERRIDE.with(|c| c.set(target.unwrap_or(0)));
 }
 
-/// Extra dispatches of the decode's split and reduce kernels (measurement: each repeat is a
-/// dependent copy of the same work, so a pass with one more of them costs one kernel more).
-static DECODE_REPEAT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+thread_local! {
+    /// Extra dispatches of the decode's split and reduce kernels (measurement: each repeat is a
+    /// dependent copy of the same work, so a pass with one more of them costs one kernel more).
+    static DECODE_REPEAT: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// Dispatch each f16/f32 decode's split kernel `1 + split` times and its reduce `1 + reduce`
 /// times (same results), for timing one kernel inside a real decode pass.
 #[doc(hidden)]
 pub fn set_decode_repeat(split: u16, reduce: u16) {
     let v = u32::from(split) << 16 | u32::from(reduce);
-    DECODE_REPEAT.store(v, std::sync::atomic::Ordering::Relaxed);
+    DECODE_REPEAT.with(|c| c.set(v));
+}
+
+/// The workgroups the f16/f32 decode aims for now (the default, or the forced target).
+#[doc(hidden)]
+pub fn decode_target_wgs() -> usize {
+    direct_target_wgs()
 }
 
 fn direct_target_wgs() -> usize {
-    match DECODE_TARGET_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+    match DECODE_TARGET_OVERRIDE.with(std::cell::Cell::get) {
         0 => DIRECT_TARGET_WGS,
         t => t,
     }
@@ -126,8 +138,10 @@ const DECODE_GTS: [u32; 4] = [1, 2, 4, 8];
 const SINGLE_SPLIT_TRIPS: usize = 7;
 const SINGLE_SPLIT_MIN_HEADS: usize = 16;
 
-/// The one-split decode's reach forced (measurement: 0 = the rule, else max keys + 1).
-static DECODE_SINGLE_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+thread_local! {
+    /// The one-split decode's reach forced (measurement: 0 = the rule, else max keys + 1).
+    static DECODE_SINGLE_OVERRIDE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// Force the one-split decode up to `max_keys` visible keys (0: never), whatever the head
 /// count, with `set_decode_gt`'s heads per workgroup if forced (else one); `None`: the rule.
@@ -135,28 +149,30 @@ static DECODE_SINGLE_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic:
 #[doc(hidden)]
 pub fn set_decode_single(max_keys: Option<u32>) {
     let v = max_keys.map_or(0, |k| k.saturating_add(1));
-    DECODE_SINGLE_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+    DECODE_SINGLE_OVERRIDE.with(|c| c.set(v));
 }
 
 /// Heads per workgroup of the one-split decode over `keys` visible keys (`kt` keys a trip),
 /// or None (split-K).
 fn single_split_gt(keys: usize, kt: usize, n_heads: usize, group: usize) -> Option<u32> {
-    let fits = match DECODE_SINGLE_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+    let fits = match DECODE_SINGLE_OVERRIDE.with(std::cell::Cell::get) {
         0 => keys <= SINGLE_SPLIT_TRIPS * kt && n_heads >= SINGLE_SPLIT_MIN_HEADS,
         o => keys < o as usize,
     };
-    let forced = DECODE_GT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed);
+    let forced = DECODE_GT_OVERRIDE.with(std::cell::Cell::get);
     fits.then(|| forced.max(1).min(decode_gt(group)))
 }
 
-/// Query heads per workgroup of the f16/f32 decode forced (measurement: 0 = the rule).
-static DECODE_GT_OVERRIDE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+thread_local! {
+    /// Query heads per workgroup of the f16/f32 decode forced (measurement: 0 = the rule).
+    static DECODE_GT_OVERRIDE: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// Force the query heads per f16/f32 decode workgroup (1, 2, 4 or 8; `None`: the rule).
 #[doc(hidden)]
 pub fn set_decode_gt(gt: Option<u32>) {
     let v = gt.filter(|g| DECODE_GTS.contains(g)).unwrap_or(0);
-    DECODE_GT_OVERRIDE.store(v, std::sync::atomic::Ordering::Relaxed);
+    DECODE_GT_OVERRIDE.with(|c| c.set(v));
 }
 
 /// Query heads per workgroup of the f16/f32 decode: `decode_gt`, at most 4. Eight heads a
@@ -166,7 +182,7 @@ pub fn set_decode_gt(gt: Option<u32>) {
 /// at 8192 and 4718 to 4108 at 128 (docs/PERFORMANCE.md, session 6). Eight stays for the
 /// compressed caches (ops::kv_quant, not measured) and `set_decode_gt`.
 fn direct_decode_gt(group: usize) -> u32 {
-    match DECODE_GT_OVERRIDE.load(std::sync::atomic::Ordering::Relaxed) {
+    match DECODE_GT_OVERRIDE.with(std::cell::Cell::get) {
         0 => decode_gt(group).min(4),
         g => g,
     }
@@ -200,14 +216,16 @@ fn decode_sg(dtype: DType, head_dim: usize, subgroup_min: u32) -> bool {
     w.is_power_of_two() && w <= m && m > 0 && 128 % m == 0
 }
 
-/// Measurement switches of the f16/f32 decode kernel (`DX` in sdpa.wgsl; 0 in production).
-static DECODE_EXP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+thread_local! {
+    /// Measurement switches of the f16/f32 decode kernel (`DX` in sdpa.wgsl; 0 in production).
+    static DECODE_EXP: std::cell::Cell<u32> = const { std::cell::Cell::new(0) };
+}
 
 /// Set the decode kernel's measurement switches (sdpa.wgsl `DX`: bit 0 loads only, bit 1 no
 /// row-sum shuffles). Results are wrong while set: timing probes only.
 #[doc(hidden)]
 pub fn set_decode_exp(bits: u32) {
-    DECODE_EXP.store(bits, std::sync::atomic::Ordering::Relaxed);
+    DECODE_EXP.with(|c| c.set(bits));
 }
 
 /// The decode kernel; `xq_out` (an `XqForm` code, 0 none) writes the output's chunks too
@@ -220,7 +238,7 @@ fn decode_spec(dtype: DType, head_dim: usize, gt: u32, sg: bool, xq_out: u32) ->
     if xq_out != 0 {
         return spec.with_const("XQ_OUT", xq_out);
     }
-    match DECODE_EXP.load(std::sync::atomic::Ordering::Relaxed) {
+    match DECODE_EXP.with(std::cell::Cell::get) {
         0 => Ok(spec),
         bits => spec.with_const("DX", bits),
     }
@@ -659,7 +677,7 @@ fn decode_impl(
         }
         None => (plan.out.clone(), plan.out.clone(), None),
     };
-    let repeat = DECODE_REPEAT.load(std::sync::atomic::Ordering::Relaxed);
+    let repeat = DECODE_REPEAT.with(std::cell::Cell::get);
     let sinks = opts.sinks.unwrap_or(q);
     let range = (lo, seq_len, slots);
     for _ in 0..=repeat >> 16 {
