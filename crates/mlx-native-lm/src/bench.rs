@@ -348,6 +348,62 @@ pub struct AttentionReport {
     pub rows: Vec<AttentionRow>,
 }
 
+/// The decode attention's streaming rate: `layers` layers' attention as one dispatch pair
+/// (their kv heads side by side in one cache, their query heads in one q), each kv head split
+/// as one layer's are (the workgroup target scaled by the layers), so the kernel's launch,
+/// ramp and tail are paid once for all of them. The analogue of the read bandwidth's 1 GiB
+/// figure, which is measured the same way. Returns GPU ns per layer and the layers folded
+/// (as many as 1 GiB of K and V holds), or None when not even two fit or the format is compressed.
+fn streaming_decode(
+    gpu: &MlxDevice,
+    timer: &Timer<'_>,
+    format: mlx_native::kv_quant::KvFormat,
+    ctx: usize,
+    layers: usize,
+) -> Result<Option<(f64, usize)>> {
+    use mlx_native::kv_cache::KvCacheConfig;
+    use mlx_native::kv_quant::{KvFormat, KvStore};
+    let (nh, nkv, hd) = (32usize, 8usize, 128usize);
+    // The compressed formats' kernel plans its own grid (no target to scale).
+    if !matches!(format, KvFormat::F16 | KvFormat::F32) {
+        return Ok(None);
+    }
+    let elem = if matches!(format, KvFormat::F16) {
+        2
+    } else {
+        4
+    };
+    let k_layer = (nkv * ctx * hd * elem) as u64;
+    // At most 1 GiB of K and V, as the read bandwidth reads: on an H200 (Vulkan), bindings
+    // near its 2 GiB limit ran this kernel 5x slower, and every memory-bound kernel of the
+    // process after them 2-3x slower (session 11; not seen at 1 GiB).
+    let fit = (gpu.caps().max_storage_binding / k_layer.max(1)).min((1 << 30) / (2 * k_layer));
+    let folded = (fit as usize).min(layers);
+    if folded < 2 {
+        return Ok(None);
+    }
+    let mut cfg = KvCacheConfig::new(1, nkv * folded, hd, ctx);
+    cfg.max_chunk = ctx.min(512);
+    let mut cache = KvStore::new(gpu, &cfg, format)?;
+    let mut pos = 0;
+    while pos < ctx {
+        let t = (ctx - pos).min(cache.max_chunk());
+        let k = f32_tensor(gpu, &[t, nkv * folded, hd], 20 + pos as u64)?;
+        let v = f32_tensor(gpu, &[t, nkv * folded, hd], 21 + pos as u64)?;
+        let mut pass = gpu.begin();
+        cache.append(&mut pass, 0, &k, &v, pos)?;
+        pass.commit_and_wait()?;
+        pos += t;
+    }
+    let q = f32_tensor(gpu, &[nh * folded, hd], 22)?;
+    let opts = ops::SdpaOptions::new(hd);
+    let target = ops::sdpa::decode_target_wgs();
+    ops::sdpa::set_decode_target_wgs(Some(target * folded));
+    let ns = timer.median_pass_ns(|p| cache.sdpa_decode(p, &q, 0, ctx, &opts).map(|_| ()));
+    ops::sdpa::set_decode_target_wgs(None);
+    Ok(Some((ns? / folded as f64, folded)))
+}
+
 /// Llama-3.1-8B attention (32 query heads, 8 kv heads, head dim 128, f16 KV): decode at
 /// several contexts, causal prefill at several lengths.
 ///
@@ -357,7 +413,9 @@ pub struct AttentionReport {
 /// finds its K/V in L2), per layer: what attention costs inside a decode step, the
 /// dependent dispatches' floors included. Beside it, "read, in a pass": one read-probe
 /// dispatch per layer over buffers of the same bytes, the same shape of pass with nothing
-/// but the reads.
+/// but the reads. And "streaming" (`streaming_decode`): the layers' attention as one
+/// dispatch pair, beside one read of the same bytes: the kernel's rate with the launch,
+/// ramp and tail of a dispatch amortized, as in the read bandwidth it is compared with.
 pub fn bench_attention(
     gpu: &MlxDevice,
     probe_mib: u64,
@@ -437,6 +495,22 @@ pub fn bench_attention(
             drop(cache);
             let ns = read_in_pass(gpu, &timer, bytes, layers)?;
             rows.push(decode_row("read, in pass".into(), ctx, ns, bytes));
+            if let Some((ns, folded)) = streaming_decode(gpu, &timer, format, ctx, layers)? {
+                rows.push(decode_row(
+                    format!("decode {}, streaming", format.name()),
+                    ctx,
+                    ns,
+                    bytes,
+                ));
+                // The same bytes read as the read bandwidth reads them: buffers of at most
+                // 256 MiB (and one binding), one probe dispatch each.
+                let total = bytes * folded as u64;
+                let chunk_max = gpu.caps().max_storage_binding.min(256 << 20);
+                let n = total.div_ceil(chunk_max).max(1);
+                let ns =
+                    read_in_pass(gpu, &timer, total / n, n as usize)? * n as f64 / folded as f64;
+                rows.push(decode_row("read, streaming".into(), ctx, ns, bytes));
+            }
         }
     }
     for &t in prefill {

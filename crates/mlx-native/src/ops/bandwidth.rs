@@ -55,3 +55,54 @@ pub fn read_probe(
         workgroups,
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::gpu;
+
+    /// Timing probe for a real GPU (`--ignored --nocapture`): the read probe in a pass of 32
+    /// dependent dispatches (one sink), each over its own buffer of PROBE_MB megabytes, for
+    /// several grids (PROBE_WGS, workgroups of 256): how many invocations a kernel that
+    /// streams that much inside a pass needs.
+    #[test]
+    #[ignore]
+    fn read_grid_probe() -> Result<()> {
+        let g = gpu();
+        let list = |name: &str, default: &[usize]| -> Vec<usize> {
+            std::env::var(name).map_or(default.to_vec(), |v| {
+                v.split(',').map(|t| t.trim().parse().unwrap()).collect()
+            })
+        };
+        let layers = 32;
+        for mb in list("PROBE_MB", &[33, 134]) {
+            let words = (mb << 20) / 4 / 4 * 4;
+            let mut bufs = Vec::new();
+            let mut pass = g.begin();
+            for i in 0..layers {
+                let b = MlxBuffer::new(g, DType::U32, &[words])?;
+                crate::ops::fill::fill_u32_words(&mut pass, &b, 0x1234_5679 ^ i as u32)?;
+                bufs.push(b);
+            }
+            pass.commit_and_wait()?;
+            for wgs in list("PROBE_WGS", &[64, 128, 256, 512, 1024, 2048, 8192]) {
+                let sink = MlxBuffer::new(g, DType::U32, &[wgs])?;
+                let mut best = f64::INFINITY;
+                for _ in 0..6 {
+                    let mut pass = g.begin().with_pass_timing(true);
+                    for b in &bufs {
+                        read_probe(&mut pass, b, &sink, wgs as u32)?;
+                    }
+                    let t = pass.commit_and_wait()?;
+                    best = best.min(t.iter().map(|k| k.nanos).sum::<f64>() / layers as f64);
+                }
+                println!(
+                    "read {mb} MiB, {wgs} workgroups of {WG}: {:.2} us a dispatch in a pass of {layers} ({:.0} GB/s)",
+                    best / 1e3,
+                    (words * 4) as f64 / best
+                );
+            }
+        }
+        Ok(())
+    }
+}
