@@ -348,6 +348,34 @@ pub struct AttentionReport {
     pub rows: Vec<AttentionRow>,
 }
 
+/// A cache of `layers` layers of `kv_heads` x `head_dim` and `ctx` positions in `format`,
+/// filled by its own append kernel (every layer from the same random chunks, seeded from
+/// `seed`: the bytes read are what matters).
+fn filled_store(
+    gpu: &MlxDevice,
+    (layers, kv_heads, head_dim): (usize, usize, usize),
+    ctx: usize,
+    format: mlx_native::kv_quant::KvFormat,
+    seed: u64,
+) -> Result<mlx_native::kv_quant::KvStore> {
+    let mut cfg = mlx_native::kv_cache::KvCacheConfig::new(layers, kv_heads, head_dim, ctx);
+    cfg.max_chunk = ctx.min(512);
+    let mut cache = mlx_native::kv_quant::KvStore::new(gpu, &cfg, format)?;
+    let mut pos = 0;
+    while pos < ctx {
+        let t = (ctx - pos).min(cache.max_chunk());
+        let k = f32_tensor(gpu, &[t, kv_heads, head_dim], seed + pos as u64)?;
+        let v = f32_tensor(gpu, &[t, kv_heads, head_dim], seed + 1 + pos as u64)?;
+        let mut pass = gpu.begin();
+        for layer in 0..layers {
+            cache.append(&mut pass, layer, &k, &v, pos)?;
+        }
+        pass.commit_and_wait()?;
+        pos += t;
+    }
+    Ok(cache)
+}
+
 /// The decode attention's streaming rate: `layers` layers' attention as one dispatch pair
 /// (their kv heads side by side in one cache, their query heads in one q), each kv head split
 /// as one layer's are (the workgroup target scaled by the layers), so the kernel's launch,
@@ -361,8 +389,7 @@ fn streaming_decode(
     ctx: usize,
     layers: usize,
 ) -> Result<Option<(f64, usize)>> {
-    use mlx_native::kv_cache::KvCacheConfig;
-    use mlx_native::kv_quant::{KvFormat, KvStore};
+    use mlx_native::kv_quant::KvFormat;
     let (nh, nkv, hd) = (32usize, 8usize, 128usize);
     // The compressed formats' kernel plans its own grid (no target to scale).
     if !matches!(format, KvFormat::F16 | KvFormat::F32) {
@@ -382,19 +409,7 @@ fn streaming_decode(
     if folded < 2 {
         return Ok(None);
     }
-    let mut cfg = KvCacheConfig::new(1, nkv * folded, hd, ctx);
-    cfg.max_chunk = ctx.min(512);
-    let mut cache = KvStore::new(gpu, &cfg, format)?;
-    let mut pos = 0;
-    while pos < ctx {
-        let t = (ctx - pos).min(cache.max_chunk());
-        let k = f32_tensor(gpu, &[t, nkv * folded, hd], 20 + pos as u64)?;
-        let v = f32_tensor(gpu, &[t, nkv * folded, hd], 21 + pos as u64)?;
-        let mut pass = gpu.begin();
-        cache.append(&mut pass, 0, &k, &v, pos)?;
-        pass.commit_and_wait()?;
-        pos += t;
-    }
+    let cache = filled_store(gpu, (1, nkv * folded, hd), ctx, format, 20)?;
     let q = f32_tensor(gpu, &[nh * folded, hd], 22)?;
     let opts = ops::SdpaOptions::new(hd);
     let target = ops::sdpa::decode_target_wgs();
@@ -424,31 +439,13 @@ pub fn bench_attention(
     kv_formats: &[mlx_native::kv_quant::KvFormat],
     layers: usize,
 ) -> Result<AttentionReport> {
-    use mlx_native::kv_cache::KvCacheConfig;
-    use mlx_native::kv_quant::{KvFormat, KvStore};
+    use mlx_native::kv_quant::KvFormat;
     let (nh, nkv, hd) = (32usize, 8usize, 128usize);
     let bw = read_bandwidth(gpu, probe_mib)?;
     let timer = Timer::new(gpu)?;
     let mut rows = Vec::new();
-    // A cache of `n_layers` layers of `ctx` positions in `format`, filled by its own append
-    // kernel (every layer from the same random chunks: the bytes read are what matters).
-    let fill_store = |ctx: usize, format: KvFormat, n_layers: usize| -> Result<KvStore> {
-        let mut cfg = KvCacheConfig::new(n_layers, nkv, hd, ctx);
-        cfg.max_chunk = ctx.min(512);
-        let mut cache = KvStore::new(gpu, &cfg, format)?;
-        let mut pos = 0;
-        while pos < ctx {
-            let t = (ctx - pos).min(cache.max_chunk());
-            let k = f32_tensor(gpu, &[t, nkv, hd], 10 + pos as u64)?;
-            let v = f32_tensor(gpu, &[t, nkv, hd], 11 + pos as u64)?;
-            let mut pass = gpu.begin();
-            for layer in 0..n_layers {
-                cache.append(&mut pass, layer, &k, &v, pos)?;
-            }
-            pass.commit_and_wait()?;
-            pos += t;
-        }
-        Ok(cache)
+    let fill_store = |ctx: usize, format: KvFormat, n_layers: usize| {
+        filled_store(gpu, (n_layers, nkv, hd), ctx, format, 10)
     };
     let formats: Vec<KvFormat> = if kv_formats.is_empty() {
         vec![KvFormat::F16]

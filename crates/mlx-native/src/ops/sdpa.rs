@@ -117,10 +117,6 @@ pub fn set_decode_repeat(split: u16, reduce: u16) {
 /// The workgroups the f16/f32 decode aims for now (the default, or the forced target).
 #[doc(hidden)]
 pub fn decode_target_wgs() -> usize {
-    direct_target_wgs()
-}
-
-fn direct_target_wgs() -> usize {
     match DECODE_TARGET_OVERRIDE.with(std::cell::Cell::get) {
         0 => DIRECT_TARGET_WGS,
         t => t,
@@ -652,7 +648,7 @@ fn decode_impl(
         if single.is_some() {
             1
         } else {
-            direct_target_wgs()
+            decode_target_wgs()
         },
         (lo, seq_len, slots),
         opts,
