@@ -108,7 +108,7 @@ impl QmvConfig {
     fn validate(self) -> Result<Self> {
         let ok = matches!(self.rpt, 1 | 2 | 4 | 8 | 16)
             && self.tpr.is_power_of_two()
-            && (32..=256).contains(&self.tpr)
+            && (8..=256).contains(&self.tpr)
             && matches!(self.wg, 64 | 128 | 256)
             && self.wg.is_multiple_of(self.tpr)
             && self.wg * self.rpt <= 2048
@@ -306,7 +306,7 @@ fn out_max_wg(caps: &Caps) -> u32 {
 fn probe_shape(base: QmvConfig, rows: u32, subgroups: bool) -> Option<QmvConfig> {
     let probe = NORM_OUT_PROBE.load(std::sync::atomic::Ordering::Relaxed);
     let (rpt, tpr) = (probe & 0xff, (probe >> 8) & 0xff);
-    if !matches!(rpt, 1 | 2 | 4 | 8 | 16) || !tpr.is_power_of_two() || !(32..=256).contains(&tpr) {
+    if !matches!(rpt, 1 | 2 | 4 | 8 | 16) || !tpr.is_power_of_two() || !(16..=256).contains(&tpr) {
         return None;
     }
     let wg = rows / rpt * tpr;
@@ -443,6 +443,21 @@ fn glu_out_shape(base: QmvConfig, subgroups: bool, max_wg: u32) -> QmvConfig {
 /// Rows per row-set of a matvec of quantized x, and of an LM head's (N >= 65536).
 const XSRC_RPT: u32 = 4;
 const XSRC_HEAD_RPT: u32 = 8;
+/// An LM head's shape of quantized x where subgroups are at least 16 wide: 4 rows, row-sets
+/// of 16 invocations (half a 32-wide subgroup, each invocation walking twice the chunks).
+/// Measured on an H200 (`decode_ab AB_XSRC=4`, µs a token, two rounds each): Gemma-3-4B
+/// 2431 / 2441 -> 2410 / 2412, Llama-3.1-8B, Qwen3-30B-A3B, Gemma 3 270M and SmolLM2 within
+/// their noise; alone, in steady state (`bench qmatmul`'s streaming rows) the 128256 x 4096
+/// head streams at 104 % of the 1 GiB read bandwidth against 100 % at (8, 32)
+/// (docs/PERFORMANCE.md, session 12).
+const XSRC_HEAD_NARROW: (u32, u32) = (4, 16);
+
+/// Whether a qmv of `tpr` invocations a row-set can sum its rows within subgroups on this
+/// device: row-sets narrower than 32 are aligned segments of one subgroup only where every
+/// subgroup is at least that wide (else the kernel's workgroup-memory path runs).
+fn narrow_fits(tpr: u32, caps: &Caps) -> bool {
+    tpr >= 32 || caps.subgroup_min_size >= tpr
+}
 
 /// The qmv shape of a matvec of quantized x ([`qmv_xq`]): with no x quantization to share
 /// among a row-set's rows, 4 rows a row-set, and the fewest invocations a row-set (32, 64,
@@ -455,7 +470,12 @@ const XSRC_HEAD_RPT: u32 = 8;
 /// keep (4, 64): (4, 32) there made the step slower (+140, +105). Alone, matvecs that do not
 /// wait on each other (`bench_matmul stream`), (8, 32) streams the 128256 x 4096 head at up
 /// to 100 % of the read probe's bandwidth, (16, 32) at 78 % (docs/PERFORMANCE.md, session 9).
-fn xsrc_config(n: usize, k: usize) -> QmvConfig {
+/// With `narrow` (subgroups of at least 16) a head takes XSRC_HEAD_NARROW instead.
+/// Row-sets of 16 elsewhere stream faster alone (4096 x 4096 at (8, 16): 91.5 % against
+/// 82 % at (8, 32) and 71 % at this rule's (4, 64)) but made decode slower, where each
+/// matvec waits on the one before and needs the warps (`AB_XSRC=3`: Llama-3.1-8B's q|k|v
+/// at (8, 16) +180 µs a token, Gemma-3-4B's +990; session 12).
+fn xsrc_config(n: usize, k: usize, narrow: bool) -> QmvConfig {
     let base = qmv_config(n, k);
     let head = n >= 65536;
     let probe = XSRC_PROBE[usize::from(head)].load(std::sync::atomic::Ordering::Relaxed);
@@ -474,9 +494,14 @@ fn xsrc_config(n: usize, k: usize) -> QmvConfig {
         return base;
     }
     if head {
+        let (rpt, tpr) = if narrow {
+            XSRC_HEAD_NARROW
+        } else {
+            (XSRC_HEAD_RPT, 32)
+        };
         return QmvConfig {
-            rpt: XSRC_HEAD_RPT,
-            tpr: 32,
+            rpt,
+            tpr,
             wg: 128,
             ..base
         };
@@ -1047,6 +1072,24 @@ pub(crate) fn specs() -> Result<Vec<(Kernel, Spec)>> {
             }
         }
         if xq_applies(params) {
+            // The narrow LM-head shape (quantized x only): plain, residual, pending norm,
+            // both.
+            let (rpt, tpr) = XSRC_HEAD_NARROW;
+            let cfg = QmvConfig {
+                rpt,
+                tpr,
+                wg: 128,
+                exp: 0,
+                xq: QMV_DEFAULT_XQ,
+            };
+            for sg in [false, true] {
+                for fuse in [0, 1, 4, 5] {
+                    v.push((
+                        Kernel::Qmatmul,
+                        vec_spec(params, dt, cfg, sg, fuse, true, 0)?,
+                    ));
+                }
+            }
             for (cfg, sg) in norm_out_configs() {
                 for (fuse, xsrc) in [(0, false), (4, false), (0, true), (4, true)] {
                     let spec = vec_spec(params, dt, cfg, sg, fuse, xsrc, 1)?;
@@ -1316,6 +1359,22 @@ pub fn qmv_xq(
     Ok(run_vec(pass, &x.buf, w, &run, &QmvFusion::residual(residual))?.0)
 }
 
+/// [`qmv_xq`] in a given dispatch shape (benchmarks and tests; `cfg.xq` is the chunks').
+#[doc(hidden)]
+pub fn qmv_xq_with(
+    pass: &mut Pass,
+    x: &QuantizedX,
+    w: &QuantWeight,
+    cfg: QmvConfig,
+) -> Result<MlxBuffer> {
+    let mut run = xq_run(pass, "qmv_xq", x, w, None)?;
+    run.cfg = QmvConfig {
+        xq: x.form.xq,
+        ..cfg.validate()?
+    };
+    Ok(run_vec(pass, &x.buf, w, &run, &QmvFusion::default())?.0)
+}
+
 /// Validates [`qmv_xq`]'s input; its dispatch shape.
 fn xq_run<'a>(
     pass: &Pass,
@@ -1345,14 +1404,15 @@ fn xq_run<'a>(
         format!("x has {m} rows, expected 1 to {MAX_VEC_M}")
     })?;
     check_residual(residual, m * n, op)?;
-    let mut cfg = xsrc_config(n, k);
+    let subgroups = vec_subgroups(m, n, k, pass.caps());
+    let mut cfg = xsrc_config(n, k, subgroups && narrow_fits(16, pass.caps()));
     cfg.xq = x.form.xq;
     Ok(VecRun {
         op,
         m,
         yshape: vec![m, n],
         cfg,
-        subgroups: vec_subgroups(m, n, k, pass.caps()),
+        subgroups,
         xsrc: Some(x),
         out: None,
     })
@@ -1589,11 +1649,12 @@ fn run_vec(
             (y.clone(), y, None)
         }
     };
+    let sg = run.subgroups && narrow_fits(run.cfg.tpr, pass.caps());
     let spec = vec_spec(
         w.params(),
         dt,
         run.cfg,
-        run.subgroups,
+        sg,
         fuse,
         run.xsrc.is_some(),
         run.out

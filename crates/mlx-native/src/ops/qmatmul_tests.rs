@@ -1825,8 +1825,12 @@ fn qmv_xq_in_the_rule_shapes_matches_f64() {
             (3072, 2048, (4, 64)),
             (512, 4096, (4, 128)),
         ] {
-            let c = xsrc_config(n, k);
+            let c = xsrc_config(n, k, false);
             assert_eq!((c.rpt, c.tpr, c.wg), (want.0, want.1, 128), "{n}x{k}");
+            // With subgroups of 16 or more only the LM head changes.
+            let c = xsrc_config(n, k, true);
+            let narrow = if n >= 65536 { XSRC_HEAD_NARROW } else { want };
+            assert_eq!((c.rpt, c.tpr, c.wg), (narrow.0, narrow.1, 128), "{n}x{k}");
             let params = QuantParams::affine(4, 64);
             let q = quant(&mut rng, n, k, params, DType::BF16);
             let w = QuantWeight::upload(g, &q).unwrap();
@@ -1843,6 +1847,71 @@ fn qmv_xq_in_the_rule_shapes_matches_f64() {
                 let got: Vec<f32> = y.to_vec(g).unwrap();
                 let what = format!("{m}x{n}x{k} sg={}", g.caps().subgroups);
                 check_qmv(&got, &x, &wref, &sq, [m, n, k], form.xq, &what);
+            }
+        }
+    }
+}
+
+/// Row-sets narrower than 32 invocations (8 and 16: segments of a subgroup, summed by
+/// shuffles where every subgroup is at least that wide, else through workgroup memory), f32
+/// x and quantized x, several rows of x, a partial last workgroup and invocations walking
+/// several chunks, against the f64 product. On lavapipe (subgroups of 8) the 8-wide sets take
+/// the shuffle path and the 16-wide ones the workgroup-memory path.
+#[test]
+fn narrow_row_sets_match_f64() {
+    let mut rng = Rng::new(73);
+    let params = QuantParams::affine(4, 64);
+    for g in &poisoned_devices() {
+        for (n, k) in [(37, 576), (300, 2048)] {
+            let q = quant(&mut rng, n, k, params, DType::BF16);
+            let w = QuantWeight::upload(g, &q).unwrap();
+            let form = XqForm::of(&w).unwrap();
+            let wref = reference(&q);
+            let sq = code_part(&q, &wref);
+            for (rpt, tpr, wg) in [
+                (1, 8, 64),
+                (2, 8, 64),
+                (4, 16, 128),
+                (8, 16, 128),
+                (16, 16, 128),
+            ] {
+                let cfg = QmvConfig {
+                    rpt,
+                    tpr,
+                    wg,
+                    exp: 0,
+                    xq: QMV_DEFAULT_XQ,
+                };
+                for m in [1, 3] {
+                    let x = rng.normals(m * k, 1.5);
+                    let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
+                    let mut pass = g.begin();
+                    let xq = quantize_x(&mut pass, &gx, form).unwrap();
+                    let yq = qmv_xq_with(&mut pass, &xq, &w, cfg).unwrap();
+                    let yf = qmv_with(&mut pass, &gx, &w, cfg).unwrap();
+                    pass.commit_and_wait().unwrap();
+                    let what = format!("{m}x{n}x{k} rpt {rpt} tpr {tpr} sg={}", g.caps().subgroups);
+                    let got: Vec<f32> = yq.to_vec(g).unwrap();
+                    check_qmv(
+                        &got,
+                        &x,
+                        &wref,
+                        &sq,
+                        [m, n, k],
+                        form.xq,
+                        &format!("{what} xq"),
+                    );
+                    let got: Vec<f32> = yf.to_vec(g).unwrap();
+                    check_qmv(
+                        &got,
+                        &x,
+                        &wref,
+                        &sq,
+                        [m, n, k],
+                        cfg.xq,
+                        &format!("{what} f32 x"),
+                    );
+                }
             }
         }
     }

@@ -37,7 +37,8 @@ struct Params {
 }
 
 // qmv: weight rows per row-set RPT (1, 2, 4, 8 or 16) and invocations per row-set TPR (a
-// power of two, 32 <= TPR <= WG), packed with the switches below as
+// power of two, 8 <= TPR <= WG; below 32 a row-set is a segment of a subgroup, see
+// row_set_sum), packed with the switches below as
 // QMV = XQO << 28 | XSRC << 27 | XQ << 25 | ACT << 23 | FUSE << 20 | QX << 16 | TPR << 5 | RPT
 // (a spec has three constants); a workgroup holds WG / TPR row-sets.
 override QMV: u32 = 4104u;
@@ -309,6 +310,22 @@ fn store_norm_chunks(row0: u32, m: u32, slot: u32, g: array<vec4<f32>, 2>) {
     }
 }
 
+#if SUBGROUPS
+// A partial sum over the subgroup, or with TPR < 32 over the row-set's TPR lanes (the host
+// uses subgroups there only when they are at least TPR wide, so a row-set is an aligned
+// segment of one subgroup): every lane of the segment gets it.
+fn row_set_sum(v: f32) -> f32 {
+    if TPR < 32u {
+        var s = v;
+        for (var o = 1u; o < TPR; o <<= 1u) {
+            s += subgroupShuffleXor(s, o);
+        }
+        return s;
+    }
+    return subgroupAdd(v);
+}
+#endif
+
 @compute @workgroup_size(WG)
 fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3<u32>,
        @builtin(local_invocation_index) lid: u32
@@ -325,7 +342,8 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let chunks = p.k / 32u;
     let xbase = view(0u) / 4u;
 #if SUBGROUPS
-    let slots = TPR / ss;
+    // Row-sets narrower than the subgroup (TPR 16) take one slot.
+    let slots = max(TPR / ss, 1u);
     let slot = lane / ss;
     // XQO: the invocation's place in quantize_part's order (a chunk's parts adjacent lanes).
     let part_slot = si * ss + sl;
@@ -416,8 +434,8 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
             let sum = select(select(v[r & 3u], u[r & 3u], r < 12u),
                              select(t[r & 3u], s[r & 3u], r < 4u), r < 8u);
 #if SUBGROUPS
-            let all = subgroupAdd(sum);
-            if sl == 0u {
+            let all = row_set_sum(sum);
+            if select(sl == 0u, lane == 0u, TPR < 32u) {
                 red[(rs * RPT + r) * slots + slot] = all;
             }
 #else
@@ -426,8 +444,8 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
         }
         if (FUSE & 1u) != 0u {
 #if SUBGROUPS
-            let u = subgroupAdd(ss);
-            if sl == 0u {
+            let u = row_set_sum(ss);
+            if select(sl == 0u, lane == 0u, TPR < 32u) {
                 red_ss[rs * slots + slot] = u;
             }
 #else
