@@ -4,12 +4,14 @@
 //! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Quick runs:
 //! `BENCH_MAX_ELEMS`, `BENCH_REPS`, `BENCH_ROTATE_MIB`, `BENCH_MM_M` (prefill rows of x, 512),
 //! `BENCH_QMM=0` / `BENCH_MOE=0` (skip the prefill matmuls / the routed expert matvec),
-//! `QMM_EXP="1,2"` (qmm's cooperative kernel again with those measurement switches).
+//! `QMM_EXP="1,2"` (qmm's cooperative kernel again with those measurement switches); stream
+//! only: `STREAM_SHAPES="4096x4096,..."` (independent rows' [N, K]), `STREAM_CHAINS=0`,
+//! `STREAM_F32=0` (only x quantized by its producer).
 //! Prints the tables and writes JSON to `$OUT/bench_<what>.json` when OUT is set.
 use mlx_native::ops::ggml_matmul::GgmlMatvecConfig;
 use mlx_native::ops::qmatmul::QmvConfig;
 use mlx_native::MlxDevice;
-use mlx_native_lm::bench_matmul::{bench_ggml, bench_qmatmul, MatmulBenchOptions};
+use mlx_native_lm::bench_matmul::{bench_ggml, bench_qmatmul, MatmulBenchOptions, StreamOptions};
 
 /// `a,b,c[,d]` groups separated by `;` (a missing fourth value is 0).
 fn triples(var: &str) -> Vec<[u32; 4]> {
@@ -68,7 +70,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let out = std::env::var("OUT").ok();
     if what == "stream" {
-        let rows = mlx_native_lm::bench_matmul::bench_qmv_stream(&gpu, &opts.qmv_variants)?;
+        let mut so = StreamOptions {
+            variants: opts.qmv_variants.clone(),
+            ..StreamOptions::default()
+        };
+        if let Ok(v) = std::env::var("STREAM_SHAPES") {
+            so.shapes = v
+                .split(',')
+                .map(|t| {
+                    let (n, k) = t.trim().split_once('x').unwrap();
+                    (n.parse().unwrap(), k.parse().unwrap())
+                })
+                .collect();
+        }
+        so.chains = std::env::var("STREAM_CHAINS").map_or(true, |v| v != "0");
+        so.f32_x = std::env::var("STREAM_F32").map_or(true, |v| v != "0");
+        let rows = mlx_native_lm::bench_matmul::bench_qmv_stream(&gpu, &so)?;
         for r in &rows {
             println!(
                 "{:<64} {:>4} {:>9.2} us {:>7.0} GB/s {:>5.1}%",

@@ -176,7 +176,36 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let shape = |rpt: u32, tpr: u32, wg: u32| rpt | tpr << 8 | wg << 16;
     // AB_XSRC=2: the other matvecs of quantized x (Qwen3-30B-A3B's q|k|v and o) in fewer
     // rows a row-set.
-    let mut xsrc: Vec<(String, u32, u32, u32)> = if std::env::var("AB_XSRC").as_deref() == Ok("2") {
+    let mut xsrc: Vec<(String, u32, u32, u32)> = if std::env::var("AB_XSRC").as_deref() == Ok("4") {
+        // AB_XSRC=4: the LM head's row-sets of 16.
+        vec![
+            ("default".into(), 0, 0, 0),
+            ("head 4x16".into(), 0, shape(4, 16, 128), 0),
+            ("head 8x16".into(), 0, shape(8, 16, 128), 0),
+            ("default again".into(), 0, 0, 0),
+            ("head 4x16 again".into(), 0, shape(4, 16, 128), 0),
+            ("head 8x16 again".into(), 0, shape(8, 16, 128), 0),
+        ]
+    } else if std::env::var("AB_XSRC").as_deref() == Ok("3") {
+        // AB_XSRC=3: row-sets of 16 invocations (half a 32-wide subgroup).
+        vec![
+            ("default".into(), 0, 0, 0),
+            ("others 8x16".into(), shape(8, 16, 128), 0, 0),
+            ("others 4x16".into(), shape(4, 16, 128), 0, 0),
+            ("head 8x16".into(), 0, shape(8, 16, 128), 0),
+            ("head 4x16".into(), 0, shape(4, 16, 128), 0),
+            ("norm_out 1x16".into(), 0, 0, 1 | 16 << 8),
+            ("norm_out 2x16".into(), 0, 0, 2 | 16 << 8),
+            ("norm_out 4x16".into(), 0, 0, 4 | 16 << 8),
+            (
+                "all x16 (8, 8, 2)".into(),
+                shape(8, 16, 128),
+                shape(8, 16, 128),
+                2 | 16 << 8,
+            ),
+            ("default again".into(), 0, 0, 0),
+        ]
+    } else if std::env::var("AB_XSRC").as_deref() == Ok("2") {
         let mut v = vec![("default".into(), 0, 0, 0)];
         for (rpt, tpr) in [
             (4u32, 128u32),

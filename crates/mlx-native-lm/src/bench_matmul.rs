@@ -62,6 +62,8 @@ pub struct MatmulBenchOptions {
     pub qmm_exps: Vec<u32>,
     /// Also time the routed decode matvec at Qwen3-30B-A3B's expert shapes.
     pub moe: bool,
+    /// Also time qmv at M = 1 streaming (`bench_streaming`).
+    pub stream: bool,
     /// Skip weights of more than this many elements (quick runs on slow devices); for routed
     /// experts, the elements of the selected experts.
     pub max_elems: usize,
@@ -80,6 +82,7 @@ impl Default for MatmulBenchOptions {
             mm_m: 512,
             qmm_exps: Vec::new(),
             moe: true,
+            stream: true,
             max_elems: usize::MAX,
         }
     }
@@ -578,6 +581,9 @@ pub fn bench_qmatmul(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<Matmu
             }
         }
     }
+    if opts.stream {
+        bench_streaming(&mut b, &mut rng, opts)?;
+    }
     if opts.qmm {
         bench_prefill(&mut b, &mut rng, opts)?;
     }
@@ -585,6 +591,57 @@ pub fn bench_qmatmul(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<Matmu
         bench_routed(&mut b, &mut rng, opts)?;
     }
     Ok(b.report())
+}
+
+/// Row-sets a streaming qmv row also runs in: 8 rows, 16 invocations (half a 32-wide
+/// subgroup), 128 a workgroup. Each invocation walks twice the chunks of the 32-wide sets,
+/// which streams faster alone; decode keeps the library's shapes, which have the warps a
+/// matvec waiting on the one before needs (docs/PERFORMANCE.md, session 12).
+pub const STREAM_SHAPE: QmvConfig = QmvConfig {
+    rpt: 8,
+    tpr: 16,
+    wg: 128,
+    exp: 0,
+    xq: 2,
+};
+
+/// The matvec's streaming rate at M = 1 (x quantized by its producer, as decode runs it;
+/// [`ShapeStream`]) for each Llama-3.1-8B shape, in the library's shape and in
+/// [`STREAM_SHAPE`], beside the read probe in the same arrangement: rows `qmv_xq`
+/// (`stream, default`, `stream, 8x16`) and `probe` (`read, stream`). The alone-after-a-flush
+/// rows above are dominated by the launch (even the probe's); these are what a 1 GiB read
+/// bandwidth compares with.
+fn bench_streaming(b: &mut Bench<'_>, rng: &mut Rng, opts: &MatmulBenchOptions) -> Result<()> {
+    let format = "b4 g64 bf16";
+    for &(n, k) in &LLAMA_SHAPES {
+        if n * k > opts.max_elems {
+            continue;
+        }
+        let Some(st) = stream_shape(b.gpu, (n, k), &[None, Some(STREAM_SHAPE)], false, rng)? else {
+            continue;
+        };
+        let c = Case {
+            kernel: "qmv_xq",
+            format,
+            n,
+            k,
+            m: 1,
+            bytes: st.bytes,
+        };
+        let probe_gb_s = st.bytes as f64 / (st.probe_us * 1e3);
+        let names = ["stream, default", "stream, 8x16"];
+        for ((_, us), name) in st.rows.iter().zip(names) {
+            b.row(&c, "qmv_xq", name.into(), us * 1e3, probe_gb_s);
+        }
+        b.row(
+            &c,
+            "probe",
+            "read, stream".into(),
+            st.probe_us * 1e3,
+            probe_gb_s,
+        );
+    }
+    Ok(())
 }
 
 /// qmm (4-bit g64, `qmm`) and the dense f16 matmul (`dense`, random values in [-1, 1)) at
@@ -829,88 +886,125 @@ fn pass_median_us(
         .ok_or_else(|| MlxError::invalid("bench: no samples"))
 }
 
-/// Matvecs that do not wait on each other: every dispatch reads the same x and writes its own
-/// y, so there is no barrier between them and the GPU overlaps one's tail with the next
-/// one's start. This is the kernel's streaming rate, the analogue of the read probe's 1 GiB
-/// figure (which is also free of launch gaps). Beside each shape, the read probe in the same
-/// arrangement over buffers of the same bytes (each dispatch its own sink). Copies rotate
-/// (8, or 2 of the lm_head), more than the L2 cache.
-fn independent_streams(
+/// One shape's matvecs that do not wait on each other: every dispatch reads the same x and
+/// writes its own y, so there is no barrier between them and the GPU overlaps one's tail
+/// with the next one's start. This is the kernel's streaming rate, the analogue of the read
+/// probe's 1 GiB figure (which is also free of launch gaps). Beside it, the read probe in the
+/// same arrangement over buffers of the same bytes (each dispatch its own sink). Copies
+/// rotate (8, or 2 of weights over 64 Mi elements), more than the L2 cache.
+struct ShapeStream {
+    /// Bytes one dispatch reads (packed words, bf16 scales and biases).
+    bytes: u64,
+    /// Dispatches in each timed pass.
+    steps: usize,
+    /// (name, µs a dispatch): `qmv <shape>` (f32 x) and `qmv_xq <shape>` (x quantized once
+    /// by a producer, as decode's matvecs read it), `default` for the library's shape.
+    rows: Vec<(String, f64)>,
+    /// The read probe's µs a dispatch.
+    probe_us: f64,
+}
+
+/// [`ShapeStream`] of a 4-bit g64 `n x k` weight: each of `variants` (None: the library's
+/// shape) with f32 x when `f32_x`, then with quantized x. None when one weight exceeds a
+/// storage binding (the probe binds it as one buffer).
+fn stream_shape(
     gpu: &MlxDevice,
-    variants: &[QmvConfig],
-    bw_gb_s: f64,
+    (n, k): (usize, usize),
+    variants: &[Option<QmvConfig>],
+    f32_x: bool,
     rng: &mut Rng,
-) -> Result<Vec<StreamRow>> {
+) -> Result<Option<ShapeStream>> {
     let params = QuantParams::affine(4, 64);
+    if (n * k / 2 + n * k / 64 * 4) as u64 > gpu.caps().max_storage_binding {
+        return Ok(None);
+    }
+    let copies = if n * k > 64 << 20 { 2 } else { 8 };
+    let steps = if copies == 2 { 8 } else { 32 };
+    let mut ws = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..copies {
+        let (w, b) = quant_weight(gpu, rng, n, k, params)?;
+        ws.push(w);
+        bytes = b;
+    }
+    let x = MlxBuffer::from_slice(gpu, &rng.f32s(k), &[1, k])?;
     let mut rows = Vec::new();
-    let max_binding = gpu.caps().max_storage_binding;
-    for &(n, k) in &LLAMA_SHAPES {
-        // Packed words, bf16 scales and biases: what the read probe binds as one buffer.
-        if (n * k / 2 + n * k / 64 * 4) as u64 > max_binding {
-            continue;
-        }
-        let copies = if n * k > 64 << 20 { 2 } else { 8 };
-        let steps = if copies == 2 { 8 } else { 32 };
-        let mut ws = Vec::new();
-        let mut bytes = 0;
-        for _ in 0..copies {
-            let (w, b) = quant_weight(gpu, rng, n, k, params)?;
-            ws.push(w);
-            bytes = b;
-        }
-        let x = MlxBuffer::from_slice(gpu, &rng.f32s(k), &[1, k])?;
-        let mut push = |what: String, us: f64| {
-            rows.push(StreamRow::new(what, steps, bytes, us, bw_gb_s));
-        };
-        for cfg in with_default(variants) {
-            let us = pass_median_us(gpu, 5, |pass| {
-                (0..steps)
-                    .map(|i| match cfg {
-                        None => qmatmul::qmv(pass, &x, &ws[i % copies]),
-                        Some(c) => qmatmul::qmv_with(pass, &x, &ws[i % copies], c),
-                    })
-                    .collect()
-            })?;
-            push(
-                format!("qmv 4-bit g64 {n}x{k} independent, {}", shape_label(cfg)),
-                us,
-            );
-        }
-        // x quantized once by a producer, as decode's matvecs read it (`qmv_xq`); variants
-        // through the override, which that path follows.
-        let form = qmatmul::XqForm::of(&ws[0])
-            .ok_or_else(|| MlxError::invalid("bench: no quantized-x form for 4-bit g64"))?;
-        let mut pass = gpu.begin();
-        let xq = qmatmul::quantize_x(&mut pass, &x, form)?;
-        pass.commit_and_wait()?;
-        for cfg in with_default(variants) {
-            qmatmul::set_qmv_override(cfg)?;
-            let us = pass_median_us(gpu, 5, |pass| {
-                (0..steps)
-                    .map(|i| qmatmul::qmv_xq(pass, &xq, &ws[i % copies], None))
-                    .collect()
-            });
-            qmatmul::set_qmv_override(None)?;
-            push(
-                format!("qmv_xq 4-bit g64 {n}x{k} independent, {}", shape_label(cfg)),
-                us?,
-            );
-        }
-        drop(ws);
-        let probes = (0..copies)
-            .map(|_| SizedProbe::new(gpu, bytes))
-            .collect::<Result<Vec<_>>>()?;
+    for &cfg in variants.iter().filter(|_| f32_x) {
         let us = pass_median_us(gpu, 5, |pass| {
             (0..steps)
-                .map(|i| {
-                    let p = &probes[i % copies];
-                    let sink = MlxBuffer::new(gpu, DType::U32, &[p.wgs as usize])?;
-                    mlx_native::ops::bandwidth::read_probe(pass, &p.src, &sink, p.wgs)?;
-                    Ok(sink)
+                .map(|i| match cfg {
+                    None => qmatmul::qmv(pass, &x, &ws[i % copies]),
+                    Some(c) => qmatmul::qmv_with(pass, &x, &ws[i % copies], c),
                 })
                 .collect()
         })?;
-        push(format!("read probe, {bytes} bytes, independent"), us);
+        rows.push((format!("qmv {}", shape_label(cfg)), us / steps as f64));
+    }
+    let form = qmatmul::XqForm::of(&ws[0])
+        .ok_or_else(|| MlxError::invalid("bench: no quantized-x form for 4-bit g64"))?;
+    let mut pass = gpu.begin();
+    let xq = qmatmul::quantize_x(&mut pass, &x, form)?;
+    pass.commit_and_wait()?;
+    for &cfg in variants {
+        let us = pass_median_us(gpu, 5, |pass| {
+            (0..steps)
+                .map(|i| match cfg {
+                    None => qmatmul::qmv_xq(pass, &xq, &ws[i % copies], None),
+                    Some(c) => qmatmul::qmv_xq_with(pass, &xq, &ws[i % copies], c),
+                })
+                .collect()
+        })?;
+        rows.push((format!("qmv_xq {}", shape_label(cfg)), us / steps as f64));
+    }
+    drop(ws);
+    let probes = (0..copies)
+        .map(|_| SizedProbe::new(gpu, bytes))
+        .collect::<Result<Vec<_>>>()?;
+    let us = pass_median_us(gpu, 5, |pass| {
+        (0..steps)
+            .map(|i| {
+                let p = &probes[i % copies];
+                let sink = MlxBuffer::new(gpu, DType::U32, &[p.wgs as usize])?;
+                mlx_native::ops::bandwidth::read_probe(pass, &p.src, &sink, p.wgs)?;
+                Ok(sink)
+            })
+            .collect()
+    })?;
+    Ok(Some(ShapeStream {
+        bytes,
+        steps,
+        rows,
+        probe_us: us / steps as f64,
+    }))
+}
+
+/// [`stream_shape`] for each of `opts.shapes`, as rows.
+fn independent_streams(
+    gpu: &MlxDevice,
+    opts: &StreamOptions,
+    bw_gb_s: f64,
+    rng: &mut Rng,
+) -> Result<Vec<StreamRow>> {
+    let mut rows = Vec::new();
+    for &(n, k) in &opts.shapes {
+        let Some(st) = stream_shape(gpu, (n, k), &with_default(&opts.variants), opts.f32_x, rng)?
+        else {
+            continue;
+        };
+        let row = |what: String, us: f64| {
+            StreamRow::new(what, st.steps, st.bytes, us * st.steps as f64, bw_gb_s)
+        };
+        for (name, us) in &st.rows {
+            let (kernel, shape) = name.split_once(' ').unwrap_or((name, ""));
+            rows.push(row(
+                format!("{kernel} 4-bit g64 {n}x{k} independent, {shape}"),
+                *us,
+            ));
+        }
+        rows.push(row(
+            format!("read probe, {} bytes, independent", st.bytes),
+            st.probe_us,
+        ));
     }
     Ok(rows)
 }
@@ -947,16 +1041,47 @@ impl StreamRow {
     }
 }
 
+/// What [`bench_qmv_stream`] measures.
+#[derive(Clone, Debug)]
+pub struct StreamOptions {
+    /// qmv shapes to time beside the default.
+    pub variants: Vec<QmvConfig>,
+    /// The [N, K] weights of the independent rows (Llama-3.1-8B's four by default).
+    pub shapes: Vec<(usize, usize)>,
+    /// The dependent chains (FFN up then down) first.
+    pub chains: bool,
+    /// Independent rows of f32 x too, not only of x quantized by its producer.
+    pub f32_x: bool,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            variants: Vec::new(),
+            shapes: LLAMA_SHAPES.to_vec(),
+            chains: true,
+            f32_x: true,
+        }
+    }
+}
+
 /// Matvecs as decode runs them: `y = W x` feeding the next matvec's x, one compute pass, no
 /// per-dispatch timestamps, 8 weight copies per shape in rotation (more than the L2 cache),
 /// so each weight comes from memory. The chain alternates [N, K] and [K, N] weights (FFN up
-/// then down). Reported per dispatch. `variants`: qmv shapes to time beside the default.
-pub fn bench_qmv_stream(gpu: &MlxDevice, variants: &[QmvConfig]) -> Result<Vec<StreamRow>> {
+/// then down). Reported per dispatch. Then [`independent_streams`] and the per-dispatch
+/// floor.
+pub fn bench_qmv_stream(gpu: &MlxDevice, opts: &StreamOptions) -> Result<Vec<StreamRow>> {
+    let variants = &opts.variants;
     let bw = read_bandwidth(gpu, 1024)?;
     let mut rng = Rng(0x5EED);
     let params = QuantParams::affine(4, 64);
     let mut rows = Vec::new();
-    for &(n, k) in &[(4096usize, 4096usize), (14336, 4096)] {
+    let chains: &[(usize, usize)] = if opts.chains {
+        &[(4096, 4096), (14336, 4096)]
+    } else {
+        &[]
+    };
+    for &(n, k) in chains {
         let mut up = Vec::new();
         let mut down = Vec::new();
         let mut bytes = 0;
@@ -990,7 +1115,7 @@ pub fn bench_qmv_stream(gpu: &MlxDevice, variants: &[QmvConfig]) -> Result<Vec<S
             rows.push(StreamRow::new(what, steps, bytes, us, bw.gb_s));
         }
     }
-    rows.extend(independent_streams(gpu, variants, bw.gb_s, &mut rng)?);
+    rows.extend(independent_streams(gpu, opts, bw.gb_s, &mut rng)?);
     // The floor: the same chain of scales alone (one 4096-row each).
     let x0 = MlxBuffer::from_slice(gpu, &vec![1.0f32; 4096], &[1, 4096])?;
     let us = pass_median_us(gpu, 5, |pass| {
