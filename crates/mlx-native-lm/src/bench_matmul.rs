@@ -540,12 +540,18 @@ fn bf16_bytes(v: &[half::bf16]) -> Vec<u8> {
     v.iter().flat_map(|h| h.to_bits().to_le_bytes()).collect()
 }
 
-/// qmv (M = 1..8) for MLX 4- and 8-bit g64 weights at Llama-3.1-8B's layer shapes; with
-/// `opts.qmm` the prefill matmuls ([`bench_prefill`]); with `opts.moe` the routed decode
-/// matvec ([`bench_routed`]).
+/// With `opts.stream` qmv's streaming rate at M = 1 ([`bench_streaming`]); qmv (M = 1..8)
+/// alone after an L2 flush for MLX 4- and 8-bit g64 weights at Llama-3.1-8B's layer shapes;
+/// with `opts.qmm` the prefill matmuls ([`bench_prefill`]); with `opts.moe` the routed
+/// decode matvec ([`bench_routed`]).
 pub fn bench_qmatmul(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<MatmulReport> {
     let mut b = Bench::new(gpu, opts)?;
     let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    // First: on an H200 a process that has run many other rows can slow down as a whole
+    // (the read probe too, by up to 2x; docs/PERFORMANCE.md, sessions 11 and 12).
+    if opts.stream {
+        bench_streaming(&mut b, &mut rng, opts)?;
+    }
     for bits in [4u32, 8] {
         let params = QuantParams::affine(bits, 64);
         let format = format!("b{bits} g64 bf16");
@@ -580,9 +586,6 @@ pub fn bench_qmatmul(gpu: &MlxDevice, opts: &MatmulBenchOptions) -> Result<Matmu
                 b.matvecs(&c, ws.len(), &same, v)?;
             }
         }
-    }
-    if opts.stream {
-        bench_streaming(&mut b, &mut rng, opts)?;
     }
     if opts.qmm {
         bench_prefill(&mut b, &mut rng, opts)?;
