@@ -6,7 +6,8 @@
 //! - **Layout**: MLX's own, no repack. A *chunk* is 32 codes of a row = `bits` u32 words,
 //!   word-aligned and inside one group, so one scale (and bias) per chunk; codes that straddle
 //!   words (3/5/6 bits) are decoded from a 32-bit window over two words.
-//! - **qmv** (decode, M ≤ 8): a row-set of TPR (32..256) invocations owns RPT (1..16) weight
+//! - **qmv** (decode, M ≤ 8): a row-set of TPR (8..256; below 32 a segment of one subgroup
+//!   where subgroups are that wide) invocations owns RPT (1..16) weight
 //!   rows; its invocations stride over the chunks, so consecutive invocations read
 //!   consecutive chunks of a row (coalesced; 4- and 8-bit chunks are single vec4 loads);
 //!   WG / TPR row-sets per workgroup ([`QmvConfig`], from the shape: for N ≥ 4096 the most
