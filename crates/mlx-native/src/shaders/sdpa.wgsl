@@ -143,7 +143,7 @@ fn wrap(s: u32) -> u32 {
 // invocation sums its row's W4 partials for its four keys, steps, adds p * V, then issues
 // the next V. One barrier per trip (two when GT > 4: dr_sh is double-buffered only for one
 // head quad).
-// At the end the KR rows merge (max, sum, output) through workgroup memory.
+// At the end the KR rows merge (max, sum, output) through workgroup memory (see dr_sh).
 // H200 (Vulkan), Llama-3.1-8B heads, f16, 256 workgroups: 30 us at 8k keys, 70 us at 32k
 // (47% of read bandwidth), 110 us at 64k (59%); the staged-tile kernel this replaced took
 // 45 / 148 / 268 us. The workgroup-memory path: 36 / 103 us at 8k / 32k. More workgroups
@@ -157,10 +157,24 @@ override GQ: u32 = (GT + 3u) / 4u;
 // accumulator, no dots or softmax), bit 1 no row-sum shuffles (a lane's partial dot taken
 // as the logit). docs/PERFORMANCE.md (session 7) has what they showed and the variants
 // measured and dropped (halves by integer operations, loads two trips ahead, a per-head
-// merge in a quarter of the workgroup memory).
+// merge in a quarter of the workgroup memory); bit 2 merges in rounds without the pairs'
+// shuffle (valid results).
 override DX: u32 = 0u;
 
-var<workgroup> dr_sh: array<vec4<f32>, 1024>;
+// The rows' merge takes 4 * C4 * KR vec4s (16 KiB for f16 at any head dim, 8 for f32); the
+// subgroup path needs dr_sh for nothing else and merges in 8 KiB: pairs of rows summed by a
+// shuffle first where a subgroup holds both, else in rounds of a dim slice each. Measured on
+// an H200 (`bench attention`, Llama heads, f16, of the read bandwidth; 16 KiB -> 8 KiB with
+// the pairs' shuffle): 8k keys in a pass 41.6 -> 43.9 %, streaming 55.6 -> 70.5 %; 32k in a
+// pass 64.6 -> 64.1 %, streaming 68.7 -> 77.2 %; 1k in a pass 10.0 -> 11.5 %. qmv showed the
+// same: 8-9 KiB a workgroup streams fastest on that driver (docs/PERFORMANCE.md, session
+// 12).
+#if SUBGROUPS
+const DR_LEN: u32 = 512u;
+#else
+const DR_LEN: u32 = 1024u;
+#endif
+var<workgroup> dr_sh: array<vec4<f32>, DR_LEN>;
 var<workgroup> dm_sh: array<vec4<f32>, 32>;
 var<workgroup> dl_sh: array<vec4<f32>, 32>;
 
@@ -284,22 +298,39 @@ fn d_step(st: DState, d: D4, ok0: bool, ok1: bool, ok2: bool, ok3: bool, v0: KVQ
     return o;
 }
 
-// Merge: row r's accumulators of four heads (scaled by f) into dr_sh [head, dim quad, row].
-fn d_put(st: DState, f: vec4<f32>, r: u32, c: u32) {
+// The merge's values of row r's accumulators of four heads, scaled by f: dim quad 2c (or c
+// for f32) of each head in a[0..3], quad 2c + 1 in a[4..7] (f16).
+fn d_scaled(st: DState, f: vec4<f32>) -> array<vec4<f32>, 8> {
+    return array<vec4<f32>, 8>(st.oa[0] * f.x, st.oa[1] * f.y, st.oa[2] * f.z,
+                               st.oa[3] * f.w, st.ob[0] * f.x, st.ob[1] * f.y,
+                               st.ob[2] * f.z, st.ob[3] * f.w);
+}
+
+// Merge round hh: the values v of row slot rs (of `rows`) for the round's dim quads
+// hh * hq.. into dr_sh [head, dim quad - hh * hq, row slot]; invocations whose quads lie in
+// another round write nothing.
+fn d_put(v: array<vec4<f32>, 8>, rs: u32, rows: u32, c: u32, hh: u32, hq: u32) {
 #if DT_F32
-    dr_sh[(0u * C4 + c) * KR + r] = st.oa[0] * f.x;
-    dr_sh[(1u * C4 + c) * KR + r] = st.oa[1] * f.y;
-    dr_sh[(2u * C4 + c) * KR + r] = st.oa[2] * f.z;
-    dr_sh[(3u * C4 + c) * KR + r] = st.oa[3] * f.w;
+    if c / hq == hh {
+        let d = c - hh * hq;
+        dr_sh[(0u * hq + d) * rows + rs] = v[0];
+        dr_sh[(1u * hq + d) * rows + rs] = v[1];
+        dr_sh[(2u * hq + d) * rows + rs] = v[2];
+        dr_sh[(3u * hq + d) * rows + rs] = v[3];
+    }
 #else
-    dr_sh[(0u * C4 + 2u * c) * KR + r] = st.oa[0] * f.x;
-    dr_sh[(1u * C4 + 2u * c) * KR + r] = st.oa[1] * f.y;
-    dr_sh[(2u * C4 + 2u * c) * KR + r] = st.oa[2] * f.z;
-    dr_sh[(3u * C4 + 2u * c) * KR + r] = st.oa[3] * f.w;
-    dr_sh[(0u * C4 + 2u * c + 1u) * KR + r] = st.ob[0] * f.x;
-    dr_sh[(1u * C4 + 2u * c + 1u) * KR + r] = st.ob[1] * f.y;
-    dr_sh[(2u * C4 + 2u * c + 1u) * KR + r] = st.ob[2] * f.z;
-    dr_sh[(3u * C4 + 2u * c + 1u) * KR + r] = st.ob[3] * f.w;
+    // Quads 2c and 2c + 1 (hq is even) lie in the same round.
+    if (2u * c) / hq == hh {
+        let d = 2u * c - hh * hq;
+        dr_sh[(0u * hq + d) * rows + rs] = v[0];
+        dr_sh[(1u * hq + d) * rows + rs] = v[1];
+        dr_sh[(2u * hq + d) * rows + rs] = v[2];
+        dr_sh[(3u * hq + d) * rows + rs] = v[3];
+        dr_sh[(0u * hq + d + 1u) * rows + rs] = v[4];
+        dr_sh[(1u * hq + d + 1u) * rows + rs] = v[5];
+        dr_sh[(2u * hq + d + 1u) * rows + rs] = v[6];
+        dr_sh[(3u * hq + d + 1u) * rows + rs] = v[7];
+    }
 #endif
 }
 
@@ -539,28 +570,59 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>,
             lt2 += dl_sh[rr * GQ + 1u] * exp(dm_sh[rr * GQ + 1u] - mx2);
         }
     }
+    // Where a subgroup holds two rows (2 W4 lanes), each pair is summed by one shuffle
+    // first: half the rows to merge, in one round (DX bit 2: rounds instead, measurement).
+#if SUBGROUPS
+    let pre = 2u * W4 <= ssz && (DX & 4u) == 0u;
+#else
+    let pre = false;
+#endif
+    let rows = select(KR, KR / 2u, pre);
+    let nh = max(4u * C4 * rows / DR_LEN, 1u);
+    let hq = C4 / nh;
     for (var rd = 0u; rd < GQ; rd++) {
-        if rd > 0u {
-            workgroupBarrier();
+        var v: array<vec4<f32>, 8>;
+        if rd == 0u {
+            v = d_scaled(st, exp(st.m - mx));
+        } else {
+            v = d_scaled(st2, exp(st2.m - mx2));
         }
-        if on {
-            if rd == 0u {
-                d_put(st, exp(st.m - mx), r, c);
-            } else {
-                d_put(st2, exp(st2.m - mx2), r, c);
+#if SUBGROUPS
+        // Rows r and r ^ 1 are lanes me and me ^ W4 of one subgroup (every lane is on); a
+        // W4 as wide as the subgroup shuffles with itself (and pre is false).
+        let pair = W4 & (ssz - 1u);
+        let w = array<vec4<f32>, 8>(subgroupShuffleXor(v[0], pair),
+                                    subgroupShuffleXor(v[1], pair),
+                                    subgroupShuffleXor(v[2], pair),
+                                    subgroupShuffleXor(v[3], pair),
+                                    subgroupShuffleXor(v[4], pair),
+                                    subgroupShuffleXor(v[5], pair),
+                                    subgroupShuffleXor(v[6], pair),
+                                    subgroupShuffleXor(v[7], pair));
+        if pre {
+            v = array<vec4<f32>, 8>(v[0] + w[0], v[1] + w[1], v[2] + w[2], v[3] + w[3],
+                                    v[4] + w[4], v[5] + w[5], v[6] + w[6], v[7] + w[7]);
+        }
+#endif
+        for (var hh = 0u; hh < nh; hh++) {
+            if rd > 0u || hh > 0u {
+                workgroupBarrier();
             }
-        }
-        workgroupBarrier();
-        for (var o = lid; o < 4u * C4; o += 128u) {
-            let g = 4u * rd + o / C4;
-            if g < ng {
-                var a = vec4<f32>(0.0);
-                for (var rr = 0u; rr < KR; rr++) {
-                    a += dr_sh[o * KR + rr];
+            if on && (!pre || (r & 1u) == 0u) {
+                d_put(v, select(r, r / 2u, pre), rows, c, hh, hq);
+            }
+            workgroupBarrier();
+            for (var o = lid; o < 4u * hq; o += 128u) {
+                let g = 4u * rd + o / hq;
+                if g < ng {
+                    var a = vec4<f32>(0.0);
+                    for (var rr = 0u; rr < rows; rr++) {
+                        a += dr_sh[o * rows + rr];
+                    }
+                    let hm = select(mx, mx2, rd > 0u)[g % 4u];
+                    let den = select(lt, lt2, rd > 0u)[g % 4u];
+                    d_emit(g, hh * hq + o % hq, a, hm, den, h0, split);
                 }
-                let hm = select(mx, mx2, rd > 0u)[g % 4u];
-                let den = select(lt, lt2, rd > 0u)[g % 4u];
-                d_emit(g, o % C4, a, hm, den, h0, split);
             }
         }
     }
