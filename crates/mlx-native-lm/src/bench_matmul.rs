@@ -632,8 +632,17 @@ fn bench_streaming(b: &mut Bench<'_>, rng: &mut Rng, opts: &MatmulBenchOptions) 
             bytes: st.bytes,
         };
         let probe_gb_s = st.bytes as f64 / (st.probe_us * 1e3);
+        let xq_rows: Vec<f64> = (st.rows.iter())
+            .filter(|(name, _)| name.starts_with("qmv_xq "))
+            .map(|&(_, us)| us)
+            .collect();
         let names = ["stream, default", "stream, 8x16"];
-        for ((_, us), name) in st.rows.iter().zip(names) {
+        if xq_rows.len() != names.len() {
+            return Err(MlxError::invalid(
+                "bench: streaming rows do not match their names",
+            ));
+        }
+        for (us, name) in xq_rows.into_iter().zip(names) {
             b.row(&c, "qmv_xq", name.into(), us * 1e3, probe_gb_s);
         }
         b.row(

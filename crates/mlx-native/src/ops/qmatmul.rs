@@ -110,6 +110,8 @@ impl QmvConfig {
         let ok = matches!(self.rpt, 1 | 2 | 4 | 8 | 16)
             && self.tpr.is_power_of_two()
             && (8..=256).contains(&self.tpr)
+            // The final sums take one invocation a row: a row-set's rows fit its invocations.
+            && self.rpt <= self.tpr
             && matches!(self.wg, 64 | 128 | 256)
             && self.wg.is_multiple_of(self.tpr)
             && self.wg * self.rpt <= 2048
@@ -312,7 +314,9 @@ fn probe_shape(base: QmvConfig, rows: u32, subgroups: bool) -> Option<QmvConfig>
     }
     let wg = rows / rpt * tpr;
     let sets = wg / tpr;
-    let slots = if subgroups { tpr / 4 } else { tpr };
+    // Row-sets narrower than 32 may take the workgroup-memory path even with subgroups
+    // (`narrow_fits`): size them for it.
+    let slots = if subgroups && tpr >= 32 { tpr / 4 } else { tpr };
     let ok = wg <= NORM_OUT_MAX_WG && sets * slots <= 256 && sets * rpt * slots <= 2048;
     ok.then_some(QmvConfig {
         rpt,
@@ -1529,7 +1533,7 @@ pub fn norm_out_fits_weight(w: &QuantWeight, caps: &Caps) -> bool {
 /// A chunk-writing run's workgroup fits the device, or the error says why.
 fn check_fits(pass: &Pass, run: &VecRun<'_>, op: &str) -> Result<()> {
     let caps = pass.caps();
-    check::ensure(out_fits(run.cfg, run.subgroups, caps), op, || {
+    check::ensure(out_fits(run.cfg, run.sg(caps), caps), op, || {
         format!(
             "a workgroup of {} invocations does not fit the device ({} invocations, {} bytes \
              of workgroup memory)",
@@ -1551,6 +1555,14 @@ fn vec_subgroups(m: usize, n: usize, k: usize, caps: &Caps) -> bool {
     match plan(m, n, k, caps) {
         MatmulPlan::Vector { subgroups, .. } => subgroups,
         _ => false,
+    }
+}
+
+impl VecRun<'_> {
+    /// Whether the dispatch reduces with subgroups: the plan's choice, for row-sets narrower
+    /// than 32 only where every subgroup is that wide.
+    fn sg(&self, caps: &Caps) -> bool {
+        self.subgroups && narrow_fits(self.cfg.tpr, caps)
     }
 }
 
@@ -1650,7 +1662,7 @@ fn run_vec(
             (y.clone(), y, None)
         }
     };
-    let sg = run.subgroups && narrow_fits(run.cfg.tpr, pass.caps());
+    let sg = run.sg(pass.caps());
     let spec = vec_spec(
         w.params(),
         dt,

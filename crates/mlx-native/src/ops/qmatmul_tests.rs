@@ -776,11 +776,7 @@ fn qmv_of_producer_quantized_x() {
         .enumerate()
         {
             let (m, n, k) = [(1, 37, 384), (3, 70, 1152), (1, 130, 4608)][case];
-            let q = quant(&mut rng, n, k, params, dt);
-            let w = QuantWeight::upload(g, &q).unwrap();
-            let form = XqForm::of(&w).unwrap();
-            let wref = reference(&q);
-            let sq = code_part(&q, &wref);
+            let (w, form, wref, sq) = xq_weight(g, &mut rng, (n, k), params, dt);
             let x = rng.normals(m * k, 1.5);
             let r = rng.normals(m * k, 1.0);
             let gu = rng.normals(m * 2 * k, 1.5);
@@ -948,6 +944,21 @@ fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
             let (y, chunks) = qmv_norm_out(&mut pass, xin, &wp, resid, &out).unwrap();
             assert_eq!(chunks.pending_norm(), Some(eps));
             let z = qmv_xq(&mut pass, &chunks, &wc, with_res.then_some(&gr2)).unwrap();
+            // The same consumer in row-sets narrower than 32 (the LM head's shape where
+            // subgroups allow), whose norm sums take the narrow reduction too.
+            let narrow: Vec<MlxBuffer> = [(4, 16, 128), (1, 8, 64)]
+                .into_iter()
+                .map(|(rpt, tpr, wg)| {
+                    let cfg = QmvConfig {
+                        rpt,
+                        tpr,
+                        wg,
+                        exp: 0,
+                        xq: form.xq,
+                    };
+                    qmv_xq_with(&mut pass, &chunks, &wc, cfg).unwrap()
+                })
+                .collect();
             pass.commit_and_wait().unwrap();
             let yv: Vec<f32> = y.to_vec(g).unwrap();
             let minus_r: Vec<f32> = if with_res {
@@ -1020,6 +1031,11 @@ fn qmv_norm_out_feeds_the_matvec_after_the_norm() {
                 form.xq,
                 &format!("{what} z"),
             );
+            for (i, zb) in narrow.iter().enumerate() {
+                let zv: Vec<f32> = zb.to_vec(g).unwrap();
+                let what = format!("{what} z, narrow shape {i}");
+                check_qmv(&zv, &xn, &wcref, &sqc, [m, n2, n1], form.xq, &what);
+            }
         }
     }
 }
@@ -1832,11 +1848,7 @@ fn qmv_xq_in_the_rule_shapes_matches_f64() {
             let narrow = if n >= 65536 { XSRC_HEAD_NARROW } else { want };
             assert_eq!((c.rpt, c.tpr, c.wg), (narrow.0, narrow.1, 128), "{n}x{k}");
             let params = QuantParams::affine(4, 64);
-            let q = quant(&mut rng, n, k, params, DType::BF16);
-            let w = QuantWeight::upload(g, &q).unwrap();
-            let form = XqForm::of(&w).unwrap();
-            let wref = reference(&q);
-            let sq = code_part(&q, &wref);
+            let (w, form, wref, sq) = xq_weight(g, &mut rng, (n, k), params, DType::BF16);
             for m in [1, 3] {
                 let x = rng.normals(m * k, 1.5);
                 let gx = MlxBuffer::from_slice(g, &x, &[m, k]).unwrap();
@@ -1852,6 +1864,23 @@ fn qmv_xq_in_the_rule_shapes_matches_f64() {
     }
 }
 
+/// A random `n x k` weight on `g`, its quantized-x form, its f64 values and their code part
+/// (`code_part`), for tests of matvecs of quantized x.
+fn xq_weight(
+    g: &MlxDevice,
+    rng: &mut Rng,
+    (n, k): (usize, usize),
+    params: QuantParams,
+    dt: DType,
+) -> (QuantWeight, XqForm, Vec<f64>, Vec<f64>) {
+    let q = quant(rng, n, k, params, dt);
+    let w = QuantWeight::upload(g, &q).unwrap();
+    let form = XqForm::of(&w).unwrap();
+    let wref = reference(&q);
+    let sq = code_part(&q, &wref);
+    (w, form, wref, sq)
+}
+
 /// Row-sets narrower than 32 invocations (8 and 16: segments of a subgroup, summed by
 /// shuffles where every subgroup is at least that wide, else through workgroup memory), f32
 /// x and quantized x, several rows of x, a partial last workgroup and invocations walking
@@ -1863,11 +1892,24 @@ fn narrow_row_sets_match_f64() {
     let params = QuantParams::affine(4, 64);
     for g in &poisoned_devices() {
         for (n, k) in [(37, 576), (300, 2048)] {
-            let q = quant(&mut rng, n, k, params, DType::BF16);
-            let w = QuantWeight::upload(g, &q).unwrap();
-            let form = XqForm::of(&w).unwrap();
-            let wref = reference(&q);
-            let sq = code_part(&q, &wref);
+            let (w, form, wref, sq) = xq_weight(g, &mut rng, (n, k), params, DType::BF16);
+            // More rows than invocations a row-set: no invocation would sum the extra rows.
+            let wide = QmvConfig {
+                rpt: 16,
+                tpr: 8,
+                wg: 64,
+                exp: 0,
+                xq: QMV_DEFAULT_XQ,
+            };
+            let mut pass = g.begin();
+            assert!(qmv_with(
+                &mut pass,
+                &MlxBuffer::from_slice(g, &vec![1.0f32; k], &[1, k]).unwrap(),
+                &w,
+                wide
+            )
+            .is_err());
+            drop(pass);
             for (rpt, tpr, wg) in [
                 (1, 8, 64),
                 (2, 8, 64),

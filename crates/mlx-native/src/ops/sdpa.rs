@@ -218,7 +218,8 @@ thread_local! {
 }
 
 /// Set the decode kernel's measurement switches (sdpa.wgsl `DX`: bit 0 loads only, bit 1 no
-/// row-sum shuffles). Results are wrong while set: timing probes only.
+/// row-sum shuffles, both giving wrong results; bit 2 the rows' merge in rounds without the
+/// pairs' shuffle, valid results). Timing probes only.
 #[doc(hidden)]
 pub fn set_decode_exp(bits: u32) {
     DECODE_EXP.with(|c| c.set(bits));
@@ -1379,6 +1380,27 @@ mod tests {
                 // The merge buffer: 4 heads * (d / 4) dim quads * rows <= 1024 vec4s; the
                 // (max, sum) buffers: rows * 2 <= 32.
                 assert!(d * rows <= 1024 && rows * 2 <= 32, "{dt} d={d}");
+                // The subgroup path merges in 512: pairs of rows summed by a shuffle where a
+                // subgroup holds two, else rounds of an even number of dim quads each.
+                for ss in [8, 16, 32, 64] {
+                    if !decode_sg(dt, d, ss) {
+                        continue;
+                    }
+                    let merged = if 2 * w4 <= ss as usize {
+                        rows / 2
+                    } else {
+                        rows
+                    };
+                    let nh = (d * merged / 512).max(1);
+                    let hq = d / 4 / nh;
+                    let f16 = dt == DType::F16;
+                    assert!(
+                        d * merged / nh <= 512
+                            && hq * nh == d / 4
+                            && (nh == 1 || !f16 || hq % 2 == 0),
+                        "{dt} d={d} subgroup {ss}"
+                    );
+                }
             }
             // Subgroup rows: a power of two no wider than the subgroup.
             assert_eq!(

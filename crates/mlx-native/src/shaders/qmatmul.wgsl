@@ -342,7 +342,7 @@ fn qmv(@builtin(workgroup_id) wid: vec3<u32>, @builtin(num_workgroups) nwg: vec3
     let chunks = p.k / 32u;
     let xbase = view(0u) / 4u;
 #if SUBGROUPS
-    // Row-sets narrower than the subgroup (TPR 16) take one slot.
+    // Row-sets narrower than the subgroup (TPR 8 or 16) take one slot.
     let slots = max(TPR / ss, 1u);
     let slot = lane / ss;
     // XQO: the invocation's place in quantize_part's order (a chunk's parts adjacent lanes).

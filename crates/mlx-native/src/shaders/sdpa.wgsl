@@ -588,18 +588,17 @@ fn sdpa_decode(@builtin(workgroup_id) wid: vec3<u32>,
             v = d_scaled(st2, exp(st2.m - mx2));
         }
 #if SUBGROUPS
-        // Rows r and r ^ 1 are lanes me and me ^ W4 of one subgroup (every lane is on); a
-        // W4 as wide as the subgroup shuffles with itself (and pre is false).
-        let pair = W4 & (ssz - 1u);
-        let w = array<vec4<f32>, 8>(subgroupShuffleXor(v[0], pair),
-                                    subgroupShuffleXor(v[1], pair),
-                                    subgroupShuffleXor(v[2], pair),
-                                    subgroupShuffleXor(v[3], pair),
-                                    subgroupShuffleXor(v[4], pair),
-                                    subgroupShuffleXor(v[5], pair),
-                                    subgroupShuffleXor(v[6], pair),
-                                    subgroupShuffleXor(v[7], pair));
+        // Rows r and r ^ 1 are lanes me and me ^ W4 of one subgroup (every lane is on; pre
+        // is the same in every subgroup: all are ssz wide, as `me` assumes).
         if pre {
+            let w = array<vec4<f32>, 8>(subgroupShuffleXor(v[0], W4),
+                                        subgroupShuffleXor(v[1], W4),
+                                        subgroupShuffleXor(v[2], W4),
+                                        subgroupShuffleXor(v[3], W4),
+                                        subgroupShuffleXor(v[4], W4),
+                                        subgroupShuffleXor(v[5], W4),
+                                        subgroupShuffleXor(v[6], W4),
+                                        subgroupShuffleXor(v[7], W4));
             v = array<vec4<f32>, 8>(v[0] + w[0], v[1] + w[1], v[2] + w[2], v[3] + w[3],
                                     v[4] + w[4], v[5] + w[5], v[6] + w[6], v[7] + w[7]);
         }
