@@ -81,8 +81,10 @@ const _: () = assert!(std::mem::size_of::<SdpaParams>() == 80);
 /// (~4 per SM on a 132-SM GPU).
 pub(crate) const DECODE_TARGET_WGS: usize = 512;
 /// `sdpa_decode` aims for this many: on an H200, 256 beat 128, 384, 512 and 1024 at 8k
-/// and 32k keys, alone and in a pass of 32 layers (session 7). Its 17 KiB of workgroup
-/// memory allow two workgroups an SM there: more run in two waves (docs/PERFORMANCE.md).
+/// and 32k keys, alone and in a pass of 32 layers (session 7), when the kernel took 17 KiB
+/// of workgroup memory (two workgroups an SM there: more ran in two waves). Its subgroup
+/// path takes 9 KiB since session 12; the target was not measured again since
+/// (docs/PERFORMANCE.md).
 const DIRECT_TARGET_WGS: usize = 256;
 
 thread_local! {
