@@ -3,7 +3,8 @@
 //! matvecs that do not wait on each other, f32 and pre-quantized x, beside the read probe), variants from `QMV_VARIANTS="rpt,tpr,wg[,exp | xq << 4];..."` and
 //! `GGML_VARIANTS="wg,rpw,gpl;..."`, M values from `BENCH_M="1,2,4,8"`. Quick runs:
 //! `BENCH_MAX_ELEMS`, `BENCH_REPS`, `BENCH_ROTATE_MIB`, `BENCH_MM_M` (prefill rows of x, 512),
-//! `BENCH_QMM=0` / `BENCH_MOE=0` (skip the prefill matmuls / the routed expert matvec),
+//! `BENCH_QMM=0` / `BENCH_MOE=0` / `BENCH_STREAM=0` (skip the prefill matmuls / the routed
+//! expert matvec / qmatmul's streaming rows),
 //! `QMM_EXP="1,2"` (qmm's cooperative kernel again with those measurement switches); stream
 //! only: `STREAM_SHAPES="4096x4096,..."` (independent rows' [N, K]), `STREAM_CHAINS=0`,
 //! `STREAM_F32=0` (only x quantized by its producer).
@@ -50,6 +51,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     if let Ok(r) = std::env::var("BENCH_MOE") {
         opts.moe = r != "0";
+    }
+    if let Ok(r) = std::env::var("BENCH_STREAM") {
+        opts.stream = r != "0";
     }
     opts.qmv_variants = triples("QMV_VARIANTS")
         .into_iter()
