@@ -432,7 +432,9 @@ fn streaming_decode(
 /// dispatch per layer over buffers of the same bytes, the same shape of pass with nothing
 /// but the reads. And "streaming" (`streaming_decode`): the layers' attention as one
 /// dispatch pair, beside one read of the same bytes: the kernel's rate with the launch,
-/// ramp and tail of a dispatch amortized, as in the read bandwidth it is compared with.
+/// ramp and tail of a dispatch amortized, as in the read bandwidth it is compared with
+/// (measured first, since a process can turn slow as a whole; each context ends with the
+/// read bandwidth measured again, which shows it when that happened).
 pub fn bench_attention(
     gpu: &MlxDevice,
     probe_mib: u64,
@@ -517,6 +519,15 @@ pub fn bench_attention(
             drop(cache);
             let ns = read_in_pass(gpu, &timer, bytes, layers)?;
             rows.push(decode_row("read, in pass".into(), ctx, ns, bytes));
+            // The read bandwidth again: a process can turn slow as a whole (session 12), and
+            // then this row falls with the others.
+            let again = read_bandwidth(gpu, probe_mib)?;
+            rows.push(decode_row(
+                format!("read {probe_mib} MiB, after"),
+                ctx,
+                again.gpu_us * 1e3,
+                again.bytes,
+            ));
         }
     }
     for &t in prefill {
