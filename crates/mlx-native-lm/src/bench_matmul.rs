@@ -631,25 +631,20 @@ fn bench_streaming(b: &mut Bench<'_>, rng: &mut Rng, opts: &MatmulBenchOptions) 
             m: 1,
             bytes: st.bytes,
         };
-        let probe_gb_s = st.bytes as f64 / (st.probe_us * 1e3);
-        let xq_rows: Vec<f64> = (st.rows.iter())
-            .filter(|(name, _)| name.starts_with("qmv_xq "))
-            .map(|&(_, us)| us)
-            .collect();
-        let names = ["stream, default", "stream, 8x16"];
-        if xq_rows.len() != names.len() {
-            return Err(MlxError::invalid(
-                "bench: streaming rows do not match their names",
-            ));
-        }
-        for (us, name) in xq_rows.into_iter().zip(names) {
-            b.row(&c, "qmv_xq", name.into(), us * 1e3, probe_gb_s);
+        // ns a dispatch.
+        let per = |pass_us: f64| pass_us * 1e3 / st.steps as f64;
+        let probe_gb_s = st.bytes as f64 / per(st.probe_pass_us);
+        for t in st.rows.iter().filter(|t| t.xq) {
+            let name = t.cfg.map_or("stream, default".into(), |cfg| {
+                format!("stream, {}x{}", cfg.rpt, cfg.tpr)
+            });
+            b.row(&c, "qmv_xq", name, per(t.pass_us), probe_gb_s);
         }
         b.row(
             &c,
             "probe",
             "read, stream".into(),
-            st.probe_us * 1e3,
+            per(st.probe_pass_us),
             probe_gb_s,
         );
     }
@@ -909,11 +904,21 @@ struct ShapeStream {
     bytes: u64,
     /// Dispatches in each timed pass.
     steps: usize,
-    /// (name, µs a dispatch): `qmv <shape>` (f32 x) and `qmv_xq <shape>` (x quantized once
-    /// by a producer, as decode's matvecs read it), `default` for the library's shape.
-    rows: Vec<(String, f64)>,
-    /// The read probe's µs a dispatch.
-    probe_us: f64,
+    /// The matvecs' passes, f32 x first.
+    rows: Vec<StreamTime>,
+    /// The read probe's pass, µs.
+    probe_pass_us: f64,
+}
+
+/// One timed pass of [`ShapeStream`]'s matvecs.
+struct StreamTime {
+    /// x quantized once by a producer, as decode's matvecs read it (`qmv_xq`); else f32 x
+    /// (`qmv`).
+    xq: bool,
+    /// The shape (None: the library's).
+    cfg: Option<QmvConfig>,
+    /// The pass, µs.
+    pass_us: f64,
 }
 
 /// [`ShapeStream`] of a 4-bit g64 `n x k` weight: each of `variants` (None: the library's
@@ -950,7 +955,11 @@ fn stream_shape(
                 })
                 .collect()
         })?;
-        rows.push((format!("qmv {}", shape_label(cfg)), us / steps as f64));
+        rows.push(StreamTime {
+            xq: false,
+            cfg,
+            pass_us: us,
+        });
     }
     let form = qmatmul::XqForm::of(&ws[0])
         .ok_or_else(|| MlxError::invalid("bench: no quantized-x form for 4-bit g64"))?;
@@ -966,7 +975,11 @@ fn stream_shape(
                 })
                 .collect()
         })?;
-        rows.push((format!("qmv_xq {}", shape_label(cfg)), us / steps as f64));
+        rows.push(StreamTime {
+            xq: true,
+            cfg,
+            pass_us: us,
+        });
     }
     drop(ws);
     let probes = (0..copies)
@@ -986,7 +999,7 @@ fn stream_shape(
         bytes,
         steps,
         rows,
-        probe_us: us / steps as f64,
+        probe_pass_us: us,
     }))
 }
 
@@ -1003,20 +1016,16 @@ fn independent_streams(
         else {
             continue;
         };
-        let row = |what: String, us: f64| {
-            StreamRow::new(what, st.steps, st.bytes, us * st.steps as f64, bw_gb_s)
-        };
-        for (name, us) in &st.rows {
-            let (kernel, shape) = name.split_once(' ').unwrap_or((name, ""));
-            rows.push(row(
-                format!("{kernel} 4-bit g64 {n}x{k} independent, {shape}"),
-                *us,
-            ));
+        let row =
+            |what: String, pass_us: f64| StreamRow::new(what, st.steps, st.bytes, pass_us, bw_gb_s);
+        for t in &st.rows {
+            let kernel = if t.xq { "qmv_xq" } else { "qmv" };
+            let shape = shape_label(t.cfg);
+            let what = format!("{kernel} 4-bit g64 {n}x{k} independent, {shape}");
+            rows.push(row(what, t.pass_us));
         }
-        rows.push(row(
-            format!("read probe, {} bytes, independent", st.bytes),
-            st.probe_us,
-        ));
+        let what = format!("read probe, {} bytes, independent", st.bytes);
+        rows.push(row(what, st.probe_pass_us));
     }
     Ok(rows)
 }
