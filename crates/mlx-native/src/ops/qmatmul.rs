@@ -1410,7 +1410,8 @@ fn xq_run<'a>(
     })?;
     check_residual(residual, m * n, op)?;
     let subgroups = vec_subgroups(m, n, k, pass.caps());
-    let mut cfg = xsrc_config(n, k, subgroups && narrow_fits(16, pass.caps()));
+    let narrow = subgroups && narrow_fits(XSRC_HEAD_NARROW.1, pass.caps());
+    let mut cfg = xsrc_config(n, k, narrow);
     cfg.xq = x.form.xq;
     Ok(VecRun {
         op,

@@ -299,7 +299,7 @@ fn d_step(st: DState, d: D4, ok0: bool, ok1: bool, ok2: bool, ok3: bool, v0: KVQ
 }
 
 // The merge's values of row r's accumulators of four heads, scaled by f: dim quad 2c (or c
-// for f32) of each head in a[0..3], quad 2c + 1 in a[4..7] (f16).
+// for f32) of each head in [0..3], quad 2c + 1 in [4..7] (f16; zeros for f32).
 fn d_scaled(st: DState, f: vec4<f32>) -> array<vec4<f32>, 8> {
     return array<vec4<f32>, 8>(st.oa[0] * f.x, st.oa[1] * f.y, st.oa[2] * f.z,
                                st.oa[3] * f.w, st.ob[0] * f.x, st.ob[1] * f.y,
